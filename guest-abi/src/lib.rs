@@ -1,0 +1,452 @@
+//! What the tiny guest and the host agree on.
+//!
+//! The guest (`guest/`, `#![no_std]`) and the host side (the `smudge`
+//! library, the VMM and the tests) both build this crate, so the memory
+//! layout, the page stamp, the seeded PRNG, the command-line keys and the exit
+//! statuses have exactly one definition.
+//!
+//! # Guest physical layout
+//!
+//! ```text
+//! 0x0000_0000 ┬ low memory: start_info, memory map, command line (VMM writes)
+//! 0x0010_0000 ┼ guest image: code, GDT/IDT/TSS, page tables, stacks  ┐ scratch
+//! 0x0020_0000 ┼ state area: one header page, then the generation     │ (the guest
+//!             │ table (one u32 per working-set page)                 ┘ writes these)
+//! ws_base     ┼ working set: `pages` pages, each stamped on write
+//!             ┴ end of RAM
+//! ```
+//!
+//! `ws_base` is the end of the state area rounded up to 2 MiB.
+//!
+//! # Page stamp
+//!
+//! Every write of the workload stamps a whole page header and its last word:
+//!
+//! ```text
+//! offset 0     u64 pfn         (guest physical address >> 12)
+//! offset 8     u64 generation  (1, 2, … per page; 0 = never written)
+//! offset 16    u64 checksum    (stamp_checksum(pfn, generation))
+//! offset 24    u64 STAMP_MAGIC
+//! offset 4088  u64 checksum    (again: a torn copy shows)
+//! ```
+//!
+//! The generation table in the state area holds the generation each page
+//! must carry, so `verify` catches a stale page (a lost write), not only a
+//! torn or foreign one.
+
+#![no_std]
+#![warn(missing_docs)]
+
+/// Guest page size used by the workload and the stamps.
+pub const PAGE_SIZE: u64 = 4096;
+/// Where the guest image is linked and loaded.
+pub const IMAGE_BASE: u64 = 0x10_0000;
+/// Start of the state area (header page + generation table).
+pub const STATE_BASE: u64 = 0x20_0000;
+/// The working set starts on a 2 MiB boundary.
+pub const WS_ALIGN: u64 = 0x20_0000;
+/// The guest's page tables identity-map this much (2 MiB pages).
+pub const MAPPED_LIMIT: u64 = 16 << 30;
+/// I/O port of COM1.
+pub const COM1_PORT: u16 = 0x3f8;
+/// I/O port of the exit device (QEMU's isa-debug-exit convention).
+pub const EXIT_PORT: u16 = 0xf4;
+/// Magic in every stamped page (offset 24).
+pub const STAMP_MAGIC: u64 = 0x736d_7564_6765_7067; // "smudgepg"
+/// Magic of the state header page.
+pub const STATE_MAGIC: u64 = 0x736d_7564_6765_7374; // "smudgest"
+/// The first line the guest prints, identical under every VMM.
+pub const BANNER: &str = "smudge-guest 1: booted via PVH, running at CPL3";
+
+/// Exit statuses the guest writes to [`EXIT_PORT`].
+pub mod status {
+    /// The workload (and verify, if asked) succeeded.
+    pub const OK: u8 = 0;
+    /// `verify` found pages whose stamp does not match the generation table.
+    pub const VERIFY_FAILED: u8 = 1;
+    /// The command line could not be parsed.
+    pub const BAD_CMDLINE: u8 = 2;
+    /// The guest's Rust code panicked.
+    pub const PANIC: u8 = 3;
+    /// The memory map gives too little RAM for the requested working set.
+    pub const NO_MEMORY: u8 = 4;
+    /// `0x20 + vector`: an unexpected CPU exception.
+    pub const EXCEPTION_BASE: u8 = 0x20;
+}
+
+/// Checksum stored twice in a page stamp.
+pub fn stamp_checksum(pfn: u64, generation: u64) -> u64 {
+    splitmix64(pfn ^ generation.rotate_left(32) ^ STAMP_MAGIC)
+}
+
+/// The four header words of a stamp for page `pfn` at `generation`.
+pub fn stamp_words(pfn: u64, generation: u64) -> [u64; 4] {
+    [
+        pfn,
+        generation,
+        stamp_checksum(pfn, generation),
+        STAMP_MAGIC,
+    ]
+}
+
+/// What a page holds, judged against the generation it should carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCheck {
+    /// Stamp matches the expected generation (or page is zero and expected 0).
+    Ok,
+    /// The page carries a valid stamp of another generation (stale or ahead).
+    WrongGeneration {
+        /// Generation found in the page.
+        found: u64,
+    },
+    /// The header or tail does not form a valid stamp for this page.
+    Corrupt,
+}
+
+/// Checks one page (`page` is the whole page, `words` its u64s in
+/// little-endian order) against `expected` generation.
+pub fn check_page(pfn: u64, expected: u64, header: [u64; 4], tail: u64) -> PageCheck {
+    if expected == 0 && header == [0; 4] && tail == 0 {
+        return PageCheck::Ok;
+    }
+    let [p, generation, sum, magic] = header;
+    if p != pfn || magic != STAMP_MAGIC || sum != stamp_checksum(pfn, generation) || tail != sum {
+        return PageCheck::Corrupt;
+    }
+    if generation == expected {
+        PageCheck::Ok
+    } else {
+        PageCheck::WrongGeneration { found: generation }
+    }
+}
+
+/// SplitMix64 finaliser: a good 64-bit mix for checksums and seeds.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The workload's seeded PRNG (xorshift64*), reproducible on the host.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Self {
+        let s = splitmix64(seed);
+        Rng(if s == 0 { 0x1234_5678 } else { s })
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform-enough value in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// The state header page at [`STATE_BASE`]: which layout the generation table
+/// describes, so a later boot on the same memory file can continue or verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateHeader {
+    /// First page of the working set (guest physical address).
+    pub ws_base: u64,
+    /// Number of pages in the working set.
+    pub pages: u64,
+    /// Total page writes the workload has made on this memory, all boots.
+    pub writes: u64,
+}
+
+impl StateHeader {
+    /// The header as the words stored at [`STATE_BASE`].
+    pub fn to_words(&self) -> [u64; 5] {
+        let sum = splitmix64(STATE_MAGIC ^ self.ws_base ^ self.pages.rotate_left(17));
+        [STATE_MAGIC, self.ws_base, self.pages, sum, self.writes]
+    }
+
+    /// Parses the stored words; `None` if they are not a valid header.
+    pub fn from_words(w: [u64; 5]) -> Option<Self> {
+        let h = StateHeader {
+            ws_base: w[1],
+            pages: w[2],
+            writes: w[4],
+        };
+        (w[0] == STATE_MAGIC && h.to_words()[3] == w[3]).then_some(h)
+    }
+}
+
+/// Address of the generation table entry of working-set page `index`.
+pub fn gen_table_addr(index: u64) -> u64 {
+    STATE_BASE + PAGE_SIZE + index * 4
+}
+
+/// Working-set base for a working set of `pages` pages.
+pub fn ws_base_for(pages: u64) -> u64 {
+    align_up(gen_table_addr(pages), WS_ALIGN)
+}
+
+/// Rounds `v` up to a multiple of `align` (a power of two).
+pub fn align_up(v: u64, align: u64) -> u64 {
+    (v + align - 1) & !(align - 1)
+}
+
+/// The largest working set that fits below `ram_end` with its table.
+pub fn max_pages(ram_end: u64) -> u64 {
+    let fits = |p: u64| ws_base_for(p) + p * PAGE_SIZE <= ram_end;
+    // Binary search for the largest count that fits with its aligned table.
+    let (mut lo, mut hi) = (0u64, ram_end / PAGE_SIZE + 1);
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The workloads the guest can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Stamp pages 0, 1, 2, … in order, `passes` times.
+    Seq,
+    /// Stamp seeded random pages.
+    Random,
+    /// `hot_pct` % of the pages take `hot_share` % of the writes.
+    HotCold,
+    /// Seeded random pages at a target `rate` (pages per second).
+    Rate,
+    /// Write nothing; spin for `ms` (0: until stopped).
+    Idle,
+    /// Check every working-set page against the generation table.
+    Verify,
+}
+
+impl Workload {
+    /// Parses a workload name as used on the command line.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "seq" => Workload::Seq,
+            "random" => Workload::Random,
+            "hotcold" => Workload::HotCold,
+            "rate" => Workload::Rate,
+            "idle" => Workload::Idle,
+            "verify" => Workload::Verify,
+            _ => return None,
+        })
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Seq => "seq",
+            Workload::Random => "random",
+            Workload::HotCold => "hotcold",
+            Workload::Rate => "rate",
+            Workload::Idle => "idle",
+            Workload::Verify => "verify",
+        }
+    }
+}
+
+/// Everything the guest command line can say (see `guest/README.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Which workload to run.
+    pub workload: Workload,
+    /// Working-set size in pages; `None`: all RAM above the state area.
+    pub pages: Option<u64>,
+    /// PRNG seed.
+    pub seed: u64,
+    /// Page writes for random/hotcold/rate (`None`: one per working-set page,
+    /// or unbounded when `ms` is set).
+    pub writes: Option<u64>,
+    /// Sequential passes for `seq`.
+    pub passes: u64,
+    /// Stop after this many milliseconds (0: no time limit).
+    pub ms: u64,
+    /// Percentage of pages that are hot (hotcold).
+    pub hot_pct: u64,
+    /// Percentage of writes that go to the hot pages (hotcold).
+    pub hot_share: u64,
+    /// Target page writes per second (rate).
+    pub rate: u64,
+    /// Run `verify` after the workload.
+    pub verify: bool,
+    /// TSC frequency in kHz (the VMM passes it; needed for `ms` and `rate`).
+    pub tsc_khz: u64,
+    /// Start from a blank state: zero the generation table and every
+    /// working-set page first.
+    pub wipe: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workload: Workload::Seq,
+            pages: None,
+            seed: 1,
+            writes: None,
+            passes: 1,
+            ms: 0,
+            hot_pct: 10,
+            hot_share: 90,
+            rate: 10_000,
+            verify: false,
+            tsc_khz: 0,
+            wipe: false,
+        }
+    }
+}
+
+/// Why a command line was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// A key the guest does not know.
+    UnknownKey(&'a str),
+    /// A value that does not parse for its key.
+    BadValue(&'a str),
+}
+
+impl core::fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CmdlineError::UnknownKey(k) => write!(f, "unknown key '{k}'"),
+            CmdlineError::BadValue(kv) => write!(f, "bad value in '{kv}'"),
+        }
+    }
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    let (digits, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1_000),
+        b'm' | b'M' => (&s[..s.len() - 1], 1_000_000),
+        _ => (s, 1),
+    };
+    let v = if let Some(hex) = digits.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()?
+    } else {
+        digits.parse::<u64>().ok()?
+    };
+    v.checked_mul(mult)
+}
+
+impl Config {
+    /// Parses `key=value` words separated by spaces. Words the guest does not
+    /// own (`console=…`, a bare word) are refused so typos do not pass silently.
+    pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
+        let mut c = Config::default();
+        for word in cmdline.split(' ').filter(|w| !w.is_empty()) {
+            let (key, value) = word.split_once('=').unwrap_or((word, "1"));
+            let num = || parse_num(value).ok_or(CmdlineError::BadValue(word));
+            let flag = || match value {
+                "1" | "yes" | "true" => Ok(true),
+                "0" | "no" | "false" => Ok(false),
+                _ => Err(CmdlineError::BadValue(word)),
+            };
+            match key {
+                "workload" => {
+                    c.workload = Workload::parse(value).ok_or(CmdlineError::BadValue(word))?
+                }
+                "pages" => c.pages = Some(num()?),
+                "seed" => c.seed = num()?,
+                "writes" => c.writes = Some(num()?),
+                "passes" => c.passes = num()?,
+                "ms" => c.ms = num()?,
+                "hot_pct" => c.hot_pct = num()?.clamp(1, 100),
+                "hot_share" => c.hot_share = num()?.min(100),
+                "rate" => c.rate = num()?,
+                "verify" => c.verify = flag()?,
+                "tsc_khz" => c.tsc_khz = num()?,
+                "wipe" => c.wipe = flag()?,
+                _ => return Err(CmdlineError::UnknownKey(key)),
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The pages (working-set indices) that `random` with `seed` writes in its
+/// first `writes` writes, in order: the host replays this to know the
+/// written set exactly.
+pub fn random_sequence(seed: u64, pages: u64) -> impl Iterator<Item = u64> {
+    let mut rng = Rng::new(seed);
+    core::iter::repeat_with(move || rng.below(pages))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_round_trip() {
+        let c = Config::parse("workload=random pages=100 seed=7 writes=2k verify tsc_khz=0x10")
+            .unwrap();
+        assert_eq!(c.workload, Workload::Random);
+        assert_eq!(c.pages, Some(100));
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.writes, Some(2000));
+        assert!(c.verify);
+        assert_eq!(c.tsc_khz, 16);
+        assert_eq!(
+            Config::parse("bogus=1"),
+            Err(CmdlineError::UnknownKey("bogus"))
+        );
+        assert_eq!(
+            Config::parse("pages=x"),
+            Err(CmdlineError::BadValue("pages=x"))
+        );
+        assert_eq!(
+            Config::parse("workload=fly"),
+            Err(CmdlineError::BadValue("workload=fly"))
+        );
+    }
+
+    #[test]
+    fn layout_fits() {
+        for ram in [8u64 << 20, 64 << 20, 256 << 20, 1 << 30, 3 << 30] {
+            let p = max_pages(ram);
+            assert!(p > 0);
+            assert!(ws_base_for(p) + p * PAGE_SIZE <= ram, "ram {ram:#x}");
+            // one more page would not fit
+            assert!(
+                ws_base_for(p + 1) + (p + 1) * PAGE_SIZE > ram,
+                "ram {ram:#x}"
+            );
+        }
+        assert_eq!(max_pages(STATE_BASE), 0);
+    }
+
+    #[test]
+    fn stamps_check() {
+        let h = stamp_words(0x400, 3);
+        assert_eq!(check_page(0x400, 3, h, h[2]), PageCheck::Ok);
+        assert_eq!(
+            check_page(0x400, 4, h, h[2]),
+            PageCheck::WrongGeneration { found: 3 }
+        );
+        assert_eq!(check_page(0x401, 3, h, h[2]), PageCheck::Corrupt);
+        assert_eq!(check_page(0x400, 3, h, 0), PageCheck::Corrupt);
+        assert_eq!(check_page(0x400, 0, [0; 4], 0), PageCheck::Ok);
+        let hdr = StateHeader {
+            ws_base: 0x400000,
+            pages: 10,
+            writes: 5,
+        };
+        assert_eq!(StateHeader::from_words(hdr.to_words()), Some(hdr));
+        let mut w = hdr.to_words();
+        w[2] = 11;
+        assert_eq!(StateHeader::from_words(w), None);
+    }
+}

@@ -1,0 +1,37 @@
+//! Port I/O from CPL3: each `in`/`out` faults (#GP) and `boot.s`'s handler
+//! performs it at CPL0; `rep outsb` moves a whole buffer in one trap.
+
+use core::arch::asm;
+
+use guest_abi::{COM1_PORT, EXIT_PORT};
+
+/// Writes `buf` to COM1 with one `rep outsb`.
+pub fn serial_write(buf: &[u8]) {
+    if buf.is_empty() {
+        return;
+    }
+    // SAFETY: `rep outsb` only reads `buf` (rsi, rcx bytes) and writes the
+    // port; the #GP handler emulates it and advances rsi/rcx like the CPU.
+    unsafe {
+        asm!("rep outsb", inout("rsi") buf.as_ptr() => _, inout("rcx") buf.len() => _,
+             in("dx") COM1_PORT, options(nostack, readonly, preserves_flags));
+    }
+}
+
+/// Leaves the VM with `status` through the exit port; never returns.
+pub fn exit(status: u8) -> ! {
+    crate::console::get().flush();
+    loop {
+        // SAFETY: an `out` to the exit port; the VMM stops the VM on it.
+        unsafe {
+            asm!("out dx, al", in("dx") EXIT_PORT, in("al") status, options(nostack, nomem, preserves_flags));
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Reads the time-stamp counter (allowed at CPL3: CR4.TSD is clear).
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}

@@ -1,0 +1,271 @@
+//! The workloads: stamp pages of the working set (each write records a new
+//! generation in the table), or verify every page against the table.
+
+use core::fmt::Write;
+
+use guest_abi::{
+    check_page, gen_table_addr, max_pages, stamp_words, status, ws_base_for, Config, PageCheck,
+    Rng, StateHeader, Workload, IMAGE_BASE, PAGE_SIZE, STATE_BASE,
+};
+
+use crate::console::Console;
+use crate::io::rdtsc;
+
+/// The working set and its generation table.
+struct Ws {
+    base: u64,
+    pages: u64,
+}
+
+impl Ws {
+    fn table(&self, i: u64) -> *mut u32 {
+        gen_table_addr(i) as *mut u32
+    }
+
+    fn page(&self, i: u64) -> *mut u64 {
+        (self.base + i * PAGE_SIZE) as *mut u64
+    }
+
+    /// Writes the next generation's stamp into page `i`.
+    #[inline(always)]
+    fn stamp(&self, i: u64) {
+        let t = self.table(i);
+        let p = self.page(i);
+        // SAFETY: i < pages; table and page lie in RAM below ram_end
+        // (checked in `run`), identity-mapped and owned by the workload.
+        unsafe {
+            let generation = t.read_volatile() as u64 + 1;
+            t.write_volatile(generation as u32);
+            let w = stamp_words((p as u64) >> 12, generation);
+            for (k, v) in w.iter().enumerate() {
+                p.add(k).write_volatile(*v);
+            }
+            p.add(511).write_volatile(w[2]);
+        }
+    }
+
+    fn check(&self, i: u64) -> PageCheck {
+        let p = self.page(i);
+        // SAFETY: as in `stamp`; reads only.
+        unsafe {
+            let expected = self.table(i).read_volatile() as u64;
+            let h = [
+                p.read_volatile(),
+                p.add(1).read_volatile(),
+                p.add(2).read_volatile(),
+                p.add(3).read_volatile(),
+            ];
+            check_page((p as u64) >> 12, expected, h, p.add(511).read_volatile())
+        }
+    }
+}
+
+fn write_header(h: &StateHeader) {
+    let at = STATE_BASE as *mut u64;
+    for (k, v) in h.to_words().iter().enumerate() {
+        // SAFETY: the header page at STATE_BASE is the state area's first page.
+        unsafe { at.add(k).write_volatile(*v) };
+    }
+}
+
+fn read_header() -> Option<StateHeader> {
+    let at = STATE_BASE as *const u64;
+    let mut w = [0u64; 5];
+    for (k, v) in w.iter_mut().enumerate() {
+        // SAFETY: as in write_header; reads only.
+        *v = unsafe { at.add(k).read_volatile() };
+    }
+    StateHeader::from_words(w)
+}
+
+/// A deadline in TSC cycles, or none.
+struct Clock {
+    khz: u64,
+    start: u64,
+    deadline: Option<u64>,
+}
+
+impl Clock {
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| rdtsc() >= d)
+    }
+
+    fn elapsed_us(&self) -> u64 {
+        if self.khz == 0 {
+            return 0;
+        }
+        (rdtsc() - self.start) * 1000 / self.khz
+    }
+}
+
+/// Runs the configured workload over RAM ending at `ram_end`; returns the
+/// exit status.
+pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
+    let avail = max_pages(ram_end);
+    let pages = c.pages.unwrap_or(avail);
+    if pages == 0 || pages > avail {
+        let _ = writeln!(
+            con,
+            "error: pages={pages} does not fit: RAM ends at {ram_end:#x}, room for {avail} pages"
+        );
+        return status::NO_MEMORY;
+    }
+    let ws = Ws {
+        base: ws_base_for(pages),
+        pages,
+    };
+    let _ = writeln!(
+        con,
+        "layout: ram_end={ram_end:#x} scratch={IMAGE_BASE:#x}-{:#x} ws={:#x}+{} pages",
+        ws.base, ws.base, ws.pages
+    );
+    if (c.ms > 0 || c.workload == Workload::Rate) && c.tsc_khz == 0 {
+        let _ = writeln!(
+            con,
+            "error: ms= and workload=rate need tsc_khz= (the VMM adds it)"
+        );
+        return status::BAD_CMDLINE;
+    }
+    let mut header = match read_header() {
+        Some(h) if h.ws_base == ws.base && h.pages == ws.pages && !c.wipe => h,
+        _ => {
+            // New layout: the table starts at zero; the pages are assumed zero
+            // (a fresh file) unless wipe=1 asks to zero them.
+            for i in 0..ws.pages {
+                // SAFETY: i < pages, table entries within the state area.
+                unsafe { ws.table(i).write_volatile(0) };
+            }
+            if c.wipe {
+                // SAFETY: the whole working set lies below ram_end.
+                unsafe {
+                    core::ptr::write_bytes(ws.base as *mut u8, 0, (ws.pages * PAGE_SIZE) as usize)
+                };
+            }
+            StateHeader {
+                ws_base: ws.base,
+                pages: ws.pages,
+                writes: 0,
+            }
+        }
+    };
+    let start = rdtsc();
+    let clock = Clock {
+        khz: c.tsc_khz,
+        start,
+        deadline: (c.ms > 0).then(|| start + c.ms * c.tsc_khz),
+    };
+    let written = match c.workload {
+        Workload::Verify => 0,
+        Workload::Idle => {
+            while c.ms == 0 || !clock.expired() {
+                core::hint::spin_loop();
+            }
+            0
+        }
+        Workload::Seq => seq(&ws, c, &clock),
+        Workload::Random | Workload::HotCold | Workload::Rate => random(&ws, c, &clock),
+    };
+    header.writes += written;
+    write_header(&header);
+    let us = clock.elapsed_us();
+    let _ = writeln!(
+        con,
+        "workload {} done: writes={} elapsed_us={} ns_per_write={} total_writes={}",
+        c.workload.name(),
+        written,
+        us,
+        if written > 0 { us * 1000 / written } else { 0 },
+        header.writes
+    );
+    if c.workload == Workload::Verify || c.verify {
+        return verify(&ws, con);
+    }
+    status::OK
+}
+
+fn seq(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
+    let mut n = 0;
+    let mut pass = 0;
+    while (c.ms > 0 || pass < c.passes) && !clock.expired() {
+        for i in 0..ws.pages {
+            ws.stamp(i);
+            if i % 256 == 255 && clock.expired() {
+                return n + i + 1;
+            }
+        }
+        n += ws.pages;
+        pass += 1;
+    }
+    n
+}
+
+fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
+    let mut rng = Rng::new(c.seed);
+    let limit = c
+        .writes
+        .unwrap_or(if c.ms > 0 { u64::MAX } else { ws.pages });
+    let hot = (ws.pages * c.hot_pct / 100).clamp(1, ws.pages);
+    let interval = if c.workload == Workload::Rate && c.rate > 0 {
+        c.tsc_khz * 1000 / c.rate
+    } else {
+        0
+    };
+    let mut due = rdtsc();
+    let mut n = 0;
+    while n < limit {
+        if n % 64 == 0 && clock.expired() {
+            break;
+        }
+        if interval > 0 {
+            while rdtsc() < due {
+                core::hint::spin_loop();
+            }
+            due += interval;
+        }
+        let i = match c.workload {
+            Workload::HotCold if hot < ws.pages && rng.below(100) >= c.hot_share => {
+                hot + rng.below(ws.pages - hot)
+            }
+            Workload::HotCold => rng.below(hot),
+            _ => rng.below(ws.pages),
+        };
+        ws.stamp(i);
+        n += 1;
+    }
+    n
+}
+
+fn verify(ws: &Ws, con: &mut Console) -> u8 {
+    let (mut ok, mut stamped, mut bad) = (0u64, 0u64, 0u64);
+    for i in 0..ws.pages {
+        match ws.check(i) {
+            PageCheck::Ok => {
+                ok += 1;
+                // SAFETY: i < pages.
+                if unsafe { ws.table(i).read_volatile() } != 0 {
+                    stamped += 1;
+                }
+            }
+            other => {
+                bad += 1;
+                if bad <= 8 {
+                    let _ = writeln!(
+                        con,
+                        "verify: page {i} (gpa {:#x}): {other:?}",
+                        ws.base + i * PAGE_SIZE
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        con,
+        "verify: pages={} ok={ok} stamped={stamped} mismatches={bad}",
+        ws.pages
+    );
+    if bad == 0 {
+        status::OK
+    } else {
+        status::VERIFY_FAILED
+    }
+}

@@ -1,0 +1,14 @@
+//! # smudge
+//!
+//! Hypervisor-level dirty-page logging with KVM. Guest RAM is a `MAP_SHARED`
+//! file mapping ([`memory`]); KVM logs which guest pages are written
+//! ([`kvm`]); later layers turn those logs into persisted pages.
+//!
+//! The library takes a VM and guest memory; it does not own vCPUs. Every
+//! ioctl and raw mapping of the project lives here, so the VMM crate can
+//! forbid `unsafe`.
+
+pub mod kvm;
+pub mod memory;
+
+pub use guest_abi;

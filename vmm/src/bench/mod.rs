@@ -1,0 +1,4 @@
+//! Benchmarks (`smudge bench <name>`), reported per ../shared/BENCH.md.
+
+pub mod boot;
+pub mod report;

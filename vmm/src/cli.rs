@@ -1,0 +1,119 @@
+//! Command-line interface of the `smudge` binary.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// smudge: a small VMM for hypervisor-level dirty-page logging with KVM.
+#[derive(Debug, Parser)]
+#[command(name = "smudge", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest on file-backed shared RAM with dirty logging on.
+    Run(RunArgs),
+    /// Write the bundled guest ELF to a file (to boot it under QEMU, say).
+    ExportGuest {
+        /// Where to write the ELF.
+        path: PathBuf,
+    },
+    /// Run a benchmark (see BENCH.md): `smudge bench boot [--json]`.
+    Bench(BenchArgs),
+}
+
+/// `smudge run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Guest RAM backing file: created (sparse) if missing; an existing file
+    /// must already have exactly --mem-size bytes.
+    #[arg(long)]
+    pub mem_file: PathBuf,
+    /// Guest RAM size, with an optional K/M/G suffix (binary units).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem_size: u64,
+    /// Guest kernel: a PVH ELF. Default: the bundled tiny guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Guest command line. Default for the bundled guest: a short workload.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (the bundled guest runs its workload on the first).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub vcpus: u8,
+    /// Where the guest's serial output goes: a file path, or "-" for stdout.
+    #[arg(long, default_value = "-")]
+    pub serial: String,
+    /// End the run (exit code 103) if the guest has not exited after this many
+    /// seconds; 0 waits forever.
+    #[arg(long, default_value_t = 0.0)]
+    pub timeout: f64,
+    /// Event-loop tick in milliseconds (drives periodic work).
+    #[arg(long, default_value_t = 100)]
+    pub tick_ms: u64,
+    /// Ask for transparent huge pages on guest RAM (madvise).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Register RAM without KVM_MEM_LOG_DIRTY_PAGES (for comparisons only).
+    #[arg(long)]
+    pub no_dirty_log: bool,
+    /// KVM device node.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    pub kvm_dev: PathBuf,
+}
+
+/// `smudge bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark: boot.
+    pub name: String,
+    /// Print one JSON object (BENCH.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Fewer repetitions (keeps the code path alive in CI; no timing claims).
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions per case (median reported).
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Directory for scratch files (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Parses `256M`, `1G`, `4096`, `64k` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 65536)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! The smudge VMM: boots a PVH guest on file-backed `MAP_SHARED` RAM with
+//! KVM dirty logging on. The `smudge` binary is its command-line edge; tests
+//! and benchmarks use this library directly.
+//!
+//! No `unsafe` here: every ioctl that needs it lives in the `smudge` library.
+
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod boot;
+pub mod cli;
+pub mod devices;
+pub mod event_loop;
+pub mod guest_image;
+pub mod outcome;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,116 @@
+//! How a run ended, and the process exit code for each ending.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Exit code for a setup or usage error (bad flags, missing files, no KVM).
+pub const EXIT_SETUP: u8 = 100;
+/// The guest touched a port or MMIO address no device owns.
+pub const EXIT_UNKNOWN_IO: u8 = 101;
+/// The guest triple-faulted, shut down or halted for good.
+pub const EXIT_GUEST_CRASH: u8 = 102;
+/// The guest did not exit before `--timeout`.
+pub const EXIT_TIMEOUT: u8 = 103;
+/// KVM reported an internal error or failed to enter the guest.
+pub const EXIT_KVM: u8 = 104;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote its status to the exit port.
+    GuestExit(u8),
+    /// A port no device owns.
+    UnknownPort {
+        /// The port.
+        port: u16,
+        /// `out` (true) or `in`.
+        write: bool,
+        /// Guest rip.
+        rip: u64,
+    },
+    /// An MMIO address no device owns.
+    UnknownMmio {
+        /// Guest physical address.
+        addr: u64,
+        /// Write (true) or read.
+        write: bool,
+    },
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    TripleFault {
+        /// Guest rip.
+        rip: u64,
+    },
+    /// HLT with no way to wake (no in-kernel irqchip).
+    Halted {
+        /// Guest rip.
+        rip: u64,
+    },
+    /// The timeout passed.
+    Timeout(Duration),
+    /// KVM failed.
+    KvmFailure(String),
+}
+
+impl Outcome {
+    /// The process exit code: the guest's own status, or one of the
+    /// `EXIT_*` codes above.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::GuestExit(s) => *s,
+            Outcome::UnknownPort { .. } | Outcome::UnknownMmio { .. } => EXIT_UNKNOWN_IO,
+            Outcome::TripleFault { .. } | Outcome::Halted { .. } => EXIT_GUEST_CRASH,
+            Outcome::Timeout(_) => EXIT_TIMEOUT,
+            Outcome::KvmFailure(_) => EXIT_KVM,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::GuestExit(0) => write!(f, "guest exited with status 0"),
+            Outcome::GuestExit(s) => write!(
+                f,
+                "guest exited with status {s}{}",
+                guest_status_meaning(*s)
+            ),
+            Outcome::UnknownPort { port, write, rip } => write!(
+                f,
+                "guest {} unknown I/O port {port:#x} at rip {rip:#x}; stopped",
+                if *write { "wrote to" } else { "read from" }
+            ),
+            Outcome::UnknownMmio { addr, write } => write!(
+                f,
+                "guest {} unmapped MMIO address {addr:#x}; stopped",
+                if *write { "wrote to" } else { "read from" }
+            ),
+            Outcome::TripleFault { rip } => write!(
+                f,
+                "guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"
+            ),
+            Outcome::Halted { rip } => {
+                write!(f, "guest halted with nothing to wake it at rip {rip:#x}")
+            }
+            Outcome::Timeout(d) => write!(
+                f,
+                "guest still running after the {:.1} s timeout; stopped",
+                d.as_secs_f64()
+            ),
+            Outcome::KvmFailure(m) => write!(f, "KVM failure: {m}"),
+        }
+    }
+}
+
+fn guest_status_meaning(s: u8) -> String {
+    use guest_abi::status::*;
+    match s {
+        VERIFY_FAILED => " (bundled guest: verify found mismatching pages)".into(),
+        BAD_CMDLINE => " (bundled guest: bad command line)".into(),
+        PANIC => " (bundled guest: panic)".into(),
+        NO_MEMORY => " (bundled guest: working set does not fit in RAM)".into(),
+        s if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&s) => {
+            format!(" (bundled guest: CPU exception {})", s - EXCEPTION_BASE)
+        }
+        _ => String::new(),
+    }
+}

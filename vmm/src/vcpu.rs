@@ -1,0 +1,194 @@
+//! vCPUs: CPUID, the PVH entry state (32-bit protected mode, paging off,
+//! `ebx` = start_info), and the run loop each vCPU thread executes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::BootEntry;
+use crate::devices::{PortAction, PortBus};
+use crate::outcome::Outcome;
+
+/// Why a vCPU could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed during setup.
+    #[error("vCPU {id}: {op} failed")]
+    Setup {
+        /// vCPU index.
+        id: u8,
+        /// The ioctl.
+        op: &'static str,
+        /// Its error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn setup_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::Setup {
+        id,
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// Creates vCPU `id` with the host's supported CPUID (APIC id patched in).
+pub fn create(kvm: &Kvm, vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
+    let vcpu = vm
+        .create_vcpu(u64::from(id))
+        .map_err(setup_err(id, "KVM_CREATE_VCPU"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(setup_err(id, "KVM_GET_SUPPORTED_CPUID"))?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(setup_err(id, "KVM_SET_CPUID2"))?;
+    Ok(vcpu)
+}
+
+/// Puts the boot vCPU in the PVH entry state.
+pub fn set_pvh_entry(vcpu: &VcpuFd, id: u8, boot: &BootEntry) -> Result<(), VcpuError> {
+    let mut sregs = vcpu.get_sregs().map_err(setup_err(id, "KVM_GET_SREGS"))?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x08,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = 0x11; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs)
+        .map_err(setup_err(id, "KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rip: boot.entry,
+        rbx: boot.start_info,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(setup_err(id, "KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// What the vCPU threads and the main loop share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Set when every vCPU must leave its loop.
+    pub stop: AtomicBool,
+    /// How the run ended (first writer wins).
+    pub outcome: Mutex<Option<Outcome>>,
+    /// Signalled when `outcome` is set.
+    pub exit_evt: EventFd,
+    /// Port devices.
+    pub bus: PortBus,
+}
+
+impl Shared {
+    /// Records `o` as the run's ending (if none yet) and wakes the main loop.
+    pub fn finish(&self, o: Outcome) {
+        let mut g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(o);
+        }
+        drop(g);
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.exit_evt.write(1) {
+            tracing::error!("cannot signal the main loop: {e}");
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    Stop(Outcome),
+    UnknownPort(u16, bool),
+    NeedRip(fn(u64) -> Outcome),
+}
+
+/// The vCPU thread body: runs until `shared.stop`, an exit or an error.
+pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let step = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match shared.bus.write(port, data) {
+                PortAction::Continue => Step::Continue,
+                PortAction::GuestExit(s) => Step::Stop(Outcome::GuestExit(s)),
+                PortAction::Unknown => Step::UnknownPort(port, true),
+            },
+            Ok(VcpuExit::IoIn(port, data)) => match shared.bus.read(port, data) {
+                PortAction::Unknown => Step::UnknownPort(port, false),
+                _ => Step::Continue,
+            },
+            Ok(VcpuExit::MmioRead(addr, _)) => {
+                Step::Stop(Outcome::UnknownMmio { addr, write: false })
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                Step::Stop(Outcome::UnknownMmio { addr, write: true })
+            }
+            Ok(VcpuExit::Shutdown) => Step::NeedRip(|rip| Outcome::TripleFault { rip }),
+            Ok(VcpuExit::Hlt) => Step::NeedRip(|rip| Outcome::Halted { rip }),
+            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(Outcome::KvmFailure(format!(
+                "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host cpu {cpu}"
+            ))),
+            Ok(VcpuExit::InternalError) => Step::Stop(Outcome::KvmFailure(format!(
+                "vCPU {id}: KVM_EXIT_INTERNAL_ERROR (emulation failed?)"
+            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Step::Stop(Outcome::KvmFailure(format!(
+                "vCPU {id}: guest system event {kind} (reset or shutdown)"
+            ))),
+            Ok(other) => Step::Stop(Outcome::KvmFailure(format!(
+                "vCPU {id}: unhandled exit {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR => {
+                vcpu.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::Stop(Outcome::KvmFailure(format!("vCPU {id}: KVM_RUN: {e}"))),
+        };
+        let rip = || vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+        match step {
+            Step::Continue => {}
+            Step::Stop(o) => return shared.finish(o),
+            Step::UnknownPort(port, write) => {
+                return shared.finish(Outcome::UnknownPort {
+                    port,
+                    write,
+                    rip: rip(),
+                })
+            }
+            Step::NeedRip(f) => return shared.finish(f(rip())),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! One VM run, start to end: KVM, file-backed RAM with dirty logging, the
+//! guest loaded PVH, vCPU threads, the event loop, and an orderly stop.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use smudge::kvm::{self, KvmError, Slot};
+use smudge::memory::{BackingFile, GuestRam, MemoryError};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, BootError};
+use crate::devices::{PortBus, SerialConsole};
+use crate::event_loop::{self, LoopEnd, TickHook};
+use crate::outcome::Outcome;
+use crate::vcpu::{self, Shared, VcpuError};
+
+/// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
+pub const MIN_MEM: u64 = 8 << 20;
+
+/// Everything a run needs.
+pub struct VmConfig {
+    /// Backing file path.
+    pub mem_file: PathBuf,
+    /// RAM size in bytes.
+    pub mem_size: u64,
+    /// The PVH ELF image.
+    pub guest_elf: Vec<u8>,
+    /// Guest command line (tsc_khz= is appended if absent).
+    pub cmdline: String,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Serial output.
+    pub serial: Box<dyn Write + Send>,
+    /// Stop after this long.
+    pub timeout: Option<Duration>,
+    /// Event-loop tick.
+    pub tick: Duration,
+    /// madvise(MADV_HUGEPAGE) on RAM.
+    pub hugepages: bool,
+    /// Register RAM with KVM_MEM_LOG_DIRTY_PAGES.
+    pub dirty_log: bool,
+    /// KVM device node.
+    pub kvm_dev: PathBuf,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("mem_file", &self.mem_file)
+            .field("mem_size", &self.mem_size)
+            .field("cmdline", &self.cmdline)
+            .field("vcpus", &self.vcpus)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a VM could not be set up (the run never started).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// RAM size below the minimum.
+    #[error("--mem-size {size} is too small: smudge needs at least {min} bytes ({} MiB)", MIN_MEM >> 20)]
+    MemTooSmall {
+        /// Requested.
+        size: u64,
+        /// Minimum.
+        min: u64,
+    },
+    /// KVM unavailable or failing.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Backing file or mapping.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Guest image.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// More than one vCPU needs an in-kernel irqchip (APs wait for SIPI).
+    #[error("--vcpus {0} needs an in-kernel irqchip, and KVM_CREATE_IRQCHIP failed")]
+    NoIrqchip(u8),
+    /// Threads, signals, epoll.
+    #[error("VMM runtime: {0}")]
+    Runtime(String),
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall time from vCPU start to stop.
+    pub elapsed: Duration,
+    /// Whether the memory file was created by this run.
+    pub created_mem_file: bool,
+    /// Pages KVM logged dirty over the run (guest writes), if logging was on.
+    pub guest_dirty_pages: Option<u64>,
+    /// Pages the VMM wrote through vm-memory (loader, boot data).
+    pub vmm_dirty_pages: u64,
+    /// TSC frequency KVM reports, kHz.
+    pub tsc_khz: Option<u32>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Checks the image loads into `size` bytes of RAM before any file is made.
+fn dry_run_load(elf: &[u8], size: u64) -> Result<(), VmError> {
+    let scratch: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| VmError::Runtime(format!("scratch memory: {e}")))?;
+    // The loader is generic over the bitmap; load into plain anonymous memory.
+    boot::load_pvh_plain(&scratch, elf)?;
+    Ok(())
+}
+
+/// Boots and runs the VM described by `cfg` until the guest exits, fails or
+/// times out.
+pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
+    if cfg.mem_size < MIN_MEM {
+        return Err(VmError::MemTooSmall {
+            size: cfg.mem_size,
+            min: MIN_MEM,
+        });
+    }
+    // Everything that can be checked without touching the memory file first.
+    let kvm_fd = kvm::open(&cfg.kvm_dev)?;
+    dry_run_load(&cfg.guest_elf, cfg.mem_size)?;
+
+    let backing = BackingFile::open_or_create(&cfg.mem_file, cfg.mem_size)?;
+    let ram = backing.map(cfg.hugepages)?;
+    let vm = kvm::create_vm(&kvm_fd)?;
+    if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    let irqchip = vm.create_irq_chip().is_ok();
+    if !irqchip && cfg.vcpus > 1 {
+        return Err(VmError::NoIrqchip(cfg.vcpus));
+    }
+    let slots = kvm::register_ram(&vm, &ram, cfg.dirty_log)?;
+
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        vcpus.push(vcpu::create(&kvm_fd, &vm, id)?);
+    }
+    let tsc_khz = vcpus[0].get_tsc_khz().ok();
+    let mut cmdline = cfg.cmdline.clone();
+    if let (Some(khz), false) = (
+        tsc_khz,
+        cmdline.split(' ').any(|w| w.starts_with("tsc_khz=")),
+    ) {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&format!("tsc_khz={khz}"));
+    }
+    let entry = boot::load_pvh(&ram, &cfg.guest_elf, &cmdline)?;
+    vcpu::set_pvh_entry(&vcpus[0], 0, &entry)?;
+    tracing::info!(
+        "booting {} vCPU(s), {} MiB RAM in {}{}, entry {:#x}, cmdline '{cmdline}'",
+        cfg.vcpus,
+        cfg.mem_size >> 20,
+        backing.path().display(),
+        if backing.created() { " (new)" } else { "" },
+        entry.entry
+    );
+
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
+    if irqchip {
+        if let Err(e) = vm.register_irqfd(&serial_irq, 4) {
+            tracing::debug!("serial irqfd: {e}");
+        }
+    }
+    let exit_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
+    let shared = Arc::new(Shared {
+        stop: Default::default(),
+        outcome: Mutex::new(None),
+        exit_evt: exit_evt
+            .try_clone()
+            .map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
+        bus: PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
+    });
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
+
+    let start = Instant::now();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (id, v) in vcpus.into_iter().enumerate() {
+        let sh = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run_loop(v, id as u8, sh))
+            .map_err(|e| VmError::Runtime(format!("spawning vCPU thread: {e}")))?;
+        threads.push(t);
+    }
+    let hooks: Vec<TickHook> = Vec::new();
+    let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks);
+    stop_vcpus(&shared, threads);
+    let elapsed = start.elapsed();
+    shared.bus.flush();
+
+    let outcome = match end {
+        Ok(LoopEnd::Timeout(d)) => Outcome::Timeout(d),
+        Ok(LoopEnd::VcpuExit) => shared
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Outcome::KvmFailure("vCPUs stopped without an outcome".into())),
+        Err(e) => return Err(VmError::Runtime(format!("event loop: {e}"))),
+    };
+    let guest_dirty_pages = cfg
+        .dirty_log
+        .then(|| count_kvm_dirty(&vm, &slots))
+        .flatten();
+    Ok(RunReport {
+        outcome,
+        elapsed,
+        created_mem_file: backing.created(),
+        guest_dirty_pages,
+        vmm_dirty_pages: count_vmm_dirty(&ram),
+        tsc_khz,
+    })
+}
+
+/// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it returns.
+fn stop_vcpus(shared: &Shared, threads: Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    for t in threads {
+        // A signal that lands just before KVM_RUN is missed; keep kicking.
+        while !t.is_finished() {
+            if let Err(e) = t.kill(SIGRTMIN()) {
+                tracing::warn!("kicking a vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn count_kvm_dirty(vm: &kvm_ioctls::VmFd, slots: &[Slot]) -> Option<u64> {
+    let mut n = 0u64;
+    for s in slots {
+        match vm.get_dirty_log(s.slot, s.size as usize) {
+            Ok(bm) => n += bm.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
+            Err(e) => {
+                tracing::warn!("KVM_GET_DIRTY_LOG slot {}: {e}", s.slot);
+                return None;
+            }
+        }
+    }
+    Some(n)
+}
+
+fn count_vmm_dirty(ram: &GuestRam) -> u64 {
+    ram.iter()
+        .map(|r| {
+            r.bitmap()
+                .get_and_reset()
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>()
+        })
+        .sum()
+}
