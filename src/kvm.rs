@@ -58,29 +58,21 @@ pub enum KvmError {
 /// really is KVM.
 pub fn open(path: &Path) -> Result<Kvm, KvmError> {
     let p = path.to_path_buf();
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| KvmError::Unusable {
-        path: p.clone(),
-        source: io::Error::from(io::ErrorKind::InvalidInput),
-    })?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| KvmError::Unusable { path: p.clone(), source: io::Error::from(io::ErrorKind::InvalidInput) })?;
     let kvm = Kvm::new_with_path(&c).map_err(|e| {
         let e = io::Error::from_raw_os_error(e.errno());
         match e.kind() {
             io::ErrorKind::NotFound => KvmError::Missing { path: p.clone() },
             io::ErrorKind::PermissionDenied => KvmError::Permission { path: p.clone() },
-            _ => KvmError::Unusable {
-                path: p.clone(),
-                source: e,
-            },
+            _ => KvmError::Unusable { path: p.clone(), source: e },
         }
     })?;
     // KVM_GET_API_VERSION answers 12 on every KVM; anything else is not KVM.
     let v = kvm.get_api_version();
     if v != 12 {
-        let source = if v < 0 {
-            io::Error::from_raw_os_error(-v)
-        } else {
-            io::Error::other(format!("API version {v}"))
-        };
+        let source =
+            if v < 0 { io::Error::from_raw_os_error(-v) } else { io::Error::other(format!("API version {v}")) };
         return Err(KvmError::Unusable {
             path: p,
             source: io::Error::new(source.kind(), format!("KVM_GET_API_VERSION: {source}")),
@@ -91,8 +83,7 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
 
 /// Creates a VM.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
-    kvm.create_vm()
-        .map_err(|e| KvmError::CreateVm(io::Error::from_raw_os_error(e.errno())))
+    kvm.create_vm().map_err(|e| KvmError::CreateVm(io::Error::from_raw_os_error(e.errno())))
 }
 
 /// One KVM memory slot backed by a guest RAM region.
@@ -111,19 +102,11 @@ pub struct Slot {
 pub fn register_ram(vm: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<Vec<Slot>, KvmError> {
     let mut slots = Vec::new();
     for (i, region) in ram.iter().enumerate() {
-        let slot = Slot {
-            slot: i as u32,
-            gpa: region.start_addr().0,
-            size: region.len(),
-        };
+        let slot = Slot { slot: i as u32, gpa: region.start_addr().0, size: region.len() };
         let host = region.as_ptr() as u64;
         let r = kvm_userspace_memory_region {
             slot: slot.slot,
-            flags: if log_dirty {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: slot.gpa,
             memory_size: slot.size,
             userspace_addr: host,
@@ -150,10 +133,7 @@ mod tests {
     fn missing_device_is_named() {
         let e = open(Path::new("/nonexistent/kvm")).unwrap_err();
         assert!(matches!(e, KvmError::Missing { .. }));
-        assert!(
-            e.to_string().contains("/nonexistent/kvm does not exist"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("/nonexistent/kvm does not exist"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,25 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// A write outside guest RAM.
+    #[error("guest range {gpa:#x}+{len:#x} is not inside one RAM region")]
+    OutOfRange {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Writing guest memory through the file failed.
+    #[error("{path}: writing guest memory at {gpa:#x} failed")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Guest physical address.
+        gpa: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// vm-memory refused the region layout.
     #[error("cannot build guest memory")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
@@ -86,6 +105,29 @@ pub fn host_page_size() -> u64 {
     }
 }
 
+/// One contiguous piece of guest RAM and where it lives in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Offset in the backing file.
+    pub file_offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Where `size` bytes of RAM go: below [`guest_abi::LOW_RAM_LIMIT`], and
+/// the rest from 4 GiB up, leaving the hole for the LAPIC and IOAPIC. The
+/// file holds the regions back to back.
+pub fn ram_layout(size: u64) -> Vec<RamRegion> {
+    let low = size.min(guest_abi::LOW_RAM_LIMIT);
+    let mut v = vec![RamRegion { gpa: 0, file_offset: 0, len: low }];
+    if size > low {
+        v.push(RamRegion { gpa: 4 << 30, file_offset: low, len: size - low });
+    }
+    v
+}
+
 /// The file that holds guest RAM.
 #[derive(Debug)]
 pub struct BackingFile {
@@ -100,38 +142,20 @@ impl BackingFile {
     /// never truncated or grown), else creates it as a sparse file of `size`.
     pub fn open_or_create(path: &Path, size: u64) -> Result<Self, MemoryError> {
         let page = host_page_size();
-        if size == 0 || size % page != 0 {
+        if size == 0 || !size.is_multiple_of(page) {
             return Err(MemoryError::BadSize { size, page });
         }
-        let open_err = |source| MemoryError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        let open_err = |source| MemoryError::Open { path: path.to_path_buf(), source };
         match std::fs::metadata(path) {
             Ok(meta) => {
                 if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
-                    return Err(MemoryError::NotRegular {
-                        path: path.to_path_buf(),
-                    });
+                    return Err(MemoryError::NotRegular { path: path.to_path_buf() });
                 }
                 if meta.len() != size {
-                    return Err(MemoryError::WrongSize {
-                        path: path.to_path_buf(),
-                        have: meta.len(),
-                        want: size,
-                    });
+                    return Err(MemoryError::WrongSize { path: path.to_path_buf(), have: meta.len(), want: size });
                 }
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(open_err)?;
-                Ok(BackingFile {
-                    file,
-                    path: path.to_path_buf(),
-                    size,
-                    created: false,
-                })
+                let file = OpenOptions::new().read(true).write(true).open(path).map_err(open_err)?;
+                Ok(BackingFile { file, path: path.to_path_buf(), size, created: false })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let file = OpenOptions::new()
@@ -144,18 +168,9 @@ impl BackingFile {
                 if let Err(source) = file.set_len(size) {
                     // We made it; do not leave a half-made file behind.
                     let _ = std::fs::remove_file(path);
-                    return Err(MemoryError::Resize {
-                        path: path.to_path_buf(),
-                        size,
-                        source,
-                    });
+                    return Err(MemoryError::Resize { path: path.to_path_buf(), size, source });
                 }
-                Ok(BackingFile {
-                    file,
-                    path: path.to_path_buf(),
-                    size,
-                    created: true,
-                })
+                Ok(BackingFile { file, path: path.to_path_buf(), size, created: true })
             }
             Err(e) => Err(open_err(e)),
         }
@@ -181,38 +196,57 @@ impl BackingFile {
         &self.file
     }
 
-    /// Maps the whole file `MAP_SHARED` as guest RAM starting at guest
-    /// physical address 0, with a VMM dirty bitmap. `hugepages` asks the
-    /// kernel for transparent huge pages on the mapping (`MADV_HUGEPAGE`).
+    /// Maps the whole file `MAP_SHARED` as guest RAM with a VMM dirty
+    /// bitmap, laid out by [`ram_layout`]. `hugepages` asks the kernel for
+    /// transparent huge pages on the mapping (`MADV_HUGEPAGE`).
     pub fn map(&self, hugepages: bool) -> Result<GuestRam, MemoryError> {
-        let file = self.file.try_clone().map_err(|source| MemoryError::Open {
+        let mut regions = Vec::new();
+        for r in ram_layout(self.size) {
+            regions.push(self.map_region(r, hugepages)?);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
+    }
+
+    /// Writes `data` at guest address `gpa` through the file (`pwrite`)
+    /// instead of the mapping, and marks the pages in the VMM dirty bitmap
+    /// exactly as a vm-memory write would (invariant 2 holds). Used for bulk
+    /// boot-time writes: on this machine a first write fault on a new
+    /// `MAP_SHARED` ext4 page costs ~180 us, a `pwrite` of it ~20 us.
+    pub fn write_at_gpa(&self, ram: &GuestRam, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let len = data.len() as u64;
+        let (region, r) = ram
+            .iter()
+            .zip(ram_layout(self.size))
+            .find(|(_, r)| gpa >= r.gpa && gpa + len <= r.gpa + r.len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let off = gpa - r.gpa;
+        self.file.write_all_at(data, r.file_offset + off).map_err(|source| MemoryError::Write {
             path: self.path.clone(),
+            gpa,
             source,
         })?;
-        let region =
-            MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(file, 0), self.size as usize)
-                .map_err(|source| MemoryError::Map {
-                    size: self.size,
-                    source,
-                })?;
+        debug_assert_eq!(region.start_addr().0, r.gpa);
+        region.bitmap().mark_dirty(off as usize, data.len());
+        Ok(())
+    }
+
+    fn map_region(&self, r: RamRegion, hugepages: bool) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
+        let file = self.file.try_clone().map_err(|source| MemoryError::Open { path: self.path.clone(), source })?;
+        let region = MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(file, r.file_offset), r.len as usize)
+            .map_err(|source| MemoryError::Map { size: r.len, source })?;
         if hugepages {
             // SAFETY: the range is exactly the mapping vm-memory just made and
             // owns; MADV_HUGEPAGE only changes how the kernel backs it.
-            let r = unsafe {
-                libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_HUGEPAGE)
-            };
+            let r = unsafe { libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_HUGEPAGE) };
             if r != 0 {
-                tracing::warn!(
-                    "madvise(MADV_HUGEPAGE) failed: {}",
-                    io::Error::last_os_error()
-                );
+                tracing::warn!("madvise(MADV_HUGEPAGE) failed: {}", io::Error::last_os_error());
             }
         }
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Map {
-            size: self.size,
-            source: vm_memory::mmap::MmapRegionError::InvalidPointer,
-        })?;
-        GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)
+        GuestRegionMmap::new(region, GuestAddress(r.gpa))
+            .ok_or(MemoryError::Map { size: r.len, source: vm_memory::mmap::MmapRegionError::InvalidPointer })
     }
 }
 
@@ -237,17 +271,7 @@ mod tests {
         let p = dir.path().join("mem");
         std::fs::write(&p, vec![7u8; 8192]).unwrap();
         let e = BackingFile::open_or_create(&p, 1 << 20).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                MemoryError::WrongSize {
-                    have: 8192,
-                    want: 1048576,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, MemoryError::WrongSize { have: 8192, want: 1048576, .. }), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 8192]);
     }
 
@@ -255,15 +279,39 @@ mod tests {
     fn bad_sizes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("mem");
-        assert!(matches!(
-            BackingFile::open_or_create(&p, 0),
-            Err(MemoryError::BadSize { .. })
-        ));
-        assert!(matches!(
-            BackingFile::open_or_create(&p, 100),
-            Err(MemoryError::BadSize { .. })
-        ));
+        assert!(matches!(BackingFile::open_or_create(&p, 0), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(BackingFile::open_or_create(&p, 100), Err(MemoryError::BadSize { .. })));
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn layout_skips_the_hole_below_4g() {
+        assert_eq!(ram_layout(1 << 30), vec![RamRegion { gpa: 0, file_offset: 0, len: 1 << 30 }]);
+        assert_eq!(
+            ram_layout(5 << 30),
+            vec![
+                RamRegion { gpa: 0, file_offset: 0, len: 3 << 30 },
+                RamRegion { gpa: 4 << 30, file_offset: 3 << 30, len: 2 << 30 },
+            ]
+        );
+    }
+
+    #[test]
+    fn writes_through_the_file_are_logged_and_visible() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        let dir = tempfile::tempdir().unwrap();
+        let b = BackingFile::open_or_create(&dir.path().join("mem"), 1 << 20).unwrap();
+        let ram = b.map(false).unwrap();
+        b.write_at_gpa(&ram, 0x5ffe, &[1, 2, 3, 4]).unwrap();
+        let mut got = [0u8; 4];
+        ram.read_slice(&mut got, GuestAddress(0x5ffe)).unwrap();
+        assert_eq!(got, [1, 2, 3, 4]);
+        let bm = ram.find_region(GuestAddress(0)).unwrap().bitmap();
+        // pages: [0x5000 dirty, 0x6000 dirty], neighbours clean
+        assert!(bm.dirty_at(0x5000) && bm.dirty_at(0x6000));
+        assert!(!bm.dirty_at(0x4000) && !bm.dirty_at(0x7000));
+        assert!(matches!(b.write_at_gpa(&ram, (1 << 20) - 2, &[0; 4]), Err(MemoryError::OutOfRange { .. })));
     }
 
     #[test]

@@ -10,9 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest_dir = manifest.join("../guest");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out.join("guest-target");
@@ -31,29 +29,13 @@ fn main() {
         .env_remove("CARGO_MAKEFLAGS")
         .status()
         .expect("cannot run cargo to build the guest");
-    assert!(
-        status.success(),
-        "building the guest in {} failed",
-        guest_dir.display()
-    );
+    assert!(status.success(), "building the guest in {} failed", guest_dir.display());
 
     let elf = target_dir.join("x86_64-unknown-linux-gnu/release/smudge-guest");
     println!("cargo:rustc-env=GUEST_ELF={}", elf.display());
-    for p in [
-        "src",
-        "Cargo.toml",
-        "Cargo.lock",
-        "build.rs",
-        ".cargo/config.toml",
-    ] {
+    for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(p).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest.join("../guest-abi/src").display()
-    );
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest.join("../resources/guest.ld").display()
-    );
+    println!("cargo:rerun-if-changed={}", manifest.join("../guest-abi/src").display());
+    println!("cargo:rerun-if-changed={}", manifest.join("../resources/guest.ld").display());
 }

@@ -45,8 +45,12 @@ pub const IMAGE_BASE: u64 = 0x10_0000;
 pub const STATE_BASE: u64 = 0x20_0000;
 /// The working set starts on a 2 MiB boundary.
 pub const WS_ALIGN: u64 = 0x20_0000;
-/// The guest's page tables identity-map this much (2 MiB pages).
-pub const MAPPED_LIMIT: u64 = 16 << 30;
+/// The guest's page tables identity-map this much (2 MiB pages). Every page
+/// of page table the loader writes costs a host page fault, so no more than
+/// the low RAM region (below the 3 GiB hole) the workload can use.
+pub const MAPPED_LIMIT: u64 = 4 << 30;
+/// The VMM's low RAM region ends here; RAM beyond continues at 4 GiB.
+pub const LOW_RAM_LIMIT: u64 = 3 << 30;
 /// I/O port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;
 /// I/O port of the exit device (QEMU's isa-debug-exit convention).
@@ -81,12 +85,7 @@ pub fn stamp_checksum(pfn: u64, generation: u64) -> u64 {
 
 /// The four header words of a stamp for page `pfn` at `generation`.
 pub fn stamp_words(pfn: u64, generation: u64) -> [u64; 4] {
-    [
-        pfn,
-        generation,
-        stamp_checksum(pfn, generation),
-        STAMP_MAGIC,
-    ]
+    [pfn, generation, stamp_checksum(pfn, generation), STAMP_MAGIC]
 }
 
 /// What a page holds, judged against the generation it should carry.
@@ -176,11 +175,7 @@ impl StateHeader {
 
     /// Parses the stored words; `None` if they are not a valid header.
     pub fn from_words(w: [u64; 5]) -> Option<Self> {
-        let h = StateHeader {
-            ws_base: w[1],
-            pages: w[2],
-            writes: w[4],
-        };
+        let h = StateHeader { ws_base: w[1], pages: w[2], writes: w[4] };
         (w[0] == STATE_MAGIC && h.to_words()[3] == w[3]).then_some(h)
     }
 }
@@ -289,6 +284,11 @@ pub struct Config {
     /// Start from a blank state: zero the generation table and every
     /// working-set page first.
     pub wipe: bool,
+    /// Test hook: write one byte to this I/O port before the workload (a
+    /// VMM must stop a guest that pokes a port no device owns).
+    pub poke: Option<u16>,
+    /// Test hook: execute `ud2` before the workload (exception reporting).
+    pub fault: bool,
 }
 
 impl Default for Config {
@@ -306,6 +306,8 @@ impl Default for Config {
             verify: false,
             tsc_khz: 0,
             wipe: false,
+            poke: None,
+            fault: false,
         }
     }
 }
@@ -356,9 +358,7 @@ impl Config {
                 _ => Err(CmdlineError::BadValue(word)),
             };
             match key {
-                "workload" => {
-                    c.workload = Workload::parse(value).ok_or(CmdlineError::BadValue(word))?
-                }
+                "workload" => c.workload = Workload::parse(value).ok_or(CmdlineError::BadValue(word))?,
                 "pages" => c.pages = Some(num()?),
                 "seed" => c.seed = num()?,
                 "writes" => c.writes = Some(num()?),
@@ -370,6 +370,8 @@ impl Config {
                 "verify" => c.verify = flag()?,
                 "tsc_khz" => c.tsc_khz = num()?,
                 "wipe" => c.wipe = flag()?,
+                "poke" => c.poke = Some(u16::try_from(num()?).map_err(|_| CmdlineError::BadValue(word))?),
+                "fault" => c.fault = flag()?,
                 _ => return Err(CmdlineError::UnknownKey(key)),
             }
         }
@@ -391,26 +393,16 @@ mod tests {
 
     #[test]
     fn cmdline_round_trip() {
-        let c = Config::parse("workload=random pages=100 seed=7 writes=2k verify tsc_khz=0x10")
-            .unwrap();
+        let c = Config::parse("workload=random pages=100 seed=7 writes=2k verify tsc_khz=0x10").unwrap();
         assert_eq!(c.workload, Workload::Random);
         assert_eq!(c.pages, Some(100));
         assert_eq!(c.seed, 7);
         assert_eq!(c.writes, Some(2000));
         assert!(c.verify);
         assert_eq!(c.tsc_khz, 16);
-        assert_eq!(
-            Config::parse("bogus=1"),
-            Err(CmdlineError::UnknownKey("bogus"))
-        );
-        assert_eq!(
-            Config::parse("pages=x"),
-            Err(CmdlineError::BadValue("pages=x"))
-        );
-        assert_eq!(
-            Config::parse("workload=fly"),
-            Err(CmdlineError::BadValue("workload=fly"))
-        );
+        assert_eq!(Config::parse("bogus=1"), Err(CmdlineError::UnknownKey("bogus")));
+        assert_eq!(Config::parse("pages=x"), Err(CmdlineError::BadValue("pages=x")));
+        assert_eq!(Config::parse("workload=fly"), Err(CmdlineError::BadValue("workload=fly")));
     }
 
     #[test]
@@ -420,10 +412,7 @@ mod tests {
             assert!(p > 0);
             assert!(ws_base_for(p) + p * PAGE_SIZE <= ram, "ram {ram:#x}");
             // one more page would not fit
-            assert!(
-                ws_base_for(p + 1) + (p + 1) * PAGE_SIZE > ram,
-                "ram {ram:#x}"
-            );
+            assert!(ws_base_for(p + 1) + (p + 1) * PAGE_SIZE > ram, "ram {ram:#x}");
         }
         assert_eq!(max_pages(STATE_BASE), 0);
     }
@@ -432,18 +421,11 @@ mod tests {
     fn stamps_check() {
         let h = stamp_words(0x400, 3);
         assert_eq!(check_page(0x400, 3, h, h[2]), PageCheck::Ok);
-        assert_eq!(
-            check_page(0x400, 4, h, h[2]),
-            PageCheck::WrongGeneration { found: 3 }
-        );
+        assert_eq!(check_page(0x400, 4, h, h[2]), PageCheck::WrongGeneration { found: 3 });
         assert_eq!(check_page(0x401, 3, h, h[2]), PageCheck::Corrupt);
         assert_eq!(check_page(0x400, 3, h, 0), PageCheck::Corrupt);
         assert_eq!(check_page(0x400, 0, [0; 4], 0), PageCheck::Ok);
-        let hdr = StateHeader {
-            ws_base: 0x400000,
-            pages: 10,
-            writes: 5,
-        };
+        let hdr = StateHeader { ws_base: 0x400000, pages: 10, writes: 5 };
         assert_eq!(StateHeader::from_words(hdr.to_words()), Some(hdr));
         let mut w = hdr.to_words();
         w[2] = 11;

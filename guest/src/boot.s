@@ -135,14 +135,14 @@ pml4:
     .fill 511, 8, 0
 pdpt:
     .set i, 0
-    .rept 16
+    .rept 4
     .quad pd + i * 4096 + 0x7
     .set i, i + 1
     .endr
-    .fill 496, 8, 0
-pd:                             # 16 GiB identity map, 2 MiB pages, U/S=1
+    .fill 508, 8, 0
+pd:                             # 4 GiB identity map, 2 MiB pages, U/S=1
     .set i, 0
-    .rept 512 * 16
+    .rept 512 * 4
     .quad (i << 21) + 0x87
     .set i, i + 1
     .endr

@@ -40,10 +40,7 @@ struct Single(UnsafeCell<Console>);
 // SAFETY: the guest runs one thread on one vCPU and takes no interrupts at CPL3.
 unsafe impl Sync for Single {}
 
-static CONSOLE: Single = Single(UnsafeCell::new(Console {
-    buf: [0; CAP],
-    len: 0,
-}));
+static CONSOLE: Single = Single(UnsafeCell::new(Console { buf: [0; CAP], len: 0 }));
 
 /// The console. Single-threaded guest: callers never hold two at once
 /// across a call that takes another (main and the panic handler only).

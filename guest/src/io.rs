@@ -18,14 +18,25 @@ pub fn serial_write(buf: &[u8]) {
     }
 }
 
+/// Writes one byte to `port`.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: an `out`, trapped and performed by the #GP handler.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem, preserves_flags));
+    }
+}
+
+/// Raises #UD (the fault handler exits with status 0x20 + 6).
+pub fn ud2() {
+    // SAFETY: ud2 faults; the handler never returns here.
+    unsafe { asm!("ud2", options(nostack, nomem)) };
+}
+
 /// Leaves the VM with `status` through the exit port; never returns.
 pub fn exit(status: u8) -> ! {
     crate::console::get().flush();
     loop {
-        // SAFETY: an `out` to the exit port; the VMM stops the VM on it.
-        unsafe {
-            asm!("out dx, al", in("dx") EXIT_PORT, in("al") status, options(nostack, nomem, preserves_flags));
-        }
+        outb(EXIT_PORT, status);
         core::hint::spin_loop();
     }
 }

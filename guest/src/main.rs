@@ -40,6 +40,14 @@ pub extern "C" fn guest_main(start_info: u64) -> ! {
             io::exit(status::BAD_CMDLINE);
         }
     };
+    if let Some(port) = config.poke {
+        let _ = writeln!(con, "poking port {port:#x}");
+        io::outb(port, 0);
+    }
+    if config.fault {
+        let _ = writeln!(con, "executing ud2");
+        io::ud2();
+    }
     let st = workload::run(&config, boot.ram_end, con);
     let _ = writeln!(con, "exit status={st}");
     io::exit(st)

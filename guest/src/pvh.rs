@@ -45,10 +45,7 @@ impl StartInfo {
             for i in 0..entries as u64 {
                 let e = map + i * 24;
                 let (addr, size, kind) = (rd::<u64>(e), rd::<u64>(e + 8), rd::<u32>(e + 16));
-                if kind == E820_RAM
-                    && addr <= guest_abi::STATE_BASE
-                    && addr + size > guest_abi::STATE_BASE
-                {
+                if kind == E820_RAM && addr <= guest_abi::STATE_BASE && addr + size > guest_abi::STATE_BASE {
                     ram_end = addr + size;
                 }
             }
@@ -56,9 +53,6 @@ impl StartInfo {
         if ram_end == 0 {
             return Err("memory map has no RAM at 2 MiB (start_info version < 1?)");
         }
-        Ok(StartInfo {
-            cmdline,
-            ram_end: ram_end.min(guest_abi::MAPPED_LIMIT),
-        })
+        Ok(StartInfo { cmdline, ram_end: ram_end.min(guest_abi::MAPPED_LIMIT) })
     }
 }

@@ -4,8 +4,8 @@
 use core::fmt::Write;
 
 use guest_abi::{
-    check_page, gen_table_addr, max_pages, stamp_words, status, ws_base_for, Config, PageCheck,
-    Rng, StateHeader, Workload, IMAGE_BASE, PAGE_SIZE, STATE_BASE,
+    check_page, gen_table_addr, max_pages, stamp_words, status, ws_base_for, Config, PageCheck, Rng, StateHeader,
+    Workload, IMAGE_BASE, PAGE_SIZE, STATE_BASE,
 };
 
 use crate::console::Console;
@@ -49,12 +49,7 @@ impl Ws {
         // SAFETY: as in `stamp`; reads only.
         unsafe {
             let expected = self.table(i).read_volatile() as u64;
-            let h = [
-                p.read_volatile(),
-                p.add(1).read_volatile(),
-                p.add(2).read_volatile(),
-                p.add(3).read_volatile(),
-            ];
+            let h = [p.read_volatile(), p.add(1).read_volatile(), p.add(2).read_volatile(), p.add(3).read_volatile()];
             check_page((p as u64) >> 12, expected, h, p.add(511).read_volatile())
         }
     }
@@ -104,26 +99,17 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
     let avail = max_pages(ram_end);
     let pages = c.pages.unwrap_or(avail);
     if pages == 0 || pages > avail {
-        let _ = writeln!(
-            con,
-            "error: pages={pages} does not fit: RAM ends at {ram_end:#x}, room for {avail} pages"
-        );
+        let _ = writeln!(con, "error: pages={pages} does not fit: RAM ends at {ram_end:#x}, room for {avail} pages");
         return status::NO_MEMORY;
     }
-    let ws = Ws {
-        base: ws_base_for(pages),
-        pages,
-    };
+    let ws = Ws { base: ws_base_for(pages), pages };
     let _ = writeln!(
         con,
         "layout: ram_end={ram_end:#x} scratch={IMAGE_BASE:#x}-{:#x} ws={:#x}+{} pages",
         ws.base, ws.base, ws.pages
     );
     if (c.ms > 0 || c.workload == Workload::Rate) && c.tsc_khz == 0 {
-        let _ = writeln!(
-            con,
-            "error: ms= and workload=rate need tsc_khz= (the VMM adds it)"
-        );
+        let _ = writeln!(con, "error: ms= and workload=rate need tsc_khz= (the VMM adds it)");
         return status::BAD_CMDLINE;
     }
     let mut header = match read_header() {
@@ -137,23 +123,13 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
             }
             if c.wipe {
                 // SAFETY: the whole working set lies below ram_end.
-                unsafe {
-                    core::ptr::write_bytes(ws.base as *mut u8, 0, (ws.pages * PAGE_SIZE) as usize)
-                };
+                unsafe { core::ptr::write_bytes(ws.base as *mut u8, 0, (ws.pages * PAGE_SIZE) as usize) };
             }
-            StateHeader {
-                ws_base: ws.base,
-                pages: ws.pages,
-                writes: 0,
-            }
+            StateHeader { ws_base: ws.base, pages: ws.pages, writes: 0 }
         }
     };
     let start = rdtsc();
-    let clock = Clock {
-        khz: c.tsc_khz,
-        start,
-        deadline: (c.ms > 0).then(|| start + c.ms * c.tsc_khz),
-    };
+    let clock = Clock { khz: c.tsc_khz, start, deadline: (c.ms > 0).then(|| start + c.ms * c.tsc_khz) };
     let written = match c.workload {
         Workload::Verify => 0,
         Workload::Idle => {
@@ -174,7 +150,7 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
         c.workload.name(),
         written,
         us,
-        if written > 0 { us * 1000 / written } else { 0 },
+        (us * 1000).checked_div(written).unwrap_or(0),
         header.writes
     );
     if c.workload == Workload::Verify || c.verify {
@@ -201,15 +177,9 @@ fn seq(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
 
 fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
     let mut rng = Rng::new(c.seed);
-    let limit = c
-        .writes
-        .unwrap_or(if c.ms > 0 { u64::MAX } else { ws.pages });
+    let limit = c.writes.unwrap_or(if c.ms > 0 { u64::MAX } else { ws.pages });
     let hot = (ws.pages * c.hot_pct / 100).clamp(1, ws.pages);
-    let interval = if c.workload == Workload::Rate && c.rate > 0 {
-        c.tsc_khz * 1000 / c.rate
-    } else {
-        0
-    };
+    let interval = if c.workload == Workload::Rate && c.rate > 0 { c.tsc_khz * 1000 / c.rate } else { 0 };
     let mut due = rdtsc();
     let mut n = 0;
     while n < limit {
@@ -223,9 +193,7 @@ fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
             due += interval;
         }
         let i = match c.workload {
-            Workload::HotCold if hot < ws.pages && rng.below(100) >= c.hot_share => {
-                hot + rng.below(ws.pages - hot)
-            }
+            Workload::HotCold if hot < ws.pages && rng.below(100) >= c.hot_share => hot + rng.below(ws.pages - hot),
             Workload::HotCold => rng.below(hot),
             _ => rng.below(ws.pages),
         };
@@ -249,20 +217,12 @@ fn verify(ws: &Ws, con: &mut Console) -> u8 {
             other => {
                 bad += 1;
                 if bad <= 8 {
-                    let _ = writeln!(
-                        con,
-                        "verify: page {i} (gpa {:#x}): {other:?}",
-                        ws.base + i * PAGE_SIZE
-                    );
+                    let _ = writeln!(con, "verify: page {i} (gpa {:#x}): {other:?}", ws.base + i * PAGE_SIZE);
                 }
             }
         }
     }
-    let _ = writeln!(
-        con,
-        "verify: pages={} ok={ok} stamped={stamped} mismatches={bad}",
-        ws.pages
-    );
+    let _ = writeln!(con, "verify: pages={} ok={ok} stamped={stamped} mismatches={bad}", ws.pages);
     if bad == 0 {
         status::OK
     } else {

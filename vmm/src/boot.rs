@@ -9,8 +9,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use smudge::memory::GuestRam;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// `hvm_start_info.magic`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -63,29 +62,28 @@ pub struct BootEntry {
     pub kernel_end: u64,
 }
 
-/// Loads `elf` (the image bytes) and writes the PVH boot information with
-/// `cmdline`.
-pub fn load_pvh(ram: &GuestRam, elf: &[u8], cmdline: &str) -> Result<BootEntry, BootError> {
-    let (entry, kernel_end) = load_pvh_plain(ram, elf)?;
+/// The command line as the guest reads it (NUL-terminated), checked.
+pub fn cmdline_bytes(cmdline: &str) -> Result<Vec<u8>, BootError> {
     if cmdline.len() >= CMDLINE_MAX || cmdline.contains('\0') {
-        return Err(BootError::Cmdline(format!(
-            "{} bytes; at most {} and no NUL",
-            cmdline.len(),
-            CMDLINE_MAX - 1
-        )));
+        return Err(BootError::Cmdline(format!("{} bytes; at most {} and no NUL", cmdline.len(), CMDLINE_MAX - 1)));
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    ram.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
-        .map_err(|e| BootError::Configure(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// The range [`load_pvh`] writes besides the image: start_info and the
+/// memory map.
+pub const BOOT_INFO_RANGE: (u64, u64) = (START_INFO_ADDR, 0x2000);
+
+/// Loads `elf` (the image bytes) and writes the PVH boot information into
+/// `ram` (any guest memory: the VMM loads into anonymous scratch memory,
+/// then copies the touched ranges into the backing file).
+pub fn load_pvh<M: GuestMemoryBackend>(ram: &M, elf: &[u8]) -> Result<BootEntry, BootError> {
+    let (entry, kernel_end) = load_pvh_plain(ram, elf)?;
 
     let mut memmap = vec![
-        hvm_memmap_table_entry {
-            addr: 0,
-            size: LOW_RAM_END,
-            type_: E820_RAM,
-            reserved: 0,
-        },
+        hvm_memmap_table_entry { addr: 0, size: LOW_RAM_END, type_: E820_RAM, reserved: 0 },
         hvm_memmap_table_entry {
             addr: LOW_RAM_END,
             size: HIMEM_START - LOW_RAM_END,
@@ -97,12 +95,7 @@ pub fn load_pvh(ram: &GuestRam, elf: &[u8], cmdline: &str) -> Result<BootEntry, 
         let start = r.start_addr().raw_value().max(HIMEM_START);
         let end = r.start_addr().raw_value() + r.len();
         if end > start {
-            memmap.push(hvm_memmap_table_entry {
-                addr: start,
-                size: end - start,
-                type_: E820_RAM,
-                reserved: 0,
-            });
+            memmap.push(hvm_memmap_table_entry { addr: start, size: end - start, type_: E820_RAM, reserved: 0 });
         }
     }
     let start_info = hvm_start_info {
@@ -115,39 +108,58 @@ pub fn load_pvh(ram: &GuestRam, elf: &[u8], cmdline: &str) -> Result<BootEntry, 
     };
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
-    PvhBootConfigurator::write_bootparams::<GuestRam>(&params, ram)
-        .map_err(|e| BootError::Configure(e.to_string()))?;
-    Ok(BootEntry {
-        entry,
-        start_info: START_INFO_ADDR,
-        kernel_end,
-    })
+    PvhBootConfigurator::write_bootparams::<M>(&params, ram).map_err(|e| BootError::Configure(e.to_string()))?;
+    Ok(BootEntry { entry, start_info: START_INFO_ADDR, kernel_end })
 }
 
 /// Loads the ELF's segments into any guest memory; returns (PVH entry,
 /// image end). Used for real and for a dry run before any file is made.
 pub fn load_pvh_plain<M: GuestMemoryBackend>(mem: &M, elf: &[u8]) -> Result<(u64, u64), BootError> {
-    let end = mem
-        .iter()
-        .map(|r| r.start_addr().raw_value() + r.len())
-        .max()
-        .unwrap_or(0);
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(elf),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(|e| BootError::Elf(e.to_string()))?;
+    let end = mem.iter().map(|r| r.start_addr().raw_value() + r.len()).max().unwrap_or(0);
+    let loaded = Elf::load(mem, None, &mut Cursor::new(elf), Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| BootError::Elf(e.to_string()))?;
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => a.raw_value(),
         _ => return Err(BootError::NoPvhNote),
     };
     if loaded.kernel_end > end {
-        return Err(BootError::TooSmall {
-            size: end,
-            end: loaded.kernel_end,
-        });
+        return Err(BootError::TooSmall { size: end, end: loaded.kernel_end });
     }
     Ok((entry, loaded.kernel_end))
+}
+
+/// The guest-physical ranges the ELF's `PT_LOAD` segments occupy (memsz),
+/// read straight from the program headers; malformed headers give an empty
+/// list (the loader itself reports them).
+pub fn load_ranges(elf: &[u8]) -> Vec<(u64, u64)> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| elf.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return Vec::new();
+    };
+    let mut v = Vec::new();
+    for i in 0..usize::from(phnum) {
+        let Some(h) = usize::try_from(phoff).ok().and_then(|o| o.checked_add(i * usize::from(phentsize))) else {
+            break;
+        };
+        if let (Some(1), Some(paddr), Some(memsz)) = (u32_at(h), u64_at(h + 0x18), u64_at(h + 0x28)) {
+            v.push((paddr, memsz));
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_guest_load_ranges() {
+        let r = load_ranges(crate::guest_image::GUEST_ELF);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, guest_abi::IMAGE_BASE);
+        assert!(r[0].1 > 0 && r[0].0 + r[0].1 <= guest_abi::STATE_BASE);
+        assert!(load_ranges(b"not an elf").is_empty());
+    }
 }

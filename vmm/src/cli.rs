@@ -95,11 +95,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('g' | 'G') => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 65536)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 65536)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]

@@ -78,15 +78,11 @@ pub fn run(
         end: None,
         ticks: 0,
     };
-    let mut em =
-        EventManager::<Controller>::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let mut em = EventManager::<Controller>::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     let id = em.add_subscriber(controller);
     loop {
-        em.run()
-            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        let c = em
-            .subscriber_mut(id)
-            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        em.run().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let c = em.subscriber_mut(id).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         if let Some(end) = c.end {
             tracing::debug!("event loop ends after {} ticks: {end:?}", c.ticks);
             return Ok(end);

@@ -30,11 +30,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        // A closed stderr must not panic a vCPU thread that logs.
+        .log_internal_errors(false)
         .init();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("smudge: error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "smudge: error: {e:#}");
             ExitCode::from(EXIT_SETUP)
         }
     }
@@ -44,8 +47,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::ExportGuest { path } => {
-            std::fs::write(&path, GUEST_ELF)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
         }
         Command::Bench(args) => {
@@ -65,20 +67,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
             std::fs::read(p).with_context(|| format!("reading guest kernel {}", p.display()))?,
             args.cmdline.clone().unwrap_or_default(),
         ),
-        None => (
-            GUEST_ELF.to_vec(),
-            args.cmdline
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-        ),
+        None => (GUEST_ELF.to_vec(), args.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string())),
     };
     let serial: Box<dyn Write + Send> = if args.serial == "-" {
         Box::new(std::io::stdout())
     } else {
-        Box::new(
-            File::create(&args.serial)
-                .with_context(|| format!("creating serial output {}", args.serial))?,
-        )
+        Box::new(File::create(&args.serial).with_context(|| format!("creating serial output {}", args.serial))?)
     };
     if !(args.timeout >= 0.0 && args.timeout.is_finite()) {
         anyhow::bail!("--timeout must be a number of seconds >= 0");
@@ -101,17 +95,14 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         Some(n) => format!("{n} pages dirtied by the guest (KVM log)"),
         None => "dirty logging off".to_string(),
     };
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}, {} by the VMM",
         report.outcome,
         report.elapsed.as_secs_f64(),
         args.mem_size >> 20,
         args.mem_file.display(),
-        if report.created_mem_file {
-            " (created)"
-        } else {
-            ""
-        },
+        if report.created_mem_file { " (created)" } else { "" },
         report.vmm_dirty_pages,
     );
     Ok(report.outcome.exit_code())

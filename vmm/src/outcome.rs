@@ -69,11 +69,7 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::GuestExit(0) => write!(f, "guest exited with status 0"),
-            Outcome::GuestExit(s) => write!(
-                f,
-                "guest exited with status {s}{}",
-                guest_status_meaning(*s)
-            ),
+            Outcome::GuestExit(s) => write!(f, "guest exited with status {s}{}", guest_status_meaning(*s)),
             Outcome::UnknownPort { port, write, rip } => write!(
                 f,
                 "guest {} unknown I/O port {port:#x} at rip {rip:#x}; stopped",
@@ -84,18 +80,11 @@ impl fmt::Display for Outcome {
                 "guest {} unmapped MMIO address {addr:#x}; stopped",
                 if *write { "wrote to" } else { "read from" }
             ),
-            Outcome::TripleFault { rip } => write!(
-                f,
-                "guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"
-            ),
+            Outcome::TripleFault { rip } => write!(f, "guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"),
             Outcome::Halted { rip } => {
                 write!(f, "guest halted with nothing to wake it at rip {rip:#x}")
             }
-            Outcome::Timeout(d) => write!(
-                f,
-                "guest still running after the {:.1} s timeout; stopped",
-                d.as_secs_f64()
-            ),
+            Outcome::Timeout(d) => write!(f, "guest still running after the {:.1} s timeout; stopped", d.as_secs_f64()),
             Outcome::KvmFailure(m) => write!(f, "KVM failure: {m}"),
         }
     }

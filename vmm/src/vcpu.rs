@@ -29,21 +29,13 @@ pub enum VcpuError {
 }
 
 fn setup_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |e| VcpuError::Setup {
-        id,
-        op,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
+    move |e| VcpuError::Setup { id, op, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 /// Creates vCPU `id` with the host's supported CPUID (APIC id patched in).
 pub fn create(kvm: &Kvm, vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
-    let vcpu = vm
-        .create_vcpu(u64::from(id))
-        .map_err(setup_err(id, "KVM_CREATE_VCPU"))?;
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(setup_err(id, "KVM_GET_SUPPORTED_CPUID"))?;
+    let vcpu = vm.create_vcpu(u64::from(id)).map_err(setup_err(id, "KVM_CREATE_VCPU"))?;
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(setup_err(id, "KVM_GET_SUPPORTED_CPUID"))?;
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
@@ -51,8 +43,7 @@ pub fn create(kvm: &Kvm, vm: &VmFd, id: u8) -> Result<VcpuFd, VcpuError> {
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(setup_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(setup_err(id, "KVM_SET_CPUID2"))?;
     Ok(vcpu)
 }
 
@@ -74,11 +65,7 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, id: u8, boot: &BootEntry) -> Result<(), Vcpu
         unusable: 0,
         padding: 0,
     };
-    let data = kvm_segment {
-        selector: 0x10,
-        type_: 0x3,
-        ..code
-    };
+    let data = kvm_segment { selector: 0x10, type_: 0x3, ..code };
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -88,16 +75,9 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, id: u8, boot: &BootEntry) -> Result<(), Vcpu
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(setup_err(id, "KVM_SET_SREGS"))?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: boot.entry,
-        rbx: boot.start_info,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs)
-        .map_err(setup_err(id, "KVM_SET_REGS"))?;
+    vcpu.set_sregs(&sregs).map_err(setup_err(id, "KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs { rip: boot.entry, rbx: boot.start_info, rflags: 0x2, ..Default::default() };
+    vcpu.set_regs(&regs).map_err(setup_err(id, "KVM_SET_REGS"))?;
     Ok(())
 }
 
@@ -149,27 +129,21 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
                 PortAction::Unknown => Step::UnknownPort(port, false),
                 _ => Step::Continue,
             },
-            Ok(VcpuExit::MmioRead(addr, _)) => {
-                Step::Stop(Outcome::UnknownMmio { addr, write: false })
-            }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                Step::Stop(Outcome::UnknownMmio { addr, write: true })
-            }
+            Ok(VcpuExit::MmioRead(addr, _)) => Step::Stop(Outcome::UnknownMmio { addr, write: false }),
+            Ok(VcpuExit::MmioWrite(addr, _)) => Step::Stop(Outcome::UnknownMmio { addr, write: true }),
             Ok(VcpuExit::Shutdown) => Step::NeedRip(|rip| Outcome::TripleFault { rip }),
             Ok(VcpuExit::Hlt) => Step::NeedRip(|rip| Outcome::Halted { rip }),
             Ok(VcpuExit::Intr) => Step::Continue,
             Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(Outcome::KvmFailure(format!(
                 "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host cpu {cpu}"
             ))),
-            Ok(VcpuExit::InternalError) => Step::Stop(Outcome::KvmFailure(format!(
-                "vCPU {id}: KVM_EXIT_INTERNAL_ERROR (emulation failed?)"
-            ))),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Step::Stop(Outcome::KvmFailure(format!(
-                "vCPU {id}: guest system event {kind} (reset or shutdown)"
-            ))),
-            Ok(other) => Step::Stop(Outcome::KvmFailure(format!(
-                "vCPU {id}: unhandled exit {other:?}"
-            ))),
+            Ok(VcpuExit::InternalError) => {
+                Step::Stop(Outcome::KvmFailure(format!("vCPU {id}: KVM_EXIT_INTERNAL_ERROR (emulation failed?)")))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Step::Stop(Outcome::KvmFailure(format!("vCPU {id}: guest system event {kind} (reset or shutdown)")))
+            }
+            Ok(other) => Step::Stop(Outcome::KvmFailure(format!("vCPU {id}: unhandled exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR => {
                 vcpu.set_kvm_immediate_exit(0);
                 Step::Continue
@@ -181,13 +155,7 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
         match step {
             Step::Continue => {}
             Step::Stop(o) => return shared.finish(o),
-            Step::UnknownPort(port, write) => {
-                return shared.finish(Outcome::UnknownPort {
-                    port,
-                    write,
-                    rip: rip(),
-                })
-            }
+            Step::UnknownPort(port, write) => return shared.finish(Outcome::UnknownPort { port, write, rip: rip() }),
             Step::NeedRip(f) => return shared.finish(f(rip())),
         }
     }

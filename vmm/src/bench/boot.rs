@@ -35,9 +35,7 @@ pub struct BootTiming {
 
 /// Spawns `cmd` with stdout piped and times its first byte and its exit.
 pub fn time_boot(mut cmd: Command) -> anyhow::Result<BootTiming> {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .stdin(Stdio::null());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let mut out = child.stdout.take().context("no stdout pipe")?;
@@ -50,64 +48,28 @@ pub fn time_boot(mut cmd: Command) -> anyhow::Result<BootTiming> {
     let exit = t0.elapsed();
     let mut output = first[..n].to_vec();
     output.extend(rest);
-    Ok(BootTiming {
-        first_byte,
-        exit,
-        code: status.code(),
-        output: String::from_utf8_lossy(&output).into_owned(),
-    })
+    Ok(BootTiming { first_byte, exit, code: status.code(), output: String::from_utf8_lossy(&output).into_owned() })
 }
 
 /// The QEMU command line that boots `elf` like DESIGN.md section 6 says.
 pub fn qemu_command(elf: &Path, mem: &str, cmdline: &str, machine: &str) -> Command {
     let mut c = Command::new(QEMU);
-    c.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-machine",
-        machine,
-    ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-m",
-        mem,
-    ])
-    .arg("-kernel")
-    .arg(elf)
-    .args([
-        "-append",
-        cmdline,
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-    ]);
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-machine", machine])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-m", mem])
+        .arg("-kernel")
+        .arg(elf)
+        .args(["-append", cmdline, "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
     c
 }
 
-fn smudge_command(
-    mem_file: &Path,
-    mem: &str,
-    cmdline: &str,
-    extra: &[&str],
-) -> anyhow::Result<Command> {
+fn smudge_command(mem_file: &Path, mem: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Command> {
     let mut c = Command::new(std::env::current_exe()?);
-    c.args(["run", "--mem-size", mem, "--cmdline", cmdline, "--mem-file"])
-        .arg(mem_file)
-        .args(extra);
+    c.args(["run", "--mem-size", mem, "--cmdline", cmdline, "--mem-file"]).arg(mem_file).args(extra);
     Ok(c)
 }
 
 fn guest_elapsed_us(output: &str) -> Option<f64> {
-    output
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("elapsed_us="))
-        .and_then(|v| v.parse().ok())
+    output.split_whitespace().find_map(|w| w.strip_prefix("elapsed_us=")).and_then(|v| v.parse().ok())
 }
 
 /// Runs the benchmark.
@@ -132,47 +94,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         }
         let q = time_boot(qemu_command(&elf, MEM, QUICK_CMDLINE, "microvm"))?;
         if q.code != Some(1) {
-            bail!(
-                "qemu exited with {:?} (expected 1: status 0); output:\n{}",
-                q.code,
-                q.output
-            );
+            bail!("qemu exited with {:?} (expected 1: status 0); output:\n{}", q.code, q.output);
         }
         s_first.push(ms(s.first_byte));
         s_exit.push(ms(s.exit));
         q_first.push(ms(q.first_byte));
         q_exit.push(ms(q.exit));
     }
-    let (sf, se, qf, qe) = (
-        median(&s_first),
-        median(&s_exit),
-        median(&q_first),
-        median(&q_exit),
-    );
-    rep.result(
-        "smudge, 256 MiB file-backed, dirty logging on",
-        "first_byte_ms",
-        sf,
-    );
-    rep.result(
-        "smudge, 256 MiB file-backed, dirty logging on",
-        "exit_ms",
-        se,
-    );
+    let (sf, se, qf, qe) = (median(&s_first), median(&s_exit), median(&q_first), median(&q_exit));
+    rep.result("smudge, 256 MiB file-backed, dirty logging on", "first_byte_ms", sf);
+    rep.result("smudge, 256 MiB file-backed, dirty logging on", "exit_ms", se);
     rep.result("qemu -machine microvm, 256 MiB", "first_byte_ms", qf);
     rep.result("qemu -machine microvm, 256 MiB", "exit_ms", qe);
-    rep.goal(
-        "smudge / qemu microvm: process start to first serial byte",
-        sf / qf,
-        0.1,
-        "lower",
-    );
-    rep.goal(
-        "smudge / qemu microvm: process start to exit (informational)",
-        se / qe,
-        1.0,
-        "lower",
-    );
+    rep.goal("smudge / qemu microvm: process start to first serial byte", sf / qf, 0.1, "lower");
+    rep.goal("smudge / qemu microvm: process start to exit (informational)", se / qe, 1.0, "lower");
 
     // First touch of all RAM: one sequential pass over a fresh file.
     let touch_mem = if args.quick { "64M" } else { "256M" };
@@ -180,33 +115,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     for i in 0..runs.min(5) {
         for (flag, acc) in [(&[][..], &mut plain), (&["--hugepages"][..], &mut huge)] {
             let mem_file = tmp.join(format!("touch-{i}.mem"));
-            let t = time_boot(smudge_command(
-                &mem_file,
-                touch_mem,
-                "workload=seq passes=1",
-                flag,
-            )?)?;
+            let t = time_boot(smudge_command(&mem_file, touch_mem, "workload=seq passes=1", flag)?)?;
             std::fs::remove_file(&mem_file).ok();
             let us = guest_elapsed_us(&t.output).context("guest printed no elapsed_us")?;
             acc.push(us / 1000.0);
         }
     }
     let (p, h) = (median(&plain), median(&huge));
-    rep.result(
-        &format!("first touch of {touch_mem} RAM (MAP_SHARED file), 4 KiB host pages"),
-        "guest_ms",
-        p,
-    );
-    rep.result(
-        &format!("first touch of {touch_mem} RAM (MAP_SHARED file), MADV_HUGEPAGE"),
-        "guest_ms",
-        h,
-    );
-    rep.result(
-        "first touch: MADV_HUGEPAGE / plain (informational)",
-        "ratio",
-        h / p,
-    );
+    rep.result(&format!("first touch of {touch_mem} RAM (MAP_SHARED file), 4 KiB host pages"), "guest_ms", p);
+    rep.result(&format!("first touch of {touch_mem} RAM (MAP_SHARED file), MADV_HUGEPAGE"), "guest_ms", h);
+    rep.result("first touch: MADV_HUGEPAGE / plain (informational)", "ratio", h / p);
     if args.dir.is_none() {
         std::fs::remove_dir_all(&tmp).ok();
     }
@@ -229,9 +147,5 @@ pub fn tempfile_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Finds `prog` on PATH.
 pub fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(prog)).find(|p| p.is_file())
 }

@@ -54,31 +54,17 @@ pub struct Report {
 impl Report {
     /// An empty report for `bench` on this machine.
     pub fn new(bench: &str) -> Self {
-        Report {
-            bench: bench.into(),
-            machine: machine(),
-            results: Vec::new(),
-            goals: Vec::new(),
-        }
+        Report { bench: bench.into(), machine: machine(), results: Vec::new(), goals: Vec::new() }
     }
 
     /// Adds a raw figure.
     pub fn result(&mut self, case: &str, metric: &str, value: f64) {
-        self.results.push(BenchResult {
-            case: case.into(),
-            metric: metric.into(),
-            value,
-        });
+        self.results.push(BenchResult { case: case.into(), metric: metric.into(), value });
     }
 
     /// Adds a goal.
     pub fn goal(&mut self, name: &str, value: f64, target: f64, better: &'static str) {
-        self.goals.push(Goal {
-            name: name.into(),
-            value,
-            target,
-            better,
-        });
+        self.goals.push(Goal { name: name.into(), value, target, better });
     }
 
     /// Prints JSON (one object) or a human table.
@@ -93,10 +79,7 @@ impl Report {
             println!("{:<52} {:<22} {:>12.3}", r.case, r.metric, r.value);
         }
         println!();
-        println!(
-            "{:<60} {:>9} {:>9} {:>6} {:>5}",
-            "goal", "value", "target", "better", "met"
-        );
+        println!("{:<60} {:>9} {:>9} {:>6} {:>5}", "goal", "value", "target", "better", "met");
         for g in &self.goals {
             println!(
                 "{:<60} {:>9.3} {:>9.3} {:>6} {:>5}",
@@ -123,9 +106,7 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         "kvm_pvm (nested, shadow paging)"
@@ -147,19 +128,7 @@ mod tests {
     fn medians_and_goals() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(Goal {
-            name: "x".into(),
-            value: 0.05,
-            target: 0.1,
-            better: "lower"
-        }
-        .met());
-        assert!(!Goal {
-            name: "x".into(),
-            value: 0.5,
-            target: 0.75,
-            better: "higher"
-        }
-        .met());
+        assert!(Goal { name: "x".into(), value: 0.05, target: 0.1, better: "lower" }.met());
+        assert!(!Goal { name: "x".into(), value: 0.5, target: 0.75, better: "higher" }.met());
     }
 }

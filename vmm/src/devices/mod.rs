@@ -29,15 +29,11 @@ pub struct PortBus {
 impl PortBus {
     /// A bus with COM1 writing to `serial` and the exit port.
     pub fn new(serial: SerialConsole) -> Self {
-        PortBus {
-            serial: Mutex::new(serial),
-        }
+        PortBus { serial: Mutex::new(serial) }
     }
 
     fn com1(port: u16) -> Option<u8> {
-        (COM1_PORT..COM1_PORT + 8)
-            .contains(&port)
-            .then(|| (port - COM1_PORT) as u8)
+        (COM1_PORT..COM1_PORT + 8).contains(&port).then(|| (port - COM1_PORT) as u8)
     }
 
     /// An `out` (or `rep outs`: `data` may hold several elements).
@@ -68,9 +64,6 @@ impl PortBus {
 
     /// Flushes buffered serial output (at the end of a run).
     pub fn flush(&self) {
-        self.serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush();
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
     }
 }

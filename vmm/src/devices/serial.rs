@@ -27,19 +27,14 @@ pub struct SerialConsole {
 
 impl std::fmt::Debug for SerialConsole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialConsole")
-            .field("failed", &self.failed)
-            .finish()
+        f.debug_struct("SerialConsole").field("failed", &self.failed).finish()
     }
 }
 
 impl SerialConsole {
     /// A UART writing to `out`, raising `irq` on interrupts.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialConsole {
-            uart: Serial::new(IrqTrigger(irq), out),
-            failed: false,
-        }
+        SerialConsole { uart: Serial::new(IrqTrigger(irq), out), failed: false }
     }
 
     /// Register write at `offset`; several bytes are several writes.

@@ -1,0 +1,109 @@
+//! Helpers shared by the integration tests: run the `smudge` binary, read
+//! the backing file, check that KVM is there (loudly, never a silent skip).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use guest_abi::{stamp_words, ws_base_for, PAGE_SIZE};
+
+/// The `smudge` binary cargo built for these tests.
+pub fn smudge() -> Command {
+    require_kvm();
+    Command::new(env!("CARGO_BIN_EXE_smudge"))
+}
+
+/// Fails the test (never skips it) when /dev/kvm is not usable.
+pub fn require_kvm() {
+    let p = Path::new("/dev/kvm");
+    assert!(p.exists(), "/dev/kvm is missing: these tests boot real guests and need KVM");
+    assert!(
+        std::fs::OpenOptions::new().read(true).write(true).open(p).is_ok(),
+        "/dev/kvm cannot be opened read-write by this user"
+    );
+}
+
+/// A finished `smudge` run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Guest serial output (stdout).
+    pub stdout: String,
+    /// smudge's own messages.
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The first stdout line starting with `prefix`.
+    pub fn line(&self, prefix: &str) -> Option<&str> {
+        self.stdout.lines().find(|l| l.starts_with(prefix))
+    }
+}
+
+/// Runs `smudge run` with `args` (plus a 60 s timeout).
+pub fn run_smudge(args: &[&str]) -> Run {
+    let out = smudge().arg("run").args(args).args(["--timeout", "60"]).output().expect("spawn smudge");
+    Run::from(out)
+}
+
+/// Boots the bundled guest on `mem` (`size` e.g. "64M") with `cmdline`.
+pub fn boot(mem: &Path, size: &str, cmdline: &str) -> Run {
+    run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", size, "--cmdline", cmdline])
+}
+
+/// A fresh temporary directory.
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Path of a file in `dir`.
+pub fn path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+/// Reads little-endian u64 at `off` of `bytes`.
+pub fn word(bytes: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap())
+}
+
+/// The expected generation of every working-set page after `writes` random
+/// writes with `seed` over `pages` pages (the guest's own PRNG, replayed).
+pub fn random_generations(seed: u64, pages: u64, writes: usize) -> Vec<u64> {
+    let mut gens = vec![0u64; pages as usize];
+    for i in guest_abi::random_sequence(seed, pages).take(writes) {
+        gens[i as usize] += 1;
+    }
+    gens
+}
+
+/// Checks that the memory image `mem` holds exactly the stamps `gens`
+/// describes: written pages carry (pfn, generation, checksum) at the head
+/// and the checksum at the tail, and nothing else; unwritten pages are zero.
+pub fn assert_stamps(mem: &[u8], pages: u64, gens: &[u64]) {
+    let base = ws_base_for(pages);
+    for (i, &g) in gens.iter().enumerate() {
+        let off = (base + i as u64 * PAGE_SIZE) as usize;
+        let page = &mem[off..off + PAGE_SIZE as usize];
+        let pfn = (base >> 12) + i as u64;
+        if g == 0 {
+            assert!(page.iter().all(|&b| b == 0), "page {i} (pfn {pfn:#x}) never written but not zero");
+            continue;
+        }
+        let want = stamp_words(pfn, g);
+        for (k, w) in want.iter().enumerate() {
+            assert_eq!(word(page, k * 8), *w, "page {i} (pfn {pfn:#x}) header word {k}, generation {g}");
+        }
+        assert_eq!(word(page, 4088), want[2], "page {i} tail");
+        assert!(page[32..4088].iter().all(|&b| b == 0), "page {i}: bytes between stamp head and tail");
+    }
+}
