@@ -8,6 +8,8 @@
 //! ioctl and raw mapping of the project lives here, so the VMM crate can
 //! forbid `unsafe`.
 
+pub mod dirty_set;
+pub mod harvest;
 pub mod kvm;
 pub mod memory;
 

@@ -2,6 +2,9 @@
 //! registering guest RAM as KVM memory slots with dirty logging. Every
 //! `unsafe` KVM call of the project is in this module (and its children).
 
+pub mod dirty_log;
+pub mod ring;
+
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,333 @@
+//! The dirty set: which guest pages are dirty, per KVM slot, as bitmaps in
+//! KVM's layout (bit `i` of word `i / 64` is page `i` of the slot), with
+//! the first and last dirty word tracked like the kernel's
+//! `clean_record_shared_mapping_range` bounds, so scans skip clean space.
+//!
+//! ```text
+//! slot 0: words  [0 .. first) clean | [first ..= last] may hold bits | (last ..] clean
+//! ```
+//!
+//! Iteration scans words (`trailing_zeros`), extents coalesce runs of set
+//! bits into (gpa, len) — Cloud Hypervisor's `MemoryRangeTable` idea.
+
+use crate::kvm::Slot;
+
+/// A coalesced run of dirty pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest physical address of the first page.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Why bits could not be merged into a set.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DirtySetError {
+    /// The slot index is not part of this set.
+    #[error("slot index {index} out of range ({slots} slots)")]
+    NoSuchSlot {
+        /// Index given.
+        index: usize,
+        /// Slots in the set.
+        slots: usize,
+    },
+    /// A bitmap whose length does not match the slot.
+    #[error("slot {slot}: dirty bitmap has {got} words, expected {want}")]
+    BitmapLength {
+        /// KVM slot number.
+        slot: u32,
+        /// Words given.
+        got: usize,
+        /// Words the slot needs.
+        want: usize,
+    },
+}
+
+/// One slot's dirty bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotBitmap {
+    slot: Slot,
+    words: Vec<u64>,
+    /// First word that may hold a set bit (`words.len()` when empty).
+    first: usize,
+    /// One past the last word that may hold a set bit (0 when empty).
+    end: usize,
+}
+
+impl SlotBitmap {
+    fn new(slot: Slot, page_size: u64) -> Self {
+        let pages = slot.size.div_ceil(page_size);
+        let words = pages.div_ceil(64) as usize;
+        SlotBitmap { slot, words: vec![0; words], first: words, end: 0 }
+    }
+
+    fn widen(&mut self, first: usize, end: usize) {
+        self.first = self.first.min(first);
+        self.end = self.end.max(end);
+    }
+
+    fn clear(&mut self) {
+        for w in &mut self.words[self.first.min(self.end)..self.end] {
+            *w = 0;
+        }
+        self.first = self.words.len();
+        self.end = 0;
+    }
+
+    /// The slot.
+    pub fn slot(&self) -> Slot {
+        self.slot
+    }
+
+    /// The words, in KVM's layout.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words[self.first.min(self.end)..self.end].iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Page indices (within the slot) of set bits, in order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        let lo = self.first.min(self.end);
+        self.words[lo..self.end].iter().enumerate().flat_map(move |(i, &w)| {
+            let base = ((lo + i) * 64) as u64;
+            SetBits(w).map(move |b| base + u64::from(b))
+        })
+    }
+}
+
+/// Iterator over the set bits of one word, lowest first.
+struct SetBits(u64);
+
+impl Iterator for SetBits {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.0 == 0 {
+            return None;
+        }
+        let b = self.0.trailing_zeros();
+        self.0 &= self.0 - 1;
+        Some(b)
+    }
+}
+
+/// Dirty pages of every slot of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtySet {
+    page_size: u64,
+    slots: Vec<SlotBitmap>,
+}
+
+impl DirtySet {
+    /// An empty set over `slots` with pages of `page_size` bytes.
+    pub fn new(slots: &[Slot], page_size: u64) -> Self {
+        DirtySet { page_size, slots: slots.iter().map(|s| SlotBitmap::new(*s, page_size)).collect() }
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Per-slot bitmaps.
+    pub fn slots(&self) -> &[SlotBitmap] {
+        &self.slots
+    }
+
+    fn slot_mut(&mut self, index: usize) -> Result<&mut SlotBitmap, DirtySetError> {
+        let slots = self.slots.len();
+        self.slots.get_mut(index).ok_or(DirtySetError::NoSuchSlot { index, slots })
+    }
+
+    /// ORs a KVM-layout bitmap into slot `index`; its length must match.
+    pub fn or_words(&mut self, index: usize, words: &[u64]) -> Result<(), DirtySetError> {
+        let s = self.slot_mut(index)?;
+        if words.len() != s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
+        }
+        let Some(first) = words.iter().position(|&w| w != 0) else { return Ok(()) };
+        let last = words.iter().rposition(|&w| w != 0).unwrap_or(first);
+        for (d, &w) in s.words[first..=last].iter_mut().zip(&words[first..=last]) {
+            *d |= w;
+        }
+        s.widen(first, last + 1);
+        Ok(())
+    }
+
+    /// Marks page `page` of slot `index`; pages past the slot's end are
+    /// refused (false), never silently dropped.
+    pub fn set_page(&mut self, index: usize, page: u64) -> Result<bool, DirtySetError> {
+        let s = self.slot_mut(index)?;
+        let w = (page / 64) as usize;
+        if w >= s.words.len() {
+            return Ok(false);
+        }
+        s.words[w] |= 1 << (page % 64);
+        s.widen(w, w + 1);
+        Ok(true)
+    }
+
+    /// Marks the page holding guest address `gpa`; false if no slot has it.
+    pub fn set_gpa(&mut self, gpa: u64) -> bool {
+        let ps = self.page_size;
+        let Some(i) = self.slots.iter().position(|s| gpa >= s.slot.gpa && gpa < s.slot.gpa + s.slot.size) else {
+            return false;
+        };
+        let page = (gpa - self.slots[i].slot.gpa) / ps;
+        self.set_page(i, page).unwrap_or(false)
+    }
+
+    /// Whether the page holding `gpa` is dirty.
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.slots.iter().any(|s| {
+            gpa >= s.slot.gpa && gpa < s.slot.gpa + s.slot.size && {
+                let p = (gpa - s.slot.gpa) / self.page_size;
+                s.words[(p / 64) as usize] & (1 << (p % 64)) != 0
+            }
+        })
+    }
+
+    /// ORs all of `other` (same slots) into `self`.
+    pub fn union_with(&mut self, other: &DirtySet) -> Result<(), DirtySetError> {
+        for (i, s) in other.slots.iter().enumerate() {
+            if s.end > s.first {
+                self.or_words(i, &s.words)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.slots.iter().map(SlotBitmap::count).sum()
+    }
+
+    /// Whether no page is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(|s| s.words[s.first.min(s.end)..s.end].iter().all(|&w| w == 0))
+    }
+
+    /// Empties the set.
+    pub fn clear(&mut self) {
+        self.slots.iter_mut().for_each(SlotBitmap::clear);
+    }
+
+    /// Moves the contents out, leaving `self` empty (same slots).
+    pub fn take(&mut self) -> DirtySet {
+        let mut out = DirtySet::new(&self.slots.iter().map(|s| s.slot).collect::<Vec<_>>(), self.page_size);
+        std::mem::swap(self, &mut out);
+        out
+    }
+
+    /// Guest physical addresses of the dirty pages, in slot order.
+    pub fn gpas(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots.iter().flat_map(move |s| s.pages().map(move |p| s.slot.gpa + p * self.page_size))
+    }
+
+    /// Dirty pages coalesced into extents (never across slots).
+    pub fn extents(&self) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for s in &self.slots {
+            let mut run: Option<Extent> = None;
+            for p in s.pages() {
+                let gpa = s.slot.gpa + p * self.page_size;
+                match run.as_mut() {
+                    Some(e) if e.gpa + e.len == gpa => e.len += self.page_size,
+                    _ => {
+                        out.extend(run.take());
+                        run = Some(Extent { gpa, len: self.page_size });
+                    }
+                }
+            }
+            out.extend(run);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PS: u64 = 4096;
+
+    fn slots() -> Vec<Slot> {
+        vec![Slot { slot: 0, gpa: 0, size: 200 * PS }, Slot { slot: 1, gpa: 1 << 32, size: 64 * PS }]
+    }
+
+    #[test]
+    fn extents_coalesce_within_slots_only() {
+        let mut d = DirtySet::new(&slots(), PS);
+        // slot 0 pages: [63, 64, 65] (across a word), [199]; slot 1: [0]
+        for p in [63, 64, 65, 199] {
+            assert!(d.set_page(0, p).unwrap());
+        }
+        assert!(d.set_page(1, 0).unwrap());
+        assert!(!d.set_page(1, 64).unwrap(), "page past the slot end is refused");
+        assert_eq!(
+            d.extents(),
+            vec![
+                Extent { gpa: 63 * PS, len: 3 * PS },
+                Extent { gpa: 199 * PS, len: PS },
+                Extent { gpa: 1 << 32, len: PS },
+            ]
+        );
+        assert_eq!(d.count(), 5);
+        assert!(d.contains(64 * PS + 17) && !d.contains(66 * PS));
+    }
+
+    #[test]
+    fn bitmap_length_is_checked() {
+        let mut d = DirtySet::new(&slots(), PS);
+        let e = d.or_words(0, &[1, 2]).unwrap_err();
+        assert_eq!(e, DirtySetError::BitmapLength { slot: 0, got: 2, want: 4 });
+        assert_eq!(e.to_string(), "slot 0: dirty bitmap has 2 words, expected 4");
+        assert!(matches!(d.or_words(5, &[]), Err(DirtySetError::NoSuchSlot { index: 5, slots: 2 })));
+    }
+
+    #[test]
+    fn take_and_clear() {
+        let mut d = DirtySet::new(&slots(), PS);
+        d.or_words(0, &[0, 0b101, 0, 1 << 7]).unwrap();
+        let t = d.take();
+        assert!(d.is_empty());
+        assert_eq!(t.gpas().collect::<Vec<_>>(), vec![64 * PS, 66 * PS, (192 + 7) * PS]);
+        let mut u = t.clone();
+        u.clear();
+        assert!(u.is_empty() && u.count() == 0 && u.extents().is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn set_roundtrips_through_words_pages_and_extents(pages in proptest::collection::btree_set(0u64..200, 0..120)) {
+            let mut d = DirtySet::new(&slots(), PS);
+            for &p in &pages {
+                d.set_page(0, p).unwrap();
+            }
+            // pages() gives exactly the set, in order
+            let got: Vec<u64> = d.slots()[0].pages().collect();
+            prop_assert_eq!(&got, &pages.iter().copied().collect::<Vec<_>>());
+            // extents cover exactly the set, are sorted, disjoint and maximal
+            let ext = d.extents();
+            let mut covered = Vec::new();
+            for w in ext.windows(2) {
+                prop_assert!(w[0].gpa + w[0].len < w[1].gpa);
+            }
+            for e in &ext {
+                covered.extend((e.gpa / PS)..((e.gpa + e.len) / PS));
+            }
+            prop_assert_eq!(covered, pages.iter().copied().collect::<Vec<_>>());
+            // OR-ing the words into a fresh set gives the same set
+            let mut e = DirtySet::new(&slots(), PS);
+            e.or_words(0, d.slots()[0].words()).unwrap();
+            prop_assert_eq!(e.count(), pages.len() as u64);
+        }
+    }
+}

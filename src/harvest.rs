@@ -1,0 +1,476 @@
+//! Harvesting: turning KVM's dirty log (bitmap, manual-protect bitmap or
+//! per-vCPU ring) and the VMM's own vm-memory bitmap into [`DirtySet`]s,
+//! one per registered consumer.
+//!
+//! Several consumers — the flusher, a snapshot chain, a migration — each
+//! need "dirty since *my* last look". One harvest reads the log once and
+//! ORs the new bits into every consumer's accumulated set (QEMU's dirty
+//! memory clients). Consumers come and go while the guest runs.
+//!
+//! No lost write (DESIGN.md invariant 1) needs *re-protect first, copy
+//! second*:
+//!
+//! ```text
+//! bitmap  KVM_GET_DIRTY_LOG       fetches and re-protects atomically   (in harvest)
+//! manual  KVM_GET_DIRTY_LOG       only reads; KVM_CLEAR_DIRTY_LOG on the
+//!                                 pages about to be copied re-protects  (clear_dirty_for_io)
+//! ring    read entries, mark them, KVM_RESET_DIRTY_RINGS re-protects    (in harvest)
+//! VMM     AtomicBitmap::get_and_reset (vm-memory marks after writing)   (in harvest)
+//! ```
+//!
+//! [`Harvester::collect`] does harvest → take → `clear_dirty_for_io`, after
+//! which the caller may copy the pages it got. In manual mode a page that a
+//! consumer has not cleared stays writable and is reported again at the
+//! next harvest — to every consumer: over-reporting, never a loss.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::GuestMemoryBackend;
+
+use crate::dirty_set::{DirtySet, DirtySetError};
+use crate::kvm::dirty_log::{self, DirtyCaps};
+use crate::kvm::ring::DirtyRing;
+use crate::kvm::Slot;
+use crate::memory::GuestRam;
+
+/// The full-region AtomicBitmap of a guest RAM region.
+struct MmapRegionBitmap;
+
+impl MmapRegionBitmap {
+    fn bitmap(r: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &vm_memory::bitmap::AtomicBitmap {
+        std::ops::Deref::deref(r).bitmap()
+    }
+}
+
+/// The dirty-log mechanism asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyLogMode {
+    /// The best this KVM offers (manual protect, else bitmap).
+    #[default]
+    Auto,
+    /// `KVM_GET_DIRTY_LOG`, fetch-and-re-protect.
+    Bitmap,
+    /// Manual protect: read, then re-protect only what is copied.
+    Manual,
+    /// The per-vCPU dirty ring.
+    Ring,
+}
+
+impl FromStr for DirtyLogMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => DirtyLogMode::Auto,
+            "bitmap" => DirtyLogMode::Bitmap,
+            "manual" => DirtyLogMode::Manual,
+            "ring" => DirtyLogMode::Ring,
+            _ => return Err(format!("'{s}' is not a dirty-log mechanism (auto, bitmap, manual, ring)")),
+        })
+    }
+}
+
+/// The mechanism in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// `KVM_GET_DIRTY_LOG`.
+    Bitmap,
+    /// Manual protect.
+    Manual,
+    /// Dirty ring of this many bytes per vCPU.
+    Ring {
+        /// Bytes per vCPU ring.
+        bytes: u32,
+    },
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mechanism::Bitmap => write!(f, "bitmap (KVM_GET_DIRTY_LOG)"),
+            Mechanism::Manual => write!(f, "manual (MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG)"),
+            Mechanism::Ring { bytes } => write!(f, "ring ({} entries per vCPU)", bytes / 16),
+        }
+    }
+}
+
+/// Why harvesting could not be set up or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HarvestError {
+    /// The requested mechanism is not offered by this KVM.
+    #[error("dirty-log mechanism '{mechanism}' is not available: {why}")]
+    Unsupported {
+        /// What was asked for.
+        mechanism: &'static str,
+        /// Which capability is missing.
+        why: String,
+    },
+    /// Enabling a capability failed.
+    #[error("enabling dirty-log mechanism '{mechanism}' failed")]
+    Enable {
+        /// The mechanism.
+        mechanism: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping a vCPU's ring failed.
+    #[error("vCPU {vcpu}: mapping the dirty ring failed")]
+    MapRing {
+        /// vCPU index.
+        vcpu: usize,
+        /// The mmap error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("slot {slot}: KVM_GET_DIRTY_LOG failed")]
+    GetLog {
+        /// KVM slot.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG` failed.
+    #[error("slot {slot}: KVM_CLEAR_DIRTY_LOG of {num_pages} pages from page {first_page} failed")]
+    ClearLog {
+        /// KVM slot.
+        slot: u32,
+        /// First page.
+        first_page: u64,
+        /// Pages.
+        num_pages: u32,
+        /// The ioctl error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed.
+    #[error("KVM_RESET_DIRTY_RINGS failed")]
+    ResetRings(#[source] std::io::Error),
+    /// A ring entry named a slot we do not have.
+    #[error("dirty ring entry for unknown slot {slot:#x}, page {offset}")]
+    UnknownRingSlot {
+        /// Slot field of the entry.
+        slot: u32,
+        /// Page offset.
+        offset: u64,
+    },
+    /// Bitmap shape mismatch.
+    #[error(transparent)]
+    Set(#[from] DirtySetError),
+}
+
+/// Chooses the mechanism for `mode` given `caps`, and enables it on `vm`.
+/// Call before registering slots and before creating vCPUs (the ring must
+/// exist before any vCPU does). `ring_bytes` sizes a requested ring.
+pub fn prepare(vm: &VmFd, caps: DirtyCaps, mode: DirtyLogMode, ring_bytes: u32) -> Result<Mechanism, HarvestError> {
+    let m = choose(caps, mode, ring_bytes)?;
+    match m {
+        Mechanism::Bitmap => {}
+        Mechanism::Manual => dirty_log::enable_manual_protect(vm, false)
+            .map_err(|source| HarvestError::Enable { mechanism: "manual", source })?,
+        Mechanism::Ring { bytes } => dirty_log::enable_ring(vm, bytes, caps.ring_acq_rel)
+            .map_err(|source| HarvestError::Enable { mechanism: "ring", source })?,
+    }
+    Ok(m)
+}
+
+/// The mechanism `mode` resolves to under `caps` (no side effects).
+pub fn choose(caps: DirtyCaps, mode: DirtyLogMode, ring_bytes: u32) -> Result<Mechanism, HarvestError> {
+    match mode {
+        DirtyLogMode::Bitmap => Ok(Mechanism::Bitmap),
+        DirtyLogMode::Auto if caps.manual_protect & 1 != 0 => Ok(Mechanism::Manual),
+        DirtyLogMode::Auto => Ok(Mechanism::Bitmap),
+        DirtyLogMode::Manual if caps.manual_protect & 1 != 0 => Ok(Mechanism::Manual),
+        DirtyLogMode::Manual => Err(HarvestError::Unsupported {
+            mechanism: "manual",
+            why: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is 0 on this host".into(),
+        }),
+        DirtyLogMode::Ring if caps.ring_max_bytes == 0 => {
+            Err(HarvestError::Unsupported { mechanism: "ring", why: "KVM_CAP_DIRTY_LOG_RING is 0 on this host".into() })
+        }
+        DirtyLogMode::Ring
+            if !ring_bytes.is_power_of_two() || ring_bytes < 4096 || ring_bytes > caps.ring_max_bytes =>
+        {
+            Err(HarvestError::Unsupported {
+                mechanism: "ring",
+                why: format!(
+                    "a ring of {ring_bytes} bytes ({} entries) is not a power of two between 4096 and {} bytes",
+                    ring_bytes / 16,
+                    caps.ring_max_bytes
+                ),
+            })
+        }
+        DirtyLogMode::Ring => Ok(Mechanism::Ring { bytes: ring_bytes }),
+    }
+}
+
+/// Maps every vCPU's ring (ring mechanism only; else an empty list).
+pub fn map_rings(mechanism: Mechanism, vcpus: &[VcpuFd], page_size: u64) -> Result<Vec<DirtyRing>, HarvestError> {
+    let Mechanism::Ring { bytes } = mechanism else { return Ok(Vec::new()) };
+    vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, v)| DirtyRing::map(v, bytes, page_size).map_err(|source| HarvestError::MapRing { vcpu: i, source }))
+        .collect()
+}
+
+/// A registered consumer of the dirty log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConsumerId(u64);
+
+/// Counters like `/proc/vmstat`'s, for the harvest side.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HarvestStats {
+    /// Harvests done.
+    pub harvests: u64,
+    /// Pages reported by KVM (guest writes), summed over harvests.
+    pub guest_pages: u64,
+    /// Pages reported by the VMM bitmap, summed over harvests.
+    pub vmm_pages: u64,
+    /// Time spent harvesting.
+    pub harvest_time: Duration,
+    /// Ring-full exits handled.
+    pub ring_full_exits: u64,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made.
+    pub clear_calls: u64,
+}
+
+/// The dirty log of one VM and its consumers.
+#[derive(Debug)]
+pub struct Harvester {
+    vm: Arc<VmFd>,
+    mechanism: Mechanism,
+    slots: Vec<Slot>,
+    ram: GuestRam,
+    page_size: u64,
+    rings: Vec<DirtyRing>,
+    consumers: Vec<(ConsumerId, DirtySet)>,
+    next_id: u64,
+    fresh: DirtySet,
+    stats: HarvestStats,
+}
+
+impl Harvester {
+    /// A harvester over `slots` (registered from `ram`'s regions, in order).
+    pub fn new(
+        vm: Arc<VmFd>,
+        mechanism: Mechanism,
+        slots: Vec<Slot>,
+        ram: GuestRam,
+        rings: Vec<DirtyRing>,
+        page_size: u64,
+    ) -> Self {
+        let fresh = DirtySet::new(&slots, page_size);
+        Harvester {
+            vm,
+            mechanism,
+            slots,
+            ram,
+            page_size,
+            rings,
+            consumers: Vec::new(),
+            next_id: 0,
+            fresh,
+            stats: HarvestStats::default(),
+        }
+    }
+
+    /// The mechanism in use.
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    /// The slots.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> HarvestStats {
+        self.stats
+    }
+
+    /// Registers a consumer; it sees pages dirtied from its first harvest on.
+    pub fn add_consumer(&mut self) -> ConsumerId {
+        let id = ConsumerId(self.next_id);
+        self.next_id += 1;
+        self.consumers.push((id, DirtySet::new(&self.slots, self.page_size)));
+        id
+    }
+
+    /// Unregisters a consumer (its pending set is dropped).
+    pub fn remove_consumer(&mut self, id: ConsumerId) -> bool {
+        let before = self.consumers.len();
+        self.consumers.retain(|(c, _)| *c != id);
+        self.consumers.len() != before
+    }
+
+    /// Reads the whole log once and ORs it into every consumer's set.
+    /// Returns the pages this harvest reported (guest + VMM, overlaps
+    /// counted once).
+    pub fn harvest(&mut self) -> Result<u64, HarvestError> {
+        let t0 = Instant::now();
+        match self.mechanism {
+            Mechanism::Bitmap | Mechanism::Manual => {
+                for (i, s) in self.slots.iter().enumerate() {
+                    let words = dirty_log::get_dirty_log(&self.vm, s)
+                        .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
+                    self.fresh.or_words(i, &words)?;
+                }
+            }
+            Mechanism::Ring { .. } => {
+                let mut bad = None;
+                let (slots, fresh) = (&self.slots, &mut self.fresh);
+                for r in &mut self.rings {
+                    r.harvest(|slot, offset| {
+                        let id = slot & 0xffff;
+                        let ok = slot >> 16 == 0
+                            && slots
+                                .iter()
+                                .position(|s| s.slot == id)
+                                .is_some_and(|i| fresh.set_page(i, offset).unwrap_or(false));
+                        if !ok && bad.is_none() {
+                            bad = Some(HarvestError::UnknownRingSlot { slot, offset });
+                        }
+                    });
+                }
+                // Re-protect before anyone reads the harvested pages.
+                dirty_log::reset_dirty_rings(&self.vm).map_err(HarvestError::ResetRings)?;
+                if let Some(e) = bad {
+                    return Err(e);
+                }
+            }
+        }
+        let guest = self.fresh.count();
+        for (i, region) in self.ram.iter().enumerate() {
+            // The whole region's AtomicBitmap (the trait's bitmap() is a slice view).
+            let words = MmapRegionBitmap::bitmap(region).get_and_reset();
+            if words.iter().any(|&w| w != 0) {
+                self.fresh.or_words(i, &words)?;
+            }
+        }
+        let total = self.fresh.count();
+        for (_, set) in &mut self.consumers {
+            set.union_with(&self.fresh)?;
+        }
+        self.fresh.clear();
+        self.stats.harvests += 1;
+        self.stats.guest_pages += guest;
+        self.stats.vmm_pages += total - guest;
+        self.stats.harvest_time += t0.elapsed();
+        Ok(total)
+    }
+
+    /// The pages dirtied since `id` last took its set (as of the last
+    /// harvest); its set starts empty again. `None` for an unknown consumer.
+    pub fn take(&mut self, id: ConsumerId) -> Option<DirtySet> {
+        self.consumers.iter_mut().find(|(c, _)| *c == id).map(|(_, s)| s.take())
+    }
+
+    /// `clear_page_dirty_for_io` for a set about to be copied: re-protects
+    /// exactly its pages (manual mode: `KVM_CLEAR_DIRTY_LOG` over the 64-page
+    /// chunks that hold them, with the set's own bits as the mask). In bitmap
+    /// and ring mode the harvest already re-protected them.
+    pub fn clear_dirty_for_io(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
+        if self.mechanism != Mechanism::Manual {
+            return Ok(());
+        }
+        for (s, bm) in self.slots.iter().zip(set.slots()) {
+            let words = bm.words();
+            let Some(first) = words.iter().position(|&w| w != 0) else { continue };
+            let last = words.iter().rposition(|&w| w != 0).unwrap_or(first);
+            let slot_pages = s.size / self.page_size;
+            let first_page = first as u64 * 64;
+            let num_pages = (((last as u64 + 1) * 64).min(slot_pages) - first_page) as u32;
+            dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &words[first..=last])
+                .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
+            self.stats.clear_calls += 1;
+        }
+        Ok(())
+    }
+
+    /// Harvest, take `id`'s set and re-protect it: afterwards the caller may
+    /// copy exactly these pages without losing a concurrent write.
+    pub fn collect(&mut self, id: ConsumerId) -> Result<DirtySet, HarvestError> {
+        self.harvest()?;
+        let set = self.take(id).unwrap_or_else(|| DirtySet::new(&self.slots, self.page_size));
+        self.clear_dirty_for_io(&set)?;
+        Ok(set)
+    }
+
+    /// A vCPU's ring filled (`KVM_EXIT_DIRTY_RING_FULL`): harvest so it can
+    /// go on.
+    pub fn on_ring_full(&mut self) -> Result<(), HarvestError> {
+        self.stats.ring_full_exits += 1;
+        self.harvest().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory::{host_page_size, BackingFile};
+
+    #[test]
+    fn unsupported_mechanisms_are_clear_errors() {
+        let none = DirtyCaps::default();
+        let e = choose(none, DirtyLogMode::Ring, 65536).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dirty-log mechanism 'ring' is not available: KVM_CAP_DIRTY_LOG_RING is 0 on this host"
+        );
+        let e = choose(none, DirtyLogMode::Manual, 0).unwrap_err();
+        assert!(e.to_string().contains("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is 0"), "{e}");
+        assert_eq!(choose(none, DirtyLogMode::Auto, 0).unwrap(), Mechanism::Bitmap);
+        let caps = DirtyCaps { manual_protect: 3, ring_max_bytes: 1 << 20, ring_acq_rel: true };
+        assert_eq!(choose(caps, DirtyLogMode::Auto, 0).unwrap(), Mechanism::Manual);
+        assert!(choose(caps, DirtyLogMode::Ring, 3000).is_err());
+        assert!(choose(caps, DirtyLogMode::Ring, 2 << 20).is_err());
+        assert_eq!(choose(caps, DirtyLogMode::Ring, 4096).unwrap(), Mechanism::Ring { bytes: 4096 });
+        assert_eq!("ring".parse::<DirtyLogMode>(), Ok(DirtyLogMode::Ring));
+        assert!("rings".parse::<DirtyLogMode>().is_err());
+    }
+
+    /// A VM with 1 MiB of file-backed RAM and dirty logging, no vCPU.
+    fn vm_with_ram(mode: DirtyLogMode) -> (tempfile::TempDir, Harvester) {
+        assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test needs KVM");
+        let kvm = crate::kvm::open(std::path::Path::new("/dev/kvm")).unwrap();
+        let vm = Arc::new(crate::kvm::create_vm(&kvm).unwrap());
+        let m = prepare(&vm, DirtyCaps::probe(&vm), mode, 4096).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let b = BackingFile::open_or_create(&dir.path().join("mem"), 1 << 20).unwrap();
+        let ram = b.map(false).unwrap();
+        let slots = crate::kvm::register_ram(&vm, &ram, true).unwrap();
+        (dir, Harvester::new(vm, m, slots, ram, Vec::new(), host_page_size()))
+    }
+
+    #[test]
+    fn vmm_writes_reach_every_consumer_though_kvm_never_saw_them() {
+        for mode in [DirtyLogMode::Bitmap, DirtyLogMode::Manual] {
+            let (_dir, mut h) = vm_with_ram(mode);
+            let a = h.add_consumer();
+            h.ram.write_obj(0x1234_u32, GuestAddress(0x3000)).unwrap();
+            h.ram.write_slice(&[1u8; 8192], GuestAddress(0x8000)).unwrap();
+            let b = h.add_consumer();
+            h.ram.write_obj(7u8, GuestAddress(0x5000)).unwrap();
+            let got_a = h.collect(a).unwrap();
+            assert_eq!(got_a.gpas().collect::<Vec<_>>(), vec![0x3000, 0x5000, 0x8000, 0x9000], "{mode:?}");
+            // b registered later but the VMM bitmap was only read at the
+            // harvest, so it sees the same pages; then both start empty.
+            let got_b = h.take(b).unwrap();
+            assert_eq!(got_b, got_a);
+            assert!(h.collect(a).unwrap().is_empty());
+            assert!(h.remove_consumer(b) && !h.remove_consumer(b));
+            assert_eq!(h.stats().guest_pages, 0);
+            assert_eq!(h.stats().vmm_pages, 4);
+        }
+    }
+}
