@@ -12,5 +12,6 @@ pub mod dirty_set;
 pub mod harvest;
 pub mod kvm;
 pub mod memory;
+pub mod sink;
 
 pub use guest_abi;

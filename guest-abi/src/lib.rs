@@ -222,6 +222,9 @@ pub enum Workload {
     HotCold,
     /// Seeded random pages at a target `rate` (pages per second).
     Rate,
+    /// Every `stride`-th page from `offset`, `run` consecutive pages each
+    /// time (chunk-boundary patterns), `passes` times.
+    Stride,
     /// Write nothing; spin for `ms` (0: until stopped).
     Idle,
     /// Check every working-set page against the generation table.
@@ -236,6 +239,7 @@ impl Workload {
             "random" => Workload::Random,
             "hotcold" => Workload::HotCold,
             "rate" => Workload::Rate,
+            "stride" => Workload::Stride,
             "idle" => Workload::Idle,
             "verify" => Workload::Verify,
             _ => return None,
@@ -249,6 +253,7 @@ impl Workload {
             Workload::Random => "random",
             Workload::HotCold => "hotcold",
             Workload::Rate => "rate",
+            Workload::Stride => "stride",
             Workload::Idle => "idle",
             Workload::Verify => "verify",
         }
@@ -277,6 +282,12 @@ pub struct Config {
     pub hot_share: u64,
     /// Target page writes per second (rate).
     pub rate: u64,
+    /// `stride`: distance between runs, in pages.
+    pub stride: u64,
+    /// `stride`: first page of the first run.
+    pub offset: u64,
+    /// `stride`: consecutive pages per run.
+    pub run: u64,
     /// Run `verify` after the workload.
     pub verify: bool,
     /// TSC frequency in kHz (the VMM passes it; needed for `ms` and `rate`).
@@ -303,6 +314,9 @@ impl Default for Config {
             hot_pct: 10,
             hot_share: 90,
             rate: 10_000,
+            stride: 64,
+            offset: 0,
+            run: 1,
             verify: false,
             tsc_khz: 0,
             wipe: false,
@@ -367,6 +381,9 @@ impl Config {
                 "hot_pct" => c.hot_pct = num()?.clamp(1, 100),
                 "hot_share" => c.hot_share = num()?.min(100),
                 "rate" => c.rate = num()?,
+                "stride" => c.stride = num()?.max(1),
+                "offset" => c.offset = num()?,
+                "run" => c.run = num()?.max(1),
                 "verify" => c.verify = flag()?,
                 "tsc_khz" => c.tsc_khz = num()?,
                 "wipe" => c.wipe = flag()?,
@@ -379,6 +396,15 @@ impl Config {
     }
 }
 
+/// The working-set indices `stride` writes in one pass over `pages` pages.
+pub fn stride_pages(pages: u64, stride: u64, offset: u64, run: u64) -> impl Iterator<Item = u64> {
+    let stride = stride.max(1);
+    (0..)
+        .map(move |k| offset + k * stride)
+        .take_while(move |&start| start < pages)
+        .flat_map(move |start| start..(start + run.max(1)).min(pages))
+}
+
 /// The pages (working-set indices) that `random` with `seed` writes in its
 /// first `writes` writes, in order: the host replays this to know the
 /// written set exactly.
@@ -388,7 +414,13 @@ pub fn random_sequence(seed: u64, pages: u64) -> impl Iterator<Item = u64> {
 }
 
 #[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
 mod tests {
+    use std::vec;
+    use std::vec::Vec;
+
     use super::*;
 
     #[test]
@@ -415,6 +447,16 @@ mod tests {
             assert!(ws_base_for(p + 1) + (p + 1) * PAGE_SIZE > ram, "ram {ram:#x}");
         }
         assert_eq!(max_pages(STATE_BASE), 0);
+    }
+
+    #[test]
+    fn stride_pattern() {
+        let v: Vec<u64> = stride_pages(200, 64, 63, 2).collect();
+        assert_eq!(v, vec![63, 64, 127, 128, 191, 192]);
+        let v: Vec<u64> = stride_pages(10, 4, 0, 1).collect();
+        assert_eq!(v, vec![0, 4, 8]);
+        let v: Vec<u64> = stride_pages(5, 1, 3, 5).collect();
+        assert_eq!(v, vec![3, 4, 4]);
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
             0
         }
         Workload::Seq => seq(&ws, c, &clock),
+        Workload::Stride => stride(&ws, c, &clock),
         Workload::Random | Workload::HotCold | Workload::Rate => random(&ws, c, &clock),
     };
     header.writes += written;
@@ -170,6 +171,19 @@ fn seq(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
             }
         }
         n += ws.pages;
+        pass += 1;
+    }
+    n
+}
+
+fn stride(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
+    let mut n = 0;
+    let mut pass = 0;
+    while (c.ms > 0 || pass < c.passes) && !clock.expired() {
+        for i in guest_abi::stride_pages(ws.pages, c.stride, c.offset, c.run) {
+            ws.stamp(i);
+            n += 1;
+        }
         pass += 1;
     }
     n

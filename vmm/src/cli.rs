@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use smudge::harvest::DirtyLogMode;
 
 /// smudge: a small VMM for hypervisor-level dirty-page logging with KVM.
 #[derive(Debug, Parser)]
@@ -60,8 +61,28 @@ pub struct RunArgs {
     #[arg(long)]
     pub hugepages: bool,
     /// Register RAM without KVM_MEM_LOG_DIRTY_PAGES (for comparisons only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dirty_log")]
     pub no_dirty_log: bool,
+    /// Dirty-log mechanism: auto (manual protect if KVM offers it, else
+    /// bitmap), bitmap, manual, ring.
+    #[arg(long, default_value = "auto")]
+    pub dirty_log: DirtyLogMode,
+    /// Dirty ring entries per vCPU (power of two, 256 .. KVM's maximum).
+    #[arg(long, default_value_t = 4096)]
+    pub ring_entries: u32,
+    /// Keep this image file equal to guest memory: every tick harvests and
+    /// copies the dirty pages into it (a live check of "no lost write").
+    #[arg(long)]
+    pub shadow: Option<PathBuf>,
+    /// At the end, write every page dirtied during the run (extents) here.
+    #[arg(long)]
+    pub dump_dirty: Option<PathBuf>,
+    /// Print dirty rate and harvest cost every this many seconds.
+    #[arg(long)]
+    pub stats_interval: Option<f64>,
+    /// Treat a KVM capability as absent (manual, ring); repeatable.
+    #[arg(long, hide = true)]
+    pub hide_cap: Vec<String>,
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_dev: PathBuf,

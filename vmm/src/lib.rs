@@ -10,6 +10,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod dirty;
 pub mod event_loop;
 pub mod guest_image;
 pub mod outcome;

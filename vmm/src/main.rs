@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use smudge_vmm::bench;
 use smudge_vmm::cli::{Cli, Command, RunArgs};
+use smudge_vmm::dirty::DirtyOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
 use smudge_vmm::outcome::EXIT_SETUP;
 use smudge_vmm::vm::{self, VmConfig};
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SMUDGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,smudge_vmm::vm=info")),
         )
         .with_writer(std::io::stderr)
         .with_timer(tracing_subscriber::fmt::time::uptime())
@@ -87,23 +88,41 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         tick: Duration::from_millis(args.tick_ms.max(1)),
         hugepages: args.hugepages,
-        dirty_log: !args.no_dirty_log,
+        dirty_log: (!args.no_dirty_log).then_some(args.dirty_log),
+        ring_entries: args.ring_entries,
+        hide_caps: args.hide_cap.clone(),
+        dirty: DirtyOptions {
+            shadow: args.shadow.clone(),
+            dump: args.dump_dirty.clone(),
+            stats_interval: match args.stats_interval {
+                Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
+                Some(_) => anyhow::bail!("--stats-interval must be a positive number of seconds"),
+                None => None,
+            },
+        },
         kvm_dev: args.kvm_dev.clone(),
     };
     let report = vm::run(cfg)?;
-    let dirty = match report.guest_dirty_pages {
-        Some(n) => format!("{n} pages dirtied by the guest (KVM log)"),
+    let dirty = match &report.dirty {
+        Some(d) => format!(
+            "dirty log {}: {} pages dirtied, {} harvests ({:.1} us each), {} ring-full exits{}",
+            d.mechanism,
+            d.pages,
+            d.stats.harvests,
+            d.stats.harvest_time.as_secs_f64() * 1e6 / d.stats.harvests.max(1) as f64,
+            d.stats.ring_full_exits,
+            if d.shadow_bytes > 0 { format!(", {} bytes to the shadow", d.shadow_bytes) } else { String::new() }
+        ),
         None => "dirty logging off".to_string(),
     };
     let _ = writeln!(
         std::io::stderr(),
-        "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}, {} by the VMM",
+        "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}",
         report.outcome,
         report.elapsed.as_secs_f64(),
         args.mem_size >> 20,
         args.mem_file.display(),
         if report.created_mem_file { " (created)" } else { "" },
-        report.vmm_dirty_pages,
     );
     Ok(report.outcome.exit_code())
 }

@@ -4,8 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_segment, KVM_EXIT_DIRTY_RING_FULL, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use smudge::harvest::Harvester;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::BootEntry;
@@ -92,6 +93,9 @@ pub struct Shared {
     pub exit_evt: EventFd,
     /// Port devices.
     pub bus: PortBus,
+    /// The dirty log, when on (a full dirty ring is harvested from the vCPU
+    /// thread that hit it).
+    pub harvester: Option<Arc<Mutex<Harvester>>>,
 }
 
 impl Shared {
@@ -111,6 +115,7 @@ impl Shared {
 
 enum Step {
     Continue,
+    RingFull,
     Stop(Outcome),
     UnknownPort(u16, bool),
     NeedRip(fn(u64) -> Outcome),
@@ -134,6 +139,7 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
             Ok(VcpuExit::Shutdown) => Step::NeedRip(|rip| Outcome::TripleFault { rip }),
             Ok(VcpuExit::Hlt) => Step::NeedRip(|rip| Outcome::Halted { rip }),
             Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Step::RingFull,
             Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(Outcome::KvmFailure(format!(
                 "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host cpu {cpu}"
             ))),
@@ -154,6 +160,15 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
         let rip = || vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
         match step {
             Step::Continue => {}
+            Step::RingFull => {
+                let r = match &shared.harvester {
+                    Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).on_ring_full().map_err(|e| e.to_string()),
+                    None => Err("dirty ring full but no harvester".to_string()),
+                };
+                if let Err(e) = r {
+                    return shared.finish(Outcome::KvmFailure(format!("vCPU {id}: dirty ring full: {e}")));
+                }
+            }
             Step::Stop(o) => return shared.finish(o),
             Step::UnknownPort(port, write) => return shared.finish(Outcome::UnknownPort { port, write, rip: rip() }),
             Step::NeedRip(f) => return shared.finish(f(rip())),

@@ -8,14 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use smudge::harvest::{self, DirtyLogMode, HarvestError, Harvester, Mechanism};
+use smudge::kvm::dirty_log::DirtyCaps;
 use smudge::kvm::{self, KvmError, Slot};
-use smudge::memory::{BackingFile, GuestRam, MemoryError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use smudge::memory::{host_page_size, BackingFile, GuestRam, MemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, BootError};
 use crate::devices::{PortBus, SerialConsole};
+use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook};
 use crate::outcome::Outcome;
 use crate::vcpu::{self, Shared, VcpuError};
@@ -43,8 +46,15 @@ pub struct VmConfig {
     pub tick: Duration,
     /// madvise(MADV_HUGEPAGE) on RAM.
     pub hugepages: bool,
-    /// Register RAM with KVM_MEM_LOG_DIRTY_PAGES.
-    pub dirty_log: bool,
+    /// The dirty-log mechanism (`None`: RAM registered without logging).
+    pub dirty_log: Option<DirtyLogMode>,
+    /// Dirty ring size per vCPU, in entries.
+    pub ring_entries: u32,
+    /// Capabilities to treat as absent (`manual`, `ring`): to see how smudge
+    /// behaves on a KVM without them.
+    pub hide_caps: Vec<String>,
+    /// Consumers of the dirty log.
+    pub dirty: DirtyOptions,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -86,6 +96,12 @@ pub enum VmError {
     /// More than one vCPU needs an in-kernel irqchip (APs wait for SIPI).
     #[error("--vcpus {0} needs an in-kernel irqchip, and KVM_CREATE_IRQCHIP failed")]
     NoIrqchip(u8),
+    /// Dirty-log setup.
+    #[error(transparent)]
+    Harvest(#[from] HarvestError),
+    /// Dirty tracking during the run.
+    #[error(transparent)]
+    Track(#[from] TrackError),
     /// Threads, signals, epoll.
     #[error("VMM runtime: {0}")]
     Runtime(String),
@@ -100,10 +116,8 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// Whether the memory file was created by this run.
     pub created_mem_file: bool,
-    /// Pages KVM logged dirty over the run (guest writes), if logging was on.
-    pub guest_dirty_pages: Option<u64>,
-    /// Pages the VMM wrote through vm-memory (loader, boot data).
-    pub vmm_dirty_pages: u64,
+    /// The dirty log over the run, if logging was on.
+    pub dirty: Option<DirtySummary>,
     /// TSC frequency KVM reports, kHz.
     pub tsc_khz: Option<u32>,
 }
@@ -142,15 +156,37 @@ fn copy_boot_image(
 
 /// The KVM objects of a VM, made on a thread of their own.
 struct KvmSide {
-    vm: kvm_ioctls::VmFd,
+    vm: Arc<kvm_ioctls::VmFd>,
+    mechanism: Option<Mechanism>,
+    rings: Vec<smudge::kvm::ring::DirtyRing>,
     irqchip: bool,
     slots: Vec<Slot>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     tsc_khz: Option<u32>,
 }
 
-fn setup_kvm(kvm_fd: &kvm_ioctls::Kvm, ram: &GuestRam, nr_vcpus: u8, dirty_log: bool) -> Result<KvmSide, VmError> {
+/// What the KVM side needs to know.
+#[derive(Debug, Clone)]
+struct KvmPlan {
+    vcpus: u8,
+    dirty_log: Option<DirtyLogMode>,
+    ring_bytes: u32,
+    hide_caps: Vec<String>,
+}
+
+fn setup_kvm(kvm_fd: &kvm_ioctls::Kvm, ram: &GuestRam, plan: KvmPlan) -> Result<KvmSide, VmError> {
+    let nr_vcpus = plan.vcpus;
     let vm = kvm::create_vm(kvm_fd)?;
+    let mut caps = DirtyCaps::probe(&vm);
+    if plan.hide_caps.iter().any(|c| c == "manual") {
+        caps.manual_protect = 0;
+    }
+    if plan.hide_caps.iter().any(|c| c == "ring") {
+        caps.ring_max_bytes = 0;
+    }
+    // Manual protect and the ring are enabled before slots and vCPUs exist.
+    let mechanism = plan.dirty_log.map(|m| harvest::prepare(&vm, caps, m, plan.ring_bytes)).transpose()?;
+    let dirty_log = mechanism.is_some();
     if let Err(e) = vm.set_tss_address(0xfffb_d000) {
         tracing::debug!("KVM_SET_TSS_ADDR: {e}");
     }
@@ -165,9 +201,13 @@ fn setup_kvm(kvm_fd: &kvm_ioctls::Kvm, ram: &GuestRam, nr_vcpus: u8, dirty_log: 
     for id in 0..nr_vcpus {
         vcpus.push(vcpu::create(kvm_fd, &vm, id)?);
     }
+    let rings = match mechanism {
+        Some(m) => harvest::map_rings(m, &vcpus, host_page_size())?,
+        None => Vec::new(),
+    };
     let tsc_khz = vcpus[0].get_tsc_khz().ok();
     tracing::debug!("KVM side ready");
-    Ok(KvmSide { vm, irqchip, slots, vcpus, tsc_khz })
+    Ok(KvmSide { vm: Arc::new(vm), mechanism, rings, irqchip, slots, vcpus, tsc_khz })
 }
 
 /// Boots and runs the VM described by `cfg` until the guest exits, fails or
@@ -187,13 +227,18 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     // KVM_SET_USER_MEMORY_REGION costs ~6 ms here whatever the size (a
     // fixed cost in the kernel); load the guest meanwhile.
     let (kvm_side, loaded) = std::thread::scope(|s| {
-        let (vcpus, dirty_log) = (cfg.vcpus, cfg.dirty_log);
+        let plan = KvmPlan {
+            vcpus: cfg.vcpus,
+            dirty_log: cfg.dirty_log,
+            ring_bytes: cfg.ring_entries.saturating_mul(16),
+            hide_caps: cfg.hide_caps.clone(),
+        };
         let (kvm_ref, ram_ref) = (&kvm_fd, &ram);
-        let kvm_side = s.spawn(move || setup_kvm(kvm_ref, ram_ref, vcpus, dirty_log));
+        let kvm_side = s.spawn(move || setup_kvm(kvm_ref, ram_ref, plan));
         let loaded = copy_boot_image(&scratch, &backing, &ram, &cfg.guest_elf);
         (kvm_side.join(), loaded)
     });
-    let KvmSide { vm, irqchip, slots, vcpus, tsc_khz } =
+    let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
     loaded?;
     drop(scratch);
@@ -221,12 +266,27 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             tracing::debug!("serial irqfd: {e}");
         }
     }
+    let harvester = mechanism.map(|m| {
+        tracing::info!("dirty log: {m}");
+        Arc::new(Mutex::new(Harvester::new(vm.clone(), m, slots.clone(), ram.clone(), rings, host_page_size())))
+    });
+    let tracking = match &harvester {
+        Some(h) => Some(Arc::new(Mutex::new(Tracking::new(
+            h.clone(),
+            ram.clone(),
+            cfg.mem_size,
+            &cfg.dirty,
+            (!backing.created()).then_some(backing.path()),
+        )?))),
+        None => None,
+    };
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
     let shared = Arc::new(Shared {
         stop: Default::default(),
         outcome: Mutex::new(None),
         exit_evt: exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
         bus: PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
+        harvester: harvester.clone(),
     });
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
 
@@ -246,7 +306,15 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             .map_err(|e| VmError::Runtime(format!("spawning vCPU thread: {e}")))?;
         threads.push(t);
     }
-    let hooks: Vec<TickHook> = Vec::new();
+    let mut hooks: Vec<TickHook> = Vec::new();
+    if let (Some(t), true) = (&tracking, cfg.dirty.periodic()) {
+        let (t, sh) = (t.clone(), shared.clone());
+        hooks.push(Box::new(move |_| {
+            if let Err(e) = t.lock().unwrap_or_else(|p| p.into_inner()).tick() {
+                sh.finish(Outcome::KvmFailure(format!("dirty tracking: {e}")));
+            }
+        }));
+    }
     let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks);
     stop_vcpus(&shared, threads);
     let elapsed = start.elapsed();
@@ -262,15 +330,17 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             .unwrap_or_else(|| Outcome::KvmFailure("vCPUs stopped without an outcome".into())),
         Err(e) => return Err(VmError::Runtime(format!("event loop: {e}"))),
     };
-    let guest_dirty_pages = cfg.dirty_log.then(|| count_kvm_dirty(&vm, &slots)).flatten();
-    Ok(RunReport {
-        outcome,
-        elapsed,
-        created_mem_file: backing.created(),
-        guest_dirty_pages,
-        vmm_dirty_pages: count_vmm_dirty(&ram),
-        tsc_khz,
-    })
+    let dirty = match tracking {
+        Some(t) => {
+            let t = Arc::try_unwrap(t)
+                .map_err(|_| VmError::Runtime("dirty tracking still shared after the run".into()))?
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner());
+            Some(t.finish()?)
+        }
+        None => None,
+    };
+    Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, tsc_khz })
 }
 
 /// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it returns.
@@ -289,22 +359,4 @@ fn stop_vcpus(shared: &Shared, threads: Vec<JoinHandle<()>>) {
             tracing::error!("a vCPU thread panicked");
         }
     }
-}
-
-fn count_kvm_dirty(vm: &kvm_ioctls::VmFd, slots: &[Slot]) -> Option<u64> {
-    let mut n = 0u64;
-    for s in slots {
-        match vm.get_dirty_log(s.slot, s.size as usize) {
-            Ok(bm) => n += bm.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
-            Err(e) => {
-                tracing::warn!("KVM_GET_DIRTY_LOG slot {}: {e}", s.slot);
-                return None;
-            }
-        }
-    }
-    Some(n)
-}
-
-fn count_vmm_dirty(ram: &GuestRam) -> u64 {
-    ram.iter().map(|r| r.bitmap().get_and_reset().iter().map(|w| u64::from(w.count_ones())).sum::<u64>()).sum()
 }

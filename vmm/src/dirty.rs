@@ -1,0 +1,248 @@
+//! Dirty logging inside a run: the harvester's consumers the VMM offers —
+//! a run-long summary, a shadow image kept in step at every tick (the
+//! no-lost-write check), a dump of every page dirtied, periodic stats —
+//! and the final harvest once the vCPUs have stopped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use smudge::dirty_set::DirtySet;
+use smudge::harvest::{ConsumerId, HarvestError, HarvestStats, Harvester, Mechanism};
+use smudge::memory::GuestRam;
+use smudge::sink::{ImageFile, SinkError};
+
+/// What the user asked the run to do with the dirty log.
+#[derive(Debug, Clone, Default)]
+pub struct DirtyOptions {
+    /// Keep this image file equal to guest memory, copying harvested pages
+    /// at every tick.
+    pub shadow: Option<PathBuf>,
+    /// Write every page dirtied during the run (as extents) here at the end.
+    pub dump: Option<PathBuf>,
+    /// Print dirty-rate and harvest-cost lines this often.
+    pub stats_interval: Option<Duration>,
+}
+
+impl DirtyOptions {
+    /// Whether anything needs a harvest at every tick.
+    pub fn periodic(&self) -> bool {
+        self.shadow.is_some() || self.dump.is_some() || self.stats_interval.is_some()
+    }
+}
+
+/// Why dirty tracking failed during a run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// Harvesting failed.
+    #[error(transparent)]
+    Harvest(#[from] HarvestError),
+    /// The shadow image could not be written.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The dump file could not be written.
+    #[error("{path}: cannot write the dirty-page dump")]
+    Dump {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the run's dirty log amounted to.
+#[derive(Debug, Clone)]
+pub struct DirtySummary {
+    /// The mechanism.
+    pub mechanism: Mechanism,
+    /// Distinct pages dirtied over the run (guest and VMM).
+    pub pages: u64,
+    /// Harvest counters.
+    pub stats: HarvestStats,
+    /// Bytes copied into the shadow image.
+    pub shadow_bytes: u64,
+}
+
+/// The run's dirty-log consumers.
+#[derive(Debug)]
+pub struct Tracking {
+    harvester: Arc<Mutex<Harvester>>,
+    ram: GuestRam,
+    summary: ConsumerId,
+    run_total: DirtySet,
+    shadow: Option<(ConsumerId, ImageFile)>,
+    shadow_bytes: u64,
+    dump: Option<PathBuf>,
+    stats_interval: Option<Duration>,
+    last_stats: (Instant, HarvestStats),
+}
+
+fn lock(h: &Mutex<Harvester>) -> std::sync::MutexGuard<'_, Harvester> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tracking {
+    /// Registers the consumers `opts` asks for. `shadow_from` is the memory
+    /// file the shadow starts as a copy of (`None`: it starts all zero).
+    pub fn new(
+        harvester: Arc<Mutex<Harvester>>,
+        ram: GuestRam,
+        mem_size: u64,
+        opts: &DirtyOptions,
+        shadow_from: Option<&Path>,
+    ) -> Result<Self, TrackError> {
+        let mut h = lock(&harvester);
+        let summary = h.add_consumer();
+        let run_total = DirtySet::new(h.slots(), smudge::memory::host_page_size());
+        let shadow = match &opts.shadow {
+            Some(p) => {
+                start_shadow(p, shadow_from)?;
+                Some((h.add_consumer(), ImageFile::open(p, mem_size)?))
+            }
+            None => None,
+        };
+        drop(h);
+        Ok(Tracking {
+            harvester,
+            ram,
+            summary,
+            run_total,
+            shadow,
+            shadow_bytes: 0,
+            dump: opts.dump.clone(),
+            stats_interval: opts.stats_interval,
+            last_stats: (Instant::now(), HarvestStats::default()),
+        })
+    }
+
+    /// One tick: harvest, bring the shadow up to date, print stats if due.
+    pub fn tick(&mut self) -> Result<(), TrackError> {
+        let mut h = lock(&self.harvester);
+        h.harvest()?;
+        let total = h.take(self.summary);
+        let shadow_set = match &self.shadow {
+            Some((id, _)) => {
+                let set = h.take(*id);
+                if let Some(s) = &set {
+                    h.clear_dirty_for_io(s)?;
+                }
+                set
+            }
+            None => None,
+        };
+        let stats = h.stats();
+        drop(h);
+        if let Some(t) = total {
+            self.run_total.union_with(&t).map_err(HarvestError::from)?;
+        }
+        if let (Some((_, img)), Some(set)) = (&mut self.shadow, shadow_set) {
+            self.shadow_bytes += img.write_set(&self.ram, &set)?;
+        }
+        if let Some(every) = self.stats_interval {
+            let (t0, s0) = self.last_stats;
+            let dt = t0.elapsed();
+            if dt >= every {
+                print_stats(dt, &s0, &stats);
+                self.last_stats = (Instant::now(), stats);
+            }
+        }
+        Ok(())
+    }
+
+    /// After the vCPUs stopped: the final harvest, the shadow's residue,
+    /// the dump.
+    pub fn finish(mut self) -> Result<DirtySummary, TrackError> {
+        self.tick()?;
+        if let Some(path) = &self.dump {
+            write_dump(path, &self.run_total).map_err(|source| TrackError::Dump { path: path.clone(), source })?;
+        }
+        let h = lock(&self.harvester);
+        Ok(DirtySummary {
+            mechanism: h.mechanism(),
+            pages: self.run_total.count(),
+            stats: h.stats(),
+            shadow_bytes: self.shadow_bytes,
+        })
+    }
+}
+
+/// The shadow starts equal to guest memory: a copy of an existing memory
+/// file, or an all-zero sparse file for a new one.
+fn start_shadow(path: &Path, from: Option<&Path>) -> Result<(), SinkError> {
+    let err = |source| SinkError::Create { path: path.to_path_buf(), source };
+    match from {
+        Some(src) => std::fs::copy(src, path).map(|_| ()).map_err(err),
+        None => std::fs::File::create(path).map(|_| ()).map_err(err),
+    }
+}
+
+fn print_stats(dt: Duration, s0: &HarvestStats, s: &HarvestStats) {
+    let secs = dt.as_secs_f64().max(1e-9);
+    let n = (s.harvests - s0.harvests).max(1);
+    let cost = (s.harvest_time - s0.harvest_time).as_secs_f64() * 1e6 / n as f64;
+    let _ = writeln!(
+        std::io::stderr(),
+        "smudge: dirty: {:.0} pages/s by the guest, {:.0} by the VMM; {} harvests, {:.1} us each; ring-full exits {}",
+        (s.guest_pages - s0.guest_pages) as f64 / secs,
+        (s.vmm_pages - s0.vmm_pages) as f64 / secs,
+        s.harvests - s0.harvests,
+        cost,
+        s.ring_full_exits - s0.ring_full_exits,
+    );
+}
+
+/// The dump: a header, then one extent per line as `gpa_hex pages`.
+fn write_dump(path: &Path, set: &DirtySet) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "# smudge dirty pages: guest-physical address (hex), page count; page size {}", set.page_size())?;
+    for e in set.extents() {
+        writeln!(out, "{:#x} {}", e.gpa, e.len / set.page_size())?;
+    }
+    out.flush()
+}
+
+/// Parses a dump written by [`write_dump`] into page addresses.
+pub fn read_dump(text: &str) -> Result<Vec<u64>, String> {
+    let mut pages = Vec::new();
+    let mut page_size = 4096;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix('#') {
+            if let Some(ps) = rest.rsplit("page size ").next().and_then(|v| v.trim().parse().ok()) {
+                page_size = ps;
+            }
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let (Some(a), Some(n), None) = (it.next(), it.next(), it.next()) else {
+            return Err(format!("bad dump line '{line}'"));
+        };
+        let gpa =
+            u64::from_str_radix(a.trim_start_matches("0x"), 16).map_err(|_| format!("bad address in '{line}'"))?;
+        let n: u64 = n.parse().map_err(|_| format!("bad count in '{line}'"))?;
+        pages.extend((0..n).map(|i| gpa + i * page_size));
+    }
+    Ok(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use smudge::kvm::Slot;
+
+    use super::*;
+
+    #[test]
+    fn dump_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        let mut set = DirtySet::new(&[Slot { slot: 0, gpa: 0, size: 1 << 20 }], 4096);
+        for gpa in [0x1000, 0x2000, 0x9000] {
+            assert!(set.set_gpa(gpa));
+        }
+        write_dump(&p, &set).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(read_dump(&text).unwrap(), vec![0x1000, 0x2000, 0x9000]);
+        assert!(read_dump("0x1000").is_err());
+    }
+}
