@@ -85,6 +85,11 @@ impl SlotBitmap {
         &self.words
     }
 
+    /// The word range that may hold set bits (`first..end`; empty when clean).
+    pub fn bounds(&self) -> std::ops::Range<usize> {
+        self.first.min(self.end)..self.end
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> u64 {
         self.words[self.first.min(self.end)..self.end].iter().map(|w| u64::from(w.count_ones())).sum()
@@ -145,18 +150,46 @@ impl DirtySet {
     }
 
     /// ORs a KVM-layout bitmap into slot `index`; its length must match.
-    pub fn or_words(&mut self, index: usize, words: &[u64]) -> Result<(), DirtySetError> {
+    /// Returns the number of bits set in `words`.
+    pub fn or_words(&mut self, index: usize, words: &[u64]) -> Result<u64, DirtySetError> {
         let s = self.slot_mut(index)?;
         if words.len() != s.words.len() {
             return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
         }
-        let Some(first) = words.iter().position(|&w| w != 0) else { return Ok(()) };
-        let last = words.iter().rposition(|&w| w != 0).unwrap_or(first);
-        for (d, &w) in s.words[first..=last].iter_mut().zip(&words[first..=last]) {
-            *d |= w;
+        // One pass: OR, count, and find the first and last non-zero word.
+        let (mut first, mut last, mut n) = (usize::MAX, 0usize, 0u64);
+        for (i, (d, &w)) in s.words.iter_mut().zip(words).enumerate() {
+            if w != 0 {
+                *d |= w;
+                n += u64::from(w.count_ones());
+                first = first.min(i);
+                last = i;
+            }
         }
-        s.widen(first, last + 1);
-        Ok(())
+        if n > 0 {
+            s.widen(first, last + 1);
+        }
+        Ok(n)
+    }
+
+    /// ORs the words of `words` listed in `nonzero` (ascending indices of
+    /// its non-zero words) into slot `index`: one pass over the list, not
+    /// over the slot, for every consumer a harvest feeds. Returns the bits
+    /// set.
+    pub fn or_sparse(&mut self, index: usize, words: &[u64], nonzero: &[u32]) -> Result<u64, DirtySetError> {
+        let s = self.slot_mut(index)?;
+        if words.len() != s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
+        }
+        let (Some(&first), Some(&last)) = (nonzero.first(), nonzero.last()) else { return Ok(0) };
+        let mut n = 0u64;
+        for &i in nonzero {
+            let w = words[i as usize];
+            s.words[i as usize] |= w;
+            n += u64::from(w.count_ones());
+        }
+        s.widen(first as usize, last as usize + 1);
+        Ok(n)
     }
 
     /// Marks page `page` of slot `index`; pages past the slot's end are
@@ -196,7 +229,18 @@ impl DirtySet {
     pub fn union_with(&mut self, other: &DirtySet) -> Result<(), DirtySetError> {
         for (i, s) in other.slots.iter().enumerate() {
             if s.end > s.first {
-                self.or_words(i, &s.words)?;
+                let d = self.slot_mut(i)?;
+                if d.words.len() != s.words.len() {
+                    return Err(DirtySetError::BitmapLength {
+                        slot: d.slot.slot,
+                        got: s.words.len(),
+                        want: d.words.len(),
+                    });
+                }
+                for (x, &y) in d.words[s.first..s.end].iter_mut().zip(&s.words[s.first..s.end]) {
+                    *x |= y;
+                }
+                d.widen(s.first, s.end);
             }
         }
         Ok(())
@@ -222,6 +266,13 @@ impl DirtySet {
         let mut out = DirtySet::new(&self.slots.iter().map(|s| s.slot).collect::<Vec<_>>(), self.page_size);
         std::mem::swap(self, &mut out);
         out
+    }
+
+    /// Swaps contents with `spare` (which must be empty and of the same
+    /// shape): `take` without allocating.
+    pub fn take_into(&mut self, spare: &mut DirtySet) {
+        debug_assert!(spare.is_empty());
+        std::mem::swap(self, spare);
     }
 
     /// Guest physical addresses of the dirty pages, in slot order.
@@ -324,10 +375,16 @@ mod tests {
                 covered.extend((e.gpa / PS)..((e.gpa + e.len) / PS));
             }
             prop_assert_eq!(covered, pages.iter().copied().collect::<Vec<_>>());
-            // OR-ing the words into a fresh set gives the same set
+            // OR-ing the words into a fresh set gives the same set, densely
+            // or through the list of non-zero words
             let mut e = DirtySet::new(&slots(), PS);
             e.or_words(0, d.slots()[0].words()).unwrap();
             prop_assert_eq!(e.count(), pages.len() as u64);
+            let w = d.slots()[0].words();
+            let nz: Vec<u32> = (0..w.len() as u32).filter(|&i| w[i as usize] != 0).collect();
+            let mut f = DirtySet::new(&slots(), PS);
+            prop_assert_eq!(f.or_sparse(0, w, &nz).unwrap(), pages.len() as u64);
+            prop_assert_eq!(&f, &e);
         }
     }
 }

@@ -15,7 +15,7 @@
 //! manual  KVM_GET_DIRTY_LOG       only reads; KVM_CLEAR_DIRTY_LOG on the
 //!                                 pages about to be copied re-protects  (clear_dirty_for_io)
 //! ring    read entries, mark them, KVM_RESET_DIRTY_RINGS re-protects    (in harvest)
-//! VMM     AtomicBitmap::get_and_reset (vm-memory marks after writing)   (in harvest)
+//! VMM     VmmBitmap::take_words (vm-memory marks after writing)         (in harvest)
 //! ```
 //!
 //! [`Harvester::collect`] does harvest → take → `clear_dirty_for_io`, after
@@ -36,14 +36,12 @@ use crate::kvm::dirty_log::{self, DirtyCaps};
 use crate::kvm::ring::DirtyRing;
 use crate::kvm::Slot;
 use crate::memory::GuestRam;
+use crate::vmm_bitmap::VmmBitmap;
 
-/// The full-region AtomicBitmap of a guest RAM region.
-struct MmapRegionBitmap;
-
-impl MmapRegionBitmap {
-    fn bitmap(r: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &vm_memory::bitmap::AtomicBitmap {
-        std::ops::Deref::deref(r).bitmap()
-    }
+/// The full-region VMM bitmap of a guest RAM region (the trait's
+/// `bitmap()` is a slice view).
+fn region_bitmap(r: &vm_memory::GuestRegionMmap<VmmBitmap>) -> &VmmBitmap {
+    std::ops::Deref::deref(r).bitmap()
 }
 
 /// The dirty-log mechanism asked for on the command line.
@@ -252,7 +250,14 @@ pub struct Harvester {
     rings: Vec<DirtyRing>,
     consumers: Vec<(ConsumerId, DirtySet)>,
     next_id: u64,
+    /// Ring entries gathered before they are ORed into the consumers.
     fresh: DirtySet,
+    /// Reused buffer for `KVM_GET_DIRTY_LOG`.
+    buf: Vec<u64>,
+    /// Indices of its non-zero words.
+    nonzero: Vec<u32>,
+    /// Emptied sets handed back with [`Harvester::recycle`].
+    spares: Vec<DirtySet>,
     stats: HarvestStats,
 }
 
@@ -277,6 +282,9 @@ impl Harvester {
             consumers: Vec::new(),
             next_id: 0,
             fresh,
+            buf: Vec::new(),
+            nonzero: Vec::new(),
+            spares: Vec::new(),
             stats: HarvestStats::default(),
         }
     }
@@ -312,16 +320,27 @@ impl Harvester {
     }
 
     /// Reads the whole log once and ORs it into every consumer's set.
-    /// Returns the pages this harvest reported (guest + VMM, overlaps
-    /// counted once).
+    /// Returns the pages this harvest reported (guest + VMM; a page both
+    /// wrote is counted twice).
     pub fn harvest(&mut self) -> Result<u64, HarvestError> {
         let t0 = Instant::now();
+        let mut guest = 0u64;
         match self.mechanism {
             Mechanism::Bitmap | Mechanism::Manual => {
                 for (i, s) in self.slots.iter().enumerate() {
-                    let words = dirty_log::get_dirty_log(&self.vm, s)
+                    dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
                         .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
-                    self.fresh.or_words(i, &words)?;
+                    // One scan for the non-zero words, then each consumer
+                    // ORs only those.
+                    self.nonzero.clear();
+                    self.nonzero.extend(self.buf.iter().enumerate().filter(|(_, &w)| w != 0).map(|(j, _)| j as u32));
+                    let mut counted = None;
+                    for (_, set) in &mut self.consumers {
+                        counted = Some(set.or_sparse(i, &self.buf, &self.nonzero)?);
+                    }
+                    guest += counted.unwrap_or_else(|| {
+                        self.nonzero.iter().map(|&j| u64::from(self.buf[j as usize].count_ones())).sum()
+                    });
                 }
             }
             Mechanism::Ring { .. } => {
@@ -345,32 +364,50 @@ impl Harvester {
                 if let Some(e) = bad {
                     return Err(e);
                 }
+                guest = self.fresh.count();
+                for (_, set) in &mut self.consumers {
+                    set.union_with(&self.fresh)?;
+                }
+                self.fresh.clear();
             }
         }
-        let guest = self.fresh.count();
+        let mut vmm = 0u64;
         for (i, region) in self.ram.iter().enumerate() {
-            // The whole region's AtomicBitmap (the trait's bitmap() is a slice view).
-            let words = MmapRegionBitmap::bitmap(region).get_and_reset();
-            if words.iter().any(|&w| w != 0) {
-                self.fresh.or_words(i, &words)?;
+            if let Some(words) = region_bitmap(region).take_words() {
+                for (_, set) in &mut self.consumers {
+                    set.or_words(i, &words)?;
+                }
+                vmm += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
             }
         }
-        let total = self.fresh.count();
-        for (_, set) in &mut self.consumers {
-            set.union_with(&self.fresh)?;
-        }
-        self.fresh.clear();
         self.stats.harvests += 1;
         self.stats.guest_pages += guest;
-        self.stats.vmm_pages += total - guest;
+        self.stats.vmm_pages += vmm;
         self.stats.harvest_time += t0.elapsed();
-        Ok(total)
+        Ok(guest + vmm)
     }
 
     /// The pages dirtied since `id` last took its set (as of the last
     /// harvest); its set starts empty again. `None` for an unknown consumer.
     pub fn take(&mut self, id: ConsumerId) -> Option<DirtySet> {
-        self.consumers.iter_mut().find(|(c, _)| *c == id).map(|(_, s)| s.take())
+        let mut spare = self.spares.pop();
+        let (_, set) = self.consumers.iter_mut().find(|(c, _)| *c == id)?;
+        Some(match spare.take() {
+            Some(mut s) => {
+                set.take_into(&mut s);
+                s
+            }
+            None => set.take(),
+        })
+    }
+
+    /// Hands back a set the caller is done with, so the next `take` needs no
+    /// allocation.
+    pub fn recycle(&mut self, mut set: DirtySet) {
+        if set.slots().len() == self.slots.len() && self.spares.len() < 4 {
+            set.clear();
+            self.spares.push(set);
+        }
     }
 
     /// `clear_page_dirty_for_io` for a set about to be copied: re-protects
@@ -383,8 +420,11 @@ impl Harvester {
         }
         for (s, bm) in self.slots.iter().zip(set.slots()) {
             let words = bm.words();
-            let Some(first) = words.iter().position(|&w| w != 0) else { continue };
-            let last = words.iter().rposition(|&w| w != 0).unwrap_or(first);
+            let b = bm.bounds();
+            if b.is_empty() {
+                continue;
+            }
+            let (first, last) = (b.start, b.end - 1);
             let slot_pages = s.size / self.page_size;
             let first_page = first as u64 * 64;
             let num_pages = (((last as u64 + 1) * 64).min(slot_pages) - first_page) as u32;
@@ -402,6 +442,36 @@ impl Harvester {
         let set = self.take(id).unwrap_or_else(|| DirtySet::new(&self.slots, self.page_size));
         self.clear_dirty_for_io(&set)?;
         Ok(set)
+    }
+
+    /// Benchmark baseline: the bare KVM ioctls of one harvest — fetch and
+    /// re-protect, with no set building, no VMM bitmap, no consumers.
+    /// The pages it reads are handed to nobody: every consumer loses them,
+    /// so use it only to measure. Returns the pages KVM reported.
+    pub fn discard_log_for_benchmark(&mut self) -> Result<u64, HarvestError> {
+        let mut n = 0u64;
+        match self.mechanism {
+            Mechanism::Bitmap | Mechanism::Manual => {
+                for s in &self.slots {
+                    dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
+                        .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
+                    n += self.buf.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+                    if self.mechanism == Mechanism::Manual {
+                        let pages = (s.size / self.page_size) as u32;
+                        dirty_log::clear_dirty_log(&self.vm, s, 0, pages, &self.buf).map_err(|source| {
+                            HarvestError::ClearLog { slot: s.slot, first_page: 0, num_pages: pages, source }
+                        })?;
+                    }
+                }
+            }
+            Mechanism::Ring { .. } => {
+                for r in &mut self.rings {
+                    n += u64::from(r.harvest(|_, _| {}));
+                }
+                dirty_log::reset_dirty_rings(&self.vm).map_err(HarvestError::ResetRings)?;
+            }
+        }
+        Ok(n)
     }
 
     /// A vCPU's ring filled (`KVM_EXIT_DIRTY_RING_FULL`): harvest so it can

@@ -13,5 +13,6 @@ pub mod harvest;
 pub mod kvm;
 pub mod memory;
 pub mod sink;
+pub mod vmm_bitmap;
 
 pub use guest_abi;

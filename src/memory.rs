@@ -1,5 +1,5 @@
 //! Guest RAM backed by a file: open or create it at an exact size, map it
-//! `MAP_SHARED` through vm-memory with an `AtomicBitmap`, so every write the
+//! `MAP_SHARED` through vm-memory with an `VmmBitmap`, so every write the
 //! VMM makes through vm-memory is logged (DESIGN.md invariant 2).
 
 use std::fs::{File, OpenOptions};
@@ -7,12 +7,12 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::vmm_bitmap::VmmBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Guest memory as the VMM and the library see it: mmap-backed regions with
 /// a VMM-side dirty bitmap.
-pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
+pub type GuestRam = GuestMemoryMmap<VmmBitmap>;
 
 /// Why the backing file or its mapping could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -233,9 +233,9 @@ impl BackingFile {
         Ok(())
     }
 
-    fn map_region(&self, r: RamRegion, hugepages: bool) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
+    fn map_region(&self, r: RamRegion, hugepages: bool) -> Result<GuestRegionMmap<VmmBitmap>, MemoryError> {
         let file = self.file.try_clone().map_err(|source| MemoryError::Open { path: self.path.clone(), source })?;
-        let region = MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(file, r.file_offset), r.len as usize)
+        let region = MmapRegion::<VmmBitmap>::from_file(FileOffset::new(file, r.file_offset), r.len as usize)
             .map_err(|source| MemoryError::Map { size: r.len, source })?;
         if hugepages {
             // SAFETY: the range is exactly the mapping vm-memory just made and

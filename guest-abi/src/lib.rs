@@ -55,6 +55,10 @@ pub const LOW_RAM_LIMIT: u64 = 3 << 30;
 pub const COM1_PORT: u16 = 0x3f8;
 /// I/O port of the exit device (QEMU's isa-debug-exit convention).
 pub const EXIT_PORT: u16 = 0xf4;
+/// I/O port the guest writes its pass number to after each pass when
+/// `sync=1` (smudge's benchmarks time passes and harvest there; a VMM that
+/// does not know it must ignore it, not stop the guest).
+pub const SYNC_PORT: u16 = 0x7f0;
 /// Magic in every stamped page (offset 24).
 pub const STAMP_MAGIC: u64 = 0x736d_7564_6765_7067; // "smudgepg"
 /// Magic of the state header page.
@@ -288,6 +292,9 @@ pub struct Config {
     pub offset: u64,
     /// `stride`: consecutive pages per run.
     pub run: u64,
+    /// After each pass of `seq`/`stride`, write the pass number to
+    /// [`SYNC_PORT`] (the VMM may measure or harvest while the vCPU waits).
+    pub sync: bool,
     /// Run `verify` after the workload.
     pub verify: bool,
     /// TSC frequency in kHz (the VMM passes it; needed for `ms` and `rate`).
@@ -317,6 +324,7 @@ impl Default for Config {
             stride: 64,
             offset: 0,
             run: 1,
+            sync: false,
             verify: false,
             tsc_khz: 0,
             wipe: false,
@@ -385,6 +393,7 @@ impl Config {
                 "offset" => c.offset = num()?,
                 "run" => c.run = num()?.max(1),
                 "verify" => c.verify = flag()?,
+                "sync" => c.sync = flag()?,
                 "tsc_khz" => c.tsc_khz = num()?,
                 "wipe" => c.wipe = flag()?,
                 "poke" => c.poke = Some(u16::try_from(num()?).map_err(|_| CmdlineError::BadValue(word))?),

@@ -26,6 +26,14 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
+/// Writes a 32-bit value to `port`.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: an `out`, trapped and performed by the #GP handler.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, nomem, preserves_flags));
+    }
+}
+
 /// Raises #UD (the fault handler exits with status 0x20 + 6).
 pub fn ud2() {
     // SAFETY: ud2 faults; the handler never returns here.

@@ -172,6 +172,9 @@ fn seq(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
         }
         n += ws.pages;
         pass += 1;
+        if c.sync {
+            crate::io::outl(guest_abi::SYNC_PORT, pass as u32);
+        }
     }
     n
 }
@@ -185,6 +188,9 @@ fn stride(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
             n += 1;
         }
         pass += 1;
+        if c.sync {
+            crate::io::outl(guest_abi::SYNC_PORT, pass as u32);
+        }
     }
     n
 }

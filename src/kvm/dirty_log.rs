@@ -5,21 +5,22 @@
 use std::io;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 
-use self::nr::{KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS};
+use self::nr::{KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG, KVM_RESET_DIRTY_RINGS};
 use super::Slot;
 
 /// The ioctl numbers kvm-ioctls does not define.
 #[allow(missing_docs)]
 mod nr {
-    use kvm_bindings::{kvm_clear_dirty_log, KVMIO};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+    use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, KVMIO};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
     ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
     ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 }
@@ -72,9 +73,25 @@ pub fn enable_ring(vm: &VmFd, bytes: u32, acq_rel: bool) -> io::Result<()> {
     vm.enable_cap(&cap).map_err(errno)
 }
 
-/// `KVM_GET_DIRTY_LOG` for `slot`: with manual protect it only reads.
-pub fn get_dirty_log(vm: &VmFd, slot: &Slot) -> io::Result<Vec<u64>> {
-    vm.get_dirty_log(slot.slot, slot.size as usize).map_err(errno)
+/// `KVM_GET_DIRTY_LOG` for `slot` into `buf` (resized to the slot's
+/// words, reused across calls: no allocation per harvest). With manual
+/// protect it only reads.
+pub fn get_dirty_log_into(vm: &VmFd, slot: &Slot, page_size: u64, buf: &mut Vec<u64>) -> io::Result<()> {
+    let words = (slot.size.div_ceil(page_size)).div_ceil(64) as usize;
+    buf.resize(words, 0);
+    let arg = kvm_dirty_log {
+        slot: slot.slot,
+        padding1: 0,
+        __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: buf.as_mut_ptr().cast() },
+    };
+    // SAFETY: `buf` holds one bit per page of the slot (KVM writes exactly
+    // that many, rounded up to 64-bit words) and outlives the call.
+    let r = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `KVM_CLEAR_DIRTY_LOG`: clears and write-protects the pages of `slot`

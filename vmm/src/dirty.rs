@@ -134,12 +134,15 @@ impl Tracking {
         };
         let stats = h.stats();
         drop(h);
-        if let Some(t) = total {
-            self.run_total.union_with(&t).map_err(HarvestError::from)?;
+        if let Some(t) = &total {
+            self.run_total.union_with(t).map_err(HarvestError::from)?;
         }
-        if let (Some((_, img)), Some(set)) = (&mut self.shadow, shadow_set) {
-            self.shadow_bytes += img.write_set(&self.ram, &set)?;
+        if let (Some((_, img)), Some(set)) = (&mut self.shadow, &shadow_set) {
+            self.shadow_bytes += img.write_set(&self.ram, set)?;
         }
+        let mut h = lock(&self.harvester);
+        total.into_iter().chain(shadow_set).for_each(|s| h.recycle(s));
+        drop(h);
         if let Some(every) = self.stats_interval {
             let (t0, s0) = self.last_stats;
             let dt = t0.elapsed();

@@ -54,7 +54,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Bench(args) => {
             let report = match args.name.as_str() {
                 "boot" => bench::boot::run(&args)?,
-                other => anyhow::bail!("unknown benchmark '{other}' (available: boot)"),
+                "harvest" => bench::harvest::run(&args)?,
+                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest)"),
             };
             report.print(args.json)?;
             Ok(0)
@@ -90,6 +91,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         hugepages: args.hugepages,
         dirty_log: (!args.no_dirty_log).then_some(args.dirty_log),
         ring_entries: args.ring_entries,
+        on_sync: None,
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {
             shadow: args.shadow.clone(),

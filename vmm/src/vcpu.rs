@@ -83,7 +83,6 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, id: u8, boot: &BootEntry) -> Result<(), Vcpu
 }
 
 /// What the vCPU threads and the main loop share.
-#[derive(Debug)]
 pub struct Shared {
     /// Set when every vCPU must leave its loop.
     pub stop: AtomicBool,
@@ -96,6 +95,22 @@ pub struct Shared {
     /// The dirty log, when on (a full dirty ring is harvested from the vCPU
     /// thread that hit it).
     pub harvester: Option<Arc<Mutex<Harvester>>>,
+    /// Called on the vCPU thread at each guest sync point (benchmarks).
+    pub on_sync: Option<SyncHook>,
+}
+
+/// A callback for guest sync points: the pass number and the harvester.
+/// The vCPU that reached the sync point waits until it returns.
+pub type SyncHook = Arc<dyn Fn(u32, Option<&Arc<Mutex<Harvester>>>) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("stop", &self.stop)
+            .field("outcome", &self.outcome)
+            .field("on_sync", &self.on_sync.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -116,6 +131,7 @@ impl Shared {
 enum Step {
     Continue,
     RingFull,
+    Sync(u32),
     Stop(Outcome),
     UnknownPort(u16, bool),
     NeedRip(fn(u64) -> Outcome),
@@ -128,6 +144,7 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
             Ok(VcpuExit::IoOut(port, data)) => match shared.bus.write(port, data) {
                 PortAction::Continue => Step::Continue,
                 PortAction::GuestExit(s) => Step::Stop(Outcome::GuestExit(s)),
+                PortAction::Sync(pass) => Step::Sync(pass),
                 PortAction::Unknown => Step::UnknownPort(port, true),
             },
             Ok(VcpuExit::IoIn(port, data)) => match shared.bus.read(port, data) {
@@ -160,6 +177,11 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
         let rip = || vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
         match step {
             Step::Continue => {}
+            Step::Sync(pass) => {
+                if let Some(f) = &shared.on_sync {
+                    f(pass, shared.harvester.as_ref());
+                }
+            }
             Step::RingFull => {
                 let r = match &shared.harvester {
                     Some(h) => h.lock().unwrap_or_else(|p| p.into_inner()).on_ring_full().map_err(|e| e.to_string()),

@@ -21,7 +21,7 @@ use crate::devices::{PortBus, SerialConsole};
 use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook};
 use crate::outcome::Outcome;
-use crate::vcpu::{self, Shared, VcpuError};
+use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 
 /// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
 pub const MIN_MEM: u64 = 8 << 20;
@@ -55,6 +55,8 @@ pub struct VmConfig {
     pub hide_caps: Vec<String>,
     /// Consumers of the dirty log.
     pub dirty: DirtyOptions,
+    /// Called at guest sync points (benchmarks).
+    pub on_sync: Option<SyncHook>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -287,6 +289,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         exit_evt: exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
         bus: PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
         harvester: harvester.clone(),
+        on_sync: cfg.on_sync.clone(),
     });
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
 

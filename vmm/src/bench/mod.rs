@@ -1,4 +1,5 @@
 //! Benchmarks (`smudge bench <name>`), reported per ../shared/BENCH.md.
 
 pub mod boot;
+pub mod harvest;
 pub mod report;

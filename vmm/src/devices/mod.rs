@@ -5,7 +5,7 @@ pub mod serial;
 
 use std::sync::Mutex;
 
-use guest_abi::{COM1_PORT, EXIT_PORT};
+use guest_abi::{COM1_PORT, EXIT_PORT, SYNC_PORT};
 
 pub use serial::SerialConsole;
 
@@ -16,6 +16,8 @@ pub enum PortAction {
     Continue,
     /// The guest wrote its exit status.
     GuestExit(u8),
+    /// The guest reached a sync point (`sync=1`), with its pass number.
+    Sync(u32),
     /// The port belongs to no device.
     Unknown,
 }
@@ -44,6 +46,11 @@ impl PortBus {
             PortAction::Continue
         } else if port == EXIT_PORT {
             PortAction::GuestExit(data.first().copied().unwrap_or(0))
+        } else if port == SYNC_PORT {
+            let mut v = [0u8; 4];
+            let n = data.len().min(4);
+            v[..n].copy_from_slice(&data[..n]);
+            PortAction::Sync(u32::from_le_bytes(v))
         } else {
             PortAction::Unknown
         }
