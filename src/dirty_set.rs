@@ -95,6 +95,11 @@ impl SlotBitmap {
         self.words[self.first.min(self.end)..self.end].iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Whether page `page` (within the slot) is set.
+    pub fn contains_page(&self, page: u64) -> bool {
+        self.words.get((page / 64) as usize).is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
     /// Page indices (within the slot) of set bits, in order.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
         let lo = self.first.min(self.end);
@@ -246,6 +251,22 @@ impl DirtySet {
         Ok(())
     }
 
+    /// Removes every page of `other` (same slots) from `self`; returns how
+    /// many were removed.
+    pub fn subtract(&mut self, other: &DirtySet) -> u64 {
+        let mut removed = 0;
+        for (d, o) in self.slots.iter_mut().zip(&other.slots) {
+            let r = o.bounds();
+            let lo = r.start.max(d.first.min(d.end));
+            let hi = r.end.min(d.end);
+            for i in lo..hi.max(lo) {
+                removed += u64::from((d.words[i] & o.words[i]).count_ones());
+                d.words[i] &= !o.words[i];
+            }
+        }
+        removed
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> u64 {
         self.slots.iter().map(SlotBitmap::count).sum()
@@ -351,6 +372,11 @@ mod tests {
         assert!(d.is_empty());
         assert_eq!(t.gpas().collect::<Vec<_>>(), vec![64 * PS, 66 * PS, (192 + 7) * PS]);
         let mut u = t.clone();
+        let mut minus = DirtySet::new(&slots(), PS);
+        minus.set_page(0, 66).unwrap();
+        minus.set_page(0, 70).unwrap();
+        assert_eq!(u.subtract(&minus), 1);
+        assert_eq!(u.gpas().collect::<Vec<_>>(), vec![64 * PS, (192 + 7) * PS]);
         u.clear();
         assert!(u.is_empty() && u.count() == 0 && u.extents().is_empty());
     }

@@ -14,5 +14,6 @@ pub mod kvm;
 pub mod memory;
 pub mod sink;
 pub mod vmm_bitmap;
+pub mod writeback;
 
 pub use guest_abi;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use smudge::dirty_set::DirtySet;
 use smudge::harvest::{ConsumerId, HarvestError, HarvestStats, Harvester, Mechanism};
 use smudge::memory::GuestRam;
-use smudge::sink::{ImageFile, SinkError};
+use smudge::sink::{ImageFile, Sink, SinkError};
 
 /// What the user asked the run to do with the dirty log.
 #[derive(Debug, Clone, Default)]
