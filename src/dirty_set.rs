@@ -197,6 +197,54 @@ impl DirtySet {
         Ok(n)
     }
 
+    /// Like [`or_sparse`](Self::or_sparse), leaving out the bits of `mask`.
+    pub fn or_sparse_masked(
+        &mut self,
+        index: usize,
+        words: &[u64],
+        nonzero: &[u32],
+        mask: &[u64],
+    ) -> Result<u64, DirtySetError> {
+        let s = self.slot_mut(index)?;
+        if words.len() != s.words.len() || mask.len() != s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
+        }
+        let (mut first, mut last, mut n) = (usize::MAX, 0usize, 0u64);
+        for &i in nonzero {
+            let i = i as usize;
+            let w = words[i] & !mask[i];
+            if w != 0 {
+                s.words[i] |= w;
+                n += u64::from(w.count_ones());
+                first = first.min(i);
+                last = i;
+            }
+        }
+        if n > 0 {
+            s.widen(first, last + 1);
+        }
+        Ok(n)
+    }
+
+    /// Like [`or_sparse`](Self::or_sparse), but returns only the bits that
+    /// were not already set.
+    pub fn or_sparse_new(&mut self, index: usize, words: &[u64], nonzero: &[u32]) -> Result<u64, DirtySetError> {
+        let s = self.slot_mut(index)?;
+        if words.len() != s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
+        }
+        let (Some(&first), Some(&last)) = (nonzero.first(), nonzero.last()) else { return Ok(0) };
+        let mut n = 0u64;
+        for &i in nonzero {
+            let w = words[i as usize];
+            let d = &mut s.words[i as usize];
+            n += u64::from((w & !*d).count_ones());
+            *d |= w;
+        }
+        s.widen(first as usize, last as usize + 1);
+        Ok(n)
+    }
+
     /// Marks page `page` of slot `index`; pages past the slot's end are
     /// refused (false), never silently dropped.
     pub fn set_page(&mut self, index: usize, page: u64) -> Result<bool, DirtySetError> {

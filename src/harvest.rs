@@ -258,6 +258,10 @@ pub struct Harvester {
     nonzero: Vec<u32>,
     /// Emptied sets handed back with [`Harvester::recycle`].
     spares: Vec<DirtySet>,
+    /// Manual mode: pages KVM reported that nobody has re-protected yet. KVM
+    /// reports them at every harvest; only the first report counts as newly
+    /// dirtied in the stats (consumers still get every report).
+    reported: DirtySet,
     stats: HarvestStats,
 }
 
@@ -272,6 +276,7 @@ impl Harvester {
         page_size: u64,
     ) -> Self {
         let fresh = DirtySet::new(&slots, page_size);
+        let reported = DirtySet::new(&slots, page_size);
         Harvester {
             vm,
             mechanism,
@@ -285,6 +290,7 @@ impl Harvester {
             buf: Vec::new(),
             nonzero: Vec::new(),
             spares: Vec::new(),
+            reported,
             stats: HarvestStats::default(),
         }
     }
@@ -323,6 +329,12 @@ impl Harvester {
     /// Returns the pages this harvest reported (guest + VMM; a page both
     /// wrote is counted twice).
     pub fn harvest(&mut self) -> Result<u64, HarvestError> {
+        self.harvest_with(None)
+    }
+
+    /// [`harvest`](Self::harvest), except that `owner`'s consumer does not
+    /// get the pages of `mask` (it is about to clear and copy them itself).
+    fn harvest_with(&mut self, owner: Option<(ConsumerId, &DirtySet)>) -> Result<u64, HarvestError> {
         let t0 = Instant::now();
         let mut guest = 0u64;
         match self.mechanism {
@@ -334,13 +346,21 @@ impl Harvester {
                     // ORs only those.
                     self.nonzero.clear();
                     self.nonzero.extend(self.buf.iter().enumerate().filter(|(_, &w)| w != 0).map(|(j, _)| j as u32));
-                    let mut counted = None;
-                    for (_, set) in &mut self.consumers {
-                        counted = Some(set.or_sparse(i, &self.buf, &self.nonzero)?);
+                    for (c, set) in &mut self.consumers {
+                        match owner {
+                            Some((o, mask)) if o == *c => {
+                                set.or_sparse_masked(i, &self.buf, &self.nonzero, mask.slots()[i].words())?;
+                            }
+                            _ => {
+                                set.or_sparse(i, &self.buf, &self.nonzero)?;
+                            }
+                        }
                     }
-                    guest += counted.unwrap_or_else(|| {
+                    guest += if self.mechanism == Mechanism::Manual {
+                        self.reported.or_sparse_new(i, &self.buf, &self.nonzero)?
+                    } else {
                         self.nonzero.iter().map(|&j| u64::from(self.buf[j as usize].count_ones())).sum()
-                    });
+                    };
                 }
             }
             Mechanism::Ring { .. } => {
@@ -414,7 +434,23 @@ impl Harvester {
     /// exactly its pages (manual mode: `KVM_CLEAR_DIRTY_LOG` over the 64-page
     /// chunks that hold them, with the set's own bits as the mask). In bitmap
     /// and ring mode the harvest already re-protected them.
-    pub fn clear_dirty_for_io(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
+    ///
+    /// In manual mode a page of `set` may have been written since the last
+    /// harvest; clearing its log bit would hide that write from every other
+    /// consumer. So the log is harvested first, under the same lock, and
+    /// only then cleared. `owner` (the consumer the set came from) does not
+    /// get the set's own pages back: it copies them after this call.
+    pub fn clear_dirty_for_io(&mut self, owner: Option<ConsumerId>, set: &DirtySet) -> Result<(), HarvestError> {
+        if self.mechanism != Mechanism::Manual {
+            return Ok(());
+        }
+        self.harvest_with(owner.map(|o| (o, set)))?;
+        self.clear_harvested(set)
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG for `set`, which the caller took from a harvest
+    /// made under the same `&mut self` borrow (no write can be missed).
+    fn clear_harvested(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
         if self.mechanism != Mechanism::Manual {
             return Ok(());
         }
@@ -432,6 +468,7 @@ impl Harvester {
                 .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
             self.stats.clear_calls += 1;
         }
+        self.reported.subtract(set);
         Ok(())
     }
 
@@ -440,7 +477,7 @@ impl Harvester {
     pub fn collect(&mut self, id: ConsumerId) -> Result<DirtySet, HarvestError> {
         self.harvest()?;
         let set = self.take(id).unwrap_or_else(|| DirtySet::new(&self.slots, self.page_size));
-        self.clear_dirty_for_io(&set)?;
+        self.clear_harvested(&set)?;
         Ok(set)
     }
 

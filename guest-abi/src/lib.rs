@@ -297,6 +297,8 @@ pub struct Config {
     pub sync: bool,
     /// Run `verify` after the workload.
     pub verify: bool,
+    /// Spin this many milliseconds (writing nothing) before exiting.
+    pub linger: u64,
     /// TSC frequency in kHz (the VMM passes it; needed for `ms` and `rate`).
     pub tsc_khz: u64,
     /// Start from a blank state: zero the generation table and every
@@ -326,6 +328,7 @@ impl Default for Config {
             run: 1,
             sync: false,
             verify: false,
+            linger: 0,
             tsc_khz: 0,
             wipe: false,
             poke: None,
@@ -394,6 +397,7 @@ impl Config {
                 "run" => c.run = num()?.max(1),
                 "verify" => c.verify = flag()?,
                 "sync" => c.sync = flag()?,
+                "linger" => c.linger = num()?,
                 "tsc_khz" => c.tsc_khz = num()?,
                 "wipe" => c.wipe = flag()?,
                 "poke" => c.poke = Some(u16::try_from(num()?).map_err(|_| CmdlineError::BadValue(word))?),

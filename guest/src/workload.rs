@@ -154,10 +154,15 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
         (us * 1000).checked_div(written).unwrap_or(0),
         header.writes
     );
-    if c.workload == Workload::Verify || c.verify {
-        return verify(&ws, con);
+    let st = if c.workload == Workload::Verify || c.verify { verify(&ws, con) } else { status::OK };
+    if c.linger > 0 {
+        let _ = writeln!(con, "lingering {} ms", c.linger);
+        let end = rdtsc() + c.linger * c.tsc_khz.max(1);
+        while rdtsc() < end {
+            core::hint::spin_loop();
+        }
     }
-    status::OK
+    st
 }
 
 fn seq(ws: &Ws, c: &Config, clock: &Clock) -> u64 {

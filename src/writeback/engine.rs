@@ -65,7 +65,8 @@ impl DirtyLog for HarvesterLog {
     }
 
     fn clear_dirty_for_io(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
-        self.lock().clear_dirty_for_io(set)
+        let id = self.id;
+        self.lock().clear_dirty_for_io(Some(id), set)
     }
 
     fn recycle(&mut self, set: DirtySet) {
@@ -149,6 +150,8 @@ pub struct WritebackStats {
     pub write_errors: u64,
     /// Age of the oldest dirty page, ms (0 when none).
     pub oldest_dirty_ms: u64,
+    /// Longest write pass so far, ms (the "+ one pass" of the expiry bound).
+    pub max_pass_ms: u64,
 }
 
 /// Why a pass or a sync could not do its job.
@@ -282,7 +285,9 @@ impl Writeback {
         self.states.start_writeback(&set);
         self.stats.nr_writeback = n;
         self.stats.passes += 1;
+        let t0 = self.clock.now_ms();
         let r = self.sink.write_set(&self.ram, &set);
+        self.stats.max_pass_ms = self.stats.max_pass_ms.max(self.clock.now_ms().saturating_sub(t0));
         self.stats.nr_writeback = 0;
         match r {
             Ok(bytes) => {
@@ -307,7 +312,7 @@ impl Writeback {
     pub fn flush(&mut self, policy: &WritebackPolicy) -> Result<FlushReport, WritebackError> {
         let absorbed = self.absorb()?;
         let now = self.clock.now_ms();
-        let expire = policy.dirty_expire.as_millis() as u64;
+        let expire = u64::try_from(policy.dirty_expire.as_millis()).unwrap_or(u64::MAX);
         let expired_written = match now.checked_sub(expire) {
             Some(before) => self.write_pages(&WritebackControl::expired(before))?,
             None => 0,
@@ -322,6 +327,22 @@ impl Writeback {
     /// Whether dirty memory is above the hard limit (throttle the vCPUs).
     pub fn over_limit(&self, policy: &WritebackPolicy) -> bool {
         self.states.nr_dirty() > policy.limit.pages(self.ram_bytes, self.page_size)
+    }
+
+    /// Above the hard limit: absorb, then write the oldest pages down to
+    /// the background threshold or half the limit, whichever is lower
+    /// (what `balance_dirty_pages` waits for). Returns pages written.
+    pub fn balance(&mut self, policy: &WritebackPolicy) -> Result<u64, WritebackError> {
+        self.absorb()?;
+        let target = policy
+            .background
+            .pages(self.ram_bytes, self.page_size)
+            .min(policy.limit.pages(self.ram_bytes, self.page_size) / 2);
+        let dirty = self.states.nr_dirty();
+        if dirty <= target {
+            return Ok(0);
+        }
+        self.write_pages(&WritebackControl::oldest(dirty - target))
     }
 
     /// WB_SYNC_ALL: writes every page dirty now (tagged first, so it ends

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use smudge::harvest::DirtyLogMode;
+use smudge::writeback::Threshold;
 
 /// smudge: a small VMM for hypervisor-level dirty-page logging with KVM.
 #[derive(Debug, Parser)]
@@ -18,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest on file-backed shared RAM with dirty logging on.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the bundled guest ELF to a file (to boot it under QEMU, say).
     ExportGuest {
         /// Where to write the ELF.
@@ -80,6 +81,26 @@ pub struct RunArgs {
     /// Print dirty rate and harvest cost every this many seconds.
     #[arg(long)]
     pub stats_interval: Option<f64>,
+    /// No writeback engine: the backing file is left to the host kernel.
+    #[arg(long)]
+    pub no_writeback: bool,
+    /// Flusher period in milliseconds (the kernel's dirty_writeback).
+    #[arg(long, default_value_t = 250)]
+    pub dirty_writeback_ms: u64,
+    /// Write pages back once dirty this long, in milliseconds (dirty_expire).
+    #[arg(long, default_value_t = 5000)]
+    pub dirty_expire_ms: u64,
+    /// Start writing the oldest pages above this much dirty memory: bytes
+    /// (64M) or percent of RAM (10%).
+    #[arg(long, default_value = "10%")]
+    pub dirty_background: Threshold,
+    /// Throttle the vCPUs above this much dirty memory (bytes or percent).
+    #[arg(long, default_value = "40%")]
+    pub dirty_limit: Threshold,
+    /// Also run a full sync (every dirty page + fdatasync) this often, in
+    /// milliseconds; 0: only at the end of the run.
+    #[arg(long, default_value_t = 0)]
+    pub sync_every_ms: u64,
     /// Treat a KVM capability as absent (manual, ring); repeatable.
     #[arg(long, hide = true)]
     pub hide_cap: Vec<String>,

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use smudge::dirty_set::DirtySet;
 use smudge::harvest::{ConsumerId, HarvestError, HarvestStats, Harvester, Mechanism};
@@ -28,7 +28,7 @@ pub struct DirtyOptions {
 impl DirtyOptions {
     /// Whether anything needs a harvest at every tick.
     pub fn periodic(&self) -> bool {
-        self.shadow.is_some() || self.dump.is_some() || self.stats_interval.is_some()
+        self.shadow.is_some() || self.dump.is_some()
     }
 }
 
@@ -75,8 +75,6 @@ pub struct Tracking {
     shadow: Option<(ConsumerId, ImageFile)>,
     shadow_bytes: u64,
     dump: Option<PathBuf>,
-    stats_interval: Option<Duration>,
-    last_stats: (Instant, HarvestStats),
 }
 
 fn lock(h: &Mutex<Harvester>) -> std::sync::MutexGuard<'_, Harvester> {
@@ -104,35 +102,22 @@ impl Tracking {
             None => None,
         };
         drop(h);
-        Ok(Tracking {
-            harvester,
-            ram,
-            summary,
-            run_total,
-            shadow,
-            shadow_bytes: 0,
-            dump: opts.dump.clone(),
-            stats_interval: opts.stats_interval,
-            last_stats: (Instant::now(), HarvestStats::default()),
-        })
+        Ok(Tracking { harvester, ram, summary, run_total, shadow, shadow_bytes: 0, dump: opts.dump.clone() })
     }
 
     /// One tick: harvest, bring the shadow up to date, print stats if due.
     pub fn tick(&mut self) -> Result<(), TrackError> {
         let mut h = lock(&self.harvester);
-        h.harvest()?;
-        let total = h.take(self.summary);
+        // collect() harvests for every consumer, so the summary's take
+        // below sees the same pages.
         let shadow_set = match &self.shadow {
-            Some((id, _)) => {
-                let set = h.take(*id);
-                if let Some(s) = &set {
-                    h.clear_dirty_for_io(s)?;
-                }
-                set
+            Some((id, _)) => Some(h.collect(*id)?),
+            None => {
+                h.harvest()?;
+                None
             }
-            None => None,
         };
-        let stats = h.stats();
+        let total = h.take(self.summary);
         drop(h);
         if let Some(t) = &total {
             self.run_total.union_with(t).map_err(HarvestError::from)?;
@@ -143,14 +128,6 @@ impl Tracking {
         let mut h = lock(&self.harvester);
         total.into_iter().chain(shadow_set).for_each(|s| h.recycle(s));
         drop(h);
-        if let Some(every) = self.stats_interval {
-            let (t0, s0) = self.last_stats;
-            let dt = t0.elapsed();
-            if dt >= every {
-                print_stats(dt, &s0, &stats);
-                self.last_stats = (Instant::now(), stats);
-            }
-        }
         Ok(())
     }
 
@@ -179,21 +156,6 @@ fn start_shadow(path: &Path, from: Option<&Path>) -> Result<(), SinkError> {
         Some(src) => std::fs::copy(src, path).map(|_| ()).map_err(err),
         None => std::fs::File::create(path).map(|_| ()).map_err(err),
     }
-}
-
-fn print_stats(dt: Duration, s0: &HarvestStats, s: &HarvestStats) {
-    let secs = dt.as_secs_f64().max(1e-9);
-    let n = (s.harvests - s0.harvests).max(1);
-    let cost = (s.harvest_time - s0.harvest_time).as_secs_f64() * 1e6 / n as f64;
-    let _ = writeln!(
-        std::io::stderr(),
-        "smudge: dirty: {:.0} pages/s by the guest, {:.0} by the VMM; {} harvests, {:.1} us each; ring-full exits {}",
-        (s.guest_pages - s0.guest_pages) as f64 / secs,
-        (s.vmm_pages - s0.vmm_pages) as f64 / secs,
-        s.harvests - s0.harvests,
-        cost,
-        s.ring_full_exits - s0.ring_full_exits,
-    );
 }
 
 /// The dump: a header, then one extent per line as `gpa_hex pages`.

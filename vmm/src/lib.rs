@@ -12,6 +12,7 @@ pub mod cli;
 pub mod devices;
 pub mod dirty;
 pub mod event_loop;
+pub mod flusher;
 pub mod guest_image;
 pub mod outcome;
 pub mod vcpu;

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
 use smudge_vmm::cli::{Cli, Command, RunArgs};
 use smudge_vmm::dirty::DirtyOptions;
+use smudge_vmm::flusher::WritebackOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
-use smudge_vmm::outcome::EXIT_SETUP;
+use smudge_vmm::outcome::{EXIT_SETUP, EXIT_WRITEBACK};
 use smudge_vmm::vm::{self, VmConfig};
 
 fn main() -> ExitCode {
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::ExportGuest { path } => {
             std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
@@ -92,6 +94,15 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         dirty_log: (!args.no_dirty_log).then_some(args.dirty_log),
         ring_entries: args.ring_entries,
         on_sync: None,
+        writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
+            policy: WritebackPolicy {
+                writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),
+                dirty_expire: Duration::from_millis(args.dirty_expire_ms),
+                background: args.dirty_background,
+                limit: args.dirty_limit,
+            },
+            sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
+        }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {
             shadow: args.shadow.clone(),
@@ -117,14 +128,35 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         None => "dirty logging off".to_string(),
     };
+    let mut code = report.outcome.exit_code();
+    let writeback = match &report.writeback {
+        Some(w) => {
+            let s = &w.stats;
+            let sync = match &w.final_sync {
+                Ok(n) => format!("final sync wrote {n} pages"),
+                Err(e) => {
+                    code = code.max(EXIT_WRITEBACK);
+                    format!("FINAL SYNC FAILED: {e}")
+                }
+            };
+            format!(
+                "; writeback: {} pages written ({} MiB), {} errors, {sync}, throttled {} ms",
+                s.nr_written,
+                s.bytes_written >> 20,
+                s.write_errors,
+                w.throttled.as_millis()
+            )
+        }
+        None => String::new(),
+    };
     let _ = writeln!(
         std::io::stderr(),
-        "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}",
+        "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}{writeback}",
         report.outcome,
         report.elapsed.as_secs_f64(),
         args.mem_size >> 20,
         args.mem_file.display(),
         if report.created_mem_file { " (created)" } else { "" },
     );
-    Ok(report.outcome.exit_code())
+    Ok(code)
 }

@@ -13,6 +13,9 @@ pub const EXIT_GUEST_CRASH: u8 = 102;
 pub const EXIT_TIMEOUT: u8 = 103;
 /// KVM reported an internal error or failed to enter the guest.
 pub const EXIT_KVM: u8 = 104;
+/// The guest ran, but the final writeback of its memory failed (the data
+/// is still in the page cache; see the message).
+pub const EXIT_WRITEBACK: u8 = 105;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]

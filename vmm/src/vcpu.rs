@@ -1,8 +1,9 @@
 //! vCPUs: CPUID, the PVH entry state (32-bit protected mode, paging off,
 //! `ebx` = start_info), and the run loop each vCPU thread executes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, KVM_EXIT_DIRTY_RING_FULL, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -97,6 +98,13 @@ pub struct Shared {
     pub harvester: Option<Arc<Mutex<Harvester>>>,
     /// Called on the vCPU thread at each guest sync point (benchmarks).
     pub on_sync: Option<SyncHook>,
+    /// Time base for `throttle_until_ns`.
+    pub epoch: Instant,
+    /// vCPUs pause until this time (ns since `epoch`) when they next leave
+    /// KVM_RUN: dirty memory is over the hard limit.
+    pub throttle_until_ns: AtomicU64,
+    /// Total time vCPU threads spent throttled.
+    pub throttled_ns: AtomicU64,
 }
 
 /// A callback for guest sync points: the pass number and the harvester.
@@ -114,6 +122,55 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// New shared state.
+    pub fn new(
+        exit_evt: EventFd,
+        bus: PortBus,
+        harvester: Option<Arc<Mutex<Harvester>>>,
+        on_sync: Option<SyncHook>,
+    ) -> Self {
+        Shared {
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            exit_evt,
+            bus,
+            harvester,
+            on_sync,
+            epoch: Instant::now(),
+            throttle_until_ns: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Asks every vCPU to pause for `d` from now (the caller kicks them).
+    pub fn throttle_for(&self, d: Duration) {
+        let until = (self.epoch.elapsed() + d).as_nanos() as u64;
+        self.throttle_until_ns.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Ends a throttle early.
+    pub fn release_throttle(&self) {
+        self.throttle_until_ns.store(0, Ordering::Release);
+    }
+
+    /// Waits while a throttle is in force (called by vCPU threads between
+    /// KVM_RUNs), in short steps so a release is seen at once.
+    fn balance_dirty_pages(&self) {
+        let t0 = self.epoch.elapsed();
+        loop {
+            let now = self.epoch.elapsed();
+            let until = self.throttle_until_ns.load(Ordering::Acquire);
+            if until <= now.as_nanos() as u64 || self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)));
+        }
+        let waited = self.epoch.elapsed() - t0;
+        if waited > Duration::from_micros(100) {
+            self.throttled_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Records `o` as the run's ending (if none yet) and wakes the main loop.
     pub fn finish(&self, o: Outcome) {
         let mut g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,6 +197,7 @@ enum Step {
 /// The vCPU thread body: runs until `shared.stop`, an exit or an error.
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
+        shared.balance_dirty_pages();
         let step = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => match shared.bus.write(port, data) {
                 PortAction::Continue => Step::Continue,

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use smudge::harvest::{self, DirtyLogMode, HarvestError, Harvester, Mechanism};
+use smudge::harvest::{self, DirtyLogMode, HarvestError, HarvestStats, Harvester, Mechanism};
 use smudge::kvm::dirty_log::DirtyCaps;
 use smudge::kvm::{self, KvmError, Slot};
 use smudge::memory::{host_page_size, BackingFile, GuestRam, MemoryError};
+use smudge::sink::BackingFileSink;
+use smudge::writeback::{HarvesterLog, MonotonicClock, Writeback, WritebackStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -20,6 +22,7 @@ use crate::boot::{self, BootError};
 use crate::devices::{PortBus, SerialConsole};
 use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook};
+use crate::flusher::{Flusher, WritebackOptions};
 use crate::outcome::Outcome;
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 
@@ -57,6 +60,8 @@ pub struct VmConfig {
     pub dirty: DirtyOptions,
     /// Called at guest sync points (benchmarks).
     pub on_sync: Option<SyncHook>,
+    /// Writeback of the backing file (needs dirty logging).
+    pub writeback: Option<WritebackOptions>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -120,6 +125,8 @@ pub struct RunReport {
     pub created_mem_file: bool,
     /// The dirty log over the run, if logging was on.
     pub dirty: Option<DirtySummary>,
+    /// Writeback over the run, if it was on.
+    pub writeback: Option<WritebackSummary>,
     /// TSC frequency KVM reports, kHz.
     pub tsc_khz: Option<u32>,
 }
@@ -283,14 +290,27 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         None => None,
     };
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
-    let shared = Arc::new(Shared {
-        stop: Default::default(),
-        outcome: Mutex::new(None),
-        exit_evt: exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
-        bus: PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
-        harvester: harvester.clone(),
-        on_sync: cfg.on_sync.clone(),
-    });
+    let shared = Arc::new(Shared::new(
+        exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
+        PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
+        harvester.clone(),
+        cfg.on_sync.clone(),
+    ));
+    let flusher = match (&harvester, cfg.writeback) {
+        (Some(h), Some(opts)) => {
+            let file = backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
+            let engine = Writeback::new(
+                Box::new(HarvesterLog::new(h.clone())),
+                Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size)),
+                Arc::new(MonotonicClock::new()),
+                ram.clone(),
+                &slots,
+                host_page_size(),
+            );
+            Some(Flusher::new(engine, opts))
+        }
+        _ => None,
+    };
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
 
     let start = Instant::now();
@@ -309,6 +329,37 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             .map_err(|e| VmError::Runtime(format!("spawning vCPU thread: {e}")))?;
         threads.push(t);
     }
+    let threads = Arc::new(threads);
+    // The flusher's counters, published for the stats line.
+    let wb_stats: Arc<Mutex<Option<WritebackStats>>> = Arc::default();
+    let flusher_thread = match flusher {
+        Some(f) => {
+            let (sh, th, tick) = (
+                shared.clone(),
+                threads.clone(),
+                cfg.writeback.map_or(cfg.tick, |o| o.policy.writeback_interval.min(Duration::from_millis(100))),
+            );
+            let ws = wb_stats.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("flusher".into())
+                    .spawn(move || {
+                        f.run(
+                            sh,
+                            tick,
+                            || kick_all(&th),
+                            |s| {
+                                if let Ok(mut g) = ws.lock() {
+                                    *g = Some(s);
+                                }
+                            },
+                        )
+                    })
+                    .map_err(|e| VmError::Runtime(format!("spawning the flusher: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let mut hooks: Vec<TickHook> = Vec::new();
     if let (Some(t), true) = (&tracking, cfg.dirty.periodic()) {
         let (t, sh) = (t.clone(), shared.clone());
@@ -318,7 +369,31 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             }
         }));
     }
+    if let Some(every) = cfg.dirty.stats_interval {
+        let (h, f, sh) = (harvester.clone(), wb_stats.clone(), shared.clone());
+        let mut last = (Instant::now(), HarvestStats::default(), WritebackStats::default(), 0u64);
+        hooks.push(Box::new(move |_| {
+            if last.0.elapsed() < every {
+                return;
+            }
+            let hs = h.as_ref().map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).stats()).unwrap_or_default();
+            let ws = f.lock().ok().and_then(|g| *g);
+            let thr = sh.throttled_ns.load(Ordering::Relaxed);
+            print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w)), thr - last.3);
+            last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
+        }));
+    }
     let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks);
+    // The flusher holds a handle list too; stop it before joining vCPUs.
+    shared.stop.store(true, Ordering::Release);
+    let flusher_thread = match flusher_thread {
+        Some(t) => {
+            t.thread().unpark();
+            Some(t.join().map_err(|_| VmError::Runtime("the flusher thread panicked".into()))?)
+        }
+        None => None,
+    };
+    let threads = Arc::try_unwrap(threads).map_err(|_| VmError::Runtime("vCPU handles still shared".into()))?;
     stop_vcpus(&shared, threads);
     let elapsed = start.elapsed();
     shared.bus.flush();
@@ -343,7 +418,80 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         }
         None => None,
     };
-    Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, tsc_khz })
+    let writeback = match flusher_thread {
+        Some(f) => {
+            let (max_dirty, slices) = (f.max_dirty, f.throttle_slices);
+            let (stats, final_sync, throttled_ns) = f.finish(&shared);
+            Some(WritebackSummary {
+                stats,
+                final_sync: final_sync.map_err(|e| format!("{e:#}")),
+                throttled: Duration::from_nanos(throttled_ns),
+                throttle_slices: slices,
+                max_dirty,
+            })
+        }
+        None => None,
+    };
+    Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, writeback, tsc_khz })
+}
+
+/// What writeback did over the run.
+#[derive(Debug, Clone)]
+pub struct WritebackSummary {
+    /// Engine counters after the final sync.
+    pub stats: WritebackStats,
+    /// The final WB_SYNC_ALL + fdatasync: pages written, or why it failed.
+    pub final_sync: Result<u64, String>,
+    /// Time the vCPUs spent throttled.
+    pub throttled: Duration,
+    /// Throttle slices imposed.
+    pub throttle_slices: u64,
+    /// Most pages dirty after any flush.
+    pub max_dirty: u64,
+}
+
+/// Kicks every vCPU out of KVM_RUN (they then honour a throttle).
+fn kick_all(threads: &[JoinHandle<()>]) {
+    for t in threads {
+        if !t.is_finished() {
+            let _ = t.kill(SIGRTMIN());
+        }
+    }
+}
+
+fn print_stats(
+    dt: Duration,
+    h: (&HarvestStats, &HarvestStats),
+    w: Option<(&WritebackStats, &WritebackStats)>,
+    throttled_ns: u64,
+) {
+    use std::io::Write as _;
+    let secs = dt.as_secs_f64().max(1e-9);
+    let (h0, h1) = h;
+    let n = (h1.harvests - h0.harvests).max(1);
+    let mut line = format!(
+        "smudge: stats: dirtied {:.0} pages/s (guest {:.0}, vmm {:.0}); harvests {} at {:.1} us; ring_full {}",
+        ((h1.guest_pages + h1.vmm_pages) - (h0.guest_pages + h0.vmm_pages)) as f64 / secs,
+        (h1.guest_pages - h0.guest_pages) as f64 / secs,
+        (h1.vmm_pages - h0.vmm_pages) as f64 / secs,
+        h1.harvests - h0.harvests,
+        (h1.harvest_time - h0.harvest_time).as_secs_f64() * 1e6 / n as f64,
+        h1.ring_full_exits - h0.ring_full_exits,
+    );
+    if let Some((w0, w1)) = w {
+        line.push_str(&format!(
+            "; writeback: nr_dirty={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} syncs={} write_errors={} throttle_ms={}",
+            w1.nr_dirty,
+            w1.nr_written,
+            (w1.bytes_written - w0.bytes_written) as f64 / secs / 1e6,
+            w1.oldest_dirty_ms,
+            w1.max_pass_ms,
+            w1.syncs,
+            w1.write_errors,
+            throttled_ns / 1_000_000,
+        ));
+    }
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it returns.

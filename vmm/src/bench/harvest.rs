@@ -95,6 +95,7 @@ fn run_with_syncs(
         hide_caps: Vec::new(),
         dirty: DirtyOptions::default(),
         on_sync: Some(hook),
+        writeback: None,
         kvm_dev: "/dev/kvm".into(),
     };
     let report = vm::run(cfg)?;
