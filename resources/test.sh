@@ -28,4 +28,5 @@ cargo test --release --locked
 echo "== benchmarks, quick (keeps their code paths alive; no timing claims)"
 ./target/release/smudge bench boot --quick --json >/dev/null
 ./target/release/smudge bench harvest --quick --json >/dev/null
+./target/release/smudge bench writeback --quick --json >/dev/null
 echo "all checks passed"

@@ -128,6 +128,28 @@ pub fn ram_layout(size: u64) -> Vec<RamRegion> {
     v
 }
 
+/// `msync(MS_SYNC)` of guest RAM `[gpa, gpa + len)`, which must lie in one
+/// region: writes the shared file's pages back and waits.
+pub fn msync_range(ram: &GuestRam, gpa: u64, len: u64) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let r = ram.find_region(GuestAddress(gpa)).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off = gpa - r.start_addr().0;
+    if off.checked_add(len).is_none_or(|end| end > r.len()) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let page = host_page_size();
+    let start = off & !(page - 1);
+    // SAFETY: [start, off + len) lies inside the region's mapping (checked
+    // above), which `ram` keeps mapped; msync only asks the kernel to write
+    // those pages back.
+    let rc = unsafe { libc::msync(r.as_ptr().add(start as usize).cast(), (off + len - start) as usize, libc::MS_SYNC) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The file that holds guest RAM.
 #[derive(Debug)]
 pub struct BackingFile {

@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// milliseconds; 0: only at the end of the run.
     #[arg(long, default_value_t = 0)]
     pub sync_every_ms: u64,
+    /// Write dirty pages into this image file (at their RAM offsets) instead
+    /// of persisting the backing file in place.
+    #[arg(long)]
+    pub writeback_image: Option<PathBuf>,
     /// Treat a KVM capability as absent (manual, ring); repeatable.
     #[arg(long, hide = true)]
     pub hide_cap: Vec<String>,

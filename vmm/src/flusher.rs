@@ -13,12 +13,15 @@ use smudge::writeback::{Writeback, WritebackError, WritebackPolicy, WritebackSta
 use crate::vcpu::Shared;
 
 /// Writeback settings of a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WritebackOptions {
     /// The policy.
     pub policy: WritebackPolicy,
     /// Run a WB_SYNC_ALL + fdatasync this often (None: only at the end).
     pub sync_every: Option<Duration>,
+    /// Write pages into this image file instead of persisting the backing
+    /// file itself.
+    pub image: Option<std::path::PathBuf>,
 }
 
 /// Longest a single throttle may hold the vCPUs (the flusher releases them

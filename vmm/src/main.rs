@@ -27,10 +27,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // `run` says which dirty-log mechanism it chose; benchmarks stay quiet.
+    let default_filter = if matches!(cli.command, Command::Run(_)) { "warn,smudge_vmm::vm=info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SMUDGE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,smudge_vmm::vm=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_timer(tracing_subscriber::fmt::time::uptime())
@@ -57,7 +59,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let report = match args.name.as_str() {
                 "boot" => bench::boot::run(&args)?,
                 "harvest" => bench::harvest::run(&args)?,
-                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest)"),
+                "writeback" => bench::writeback::run(&args)?,
+                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest, writeback)"),
             };
             report.print(args.json)?;
             Ok(0)
@@ -102,6 +105,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
                 limit: args.dirty_limit,
             },
             sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
+            image: args.writeback_image.clone(),
         }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {

@@ -12,7 +12,7 @@ use smudge::harvest::{self, DirtyLogMode, HarvestError, HarvestStats, Harvester,
 use smudge::kvm::dirty_log::DirtyCaps;
 use smudge::kvm::{self, KvmError, Slot};
 use smudge::memory::{host_page_size, BackingFile, GuestRam, MemoryError};
-use smudge::sink::BackingFileSink;
+use smudge::sink::{BackingFileSink, ImageFile, Sink};
 use smudge::writeback::{HarvesterLog, MonotonicClock, Writeback, WritebackStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -296,12 +296,19 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         harvester.clone(),
         cfg.on_sync.clone(),
     ));
-    let flusher = match (&harvester, cfg.writeback) {
+    let flusher = match (&harvester, cfg.writeback.clone()) {
         (Some(h), Some(opts)) => {
-            let file = backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
+            let sink: Box<dyn Sink> = match &opts.image {
+                Some(p) => Box::new(ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?),
+                None => {
+                    let file =
+                        backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
+                    Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
+                }
+            };
             let engine = Writeback::new(
                 Box::new(HarvesterLog::new(h.clone())),
-                Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size)),
+                sink,
                 Arc::new(MonotonicClock::new()),
                 ram.clone(),
                 &slots,
@@ -337,7 +344,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             let (sh, th, tick) = (
                 shared.clone(),
                 threads.clone(),
-                cfg.writeback.map_or(cfg.tick, |o| o.policy.writeback_interval.min(Duration::from_millis(100))),
+                cfg.writeback
+                    .as_ref()
+                    .map_or(cfg.tick, |o| o.policy.writeback_interval.min(Duration::from_millis(100))),
             );
             let ws = wb_stats.clone();
             Some(

@@ -3,3 +3,4 @@
 pub mod boot;
 pub mod harvest;
 pub mod report;
+pub mod writeback;
