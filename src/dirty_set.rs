@@ -178,43 +178,29 @@ impl DirtySet {
     }
 
     /// ORs the words of `words` listed in `nonzero` (ascending indices of
-    /// its non-zero words) into slot `index`: one pass over the list, not
-    /// over the slot, for every consumer a harvest feeds. Returns the bits
-    /// set.
-    pub fn or_sparse(&mut self, index: usize, words: &[u64], nonzero: &[u32]) -> Result<u64, DirtySetError> {
-        let s = self.slot_mut(index)?;
-        if words.len() != s.words.len() {
-            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
-        }
-        let (Some(&first), Some(&last)) = (nonzero.first(), nonzero.last()) else { return Ok(0) };
-        let mut n = 0u64;
-        for &i in nonzero {
-            let w = words[i as usize];
-            s.words[i as usize] |= w;
-            n += u64::from(w.count_ones());
-        }
-        s.widen(first as usize, last as usize + 1);
-        Ok(n)
-    }
-
-    /// Like [`or_sparse`](Self::or_sparse), leaving out the bits of `mask`.
-    pub fn or_sparse_masked(
+    /// its non-zero words) into slot `index`, leaving out the bits of
+    /// `mask` if given: one pass over the list, not over the slot, for every
+    /// consumer a harvest feeds. Returns (bits ORed in, bits that were not
+    /// set before).
+    pub fn or_sparse(
         &mut self,
         index: usize,
         words: &[u64],
         nonzero: &[u32],
-        mask: &[u64],
-    ) -> Result<u64, DirtySetError> {
+        mask: Option<&[u64]>,
+    ) -> Result<(u64, u64), DirtySetError> {
         let s = self.slot_mut(index)?;
-        if words.len() != s.words.len() || mask.len() != s.words.len() {
+        if words.len() != s.words.len() || mask.is_some_and(|m| m.len() != s.words.len()) {
             return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
         }
-        let (mut first, mut last, mut n) = (usize::MAX, 0usize, 0u64);
+        let (mut first, mut last, mut n, mut new) = (usize::MAX, 0usize, 0u64, 0u64);
         for &i in nonzero {
             let i = i as usize;
-            let w = words[i] & !mask[i];
+            let w = words[i] & !mask.map_or(0, |m| m[i]);
             if w != 0 {
-                s.words[i] |= w;
+                let d = &mut s.words[i];
+                new += u64::from((w & !*d).count_ones());
+                *d |= w;
                 n += u64::from(w.count_ones());
                 first = first.min(i);
                 last = i;
@@ -223,26 +209,7 @@ impl DirtySet {
         if n > 0 {
             s.widen(first, last + 1);
         }
-        Ok(n)
-    }
-
-    /// Like [`or_sparse`](Self::or_sparse), but returns only the bits that
-    /// were not already set.
-    pub fn or_sparse_new(&mut self, index: usize, words: &[u64], nonzero: &[u32]) -> Result<u64, DirtySetError> {
-        let s = self.slot_mut(index)?;
-        if words.len() != s.words.len() {
-            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
-        }
-        let (Some(&first), Some(&last)) = (nonzero.first(), nonzero.last()) else { return Ok(0) };
-        let mut n = 0u64;
-        for &i in nonzero {
-            let w = words[i as usize];
-            let d = &mut s.words[i as usize];
-            n += u64::from((w & !*d).count_ones());
-            *d |= w;
-        }
-        s.widen(first as usize, last as usize + 1);
-        Ok(n)
+        Ok((n, new))
     }
 
     /// Marks page `page` of slot `index`; pages past the slot's end are
@@ -457,7 +424,8 @@ mod tests {
             let w = d.slots()[0].words();
             let nz: Vec<u32> = (0..w.len() as u32).filter(|&i| w[i as usize] != 0).collect();
             let mut f = DirtySet::new(&slots(), PS);
-            prop_assert_eq!(f.or_sparse(0, w, &nz).unwrap(), pages.len() as u64);
+            prop_assert_eq!(f.or_sparse(0, w, &nz, None).unwrap(), (pages.len() as u64, pages.len() as u64));
+            prop_assert_eq!(f.or_sparse(0, w, &nz, None).unwrap(), (pages.len() as u64, 0));
             prop_assert_eq!(&f, &e);
         }
     }

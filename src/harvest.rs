@@ -347,17 +347,11 @@ impl Harvester {
                     self.nonzero.clear();
                     self.nonzero.extend(self.buf.iter().enumerate().filter(|(_, &w)| w != 0).map(|(j, _)| j as u32));
                     for (c, set) in &mut self.consumers {
-                        match owner {
-                            Some((o, mask)) if o == *c => {
-                                set.or_sparse_masked(i, &self.buf, &self.nonzero, mask.slots()[i].words())?;
-                            }
-                            _ => {
-                                set.or_sparse(i, &self.buf, &self.nonzero)?;
-                            }
-                        }
+                        let mask = owner.filter(|(o, _)| o == c).map(|(_, m)| m.slots()[i].words());
+                        set.or_sparse(i, &self.buf, &self.nonzero, mask)?;
                     }
                     guest += if self.mechanism == Mechanism::Manual {
-                        self.reported.or_sparse_new(i, &self.buf, &self.nonzero)?
+                        self.reported.or_sparse(i, &self.buf, &self.nonzero, None)?.1
                     } else {
                         self.nonzero.iter().map(|&j| u64::from(self.buf[j as usize].count_ones())).sum()
                     };

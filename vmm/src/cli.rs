@@ -88,7 +88,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 250)]
     pub dirty_writeback_ms: u64,
     /// Write pages back once dirty this long, in milliseconds (dirty_expire).
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 30000)]
     pub dirty_expire_ms: u64,
     /// Start writing the oldest pages above this much dirty memory: bytes
     /// (64M) or percent of RAM (10%).
@@ -134,15 +134,7 @@ pub struct BenchArgs {
 
 /// Parses `256M`, `1G`, `4096`, `64k` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 65536)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    smudge::writeback::parse_bytes(s)
 }
 
 #[cfg(test)]

@@ -489,8 +489,10 @@ fn print_stats(
     );
     if let Some((w0, w1)) = w {
         line.push_str(&format!(
-            "; writeback: nr_dirty={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} syncs={} write_errors={} throttle_ms={}",
+            "; writeback: nr_dirty={} nr_writeback={} nr_dirtied={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} syncs={} write_errors={} throttle_ms={}",
             w1.nr_dirty,
+            w1.nr_writeback,
+            w1.nr_dirtied,
             w1.nr_written,
             (w1.bytes_written - w0.bytes_written) as f64 / secs / 1e6,
             w1.oldest_dirty_ms,
