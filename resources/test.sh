@@ -23,10 +23,14 @@ cargo clippy --release --locked --all-targets -- -D warnings
 (cd guest && cargo clippy --release --locked -- -D warnings)
 
 echo "== tests"
-cargo test --release --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release --locked --all-targets 2>&1 | tee "$log"
 
 echo "== benchmarks, quick (keeps their code paths alive; no timing claims)"
 ./target/release/smudge bench boot --quick --json >/dev/null
 ./target/release/smudge bench harvest --quick --json >/dev/null
 ./target/release/smudge bench writeback --quick --json >/dev/null
-echo "all checks passed"
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
+echo "tests: $passed passed, $failed failed"
