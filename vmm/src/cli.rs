@@ -27,6 +27,8 @@ pub enum Command {
     },
     /// Run a benchmark (see BENCH.md): `smudge bench boot [--json]`.
     Bench(BenchArgs),
+    /// Talk to a running smudge over its control socket.
+    Ctl(CtlArgs),
 }
 
 /// `smudge run`.
@@ -105,12 +107,54 @@ pub struct RunArgs {
     /// of persisting the backing file in place.
     #[arg(long)]
     pub writeback_image: Option<PathBuf>,
+    /// Serve the control API (JSON over this unix socket, mode 0600).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
     /// Treat a KVM capability as absent (manual, ring); repeatable.
     #[arg(long, hide = true)]
     pub hide_cap: Vec<String>,
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_dev: PathBuf,
+}
+
+/// `smudge ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The socket `smudge run --api-sock` serves.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// The request.
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+/// Control requests.
+#[derive(Debug, Subcommand, Clone, Copy)]
+pub enum CtlCommand {
+    /// Harvest and writeback counters (like /proc/vmstat).
+    Stats,
+    /// Write back every dirty page and fdatasync (WB_SYNC_ALL).
+    Sync,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// End the run (exit code 0).
+    Stop,
+}
+
+impl CtlCommand {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CtlCommand::Stats => "stats",
+            CtlCommand::Sync => "sync",
+            CtlCommand::Pause => "pause",
+            CtlCommand::Resume => "resume",
+            CtlCommand::Stop => "stop",
+        }
+    }
 }
 
 /// `smudge bench`.

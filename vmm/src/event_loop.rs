@@ -2,7 +2,7 @@
 //! (the hook periodic work such as a flusher plugs into) and the vCPUs'
 //! exit event.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -12,6 +12,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 /// Work to run at every tick; gets the time since the run started.
 pub type TickHook = Box<dyn FnMut(Duration) + Send>;
+
+/// A file descriptor to watch and what to do when it is readable.
+pub type Watch = (RawFd, Box<dyn FnMut() + Send>);
 
 /// Why the loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,13 +31,15 @@ struct Controller {
     start: Instant,
     timeout: Option<Duration>,
     hooks: Vec<TickHook>,
+    watches: Vec<Watch>,
     end: Option<LoopEnd>,
     ticks: u64,
 }
 
 impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.exit_evt.as_raw_fd(), self.timer.as_raw_fd()] {
+        let extra: Vec<RawFd> = self.watches.iter().map(|(fd, _)| *fd).collect();
+        for fd in [self.exit_evt.as_raw_fd(), self.timer.as_raw_fd()].into_iter().chain(extra) {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 tracing::error!("event loop: cannot watch fd {fd}: {e:?}");
                 self.end = Some(LoopEnd::VcpuExit);
@@ -56,6 +61,8 @@ impl MutEventSubscriber for Controller {
             if let Some(limit) = self.timeout.filter(|l| t >= *l) {
                 self.end.get_or_insert(LoopEnd::Timeout(limit));
             }
+        } else if let Some((_, f)) = self.watches.iter_mut().find(|(fd, _)| *fd == events.fd()) {
+            f();
         }
     }
 }
@@ -66,6 +73,7 @@ pub fn run(
     tick: Duration,
     timeout: Option<Duration>,
     hooks: Vec<TickHook>,
+    watches: Vec<Watch>,
 ) -> std::io::Result<LoopEnd> {
     let mut timer = TimerFd::new()?;
     timer.reset(tick, Some(tick))?;
@@ -75,6 +83,7 @@ pub fn run(
         start: Instant::now(),
         timeout,
         hooks,
+        watches,
         end: None,
         ticks: 0,
     };

@@ -5,7 +5,7 @@
 //! too), so waiting on disk never stalls the event loop.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smudge::writeback::{Writeback, WritebackError, WritebackPolicy, WritebackStats};
@@ -91,23 +91,30 @@ impl Flusher {
         Ok(throttle)
     }
 
+    /// A sync on request (the control API): WB_SYNC_ALL + fdatasync.
+    pub fn sync_now(&mut self) -> Result<u64, WritebackError> {
+        self.engine.sync()
+    }
+
     /// Runs on its own thread until `shared.stop`, waking every tick;
     /// `kick` pushes the vCPUs out of KVM_RUN when they must be throttled.
-    /// Returns the flusher for the final sync.
+    /// The flusher is shared so the control API can sync and read stats.
     pub fn run(
-        mut self,
+        this: Arc<Mutex<Flusher>>,
         shared: Arc<Shared>,
         tick: Duration,
         kick: impl Fn(),
         publish: impl Fn(WritebackStats),
-    ) -> Self {
+    ) {
         while !shared.stop.load(Ordering::Acquire) {
             std::thread::park_timeout(tick);
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            let r = self.tick(&shared, &kick);
-            publish(self.engine.stats());
+            let mut f = this.lock().unwrap_or_else(|p| p.into_inner());
+            let r = f.tick(&shared, &kick);
+            publish(f.engine.stats());
+            drop(f);
             match r {
                 Ok(_) => {}
                 Err(e) => {
@@ -116,7 +123,6 @@ impl Flusher {
                 }
             }
         }
-        self
     }
 
     /// The final WB_SYNC_ALL + fdatasync, once the vCPUs have stopped.

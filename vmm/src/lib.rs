@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod cli;

@@ -55,6 +55,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
         }
+        Command::Ctl(args) => {
+            let answer = smudge_vmm::api::call(&args.api_sock, &serde_json::json!({"cmd": args.cmd.name()}))?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+            Ok(if ok { 0 } else { 1 })
+        }
         Command::Bench(args) => {
             let report = match args.name.as_str() {
                 "boot" => bench::boot::run(&args)?,
@@ -97,6 +103,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         dirty_log: (!args.no_dirty_log).then_some(args.dirty_log),
         ring_entries: args.ring_entries,
         on_sync: None,
+        api_sock: args.api_sock.clone(),
         writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
             policy: WritebackPolicy {
                 writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),

@@ -52,6 +52,8 @@ pub enum Outcome {
     Timeout(Duration),
     /// KVM failed.
     KvmFailure(String),
+    /// The control API asked the run to stop.
+    Stopped,
 }
 
 impl Outcome {
@@ -64,6 +66,7 @@ impl Outcome {
             Outcome::TripleFault { .. } | Outcome::Halted { .. } => EXIT_GUEST_CRASH,
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::KvmFailure(_) => EXIT_KVM,
+            Outcome::Stopped => 0,
         }
     }
 }
@@ -89,6 +92,7 @@ impl fmt::Display for Outcome {
             }
             Outcome::Timeout(d) => write!(f, "guest still running after the {:.1} s timeout; stopped", d.as_secs_f64()),
             Outcome::KvmFailure(m) => write!(f, "KVM failure: {m}"),
+            Outcome::Stopped => write!(f, "stopped by the control API"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! vCPUs: CPUID, the PVH entry state (32-bit protected mode, paging off,
 //! `ebx` = start_info), and the run loop each vCPU thread executes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,10 @@ pub struct Shared {
     pub throttle_until_ns: AtomicU64,
     /// Total time vCPU threads spent throttled.
     pub throttled_ns: AtomicU64,
+    /// The control API asked the vCPUs to pause.
+    pause_requested: AtomicBool,
+    /// vCPU threads waiting in the pause now.
+    paused: AtomicUsize,
 }
 
 /// A callback for guest sync points: the pass number and the harvester.
@@ -139,7 +143,40 @@ impl Shared {
             epoch: Instant::now(),
             throttle_until_ns: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            pause_requested: AtomicBool::new(false),
+            paused: AtomicUsize::new(0),
         }
+    }
+
+    /// Asks the vCPUs to pause at their next exit (the caller kicks them).
+    pub fn request_pause(&self) {
+        self.pause_requested.store(true, Ordering::Release);
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.pause_requested.store(false, Ordering::Release);
+    }
+
+    /// Whether a pause is requested.
+    pub fn is_paused(&self) -> bool {
+        self.pause_requested.load(Ordering::Acquire)
+    }
+
+    /// vCPU threads parked in the pause now.
+    pub fn paused_vcpus(&self) -> usize {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    fn wait_while_paused(&self) {
+        if !self.pause_requested.load(Ordering::Acquire) {
+            return;
+        }
+        self.paused.fetch_add(1, Ordering::AcqRel);
+        while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.paused.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Asks every vCPU to pause for `d` from now (the caller kicks them).
@@ -197,7 +234,11 @@ enum Step {
 /// The vCPU thread body: runs until `shared.stop`, an exit or an error.
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
+        shared.wait_while_paused();
         shared.balance_dirty_pages();
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
         let step = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => match shared.bus.write(port, data) {
                 PortAction::Continue => Step::Continue,

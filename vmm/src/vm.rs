@@ -2,6 +2,7 @@
 //! guest loaded PVH, vCPU threads, the event loop, and an orderly stop.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -18,10 +19,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::api::{self, ApiServer};
 use crate::boot::{self, BootError};
 use crate::devices::{PortBus, SerialConsole};
 use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
-use crate::event_loop::{self, LoopEnd, TickHook};
+use crate::event_loop::{self, LoopEnd, TickHook, Watch};
 use crate::flusher::{Flusher, WritebackOptions};
 use crate::outcome::Outcome;
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
@@ -62,6 +64,8 @@ pub struct VmConfig {
     pub on_sync: Option<SyncHook>,
     /// Writeback of the backing file (needs dirty logging).
     pub writeback: Option<WritebackOptions>,
+    /// Serve the control API on this unix socket.
+    pub api_sock: Option<PathBuf>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -106,6 +110,9 @@ pub enum VmError {
     /// Dirty-log setup.
     #[error(transparent)]
     Harvest(#[from] HarvestError),
+    /// The control socket.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     /// Dirty tracking during the run.
     #[error(transparent)]
     Track(#[from] TrackError),
@@ -230,6 +237,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     let (scratch, entry) = load_into_scratch(&cfg.guest_elf, cfg.mem_size)?;
     tracing::debug!("dry run done");
 
+    let api_listener = cfg.api_sock.as_deref().map(api::bind).transpose()?;
     let backing = BackingFile::open_or_create(&cfg.mem_file, cfg.mem_size)?;
     let ram = backing.map(cfg.hugepages)?;
     tracing::debug!("mapped");
@@ -314,7 +322,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
                 &slots,
                 host_page_size(),
             );
-            Some(Flusher::new(engine, opts))
+            Some(Arc::new(Mutex::new(Flusher::new(engine, opts))))
         }
         _ => None,
     };
@@ -339,8 +347,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     let threads = Arc::new(threads);
     // The flusher's counters, published for the stats line.
     let wb_stats: Arc<Mutex<Option<WritebackStats>>> = Arc::default();
-    let flusher_thread = match flusher {
+    let flusher_thread = match &flusher {
         Some(f) => {
+            let f = f.clone();
             let (sh, th, tick) = (
                 shared.clone(),
                 threads.clone(),
@@ -353,7 +362,8 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
                 std::thread::Builder::new()
                     .name("flusher".into())
                     .spawn(move || {
-                        f.run(
+                        Flusher::run(
+                            f,
                             sh,
                             tick,
                             || kick_all(&th),
@@ -392,16 +402,27 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
         }));
     }
-    let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks);
+    let mut watches: Vec<Watch> = Vec::new();
+    if let Some(listener) = api_listener {
+        let server = Arc::new(Mutex::new(ApiServer::new(
+            listener,
+            cfg.api_sock.clone().unwrap_or_default(),
+            shared.clone(),
+            harvester.clone(),
+            flusher.clone(),
+            threads.clone(),
+            kick_all,
+        )));
+        let fd = server.lock().unwrap_or_else(|p| p.into_inner()).listener().as_raw_fd();
+        watches.push((fd, Box::new(move || server.lock().unwrap_or_else(|p| p.into_inner()).on_readable())));
+    }
+    let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks, watches);
     // The flusher holds a handle list too; stop it before joining vCPUs.
     shared.stop.store(true, Ordering::Release);
-    let flusher_thread = match flusher_thread {
-        Some(t) => {
-            t.thread().unpark();
-            Some(t.join().map_err(|_| VmError::Runtime("the flusher thread panicked".into()))?)
-        }
-        None => None,
-    };
+    if let Some(t) = flusher_thread {
+        t.thread().unpark();
+        t.join().map_err(|_| VmError::Runtime("the flusher thread panicked".into()))?;
+    }
     let threads = Arc::try_unwrap(threads).map_err(|_| VmError::Runtime("vCPU handles still shared".into()))?;
     stop_vcpus(&shared, threads);
     let elapsed = start.elapsed();
@@ -427,8 +448,12 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         }
         None => None,
     };
-    let writeback = match flusher_thread {
+    let writeback = match flusher {
         Some(f) => {
+            let f = Arc::try_unwrap(f)
+                .map_err(|_| VmError::Runtime("flusher still shared after the run".into()))?
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner());
             let (max_dirty, slices) = (f.max_dirty, f.throttle_slices);
             let (stats, final_sync, throttled_ns) = f.finish(&shared);
             Some(WritebackSummary {

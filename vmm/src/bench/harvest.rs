@@ -97,6 +97,7 @@ fn run_with_syncs(
         on_sync: Some(hook),
         writeback: None,
         kvm_dev: "/dev/kvm".into(),
+        api_sock: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

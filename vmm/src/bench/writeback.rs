@@ -171,6 +171,7 @@ fn hotcold(
         on_sync: None,
         writeback,
         kvm_dev: "/dev/kvm".into(),
+        api_sock: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

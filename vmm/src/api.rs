@@ -1,0 +1,234 @@
+//! The control API: one JSON request per connection on a unix socket
+//! (`smudge run --api-sock PATH`, created 0600), answered by the event loop.
+//! `smudge ctl` is its client.
+//!
+//! ```text
+//! client -> {"cmd": "stats"}\n
+//! server <- {"ok": true, ...}\n            or  {"ok": false, "error": "..."}\n
+//! ```
+//!
+//! Commands: `stats` (harvest and writeback counters), `sync` (every dirty
+//! page written back, then fdatasync), `pause` / `resume` (the vCPUs),
+//! `stop` (end the run; exit code 0). A malformed request gets an error
+//! answer, never a dropped connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use smudge::harvest::Harvester;
+
+use crate::flusher::Flusher;
+use crate::outcome::Outcome;
+use crate::vcpu::Shared;
+
+/// Longest request accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Something that is not a socket is in the way.
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Another smudge is listening there.
+    #[error("{0}: another process is listening on this socket")]
+    InUse(PathBuf),
+    /// bind/chmod failed.
+    #[error("{path}: cannot create the API socket")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds `path` (a stale socket left by a dead smudge is replaced).
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let err = |source| ApiError::Bind { path: path.to_path_buf(), source };
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+/// What the API acts on.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    shared: Arc<Shared>,
+    harvester: Option<Arc<Mutex<Harvester>>>,
+    flusher: Option<Arc<Mutex<Flusher>>>,
+    threads: Arc<Vec<JoinHandle<()>>>,
+    kick: fn(&[JoinHandle<()>]),
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl ApiServer {
+    /// A server on `listener` (bound at `path`).
+    pub fn new(
+        listener: UnixListener,
+        path: PathBuf,
+        shared: Arc<Shared>,
+        harvester: Option<Arc<Mutex<Harvester>>>,
+        flusher: Option<Arc<Mutex<Flusher>>>,
+        threads: Arc<Vec<JoinHandle<()>>>,
+        kick: fn(&[JoinHandle<()>]),
+    ) -> Self {
+        ApiServer { listener, path, shared, harvester, flusher, threads, kick }
+    }
+
+    /// The listening socket (for the event loop).
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// Serves every pending connection.
+    pub fn on_readable(&mut self) {
+        while let Ok((conn, _)) = self.listener.accept() {
+            if let Err(e) = self.serve(conn) {
+                tracing::warn!("control API connection: {e}");
+            }
+        }
+    }
+
+    fn serve(&mut self, conn: UnixStream) -> std::io::Result<()> {
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = String::new();
+        let mut reader = BufReader::new((&conn).take(MAX_REQUEST));
+        let answer = match reader.read_line(&mut line) {
+            Ok(_) => self.dispatch(&line),
+            Err(e) => error(format!("cannot read the request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&answer).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        (&conn).write_all(&out)
+    }
+
+    /// Answers one request line.
+    pub fn dispatch(&mut self, line: &str) -> Value {
+        let req: Value = match serde_json::from_str(line.trim()) {
+            Ok(v) => v,
+            Err(e) => return error(format!("bad request (expected JSON like {{\"cmd\":\"stats\"}}): {e}")),
+        };
+        match req.get("cmd").and_then(Value::as_str) {
+            Some("stats") => self.stats(),
+            Some("sync") => self.sync(),
+            Some("pause") => self.pause(),
+            Some("resume") => {
+                self.shared.resume();
+                json!({"ok": true, "paused": false})
+            }
+            Some("stop") => {
+                self.shared.finish(Outcome::Stopped);
+                json!({"ok": true, "stopping": true})
+            }
+            Some(other) => error(format!("unknown command '{other}' (stats, sync, pause, resume, stop)")),
+            None => error("request has no \"cmd\" string".into()),
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let mut v = json!({"ok": true, "paused": self.shared.is_paused()});
+        if let Some(h) = &self.harvester {
+            let h = h.lock().unwrap_or_else(|p| p.into_inner());
+            let s = h.stats();
+            v["dirty_log"] = json!({
+                "mechanism": h.mechanism().to_string(),
+                "harvests": s.harvests,
+                "guest_pages": s.guest_pages,
+                "vmm_pages": s.vmm_pages,
+                "harvest_us_avg": s.harvest_time.as_secs_f64() * 1e6 / s.harvests.max(1) as f64,
+                "ring_full_exits": s.ring_full_exits,
+            });
+        }
+        if let Some(f) = &self.flusher {
+            let w = f.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            v["writeback"] = json!({
+                "nr_dirty": w.nr_dirty,
+                "nr_writeback": w.nr_writeback,
+                "nr_dirtied": w.nr_dirtied,
+                "nr_written": w.nr_written,
+                "bytes_written": w.bytes_written,
+                "oldest_dirty_ms": w.oldest_dirty_ms,
+                "syncs": w.syncs,
+                "write_errors": w.write_errors,
+                "throttle_ms": self.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
+            });
+        }
+        v
+    }
+
+    fn sync(&self) -> Value {
+        let Some(f) = &self.flusher else {
+            return error("writeback is off (--no-writeback or --no-dirty-log)".into());
+        };
+        let t0 = Instant::now();
+        match f.lock().unwrap_or_else(|p| p.into_inner()).sync_now() {
+            Ok(pages) => json!({"ok": true, "pages_written": pages, "ms": t0.elapsed().as_secs_f64() * 1e3}),
+            Err(e) => error(format!("{e:#}")),
+        }
+    }
+
+    fn pause(&self) -> Value {
+        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+        self.shared.request_pause();
+        (self.kick)(&self.threads);
+        let t0 = Instant::now();
+        while self.shared.paused_vcpus() < live {
+            if t0.elapsed() > Duration::from_secs(2) {
+                return error(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
+            }
+            (self.kick)(&self.threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        json!({"ok": true, "paused": true, "vcpus": live, "ms": t0.elapsed().as_secs_f64() * 1e3})
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn error(msg: String) -> Value {
+    json!({"ok": false, "error": msg})
+}
+
+/// The client: sends `request` to the socket at `path`, returns the answer.
+pub fn call(path: &Path, request: &Value) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    let mut s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    serde_json::from_str(answer.trim()).with_context(|| format!("bad answer from smudge: '{}'", answer.trim()))
+}
