@@ -275,8 +275,11 @@ impl DirtySet {
             let lo = r.start.max(d.first.min(d.end));
             let hi = r.end.min(d.end);
             for i in lo..hi.max(lo) {
-                removed += u64::from((d.words[i] & o.words[i]).count_ones());
-                d.words[i] &= !o.words[i];
+                let o = o.words[i];
+                if o != 0 {
+                    removed += u64::from((d.words[i] & o).count_ones());
+                    d.words[i] &= !o;
+                }
             }
         }
         removed
