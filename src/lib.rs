@@ -13,6 +13,7 @@ pub mod harvest;
 pub mod kvm;
 pub mod memory;
 pub mod sink;
+pub mod snapshot;
 pub mod vmm_bitmap;
 pub mod writeback;
 

@@ -106,7 +106,7 @@ pub fn host_page_size() -> u64 {
 }
 
 /// One contiguous piece of guest RAM and where it lives in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RamRegion {
     /// Guest physical address.
     pub gpa: u64,

@@ -1,0 +1,373 @@
+//! Snapshots on disk: a directory per snapshot, committed atomically.
+//!
+//! ```text
+//! DIR/manifest.json   {"format":"smudge-snapshot","version":1,"id":…,"parent":null,
+//!                      "kind":"full","mem_size":…,"layout":[…],
+//!                      "files":{"memory.img":{"len":…,"chunk":1048576,"crc32":[…]},
+//!                               "state.json":{"len":…,"chunk":…,"crc32":[…]}}}
+//! DIR/memory.img      guest RAM at backing-file offsets, sparse (holes = zero)
+//! DIR/state.json      vCPU state (registers, FPU, MSRs, LAPIC, events)
+//! ```
+//!
+//! Every file carries a CRC-32 per 1 MiB chunk, so a corrupt byte is named
+//! by file and offset. The manifest is written last — temp file, fsync,
+//! rename, fsync of the directory — so a crash at any instant leaves either
+//! no snapshot or a complete one. Only full snapshots exist so far.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kvm::vcpu_state::VcpuState;
+use crate::memory::{ram_layout, RamRegion};
+
+/// The `format` field of every manifest.
+pub const FORMAT: &str = "smudge-snapshot";
+/// The format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// Bytes per checksum chunk.
+pub const CHUNK: u64 = 1 << 20;
+
+/// Length and chunk checksums of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    /// Length in bytes.
+    pub len: u64,
+    /// Chunk size of the checksums.
+    pub chunk: u64,
+    /// CRC-32 of each chunk, in order.
+    pub crc32: Vec<u32>,
+}
+
+/// The snapshot's table of contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// Unique id of this snapshot.
+    pub id: String,
+    /// Id of the parent snapshot (diffs; none for a full one).
+    pub parent: Option<String>,
+    /// `full`.
+    pub kind: String,
+    /// Guest RAM size.
+    pub mem_size: u64,
+    /// Guest RAM layout (guest address, file offset, length).
+    pub layout: Vec<RamRegion>,
+    /// vCPU count.
+    pub vcpus: usize,
+    /// Files and their checksums.
+    pub files: BTreeMap<String, FileSum>,
+}
+
+/// The machine state besides memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    /// One per vCPU, in order.
+    pub vcpus: Vec<VcpuState>,
+}
+
+/// Why a snapshot could not be written, checked or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The target directory is in use.
+    #[error("{0}: exists and is not empty; refusing to overwrite a snapshot")]
+    NotEmpty(PathBuf),
+    /// A file operation failed.
+    #[error("{path}: {op} failed")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file's contents do not match the manifest.
+    #[error("{path}: corrupt at offset {offset:#x}: {what}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// First offset found bad.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// The manifest is not one this code reads.
+    #[error("{path}: {what}")]
+    Unsupported {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        what: String,
+    },
+    /// The memory file to restore into exists already.
+    #[error("{0}: exists; restore makes a new memory file and will not overwrite one")]
+    MemExists(PathBuf),
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io { path: path.to_path_buf(), op, source }
+}
+
+/// The data ranges of a sparse file (`SEEK_DATA` / `SEEK_HOLE`).
+pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a file we own; it only moves our offset.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((data as u64, (hole.min(len as i64) - data) as u64));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// Copies `[off, off + len)` of `src` to the same offset of `dst` in the
+/// kernel (`copy_file_range`).
+pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let (mut a, mut b) = ((off + done) as i64, (off + done) as i64);
+        // SAFETY: both fds are open files we own; the offsets are plain
+        // integers the kernel reads and advances.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, (len - done) as usize, 0)
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early"));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn checksum_file(path: &Path) -> Result<FileSum, SnapshotError> {
+    let mut f = File::open(path).map_err(io_err(path, "open"))?;
+    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut crc32 = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK) as usize;
+        f.read_exact(&mut buf[..n]).map_err(io_err(path, "read"))?;
+        crc32.push(crc32fast::hash(&buf[..n]));
+        left -= n as u64;
+    }
+    Ok(FileSum { len, chunk: CHUNK, crc32 })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
+}
+
+/// Writes a full snapshot of guest RAM (`backing`, `mem_size` bytes, data
+/// ranges only) and `state` into `dir` (created; must be empty), and
+/// commits the manifest atomically. The caller has paused the vCPUs.
+/// Returns the manifest and the bytes of memory copied.
+pub fn write_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineState) -> Result<(Manifest, u64), SnapshotError> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_none();
+        if !empty {
+            return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+    let mem_path = dir.join("memory.img");
+    let img = OpenOptions::new().write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path, "create"))?;
+    img.set_len(mem_size).map_err(io_err(&mem_path, "size"))?;
+    let mut copied = 0;
+    for (off, len) in data_ranges(backing, mem_size).map_err(io_err(&mem_path, "SEEK_DATA on the memory file"))? {
+        copy_range(backing, &img, off, len).map_err(io_err(&mem_path, "copy_file_range"))?;
+        copied += len;
+    }
+    img.sync_data().map_err(io_err(&mem_path, "fdatasync"))?;
+    let state_path = dir.join("state.json");
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| SnapshotError::Io {
+        path: state_path.clone(),
+        op: "serialize",
+        source: io::Error::other(e),
+    })?;
+    let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
+    f.write_all(&bytes).and_then(|_| f.sync_data()).map_err(io_err(&state_path, "write"))?;
+    let mut files = BTreeMap::new();
+    files.insert("memory.img".to_string(), checksum_file(&mem_path)?);
+    files.insert("state.json".to_string(), checksum_file(&state_path)?);
+    let id = format!(
+        "{:x}-{:x}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+        std::process::id()
+    );
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        id,
+        parent: None,
+        kind: "full".into(),
+        mem_size,
+        layout: ram_layout(mem_size),
+        vcpus: state.vcpus.len(),
+        files,
+    };
+    let tmp = dir.join("manifest.json.tmp");
+    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Io {
+        path: tmp.clone(),
+        op: "serialize",
+        source: io::Error::other(e),
+    })?;
+    let mut t = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
+    t.write_all(&body).and_then(|_| t.sync_all()).map_err(io_err(&tmp, "write"))?;
+    let fin = dir.join("manifest.json");
+    std::fs::rename(&tmp, &fin).map_err(io_err(&fin, "rename"))?;
+    sync_dir(dir)?;
+    Ok((manifest, copied))
+}
+
+/// Reads and checks `dir`: format, version, every file's length and chunk
+/// checksums. Errors name the file and the first bad offset.
+pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
+    let mpath = dir.join("manifest.json");
+    let text = std::fs::read(&mpath).map_err(io_err(&mpath, "read"))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
+        path: mpath.clone(),
+        offset: e.column() as u64,
+        what: format!("not a manifest: {e}"),
+    })?;
+    if m.format != FORMAT {
+        return Err(SnapshotError::Unsupported { path: mpath, what: format!("format '{}' is not {FORMAT}", m.format) });
+    }
+    if m.version != VERSION {
+        return Err(SnapshotError::Unsupported {
+            path: mpath,
+            what: format!("format version {} (this smudge reads {VERSION})", m.version),
+        });
+    }
+    if m.kind != "full" || m.parent.is_some() {
+        return Err(SnapshotError::Unsupported { path: mpath, what: format!("snapshot kind '{}' not supported", m.kind) });
+    }
+    for name in ["memory.img", "state.json"] {
+        let want = m.files.get(name).ok_or_else(|| SnapshotError::Corrupt {
+            path: mpath.clone(),
+            offset: 0,
+            what: format!("manifest lists no {name}"),
+        })?;
+        let p = dir.join(name);
+        let got = checksum_file(&p)?;
+        if got.len != want.len {
+            return Err(SnapshotError::Corrupt {
+                path: p,
+                offset: got.len.min(want.len),
+                what: format!("length {} but the manifest says {}", got.len, want.len),
+            });
+        }
+        if let Some(i) = got.crc32.iter().zip(&want.crc32).position(|(a, b)| a != b) {
+            return Err(SnapshotError::Corrupt {
+                path: p,
+                offset: i as u64 * want.chunk,
+                what: format!("checksum mismatch in the {} KiB chunk at this offset", want.chunk >> 10),
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// Checks `dir` and reads its machine state.
+pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
+    let m = verify(dir)?;
+    let p = dir.join("state.json");
+    let text = std::fs::read(&p).map_err(io_err(&p, "read"))?;
+    let s: MachineState = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
+        path: p,
+        offset: 0,
+        what: format!("not a machine state: {e}"),
+    })?;
+    if s.vcpus.len() != m.vcpus {
+        return Err(SnapshotError::Corrupt {
+            path: dir.join("state.json"),
+            offset: 0,
+            what: format!("{} vCPUs, manifest says {}", s.vcpus.len(), m.vcpus),
+        });
+    }
+    Ok((m, s))
+}
+
+/// Makes a new memory file at `mem` holding the snapshot's RAM (data ranges
+/// copied, holes left sparse).
+pub fn restore_memory(dir: &Path, m: &Manifest, mem: &Path) -> Result<(), SnapshotError> {
+    if mem.exists() {
+        return Err(SnapshotError::MemExists(mem.to_path_buf()));
+    }
+    let src_path = dir.join("memory.img");
+    let src = File::open(&src_path).map_err(io_err(&src_path, "open"))?;
+    let dst = OpenOptions::new().read(true).write(true).create_new(true).open(mem).map_err(io_err(mem, "create"))?;
+    let r = (|| {
+        dst.set_len(m.mem_size).map_err(io_err(mem, "size"))?;
+        for (off, len) in data_ranges(&src, m.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))? {
+            copy_range(&src, &dst, off, len).map_err(io_err(mem, "copy_file_range"))?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(mem);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_verify_and_find_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
+        let snap = dir.path().join("snap");
+        let (m, copied) = write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }).unwrap();
+        assert!(copied >= 4096 && copied < 8 << 20, "only data ranges are copied: {copied}");
+        assert_eq!(verify(&snap).unwrap(), m);
+        // a full directory is refused
+        assert!(matches!(write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }), Err(SnapshotError::NotEmpty(_))));
+        // restore gives the same bytes
+        let back = dir.path().join("back");
+        restore_memory(&snap, &m, &back).unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&mem).unwrap());
+        assert!(matches!(restore_memory(&snap, &m, &back), Err(SnapshotError::MemExists(_))));
+        // flip a byte in chunk 3: named by file and offset
+        let img = OpenOptions::new().write(true).open(snap.join("memory.img")).unwrap();
+        img.write_all_at(&[8u8], (3 << 20) + 5).unwrap();
+        let e = verify(&snap).unwrap_err().to_string();
+        assert!(e.contains("memory.img: corrupt at offset 0x300000"), "{e}");
+        // a manifest from the future is refused
+        let mp = snap.join("manifest.json");
+        let text = std::fs::read_to_string(&mp).unwrap().replace("\"version\": 1", "\"version\": 9");
+        std::fs::write(&mp, text).unwrap();
+        assert!(verify(&snap).unwrap_err().to_string().contains("format version 9"));
+    }
+}
