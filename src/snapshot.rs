@@ -188,7 +188,12 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 /// ranges only) and `state` into `dir` (created; must be empty), and
 /// commits the manifest atomically. The caller has paused the vCPUs.
 /// Returns the manifest and the bytes of memory copied.
-pub fn write_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineState) -> Result<(Manifest, u64), SnapshotError> {
+pub fn write_full(
+    dir: &Path,
+    backing: &File,
+    mem_size: u64,
+    state: &MachineState,
+) -> Result<(Manifest, u64), SnapshotError> {
     if dir.exists() {
         let empty = std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_none();
         if !empty {
@@ -266,7 +271,10 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
         });
     }
     if m.kind != "full" || m.parent.is_some() {
-        return Err(SnapshotError::Unsupported { path: mpath, what: format!("snapshot kind '{}' not supported", m.kind) });
+        return Err(SnapshotError::Unsupported {
+            path: mpath,
+            what: format!("snapshot kind '{}' not supported", m.kind),
+        });
     }
     for name in ["memory.img", "state.json"] {
         let want = m.files.get(name).ok_or_else(|| SnapshotError::Corrupt {
@@ -350,10 +358,13 @@ mod tests {
         f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
         let snap = dir.path().join("snap");
         let (m, copied) = write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }).unwrap();
-        assert!(copied >= 4096 && copied < 8 << 20, "only data ranges are copied: {copied}");
+        assert!((4096..8 << 20).contains(&copied), "only data ranges are copied: {copied}");
         assert_eq!(verify(&snap).unwrap(), m);
         // a full directory is refused
-        assert!(matches!(write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }), Err(SnapshotError::NotEmpty(_))));
+        assert!(matches!(
+            write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }),
+            Err(SnapshotError::NotEmpty(_))
+        ));
         // restore gives the same bytes
         let back = dir.path().join("back");
         restore_memory(&snap, &m, &back).unwrap();

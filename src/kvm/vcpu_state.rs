@@ -4,9 +4,7 @@
 //! and pending events. (This KVM offers no XSAVE, so FPU state is the legacy
 //! `KVM_GET_FPU` area.)
 
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs};
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
@@ -113,7 +111,8 @@ fn err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateE
 
 /// Reads the state of a vCPU that is out of `KVM_RUN`.
 pub fn save(vcpu: &VcpuFd, id: u8, irqchip: bool) -> Result<VcpuState, VcpuStateError> {
-    let entries: Vec<kvm_msr_entry> = SAVED_MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let entries: Vec<kvm_msr_entry> =
+        SAVED_MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError {
         id,
         op: "building the MSR list",

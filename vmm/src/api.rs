@@ -78,6 +78,7 @@ pub struct ApiServer {
     flusher: Option<Arc<Mutex<Flusher>>>,
     threads: Arc<Vec<JoinHandle<()>>>,
     kick: fn(&[JoinHandle<()>]),
+    memory: Option<(std::fs::File, u64)>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -97,7 +98,13 @@ impl ApiServer {
         threads: Arc<Vec<JoinHandle<()>>>,
         kick: fn(&[JoinHandle<()>]),
     ) -> Self {
-        ApiServer { listener, path, shared, harvester, flusher, threads, kick }
+        ApiServer { listener, path, shared, harvester, flusher, threads, kick, memory: None }
+    }
+
+    /// The backing file and RAM size, for snapshots.
+    pub fn with_memory(mut self, file: std::fs::File, size: u64) -> Self {
+        self.memory = Some((file, size));
+        self
     }
 
     /// The listening socket (for the event loop).
@@ -143,11 +150,18 @@ impl ApiServer {
                 self.shared.resume();
                 json!({"ok": true, "paused": false})
             }
+            Some("snapshot") => match req.get("dir").and_then(Value::as_str) {
+                Some(dir) => {
+                    let resume = req.get("resume").and_then(Value::as_bool).unwrap_or(true);
+                    self.snapshot(Path::new(dir), resume)
+                }
+                None => error("snapshot needs a \"dir\" string".into()),
+            },
             Some("stop") => {
                 self.shared.finish(Outcome::Stopped);
                 json!({"ok": true, "stopping": true})
             }
-            Some(other) => error(format!("unknown command '{other}' (stats, sync, pause, resume, stop)")),
+            Some(other) => error(format!("unknown command '{other}' (stats, sync, pause, resume, snapshot, stop)")),
             None => error("request has no \"cmd\" string".into()),
         }
     }
@@ -191,6 +205,58 @@ impl ApiServer {
         match f.lock().unwrap_or_else(|p| p.into_inner()).sync_now() {
             Ok(pages) => json!({"ok": true, "pages_written": pages, "ms": t0.elapsed().as_secs_f64() * 1e3}),
             Err(e) => error(format!("{e:#}")),
+        }
+    }
+
+    /// A full snapshot: pause, every vCPU's state from its own thread, RAM
+    /// copied from the backing file, manifest committed; then resume (unless
+    /// asked not to). Answers with the pause time.
+    fn snapshot(&self, dir: &Path, resume: bool) -> Value {
+        let Some((file, size)) = &self.memory else {
+            return error("this VM cannot be snapshotted (no memory file)".into());
+        };
+        let t0 = Instant::now();
+        let was_paused = self.shared.is_paused();
+        let p = self.pause();
+        if p["ok"] != true {
+            return p;
+        }
+        let live = self.threads.len();
+        *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; live]);
+        let states = loop {
+            {
+                let mut req = self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
+                if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
+                    break req.take().unwrap_or_default();
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if !was_paused && resume {
+                    self.shared.resume();
+                }
+                return error("vCPUs did not hand over their state within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let result = states
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err("missing".into())))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| format!("saving vCPU state: {e}"))
+            .and_then(|vcpus| {
+                smudge::snapshot::write_full(dir, file, *size, &smudge::snapshot::MachineState { vcpus })
+                    .map_err(|e| format!("{e:#}"))
+            });
+        let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if resume && !was_paused {
+            self.shared.resume();
+        }
+        match result {
+            Ok((m, bytes)) => {
+                json!({"ok": true, "id": m.id, "dir": dir, "memory_bytes": bytes, "pause_ms": pause_ms, "resumed": resume && !was_paused})
+            }
+            Err(e) => error(e),
         }
     }
 

@@ -29,6 +29,11 @@ pub enum Command {
     Bench(BenchArgs),
     /// Talk to a running smudge over its control socket.
     Ctl(CtlArgs),
+    /// Continue a snapshotted guest in a new process, on a new memory file.
+    Restore(Box<RestoreArgs>),
+    /// Work with snapshots on disk.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
 }
 
 /// `smudge run`.
@@ -129,8 +134,30 @@ pub struct CtlArgs {
     pub cmd: CtlCommand,
 }
 
+/// `smudge restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(long)]
+    pub snapshot: PathBuf,
+    /// Run options (the memory file must not exist; size and vCPUs come
+    /// from the snapshot; --guest and --cmdline do not apply).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `smudge snapshot …`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Check a snapshot: format, version, every file's checksums.
+    Verify {
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
+}
+
 /// Control requests.
-#[derive(Debug, Subcommand, Clone, Copy)]
+#[derive(Debug, Subcommand, Clone)]
 pub enum CtlCommand {
     /// Harvest and writeback counters (like /proc/vmstat).
     Stats,
@@ -140,19 +167,33 @@ pub enum CtlCommand {
     Pause,
     /// Resume the vCPUs.
     Resume,
+    /// Take a full snapshot into DIR (pause, save, resume).
+    Snapshot {
+        /// Directory to create (must not exist or be empty).
+        dir: PathBuf,
+        /// Leave the vCPUs paused afterwards.
+        #[arg(long)]
+        no_resume: bool,
+    },
     /// End the run (exit code 0).
     Stop,
 }
 
 impl CtlCommand {
-    /// The wire name.
-    pub fn name(self) -> &'static str {
+    /// The request as JSON.
+    pub fn request(&self) -> serde_json::Value {
+        use serde_json::json;
         match self {
-            CtlCommand::Stats => "stats",
-            CtlCommand::Sync => "sync",
-            CtlCommand::Pause => "pause",
-            CtlCommand::Resume => "resume",
-            CtlCommand::Stop => "stop",
+            CtlCommand::Stats => json!({"cmd": "stats"}),
+            CtlCommand::Sync => json!({"cmd": "sync"}),
+            CtlCommand::Pause => json!({"cmd": "pause"}),
+            CtlCommand::Resume => json!({"cmd": "resume"}),
+            CtlCommand::Snapshot { dir, no_resume } => {
+                // The server resolves paths from its own working directory.
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                json!({"cmd": "snapshot", "dir": dir, "resume": !no_resume})
+            }
+            CtlCommand::Stop => json!({"cmd": "stop"}),
         }
     }
 }

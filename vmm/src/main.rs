@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
-use smudge_vmm::cli::{Cli, Command, RunArgs};
+use smudge_vmm::cli::{Cli, Command, RunArgs, SnapshotCommand};
 use smudge_vmm::dirty::DirtyOptions;
 use smudge_vmm::flusher::WritebackOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
@@ -50,13 +50,35 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => run(*args, None),
+        Command::Restore(r) => {
+            let r = *r;
+            if r.run.guest.is_some() || r.run.cmdline.is_some() {
+                anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
+            }
+            let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
+            smudge::snapshot::restore_memory(&r.snapshot, &manifest, &r.run.mem_file)?;
+            run(r.run, Some((manifest, state)))
+        }
+        Command::Snapshot(SnapshotCommand::Verify { dir }) => {
+            let m = smudge::snapshot::verify(&dir)?;
+            println!(
+                "{}: snapshot {} ({}, {} MiB RAM, {} vCPU(s)) is intact: {} files checked",
+                dir.display(),
+                m.id,
+                m.kind,
+                m.mem_size >> 20,
+                m.vcpus,
+                m.files.len()
+            );
+            Ok(0)
+        }
         Command::ExportGuest { path } => {
             std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
         }
         Command::Ctl(args) => {
-            let answer = smudge_vmm::api::call(&args.api_sock, &serde_json::json!({"cmd": args.cmd.name()}))?;
+            let answer = smudge_vmm::api::call(&args.api_sock, &args.cmd.request())?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
             Ok(if ok { 0 } else { 1 })
@@ -74,7 +96,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<u8> {
+fn run(
+    args: RunArgs,
+    restore: Option<(smudge::snapshot::Manifest, smudge::snapshot::MachineState)>,
+) -> anyhow::Result<u8> {
     let (guest_elf, cmdline) = match &args.guest {
         Some(p) => (
             std::fs::read(p).with_context(|| format!("reading guest kernel {}", p.display()))?,
@@ -90,12 +115,13 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !(args.timeout >= 0.0 && args.timeout.is_finite()) {
         anyhow::bail!("--timeout must be a number of seconds >= 0");
     }
+    let mem_size = restore.as_ref().map_or(args.mem_size, |(m, _)| m.mem_size);
     let cfg = VmConfig {
         mem_file: args.mem_file.clone(),
-        mem_size: args.mem_size,
+        mem_size,
         guest_elf,
         cmdline,
-        vcpus: args.vcpus,
+        vcpus: restore.as_ref().map_or(Ok(args.vcpus), |(m, _)| u8::try_from(m.vcpus))?,
         serial,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         tick: Duration::from_millis(args.tick_ms.max(1)),
@@ -104,6 +130,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ring_entries: args.ring_entries,
         on_sync: None,
         api_sock: args.api_sock.clone(),
+        restore: restore.as_ref().map(|(_, s)| s.clone()),
         writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
             policy: WritebackPolicy {
                 writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),
@@ -165,7 +192,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}{writeback}",
         report.outcome,
         report.elapsed.as_secs_f64(),
-        args.mem_size >> 20,
+        mem_size >> 20,
         args.mem_file.display(),
         if report.created_mem_file { " (created)" } else { "" },
     );

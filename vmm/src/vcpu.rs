@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_segment, KVM_EXIT_DIRTY_RING_FULL, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use smudge::harvest::Harvester;
+use smudge::kvm::vcpu_state::{self, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::BootEntry;
@@ -109,7 +110,16 @@ pub struct Shared {
     pause_requested: AtomicBool,
     /// vCPU threads waiting in the pause now.
     paused: AtomicUsize,
+    /// A snapshot asks each paused vCPU for its state: slot `i` is filled
+    /// by vCPU `i`'s own thread (only it may touch its fd).
+    pub state_request: Mutex<Option<Vec<StateSlot>>>,
+    /// Whether the VM has an in-kernel irqchip (LAPIC state to save).
+    pub irqchip: bool,
 }
+
+/// One vCPU's answer to a state request: nothing yet, or its state (or why
+/// it could not be read).
+pub type StateSlot = Option<Result<VcpuState, String>>;
 
 /// A callback for guest sync points: the pass number and the harvester.
 /// The vCPU that reached the sync point waits until it returns.
@@ -132,6 +142,7 @@ impl Shared {
         bus: PortBus,
         harvester: Option<Arc<Mutex<Harvester>>>,
         on_sync: Option<SyncHook>,
+        irqchip: bool,
     ) -> Self {
         Shared {
             stop: AtomicBool::new(false),
@@ -145,6 +156,8 @@ impl Shared {
             throttled_ns: AtomicU64::new(0),
             pause_requested: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
+            state_request: Mutex::new(None),
+            irqchip,
         }
     }
 
@@ -168,12 +181,20 @@ impl Shared {
         self.paused.load(Ordering::Acquire)
     }
 
-    fn wait_while_paused(&self) {
+    fn wait_while_paused(&self, id: u8, vcpu: &VcpuFd) {
         if !self.pause_requested.load(Ordering::Acquire) {
             return;
         }
         self.paused.fetch_add(1, Ordering::AcqRel);
         while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            {
+                let mut req = self.state_request.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = req.as_mut().and_then(|v| v.get_mut(usize::from(id))) {
+                    if slot.is_none() {
+                        *slot = Some(vcpu_state::save(vcpu, id, self.irqchip).map_err(|e| e.to_string()));
+                    }
+                }
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         self.paused.fetch_sub(1, Ordering::AcqRel);
@@ -234,7 +255,7 @@ enum Step {
 /// The vCPU thread body: runs until `shared.stop`, an exit or an error.
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
-        shared.wait_while_paused();
+        shared.wait_while_paused(id, &vcpu);
         shared.balance_dirty_pages();
         if shared.stop.load(Ordering::Acquire) {
             break;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use smudge::harvest::{self, DirtyLogMode, HarvestError, HarvestStats, Harvester, Mechanism};
 use smudge::kvm::dirty_log::DirtyCaps;
+use smudge::kvm::vcpu_state;
 use smudge::kvm::{self, KvmError, Slot};
 use smudge::memory::{host_page_size, BackingFile, GuestRam, MemoryError};
 use smudge::sink::{BackingFileSink, ImageFile, Sink};
@@ -66,6 +67,9 @@ pub struct VmConfig {
     pub writeback: Option<WritebackOptions>,
     /// Serve the control API on this unix socket.
     pub api_sock: Option<PathBuf>,
+    /// Continue from a snapshot's machine state instead of booting (the
+    /// memory file already holds its RAM).
+    pub restore: Option<smudge::snapshot::MachineState>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -234,7 +238,15 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     }
     // Everything that can be checked without touching the memory file first.
     let kvm_fd = kvm::open(&cfg.kvm_dev)?;
-    let (scratch, entry) = load_into_scratch(&cfg.guest_elf, cfg.mem_size)?;
+    // A fresh boot loads the guest (into scratch first: it is checked before
+    // any file is touched); a restore brings its own memory and state.
+    let boot = match &cfg.restore {
+        None => Some(load_into_scratch(&cfg.guest_elf, cfg.mem_size)?),
+        Some(state) if state.vcpus.len() != usize::from(cfg.vcpus) => {
+            return Err(VmError::Runtime(format!("snapshot has {} vCPUs, asked for {}", state.vcpus.len(), cfg.vcpus)))
+        }
+        Some(_) => None,
+    };
     tracing::debug!("dry run done");
 
     let api_listener = cfg.api_sock.as_deref().map(api::bind).transpose()?;
@@ -252,30 +264,49 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         };
         let (kvm_ref, ram_ref) = (&kvm_fd, &ram);
         let kvm_side = s.spawn(move || setup_kvm(kvm_ref, ram_ref, plan));
-        let loaded = copy_boot_image(&scratch, &backing, &ram, &cfg.guest_elf);
+        let loaded = match &boot {
+            Some((scratch, _)) => copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf),
+            None => Ok(()),
+        };
         (kvm_side.join(), loaded)
     });
     let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
     loaded?;
-    drop(scratch);
-    let mut cmdline = cfg.cmdline.clone();
-    if let (Some(khz), false) = (tsc_khz, cmdline.split(' ').any(|w| w.starts_with("tsc_khz="))) {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
+    match (boot, &cfg.restore) {
+        (Some((scratch, entry)), _) => {
+            drop(scratch);
+            let mut cmdline = cfg.cmdline.clone();
+            if let (Some(khz), false) = (tsc_khz, cmdline.split(' ').any(|w| w.starts_with("tsc_khz="))) {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(&format!("tsc_khz={khz}"));
+            }
+            backing.write_at_gpa(&ram, boot::CMDLINE_ADDR, &boot::cmdline_bytes(&cmdline)?)?;
+            vcpu::set_pvh_entry(&vcpus[0], 0, &entry)?;
+            tracing::info!(
+                "booting {} vCPU(s), {} MiB RAM in {}{}, entry {:#x}, cmdline '{cmdline}'",
+                cfg.vcpus,
+                cfg.mem_size >> 20,
+                backing.path().display(),
+                if backing.created() { " (new)" } else { "" },
+                entry.entry
+            );
         }
-        cmdline.push_str(&format!("tsc_khz={khz}"));
+        (None, Some(state)) => {
+            for (v, st) in vcpus.iter().zip(&state.vcpus) {
+                vcpu_state::restore(v, st).map_err(|e| VmError::Runtime(e.to_string()))?;
+            }
+            tracing::info!(
+                "restored {} vCPU(s), {} MiB RAM in {}; the guest continues where it was",
+                cfg.vcpus,
+                cfg.mem_size >> 20,
+                backing.path().display()
+            );
+        }
+        (None, None) => return Err(VmError::Runtime("neither a guest to boot nor a state to restore".into())),
     }
-    backing.write_at_gpa(&ram, boot::CMDLINE_ADDR, &boot::cmdline_bytes(&cmdline)?)?;
-    vcpu::set_pvh_entry(&vcpus[0], 0, &entry)?;
-    tracing::info!(
-        "booting {} vCPU(s), {} MiB RAM in {}{}, entry {:#x}, cmdline '{cmdline}'",
-        cfg.vcpus,
-        cfg.mem_size >> 20,
-        backing.path().display(),
-        if backing.created() { " (new)" } else { "" },
-        entry.entry
-    );
 
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
     if irqchip {
@@ -303,6 +334,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
         harvester.clone(),
         cfg.on_sync.clone(),
+        irqchip,
     ));
     let flusher = match (&harvester, cfg.writeback.clone()) {
         (Some(h), Some(opts)) => {
@@ -404,7 +436,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     }
     let mut watches: Vec<Watch> = Vec::new();
     if let Some(listener) = api_listener {
-        let server = Arc::new(Mutex::new(ApiServer::new(
+        let mut server = ApiServer::new(
             listener,
             cfg.api_sock.clone().unwrap_or_default(),
             shared.clone(),
@@ -412,7 +444,11 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             flusher.clone(),
             threads.clone(),
             kick_all,
-        )));
+        );
+        if let Ok(f) = backing.file().try_clone() {
+            server = server.with_memory(f, cfg.mem_size);
+        }
+        let server = Arc::new(Mutex::new(server));
         let fd = server.lock().unwrap_or_else(|p| p.into_inner()).listener().as_raw_fd();
         watches.push((fd, Box::new(move || server.lock().unwrap_or_else(|p| p.into_inner()).on_readable())));
     }

@@ -98,6 +98,7 @@ fn run_with_syncs(
         writeback: None,
         kvm_dev: "/dev/kvm".into(),
         api_sock: None,
+        restore: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

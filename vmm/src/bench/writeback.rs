@@ -172,6 +172,7 @@ fn hotcold(
         writeback,
         kvm_dev: "/dev/kvm".into(),
         api_sock: None,
+        restore: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();
