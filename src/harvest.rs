@@ -466,6 +466,20 @@ impl Harvester {
         Ok(())
     }
 
+    /// Harvests, then re-protects every page KVM has reported that nobody
+    /// re-protected since (manual mode keeps those writable, so they would
+    /// be reported again whether written or not). Afterwards each consumer
+    /// learns of exactly the pages written from now on. For a point in time
+    /// such as a snapshot, with the vCPUs paused.
+    pub fn reprotect_all(&mut self) -> Result<(), HarvestError> {
+        self.harvest()?;
+        if self.mechanism == Mechanism::Manual {
+            let all = self.reported.clone();
+            self.clear_harvested(&all)?;
+        }
+        Ok(())
+    }
+
     /// Harvest, take `id`'s set and re-protect it: afterwards the caller may
     /// copy exactly these pages without losing a concurrent write.
     pub fn collect(&mut self, id: ConsumerId) -> Result<DirtySet, HarvestError> {

@@ -9,10 +9,20 @@
 //! DIR/state.json      vCPU state (registers, FPU, MSRs, LAPIC, events)
 //! ```
 //!
+//! A diff snapshot holds only the pages dirtied since its parent:
+//!
+//! ```text
+//! DIR/extents.json    [[file_offset, len], …] in order
+//! DIR/memory.diff     the extents' bytes, back to back
+//! ```
+//!
+//! and its manifest names the parent's id and directory; a chain is a full
+//! snapshot followed by diffs, restored (or merged) oldest first.
+//!
 //! Every file carries a CRC-32 per 1 MiB chunk, so a corrupt byte is named
 //! by file and offset. The manifest is written last — temp file, fsync,
 //! rename, fsync of the directory — so a crash at any instant leaves either
-//! no snapshot or a complete one. Only full snapshots exist so far.
+//! no snapshot or a complete one.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -54,6 +64,9 @@ pub struct Manifest {
     pub id: String,
     /// Id of the parent snapshot (diffs; none for a full one).
     pub parent: Option<String>,
+    /// Where the parent was written (absolute path), for diffs.
+    #[serde(default)]
+    pub parent_dir: Option<PathBuf>,
     /// `full`.
     pub kind: String,
     /// Guest RAM size.
@@ -184,6 +197,66 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
 }
 
+fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_none();
+        if !empty {
+            return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let mut f = File::create(path).map_err(io_err(path, "create"))?;
+    f.write_all(bytes).and_then(|_| f.sync_data()).map_err(io_err(path, "write"))
+}
+
+fn to_json<T: Serialize>(path: &Path, v: &T) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::to_vec_pretty(v).map_err(|e| SnapshotError::Io {
+        path: path.to_path_buf(),
+        op: "serialize",
+        source: io::Error::other(e),
+    })
+}
+
+fn new_id() -> String {
+    format!(
+        "{:x}-{:x}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+        std::process::id()
+    )
+}
+
+/// Checksums `names` in `dir`, writes the manifest to a temp file, syncs
+/// it, renames it into place and syncs the directory.
+fn commit(dir: &Path, mut m: Manifest, names: &[&str]) -> Result<Manifest, SnapshotError> {
+    for name in names {
+        m.files.insert((*name).to_string(), checksum_file(&dir.join(name))?);
+    }
+    let tmp = dir.join("manifest.json.tmp");
+    write_synced(&tmp, &to_json(&tmp, &m)?)?;
+    let fin = dir.join("manifest.json");
+    std::fs::rename(&tmp, &fin).map_err(io_err(&fin, "rename"))?;
+    sync_dir(dir)?;
+    Ok(m)
+}
+
+fn manifest(kind: &str, mem_size: u64, vcpus: usize, parent: Option<(&Manifest, &Path)>) -> Manifest {
+    Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        id: new_id(),
+        parent: parent.map(|(m, _)| m.id.clone()),
+        parent_dir: parent.map(|(_, d)| d.to_path_buf()),
+        kind: kind.into(),
+        mem_size,
+        layout: ram_layout(mem_size),
+        vcpus,
+        files: BTreeMap::new(),
+    }
+}
+
 /// Writes a full snapshot of guest RAM (`backing`, `mem_size` bytes, data
 /// ranges only) and `state` into `dir` (created; must be empty), and
 /// commits the manifest atomically. The caller has paused the vCPUs.
@@ -194,13 +267,7 @@ pub fn write_full(
     mem_size: u64,
     state: &MachineState,
 ) -> Result<(Manifest, u64), SnapshotError> {
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_none();
-        if !empty {
-            return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+    prepare_dir(dir)?;
     let mem_path = dir.join("memory.img");
     let img = OpenOptions::new().write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path, "create"))?;
     img.set_len(mem_size).map_err(io_err(&mem_path, "size"))?;
@@ -211,44 +278,44 @@ pub fn write_full(
     }
     img.sync_data().map_err(io_err(&mem_path, "fdatasync"))?;
     let state_path = dir.join("state.json");
-    let bytes = serde_json::to_vec_pretty(state).map_err(|e| SnapshotError::Io {
-        path: state_path.clone(),
-        op: "serialize",
-        source: io::Error::other(e),
-    })?;
-    let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
-    f.write_all(&bytes).and_then(|_| f.sync_data()).map_err(io_err(&state_path, "write"))?;
-    let mut files = BTreeMap::new();
-    files.insert("memory.img".to_string(), checksum_file(&mem_path)?);
-    files.insert("state.json".to_string(), checksum_file(&state_path)?);
-    let id = format!(
-        "{:x}-{:x}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
-        std::process::id()
-    );
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        id,
-        parent: None,
-        kind: "full".into(),
-        mem_size,
-        layout: ram_layout(mem_size),
-        vcpus: state.vcpus.len(),
-        files,
-    };
-    let tmp = dir.join("manifest.json.tmp");
-    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Io {
-        path: tmp.clone(),
-        op: "serialize",
-        source: io::Error::other(e),
-    })?;
-    let mut t = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
-    t.write_all(&body).and_then(|_| t.sync_all()).map_err(io_err(&tmp, "write"))?;
-    let fin = dir.join("manifest.json");
-    std::fs::rename(&tmp, &fin).map_err(io_err(&fin, "rename"))?;
-    sync_dir(dir)?;
-    Ok((manifest, copied))
+    write_synced(&state_path, &to_json(&state_path, state)?)?;
+    let m = commit(dir, manifest("full", mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])?;
+    Ok((m, copied))
+}
+
+/// Writes a diff snapshot: the bytes of `extents` (backing-file offset,
+/// length) read from `backing`, on top of `parent` (written in
+/// `parent_dir`). The caller has paused the vCPUs. Returns the manifest and
+/// the bytes of memory written.
+pub fn write_diff(
+    dir: &Path,
+    parent: &Manifest,
+    parent_dir: &Path,
+    backing: &File,
+    extents: &[(u64, u64)],
+    state: &MachineState,
+) -> Result<(Manifest, u64), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    prepare_dir(dir)?;
+    let ext_path = dir.join("extents.json");
+    write_synced(&ext_path, &to_json(&ext_path, &extents)?)?;
+    let data_path = dir.join("memory.diff");
+    let data = File::create(&data_path).map_err(io_err(&data_path, "create"))?;
+    let mut pos = 0u64;
+    let mut buf = Vec::new();
+    for &(off, len) in extents {
+        buf.resize(len as usize, 0);
+        backing.read_exact_at(&mut buf, off).map_err(io_err(&data_path, "read the memory file"))?;
+        data.write_all_at(&buf, pos).map_err(io_err(&data_path, "write"))?;
+        pos += len;
+    }
+    data.sync_data().map_err(io_err(&data_path, "fdatasync"))?;
+    let state_path = dir.join("state.json");
+    write_synced(&state_path, &to_json(&state_path, state)?)?;
+    let parent_dir = std::path::absolute(parent_dir).map_err(io_err(parent_dir, "resolve"))?;
+    let m = manifest("diff", parent.mem_size, state.vcpus.len(), Some((parent, &parent_dir)));
+    let m = commit(dir, m, &["extents.json", "memory.diff", "state.json"])?;
+    Ok((m, pos))
 }
 
 /// Reads and checks `dir`: format, version, every file's length and chunk
@@ -270,13 +337,17 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
             what: format!("format version {} (this smudge reads {VERSION})", m.version),
         });
     }
-    if m.kind != "full" || m.parent.is_some() {
-        return Err(SnapshotError::Unsupported {
-            path: mpath,
-            what: format!("snapshot kind '{}' not supported", m.kind),
-        });
-    }
-    for name in ["memory.img", "state.json"] {
+    let names: &[&str] = match (m.kind.as_str(), m.parent.is_some()) {
+        ("full", false) => &["memory.img", "state.json"],
+        ("diff", true) => &["extents.json", "memory.diff", "state.json"],
+        _ => {
+            return Err(SnapshotError::Unsupported {
+                path: mpath,
+                what: format!("snapshot kind '{}' (parent {:?}) not supported", m.kind, m.parent),
+            })
+        }
+    };
+    for &name in names {
         let want = m.files.get(name).ok_or_else(|| SnapshotError::Corrupt {
             path: mpath.clone(),
             offset: 0,
@@ -322,26 +393,113 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
     Ok((m, s))
 }
 
-/// Makes a new memory file at `mem` holding the snapshot's RAM (data ranges
-/// copied, holes left sparse).
-pub fn restore_memory(dir: &Path, m: &Manifest, mem: &Path) -> Result<(), SnapshotError> {
+/// The chain ending at `dir`, oldest (the full snapshot) first, every link
+/// checked.
+pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, SnapshotError> {
+    let mut out = Vec::new();
+    let mut cur = dir.to_path_buf();
+    loop {
+        let m = verify(&cur)?;
+        let next = m.parent_dir.clone();
+        let parent_id = m.parent.clone();
+        out.push((cur.clone(), m));
+        match (next, parent_id) {
+            (None, _) => break,
+            (Some(p), Some(id)) => {
+                let pm = verify(&p)?;
+                if pm.id != id {
+                    return Err(SnapshotError::Corrupt {
+                        path: cur.join("manifest.json"),
+                        offset: 0,
+                        what: format!("parent {} holds snapshot {}, not {id}", p.display(), pm.id),
+                    });
+                }
+                if out.len() > 10_000 {
+                    return Err(SnapshotError::Corrupt { path: p, offset: 0, what: "snapshot chain loops".into() });
+                }
+                cur = p;
+            }
+            (Some(p), None) => {
+                return Err(SnapshotError::Corrupt {
+                    path: p,
+                    offset: 0,
+                    what: "parent directory without a parent id".into(),
+                })
+            }
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
+
+fn apply_diff(dir: &Path, dst: &File, dst_path: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let ext_path = dir.join("extents.json");
+    let text = std::fs::read(&ext_path).map_err(io_err(&ext_path, "read"))?;
+    let extents: Vec<(u64, u64)> = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
+        path: ext_path.clone(),
+        offset: e.column() as u64,
+        what: format!("not an extent table: {e}"),
+    })?;
+    let data_path = dir.join("memory.diff");
+    let data = File::open(&data_path).map_err(io_err(&data_path, "open"))?;
+    let mut pos = 0u64;
+    let mut buf = Vec::new();
+    for (off, len) in extents {
+        buf.resize(len as usize, 0);
+        data.read_exact_at(&mut buf, pos).map_err(io_err(&data_path, "read"))?;
+        dst.write_all_at(&buf, off).map_err(io_err(dst_path, "write"))?;
+        pos += len;
+    }
+    Ok(())
+}
+
+/// Writes the RAM of the chain ending at `dir` into the new file `mem`:
+/// the full snapshot's data ranges (holes stay holes), then every diff in
+/// order.
+pub fn materialize(dir: &Path, mem: &Path) -> Result<Manifest, SnapshotError> {
     if mem.exists() {
         return Err(SnapshotError::MemExists(mem.to_path_buf()));
     }
-    let src_path = dir.join("memory.img");
+    let links = chain(dir)?;
+    let (full_dir, full) = &links[0];
+    let src_path = full_dir.join("memory.img");
     let src = File::open(&src_path).map_err(io_err(&src_path, "open"))?;
     let dst = OpenOptions::new().read(true).write(true).create_new(true).open(mem).map_err(io_err(mem, "create"))?;
     let r = (|| {
-        dst.set_len(m.mem_size).map_err(io_err(mem, "size"))?;
-        for (off, len) in data_ranges(&src, m.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))? {
+        dst.set_len(full.mem_size).map_err(io_err(mem, "size"))?;
+        for (off, len) in data_ranges(&src, full.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))? {
             copy_range(&src, &dst, off, len).map_err(io_err(mem, "copy_file_range"))?;
         }
-        Ok(())
+        for (d, _) in &links[1..] {
+            apply_diff(d, &dst, mem)?;
+        }
+        dst.sync_data().map_err(io_err(mem, "fdatasync"))
     })();
-    if r.is_err() {
+    if let Err(e) = r {
         let _ = std::fs::remove_file(mem);
+        return Err(e);
     }
-    r
+    Ok(links.last().map(|(_, m)| m.clone()).unwrap_or_else(|| full.clone()))
+}
+
+/// Makes a new memory file at `mem` holding the snapshot's RAM.
+pub fn restore_memory(dir: &Path, _m: &Manifest, mem: &Path) -> Result<(), SnapshotError> {
+    materialize(dir, mem).map(|_| ())
+}
+
+/// Folds the chain ending at `dir` into one full snapshot at `out` (same
+/// memory bytes, the last link's machine state).
+pub fn merge(dir: &Path, out: &Path) -> Result<Manifest, SnapshotError> {
+    let links = chain(dir)?;
+    let last = links.last().map(|(d, _)| d.clone()).unwrap_or_else(|| dir.to_path_buf());
+    let (_, state) = load(&last)?;
+    prepare_dir(out)?;
+    let mem_path = out.join("memory.img");
+    let m = materialize(dir, &mem_path)?;
+    let state_path = out.join("state.json");
+    write_synced(&state_path, &to_json(&state_path, &state)?)?;
+    commit(out, manifest("full", m.mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])
 }
 
 #[cfg(test)]

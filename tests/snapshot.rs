@@ -126,3 +126,54 @@ fn corrupt_or_conflicting_snapshots_are_refused() {
     let v = Run::from(smudge().args(["snapshot", "verify", snap.to_str().unwrap()]).output().unwrap());
     assert_eq!(v.code, 100, "{v:?}");
 }
+
+#[test]
+fn a_chain_of_diffs_restores_to_its_last_point_and_merges_to_the_same_bytes() {
+    let dir = tmpdir();
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
+    let (s1, s2, s3, merged) = (path(&dir, "s1"), path(&dir, "s2"), path(&dir, "s3"), path(&dir, "merged"));
+    // A slow writer over a working set wiped (written) first, so a diff
+    // holds far fewer pages than the full image.
+    let vm = start(&mem, &sock, "workload=rate rate=300 pages=8000 seed=6 ms=3000 verify=1 wipe=1");
+    std::thread::sleep(Duration::from_millis(300));
+    let full = ctl(&sock, &["snapshot", s1.to_str().unwrap()]);
+    assert_eq!(full["ok"], true, "{full}");
+    std::thread::sleep(Duration::from_millis(400));
+    let d1 = ctl(&sock, &["snapshot", s2.to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
+    assert_eq!((d1["ok"].clone(), d1["kind"].clone()), (true.into(), "diff".into()), "{d1}");
+    // A diff must build on the last snapshot, not an older one.
+    let bad = ctl(&sock, &["snapshot", path(&dir, "x").to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
+    assert!(bad["error"].as_str().unwrap().contains("must build on the last snapshot"), "{bad}");
+    std::thread::sleep(Duration::from_millis(400));
+    let d2 = ctl(&sock, &["snapshot", s3.to_str().unwrap(), "--parent", s2.to_str().unwrap(), "--no-resume"]);
+    assert_eq!(d2["ok"], true, "{d2}");
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
+    assert_eq!(vm.wait_with_output().unwrap().status.code(), Some(0));
+    let full_bytes = full["memory_bytes"].as_u64().unwrap();
+    for d in [&d1, &d2] {
+        let b = d["memory_bytes"].as_u64().unwrap();
+        assert!(b > 0 && b * 10 < full_bytes, "a diff of ~120 page writes holds {b} bytes (full: {full_bytes})");
+    }
+    let at_last = std::fs::read(&mem).unwrap();
+
+    // The chain, materialized, is exactly memory at the last snapshot.
+    let out = smudge().args(["snapshot", "verify", s3.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chain of 3 snapshot(s) verified"), "{out:?}");
+    let chain_mem = path(&dir, "chain.mem");
+    smudge::snapshot::materialize(&s3, &chain_mem).unwrap();
+    assert!(std::fs::read(&chain_mem).unwrap() == at_last, "chain does not restore to its last point");
+    let out = smudge().args(["snapshot", "merge", s3.to_str().unwrap(), merged.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(merged.join("memory.img")).unwrap() == at_last, "merge differs from the chain");
+
+    // And the guest goes on from the chain.
+    let r = Run::from(
+        smudge()
+            .args(["restore", "--snapshot", s3.to_str().unwrap(), "--mem-file", path(&dir, "m2").to_str().unwrap()])
+            .args(["--timeout", "60"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.line("verify: pages=8000").unwrap().ends_with("mismatches=0"), "{r:?}");
+}

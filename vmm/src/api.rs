@@ -26,6 +26,7 @@ use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
 use crate::outcome::Outcome;
+use crate::snapshotter::Snapshotter;
 use crate::vcpu::Shared;
 
 /// Longest request accepted.
@@ -78,7 +79,7 @@ pub struct ApiServer {
     flusher: Option<Arc<Mutex<Flusher>>>,
     threads: Arc<Vec<JoinHandle<()>>>,
     kick: fn(&[JoinHandle<()>]),
-    memory: Option<(std::fs::File, u64)>,
+    snapshotter: Option<Arc<Mutex<Snapshotter>>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -98,12 +99,12 @@ impl ApiServer {
         threads: Arc<Vec<JoinHandle<()>>>,
         kick: fn(&[JoinHandle<()>]),
     ) -> Self {
-        ApiServer { listener, path, shared, harvester, flusher, threads, kick, memory: None }
+        ApiServer { listener, path, shared, harvester, flusher, threads, kick, snapshotter: None }
     }
 
-    /// The backing file and RAM size, for snapshots.
-    pub fn with_memory(mut self, file: std::fs::File, size: u64) -> Self {
-        self.memory = Some((file, size));
+    /// Enables `snapshot` requests.
+    pub fn with_snapshotter(mut self, s: Arc<Mutex<Snapshotter>>) -> Self {
+        self.snapshotter = Some(s);
         self
     }
 
@@ -153,7 +154,8 @@ impl ApiServer {
             Some("snapshot") => match req.get("dir").and_then(Value::as_str) {
                 Some(dir) => {
                     let resume = req.get("resume").and_then(Value::as_bool).unwrap_or(true);
-                    self.snapshot(Path::new(dir), resume)
+                    let parent = req.get("parent").and_then(Value::as_str).map(Path::new);
+                    self.snapshot(Path::new(dir), parent, resume)
                 }
                 None => error("snapshot needs a \"dir\" string".into()),
             },
@@ -208,63 +210,29 @@ impl ApiServer {
         }
     }
 
-    /// A full snapshot: pause, every vCPU's state from its own thread, RAM
-    /// copied from the backing file, manifest committed; then resume (unless
-    /// asked not to). Answers with the pause time.
-    fn snapshot(&self, dir: &Path, resume: bool) -> Value {
-        let Some((file, size)) = &self.memory else {
+    fn snapshot(&self, dir: &Path, parent: Option<&Path>, resume: bool) -> Value {
+        let Some(snap) = &self.snapshotter else {
             return error("this VM cannot be snapshotted (no memory file)".into());
         };
-        let t0 = Instant::now();
-        let was_paused = self.shared.is_paused();
-        let p = self.pause();
-        if p["ok"] != true {
-            return p;
-        }
-        let live = self.threads.len();
-        *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; live]);
-        let states = loop {
-            {
-                let mut req = self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
-                if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
-                    break req.take().unwrap_or_default();
-                }
-            }
-            if t0.elapsed() > Duration::from_secs(5) {
-                *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if !was_paused && resume {
-                    self.shared.resume();
-                }
-                return error("vCPUs did not hand over their state within 5 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        let result = states
-            .into_iter()
-            .map(|s| s.unwrap_or_else(|| Err("missing".into())))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(|e| format!("saving vCPU state: {e}"))
-            .and_then(|vcpus| {
-                smudge::snapshot::write_full(dir, file, *size, &smudge::snapshot::MachineState { vcpus })
-                    .map_err(|e| format!("{e:#}"))
-            });
-        let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
-        if resume && !was_paused {
-            self.shared.resume();
-        }
-        match result {
-            Ok((m, bytes)) => {
-                json!({"ok": true, "id": m.id, "dir": dir, "memory_bytes": bytes, "pause_ms": pause_ms, "resumed": resume && !was_paused})
-            }
+        match snap.lock().unwrap_or_else(|p| p.into_inner()).take(dir, parent, resume) {
+            Ok(t) => json!({
+                "ok": true,
+                "id": t.manifest.id,
+                "kind": t.manifest.kind,
+                "dir": t.dir,
+                "memory_bytes": t.memory_bytes,
+                "pause_ms": t.pause.as_secs_f64() * 1e3,
+                "resumed": resume,
+            }),
             Err(e) => error(e),
         }
     }
 
     fn pause(&self) -> Value {
+        let t0 = Instant::now();
         let live = self.threads.iter().filter(|t| !t.is_finished()).count();
         self.shared.request_pause();
         (self.kick)(&self.threads);
-        let t0 = Instant::now();
         while self.shared.paused_vcpus() < live {
             if t0.elapsed() > Duration::from_secs(2) {
                 return error(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));

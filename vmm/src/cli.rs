@@ -112,6 +112,13 @@ pub struct RunArgs {
     /// of persisting the backing file in place.
     #[arg(long)]
     pub writeback_image: Option<PathBuf>,
+    /// Take a full snapshot this many milliseconds after start (needs
+    /// --snapshot-dir).
+    #[arg(long, requires = "snapshot_dir")]
+    pub snapshot_at_ms: Option<u64>,
+    /// Where --snapshot-at-ms puts its snapshot (a new directory inside).
+    #[arg(long, requires = "snapshot_at_ms")]
+    pub snapshot_dir: Option<PathBuf>,
     /// Serve the control API (JSON over this unix socket, mode 0600).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -149,10 +156,17 @@ pub struct RestoreArgs {
 /// `smudge snapshot …`.
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Check a snapshot: format, version, every file's checksums.
+    /// Check a snapshot and every parent of it: format, version, checksums.
     Verify {
         /// The snapshot directory.
         dir: PathBuf,
+    },
+    /// Fold a chain (full, then diffs) into one full snapshot.
+    Merge {
+        /// The last snapshot of the chain.
+        dir: PathBuf,
+        /// The new full snapshot's directory (must not exist or be empty).
+        out: PathBuf,
     },
 }
 
@@ -167,10 +181,14 @@ pub enum CtlCommand {
     Pause,
     /// Resume the vCPUs.
     Resume,
-    /// Take a full snapshot into DIR (pause, save, resume).
+    /// Take a snapshot into DIR (pause, save, resume): full, or with
+    /// --parent a diff holding only the pages dirtied since that snapshot.
     Snapshot {
         /// Directory to create (must not exist or be empty).
         dir: PathBuf,
+        /// Write a diff on this snapshot (the last one this run took).
+        #[arg(long)]
+        parent: Option<PathBuf>,
         /// Leave the vCPUs paused afterwards.
         #[arg(long)]
         no_resume: bool,
@@ -188,10 +206,14 @@ impl CtlCommand {
             CtlCommand::Sync => json!({"cmd": "sync"}),
             CtlCommand::Pause => json!({"cmd": "pause"}),
             CtlCommand::Resume => json!({"cmd": "resume"}),
-            CtlCommand::Snapshot { dir, no_resume } => {
+            CtlCommand::Snapshot { dir, parent, no_resume } => {
                 // The server resolves paths from its own working directory.
-                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-                json!({"cmd": "snapshot", "dir": dir, "resume": !no_resume})
+                let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                let mut v = json!({"cmd": "snapshot", "dir": abs(dir), "resume": !no_resume});
+                if let Some(p) = parent {
+                    v["parent"] = json!(abs(p));
+                }
+                v
             }
             CtlCommand::Stop => json!({"cmd": "stop"}),
         }

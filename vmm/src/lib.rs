@@ -16,5 +16,6 @@ pub mod event_loop;
 pub mod flusher;
 pub mod guest_image;
 pub mod outcome;
+pub mod snapshotter;
 pub mod vcpu;
 pub mod vm;

@@ -61,16 +61,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             run(r.run, Some((manifest, state)))
         }
         Command::Snapshot(SnapshotCommand::Verify { dir }) => {
-            let m = smudge::snapshot::verify(&dir)?;
-            println!(
-                "{}: snapshot {} ({}, {} MiB RAM, {} vCPU(s)) is intact: {} files checked",
-                dir.display(),
-                m.id,
-                m.kind,
-                m.mem_size >> 20,
-                m.vcpus,
-                m.files.len()
-            );
+            let links = smudge::snapshot::chain(&dir)?;
+            for (d, m) in &links {
+                println!(
+                    "{}: {} snapshot {} ({} MiB RAM, {} vCPU(s)): intact",
+                    d.display(),
+                    m.kind,
+                    m.id,
+                    m.mem_size >> 20,
+                    m.vcpus
+                );
+            }
+            println!("chain of {} snapshot(s) verified", links.len());
+            Ok(0)
+        }
+        Command::Snapshot(SnapshotCommand::Merge { dir, out }) => {
+            let m = smudge::snapshot::merge(&dir, &out)?;
+            println!("{}: full snapshot {} merged from the chain ending at {}", out.display(), m.id, dir.display());
             Ok(0)
         }
         Command::ExportGuest { path } => {
@@ -131,6 +138,10 @@ fn run(
         on_sync: None,
         api_sock: args.api_sock.clone(),
         restore: restore.as_ref().map(|(_, s)| s.clone()),
+        snapshot_at: match (args.snapshot_at_ms, &args.snapshot_dir) {
+            (Some(ms), Some(d)) => Some((Duration::from_millis(ms), d.clone())),
+            _ => None,
+        },
         writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
             policy: WritebackPolicy {
                 writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),

@@ -27,6 +27,7 @@ use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook, Watch};
 use crate::flusher::{Flusher, WritebackOptions};
 use crate::outcome::Outcome;
+use crate::snapshotter::Snapshotter;
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 
 /// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
@@ -67,6 +68,9 @@ pub struct VmConfig {
     pub writeback: Option<WritebackOptions>,
     /// Serve the control API on this unix socket.
     pub api_sock: Option<PathBuf>,
+    /// Take a full snapshot this long after start, into a new directory
+    /// under the given one.
+    pub snapshot_at: Option<(Duration, PathBuf)>,
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
@@ -434,6 +438,45 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
         }));
     }
+    let snapshotter = match backing.file().try_clone() {
+        Ok(f) => Some(Arc::new(Mutex::new(Snapshotter::new(
+            shared.clone(),
+            threads.clone(),
+            kick_all,
+            f,
+            cfg.mem_size,
+            harvester.clone(),
+        )))),
+        Err(e) => {
+            tracing::warn!("snapshots unavailable: cannot dup the memory file: {e}");
+            None
+        }
+    };
+    if let (Some(sn), Some((at, dir))) = (&snapshotter, cfg.snapshot_at.clone()) {
+        let (sn, sh) = (sn.clone(), shared.clone());
+        let mut done = false;
+        hooks.push(Box::new(move |t| {
+            if done || t < at {
+                return;
+            }
+            done = true;
+            let mut s = sn.lock().unwrap_or_else(|p| p.into_inner());
+            let target = dir.join(format!("snapshot-{}", std::process::id()));
+            match s.take(&target, None, true) {
+                Ok(t) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "smudge: snapshot {} in {}: {} MiB of memory, vCPUs paused {:.1} ms",
+                        t.manifest.id,
+                        t.dir.display(),
+                        t.memory_bytes >> 20,
+                        t.pause.as_secs_f64() * 1e3
+                    );
+                }
+                Err(e) => sh.finish(Outcome::KvmFailure(format!("snapshot: {e}"))),
+            }
+        }));
+    }
     let mut watches: Vec<Watch> = Vec::new();
     if let Some(listener) = api_listener {
         let mut server = ApiServer::new(
@@ -445,14 +488,16 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             threads.clone(),
             kick_all,
         );
-        if let Ok(f) = backing.file().try_clone() {
-            server = server.with_memory(f, cfg.mem_size);
+        if let Some(sn) = &snapshotter {
+            server = server.with_snapshotter(sn.clone());
         }
         let server = Arc::new(Mutex::new(server));
         let fd = server.lock().unwrap_or_else(|p| p.into_inner()).listener().as_raw_fd();
         watches.push((fd, Box::new(move || server.lock().unwrap_or_else(|p| p.into_inner()).on_readable())));
     }
     let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks, watches);
+    // The snapshotter shares the vCPU handles; it is done once the loop is.
+    drop(snapshotter);
     // The flusher holds a handle list too; stop it before joining vCPUs.
     shared.stop.store(true, Ordering::Release);
     if let Some(t) = flusher_thread {

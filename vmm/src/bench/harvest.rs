@@ -99,6 +99,7 @@ fn run_with_syncs(
         kvm_dev: "/dev/kvm".into(),
         api_sock: None,
         restore: None,
+        snapshot_at: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

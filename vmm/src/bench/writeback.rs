@@ -173,6 +173,7 @@ fn hotcold(
         kvm_dev: "/dev/kvm".into(),
         api_sock: None,
         restore: None,
+        snapshot_at: None,
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

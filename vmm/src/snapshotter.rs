@@ -1,0 +1,200 @@
+//! Taking snapshots of the running VM: pause the vCPUs, have each vCPU
+//! thread hand over its own state, write memory (all of it for a full
+//! snapshot; for a diff, the pages the chain's own dirty-log consumer saw
+//! since the parent), commit, resume. Used by the control API and by
+//! `smudge run --snapshot-at-ms`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use smudge::dirty_set::DirtySet;
+use smudge::harvest::{ConsumerId, Harvester};
+use smudge::memory::ram_layout;
+use smudge::snapshot::{self, MachineState, Manifest};
+
+use crate::vcpu::Shared;
+
+/// What a snapshot produced.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Where it was written.
+    pub dir: PathBuf,
+    /// Memory bytes written.
+    pub memory_bytes: u64,
+    /// How long the vCPUs were paused for it.
+    pub pause: Duration,
+}
+
+/// The last snapshot of this run and the consumer collecting pages since.
+#[derive(Debug)]
+struct Chain {
+    consumer: ConsumerId,
+    last: Manifest,
+    last_dir: PathBuf,
+}
+
+/// Snapshots of one VM.
+pub struct Snapshotter {
+    shared: Arc<Shared>,
+    threads: Arc<Vec<JoinHandle<()>>>,
+    kick: fn(&[JoinHandle<()>]),
+    file: File,
+    mem_size: u64,
+    harvester: Option<Arc<Mutex<Harvester>>>,
+    chain: Option<Chain>,
+    /// Pages of a diff that failed to write: the next diff includes them.
+    pending: Option<DirtySet>,
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter").field("mem_size", &self.mem_size).field("chain", &self.chain).finish()
+    }
+}
+
+impl Snapshotter {
+    /// A snapshotter for the VM whose RAM is `file` (`mem_size` bytes).
+    pub fn new(
+        shared: Arc<Shared>,
+        threads: Arc<Vec<JoinHandle<()>>>,
+        kick: fn(&[JoinHandle<()>]),
+        file: File,
+        mem_size: u64,
+        harvester: Option<Arc<Mutex<Harvester>>>,
+    ) -> Self {
+        Snapshotter { shared, threads, kick, file, mem_size, harvester, chain: None, pending: None }
+    }
+
+    /// Pauses every live vCPU (kicked out of KVM_RUN, parked). Returns how
+    /// many.
+    pub fn pause(&self) -> Result<usize, String> {
+        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+        self.shared.request_pause();
+        (self.kick)(&self.threads);
+        let t0 = Instant::now();
+        while self.shared.paused_vcpus() < live {
+            if t0.elapsed() > Duration::from_secs(2) {
+                return Err(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
+            }
+            (self.kick)(&self.threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(live)
+    }
+
+    fn vcpu_states(&self) -> Result<MachineState, String> {
+        let n = self.threads.len();
+        *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
+        let t0 = Instant::now();
+        loop {
+            {
+                let mut req = self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
+                if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
+                    let v = req.take().unwrap_or_default();
+                    let vcpus = v
+                        .into_iter()
+                        .map(|s| s.unwrap_or_else(|| Err("missing".into())))
+                        .collect::<Result<Vec<_>, String>>()
+                        .map_err(|e| format!("saving vCPU state: {e}"))?;
+                    return Ok(MachineState { vcpus });
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err("vCPUs did not hand over their state within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Takes a snapshot into `dir`: full, or a diff on `parent` (which must
+    /// be the last snapshot this run took). Resumes afterwards if `resume`
+    /// and the VM was running.
+    pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
+        let t0 = Instant::now();
+        let was_paused = self.shared.is_paused();
+        self.pause()?;
+        let r = self.take_paused(dir, parent);
+        let pause = t0.elapsed();
+        if resume && !was_paused {
+            self.shared.resume();
+        }
+        r.map(|(manifest, memory_bytes)| Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause })
+    }
+
+    fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<(Manifest, u64), String> {
+        let state = self.vcpu_states()?;
+        match parent {
+            None => {
+                let (m, bytes) =
+                    snapshot::write_full(dir, &self.file, self.mem_size, &state).map_err(|e| format!("{e:#}"))?;
+                if let Some(h) = &self.harvester {
+                    let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(old) = self.chain.take() {
+                        h.remove_consumer(old.consumer);
+                    }
+                    // Pages dirtied from here on are the next diff's; with
+                    // manual protect, stale log bits are re-protected first.
+                    h.reprotect_all().map_err(|e| e.to_string())?;
+                    let consumer = h.add_consumer();
+                    self.chain = Some(Chain { consumer, last: m.clone(), last_dir: dir.to_path_buf() });
+                    self.pending = None;
+                }
+                Ok((m, bytes))
+            }
+            Some(p) => {
+                let chain = self
+                    .chain
+                    .as_ref()
+                    .ok_or("no earlier snapshot in this run to diff against (take a full one first)")?;
+                let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
+                if !same(p, &chain.last_dir) {
+                    return Err(format!(
+                        "a diff must build on the last snapshot of this run ({}), not {}",
+                        chain.last_dir.display(),
+                        p.display()
+                    ));
+                }
+                let h = self.harvester.as_ref().ok_or("diff snapshots need dirty logging")?;
+                let mut set = {
+                    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+                    h.reprotect_all().map_err(|e| e.to_string())?;
+                    h.take(chain.consumer).ok_or("the chain's dirty-log consumer is gone")?
+                };
+                if let Some(p) = self.pending.take() {
+                    set.union_with(&p).map_err(|e| e.to_string())?;
+                }
+                let layout = ram_layout(self.mem_size);
+                let extents: Vec<(u64, u64)> = set
+                    .extents()
+                    .iter()
+                    .filter_map(|e| {
+                        layout
+                            .iter()
+                            .find(|r| e.gpa >= r.gpa && e.gpa < r.gpa + r.len)
+                            .map(|r| (r.file_offset + e.gpa - r.gpa, e.len))
+                    })
+                    .collect();
+                match snapshot::write_diff(dir, &chain.last, &chain.last_dir, &self.file, &extents, &state) {
+                    Ok((m, bytes)) => {
+                        if let Some(c) = self.chain.as_mut() {
+                            c.last = m.clone();
+                            c.last_dir = dir.to_path_buf();
+                        }
+                        Ok((m, bytes))
+                    }
+                    Err(e) => {
+                        // Keep the pages for the next diff: nothing is lost.
+                        self.pending = Some(set);
+                        Err(format!("{e:#}"))
+                    }
+                }
+            }
+        }
+    }
+}
