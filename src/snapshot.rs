@@ -77,6 +77,18 @@ pub struct Manifest {
     pub vcpus: usize,
     /// Files and their checksums.
     pub files: BTreeMap<String, FileSum>,
+    /// CRC-32 of this manifest serialized with this field 0: a flipped bit
+    /// anywhere in the manifest (a size, a parent id) is caught too.
+    #[serde(default)]
+    pub checksum: u32,
+}
+
+impl Manifest {
+    fn self_checksum(&self) -> u32 {
+        let mut m = self.clone();
+        m.checksum = 0;
+        crc32fast::hash(&serde_json::to_vec(&m).unwrap_or_default())
+    }
 }
 
 /// The machine state besides memory.
@@ -234,6 +246,7 @@ fn commit(dir: &Path, mut m: Manifest, names: &[&str]) -> Result<Manifest, Snaps
     for name in names {
         m.files.insert((*name).to_string(), checksum_file(&dir.join(name))?);
     }
+    m.checksum = m.self_checksum();
     let tmp = dir.join("manifest.json.tmp");
     write_synced(&tmp, &to_json(&tmp, &m)?)?;
     let fin = dir.join("manifest.json");
@@ -254,6 +267,7 @@ fn manifest(kind: &str, mem_size: u64, vcpus: usize, parent: Option<(&Manifest, 
         layout: ram_layout(mem_size),
         vcpus,
         files: BTreeMap::new(),
+        checksum: 0,
     }
 }
 
@@ -335,6 +349,13 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
         return Err(SnapshotError::Unsupported {
             path: mpath,
             what: format!("format version {} (this smudge reads {VERSION})", m.version),
+        });
+    }
+    if m.checksum != m.self_checksum() {
+        return Err(SnapshotError::Corrupt {
+            path: mpath,
+            offset: 0,
+            what: "manifest checksum mismatch (the manifest itself was altered)".into(),
         });
     }
     let names: &[&str] = match (m.kind.as_str(), m.parent.is_some()) {
