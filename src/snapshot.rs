@@ -240,6 +240,28 @@ fn new_id() -> String {
     )
 }
 
+/// A snapshot whose data is written but not yet durable or committed: the
+/// vCPUs may run again while [`Pending::commit`] syncs and checksums.
+#[derive(Debug)]
+pub struct Pending {
+    dir: PathBuf,
+    manifest: Manifest,
+    names: &'static [&'static str],
+    bytes: u64,
+}
+
+impl Pending {
+    /// Syncs the files, checksums them and commits the manifest atomically.
+    /// Returns the manifest and the bytes of memory written.
+    pub fn commit(self) -> Result<(Manifest, u64), SnapshotError> {
+        for name in self.names {
+            let p = self.dir.join(name);
+            File::open(&p).and_then(|f| f.sync_data()).map_err(io_err(&p, "fdatasync"))?;
+        }
+        Ok((commit(&self.dir, self.manifest, self.names)?, self.bytes))
+    }
+}
+
 /// Checksums `names` in `dir`, writes the manifest to a temp file, syncs
 /// it, renames it into place and syncs the directory.
 fn commit(dir: &Path, mut m: Manifest, names: &[&str]) -> Result<Manifest, SnapshotError> {
@@ -281,6 +303,12 @@ pub fn write_full(
     mem_size: u64,
     state: &MachineState,
 ) -> Result<(Manifest, u64), SnapshotError> {
+    begin_full(dir, backing, mem_size, state)?.commit()
+}
+
+/// The part of [`write_full`] that needs the vCPUs paused: copies the data
+/// and writes the state. Commit the result once they run again.
+pub fn begin_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineState) -> Result<Pending, SnapshotError> {
     prepare_dir(dir)?;
     let mem_path = dir.join("memory.img");
     let img = OpenOptions::new().write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path, "create"))?;
@@ -290,11 +318,15 @@ pub fn write_full(
         copy_range(backing, &img, off, len).map_err(io_err(&mem_path, "copy_file_range"))?;
         copied += len;
     }
-    img.sync_data().map_err(io_err(&mem_path, "fdatasync"))?;
     let state_path = dir.join("state.json");
-    write_synced(&state_path, &to_json(&state_path, state)?)?;
-    let m = commit(dir, manifest("full", mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])?;
-    Ok((m, copied))
+    let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
+    f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
+    Ok(Pending {
+        dir: dir.to_path_buf(),
+        manifest: manifest("full", mem_size, state.vcpus.len(), None),
+        names: &["memory.img", "state.json"],
+        bytes: copied,
+    })
 }
 
 /// Writes a diff snapshot: the bytes of `extents` (backing-file offset,
@@ -309,10 +341,23 @@ pub fn write_diff(
     extents: &[(u64, u64)],
     state: &MachineState,
 ) -> Result<(Manifest, u64), SnapshotError> {
+    begin_diff(dir, parent, parent_dir, backing, extents, state)?.commit()
+}
+
+/// The part of [`write_diff`] that needs the vCPUs paused.
+pub fn begin_diff(
+    dir: &Path,
+    parent: &Manifest,
+    parent_dir: &Path,
+    backing: &File,
+    extents: &[(u64, u64)],
+    state: &MachineState,
+) -> Result<Pending, SnapshotError> {
     use std::os::unix::fs::FileExt;
     prepare_dir(dir)?;
     let ext_path = dir.join("extents.json");
-    write_synced(&ext_path, &to_json(&ext_path, &extents)?)?;
+    let mut f = File::create(&ext_path).map_err(io_err(&ext_path, "create"))?;
+    f.write_all(&to_json(&ext_path, &extents)?).map_err(io_err(&ext_path, "write"))?;
     let data_path = dir.join("memory.diff");
     let data = File::create(&data_path).map_err(io_err(&data_path, "create"))?;
     let mut pos = 0u64;
@@ -323,13 +368,16 @@ pub fn write_diff(
         data.write_all_at(&buf, pos).map_err(io_err(&data_path, "write"))?;
         pos += len;
     }
-    data.sync_data().map_err(io_err(&data_path, "fdatasync"))?;
     let state_path = dir.join("state.json");
-    write_synced(&state_path, &to_json(&state_path, state)?)?;
+    let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
+    f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
     let parent_dir = std::path::absolute(parent_dir).map_err(io_err(parent_dir, "resolve"))?;
-    let m = manifest("diff", parent.mem_size, state.vcpus.len(), Some((parent, &parent_dir)));
-    let m = commit(dir, m, &["extents.json", "memory.diff", "state.json"])?;
-    Ok((m, pos))
+    Ok(Pending {
+        dir: dir.to_path_buf(),
+        manifest: manifest("diff", parent.mem_size, state.vcpus.len(), Some((parent, &parent_dir))),
+        names: &["extents.json", "memory.diff", "state.json"],
+        bytes: pos,
+    })
 }
 
 /// Reads and checks `dir`: format, version, every file's length and chunk

@@ -34,8 +34,8 @@ pub struct Taken {
 #[derive(Debug)]
 struct Chain {
     consumer: ConsumerId,
-    last: Manifest,
-    last_dir: PathBuf,
+    /// Set once that snapshot is committed.
+    last: Option<(Manifest, PathBuf)>,
 }
 
 /// Snapshots of one VM.
@@ -113,8 +113,9 @@ impl Snapshotter {
     }
 
     /// Takes a snapshot into `dir`: full, or a diff on `parent` (which must
-    /// be the last snapshot this run took). Resumes afterwards if `resume`
-    /// and the VM was running.
+    /// be the last snapshot this run took). Only copying happens with the
+    /// vCPUs paused; they resume (if `resume` and they were running) before
+    /// the files are synced, checksummed and the manifest committed.
     pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
         let t0 = Instant::now();
         let was_paused = self.shared.is_paused();
@@ -124,15 +125,36 @@ impl Snapshotter {
         if resume && !was_paused {
             self.shared.resume();
         }
-        r.map(|(manifest, memory_bytes)| Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause })
+        let (pending, taken_pages) = r?;
+        match pending.commit() {
+            Ok((manifest, memory_bytes)) => {
+                if let Some(c) = self.chain.as_mut() {
+                    c.last = Some((manifest.clone(), dir.to_path_buf()));
+                }
+                Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause })
+            }
+            Err(e) => {
+                match taken_pages {
+                    // A failed diff keeps its pages for the next one.
+                    Some(set) => self.pending = Some(set),
+                    // A failed full snapshot leaves nothing to build on.
+                    None => self.chain = None,
+                }
+                Err(format!("{e:#}"))
+            }
+        }
     }
 
-    fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<(Manifest, u64), String> {
+    fn take_paused(
+        &mut self,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<(snapshot::Pending, Option<DirtySet>), String> {
         let state = self.vcpu_states()?;
         match parent {
             None => {
-                let (m, bytes) =
-                    snapshot::write_full(dir, &self.file, self.mem_size, &state).map_err(|e| format!("{e:#}"))?;
+                let pending =
+                    snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| format!("{e:#}"))?;
                 if let Some(h) = &self.harvester {
                     let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(old) = self.chain.take() {
@@ -142,21 +164,22 @@ impl Snapshotter {
                     // manual protect, stale log bits are re-protected first.
                     h.reprotect_all().map_err(|e| e.to_string())?;
                     let consumer = h.add_consumer();
-                    self.chain = Some(Chain { consumer, last: m.clone(), last_dir: dir.to_path_buf() });
+                    self.chain = Some(Chain { consumer, last: None });
                     self.pending = None;
                 }
-                Ok((m, bytes))
+                Ok((pending, None))
             }
             Some(p) => {
                 let chain = self
                     .chain
                     .as_ref()
                     .ok_or("no earlier snapshot in this run to diff against (take a full one first)")?;
+                let (last, last_dir) = chain.last.as_ref().ok_or("the last snapshot of this run was not committed")?;
                 let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
-                if !same(p, &chain.last_dir) {
+                if !same(p, last_dir) {
                     return Err(format!(
                         "a diff must build on the last snapshot of this run ({}), not {}",
-                        chain.last_dir.display(),
+                        last_dir.display(),
                         p.display()
                     ));
                 }
@@ -180,14 +203,8 @@ impl Snapshotter {
                             .map(|r| (r.file_offset + e.gpa - r.gpa, e.len))
                     })
                     .collect();
-                match snapshot::write_diff(dir, &chain.last, &chain.last_dir, &self.file, &extents, &state) {
-                    Ok((m, bytes)) => {
-                        if let Some(c) = self.chain.as_mut() {
-                            c.last = m.clone();
-                            c.last_dir = dir.to_path_buf();
-                        }
-                        Ok((m, bytes))
-                    }
+                match snapshot::begin_diff(dir, last, last_dir, &self.file, &extents, &state) {
+                    Ok(p) => Ok((p, Some(set))),
                     Err(e) => {
                         // Keep the pages for the next diff: nothing is lost.
                         self.pending = Some(set);
