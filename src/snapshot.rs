@@ -527,6 +527,11 @@ fn apply_diff(dir: &Path, dst: &File, dst_path: &Path) -> Result<(), SnapshotErr
 /// the full snapshot's data ranges (holes stay holes), then every diff in
 /// order.
 pub fn materialize(dir: &Path, mem: &Path) -> Result<Manifest, SnapshotError> {
+    materialize_with(dir, mem, &mut |_, _| {})
+}
+
+/// [`materialize`], reporting (bytes done, bytes in all) as it copies.
+pub fn materialize_with(dir: &Path, mem: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, SnapshotError> {
     if mem.exists() {
         return Err(SnapshotError::MemExists(mem.to_path_buf()));
     }
@@ -537,11 +542,25 @@ pub fn materialize(dir: &Path, mem: &Path) -> Result<Manifest, SnapshotError> {
     let dst = OpenOptions::new().read(true).write(true).create_new(true).open(mem).map_err(io_err(mem, "create"))?;
     let r = (|| {
         dst.set_len(full.mem_size).map_err(io_err(mem, "size"))?;
-        for (off, len) in data_ranges(&src, full.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))? {
-            copy_range(&src, &dst, off, len).map_err(io_err(mem, "copy_file_range"))?;
+        let ranges = data_ranges(&src, full.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))?;
+        let diffs: u64 = links[1..].iter().filter_map(|(_, m)| m.files.get("memory.diff").map(|f| f.len)).sum();
+        let total = ranges.iter().map(|r| r.1).sum::<u64>() + diffs;
+        let mut done = 0;
+        for (off, len) in ranges {
+            // Copy in 64 MiB steps so progress moves on big images.
+            let mut o = off;
+            while o < off + len {
+                let n = (off + len - o).min(64 << 20);
+                copy_range(&src, &dst, o, n).map_err(io_err(mem, "copy_file_range"))?;
+                o += n;
+                done += n;
+                progress(done, total);
+            }
         }
-        for (d, _) in &links[1..] {
+        for (d, m) in &links[1..] {
             apply_diff(d, &dst, mem)?;
+            done += m.files.get("memory.diff").map_or(0, |f| f.len);
+            progress(done, total);
         }
         dst.sync_data().map_err(io_err(mem, "fdatasync"))
     })();
@@ -560,12 +579,17 @@ pub fn restore_memory(dir: &Path, _m: &Manifest, mem: &Path) -> Result<(), Snaps
 /// Folds the chain ending at `dir` into one full snapshot at `out` (same
 /// memory bytes, the last link's machine state).
 pub fn merge(dir: &Path, out: &Path) -> Result<Manifest, SnapshotError> {
+    merge_with(dir, out, &mut |_, _| {})
+}
+
+/// [`merge`], reporting progress like [`materialize_with`].
+pub fn merge_with(dir: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, SnapshotError> {
     let links = chain(dir)?;
     let last = links.last().map(|(d, _)| d.clone()).unwrap_or_else(|| dir.to_path_buf());
     let (_, state) = load(&last)?;
     prepare_dir(out)?;
     let mem_path = out.join("memory.img");
-    let m = materialize(dir, &mem_path)?;
+    let m = materialize_with(dir, &mem_path, progress)?;
     let state_path = out.join("state.json");
     write_synced(&state_path, &to_json(&state_path, &state)?)?;
     commit(out, manifest("full", m.mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])

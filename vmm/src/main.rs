@@ -57,7 +57,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
             }
             let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
-            smudge::snapshot::restore_memory(&r.snapshot, &manifest, &r.run.mem_file)?;
+            let mut bar = progress_bar("restoring memory");
+            smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
             run(r.run, Some((manifest, state)))
         }
         Command::Snapshot(SnapshotCommand::Verify { dir }) => {
@@ -76,7 +77,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Snapshot(SnapshotCommand::Merge { dir, out }) => {
-            let m = smudge::snapshot::merge(&dir, &out)?;
+            let mut bar = progress_bar("merging");
+            let m = smudge::snapshot::merge_with(&dir, &out, &mut bar)?;
             println!("{}: full snapshot {} merged from the chain ending at {}", out.display(), m.id, dir.display());
             Ok(0)
         }
@@ -99,6 +101,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             report.print(args.json)?;
             Ok(0)
+        }
+    }
+}
+
+/// A progress bar on a terminal (bytes done of all), nothing otherwise.
+fn progress_bar(what: &'static str) -> impl FnMut(u64, u64) {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(what);
+        b
+    });
+    move |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+            if done >= total {
+                b.finish_and_clear();
+            }
         }
     }
 }
