@@ -14,11 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn ctl(sock: &Path, cmd: &str) -> Value {
-    let out = smudge().args(["ctl", "--api-sock", sock.to_str().unwrap(), cmd]).output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ctl {cmd}: {e}: {out:?}"))
-}
-
 fn raw(sock: &Path, line: &[u8]) -> Value {
     let mut s = UnixStream::connect(sock).unwrap();
     s.write_all(line).unwrap();
@@ -29,18 +24,7 @@ fn raw(sock: &Path, line: &[u8]) -> Value {
 
 fn start(dir: &tempfile::TempDir, cmdline: &str) -> (Child, std::path::PathBuf, std::path::PathBuf) {
     let (mem, sock) = (path(dir, "m"), path(dir, "api.sock"));
-    let child = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "60"])
-        .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "socket never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let child = start_with_api(&mem, &sock, "64M", cmdline, Stdio::null(), true);
     (child, mem, sock)
 }
 
@@ -57,7 +41,7 @@ fn stats_pause_resume_sync_stop() {
     // Wait for the flusher's first harvest (every 250 ms by default).
     let t0 = Instant::now();
     let s = loop {
-        let s = ctl(&sock, "stats");
+        let s = ctl(&sock, &["stats"]);
         if s["dirty_log"]["harvests"].as_u64().unwrap_or(0) > 0 || t0.elapsed() > Duration::from_secs(5) {
             break s;
         }
@@ -67,17 +51,17 @@ fn stats_pause_resume_sync_stop() {
     assert!(s["dirty_log"]["mechanism"].as_str().unwrap().starts_with("manual"), "{s}");
     assert!(s["writeback"]["nr_dirtied"].as_u64().unwrap() > 0, "{s}");
 
-    let p = ctl(&sock, "pause");
+    let p = ctl(&sock, &["pause"]);
     assert_eq!((p["ok"].clone(), p["paused"].clone(), p["vcpus"].clone()), (true.into(), true.into(), 1.into()), "{p}");
     // Writes made just before the pause reach the counters at the next
     // harvest (every 250 ms); after that nothing may change.
     std::thread::sleep(Duration::from_millis(600));
-    let a = guest_pages(&ctl(&sock, "stats"));
+    let a = guest_pages(&ctl(&sock, &["stats"]));
     std::thread::sleep(Duration::from_millis(600));
-    let b = guest_pages(&ctl(&sock, "stats"));
+    let b = guest_pages(&ctl(&sock, &["stats"]));
     assert_eq!(a, b, "the guest wrote while paused");
     // Paused, a sync leaves nothing dirty for the kernel either.
-    let y = ctl(&sock, "sync");
+    let y = ctl(&sock, &["sync"]);
     assert_eq!(y["ok"], true, "{y}");
     let f = std::fs::File::open(&mem).unwrap();
     let (range, mut out) = ([0u64, 0u64], [0u64; 5]);
@@ -86,11 +70,11 @@ fn stats_pause_resume_sync_stop() {
     assert_eq!(r, 0);
     assert_eq!((out[1], out[2]), (0, 0), "dirty / writeback pages after ctl sync");
 
-    assert_eq!(ctl(&sock, "resume")["paused"], false);
+    assert_eq!(ctl(&sock, &["resume"])["paused"], false);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(guest_pages(&ctl(&sock, "stats")) > b, "the guest did not resume");
+    assert!(guest_pages(&ctl(&sock, &["stats"])) > b, "the guest did not resume");
 
-    assert_eq!(ctl(&sock, "stop")["ok"], true);
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -120,7 +104,7 @@ fn bad_requests_get_json_errors() {
     ]);
     assert_eq!(other.code, 100, "{other:?}");
     assert!(other.stderr.contains("another process is listening"), "{other:?}");
-    assert_eq!(ctl(&sock, "stop")["ok"], true);
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
     // Something that is not a socket at the path is left alone.
     let file = path(&dir, "not-a-socket");

@@ -7,30 +7,12 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-fn ctl(sock: &Path, args: &[&str]) -> Value {
-    let out = smudge().args(["ctl", "--api-sock", sock.to_str().unwrap()]).args(args).output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"))
-}
 
 fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
-    let child = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "60"])
-        .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "socket never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child
+    start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true)
 }
 
 #[test]

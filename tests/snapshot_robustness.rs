@@ -7,31 +7,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use guest_abi::Rng;
-use serde_json::Value;
-
-fn ctl(sock: &Path, args: &[&str]) -> Value {
-    let out = smudge().args(["ctl", "--api-sock", sock.to_str().unwrap()]).args(args).output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"))
-}
 
 fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
-    let child = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "16M", "--timeout", "120"])
-        .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "socket never appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child
+    start_with_api(mem, sock, "16M", cmdline, Stdio::null(), false)
 }
 
 #[test]

@@ -107,3 +107,36 @@ pub fn assert_stamps(mem: &[u8], pages: u64, gens: &[u64]) {
         assert!(page[32..4088].iter().all(|&b| b == 0), "page {i}: bytes between stamp head and tail");
     }
 }
+
+/// Sends `args` (`stats`, `snapshot DIR --parent P`, …) with `smudge ctl`
+/// to the VMM at `sock`; returns its JSON answer.
+pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let out = smudge().args(["ctl", "--api-sock", sock.to_str().unwrap()]).args(args).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"))
+}
+
+/// Starts `smudge run` of the bundled guest with a control socket and waits
+/// for the socket. `stdout` takes the guest's serial output; smudge's own
+/// messages are piped only when `stderr` (read them, or the VMM may block).
+pub fn start_with_api(
+    mem: &Path,
+    sock: &Path,
+    mem_size: &str,
+    cmdline: &str,
+    stdout: std::process::Stdio,
+    stderr: bool,
+) -> std::process::Child {
+    let child = smudge()
+        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
+        .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
+        .stdout(stdout)
+        .stderr(if stderr { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "socket never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}

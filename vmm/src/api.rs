@@ -26,7 +26,7 @@ use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
 use crate::outcome::Outcome;
-use crate::snapshotter::Snapshotter;
+use crate::snapshotter::{pause_vcpus, Snapshotter};
 use crate::vcpu::Shared;
 
 /// Longest request accepted.
@@ -64,8 +64,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         let _ = std::fs::remove_file(path);
     }
     let err = |source| ApiError::Bind { path: path.to_path_buf(), source };
-    let l = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    // Bind and listen under a temporary name, then rename: the socket
+    // appears only once it accepts connections, already mode 0600.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     l.set_nonblocking(true).map_err(err)?;
     Ok(l)
 }
@@ -230,17 +241,10 @@ impl ApiServer {
 
     fn pause(&self) -> Value {
         let t0 = Instant::now();
-        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
-        self.shared.request_pause();
-        (self.kick)(&self.threads);
-        while self.shared.paused_vcpus() < live {
-            if t0.elapsed() > Duration::from_secs(2) {
-                return error(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
-            }
-            (self.kick)(&self.threads);
-            std::thread::sleep(Duration::from_millis(1));
+        match pause_vcpus(&self.shared, &self.threads, self.kick) {
+            Ok(n) => json!({"ok": true, "paused": true, "vcpus": n, "ms": t0.elapsed().as_secs_f64() * 1e3}),
+            Err(e) => error(e),
         }
-        json!({"ok": true, "paused": true, "vcpus": live, "ms": t0.elapsed().as_secs_f64() * 1e3})
     }
 }
 

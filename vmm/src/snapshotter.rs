@@ -17,6 +17,23 @@ use smudge::snapshot::{self, MachineState, Manifest};
 
 use crate::vcpu::Shared;
 
+/// Asks every live vCPU to pause and kicks it out of KVM_RUN until all are
+/// parked (2 s at most). Returns how many were paused.
+pub fn pause_vcpus(shared: &Shared, threads: &[JoinHandle<()>], kick: fn(&[JoinHandle<()>])) -> Result<usize, String> {
+    let live = threads.iter().filter(|t| !t.is_finished()).count();
+    shared.request_pause();
+    kick(threads);
+    let t0 = Instant::now();
+    while shared.paused_vcpus() < live {
+        if t0.elapsed() > Duration::from_secs(2) {
+            return Err(format!("only {} of {live} vCPUs paused within 2 s", shared.paused_vcpus()));
+        }
+        kick(threads);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(live)
+}
+
 /// What a snapshot produced.
 #[derive(Debug, Clone)]
 pub struct Taken {
@@ -73,18 +90,7 @@ impl Snapshotter {
     /// Pauses every live vCPU (kicked out of KVM_RUN, parked). Returns how
     /// many.
     pub fn pause(&self) -> Result<usize, String> {
-        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
-        self.shared.request_pause();
-        (self.kick)(&self.threads);
-        let t0 = Instant::now();
-        while self.shared.paused_vcpus() < live {
-            if t0.elapsed() > Duration::from_secs(2) {
-                return Err(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
-            }
-            (self.kick)(&self.threads);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(live)
+        pause_vcpus(&self.shared, &self.threads, self.kick)
     }
 
     fn vcpu_states(&self) -> Result<MachineState, String> {

@@ -78,6 +78,35 @@ pub struct VmConfig {
     pub kvm_dev: PathBuf,
 }
 
+impl VmConfig {
+    /// The bundled guest with `cmdline` on `mem_size` bytes of RAM in
+    /// `mem_file`: one vCPU, serial discarded, manual dirty logging, no
+    /// writeback, no API — what benchmarks start from.
+    pub fn bundled(mem_file: PathBuf, mem_size: u64, cmdline: &str) -> Self {
+        VmConfig {
+            mem_file,
+            mem_size,
+            guest_elf: crate::guest_image::GUEST_ELF.to_vec(),
+            cmdline: cmdline.to_string(),
+            vcpus: 1,
+            serial: Box::new(std::io::sink()),
+            timeout: Some(Duration::from_secs(600)),
+            tick: Duration::from_millis(100),
+            hugepages: false,
+            dirty_log: Some(DirtyLogMode::Manual),
+            ring_entries: 4096,
+            hide_caps: Vec::new(),
+            dirty: DirtyOptions::default(),
+            on_sync: None,
+            writeback: None,
+            kvm_dev: "/dev/kvm".into(),
+            api_sock: None,
+            restore: None,
+            snapshot_at: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for VmConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmConfig")

@@ -10,7 +10,7 @@
 //! (`Harvester::collect`: harvest, OR into consumers, take, re-protect).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use smudge::harvest::{ConsumerId, DirtyLogMode};
@@ -18,8 +18,6 @@ use smudge::harvest::{ConsumerId, DirtyLogMode};
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
 use crate::cli::BenchArgs;
-use crate::dirty::DirtyOptions;
-use crate::guest_image::GUEST_ELF;
 use crate::outcome::Outcome;
 use crate::vcpu::SyncHook;
 use crate::vm::{self, VmConfig};
@@ -81,25 +79,10 @@ fn run_with_syncs(
     let mem_file = dir.join("harvest-bench.mem");
     std::fs::remove_file(&mem_file).ok();
     let cfg = VmConfig {
-        mem_file: mem_file.clone(),
-        mem_size,
-        guest_elf: GUEST_ELF.to_vec(),
-        cmdline: cmdline.to_string(),
-        vcpus: 1,
-        serial: Box::new(std::io::sink()),
-        timeout: Some(Duration::from_secs(600)),
-        tick: Duration::from_millis(100),
-        hugepages: false,
         dirty_log: mode,
         ring_entries: 65536,
-        hide_caps: Vec::new(),
-        dirty: DirtyOptions::default(),
         on_sync: Some(hook),
-        writeback: None,
-        kvm_dev: "/dev/kvm".into(),
-        api_sock: None,
-        restore: None,
-        snapshot_at: None,
+        ..VmConfig::bundled(mem_file.clone(), mem_size, cmdline)
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();

@@ -29,9 +29,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
 use crate::cli::BenchArgs;
-use crate::dirty::DirtyOptions;
 use crate::flusher::WritebackOptions;
-use crate::guest_image::GUEST_ELF;
 use crate::outcome::Outcome;
 use crate::vm::{self, VmConfig};
 
@@ -155,25 +153,11 @@ fn hotcold(
         image: image.then(|| dir.join("hotcold.img")),
     });
     let cfg = VmConfig {
-        mem_file: mem_file.clone(),
-        mem_size: mem,
-        guest_elf: GUEST_ELF.to_vec(),
-        cmdline: format!("workload=hotcold hot_pct=10 hot_share=99 ms={ms}"),
-        vcpus: 1,
         serial: Box::new(cap.clone()),
         timeout: Some(Duration::from_secs(120)),
-        tick: Duration::from_millis(100),
-        hugepages: false,
         dirty_log: mode,
-        ring_entries: 4096,
-        hide_caps: Vec::new(),
-        dirty: DirtyOptions::default(),
-        on_sync: None,
         writeback,
-        kvm_dev: "/dev/kvm".into(),
-        api_sock: None,
-        restore: None,
-        snapshot_at: None,
+        ..VmConfig::bundled(mem_file.clone(), mem, &format!("workload=hotcold hot_pct=10 hot_share=99 ms={ms}"))
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();
