@@ -3,7 +3,7 @@
 //! | knob | kernel | smudge default | why |
 //! | --- | --- | --- | --- |
 //! | flusher period | `dirty_writeback_centisecs` 5 s | 250 ms | a harvest costs ~0.02 ms (clean) to a few ms (1 GiB dirty) here, so a short period is cheap; it bounds staleness and keeps a snapshot's residue small |
-//! | expiry | `dirty_expire_centisecs` 30 s | 30 s | writing a hot page back through the backing file costs the guest two faults here (our re-protect, then the host's `page_mkclean` through the MMU notifier and ext4's `page_mkwrite`), ~30 us a page; `bench writeback` measured a 10 %-hot guest at 0.09x its unlogged speed with 1 s expiry and 0.40x with 5 s; at 30 s one such cycle per 30 s costs a few percent |
+//! | expiry | `dirty_expire_centisecs` 30 s | 30 s | writing a hot page back through the backing file costs the guest two faults here (our re-protect, then the host's `page_mkclean` through the MMU notifier and ext4's `page_mkwrite`), ~30 us a page; `bench writeback` measured a 10 %-hot guest at 0.06-0.09x its unlogged speed with 1 s expiry and 0.25-0.40x with 5 s; at 30 s one such cycle per 30 s costs a few percent |
 //! | background | `dirty_background_ratio` 10 % | 10 % of RAM | start writing before expiry when a lot is dirty |
 //! | hard limit | `dirty_ratio` 20 % | 40 % of RAM | above it the vCPUs are throttled; higher than the kernel's since a guest's hot set should stay writable |
 
