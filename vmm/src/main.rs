@@ -97,7 +97,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 "boot" => bench::boot::run(&args)?,
                 "harvest" => bench::harvest::run(&args)?,
                 "writeback" => bench::writeback::run(&args)?,
-                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest, writeback)"),
+                "snapshot" => bench::snapshot::run(&args)?,
+                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot)"),
             };
             report.print(args.json)?;
             Ok(0)

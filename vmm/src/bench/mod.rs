@@ -3,4 +3,5 @@
 pub mod boot;
 pub mod harvest;
 pub mod report;
+pub mod snapshot;
 pub mod writeback;

@@ -1,0 +1,166 @@
+//! `smudge bench snapshot`: a guest writing ~5 % of its pages per second on
+//! 1 GiB (64 MiB with --quick), snapshotted through the control API of a
+//! real `smudge run`, in one invocation: the full-snapshot pause; the
+//! diff-snapshot pause with background writeback off and on; restore time;
+//! and how many diff snapshots per second can be sustained, with the share
+//! of time the guest spends paused (its slowdown bound).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::boot::tempfile_dir;
+use super::report::{median, Report};
+use crate::api;
+use crate::cli::BenchArgs;
+
+struct Vm {
+    child: Child,
+    sock: std::path::PathBuf,
+}
+
+impl Vm {
+    fn start(dir: &Path, name: &str, mem: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Vm> {
+        let sock = dir.join(format!("{name}.sock"));
+        let mem_file = dir.join(format!("{name}.mem"));
+        std::fs::remove_file(&mem_file).ok();
+        let child = Command::new(std::env::current_exe()?)
+            .args(["run", "--mem-size", mem, "--timeout", "600", "--cmdline", cmdline, "--mem-file"])
+            .arg(&mem_file)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let t0 = Instant::now();
+        while !sock.exists() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("{name}: the API socket never appeared");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Vm { child, sock })
+    }
+
+    fn call(&self, req: Value) -> anyhow::Result<Value> {
+        let v = api::call(&self.sock, &req)?;
+        if v["ok"] != true {
+            bail!("{req}: {v}");
+        }
+        Ok(v)
+    }
+
+    fn snapshot(&self, dir: &Path, parent: Option<&Path>) -> anyhow::Result<f64> {
+        let mut req = json!({"cmd": "snapshot", "dir": dir, "resume": true});
+        if let Some(p) = parent {
+            req["parent"] = json!(p);
+        }
+        let v = self.call(req)?;
+        v["pause_ms"].as_f64().context("no pause_ms")
+    }
+
+    fn stop(mut self) {
+        let _ = self.call(json!({"cmd": "stop"}));
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let dir = tempfile_dir(args.dir.as_deref())?;
+    let (mem, pages, warm, label) =
+        if args.quick { ("64M", 15000u64, 1500u64, "64 MiB") } else { ("1G", 260000, 6000, "1 GiB") };
+    // ~5 % of the pages per second, over a working set written once first.
+    let rate = pages / 20;
+    let cmdline = format!("workload=rate rate={rate} pages={pages} seed=11 ms=600000 wipe=1");
+    let diffs = args.runs.unwrap_or(if args.quick { 2 } else { 4 });
+    let mut rep = Report::new("snapshot");
+
+    let mut pauses = Vec::new();
+    let mut last = None;
+    for (case, extra) in [("background writeback off", &["--no-writeback"][..]), ("background writeback on", &[][..])] {
+        let vm = Vm::start(&dir, "snap", mem, &cmdline, extra)?;
+        std::thread::sleep(Duration::from_millis(warm));
+        let full = dir.join(format!("full-{}", pauses.len()));
+        std::fs::remove_dir_all(&full).ok();
+        let full_ms = vm.snapshot(&full, None)?;
+        let mut parent = full.clone();
+        let mut d = Vec::new();
+        for i in 0..diffs {
+            std::thread::sleep(Duration::from_secs(1));
+            let next = dir.join(format!("diff-{}-{i}", pauses.len()));
+            std::fs::remove_dir_all(&next).ok();
+            d.push(vm.snapshot(&next, Some(&parent))?);
+            parent = next;
+        }
+        rep.result(&format!("{label}, {case}: full snapshot"), "pause_ms", full_ms);
+        rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
+        pauses.push((full_ms, median(&d)));
+        last = Some(parent);
+        vm.stop();
+    }
+    let (full_off, diff_off) = pauses[0];
+    let (_, diff_on) = pauses[1];
+    rep.goal("diff pause (background writeback on) / full pause", diff_on / full_off, 0.05, "lower");
+    rep.goal("diff pause (background on) / diff pause (background off)", diff_on / diff_off, 0.2, "lower");
+
+    // Restore: the chain of the second run into a new process, to the guest running.
+    if let Some(chain) = last {
+        let mem_file = dir.join("restored.mem");
+        std::fs::remove_file(&mem_file).ok();
+        let t0 = Instant::now();
+        let out = Command::new(std::env::current_exe()?)
+            .args(["restore", "--timeout", "0.2", "--snapshot"])
+            .arg(&chain)
+            .arg("--mem-file")
+            .arg(&mem_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
+        // Exit 103: the restored guest was still running at the timeout.
+        if out.code() != Some(103) {
+            bail!("restore ended with {:?}", out.code());
+        }
+        rep.result(
+            &format!("{label}: restore of a full + {diffs} diffs chain, to the guest running"),
+            "restore_ms",
+            ms,
+        );
+        std::fs::remove_file(&mem_file).ok();
+    }
+
+    // Moonshot: diff snapshots back to back; the guest runs between them,
+    // so the share of time it spends paused bounds its slowdown.
+    let vm = Vm::start(&dir, "moon", mem, &cmdline, &[])?;
+    std::thread::sleep(Duration::from_millis(warm));
+    let window = Duration::from_secs(if args.quick { 1 } else { 3 });
+    let base = dir.join("moon-full");
+    std::fs::remove_dir_all(&base).ok();
+    vm.snapshot(&base, None)?;
+    let mut parent = base;
+    let t0 = Instant::now();
+    let (mut n, mut paused_ms) = (0u32, 0.0);
+    while t0.elapsed() < window {
+        let next = dir.join(format!("moon-{n}"));
+        std::fs::remove_dir_all(&next).ok();
+        paused_ms += vm.snapshot(&next, Some(&parent))?;
+        if n > 0 {
+            std::fs::remove_dir_all(&parent).ok();
+        }
+        parent = next;
+        n += 1;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    vm.stop();
+    rep.result(&format!("{label}: diff snapshots back to back"), "snapshots_per_s", f64::from(n) / secs);
+    rep.result(&format!("{label}: share of time the guest was paused meanwhile"), "ratio", paused_ms / 1e3 / secs);
+    if args.dir.is_none() {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    Ok(rep)
+}
