@@ -329,22 +329,9 @@ pub fn begin_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineStat
     })
 }
 
-/// Writes a diff snapshot: the bytes of `extents` (backing-file offset,
+/// Starts a diff snapshot: the bytes of `extents` (backing-file offset,
 /// length) read from `backing`, on top of `parent` (written in
-/// `parent_dir`). The caller has paused the vCPUs. Returns the manifest and
-/// the bytes of memory written.
-pub fn write_diff(
-    dir: &Path,
-    parent: &Manifest,
-    parent_dir: &Path,
-    backing: &File,
-    extents: &[(u64, u64)],
-    state: &MachineState,
-) -> Result<(Manifest, u64), SnapshotError> {
-    begin_diff(dir, parent, parent_dir, backing, extents, state)?.commit()
-}
-
-/// The part of [`write_diff`] that needs the vCPUs paused.
+/// `parent_dir`), with the vCPUs paused; [`Pending::commit`] finishes it.
 pub fn begin_diff(
     dir: &Path,
     parent: &Manifest,

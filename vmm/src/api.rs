@@ -18,7 +18,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -26,8 +25,7 @@ use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
 use crate::outcome::Outcome;
-use crate::snapshotter::{pause_vcpus, Snapshotter};
-use crate::vcpu::Shared;
+use crate::snapshotter::{Snapshotter, VcpuControl};
 
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -82,21 +80,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 }
 
 /// What the API acts on.
+#[derive(Debug)]
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
-    shared: Arc<Shared>,
+    vcpus: VcpuControl,
     harvester: Option<Arc<Mutex<Harvester>>>,
     flusher: Option<Arc<Mutex<Flusher>>>,
-    threads: Arc<Vec<JoinHandle<()>>>,
-    kick: fn(&[JoinHandle<()>]),
     snapshotter: Option<Arc<Mutex<Snapshotter>>>,
-}
-
-impl std::fmt::Debug for ApiServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("path", &self.path).finish_non_exhaustive()
-    }
 }
 
 impl ApiServer {
@@ -104,13 +95,11 @@ impl ApiServer {
     pub fn new(
         listener: UnixListener,
         path: PathBuf,
-        shared: Arc<Shared>,
+        vcpus: VcpuControl,
         harvester: Option<Arc<Mutex<Harvester>>>,
         flusher: Option<Arc<Mutex<Flusher>>>,
-        threads: Arc<Vec<JoinHandle<()>>>,
-        kick: fn(&[JoinHandle<()>]),
     ) -> Self {
-        ApiServer { listener, path, shared, harvester, flusher, threads, kick, snapshotter: None }
+        ApiServer { listener, path, vcpus, harvester, flusher, snapshotter: None }
     }
 
     /// Enables `snapshot` requests.
@@ -159,7 +148,7 @@ impl ApiServer {
             Some("sync") => self.sync(),
             Some("pause") => self.pause(),
             Some("resume") => {
-                self.shared.resume();
+                self.vcpus.shared.resume();
                 json!({"ok": true, "paused": false})
             }
             Some("snapshot") => match req.get("dir").and_then(Value::as_str) {
@@ -171,7 +160,7 @@ impl ApiServer {
                 None => error("snapshot needs a \"dir\" string".into()),
             },
             Some("stop") => {
-                self.shared.finish(Outcome::Stopped);
+                self.vcpus.shared.finish(Outcome::Stopped);
                 json!({"ok": true, "stopping": true})
             }
             Some(other) => error(format!("unknown command '{other}' (stats, sync, pause, resume, snapshot, stop)")),
@@ -180,7 +169,7 @@ impl ApiServer {
     }
 
     fn stats(&self) -> Value {
-        let mut v = json!({"ok": true, "paused": self.shared.is_paused()});
+        let mut v = json!({"ok": true, "paused": self.vcpus.shared.is_paused()});
         if let Some(h) = &self.harvester {
             let h = h.lock().unwrap_or_else(|p| p.into_inner());
             let s = h.stats();
@@ -204,7 +193,7 @@ impl ApiServer {
                 "oldest_dirty_ms": w.oldest_dirty_ms,
                 "syncs": w.syncs,
                 "write_errors": w.write_errors,
-                "throttle_ms": self.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
+                "throttle_ms": self.vcpus.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
             });
         }
         v
@@ -241,7 +230,7 @@ impl ApiServer {
 
     fn pause(&self) -> Value {
         let t0 = Instant::now();
-        match pause_vcpus(&self.shared, &self.threads, self.kick) {
+        match self.vcpus.pause() {
             Ok(n) => json!({"ok": true, "paused": true, "vcpus": n, "ms": t0.elapsed().as_secs_f64() * 1e3}),
             Err(e) => error(e),
         }

@@ -17,21 +17,40 @@ use smudge::snapshot::{self, MachineState, Manifest};
 
 use crate::vcpu::Shared;
 
-/// Asks every live vCPU to pause and kicks it out of KVM_RUN until all are
-/// parked (2 s at most). Returns how many were paused.
-pub fn pause_vcpus(shared: &Shared, threads: &[JoinHandle<()>], kick: fn(&[JoinHandle<()>])) -> Result<usize, String> {
-    let live = threads.iter().filter(|t| !t.is_finished()).count();
-    shared.request_pause();
-    kick(threads);
-    let t0 = Instant::now();
-    while shared.paused_vcpus() < live {
-        if t0.elapsed() > Duration::from_secs(2) {
-            return Err(format!("only {} of {live} vCPUs paused within 2 s", shared.paused_vcpus()));
-        }
-        kick(threads);
-        std::thread::sleep(Duration::from_millis(1));
+/// The running vCPUs, as the control API and snapshots see them.
+#[derive(Clone)]
+pub struct VcpuControl {
+    /// What the vCPU threads share.
+    pub shared: Arc<Shared>,
+    /// The vCPU threads.
+    pub threads: Arc<Vec<JoinHandle<()>>>,
+    /// Kicks them out of KVM_RUN.
+    pub kick: fn(&[JoinHandle<()>]),
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl").field("vcpus", &self.threads.len()).finish()
     }
-    Ok(live)
+}
+
+impl VcpuControl {
+    /// Asks every live vCPU to pause and kicks it out of KVM_RUN until all
+    /// are parked (2 s at most). Returns how many were paused.
+    pub fn pause(&self) -> Result<usize, String> {
+        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+        self.shared.request_pause();
+        (self.kick)(&self.threads);
+        let t0 = Instant::now();
+        while self.shared.paused_vcpus() < live {
+            if t0.elapsed() > Duration::from_secs(2) {
+                return Err(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
+            }
+            (self.kick)(&self.threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(live)
+    }
 }
 
 /// What a snapshot produced.
@@ -56,10 +75,9 @@ struct Chain {
 }
 
 /// Snapshots of one VM.
+#[derive(Debug)]
 pub struct Snapshotter {
-    shared: Arc<Shared>,
-    threads: Arc<Vec<JoinHandle<()>>>,
-    kick: fn(&[JoinHandle<()>]),
+    vcpus: VcpuControl,
     file: File,
     mem_size: u64,
     harvester: Option<Arc<Mutex<Harvester>>>,
@@ -68,38 +86,19 @@ pub struct Snapshotter {
     pending: Option<DirtySet>,
 }
 
-impl std::fmt::Debug for Snapshotter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshotter").field("mem_size", &self.mem_size).field("chain", &self.chain).finish()
-    }
-}
-
 impl Snapshotter {
     /// A snapshotter for the VM whose RAM is `file` (`mem_size` bytes).
-    pub fn new(
-        shared: Arc<Shared>,
-        threads: Arc<Vec<JoinHandle<()>>>,
-        kick: fn(&[JoinHandle<()>]),
-        file: File,
-        mem_size: u64,
-        harvester: Option<Arc<Mutex<Harvester>>>,
-    ) -> Self {
-        Snapshotter { shared, threads, kick, file, mem_size, harvester, chain: None, pending: None }
-    }
-
-    /// Pauses every live vCPU (kicked out of KVM_RUN, parked). Returns how
-    /// many.
-    pub fn pause(&self) -> Result<usize, String> {
-        pause_vcpus(&self.shared, &self.threads, self.kick)
+    pub fn new(vcpus: VcpuControl, file: File, mem_size: u64, harvester: Option<Arc<Mutex<Harvester>>>) -> Self {
+        Snapshotter { vcpus, file, mem_size, harvester, chain: None, pending: None }
     }
 
     fn vcpu_states(&self) -> Result<MachineState, String> {
-        let n = self.threads.len();
-        *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
+        let n = self.vcpus.threads.len();
+        *self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
         let t0 = Instant::now();
         loop {
             {
-                let mut req = self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
+                let mut req = self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
                 if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
                     let v = req.take().unwrap_or_default();
                     let vcpus = v
@@ -111,7 +110,7 @@ impl Snapshotter {
                 }
             }
             if t0.elapsed() > Duration::from_secs(5) {
-                *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return Err("vCPUs did not hand over their state within 5 s".into());
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -124,12 +123,12 @@ impl Snapshotter {
     /// the files are synced, checksummed and the manifest committed.
     pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
         let t0 = Instant::now();
-        let was_paused = self.shared.is_paused();
-        self.pause()?;
+        let was_paused = self.vcpus.shared.is_paused();
+        self.vcpus.pause()?;
         let r = self.take_paused(dir, parent);
         let pause = t0.elapsed();
         if resume && !was_paused {
-            self.shared.resume();
+            self.vcpus.shared.resume();
         }
         let (pending, taken_pages) = r?;
         match pending.commit() {

@@ -27,7 +27,7 @@ use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook, Watch};
 use crate::flusher::{Flusher, WritebackOptions};
 use crate::outcome::Outcome;
-use crate::snapshotter::Snapshotter;
+use crate::snapshotter::{Snapshotter, VcpuControl};
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 
 /// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
@@ -467,15 +467,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
         }));
     }
+    let control = VcpuControl { shared: shared.clone(), threads: threads.clone(), kick: kick_all };
     let snapshotter = match backing.file().try_clone() {
-        Ok(f) => Some(Arc::new(Mutex::new(Snapshotter::new(
-            shared.clone(),
-            threads.clone(),
-            kick_all,
-            f,
-            cfg.mem_size,
-            harvester.clone(),
-        )))),
+        Ok(f) => Some(Arc::new(Mutex::new(Snapshotter::new(control.clone(), f, cfg.mem_size, harvester.clone())))),
         Err(e) => {
             tracing::warn!("snapshots unavailable: cannot dup the memory file: {e}");
             None
@@ -511,11 +505,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         let mut server = ApiServer::new(
             listener,
             cfg.api_sock.clone().unwrap_or_default(),
-            shared.clone(),
+            control.clone(),
             harvester.clone(),
             flusher.clone(),
-            threads.clone(),
-            kick_all,
         );
         if let Some(sn) = &snapshotter {
             server = server.with_snapshotter(sn.clone());
@@ -525,8 +517,10 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         watches.push((fd, Box::new(move || server.lock().unwrap_or_else(|p| p.into_inner()).on_readable())));
     }
     let end = event_loop::run(&exit_evt, cfg.tick, cfg.timeout, hooks, watches);
-    // The snapshotter shares the vCPU handles; it is done once the loop is.
+    // The snapshotter and the control share the vCPU handles; both are done
+    // once the loop is.
     drop(snapshotter);
+    drop(control);
     // The flusher holds a handle list too; stop it before joining vCPUs.
     shared.stop.store(true, Ordering::Release);
     if let Some(t) = flusher_thread {
