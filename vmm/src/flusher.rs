@@ -99,13 +99,7 @@ impl Flusher {
     /// Runs on its own thread until `shared.stop`, waking every tick;
     /// `kick` pushes the vCPUs out of KVM_RUN when they must be throttled.
     /// The flusher is shared so the control API can sync and read stats.
-    pub fn run(
-        this: Arc<Mutex<Flusher>>,
-        shared: Arc<Shared>,
-        tick: Duration,
-        kick: impl Fn(),
-        publish: impl Fn(WritebackStats),
-    ) {
+    pub fn run(this: Arc<Mutex<Flusher>>, shared: Arc<Shared>, tick: Duration, kick: impl Fn()) {
         while !shared.stop.load(Ordering::Acquire) {
             std::thread::park_timeout(tick);
             if shared.stop.load(Ordering::Acquire) {
@@ -113,7 +107,6 @@ impl Flusher {
             }
             let mut f = this.lock().unwrap_or_else(|p| p.into_inner());
             let r = f.tick(&shared, &kick);
-            publish(f.engine.stats());
             drop(f);
             match r {
                 Ok(_) => {}

@@ -215,11 +215,13 @@ fn run(
                 }
             };
             format!(
-                "; writeback: {} pages written ({} MiB), {} errors, {sync}, throttled {} ms",
+                "; writeback: {} pages written ({} MiB), {} errors, {sync}, throttled {} ms in {} slices, at most {} pages dirty",
                 s.nr_written,
                 s.bytes_written >> 20,
                 s.write_errors,
-                w.throttled.as_millis()
+                w.throttled.as_millis(),
+                w.throttle_slices,
+                w.max_dirty
             )
         }
         None => String::new(),

@@ -410,8 +410,6 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         threads.push(t);
     }
     let threads = Arc::new(threads);
-    // The flusher's counters, published for the stats line.
-    let wb_stats: Arc<Mutex<Option<WritebackStats>>> = Arc::default();
     let flusher_thread = match &flusher {
         Some(f) => {
             let f = f.clone();
@@ -422,23 +420,10 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
                     .as_ref()
                     .map_or(cfg.tick, |o| o.policy.writeback_interval.min(Duration::from_millis(100))),
             );
-            let ws = wb_stats.clone();
             Some(
                 std::thread::Builder::new()
                     .name("flusher".into())
-                    .spawn(move || {
-                        Flusher::run(
-                            f,
-                            sh,
-                            tick,
-                            || kick_all(&th),
-                            |s| {
-                                if let Ok(mut g) = ws.lock() {
-                                    *g = Some(s);
-                                }
-                            },
-                        )
-                    })
+                    .spawn(move || Flusher::run(f, sh, tick, || kick_all(&th)))
                     .map_err(|e| VmError::Runtime(format!("spawning the flusher: {e}")))?,
             )
         }
@@ -454,14 +439,14 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         }));
     }
     if let Some(every) = cfg.dirty.stats_interval {
-        let (h, f, sh) = (harvester.clone(), wb_stats.clone(), shared.clone());
+        let (h, f, sh) = (harvester.clone(), flusher.clone(), shared.clone());
         let mut last = (Instant::now(), HarvestStats::default(), WritebackStats::default(), 0u64);
         hooks.push(Box::new(move |_| {
             if last.0.elapsed() < every {
                 return;
             }
             let hs = h.as_ref().map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).stats()).unwrap_or_default();
-            let ws = f.lock().ok().and_then(|g| *g);
+            let ws = f.as_ref().map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).stats());
             let thr = sh.throttled_ns.load(Ordering::Relaxed);
             print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w)), thr - last.3);
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
