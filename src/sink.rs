@@ -178,6 +178,11 @@ impl ImageFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The open image file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Sink for ImageFile {

@@ -251,6 +251,11 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Memory bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Syncs the files, checksums them and commits the manifest atomically.
     /// Returns the manifest and the bytes of memory written.
     pub fn commit(self) -> Result<(Manifest, u64), SnapshotError> {

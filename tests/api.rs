@@ -24,7 +24,7 @@ fn raw(sock: &Path, line: &[u8]) -> Value {
 
 fn start(dir: &tempfile::TempDir, cmdline: &str) -> (Child, std::path::PathBuf, std::path::PathBuf) {
     let (mem, sock) = (path(dir, "m"), path(dir, "api.sock"));
-    let child = start_with_api(&mem, &sock, "64M", cmdline, Stdio::null(), true);
+    let child = start_with_api(&mem, &sock, "64M", cmdline, Stdio::null(), true, &[]);
     (child, mem, sock)
 }
 

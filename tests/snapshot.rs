@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 
 fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
-    start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true)
+    start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true, &[])
 }
 
 #[test]
@@ -23,7 +23,7 @@ fn snapshot_a_running_guest_and_continue_it_in_a_new_process() {
     std::thread::sleep(Duration::from_millis(700));
     // Snapshot and stay paused, then stop: the first VM's memory is then
     // exactly the snapshot's point in time.
-    let s = ctl(&sock, &["snapshot", snap.to_str().unwrap(), "--no-resume"]);
+    let s = ctl(&sock, &["snapshot", "create", snap.to_str().unwrap(), "--no-resume"]);
     assert_eq!(s["ok"], true, "{s}");
     assert!(s["pause_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
@@ -66,9 +66,9 @@ fn corrupt_or_conflicting_snapshots_are_refused() {
     let (mem, sock, snap) = (path(&dir, "m"), path(&dir, "api.sock"), path(&dir, "snap"));
     let vm = start(&mem, &sock, "workload=random pages=2000 seed=1 ms=20000");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(ctl(&sock, &["snapshot", snap.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&sock, &["snapshot", "create", snap.to_str().unwrap()])["ok"], true);
     // Taking another snapshot into the same directory is refused.
-    let again = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let again = ctl(&sock, &["snapshot", "create", snap.to_str().unwrap()]);
     assert_eq!(again["ok"], false);
     assert!(again["error"].as_str().unwrap().contains("not empty"), "{again}");
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
@@ -111,23 +111,36 @@ fn corrupt_or_conflicting_snapshots_are_refused() {
 
 #[test]
 fn a_chain_of_diffs_restores_to_its_last_point_and_merges_to_the_same_bytes() {
+    chain_restores_and_merges(true);
+}
+
+#[test]
+fn without_precopy_a_chain_still_restores_to_its_last_point() {
+    chain_restores_and_merges(false);
+}
+
+/// full -> diff -> diff, with diff pages pre-copied while the guest runs
+/// (the default) or all copied in the pause (`--snapshot-precopy-ms 0`).
+fn chain_restores_and_merges(precopy: bool) {
     let dir = tmpdir();
     let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
     let (s1, s2, s3, merged) = (path(&dir, "s1"), path(&dir, "s2"), path(&dir, "s3"), path(&dir, "merged"));
     // A slow writer over a working set wiped (written) first, so a diff
     // holds far fewer pages than the full image.
-    let vm = start(&mem, &sock, "workload=rate rate=300 pages=8000 seed=6 ms=3000 verify=1 wipe=1");
+    let cmdline = "workload=rate rate=300 pages=8000 seed=6 ms=3000 verify=1 wipe=1";
+    let extra: &[&str] = if precopy { &[] } else { &["--snapshot-precopy-ms", "0"] };
+    let vm = start_with_api(&mem, &sock, "64M", cmdline, Stdio::piped(), true, extra);
     std::thread::sleep(Duration::from_millis(300));
-    let full = ctl(&sock, &["snapshot", s1.to_str().unwrap()]);
+    let full = ctl(&sock, &["snapshot", "create", s1.to_str().unwrap()]);
     assert_eq!(full["ok"], true, "{full}");
     std::thread::sleep(Duration::from_millis(400));
-    let d1 = ctl(&sock, &["snapshot", s2.to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
+    let d1 = ctl(&sock, &["snapshot", "create", s2.to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
     assert_eq!((d1["ok"].clone(), d1["kind"].clone()), (true.into(), "diff".into()), "{d1}");
     // A diff must build on the last snapshot, not an older one.
-    let bad = ctl(&sock, &["snapshot", path(&dir, "x").to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
+    let bad = ctl(&sock, &["snapshot", "create", path(&dir, "x").to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
     assert!(bad["error"].as_str().unwrap().contains("must build on the last snapshot"), "{bad}");
     std::thread::sleep(Duration::from_millis(400));
-    let d2 = ctl(&sock, &["snapshot", s3.to_str().unwrap(), "--parent", s2.to_str().unwrap(), "--no-resume"]);
+    let d2 = ctl(&sock, &["snapshot", "create", s3.to_str().unwrap(), "--parent", s2.to_str().unwrap(), "--no-resume"]);
     assert_eq!(d2["ok"], true, "{d2}");
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     assert_eq!(vm.wait_with_output().unwrap().status.code(), Some(0));
@@ -135,6 +148,13 @@ fn a_chain_of_diffs_restores_to_its_last_point_and_merges_to_the_same_bytes() {
     for d in [&d1, &d2] {
         let b = d["memory_bytes"].as_u64().unwrap();
         assert!(b > 0 && b * 10 < full_bytes, "a diff of ~120 page writes holds {b} bytes (full: {full_bytes})");
+        // Pre-copy leaves only the residue for the pause.
+        let in_pause = d["pause_copied_bytes"].as_u64().unwrap();
+        if precopy {
+            assert!(in_pause < b, "pre-copy on, yet the pause copied {in_pause} of {b} bytes");
+        } else {
+            assert_eq!(in_pause, b, "pre-copy off: the pause copies the whole diff");
+        }
     }
     let at_last = std::fs::read(&mem).unwrap();
 

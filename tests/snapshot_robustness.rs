@@ -13,7 +13,7 @@ use common::*;
 use guest_abi::Rng;
 
 fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
-    start_with_api(mem, sock, "16M", cmdline, Stdio::null(), false)
+    start_with_api(mem, sock, "16M", cmdline, Stdio::null(), false, &[])
 }
 
 #[test]
@@ -24,9 +24,9 @@ fn killing_the_vmm_mid_snapshot_never_breaks_the_last_good_one() {
         let dir = tmpdir();
         let (mem, sock, s0, s1) = (path(&dir, "m"), path(&dir, "sock"), path(&dir, "s0"), path(&dir, "s1"));
         let mut vm = start(&mem, &sock, "workload=random pages=2500 seed=3 ms=100000 wipe=1");
-        assert_eq!(ctl(&sock, &["snapshot", s0.to_str().unwrap()])["ok"], true, "trial {trial}");
+        assert_eq!(ctl(&sock, &["snapshot", "create", s0.to_str().unwrap()])["ok"], true, "trial {trial}");
         let mut client = smudge()
-            .args(["ctl", "--api-sock", sock.to_str().unwrap(), "snapshot", s1.to_str().unwrap(), "--parent"])
+            .args(["ctl", "--api-sock", sock.to_str().unwrap(), "snapshot", "create", s1.to_str().unwrap(), "--parent"])
             .arg(&s0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,9 +113,9 @@ fn hundreds_of_corruptions_are_refused_with_the_file_named() {
     let (mem, sock, s0, s1) = (path(&dir, "m"), path(&dir, "sock"), path(&dir, "s0"), path(&dir, "s1"));
     let mut vm = start(&mem, &sock, "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(ctl(&sock, &["snapshot", s0.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&sock, &["snapshot", "create", s0.to_str().unwrap()])["ok"], true);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(ctl(&sock, &["snapshot", s1.to_str().unwrap(), "--parent", s0.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&sock, &["snapshot", "create", s1.to_str().unwrap(), "--parent", s0.to_str().unwrap()])["ok"], true);
     vm.kill().unwrap();
     vm.wait().unwrap();
     let good_path = path(&dir, "good");
@@ -164,7 +164,7 @@ fn hundreds_of_corruptions_are_refused_with_the_file_named() {
     // A parent from another VM in its place.
     let (mem2, sock2) = (path(&dir, "m2"), path(&dir, "sock2"));
     let mut other = start(&mem2, &sock2, "workload=idle ms=100000");
-    assert_eq!(ctl(&sock2, &["snapshot", s0.to_str().unwrap()])["ok"], true);
+    assert_eq!(ctl(&sock2, &["snapshot", "create", s0.to_str().unwrap()])["ok"], true);
     other.kill().unwrap();
     other.wait().unwrap();
     let e = smudge::snapshot::chain(&s1).unwrap_err().to_string();

@@ -212,10 +212,14 @@ fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
             break;
         }
         if interval > 0 {
-            while rdtsc() < due {
+            let mut now = rdtsc();
+            while now < due {
                 core::hint::spin_loop();
+                now = rdtsc();
             }
-            due += interval;
+            // A steady rate: writes missed while paused (a snapshot, a
+            // throttle) are dropped, not caught up in a burst.
+            due = (due + interval).max(now.saturating_sub(interval.saturating_mul(16)));
         }
         let i = match c.workload {
             Workload::HotCold if hot < ws.pages && rng.below(100) >= c.hot_share => hot + rng.below(ws.pages - hot),

@@ -125,10 +125,12 @@ pub fn start_with_api(
     cmdline: &str,
     stdout: std::process::Stdio,
     stderr: bool,
+    extra: &[&str],
 ) -> std::process::Child {
     let child = smudge()
         .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
+        .args(extra)
         .stdout(stdout)
         .stderr(if stderr { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .spawn()

@@ -222,6 +222,7 @@ impl ApiServer {
                 "dir": t.dir,
                 "memory_bytes": t.memory_bytes,
                 "pause_ms": t.pause.as_secs_f64() * 1e3,
+                "pause_copied_bytes": t.pause_copied_bytes,
                 "resumed": resume,
             }),
             Err(e) => error(e),

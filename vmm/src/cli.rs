@@ -119,6 +119,12 @@ pub struct RunArgs {
     /// Where --snapshot-at-ms puts its snapshot (a new directory inside).
     #[arg(long, requires = "snapshot_at_ms")]
     pub snapshot_dir: Option<PathBuf>,
+    /// While the guest runs, copy the pages of the next diff snapshot into a
+    /// staging file beside the last snapshot this often (milliseconds), so a
+    /// diff's pause copies only the residue; 0: copy everything during the
+    /// pause (what Firecracker does).
+    #[arg(long, default_value_t = 50)]
+    pub snapshot_precopy_ms: u64,
     /// Serve the control API (JSON over this unix socket, mode 0600).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -181,20 +187,32 @@ pub enum CtlCommand {
     Pause,
     /// Resume the vCPUs.
     Resume,
+    /// Snapshots of the running VM.
+    #[command(subcommand)]
+    Snapshot(SnapshotCtl),
+    /// End the run (exit code 0).
+    Stop,
+}
+
+/// `smudge ctl snapshot ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum SnapshotCtl {
     /// Take a snapshot into DIR (pause, save, resume): full, or with
-    /// --parent a diff holding only the pages dirtied since that snapshot.
-    Snapshot {
+    /// --diff --parent a diff holding only the pages dirtied since then.
+    Create {
         /// Directory to create (must not exist or be empty).
         dir: PathBuf,
-        /// Write a diff on this snapshot (the last one this run took).
+        /// A diff snapshot (needs --parent).
+        #[arg(long, requires = "parent")]
+        diff: bool,
+        /// Write a diff on this snapshot (the last one this run took);
+        /// implies --diff.
         #[arg(long)]
         parent: Option<PathBuf>,
         /// Leave the vCPUs paused afterwards.
         #[arg(long)]
         no_resume: bool,
     },
-    /// End the run (exit code 0).
-    Stop,
 }
 
 impl CtlCommand {
@@ -206,7 +224,7 @@ impl CtlCommand {
             CtlCommand::Sync => json!({"cmd": "sync"}),
             CtlCommand::Pause => json!({"cmd": "pause"}),
             CtlCommand::Resume => json!({"cmd": "resume"}),
-            CtlCommand::Snapshot { dir, parent, no_resume } => {
+            CtlCommand::Snapshot(SnapshotCtl::Create { dir, parent, no_resume, .. }) => {
                 // The server resolves paths from its own working directory.
                 let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
                 let mut v = json!({"cmd": "snapshot", "dir": abs(dir), "resume": !no_resume});

@@ -16,6 +16,7 @@ pub mod event_loop;
 pub mod flusher;
 pub mod guest_image;
 pub mod outcome;
+pub mod precopy;
 pub mod snapshotter;
 pub mod vcpu;
 pub mod vm;

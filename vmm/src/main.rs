@@ -168,6 +168,7 @@ fn run(
             (Some(ms), Some(d)) => Some((Duration::from_millis(ms), d.clone())),
             _ => None,
         },
+        snapshot_precopy: (args.snapshot_precopy_ms > 0).then(|| Duration::from_millis(args.snapshot_precopy_ms)),
         writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
             policy: WritebackPolicy {
                 writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use smudge::dirty_set::DirtySet;
 use smudge::harvest::{ConsumerId, Harvester};
-use smudge::memory::ram_layout;
+use smudge::memory::GuestRam;
 use smudge::snapshot::{self, MachineState, Manifest};
 
+use crate::precopy::{file_extents, Staging};
 use crate::vcpu::Shared;
 
 /// The running vCPUs, as the control API and snapshots see them.
@@ -64,6 +65,9 @@ pub struct Taken {
     pub memory_bytes: u64,
     /// How long the vCPUs were paused for it.
     pub pause: Duration,
+    /// Memory bytes copied while the vCPUs were paused (a pre-copied diff:
+    /// the residue only).
+    pub pause_copied_bytes: u64,
 }
 
 /// The last snapshot of this run and the consumer collecting pages since.
@@ -81,15 +85,78 @@ pub struct Snapshotter {
     file: File,
     mem_size: u64,
     harvester: Option<Arc<Mutex<Harvester>>>,
+    /// Guest RAM, for pre-copy (None: no pre-copy).
+    ram: Option<GuestRam>,
     chain: Option<Chain>,
-    /// Pages of a diff that failed to write: the next diff includes them.
+    /// Pages the next diff must hold that no staging image has: a failed
+    /// diff's, or a failed pre-copy pass's.
     pending: Option<DirtySet>,
+    /// The next diff's pages copied so far while the guest ran.
+    staging: Option<Staging>,
+}
+
+/// What the paused part of a snapshot leaves for after the resume.
+enum Paused {
+    /// The files are written; sync and commit remain.
+    Written(snapshot::Pending, Option<DirtySet>),
+    /// A diff whose pages all sit in a frozen staging image: pack it. With
+    /// the residue bytes copied in the pause.
+    Staged(Staging, MachineState, u64),
 }
 
 impl Snapshotter {
     /// A snapshotter for the VM whose RAM is `file` (`mem_size` bytes).
     pub fn new(vcpus: VcpuControl, file: File, mem_size: u64, harvester: Option<Arc<Mutex<Harvester>>>) -> Self {
-        Snapshotter { vcpus, file, mem_size, harvester, chain: None, pending: None }
+        Snapshotter { vcpus, file, mem_size, harvester, ram: None, chain: None, pending: None, staging: None }
+    }
+
+    /// Enables pre-copy of diff pages from `ram` (see [`Self::precopy_pass`]).
+    pub fn with_precopy(mut self, ram: GuestRam) -> Self {
+        self.ram = Some(ram);
+        self
+    }
+
+    /// One pre-copy pass, while the guest runs: collect (harvest, take and
+    /// re-protect) the pages the chain's consumer saw since the last pass
+    /// and copy them into the next diff's staging image. Returns the bytes
+    /// copied (0 when there is no committed chain to build on). A failed
+    /// pass keeps its pages for the next pass or the pause.
+    pub fn precopy_pass(&mut self) -> Result<u64, String> {
+        let (Some(ram), Some(h), Some(chain)) = (&self.ram, &self.harvester, &self.chain) else {
+            return Ok(0);
+        };
+        let Some((_, last_dir)) = &chain.last else {
+            return Ok(0);
+        };
+        let mut set = {
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            h.collect(chain.consumer).map_err(|e| e.to_string())?
+        };
+        if let Some(p) = self.pending.take() {
+            set.union_with(&p).map_err(|e| e.to_string())?;
+        }
+        if set.is_empty() {
+            return Ok(0);
+        }
+        if self.staging.is_none() {
+            let mut empty = set.clone();
+            empty.clear();
+            match Staging::create(&Staging::path_after(last_dir), self.mem_size, empty) {
+                Ok(s) => self.staging = Some(s),
+                Err(e) => {
+                    self.pending = Some(set);
+                    return Err(format!("pre-copy: {e}"));
+                }
+            }
+        }
+        let staging = self.staging.as_mut().ok_or("pre-copy: no staging image")?;
+        match staging.copy_in(ram, &set) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.pending = Some(set);
+                Err(format!("pre-copy: {e}"))
+            }
+        }
     }
 
     fn vcpu_states(&self) -> Result<MachineState, String> {
@@ -119,8 +186,9 @@ impl Snapshotter {
 
     /// Takes a snapshot into `dir`: full, or a diff on `parent` (which must
     /// be the last snapshot this run took). Only copying happens with the
-    /// vCPUs paused; they resume (if `resume` and they were running) before
-    /// the files are synced, checksummed and the manifest committed.
+    /// vCPUs paused — for a diff after pre-copy, only the residue; they
+    /// resume (if `resume` and they were running) before the files are
+    /// packed, synced, checksummed and the manifest committed.
     pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
         let t0 = Instant::now();
         let was_paused = self.vcpus.shared.is_paused();
@@ -130,18 +198,33 @@ impl Snapshotter {
         if resume && !was_paused {
             self.vcpus.shared.resume();
         }
-        let (pending, taken_pages) = r?;
-        match pending.commit() {
+        let (pending, taken_pages, in_pause) = match r? {
+            Paused::Written(p, pages) => {
+                let n = p.bytes();
+                (Ok(p), pages, n)
+            }
+            Paused::Staged(frozen, state, residue) => {
+                let (last, last_dir) = self
+                    .chain
+                    .as_ref()
+                    .and_then(|c| c.last.as_ref())
+                    .ok_or("the chain ended while the snapshot was taken")?;
+                let extents = frozen.file_extents(self.mem_size);
+                let p = snapshot::begin_diff(dir, last, last_dir, frozen.file(), &extents, &state);
+                (p, Some(frozen.staged().clone()), residue)
+            }
+        };
+        match pending.and_then(snapshot::Pending::commit) {
             Ok((manifest, memory_bytes)) => {
                 if let Some(c) = self.chain.as_mut() {
                     c.last = Some((manifest.clone(), dir.to_path_buf()));
                 }
-                Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause })
+                Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause, pause_copied_bytes: in_pause })
             }
             Err(e) => {
                 match taken_pages {
                     // A failed diff keeps its pages for the next one.
-                    Some(set) => self.pending = Some(set),
+                    Some(set) => self.keep_pending(set),
                     // A failed full snapshot leaves nothing to build on.
                     None => self.chain = None,
                 }
@@ -150,11 +233,18 @@ impl Snapshotter {
         }
     }
 
-    fn take_paused(
-        &mut self,
-        dir: &Path,
-        parent: Option<&Path>,
-    ) -> Result<(snapshot::Pending, Option<DirtySet>), String> {
+    fn keep_pending(&mut self, set: DirtySet) {
+        match self.pending.as_mut() {
+            Some(p) => {
+                if let Err(e) = p.union_with(&set) {
+                    tracing::error!("snapshot: cannot keep the pages of a failed diff: {e}");
+                }
+            }
+            None => self.pending = Some(set),
+        }
+    }
+
+    fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<Paused, String> {
         let state = self.vcpu_states()?;
         match parent {
             None => {
@@ -171,8 +261,9 @@ impl Snapshotter {
                     let consumer = h.add_consumer();
                     self.chain = Some(Chain { consumer, last: None });
                     self.pending = None;
+                    self.staging = None;
                 }
-                Ok((pending, None))
+                Ok(Paused::Written(pending, None))
             }
             Some(p) => {
                 let chain = self
@@ -197,19 +288,22 @@ impl Snapshotter {
                 if let Some(p) = self.pending.take() {
                     set.union_with(&p).map_err(|e| e.to_string())?;
                 }
-                let layout = ram_layout(self.mem_size);
-                let extents: Vec<(u64, u64)> = set
-                    .extents()
-                    .iter()
-                    .filter_map(|e| {
-                        layout
-                            .iter()
-                            .find(|r| e.gpa >= r.gpa && e.gpa < r.gpa + r.len)
-                            .map(|r| (r.file_offset + e.gpa - r.gpa, e.len))
-                    })
-                    .collect();
+                // Pre-copied: only the residue is copied now, into the
+                // staging image, which is packed after the resume.
+                if let (Some(mut frozen), Some(ram)) = (self.staging.take(), &self.ram) {
+                    match frozen.copy_in(ram, &set) {
+                        Ok(n) => return Ok(Paused::Staged(frozen, state, n)),
+                        Err(e) => {
+                            // RAM is still the point in time: copy every
+                            // page of the diff from it instead.
+                            tracing::warn!("snapshot: staging the residue failed ({e}); copying the diff from RAM");
+                            set.union_with(frozen.staged()).map_err(|e| e.to_string())?;
+                        }
+                    }
+                }
+                let extents = file_extents(&set, self.mem_size);
                 match snapshot::begin_diff(dir, last, last_dir, &self.file, &extents, &state) {
-                    Ok(p) => Ok((p, Some(set))),
+                    Ok(p) => Ok(Paused::Written(p, Some(set))),
                     Err(e) => {
                         // Keep the pages for the next diff: nothing is lost.
                         self.pending = Some(set);

@@ -71,6 +71,9 @@ pub struct VmConfig {
     /// Take a full snapshot this long after start, into a new directory
     /// under the given one.
     pub snapshot_at: Option<(Duration, PathBuf)>,
+    /// Copy the next diff snapshot's pages into a staging image this often
+    /// while the guest runs (None: the pause copies them all).
+    pub snapshot_precopy: Option<Duration>,
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
@@ -103,6 +106,7 @@ impl VmConfig {
             api_sock: None,
             restore: None,
             snapshot_at: None,
+            snapshot_precopy: None,
         }
     }
 }
@@ -454,11 +458,35 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     }
     let control = VcpuControl { shared: shared.clone(), threads: threads.clone(), kick: kick_all };
     let snapshotter = match backing.file().try_clone() {
-        Ok(f) => Some(Arc::new(Mutex::new(Snapshotter::new(control.clone(), f, cfg.mem_size, harvester.clone())))),
+        Ok(f) => {
+            let s = Snapshotter::new(control.clone(), f, cfg.mem_size, harvester.clone());
+            let s = if cfg.snapshot_precopy.is_some() { s.with_precopy(ram.clone()) } else { s };
+            Some(Arc::new(Mutex::new(s)))
+        }
         Err(e) => {
             tracing::warn!("snapshots unavailable: cannot dup the memory file: {e}");
             None
         }
+    };
+    let precopy_thread = match (&snapshotter, cfg.snapshot_precopy) {
+        (Some(sn), Some(every)) if harvester.is_some() => {
+            let (sn, sh) = (sn.clone(), shared.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("snapshot-precopy".into())
+                    .spawn(move || {
+                        while !sh.stop.load(Ordering::Acquire) {
+                            std::thread::park_timeout(every);
+                            if let Err(e) = sn.lock().unwrap_or_else(|p| p.into_inner()).precopy_pass() {
+                                // The pages stay owed to the next diff.
+                                tracing::warn!("snapshot {e}");
+                            }
+                        }
+                    })
+                    .map_err(|e| VmError::Runtime(format!("spawning the pre-copy thread: {e}")))?,
+            )
+        }
+        _ => None,
     };
     if let (Some(sn), Some((at, dir))) = (&snapshotter, cfg.snapshot_at.clone()) {
         let (sn, sh) = (sn.clone(), shared.clone());
@@ -511,6 +539,10 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     if let Some(t) = flusher_thread {
         t.thread().unpark();
         t.join().map_err(|_| VmError::Runtime("the flusher thread panicked".into()))?;
+    }
+    if let Some(t) = precopy_thread {
+        t.thread().unpark();
+        t.join().map_err(|_| VmError::Runtime("the snapshot pre-copy thread panicked".into()))?;
     }
     let threads = Arc::try_unwrap(threads).map_err(|_| VmError::Runtime("vCPU handles still shared".into()))?;
     stop_vcpus(&shared, threads);

@@ -54,13 +54,14 @@ impl Vm {
         Ok(v)
     }
 
-    fn snapshot(&self, dir: &Path, parent: Option<&Path>) -> anyhow::Result<f64> {
+    /// Takes a snapshot; returns its pause (ms) and memory bytes written.
+    fn snapshot(&self, dir: &Path, parent: Option<&Path>) -> anyhow::Result<(f64, f64)> {
         let mut req = json!({"cmd": "snapshot", "dir": dir, "resume": true});
         if let Some(p) = parent {
             req["parent"] = json!(p);
         }
         let v = self.call(req)?;
-        v["pause_ms"].as_f64().context("no pause_ms")
+        Ok((v["pause_ms"].as_f64().context("no pause_ms")?, v["memory_bytes"].as_f64().context("no memory_bytes")?))
     }
 
     fn stop(mut self) {
@@ -82,23 +83,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
 
     let mut pauses = Vec::new();
     let mut last = None;
-    for (case, extra) in [("background writeback off", &["--no-writeback"][..]), ("background writeback on", &[][..])] {
+    for (case, extra) in [
+        ("background writeback off", &["--no-writeback", "--snapshot-precopy-ms", "0"][..]),
+        ("background writeback on", &[][..]),
+    ] {
         let vm = Vm::start(&dir, "snap", mem, &cmdline, extra)?;
         std::thread::sleep(Duration::from_millis(warm));
         let full = dir.join(format!("full-{}", pauses.len()));
         std::fs::remove_dir_all(&full).ok();
-        let full_ms = vm.snapshot(&full, None)?;
+        let (full_ms, _) = vm.snapshot(&full, None)?;
         let mut parent = full.clone();
-        let mut d = Vec::new();
+        let (mut d, mut bytes) = (Vec::new(), Vec::new());
         for i in 0..diffs {
             std::thread::sleep(Duration::from_secs(1));
             let next = dir.join(format!("diff-{}-{i}", pauses.len()));
             std::fs::remove_dir_all(&next).ok();
-            d.push(vm.snapshot(&next, Some(&parent))?);
+            let (ms, b) = vm.snapshot(&next, Some(&parent))?;
+            d.push(ms);
+            bytes.push(b / (1 << 20) as f64);
             parent = next;
         }
         rep.result(&format!("{label}, {case}: full snapshot"), "pause_ms", full_ms);
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
+        rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "diff_mib", median(&bytes));
         pauses.push((full_ms, median(&d)));
         last = Some(parent);
         vm.stop();
@@ -148,7 +155,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     while t0.elapsed() < window {
         let next = dir.join(format!("moon-{n}"));
         std::fs::remove_dir_all(&next).ok();
-        paused_ms += vm.snapshot(&next, Some(&parent))?;
+        paused_ms += vm.snapshot(&next, Some(&parent))?.0;
         if n > 0 {
             std::fs::remove_dir_all(&parent).ok();
         }
