@@ -96,6 +96,34 @@ impl Manifest {
 pub struct MachineState {
     /// One per vCPU, in order.
     pub vcpus: Vec<VcpuState>,
+    /// The devices' registers.
+    #[serde(default)]
+    pub devices: DeviceState,
+}
+
+/// Device state that a snapshot carries (the exit and sync ports have none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// COM1's registers (None: a snapshot from before they were saved; the
+    /// UART starts at its reset values).
+    pub com1: Option<UartState>,
+}
+
+/// A 16550's registers, as vm-superio's `SerialState` holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
 }
 
 /// Why a snapshot could not be written, checked or read.
@@ -600,12 +628,13 @@ mod tests {
         use std::os::unix::fs::FileExt;
         f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
         let snap = dir.path().join("snap");
-        let (m, copied) = write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }).unwrap();
+        let (m, copied) =
+            write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![], devices: Default::default() }).unwrap();
         assert!((4096..8 << 20).contains(&copied), "only data ranges are copied: {copied}");
         assert_eq!(verify(&snap).unwrap(), m);
         // a full directory is refused
         assert!(matches!(
-            write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![] }),
+            write_full(&snap, &f, 8 << 20, &MachineState { vcpus: vec![], devices: Default::default() }),
             Err(SnapshotError::NotEmpty(_))
         ));
         // restore gives the same bytes

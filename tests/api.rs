@@ -121,3 +121,46 @@ fn bad_requests_get_json_errors() {
     assert!(r.stderr.contains("is not a socket"), "{r:?}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
+
+#[test]
+fn a_second_client_during_a_snapshot_is_told_busy_and_the_vm_runs_on() {
+    let dir = tmpdir();
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
+    // 240 MiB of written pages make the full snapshot last long enough to
+    // be caught in the act.
+    let cmdline = "workload=rate rate=2000 pages=60000 seed=3 ms=8000 wipe=1 verify=1";
+    let child = start_with_api(&mem, &sock, "256M", cmdline, Stdio::piped(), true, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (s1, s2) = (path(&dir, "s1"), path(&dir, "s2"));
+    let first = {
+        let (sock, s1) = (sock.clone(), s1.clone());
+        std::thread::spawn(move || ctl(&sock, &["snapshot", "create", s1.to_str().unwrap()]))
+    };
+    // Wait until the snapshot is seen running: stats answers meanwhile.
+    let t0 = Instant::now();
+    let running = loop {
+        let s = ctl(&sock, &["stats"]);
+        assert_eq!(s["ok"], true, "{s}");
+        if s["job"].is_string() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the snapshot never showed up in stats: {s}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(running["job"].as_str().unwrap().contains("a snapshot into"), "{running}");
+    let second = ctl(&sock, &["snapshot", "create", s2.to_str().unwrap()]);
+    assert_eq!(second["ok"], false, "{second}");
+    let msg = second["error"].as_str().unwrap();
+    assert!(msg.starts_with("busy: a snapshot into") && msg.contains("is in progress"), "{second}");
+    assert!(!s2.exists(), "the refused snapshot left a directory");
+    let first = first.join().unwrap();
+    assert_eq!(first["ok"], true, "{first}");
+    // The VM runs on: no job left, and the guest finishes and verifies.
+    assert!(ctl(&sock, &["stats"])["job"].is_null());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("verify: pages=60000") && stdout.contains("mismatches=0"), "{stdout}");
+    let v = smudge().args(["snapshot", "verify", s1.to_str().unwrap()]).output().unwrap();
+    assert!(v.status.success(), "{v:?}");
+}

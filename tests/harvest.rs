@@ -125,13 +125,13 @@ fn race(mechanism: &str, vcpus: &str, ring_entries: &str) -> (u64, u64) {
 #[test]
 fn no_lost_write_under_a_race_bitmap() {
     let (harvests, _) = race("bitmap", "1", "4096");
-    assert!(harvests >= 1000, "only {harvests} harvests");
+    assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
 }
 
 #[test]
 fn no_lost_write_under_a_race_manual() {
     let (harvests, _) = race("manual", "1", "4096");
-    assert!(harvests >= 1000, "only {harvests} harvests");
+    assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn no_lost_write_under_a_race_ring_that_fills() {
     // 256 entries per vCPU (the smallest KVM allows) fill between ticks;
     // two vCPUs, each with its own ring (the guest writes on the first).
     let (harvests, ring_full) = race("ring", "2", "256");
-    assert!(harvests >= 1000, "only {harvests} harvests");
+    assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
     assert!(ring_full > 0, "the ring never filled");
 }
 

@@ -38,6 +38,12 @@ fn snapshot_a_running_guest_and_continue_it_in_a_new_process() {
 
     let v = smudge().args(["snapshot", "verify", snap.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{v:?}");
+    // The UART's registers travel too (the guest leaves them at their
+    // reset values: 8N1, divisor 12 = 9600 baud, transmitter empty).
+    let (_, state) = smudge::snapshot::load(&snap).unwrap();
+    assert_eq!(state.vcpus.len(), 1);
+    let com1 = state.devices.com1.clone().unwrap();
+    assert_eq!((com1.line_control, com1.baud_divisor_low, com1.line_status), (3, 12, 0x60), "{com1:?}");
 
     let mem2 = path(&dir, "m2");
     let out = smudge()

@@ -9,8 +9,12 @@
 //!
 //! Commands: `stats` (harvest and writeback counters), `sync` (every dirty
 //! page written back, then fdatasync), `pause` / `resume` (the vCPUs),
-//! `stop` (end the run; exit code 0). A malformed request gets an error
-//! answer, never a dropped connection.
+//! `snapshot`, `stop` (end the run; exit code 0). A malformed request gets
+//! an error answer, never a dropped connection.
+//!
+//! Each connection is served on a thread of its own, so a long request (a
+//! snapshot) never holds up the event loop or a `stats`. Long requests run
+//! one at a time: a second one while another runs gets a "busy" error.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -79,15 +83,29 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(l)
 }
 
-/// What the API acts on.
+/// Connections served at once; more get a "busy" answer at once.
+const MAX_CONNECTIONS: usize = 16;
+
+/// The listening socket and the connections being served.
 #[derive(Debug)]
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    api: Arc<Api>,
+    conns: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What the API acts on.
+#[derive(Debug)]
+pub struct Api {
     vcpus: VcpuControl,
     harvester: Option<Arc<Mutex<Harvester>>>,
     flusher: Option<Arc<Mutex<Flusher>>>,
     snapshotter: Option<Arc<Mutex<Snapshotter>>>,
+    /// The long request running now (held while it runs).
+    job: Mutex<()>,
+    /// What it is, for `stats` and "busy" answers.
+    job_name: Mutex<Option<String>>,
 }
 
 impl ApiServer {
@@ -98,14 +116,10 @@ impl ApiServer {
         vcpus: VcpuControl,
         harvester: Option<Arc<Mutex<Harvester>>>,
         flusher: Option<Arc<Mutex<Flusher>>>,
+        snapshotter: Option<Arc<Mutex<Snapshotter>>>,
     ) -> Self {
-        ApiServer { listener, path, vcpus, harvester, flusher, snapshotter: None }
-    }
-
-    /// Enables `snapshot` requests.
-    pub fn with_snapshotter(mut self, s: Arc<Mutex<Snapshotter>>) -> Self {
-        self.snapshotter = Some(s);
-        self
+        let api = Api { vcpus, harvester, flusher, snapshotter, job: Mutex::new(()), job_name: Mutex::new(None) };
+        ApiServer { listener, path, api: Arc::new(api), conns: Vec::new() }
     }
 
     /// The listening socket (for the event loop).
@@ -113,32 +127,71 @@ impl ApiServer {
         &self.listener
     }
 
-    /// Serves every pending connection.
+    /// Accepts every pending connection and serves each on its own thread.
     pub fn on_readable(&mut self) {
+        self.conns.retain(|t| !t.is_finished());
         while let Ok((conn, _)) = self.listener.accept() {
-            if let Err(e) = self.serve(conn) {
-                tracing::warn!("control API connection: {e}");
+            if self.conns.len() >= MAX_CONNECTIONS {
+                let busy = error(format!("busy: {MAX_CONNECTIONS} requests are being served; try again"));
+                if let Err(e) = answer(&conn, &busy) {
+                    tracing::warn!("control API connection: {e}");
+                }
+                continue;
+            }
+            let api = self.api.clone();
+            let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                if let Err(e) = api.serve(conn) {
+                    tracing::warn!("control API connection: {e}");
+                }
+            });
+            match spawned {
+                Ok(t) => self.conns.push(t),
+                Err(e) => tracing::warn!("control API: cannot spawn a connection thread: {e}"),
             }
         }
     }
+}
 
-    fn serve(&mut self, conn: UnixStream) -> std::io::Result<()> {
+fn answer(conn: &UnixStream, v: &Value) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    (&mut &*conn).write_all(&out)
+}
+
+impl Api {
+    fn serve(&self, conn: UnixStream) -> std::io::Result<()> {
         conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         conn.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut line = String::new();
         let mut reader = BufReader::new((&conn).take(MAX_REQUEST));
-        let answer = match reader.read_line(&mut line) {
+        let v = match reader.read_line(&mut line) {
             Ok(_) => self.dispatch(&line),
             Err(e) => error(format!("cannot read the request: {e}")),
         };
-        let mut out = serde_json::to_vec(&answer).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
-        (&conn).write_all(&out)
+        answer(&conn, &v)
+    }
+
+    /// Runs `f` as the one long request of the moment, or answers "busy".
+    fn job(&self, name: String, f: impl FnOnce() -> Value) -> Value {
+        let _running = match self.job.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let now = self.job_name.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+                return error(format!("busy: {now} is in progress; try again when it is done"));
+            }
+        };
+        *self.job_name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
+        let v = f();
+        *self.job_name.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        v
     }
 
     /// Answers one request line.
-    pub fn dispatch(&mut self, line: &str) -> Value {
+    pub fn dispatch(&self, line: &str) -> Value {
         let req: Value = match serde_json::from_str(line.trim()) {
             Ok(v) => v,
             Err(e) => return error(format!("bad request (expected JSON like {{\"cmd\":\"stats\"}}): {e}")),
@@ -155,7 +208,7 @@ impl ApiServer {
                 Some(dir) => {
                     let resume = req.get("resume").and_then(Value::as_bool).unwrap_or(true);
                     let parent = req.get("parent").and_then(Value::as_str).map(Path::new);
-                    self.snapshot(Path::new(dir), parent, resume)
+                    self.job(format!("a snapshot into {dir}"), || self.snapshot(Path::new(dir), parent, resume))
                 }
                 None => error("snapshot needs a \"dir\" string".into()),
             },
@@ -169,7 +222,8 @@ impl ApiServer {
     }
 
     fn stats(&self) -> Value {
-        let mut v = json!({"ok": true, "paused": self.vcpus.shared.is_paused()});
+        let job = self.job_name.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v = json!({"ok": true, "paused": self.vcpus.shared.is_paused(), "job": job});
         if let Some(h) = &self.harvester {
             let h = h.lock().unwrap_or_else(|p| p.into_inner());
             let s = h.stats();
@@ -241,6 +295,13 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // Requests in flight finish (each has its own time limits) before
+        // the VM they act on is torn down.
+        for t in self.conns.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a control API connection thread panicked");
+            }
+        }
     }
 }
 

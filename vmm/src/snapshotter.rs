@@ -173,7 +173,7 @@ impl Snapshotter {
                         .map(|s| s.unwrap_or_else(|| Err("missing".into())))
                         .collect::<Result<Vec<_>, String>>()
                         .map_err(|e| format!("saving vCPU state: {e}"))?;
-                    return Ok(MachineState { vcpus });
+                    return Ok(MachineState { vcpus, devices: self.vcpus.shared.bus.state() });
                 }
             }
             if t0.elapsed() > Duration::from_secs(5) {

@@ -373,6 +373,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         cfg.on_sync.clone(),
         irqchip,
     ));
+    if let Some(state) = &cfg.restore {
+        shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
+    }
     let flusher = match (&harvester, cfg.writeback.clone()) {
         (Some(h), Some(opts)) => {
             let sink: Box<dyn Sink> = match &opts.image {
@@ -515,16 +518,14 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     }
     let mut watches: Vec<Watch> = Vec::new();
     if let Some(listener) = api_listener {
-        let mut server = ApiServer::new(
+        let server = ApiServer::new(
             listener,
             cfg.api_sock.clone().unwrap_or_default(),
             control.clone(),
             harvester.clone(),
             flusher.clone(),
+            snapshotter.clone(),
         );
-        if let Some(sn) = &snapshotter {
-            server = server.with_snapshotter(sn.clone());
-        }
         let server = Arc::new(Mutex::new(server));
         let fd = server.lock().unwrap_or_else(|p| p.into_inner()).listener().as_raw_fd();
         watches.push((fd, Box::new(move || server.lock().unwrap_or_else(|p| p.into_inner()).on_readable())));

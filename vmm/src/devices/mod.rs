@@ -69,6 +69,19 @@ impl PortBus {
         }
     }
 
+    /// The devices' state, for a snapshot.
+    pub fn state(&self) -> smudge::snapshot::DeviceState {
+        smudge::snapshot::DeviceState { com1: Some(self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()) }
+    }
+
+    /// Puts a snapshot's device state back.
+    pub fn set_state(&self, st: &smudge::snapshot::DeviceState) -> Result<(), String> {
+        match &st.com1 {
+            Some(u) => self.serial.lock().unwrap_or_else(|p| p.into_inner()).set_state(u),
+            None => Ok(()),
+        }
+    }
+
     /// Flushes buffered serial output (at the end of a run).
     pub fn flush(&self) {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
