@@ -12,6 +12,7 @@ pub mod dirty_set;
 pub mod harvest;
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod sink;
 pub mod snapshot;
 pub mod vmm_bitmap;

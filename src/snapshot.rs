@@ -92,7 +92,7 @@ impl Manifest {
 }
 
 /// The machine state besides memory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MachineState {
     /// One per vCPU, in order.
     pub vcpus: Vec<VcpuState>,

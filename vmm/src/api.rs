@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
+use crate::migrate::source::{MigrateOptions, MigrationSource, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
 use crate::outcome::Outcome;
 use crate::snapshotter::{Snapshotter, VcpuControl};
 
@@ -102,10 +103,13 @@ pub struct Api {
     harvester: Option<Arc<Mutex<Harvester>>>,
     flusher: Option<Arc<Mutex<Flusher>>>,
     snapshotter: Option<Arc<Mutex<Snapshotter>>>,
+    migration: Option<MigrationSource>,
     /// The long request running now (held while it runs).
     job: Mutex<()>,
     /// What it is, for `stats` and "busy" answers.
     job_name: Mutex<Option<String>>,
+    /// How far it got (a migration's rounds), for `stats`.
+    progress: Mutex<Option<Value>>,
 }
 
 impl ApiServer {
@@ -117,8 +121,18 @@ impl ApiServer {
         harvester: Option<Arc<Mutex<Harvester>>>,
         flusher: Option<Arc<Mutex<Flusher>>>,
         snapshotter: Option<Arc<Mutex<Snapshotter>>>,
+        migration: Option<MigrationSource>,
     ) -> Self {
-        let api = Api { vcpus, harvester, flusher, snapshotter, job: Mutex::new(()), job_name: Mutex::new(None) };
+        let api = Api {
+            vcpus,
+            harvester,
+            flusher,
+            snapshotter,
+            migration,
+            job: Mutex::new(()),
+            job_name: Mutex::new(None),
+            progress: Mutex::new(None),
+        };
         ApiServer { listener, path, api: Arc::new(api), conns: Vec::new() }
     }
 
@@ -187,6 +201,7 @@ impl Api {
         *self.job_name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
         let v = f();
         *self.job_name.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = None;
         v
     }
 
@@ -212,18 +227,25 @@ impl Api {
                 }
                 None => error("snapshot needs a \"dir\" string".into()),
             },
+            Some("migrate") => match self.migrate_options(&req) {
+                Ok(opts) => self.job(format!("a migration to {}", opts.to), || self.migrate(&opts)),
+                Err(e) => error(e),
+            },
             Some("stop") => {
                 self.vcpus.shared.finish(Outcome::Stopped);
                 json!({"ok": true, "stopping": true})
             }
-            Some(other) => error(format!("unknown command '{other}' (stats, sync, pause, resume, snapshot, stop)")),
+            Some(other) => {
+                error(format!("unknown command '{other}' (stats, sync, pause, resume, snapshot, migrate, stop)"))
+            }
             None => error("request has no \"cmd\" string".into()),
         }
     }
 
     fn stats(&self) -> Value {
         let job = self.job_name.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut v = json!({"ok": true, "paused": self.vcpus.shared.is_paused(), "job": job});
+        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v = json!({"ok": true, "paused": self.vcpus.shared.is_paused(), "job": job, "progress": progress});
         if let Some(h) = &self.harvester {
             let h = h.lock().unwrap_or_else(|p| p.into_inner());
             let s = h.stats();
@@ -280,6 +302,63 @@ impl Api {
                 "resumed": resume,
             }),
             Err(e) => error(e),
+        }
+    }
+
+    fn migrate_options(&self, req: &Value) -> Result<MigrateOptions, String> {
+        let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs a \"to\" string (host:port)")?;
+        let num = |k: &str| -> Result<Option<u64>, String> {
+            match req.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("\"{k}\" must be a whole number")),
+            }
+        };
+        let downtime = num("downtime_ms")?.map_or(DEFAULT_DOWNTIME, Duration::from_millis);
+        let max_rounds = u32::try_from(num("max_rounds")?.unwrap_or(u64::from(DEFAULT_MAX_ROUNDS)))
+            .map_err(|_| "\"max_rounds\" is too large".to_string())?;
+        let bandwidth = num("bandwidth_limit")?;
+        if bandwidth == Some(0) {
+            return Err("\"bandwidth_limit\" must be above 0 bytes/s".into());
+        }
+        let lz4 = match req.get("compress").and_then(Value::as_str) {
+            None | Some("none") => false,
+            Some("lz4") => true,
+            Some(other) => return Err(format!("unknown compression '{other}' (none, lz4)")),
+        };
+        let auto_converge = req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true);
+        let verify_memory = req.get("verify_memory").and_then(Value::as_bool).unwrap_or(false);
+        Ok(MigrateOptions { to: to.to_string(), downtime, max_rounds, bandwidth, lz4, auto_converge, verify_memory })
+    }
+
+    fn migrate(&self, opts: &MigrateOptions) -> Value {
+        let Some(m) = &self.migration else {
+            return error("this VM cannot be migrated: it needs dirty logging and a memory file".into());
+        };
+        let progress = |p: &crate::migrate::source::Progress| {
+            *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(p).ok();
+        };
+        match m.migrate(opts, &progress) {
+            Ok(r) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "smudge: migrated to {} in {:.1} ms, downtime {:.1} ms (budget {:.0} ms), {} rounds, {} MiB sent, converge: {}",
+                    r.to,
+                    r.total_ms,
+                    r.downtime_ms,
+                    r.downtime_budget_ms,
+                    r.rounds.len(),
+                    r.bytes_sent >> 20,
+                    r.converge
+                );
+                self.vcpus.shared.finish(Outcome::Migrated(r.to.clone()));
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["ok"] = json!(true);
+                v
+            }
+            Err(e) => {
+                tracing::warn!("migration to {} failed; the guest runs on here: {e}", opts.to);
+                error(format!("migration to {} failed; the guest runs on here: {e}", opts.to))
+            }
         }
     }
 

@@ -31,6 +31,8 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Continue a snapshotted guest in a new process, on a new memory file.
     Restore(Box<RestoreArgs>),
+    /// Wait for one guest migrated from another smudge, then run it.
+    MigrateRecv(Box<MigrateRecvArgs>),
     /// Work with snapshots on disk.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -159,6 +161,24 @@ pub struct RestoreArgs {
     pub run: RunArgs,
 }
 
+/// `smudge migrate-recv`.
+#[derive(Debug, Args, Clone)]
+pub struct MigrateRecvArgs {
+    /// Where to listen: HOST:PORT, or a PORT alone for 127.0.0.1 (loopback
+    /// unless told otherwise). Port 0 picks a free one; the address is
+    /// printed on stderr.
+    #[arg(long)]
+    pub listen: String,
+    /// Give up if no source connects within this many seconds (0: wait
+    /// forever).
+    #[arg(long, default_value_t = 0.0)]
+    pub accept_timeout: f64,
+    /// Run options (the memory file must not exist; size and vCPUs come
+    /// from the source; --guest and --cmdline do not apply).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
 /// `smudge snapshot …`.
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -190,8 +210,41 @@ pub enum CtlCommand {
     /// Snapshots of the running VM.
     #[command(subcommand)]
     Snapshot(SnapshotCtl),
+    /// Live-migrate the guest to a `smudge migrate-recv` (pre-copy over
+    /// TCP); on success this VM ends and the guest runs there.
+    Migrate(MigrateCtl),
     /// End the run (exit code 0).
     Stop,
+}
+
+/// `smudge ctl migrate`.
+#[derive(Debug, Args, Clone)]
+pub struct MigrateCtl {
+    /// The destination, HOST:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// Downtime budget in milliseconds: the final, paused round starts once
+    /// its estimated time fits (default 20).
+    #[arg(long)]
+    pub downtime_ms: Option<u64>,
+    /// Pre-copy rounds after the first before the final round is forced
+    /// (default 30).
+    #[arg(long)]
+    pub max_rounds: Option<u32>,
+    /// Send at most this many bytes per second (K/M/G suffixes, binary).
+    #[arg(long, value_parser = parse_size)]
+    pub bandwidth_limit: Option<u64>,
+    /// Page data compression: none or lz4.
+    #[arg(long, default_value = "none", value_parser = ["none", "lz4"])]
+    pub compress: String,
+    /// Never throttle the vCPUs, even when pre-copy does not converge.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Check end to end: the destination compares a CRC-32 per MiB of its
+    /// memory with the source's at switchover, and refuses on a mismatch
+    /// (reads all RAM during the pause: longer downtime).
+    #[arg(long)]
+    pub verify_memory: bool,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -233,6 +286,16 @@ impl CtlCommand {
                 }
                 v
             }
+            CtlCommand::Migrate(m) => json!({
+                "cmd": "migrate",
+                "to": m.to,
+                "downtime_ms": m.downtime_ms,
+                "max_rounds": m.max_rounds,
+                "bandwidth_limit": m.bandwidth_limit,
+                "compress": m.compress,
+                "auto_converge": !m.no_auto_converge,
+                "verify_memory": m.verify_memory,
+            }),
             CtlCommand::Stop => json!({"cmd": "stop"}),
         }
     }

@@ -15,6 +15,7 @@ pub mod dirty;
 pub mod event_loop;
 pub mod flusher;
 pub mod guest_image;
+pub mod migrate;
 pub mod outcome;
 pub mod precopy;
 pub mod snapshotter;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
-use smudge_vmm::cli::{Cli, Command, RunArgs, SnapshotCommand};
+use smudge_vmm::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand};
 use smudge_vmm::dirty::DirtyOptions;
 use smudge_vmm::flusher::WritebackOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run(args) => run(*args, None),
+        Command::Run(args) => run(*args, Start::Boot),
         Command::Restore(r) => {
             let r = *r;
             if r.run.guest.is_some() || r.run.cmdline.is_some() {
@@ -59,7 +59,45 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
             let mut bar = progress_bar("restoring memory");
             smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
-            run(r.run, Some((manifest, state)))
+            run(r.run, Start::Restore(Box::new((manifest, state))))
+        }
+        Command::MigrateRecv(m) => {
+            let m = *m;
+            if m.run.guest.is_some() || m.run.cmdline.is_some() {
+                anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
+            }
+            if m.run.mem_file.exists() {
+                anyhow::bail!(
+                    "{}: exists; migrate-recv makes a new memory file and will not overwrite one",
+                    m.run.mem_file.display()
+                );
+            }
+            if !(m.accept_timeout >= 0.0 && m.accept_timeout.is_finite()) {
+                anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
+            }
+            let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
+            let mut inc = smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout)?;
+            // The file must be creatable before the source starts sending.
+            let probe = std::fs::OpenOptions::new().write(true).create_new(true).open(&m.run.mem_file);
+            match probe {
+                Ok(_) => {
+                    // vm::run makes it afresh, sparse, at the announced size.
+                    std::fs::remove_file(&m.run.mem_file)?;
+                    inc.welcome()?
+                }
+                Err(e) => {
+                    let why = format!("{}: cannot create the memory file: {e}", m.run.mem_file.display());
+                    inc.refuse(&why);
+                    anyhow::bail!(why);
+                }
+            }
+            let mem_file = m.run.mem_file.clone();
+            let r = run(m.run, Start::Incoming(Box::new(inc)));
+            if r.is_err() {
+                // The guest never ran here: the partial memory file is no one's.
+                let _ = std::fs::remove_file(&mem_file);
+            }
+            r
         }
         Command::Snapshot(SnapshotCommand::Verify { dir }) => {
             let links = smudge::snapshot::chain(&dir)?;
@@ -87,7 +125,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Ctl(args) => {
-            let answer = smudge_vmm::api::call(&args.api_sock, &args.cmd.request())?;
+            let watch = matches!(args.cmd, CtlCommand::Migrate(_)).then(|| watch_progress(args.api_sock.clone()));
+            let answer = smudge_vmm::api::call(&args.api_sock, &args.cmd.request());
+            if let Some(stop) = watch {
+                stop();
+            }
+            let answer = answer?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
             Ok(if ok { 0 } else { 1 })
@@ -129,10 +172,60 @@ fn progress_bar(what: &'static str) -> impl FnMut(u64, u64) {
     }
 }
 
-fn run(
-    args: RunArgs,
-    restore: Option<(smudge::snapshot::Manifest, smudge::snapshot::MachineState)>,
-) -> anyhow::Result<u8> {
+/// On a terminal, a spinner showing a long job's progress from `stats`
+/// until the returned function is called.
+fn watch_progress(sock: std::path::PathBuf) -> impl FnOnce() {
+    use std::io::IsTerminal;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let thread = std::io::stderr().is_terminal().then(|| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let bar = indicatif::ProgressBar::new_spinner();
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(200));
+                let Ok(v) = smudge_vmm::api::call(&sock, &serde_json::json!({"cmd": "stats"})) else { continue };
+                if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
+                    let n = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+                    bar.set_message(format!(
+                        "round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.0} MiB sent, throttle {:.0}%",
+                        n("round"),
+                        n("remaining_pages"),
+                        n("rate_mbps"),
+                        n("bytes_sent") / 1048576.0,
+                        n("throttle_pct")
+                    ));
+                    bar.tick();
+                }
+            }
+            bar.finish_and_clear();
+        })
+    });
+    move || {
+        stop.store(true, Ordering::Release);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How a run begins.
+enum Start {
+    /// Boot the guest.
+    Boot,
+    /// Continue a snapshot (its memory file is materialized).
+    Restore(Box<(smudge::snapshot::Manifest, smudge::snapshot::MachineState)>),
+    /// Receive a migrated guest.
+    Incoming(Box<smudge_vmm::migrate::incoming::Incoming>),
+}
+
+fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
+    let (restore, incoming) = match start {
+        Start::Boot => (None, None),
+        Start::Restore(r) => (Some(*r), None),
+        Start::Incoming(i) => (None, Some(i)),
+    };
+    let announced = incoming.as_ref().map(|i| (i.hello().mem_size, i.hello().vcpus));
     let (guest_elf, cmdline) = match &args.guest {
         Some(p) => (
             std::fs::read(p).with_context(|| format!("reading guest kernel {}", p.display()))?,
@@ -148,13 +241,17 @@ fn run(
     if !(args.timeout >= 0.0 && args.timeout.is_finite()) {
         anyhow::bail!("--timeout must be a number of seconds >= 0");
     }
-    let mem_size = restore.as_ref().map_or(args.mem_size, |(m, _)| m.mem_size);
+    let (mem_size, vcpus) = match (&restore, announced) {
+        (Some((m, _)), _) => (m.mem_size, u8::try_from(m.vcpus)?),
+        (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
+        (None, None) => (args.mem_size, args.vcpus),
+    };
     let cfg = VmConfig {
         mem_file: args.mem_file.clone(),
         mem_size,
         guest_elf,
         cmdline,
-        vcpus: restore.as_ref().map_or(Ok(args.vcpus), |(m, _)| u8::try_from(m.vcpus))?,
+        vcpus,
         serial,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         tick: Duration::from_millis(args.tick_ms.max(1)),
@@ -190,6 +287,7 @@ fn run(
             },
         },
         kvm_dev: args.kvm_dev.clone(),
+        incoming: incoming.map(|i| i as Box<dyn vm::IncomingVm>),
     };
     let report = vm::run(cfg)?;
     let dirty = match &report.dirty {

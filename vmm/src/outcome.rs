@@ -54,6 +54,8 @@ pub enum Outcome {
     KvmFailure(String),
     /// The control API asked the run to stop.
     Stopped,
+    /// The guest was migrated to another smudge and runs there now.
+    Migrated(String),
 }
 
 impl Outcome {
@@ -66,7 +68,7 @@ impl Outcome {
             Outcome::TripleFault { .. } | Outcome::Halted { .. } => EXIT_GUEST_CRASH,
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::KvmFailure(_) => EXIT_KVM,
-            Outcome::Stopped => 0,
+            Outcome::Stopped | Outcome::Migrated(_) => 0,
         }
     }
 }
@@ -93,6 +95,7 @@ impl fmt::Display for Outcome {
             Outcome::Timeout(d) => write!(f, "guest still running after the {:.1} s timeout; stopped", d.as_secs_f64()),
             Outcome::KvmFailure(m) => write!(f, "KVM failure: {m}"),
             Outcome::Stopped => write!(f, "stopped by the control API"),
+            Outcome::Migrated(to) => write!(f, "guest migrated to {to}; it runs there now"),
         }
     }
 }

@@ -52,6 +52,33 @@ impl VcpuControl {
         }
         Ok(live)
     }
+
+    /// The state of every vCPU (each paused vCPU's own thread reads it)
+    /// and of the devices. The vCPUs must be paused.
+    pub fn machine_state(&self) -> Result<MachineState, String> {
+        let n = self.threads.len();
+        *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
+        let t0 = Instant::now();
+        loop {
+            {
+                let mut req = self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
+                if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
+                    let v = req.take().unwrap_or_default();
+                    let vcpus = v
+                        .into_iter()
+                        .map(|s| s.unwrap_or_else(|| Err("missing".into())))
+                        .collect::<Result<Vec<_>, String>>()
+                        .map_err(|e| format!("saving vCPU state: {e}"))?;
+                    return Ok(MachineState { vcpus, devices: self.shared.bus.state() });
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err("vCPUs did not hand over their state within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// What a snapshot produced.
@@ -159,31 +186,6 @@ impl Snapshotter {
         }
     }
 
-    fn vcpu_states(&self) -> Result<MachineState, String> {
-        let n = self.vcpus.threads.len();
-        *self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
-        let t0 = Instant::now();
-        loop {
-            {
-                let mut req = self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner());
-                if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
-                    let v = req.take().unwrap_or_default();
-                    let vcpus = v
-                        .into_iter()
-                        .map(|s| s.unwrap_or_else(|| Err("missing".into())))
-                        .collect::<Result<Vec<_>, String>>()
-                        .map_err(|e| format!("saving vCPU state: {e}"))?;
-                    return Ok(MachineState { vcpus, devices: self.vcpus.shared.bus.state() });
-                }
-            }
-            if t0.elapsed() > Duration::from_secs(5) {
-                *self.vcpus.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return Err("vCPUs did not hand over their state within 5 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     /// Takes a snapshot into `dir`: full, or a diff on `parent` (which must
     /// be the last snapshot this run took). Only copying happens with the
     /// vCPUs paused — for a diff after pre-copy, only the residue; they
@@ -245,7 +247,7 @@ impl Snapshotter {
     }
 
     fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<Paused, String> {
-        let state = self.vcpu_states()?;
+        let state = self.vcpus.machine_state()?;
         match parent {
             None => {
                 let pending =

@@ -104,6 +104,10 @@ pub struct Shared {
     /// vCPUs pause until this time (ns since `epoch`) when they next leave
     /// KVM_RUN: dirty memory is over the hard limit.
     pub throttle_until_ns: AtomicU64,
+    /// vCPUs pause until this time (ns since `epoch`): a migration's
+    /// auto-converge slows the guest so pre-copy can catch up. Apart from
+    /// `throttle_until_ns`, which writeback releases when dirty memory falls.
+    pub converge_until_ns: AtomicU64,
     /// Total time vCPU threads spent throttled.
     pub throttled_ns: AtomicU64,
     /// The control API asked the vCPUs to pause.
@@ -153,6 +157,7 @@ impl Shared {
             on_sync,
             epoch: Instant::now(),
             throttle_until_ns: AtomicU64::new(0),
+            converge_until_ns: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
             pause_requested: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
@@ -206,6 +211,22 @@ impl Shared {
         self.throttle_until_ns.fetch_max(until, Ordering::AcqRel);
     }
 
+    /// Asks every vCPU to sleep for `d` from now for a migration's
+    /// auto-converge (the caller kicks them).
+    pub fn converge_for(&self, d: Duration) {
+        let until = (self.epoch.elapsed() + d).as_nanos() as u64;
+        self.converge_until_ns.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Ends an auto-converge throttle.
+    pub fn release_converge(&self) {
+        self.converge_until_ns.store(0, Ordering::Release);
+    }
+
+    fn throttled_until(&self) -> u64 {
+        self.throttle_until_ns.load(Ordering::Acquire).max(self.converge_until_ns.load(Ordering::Acquire))
+    }
+
     /// Ends a throttle early.
     pub fn release_throttle(&self) {
         self.throttle_until_ns.store(0, Ordering::Release);
@@ -215,13 +236,13 @@ impl Shared {
     /// KVM_RUNs), in short steps so a release is seen at once.
     fn balance_dirty_pages(&self) {
         // The common case, on every exit: no throttle, no clock read.
-        if self.throttle_until_ns.load(Ordering::Acquire) == 0 {
+        if self.throttle_until_ns.load(Ordering::Acquire) == 0 && self.converge_until_ns.load(Ordering::Acquire) == 0 {
             return;
         }
         let t0 = self.epoch.elapsed();
         loop {
             let now = self.epoch.elapsed();
-            let until = self.throttle_until_ns.load(Ordering::Acquire);
+            let until = self.throttled_until();
             if until <= now.as_nanos() as u64 || self.stop.load(Ordering::Acquire) {
                 break;
             }

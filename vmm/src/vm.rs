@@ -15,6 +15,7 @@ use smudge::kvm::vcpu_state;
 use smudge::kvm::{self, KvmError, Slot};
 use smudge::memory::{host_page_size, BackingFile, GuestRam, MemoryError};
 use smudge::sink::{BackingFileSink, ImageFile, Sink};
+use smudge::snapshot::MachineState;
 use smudge::writeback::{HarvesterLog, MonotonicClock, Writeback, WritebackStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +27,7 @@ use crate::devices::{PortBus, SerialConsole};
 use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook, Watch};
 use crate::flusher::{Flusher, WritebackOptions};
+use crate::migrate::source::MigrationSource;
 use crate::outcome::Outcome;
 use crate::snapshotter::{Snapshotter, VcpuControl};
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
@@ -77,8 +79,21 @@ pub struct VmConfig {
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
+    /// Receive the guest from a migration source instead of booting (the
+    /// memory file is new; RAM and state arrive while KVM is set up).
+    pub incoming: Option<Box<dyn IncomingVm>>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
+}
+
+/// A guest arriving from elsewhere (a live migration's destination side).
+pub trait IncomingVm: Send {
+    /// Fills the memory file `file` (at `path`) with the guest's RAM and
+    /// returns its machine state. Runs while KVM is being set up.
+    fn receive(&mut self, file: &std::fs::File, path: &std::path::Path) -> Result<MachineState, String>;
+    /// The guest runs (Ok) or could not be started (Err, why); called
+    /// once, as soon as that is known.
+    fn started(&mut self, result: Result<(), String>);
 }
 
 impl VmConfig {
@@ -107,6 +122,7 @@ impl VmConfig {
             restore: None,
             snapshot_at: None,
             snapshot_precopy: None,
+            incoming: None,
         }
     }
 }
@@ -269,7 +285,16 @@ fn setup_kvm(kvm_fd: &kvm_ioctls::Kvm, ram: &GuestRam, plan: KvmPlan) -> Result<
 
 /// Boots and runs the VM described by `cfg` until the guest exits, fails or
 /// times out.
-pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
+pub fn run(mut cfg: VmConfig) -> Result<RunReport, VmError> {
+    let mut incoming = cfg.incoming.take();
+    let r = run_vm(cfg, &mut incoming);
+    if let (Err(e), Some(inc)) = (&r, incoming.as_mut()) {
+        inc.started(Err(format!("the destination could not start the guest: {e}")));
+    }
+    r
+}
+
+fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<RunReport, VmError> {
     if cfg.mem_size < MIN_MEM {
         return Err(VmError::MemTooSmall { size: cfg.mem_size, min: MIN_MEM });
     }
@@ -278,6 +303,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     // A fresh boot loads the guest (into scratch first: it is checked before
     // any file is touched); a restore brings its own memory and state.
     let boot = match &cfg.restore {
+        None if incoming.is_some() => None,
         None => Some(load_into_scratch(&cfg.guest_elf, cfg.mem_size)?),
         Some(state) if state.vcpus.len() != usize::from(cfg.vcpus) => {
             return Err(VmError::Runtime(format!("snapshot has {} vCPUs, asked for {}", state.vcpus.len(), cfg.vcpus)))
@@ -301,16 +327,27 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         };
         let (kvm_ref, ram_ref) = (&kvm_fd, &ram);
         let kvm_side = s.spawn(move || setup_kvm(kvm_ref, ram_ref, plan));
-        let loaded = match &boot {
-            Some((scratch, _)) => copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf),
-            None => Ok(()),
+        let loaded = match (&boot, incoming.as_mut()) {
+            (Some((scratch, _)), _) => copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None),
+            (None, Some(inc)) => inc.receive(backing.file(), backing.path()).map(Some).map_err(VmError::Runtime),
+            (None, None) => Ok(None),
         };
         (kvm_side.join(), loaded)
     });
     let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
-    loaded?;
-    match (boot, &cfg.restore) {
+    let received = loaded?;
+    if let Some(state) = &received {
+        if state.vcpus.len() != usize::from(cfg.vcpus) {
+            return Err(VmError::Runtime(format!(
+                "the source sent {} vCPUs, asked for {}",
+                state.vcpus.len(),
+                cfg.vcpus
+            )));
+        }
+    }
+    let restore = received.or_else(|| cfg.restore.clone());
+    match (boot, &restore) {
         (Some((scratch, entry)), _) => {
             drop(scratch);
             let mut cmdline = cfg.cmdline.clone();
@@ -373,7 +410,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         cfg.on_sync.clone(),
         irqchip,
     ));
-    if let Some(state) = &cfg.restore {
+    if let Some(state) = &restore {
         shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
     }
     let flusher = match (&harvester, cfg.writeback.clone()) {
@@ -417,6 +454,9 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         threads.push(t);
     }
     let threads = Arc::new(threads);
+    if let Some(inc) = incoming.as_mut() {
+        inc.started(Ok(()));
+    }
     let flusher_thread = match &flusher {
         Some(f) => {
             let f = f.clone();
@@ -525,6 +565,7 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
             harvester.clone(),
             flusher.clone(),
             snapshotter.clone(),
+            migration_source(&control, &harvester, &ram, &backing, cfg.mem_size),
         );
         let server = Arc::new(Mutex::new(server));
         let fd = server.lock().unwrap_or_else(|p| p.into_inner()).listener().as_raw_fd();
@@ -589,6 +630,24 @@ pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
         None => None,
     };
     Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, writeback, tsc_khz })
+}
+
+/// What a migration of this VM reads; none without dirty logging.
+fn migration_source(
+    control: &VcpuControl,
+    harvester: &Option<Arc<Mutex<Harvester>>>,
+    ram: &GuestRam,
+    backing: &BackingFile,
+    mem_size: u64,
+) -> Option<MigrationSource> {
+    let file = match backing.file().try_clone() {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            tracing::warn!("migration unavailable: cannot dup the memory file: {e}");
+            return None;
+        }
+    };
+    Some(MigrationSource { vcpus: control.clone(), harvester: harvester.clone()?, ram: ram.clone(), file, mem_size })
 }
 
 /// What writeback did over the run.

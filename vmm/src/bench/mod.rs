@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod harvest;
+pub mod qemu_migrate;
 pub mod report;
 pub mod snapshot;
 pub mod writeback;

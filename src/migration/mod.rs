@@ -1,0 +1,8 @@
+//! Live migration: the stream both ends speak ([`frame`]) and the
+//! destination's side of it ([`receiver`]), which checks every frame
+//! against the VM it is building before any byte reaches guest memory.
+//! The source's pre-copy rounds live in the VMM, which owns the vCPUs.
+
+pub mod checksum;
+pub mod frame;
+pub mod receiver;

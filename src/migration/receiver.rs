@@ -1,0 +1,346 @@
+//! The destination's side of a migration: checks each frame against the VM
+//! announced in `Hello` (order, bounds, totals) and only then writes its
+//! pages into the new memory file.
+//!
+//! ```text
+//! Hello -> (Pages | Zero | RoundEnd)* -> State -> Done
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::checksum::{digest, memory_crcs, CHUNK};
+use super::frame::{Frame, FrameError, Hello, PAGE};
+use crate::memory::ram_layout;
+use crate::snapshot::MachineState;
+
+/// Largest RAM a stream may announce (the file is made sparse at that size).
+pub const MAX_MEM: u64 = 1 << 40;
+/// Most vCPUs a stream may announce.
+pub const MAX_VCPUS: usize = 64;
+
+/// Why an incoming migration failed (guest memory holds only checked pages).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// A frame failed its checks.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A good frame at the wrong point of the stream.
+    #[error("migration protocol: {0}")]
+    Protocol(String),
+    /// Pages outside guest RAM.
+    #[error("pages at [{offset:#x}, +{len:#x}) lie outside the {mem_size:#x} bytes of guest RAM")]
+    OutOfBounds {
+        /// Backing-file offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// RAM size.
+        mem_size: u64,
+    },
+    /// Writing the memory file failed.
+    #[error("{path}: writing {len} bytes at offset {offset:#x}: {source}")]
+    Write {
+        /// File.
+        path: PathBuf,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The source gave up.
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    /// The memory built here differs from the source's at switchover.
+    #[error("memory differs from the source's at switchover: MiB {chunk} (file offset {offset:#x}) has CRC-32 {got:#010x}, the source's {want:#010x}")]
+    Mismatch {
+        /// Chunk index.
+        chunk: usize,
+        /// Its file offset.
+        offset: u64,
+        /// Here.
+        got: u32,
+        /// Source.
+        want: u32,
+    },
+    /// `Done` totals differ from what arrived.
+    #[error("the source says it sent {sent} data and {sent_zero} zero pages; {got} and {got_zero} arrived")]
+    Totals {
+        /// Data pages the source counted.
+        sent: u64,
+        /// Zero pages the source counted.
+        sent_zero: u64,
+        /// Data pages received.
+        got: u64,
+        /// Zero pages received.
+        got_zero: u64,
+    },
+}
+
+/// Checks that the first frame is a `Hello` describing a VM this smudge
+/// can run.
+pub fn check_hello(f: Frame) -> Result<Hello, ReceiveError> {
+    let h = match f {
+        Frame::Hello(h) => h,
+        Frame::Abort(r) => return Err(ReceiveError::Aborted(r)),
+        other => return Err(ReceiveError::Protocol(format!("expected Hello first, got {:?}", other.kind()))),
+    };
+    let bad = |what: String| Err(ReceiveError::Protocol(format!("Hello: {what}")));
+    if h.mem_size == 0 || !h.mem_size.is_multiple_of(PAGE) || h.mem_size > MAX_MEM {
+        return bad(format!("RAM size {:#x} is not a page multiple in 1 page ..= 1 TiB", h.mem_size));
+    }
+    if h.vcpus == 0 || h.vcpus > MAX_VCPUS {
+        return bad(format!("{} vCPUs (1..={MAX_VCPUS})", h.vcpus));
+    }
+    if h.layout != ram_layout(h.mem_size) {
+        return bad(format!("RAM layout {:?} differs from this smudge's for {:#x} bytes", h.layout, h.mem_size));
+    }
+    Ok(h)
+}
+
+/// What to do after a frame.
+#[derive(Debug)]
+pub enum Step {
+    /// Read on.
+    Continue,
+    /// A pre-copy round ended.
+    Round {
+        /// Its number.
+        round: u32,
+        /// Pages the source sent in it.
+        pages: u64,
+    },
+    /// The stream is complete: the machine state to resume with.
+    Done(Box<MachineState>),
+}
+
+/// Applies a checked stream to a memory file.
+#[derive(Debug)]
+pub struct Receiver {
+    file: File,
+    path: PathBuf,
+    hello: Hello,
+    pages: u64,
+    zero_pages: u64,
+    state: Option<Box<MachineState>>,
+    checksums: Option<Vec<u32>>,
+    verified: Option<u32>,
+    zeros: Vec<u8>,
+}
+
+impl Receiver {
+    /// A receiver writing the VM of `hello` into `file` (at `path`, for
+    /// messages), which must already be `hello.mem_size` bytes.
+    pub fn new(file: File, path: &Path, hello: Hello) -> Self {
+        Receiver {
+            file,
+            path: path.to_path_buf(),
+            hello,
+            pages: 0,
+            zero_pages: 0,
+            state: None,
+            checksums: None,
+            verified: None,
+            zeros: Vec::new(),
+        }
+    }
+
+    /// Data pages written so far.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The digest of the memory checksums the source sent and this side
+    /// matched (None: the source asked for no check).
+    pub fn verified_digest(&self) -> Option<u32> {
+        self.verified
+    }
+
+    fn check_memory(&mut self, want: &[u32]) -> Result<(), ReceiveError> {
+        let layout = ram_layout(self.hello.mem_size);
+        let got = memory_crcs(&layout, |o, b| self.file.read_exact_at(b, o)).map_err(|source| ReceiveError::Write {
+            path: self.path.clone(),
+            offset: 0,
+            len: self.hello.mem_size,
+            source,
+        })?;
+        if got.len() != want.len() {
+            return Err(ReceiveError::Protocol(format!(
+                "{} memory checksums for {} MiB of RAM",
+                want.len(),
+                got.len()
+            )));
+        }
+        if let Some(chunk) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            return Err(ReceiveError::Mismatch {
+                chunk,
+                offset: chunk as u64 * CHUNK,
+                got: got[chunk],
+                want: want[chunk],
+            });
+        }
+        self.verified = Some(digest(&got));
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.hello.mem_size => Ok(()),
+            _ => Err(ReceiveError::OutOfBounds { offset, len, mem_size: self.hello.mem_size }),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ReceiveError> {
+        self.file.write_all_at(data, offset).map_err(|source| ReceiveError::Write {
+            path: self.path.clone(),
+            offset,
+            len: data.len() as u64,
+            source,
+        })
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: a hole punched in the
+    /// file, or zeros written where the filesystem cannot punch.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        // SAFETY: fallocate on a file we own, within its size (checked).
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        self.zeros.resize(PAGE as usize * 256, 0);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(self.zeros.len() as u64);
+            self.write(offset + done, &self.zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Checks `f` against the stream so far and applies it.
+    pub fn apply(&mut self, f: Frame) -> Result<Step, ReceiveError> {
+        if self.state.is_some() && !matches!(f, Frame::Done { .. } | Frame::Abort(_) | Frame::Checksums(_)) {
+            return Err(ReceiveError::Protocol(format!("{:?} after the machine state", f.kind())));
+        }
+        match f {
+            Frame::Pages { offset, data } => {
+                self.check_range(offset, data.len() as u64)?;
+                self.write(offset, &data)?;
+                self.pages += data.len() as u64 / PAGE;
+                Ok(Step::Continue)
+            }
+            Frame::Zero(ranges) => {
+                for &(offset, count) in &ranges {
+                    self.check_range(offset, u64::from(count) * PAGE)?;
+                }
+                for (offset, count) in ranges {
+                    self.zero(offset, u64::from(count) * PAGE)?;
+                    self.zero_pages += u64::from(count);
+                }
+                Ok(Step::Continue)
+            }
+            Frame::RoundEnd { round, pages } => Ok(Step::Round { round, pages }),
+            Frame::State(s) => {
+                if s.vcpus.len() != self.hello.vcpus {
+                    return Err(ReceiveError::Protocol(format!(
+                        "state holds {} vCPUs, Hello announced {}",
+                        s.vcpus.len(),
+                        self.hello.vcpus
+                    )));
+                }
+                self.state = Some(s);
+                Ok(Step::Continue)
+            }
+            Frame::Checksums(c) => {
+                self.checksums = Some(c);
+                Ok(Step::Continue)
+            }
+            Frame::Done { pages, zero_pages } => {
+                let Some(state) = self.state.take() else {
+                    return Err(ReceiveError::Protocol("Done before the machine state".into()));
+                };
+                if let Some(want) = self.checksums.take() {
+                    self.check_memory(&want)?;
+                }
+                if (pages, zero_pages) != (self.pages, self.zero_pages) {
+                    return Err(ReceiveError::Totals {
+                        sent: pages,
+                        sent_zero: zero_pages,
+                        got: self.pages,
+                        got_zero: self.zero_pages,
+                    });
+                }
+                Ok(Step::Done(state))
+            }
+            Frame::Abort(r) => Err(ReceiveError::Aborted(r)),
+            other => Err(ReceiveError::Protocol(format!("unexpected {:?} frame mid-stream", other.kind()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello { mem_size: 1 << 20, page_size: PAGE, vcpus: 1, layout: ram_layout(1 << 20) }
+    }
+
+    fn receiver(dir: &Path) -> (Receiver, PathBuf) {
+        let p = dir.join("mem");
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        (Receiver::new(f, &p, hello()), p)
+    }
+
+    #[test]
+    fn hello_is_checked() {
+        assert_eq!(check_hello(Frame::Hello(hello())).unwrap(), hello());
+        let mut h = hello();
+        h.layout[0].len += PAGE;
+        assert!(check_hello(Frame::Hello(h)).unwrap_err().to_string().contains("layout"));
+        let mut h = hello();
+        h.vcpus = 0;
+        assert!(check_hello(Frame::Hello(h)).is_err());
+        assert!(check_hello(Frame::Done { pages: 0, zero_pages: 0 }).unwrap_err().to_string().contains("Hello"));
+    }
+
+    #[test]
+    fn pages_land_and_totals_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, p) = receiver(dir.path());
+        r.apply(Frame::Pages { offset: 0x2000, data: vec![5; 8192] }).unwrap();
+        r.apply(Frame::Zero(vec![(0x3000, 1)])).unwrap();
+        r.apply(Frame::State(Box::new(MachineState { vcpus: vec![], devices: Default::default() }))).unwrap_err();
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(bytes[0x2000..0x3000].iter().all(|&b| b == 5));
+        assert!(bytes[0x3000..0x4000].iter().all(|&b| b == 0));
+        let e = r.apply(Frame::Done { pages: 2, zero_pages: 1 }).unwrap_err();
+        assert!(e.to_string().contains("before the machine state"), "{e}");
+    }
+
+    #[test]
+    fn out_of_bounds_pages_touch_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, p) = receiver(dir.path());
+        let e = r.apply(Frame::Pages { offset: (1 << 20) - PAGE, data: vec![1; 8192] }).unwrap_err();
+        assert!(matches!(e, ReceiveError::OutOfBounds { .. }), "{e}");
+        let e = r.apply(Frame::Zero(vec![(0, 1), (u64::MAX - PAGE + 1, 2)])).unwrap_err();
+        assert!(matches!(e, ReceiveError::OutOfBounds { .. }), "{e}");
+        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(r.pages(), 0);
+    }
+}

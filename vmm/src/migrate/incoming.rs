@@ -1,0 +1,154 @@
+//! The destination of a live migration (`smudge migrate-recv`): listen,
+//! accept one source, check its `Hello`, then — while KVM is set up —
+//! receive pages into the new memory file through the library's
+//! [`Receiver`], which checks every frame first. Once the machine state
+//! is in and the vCPUs run, acknowledge; on any failure tell the source
+//! why, so it resumes its guest.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
+use smudge::migration::receiver::{check_hello, Receiver, Step};
+use smudge::snapshot::MachineState;
+
+use crate::vm::IncomingVm;
+
+/// Longest silence from the source before the destination gives up.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// `PORT` alone means loopback.
+pub fn listen_addr(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        format!("127.0.0.1:{s}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// An accepted source whose `Hello` was checked and acknowledged.
+#[derive(Debug)]
+pub struct Incoming {
+    reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<TcpStream>,
+    hello: Hello,
+    peer: SocketAddr,
+    answered: bool,
+}
+
+impl Incoming {
+    /// Listens on `addr`, says where on stderr, accepts one source and
+    /// checks its `Hello` (a refusal is sent back to the source too).
+    pub fn accept(addr: &str, accept_timeout: Option<Duration>) -> anyhow::Result<Incoming> {
+        use anyhow::Context;
+        let addr = listen_addr(addr);
+        let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        let _ = writeln!(std::io::stderr(), "smudge: waiting for a migration on {local}");
+        let conn = match accept_timeout {
+            None => listener.accept()?.0,
+            Some(t) => {
+                listener.set_nonblocking(true)?;
+                let t0 = Instant::now();
+                loop {
+                    match listener.accept() {
+                        Ok((c, _)) => break c,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < t => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            anyhow::bail!("no source connected to {local} within {:.0} s", t.as_secs_f64())
+                        }
+                        Err(e) => return Err(e).context("accepting the source"),
+                    }
+                }
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(IDLE_LIMIT))?;
+        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let peer = conn.peer_addr()?;
+        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, conn.try_clone()?));
+        let mut writer = FrameWriter::new(conn, false);
+        let hello = match reader.next_frame().map_err(Into::into).and_then(check_hello) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = writer.send(&Frame::Ack(Ack { ok: false, error: Some(e.to_string()) }));
+                return Err(anyhow::anyhow!("migration from {peer}: {e}"));
+            }
+        };
+        tracing::info!("migration from {peer}: {} MiB RAM, {} vCPU(s)", hello.mem_size >> 20, hello.vcpus);
+        Ok(Incoming { reader, writer, hello, peer, answered: false })
+    }
+
+    /// What the source announced.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Accepts the `Hello` (once the memory file is known to be usable).
+    pub fn welcome(&mut self) -> anyhow::Result<()> {
+        self.writer.send(&Frame::Ack(Ack { ok: true, error: None }))?;
+        Ok(())
+    }
+
+    /// Refuses the migration, telling the source why.
+    pub fn refuse(&mut self, why: &str) {
+        self.answer(Err(why.to_string()));
+    }
+
+    fn answer(&mut self, r: Result<(), String>) {
+        if self.answered {
+            return;
+        }
+        self.answered = true;
+        let ack = match r {
+            Ok(()) => Ack { ok: true, error: None },
+            Err(e) => Ack { ok: false, error: Some(e) },
+        };
+        if let Err(e) = self.writer.send(&Frame::Ack(ack)).and_then(|_| self.writer.flush()) {
+            tracing::warn!("migration from {}: cannot answer the source: {e}", self.peer);
+        }
+    }
+}
+
+impl IncomingVm for Incoming {
+    fn receive(&mut self, file: &File, path: &Path) -> Result<MachineState, String> {
+        let file = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut rx = Receiver::new(file, path, self.hello.clone());
+        let t0 = Instant::now();
+        loop {
+            let f = self.reader.next_frame().map_err(|e| format!("migration from {}: {e}", self.peer))?;
+            match rx.apply(f).map_err(|e| format!("migration from {}: {e}", self.peer))? {
+                Step::Continue => {}
+                Step::Round { round, pages } => tracing::info!(
+                    "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",
+                    self.reader.bytes() >> 20,
+                    t0.elapsed().as_secs_f64() * 1e3
+                ),
+                Step::Done(state) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "smudge: migration from {} received: {} MiB in {:.0} ms{}",
+                        self.peer,
+                        self.reader.bytes() >> 20,
+                        t0.elapsed().as_secs_f64() * 1e3,
+                        match rx.verified_digest() {
+                            Some(d) => format!("; memory checksum {d:#010x} matches the source's"),
+                            None => String::new(),
+                        }
+                    );
+                    return Ok(*state);
+                }
+            }
+        }
+    }
+
+    fn started(&mut self, result: Result<(), String>) {
+        self.answer(result);
+    }
+}

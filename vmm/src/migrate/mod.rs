@@ -1,0 +1,8 @@
+//! Live migration between two smudge processes over TCP: the source's
+//! pre-copy rounds ([`source`]) with auto-converge ([`converge`]), and the
+//! destination that receives a VM and runs it ([`incoming`]). The wire
+//! format and its checks are the library's `smudge::migration`.
+
+pub mod converge;
+pub mod incoming;
+pub mod source;

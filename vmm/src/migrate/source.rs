@@ -1,0 +1,541 @@
+//! The source side of a live migration: iterative pre-copy over TCP.
+//!
+//! ```text
+//! connect, Hello -> Ack
+//! new dirty-log consumer (re-protect all)      pages written from here on are logged
+//! round 0: every page with data (SEEK_DATA), zero pages skipped
+//! round n: the pages the consumer collected during round n-1
+//!          until sending what is dirty now fits the downtime budget
+//!          (bandwidth measured each round) or rounds run out;
+//!          auto-converge throttles the vCPUs when rounds do not shrink
+//! pause, final collect, residue, State, Done -> Ack (destination runs)
+//! ```
+//!
+//! Guest memory is only read, and the consumer is this migration's own, so
+//! a failure at any point (the destination dies, the stream breaks, a bad
+//! answer) resumes the guest with nothing lost.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use smudge::dirty_set::DirtySet;
+use smudge::harvest::{ConsumerId, Harvester};
+use smudge::memory::{ram_layout, GuestRam, RamRegion};
+use smudge::migration::checksum::{digest, memory_crcs};
+use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_PAGES, PAGE};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::converge::{ConvergePolicy, Throttle};
+use crate::snapshotter::VcpuControl;
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Destination `host:port`.
+    pub to: String,
+    /// Longest pause the final round may take (estimated from bandwidth).
+    pub downtime: Duration,
+    /// Rounds after round 0 before the final round is forced.
+    pub max_rounds: u32,
+    /// Send at most this many bytes per second.
+    pub bandwidth: Option<u64>,
+    /// LZ4 page data.
+    pub lz4: bool,
+    /// Throttle the vCPUs when pre-copy does not converge.
+    pub auto_converge: bool,
+    /// Send a CRC-32 per MiB of RAM at switchover for the destination to
+    /// check its memory against (costs a read of all RAM in the pause).
+    pub verify_memory: bool,
+}
+
+/// The default downtime budget: the pause covers the final round's pages
+/// plus a fixed cost of ~2-5 ms here (pausing the vCPUs, saving their
+/// state, the destination restoring it and starting its threads). 20 ms
+/// leaves room for a few MiB of residue at loopback speed, 15x below the
+/// 300 ms QEMU and Cloud Hypervisor default to.
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(20);
+/// Default cap on rounds after round 0.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// Round number (0 sends everything; the last is the paused one).
+    pub round: u32,
+    /// Data pages sent.
+    pub pages: u64,
+    /// Zero pages sent as markers.
+    pub zero_pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Duration.
+    pub ms: f64,
+    /// Auto-converge throttle during the round (percent).
+    pub throttle_pct: u32,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Destination.
+    pub to: String,
+    /// Connect to acknowledgement.
+    pub total_ms: f64,
+    /// vCPUs paused here until the destination said its guest runs.
+    pub downtime_ms: f64,
+    /// The budget asked for.
+    pub downtime_budget_ms: f64,
+    /// Every round, the final (paused) one last.
+    pub rounds: Vec<RoundReport>,
+    /// Bytes on the wire in all.
+    pub bytes_sent: u64,
+    /// Data pages sent in all.
+    pub pages_sent: u64,
+    /// Zero-page markers sent in all.
+    pub zero_pages_sent: u64,
+    /// How convergence was reached: `none` (it converged by itself),
+    /// `auto-converge N%` (the highest throttle used) or `max-rounds`.
+    pub converge: String,
+    /// Measured send rate of the last running round, MB/s.
+    pub bandwidth_mbps: f64,
+    /// Digest of the memory checksums at switchover, which the destination
+    /// matched (with `verify_memory`).
+    pub memory_crc32: Option<u32>,
+}
+
+/// Progress after each round, for the control API's `stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// Round just finished.
+    pub round: u32,
+    /// Pages dirty now (the next round's work).
+    pub remaining_pages: u64,
+    /// Send rate, MB/s.
+    pub rate_mbps: f64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Throttle now (percent).
+    pub throttle_pct: u32,
+}
+
+/// Why a migration failed; the guest runs on here.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Could not reach the destination.
+    #[error("cannot connect to {to}: {source}")]
+    Connect {
+        /// Address.
+        to: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stream broke or the destination refused.
+    #[error("{0}")]
+    Stream(String),
+    /// The dirty log failed.
+    #[error("dirty log: {0}")]
+    DirtyLog(String),
+    /// Pausing or saving the vCPUs failed.
+    #[error("{0}")]
+    Vcpus(String),
+}
+
+/// What a migration reads: the VM's RAM and its dirty log.
+#[derive(Debug, Clone)]
+pub struct MigrationSource {
+    /// The vCPUs.
+    pub vcpus: VcpuControl,
+    /// The dirty log.
+    pub harvester: Arc<Mutex<Harvester>>,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The backing file (for `SEEK_DATA`).
+    pub file: Arc<File>,
+    /// RAM bytes.
+    pub mem_size: u64,
+}
+
+/// The sending half: frames, counters and the bandwidth cap.
+struct Sender {
+    w: FrameWriter<BufWriter<TcpStream>>,
+    layout: Vec<RamRegion>,
+    buf: Vec<u8>,
+    zero_runs: Vec<(u64, u32)>,
+    limit: Option<u64>,
+    window: (Instant, u64),
+    pages: u64,
+    zero_pages: u64,
+}
+
+fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
+    move |e| MigrateError::Stream(format!("{what}: {e}"))
+}
+
+impl Sender {
+    fn file_offset(&self, gpa: u64) -> Option<u64> {
+        self.layout.iter().find(|r| gpa >= r.gpa && gpa < r.gpa + r.len).map(|r| r.file_offset + gpa - r.gpa)
+    }
+
+    /// Holds the stream to the bandwidth cap.
+    fn pace(&mut self) {
+        let Some(limit) = self.limit else { return };
+        let sent = self.w.bytes() - self.window.1;
+        let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+        let spent = self.window.0.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+        if spent > Duration::from_secs(1) {
+            self.window = (Instant::now(), self.w.bytes());
+        }
+    }
+
+    /// Sends `[gpa, gpa + len)` from RAM: runs of data pages as `Pages`
+    /// frames, zero pages as markers (or not at all when `skip_zero`: the
+    /// destination's new file already reads zero there).
+    fn send_range(&mut self, ram: &GuestRam, gpa: u64, len: u64, skip_zero: bool) -> Result<(), MigrateError> {
+        let chunk = u64::from(MAX_FRAME_PAGES) * PAGE;
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = (gpa + len - at).min(chunk);
+            self.buf.resize(n as usize, 0);
+            ram.read_slice(&mut self.buf, GuestAddress(at))
+                .map_err(|e| MigrateError::Stream(format!("reading guest RAM at {at:#x}: {e}")))?;
+            let off = self.file_offset(at).ok_or_else(|| MigrateError::Stream(format!("{at:#x} is not RAM")))?;
+            let buf = std::mem::take(&mut self.buf);
+            let r = self.send_pages(&buf, off, skip_zero);
+            self.buf = buf;
+            r?;
+            self.pace();
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn send_pages(&mut self, buf: &[u8], off: u64, skip_zero: bool) -> Result<(), MigrateError> {
+        let is_zero = |p: &[u8]| p.chunks_exact(16).all(|c| c == [0u8; 16]);
+        let pages: Vec<bool> = buf.chunks_exact(PAGE as usize).map(is_zero).collect();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i;
+            while j < pages.len() && pages[j] == pages[i] {
+                j += 1;
+            }
+            let o = off + i as u64 * PAGE;
+            if pages[i] {
+                if !skip_zero {
+                    self.zero_runs.push((o, (j - i) as u32));
+                    self.zero_pages += (j - i) as u64;
+                }
+            } else {
+                self.w
+                    .send_pages(o, &buf[i * PAGE as usize..j * PAGE as usize])
+                    .map_err(stream_err("sending pages"))?;
+                self.pages += (j - i) as u64;
+            }
+            i = j;
+        }
+        if self.zero_runs.len() >= 4096 {
+            self.flush_zero()?;
+        }
+        Ok(())
+    }
+
+    fn flush_zero(&mut self) -> Result<(), MigrateError> {
+        if !self.zero_runs.is_empty() {
+            let runs = std::mem::take(&mut self.zero_runs);
+            self.w.send(&Frame::Zero(runs)).map_err(stream_err("sending zero-page markers"))?;
+        }
+        Ok(())
+    }
+
+    fn send_set(&mut self, ram: &GuestRam, set: &DirtySet) -> Result<(), MigrateError> {
+        for e in set.extents() {
+            self.send_range(ram, e.gpa, e.len, false)?;
+        }
+        self.flush_zero()
+    }
+
+    fn end_round(&mut self, round: u32, pages: u64) -> Result<(), MigrateError> {
+        self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
+        self.w.flush().map_err(stream_err("sending a round end"))
+    }
+}
+
+/// Removes the migration's dirty-log consumer however the migration ends.
+struct ConsumerGuard<'a>(&'a Mutex<Harvester>, ConsumerId);
+
+impl Drop for ConsumerGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(self.1);
+    }
+}
+
+/// Reads the destination's `Ack`; a refusal carries its reason.
+fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<(), MigrateError> {
+    match r.next_frame() {
+        Ok(Frame::Ack(Ack { ok: true, .. })) => Ok(()),
+        Ok(Frame::Ack(Ack { ok: false, error })) => Err(MigrateError::Stream(format!(
+            "the destination refused after {after}: {}",
+            error.unwrap_or_else(|| "no reason given".into())
+        ))),
+        Ok(other) => Err(MigrateError::Stream(format!("the destination answered {after} with {:?}", other.kind()))),
+        Err(e) => Err(MigrateError::Stream(format!("no answer from the destination after {after}: {e}"))),
+    }
+}
+
+impl MigrationSource {
+    /// Migrates the VM to `opts.to`. On success the guest is paused here
+    /// and runs on the destination (the caller ends this VM); on failure it
+    /// runs on here (resumed unless it was paused before).
+    pub fn migrate(
+        &self,
+        opts: &MigrateOptions,
+        progress: &dyn Fn(&Progress),
+    ) -> Result<MigrationReport, MigrateError> {
+        let t0 = Instant::now();
+        let addr = opts
+            .to
+            .to_socket_addrs()
+            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?
+            .next()
+            .ok_or_else(|| MigrateError::Connect {
+                to: opts.to.clone(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?;
+        let setup = |c: &TcpStream| -> std::io::Result<()> {
+            c.set_nodelay(true)?;
+            c.set_write_timeout(Some(Duration::from_secs(30)))?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))
+        };
+        setup(&conn).map_err(stream_err("socket options"))?;
+        let rd = conn.try_clone().map_err(stream_err("socket"))?;
+        let mut reader = FrameReader::new(BufReader::new(rd));
+        let mut s = Sender {
+            w: FrameWriter::new(BufWriter::with_capacity(1 << 20, conn), opts.lz4),
+            layout: ram_layout(self.mem_size),
+            buf: Vec::new(),
+            zero_runs: Vec::new(),
+            limit: opts.bandwidth,
+            window: (Instant::now(), 0),
+            pages: 0,
+            zero_pages: 0,
+        };
+        match self.precopy(opts, progress, &mut s, &mut reader) {
+            Ok(mut r) => {
+                r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                Ok(r)
+            }
+            Err(e) => {
+                // Tell a destination that still listens; and if the stream
+                // broke because the destination gave up, say why it did.
+                let _ = s.w.send(&Frame::Abort(e.to_string()));
+                let _ = s.w.flush();
+                let _ = reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(2)));
+                match (&e, reader.next_frame()) {
+                    (MigrateError::Stream(m), Ok(Frame::Ack(Ack { ok: false, error: Some(why) }))) => {
+                        Err(MigrateError::Stream(format!("{m}; the destination said: {why}")))
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    fn precopy(
+        &self,
+        opts: &MigrateOptions,
+        progress: &dyn Fn(&Progress),
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<TcpStream>>,
+    ) -> Result<MigrationReport, MigrateError> {
+        let hello = Hello {
+            mem_size: self.mem_size,
+            page_size: PAGE,
+            vcpus: self.vcpus.threads.len(),
+            layout: s.layout.clone(),
+        };
+        s.w.send(&Frame::Hello(hello)).map_err(stream_err("sending Hello"))?;
+        s.w.flush().map_err(stream_err("sending Hello"))?;
+        read_ack(reader, "Hello")?;
+
+        let consumer = {
+            let mut h = self.harvester.lock().unwrap_or_else(|p| p.into_inner());
+            let c = h.add_consumer();
+            h.reprotect_all().map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+            // What was dirty before now is in round 0, read after this.
+            if let Some(before) = h.take(c) {
+                h.recycle(before);
+            }
+            c
+        };
+        let _guard = ConsumerGuard(&self.harvester, consumer);
+        let throttle = if opts.auto_converge {
+            Some(Throttle::start(self.vcpus.clone()).map_err(|e| MigrateError::Vcpus(format!("auto-converge: {e}")))?)
+        } else {
+            None
+        };
+        let mut policy = ConvergePolicy::default();
+        let mut rounds: Vec<RoundReport> = Vec::new();
+        let mut max_pct = 0;
+
+        // Round 0: everything with data.
+        let r0 = Instant::now();
+        let (b0, p0) = (s.w.bytes(), s.pages);
+        let data = smudge::snapshot::data_ranges(&self.file, self.mem_size)
+            .map_err(|e| MigrateError::Stream(format!("SEEK_DATA on the memory file: {e}")))?;
+        for (off, len) in data {
+            for r in s.layout.clone() {
+                let (a, b) = (off.max(r.file_offset), (off + len).min(r.file_offset + r.len));
+                if a < b {
+                    s.send_range(&self.ram, r.gpa + a - r.file_offset, b - a, true)?;
+                }
+            }
+        }
+        s.end_round(0, s.pages - p0)?;
+        let mut last = RoundReport {
+            round: 0,
+            pages: s.pages - p0,
+            zero_pages: 0,
+            bytes: s.w.bytes() - b0,
+            ms: r0.elapsed().as_secs_f64() * 1e3,
+            throttle_pct: 0,
+        };
+        rounds.push(last.clone());
+
+        let collect = |h: &Mutex<Harvester>| {
+            h.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .collect(consumer)
+                .map_err(|e| MigrateError::DirtyLog(e.to_string()))
+        };
+        let mut round = 1;
+        let mut forced = false;
+        let (residue, bandwidth) = loop {
+            let set = collect(&self.harvester)?;
+            let dirty = set.count() * PAGE;
+            // Bytes per second the last round achieved (reading RAM included).
+            let bw = last.bytes as f64 / (last.ms / 1e3).max(1e-6);
+            let estimate = Duration::from_secs_f64(if last.bytes == 0 { 0.0 } else { dirty as f64 / bw });
+            let pct = if throttle.is_some() { policy.after_round(last.bytes, dirty) } else { 0 };
+            if let Some(t) = &throttle {
+                t.set(pct);
+                max_pct = max_pct.max(pct);
+            }
+            progress(&Progress {
+                round: last.round,
+                remaining_pages: set.count(),
+                rate_mbps: bw / 1e6,
+                bytes_sent: s.w.bytes(),
+                throttle_pct: pct,
+            });
+            tracing::info!(
+                "migration round {} sent {} pages in {:.1} ms ({:.0} MB/s); {} pages dirty now, estimated final round {:.1} ms{}",
+                last.round,
+                last.pages,
+                last.ms,
+                bw / 1e6,
+                set.count(),
+                estimate.as_secs_f64() * 1e3,
+                if pct > 0 { format!(", auto-converge {pct}%") } else { String::new() }
+            );
+            if estimate <= opts.downtime {
+                break (set, bw);
+            }
+            if round > opts.max_rounds {
+                forced = true;
+                break (set, bw);
+            }
+            let (t, b, p, z) = (Instant::now(), s.w.bytes(), s.pages, s.zero_pages);
+            s.send_set(&self.ram, &set)?;
+            s.end_round(round, s.pages - p)?;
+            last = RoundReport {
+                round,
+                pages: s.pages - p,
+                zero_pages: s.zero_pages - z,
+                bytes: s.w.bytes() - b,
+                ms: t.elapsed().as_secs_f64() * 1e3,
+                throttle_pct: pct,
+            };
+            rounds.push(last.clone());
+            round += 1;
+        };
+        drop(throttle);
+
+        // The final round, paused.
+        let was_paused = self.vcpus.shared.is_paused();
+        let tp = Instant::now();
+        let paused = self.vcpus.pause().map_err(MigrateError::Vcpus);
+        let mut digest_sent = None;
+        let r = paused.and_then(|_| {
+            let (b, p, z) = (s.w.bytes(), s.pages, s.zero_pages);
+            let mut set = residue;
+            set.union_with(&collect(&self.harvester)?).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+            s.send_set(&self.ram, &set)?;
+            if opts.verify_memory {
+                let crcs = memory_crcs(&s.layout, |o, b| {
+                    let gpa = s
+                        .layout
+                        .iter()
+                        .find(|r| o >= r.file_offset && o < r.file_offset + r.len)
+                        .map(|r| r.gpa + o - r.file_offset);
+                    let gpa = gpa.ok_or_else(|| std::io::Error::other(format!("file offset {o:#x} is not RAM")))?;
+                    self.ram.read_slice(b, GuestAddress(gpa)).map_err(std::io::Error::other)
+                })
+                .map_err(stream_err("checksumming guest RAM"))?;
+                digest_sent = Some(digest(&crcs));
+                s.w.send(&Frame::Checksums(crcs)).map_err(stream_err("sending memory checksums"))?;
+            }
+            let state = self.vcpus.machine_state().map_err(MigrateError::Vcpus)?;
+            s.w.send(&Frame::State(Box::new(state))).map_err(stream_err("sending the machine state"))?;
+            s.w.send(&Frame::Done { pages: s.pages, zero_pages: s.zero_pages }).map_err(stream_err("sending Done"))?;
+            s.w.flush().map_err(stream_err("sending the final round"))?;
+            let fin = RoundReport {
+                round,
+                pages: s.pages - p,
+                zero_pages: s.zero_pages - z,
+                bytes: s.w.bytes() - b,
+                ms: tp.elapsed().as_secs_f64() * 1e3,
+                throttle_pct: 0,
+            };
+            read_ack(reader, "the final round")?;
+            Ok(fin)
+        });
+        let fin = match r {
+            Ok(f) => f,
+            Err(e) => {
+                if !was_paused {
+                    self.vcpus.shared.resume();
+                }
+                return Err(e);
+            }
+        };
+        let downtime = tp.elapsed();
+        rounds.push(fin);
+        Ok(MigrationReport {
+            to: opts.to.clone(),
+            total_ms: 0.0,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
+            rounds,
+            bytes_sent: s.w.bytes(),
+            pages_sent: s.pages,
+            zero_pages_sent: s.zero_pages,
+            converge: match (max_pct, forced) {
+                (0, false) => "none".into(),
+                (0, true) => "max-rounds".into(),
+                (p, false) => format!("auto-converge {p}%"),
+                (p, true) => format!("auto-converge {p}%, then max-rounds"),
+            },
+            bandwidth_mbps: bandwidth / 1e6,
+            memory_crc32: digest_sent,
+        })
+    }
+}
