@@ -175,6 +175,16 @@ pub enum FrameError {
     /// The peer closed the connection.
     #[error("the peer closed the migration stream")]
     Closed,
+    /// The peer closed the connection inside a frame.
+    #[error("the peer closed the migration stream in the middle of frame {seq} ({kind:?}, {len} payload bytes)")]
+    Truncated {
+        /// Sequence number.
+        seq: u32,
+        /// Kind.
+        kind: Kind,
+        /// Payload length announced.
+        len: u32,
+    },
     /// Not a smudge migration stream.
     #[error("bad magic {0:02x?} at frame {1}: not a smudge migration stream")]
     Magic([u8; 4], u32),
@@ -430,7 +440,13 @@ impl<R: Read> FrameReader<R> {
         }
         let h = decode_header(&raw)?;
         self.buf.resize(h.len as usize, 0);
-        self.inner.read_exact(&mut self.buf)?;
+        match self.inner.read_exact(&mut self.buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(FrameError::Truncated { seq: h.seq, kind: h.kind, len: h.len })
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.bytes += (HEADER_LEN + self.buf.len()) as u64;
         let f = decode_payload(&raw, &h, &self.buf)?;
         if h.seq != self.seq {

@@ -1,0 +1,297 @@
+//! Live migration (issue 6): a guest moves between two smudge processes
+//! on loopback and carries on; when the destination dies or the stream is
+//! damaged, the source resumes its guest and both ends say why.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use smudge::memory::ram_layout;
+use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
+
+/// A `smudge migrate-recv` and what it printed so far.
+struct Dest {
+    child: Child,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+    mem: PathBuf,
+    serial: PathBuf,
+}
+
+impl Dest {
+    fn start(dir: &tempfile::TempDir) -> Dest {
+        let (mem, serial) = (path(dir, "dst.mem"), path(dir, "dst.serial"));
+        let mut child = smudge()
+            .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "120"])
+            .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("smudge: waiting for a migration on ") {
+                    let _ = tx.send(a.to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("migrate-recv never said where it listens");
+        Dest { child, addr, stderr, mem, serial }
+    }
+
+    fn wait(mut self) -> (i32, String, String) {
+        let code = self.child.wait().unwrap().code().unwrap_or(-1);
+        std::thread::sleep(Duration::from_millis(50));
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let err = self.stderr.lock().unwrap().clone();
+        (code, err, serial)
+    }
+}
+
+/// A source VM with a control socket; its serial output goes to a file.
+fn source(dir: &tempfile::TempDir, cmdline: &str) -> (Child, PathBuf, PathBuf) {
+    let (mem, sock, serial) = (path(dir, "src.mem"), path(dir, "src.sock"), path(dir, "src.serial"));
+    let out = std::fs::File::create(&serial).unwrap();
+    let child = start_with_api(&mem, &sock, "64M", cmdline, Stdio::from(out), true, &[]);
+    (child, sock, serial)
+}
+
+fn finish(mut child: Child, serial: &Path) -> (i32, String, String) {
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let code = child.wait().unwrap().code().unwrap_or(-1);
+    (code, err, std::fs::read_to_string(serial).unwrap())
+}
+
+fn verify_line(serial: &str) -> &str {
+    serial.lines().find(|l| l.starts_with("verify: ")).unwrap_or_else(|| panic!("no verify line in:\n{serial}"))
+}
+
+/// Every one of the 4000 pages holds what the guest last wrote there.
+fn assert_verified(serial: &str) {
+    let v = verify_line(serial);
+    assert!(v.starts_with("verify: pages=4000 ok=4000 ") && v.ends_with(" mismatches=0"), "{v}");
+}
+
+#[test]
+fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
+    require_kvm();
+    let dir = tmpdir();
+    let dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=4000 seed=11 verify=1");
+    std::thread::sleep(Duration::from_millis(800));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let crc = r["memory_crc32"].as_u64().expect("memory checksum");
+    let rounds = r["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 2, "{r}");
+    let sum: u64 = rounds.iter().map(|x| x["pages"].as_u64().unwrap()).sum();
+    assert_eq!(sum, r["pages_sent"].as_u64().unwrap(), "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("migrated to {}", dest.addr)), "{err}");
+    assert!(!serial.contains("workload rate done"), "the source finished the workload itself:\n{serial}");
+
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    // The same checksum both sides computed at switchover.
+    assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_converges_by_throttling() {
+    require_kvm();
+    let dir = tmpdir();
+    let dest = Dest::start(&dir);
+    // 4000 page writes/s over 500 pages against a 4 MiB/s link (1024 pages/s).
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=500 rate=4000 ms=60000 seed=3 verify=1");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = ctl(
+        &sock,
+        &["migrate", "--to", &dest.addr, "--bandwidth-limit", "4M", "--downtime-ms", "50", "--verify-memory"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let converge = r["converge"].as_str().unwrap();
+    assert!(converge.starts_with("auto-converge"), "{r}");
+    assert!(r["rounds"].as_array().unwrap().iter().any(|x| x["throttle_pct"].as_u64().unwrap() >= 20), "{r}");
+    let crc = r["memory_crc32"].as_u64().expect("memory checksum");
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    // The guest writes on for a minute there: its memory matched at
+    // switchover; let it run a moment, then stop it.
+    let mut dest = dest;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(dest.child.try_wait().unwrap().is_none(), "the destination stopped early");
+    dest.child.kill().unwrap();
+    let (_, err, serial) = dest.wait();
+    assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
+    assert!(serial.is_empty() || !serial.contains("verify: "), "{serial}");
+}
+
+/// What a proxy between source and destination does to the stream.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Flip a byte at this offset of the source's stream.
+    Flip(u64),
+    /// Cut both connections after this many bytes of the source's stream.
+    Cut(u64),
+}
+
+/// A relay on loopback that damages the source's stream; returns its port.
+fn proxy(to: String, damage: Damage) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (src, _) = l.accept().unwrap();
+        let dst = TcpStream::connect(&to).unwrap();
+        let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let (mut dst_r, mut src_w) = (dst, src);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst_r, &mut src_w);
+            let _ = src_w.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = match src_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match damage {
+                Damage::Flip(o) if o >= at && o < at + n as u64 => buf[(o - at) as usize] ^= 0x40,
+                Damage::Cut(o) if at + n as u64 >= o => {
+                    let keep = (o - at) as usize;
+                    let _ = dst_w.write_all(&buf[..keep]);
+                    let _ = dst_w.shutdown(std::net::Shutdown::Both);
+                    let _ = src_r.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                _ => {}
+            }
+            if dst_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            at += n as u64;
+        }
+        let _ = dst_w.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+fn damaged_stream(damage: Damage, dest_says: &str) {
+    require_kvm();
+    let dir = tmpdir();
+    let dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=3000 seed=5 verify=1");
+    std::thread::sleep(Duration::from_millis(500));
+    let via = proxy(dest.addr.clone(), damage);
+    let t0 = Instant::now();
+    let r = ctl(&sock, &["migrate", "--to", &via]);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("the guest runs on here"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // The source's guest finishes its workload and its memory checks out.
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_verified(&serial);
+    let mem = dest.mem.clone();
+    let (code, err, _) = dest.wait();
+    assert_eq!(code, 100, "{err}");
+    assert!(err.contains(dest_says), "destination: {err}");
+    assert!(!mem.exists(), "the destination left a partial memory file");
+}
+
+#[test]
+fn a_corrupted_stream_is_refused_and_the_source_resumes() {
+    // Well inside round 0's page data.
+    damaged_stream(Damage::Flip(300_000), "fails its CRC-32 check");
+}
+
+#[test]
+fn a_cut_stream_is_refused_and_the_source_resumes() {
+    damaged_stream(Damage::Cut(300_000), "the peer closed the migration stream");
+}
+
+#[test]
+fn killing_the_destination_mid_stream_resumes_the_source() {
+    require_kvm();
+    let dir = tmpdir();
+    let mut dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=4000 seed=6 verify=1");
+    std::thread::sleep(Duration::from_millis(300));
+    // 16 MiB of pages at 2 MiB/s: round 0 alone takes seconds.
+    let (s2, to) = (sock.clone(), dest.addr.clone());
+    let answer = std::thread::spawn(move || ctl(&s2, &["migrate", "--to", &to, "--bandwidth-limit", "2M"]));
+    std::thread::sleep(Duration::from_millis(1000));
+    dest.child.kill().unwrap();
+    let r: Value = answer.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("the guest runs on here"), "{r}");
+    let st = ctl(&sock, &["stats"]);
+    assert_eq!(st["paused"], false, "{st}");
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_verified(&serial);
+    let _ = dest.wait();
+}
+
+/// A fake source: Hello, then whatever `after` sends.
+fn fake_source(addr: &str, after: impl FnOnce(&mut FrameWriter<TcpStream>)) -> Option<Frame> {
+    let s = TcpStream::connect(addr).unwrap();
+    let mut r = FrameReader::new(s.try_clone().unwrap());
+    let mut w = FrameWriter::new(s, false);
+    let mem = 64u64 << 20;
+    w.send(&Frame::Hello(Hello { mem_size: mem, page_size: PAGE, vcpus: 1, layout: ram_layout(mem) })).unwrap();
+    match r.next_frame().unwrap() {
+        Frame::Ack(a) if a.ok => {}
+        other => return Some(other),
+    }
+    after(&mut w);
+    r.next_frame().ok()
+}
+
+#[test]
+fn the_destination_checks_every_frame_before_touching_memory() {
+    require_kvm();
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut FrameWriter<TcpStream>)>)> = vec![
+        ("lie outside", Box::new(|w| w.send(&Frame::Pages { offset: 64 << 20, data: vec![1; 4096] }).unwrap())),
+        (
+            "unexpected Hello",
+            Box::new(|w| {
+                w.send(&Frame::Hello(Hello { mem_size: 0, page_size: PAGE, vcpus: 1, layout: vec![] })).unwrap()
+            }),
+        ),
+        ("Done before the machine state", Box::new(|w| w.send(&Frame::Done { pages: 0, zero_pages: 0 }).unwrap())),
+        ("the source aborted the migration: test", Box::new(|w| w.send(&Frame::Abort("test".into())).unwrap())),
+    ];
+    for (says, after) in cases {
+        let dir = tmpdir();
+        let dest = Dest::start(&dir);
+        let answer = fake_source(&dest.addr, after);
+        let mem = dest.mem.clone();
+        let (code, err, _) = dest.wait();
+        assert_eq!(code, 100, "{says}: {err}");
+        assert!(err.contains(says), "{says}: {err}");
+        match answer {
+            Some(Frame::Ack(a)) => assert!(!a.ok && a.error.unwrap_or_default().contains(says)),
+            other => panic!("{says}: the fake source got {other:?}"),
+        }
+        assert!(!mem.exists(), "{says}: a memory file was left behind");
+    }
+}
