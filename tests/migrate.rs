@@ -251,6 +251,9 @@ fn killing_the_destination_mid_stream_resumes_the_source() {
     let _ = dest.wait();
 }
 
+/// What a fake source sends after its Hello was accepted.
+type SendAfterHello = dyn FnOnce(&mut FrameWriter<TcpStream>);
+
 /// A fake source: Hello, then whatever `after` sends.
 fn fake_source(addr: &str, after: impl FnOnce(&mut FrameWriter<TcpStream>)) -> Option<Frame> {
     let s = TcpStream::connect(addr).unwrap();
@@ -269,7 +272,7 @@ fn fake_source(addr: &str, after: impl FnOnce(&mut FrameWriter<TcpStream>)) -> O
 #[test]
 fn the_destination_checks_every_frame_before_touching_memory() {
     require_kvm();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut FrameWriter<TcpStream>)>)> = vec![
+    let cases: Vec<(&str, Box<SendAfterHello>)> = vec![
         ("lie outside", Box::new(|w| w.send(&Frame::Pages { offset: 64 << 20, data: vec![1; 4096] }).unwrap())),
         (
             "unexpected Hello",
