@@ -11,7 +11,7 @@
 //! Hello     JSON {mem_size, page_size, vcpus, layout}         source -> dest
 //! Pages     offset u64 | count u32 | count pages (or LZ4 of them, flag bit 0)
 //! Zero      n u32 | n x (offset u64 | count u32)    pages that are all zero
-//! RoundEnd  round u32 | pages u64
+//! RoundEnd  round u32 | pages u64     answered by an Ack once stored
 //! State     JSON MachineState (vCPUs and devices)
 //! Done      pages u64 | zero_pages u64     totals, cross-checked by the dest
 //! Ack       JSON {ok, error}                                   dest -> source

@@ -216,7 +216,7 @@ impl Api {
             Some("sync") => self.sync(),
             Some("pause") => self.pause(),
             Some("resume") => {
-                self.vcpus.shared.resume();
+                self.vcpus.resume();
                 json!({"ok": true, "paused": false})
             }
             Some("snapshot") => match req.get("dir").and_then(Value::as_str) {

@@ -141,7 +141,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 "harvest" => bench::harvest::run(&args)?,
                 "writeback" => bench::writeback::run(&args)?,
                 "snapshot" => bench::snapshot::run(&args)?,
-                other => anyhow::bail!("unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot)"),
+                "migrate" => bench::migrate::run(&args)?,
+                other => {
+                    anyhow::bail!(
+                        "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate)"
+                    )
+                }
             };
             report.print(args.json)?;
             Ok(0)

@@ -43,14 +43,32 @@ impl VcpuControl {
         self.shared.request_pause();
         (self.kick)(&self.threads);
         let t0 = Instant::now();
+        let mut kicked = t0;
         while self.shared.paused_vcpus() < live {
             if t0.elapsed() > Duration::from_secs(2) {
                 return Err(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
             }
-            (self.kick)(&self.threads);
-            std::thread::sleep(Duration::from_millis(1));
+            // A kick that lands just before KVM_RUN is lost: kick again.
+            if kicked.elapsed() > Duration::from_millis(1) {
+                (self.kick)(&self.threads);
+                kicked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_micros(20));
         }
         Ok(live)
+    }
+
+    /// Wakes paused vCPU threads (to answer a state request or resume).
+    pub fn wake(&self) {
+        for t in self.threads.iter() {
+            t.thread().unpark();
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.shared.resume();
+        self.wake();
     }
 
     /// The state of every vCPU (each paused vCPU's own thread reads it)
@@ -58,6 +76,7 @@ impl VcpuControl {
     pub fn machine_state(&self) -> Result<MachineState, String> {
         let n = self.threads.len();
         *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
+        self.wake();
         let t0 = Instant::now();
         loop {
             {
@@ -76,7 +95,7 @@ impl VcpuControl {
                 *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return Err("vCPUs did not hand over their state within 5 s".into());
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(20));
         }
     }
 }
@@ -198,7 +217,7 @@ impl Snapshotter {
         let r = self.take_paused(dir, parent);
         let pause = t0.elapsed();
         if resume && !was_paused {
-            self.vcpus.shared.resume();
+            self.vcpus.resume();
         }
         let (pending, taken_pages, in_pause) = match r? {
             Paused::Written(p, pages) => {

@@ -200,7 +200,9 @@ impl Shared {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Unparked at once by a resume or a state request; the timeout
+            // covers a wake-up that came before the park.
+            std::thread::park_timeout(Duration::from_millis(1));
         }
         self.paused.fetch_sub(1, Ordering::AcqRel);
     }

@@ -337,6 +337,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
     let received = loaded?;
+    let t_received = Instant::now();
     if let Some(state) = &received {
         if state.vcpus.len() != usize::from(cfg.vcpus) {
             return Err(VmError::Runtime(format!(
@@ -382,6 +383,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         (None, None) => return Err(VmError::Runtime("neither a guest to boot nor a state to restore".into())),
     }
 
+    tracing::debug!("vCPU state set {:?} after the memory was in", t_received.elapsed());
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
     if irqchip {
         if let Err(e) = vm.register_irqfd(&serial_irq, 4) {
@@ -435,6 +437,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         }
         _ => None,
     };
+    tracing::debug!("devices, dirty log and writeback ready {:?} after the memory was in", t_received.elapsed());
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
 
     let start = Instant::now();
@@ -456,6 +459,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     let threads = Arc::new(threads);
     if let Some(inc) = incoming.as_mut() {
         inc.started(Ok(()));
+        tracing::debug!("vCPUs started and the source told {:?} after the memory was in", t_received.elapsed());
     }
     let flusher_thread = match &flusher {
         Some(f) => {

@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod harvest;
+pub mod migrate;
 pub mod qemu_migrate;
 pub mod report;
 pub mod snapshot;

@@ -89,6 +89,10 @@ pub struct QemuMigration {
     /// What the guest wrote on its serial port on the destination (the
     /// source's output before the migration is not included).
     pub dest_serial: String,
+    /// From the source's `STOP` event to the destination's `RESUME` event
+    /// (QMP timestamps, host realtime): the guest-visible downtime, which
+    /// QEMU's own `downtime` figure (source side only) leaves out part of.
+    pub stop_to_resume_ms: Option<f64>,
 }
 
 /// Migrates a guest between two local QEMUs as `cfg` says and returns
@@ -165,6 +169,10 @@ pub fn migrate(cfg: &QemuMigrateConfig) -> anyhow::Result<QemuMigration> {
         bytes: u64_of(&info["ram"]["transferred"], "ram.transferred")?,
         dest_exit,
         dest_serial: String::from_utf8_lossy(&std::fs::read(&dest.serial).unwrap_or_default()).into_owned(),
+        stop_to_resume_ms: match (src.event_time("STOP"), dest.event_time("RESUME")) {
+            (Some(a), Some(b)) => Some((b - a) * 1e3),
+            _ => None,
+        },
     };
     drop(src);
     drop(dest);
@@ -220,6 +228,8 @@ struct Qemu {
     serial: PathBuf,
     stderr: PathBuf,
     qmp: Option<(BufReader<UnixStream>, UnixStream)>,
+    /// Asynchronous events seen so far (STOP, RESUME, ...).
+    events: Vec<Value>,
 }
 
 impl Qemu {
@@ -249,7 +259,7 @@ impl Qemu {
         let err = File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
         let child = cmd.spawn().with_context(|| format!("spawning the {name} QEMU: {cmd:?}"))?;
-        Ok(Qemu { name, child, sock, serial, stderr, qmp: None })
+        Ok(Qemu { name, child, sock, serial, stderr, qmp: None, events: Vec::new() })
     }
 
     /// The last bytes QEMU wrote to stderr.
@@ -333,6 +343,7 @@ impl Qemu {
             if v.get("event").is_none() {
                 return Ok(v);
             }
+            self.events.push(v);
         }
     }
 
@@ -355,6 +366,14 @@ impl Qemu {
         req.push(b'\n');
         writer.write_all(&req).with_context(|| format!("sending {cmd}"))?;
         self.read_message(deadline).with_context(|| format!("reply to {cmd}"))
+    }
+
+    /// When the last event `name` happened (host realtime, seconds).
+    fn event_time(&self, name: &str) -> Option<f64> {
+        self.events.iter().rev().find(|e| e["event"] == name).and_then(|e| {
+            let t = &e["timestamp"];
+            Some(t["seconds"].as_f64()? + t["microseconds"].as_f64()? / 1e6)
+        })
     }
 
     /// Waits for QEMU to exit by itself and returns its exit code.

@@ -125,11 +125,17 @@ impl IncomingVm for Incoming {
             let f = self.reader.next_frame().map_err(|e| format!("migration from {}: {e}", self.peer))?;
             match rx.apply(f).map_err(|e| format!("migration from {}: {e}", self.peer))? {
                 Step::Continue => {}
-                Step::Round { round, pages } => tracing::info!(
-                    "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",
-                    self.reader.bytes() >> 20,
-                    t0.elapsed().as_secs_f64() * 1e3
-                ),
+                Step::Round { round, pages } => {
+                    tracing::info!(
+                        "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",
+                        self.reader.bytes() >> 20,
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                    // The round is stored: the source may count it done.
+                    self.writer
+                        .send(&Frame::Ack(Ack { ok: true, error: None }))
+                        .map_err(|e| format!("migration from {}: acknowledging round {round}: {e}", self.peer))?;
+                }
                 Step::Done(state) => {
                     let _ = writeln!(
                         std::io::stderr(),

@@ -4,6 +4,7 @@
 //! connect, Hello -> Ack
 //! new dirty-log consumer (re-protect all)      pages written from here on are logged
 //! round 0: every page with data (SEEK_DATA), zero pages skipped
+//!          each round ends when the destination has stored it (RoundEnd -> Ack)
 //! round n: the pages the consumer collected during round n-1
 //!          until sending what is dirty now fits the downtime budget
 //!          (bandwidth measured each round) or rounds run out;
@@ -58,6 +59,8 @@ pub struct MigrateOptions {
 /// leaves room for a few MiB of residue at loopback speed, 15x below the
 /// 300 ms QEMU and Cloud Hypervisor default to.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(20);
+/// A final round estimated below this is not worth another round.
+const MIN_WORTH_A_ROUND: Duration = Duration::from_micros(500);
 /// Default cap on rounds after round 0.
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 
@@ -105,6 +108,26 @@ pub struct MigrationReport {
     /// Digest of the memory checksums at switchover, which the destination
     /// matched (with `verify_memory`).
     pub memory_crc32: Option<u32>,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
+}
+
+/// The downtime, phase by phase (ms).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeParts {
+    /// Asking the vCPUs to stop until all are parked.
+    pub pause_ms: f64,
+    /// Final harvest and the residue on the wire (and checksums, if asked).
+    pub residue_ms: f64,
+    /// Each vCPU's thread reading its state, and the devices'; sending it.
+    pub state_ms: f64,
+    /// From the last byte sent to the destination's "running" (it loads
+    /// the state, starts its vCPUs, answers).
+    pub destination_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Progress after each round, for the control API's `stats`.
@@ -261,9 +284,18 @@ impl Sender {
         self.flush_zero()
     }
 
-    fn end_round(&mut self, round: u32, pages: u64) -> Result<(), MigrateError> {
+    /// Ends a round and waits until the destination has stored all of it:
+    /// nothing of a running round may still sit in socket buffers when the
+    /// guest is paused, and the round's time is then the real throughput.
+    fn end_round(
+        &mut self,
+        round: u32,
+        pages: u64,
+        reader: &mut FrameReader<BufReader<TcpStream>>,
+    ) -> Result<(), MigrateError> {
         self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
-        self.w.flush().map_err(stream_err("sending a round end"))
+        self.w.flush().map_err(stream_err("sending a round end"))?;
+        read_ack(reader, &format!("round {round}"))
     }
 }
 
@@ -399,7 +431,7 @@ impl MigrationSource {
                 }
             }
         }
-        s.end_round(0, s.pages - p0)?;
+        s.end_round(0, s.pages - p0, reader)?;
         let mut last = RoundReport {
             round: 0,
             pages: s.pages - p0,
@@ -446,7 +478,11 @@ impl MigrationSource {
                 estimate.as_secs_f64() * 1e3,
                 if pct > 0 { format!(", auto-converge {pct}%") } else { String::new() }
             );
-            if estimate <= opts.downtime {
+            // Within budget: stop unless one more short round would shrink
+            // the residue a lot (the last round sent over twice what is
+            // dirty now), so downtime ends up as small as the guest allows.
+            let shrinking = dirty.saturating_mul(2) < last.bytes && estimate > MIN_WORTH_A_ROUND;
+            if estimate <= opts.downtime && !shrinking {
                 break (set, bw);
             }
             if round > opts.max_rounds {
@@ -455,7 +491,7 @@ impl MigrationSource {
             }
             let (t, b, p, z) = (Instant::now(), s.w.bytes(), s.pages, s.zero_pages);
             s.send_set(&self.ram, &set)?;
-            s.end_round(round, s.pages - p)?;
+            s.end_round(round, s.pages - p, reader)?;
             last = RoundReport {
                 round,
                 pages: s.pages - p,
@@ -474,6 +510,7 @@ impl MigrationSource {
         let tp = Instant::now();
         let paused = self.vcpus.pause().map_err(MigrateError::Vcpus);
         let mut digest_sent = None;
+        let mut parts = DowntimeParts { pause_ms: ms_since(tp), ..Default::default() };
         let r = paused.and_then(|_| {
             let (b, p, z) = (s.w.bytes(), s.pages, s.zero_pages);
             let mut set = residue;
@@ -493,10 +530,13 @@ impl MigrationSource {
                 digest_sent = Some(digest(&crcs));
                 s.w.send(&Frame::Checksums(crcs)).map_err(stream_err("sending memory checksums"))?;
             }
+            s.w.flush().map_err(stream_err("sending the final round"))?;
+            parts.residue_ms = ms_since(tp) - parts.pause_ms;
             let state = self.vcpus.machine_state().map_err(MigrateError::Vcpus)?;
             s.w.send(&Frame::State(Box::new(state))).map_err(stream_err("sending the machine state"))?;
             s.w.send(&Frame::Done { pages: s.pages, zero_pages: s.zero_pages }).map_err(stream_err("sending Done"))?;
             s.w.flush().map_err(stream_err("sending the final round"))?;
+            parts.state_ms = ms_since(tp) - parts.pause_ms - parts.residue_ms;
             let fin = RoundReport {
                 round,
                 pages: s.pages - p,
@@ -505,14 +545,16 @@ impl MigrationSource {
                 ms: tp.elapsed().as_secs_f64() * 1e3,
                 throttle_pct: 0,
             };
+            let sent = ms_since(tp);
             read_ack(reader, "the final round")?;
+            parts.destination_ms = ms_since(tp) - sent;
             Ok(fin)
         });
         let fin = match r {
             Ok(f) => f,
             Err(e) => {
                 if !was_paused {
-                    self.vcpus.shared.resume();
+                    self.vcpus.resume();
                 }
                 return Err(e);
             }
@@ -536,6 +578,7 @@ impl MigrationSource {
             },
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
+            downtime_parts: parts,
         })
     }
 }

@@ -1,0 +1,205 @@
+//! `smudge bench migrate`: the same guest ELF and workload migrated over
+//! loopback TCP by smudge (`ctl migrate` to a `migrate-recv`) and by QEMU
+//! (`migrate` to a second QEMU started with `-incoming`), with the same
+//! downtime budget, at a few dirty rates, in one run.
+//!
+//! The guest: 1 GiB of RAM (64 MiB with --quick), a 256 MiB working set
+//! zeroed first, then random page writes at 10 pages/s ("idle"), 5000/s
+//! (~20 MB/s) and 50000/s (~200 MB/s).
+//!
+//! Downtime, the same for both: from the source's guest stopping to the
+//! destination's guest running — smudge's pause to the destination's
+//! acknowledgement, QEMU's `STOP` event on the source to `RESUME` on the
+//! destination (QMP timestamps). QEMU's own `downtime` figure (source side
+//! only, whole milliseconds, leaving out the destination's load and start)
+//! is printed beside it as `qemu_reported_downtime_ms`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::boot::tempfile_dir;
+use super::qemu_migrate::{self, QemuMigrateConfig};
+use super::report::{median, Report};
+use crate::api;
+use crate::cli::BenchArgs;
+use crate::migrate::source::DEFAULT_DOWNTIME;
+
+/// One migration's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    total_ms: f64,
+    downtime_ms: f64,
+    reported_downtime_ms: f64,
+    rounds: f64,
+    mib: f64,
+    /// smudge's downtime phases: pause, residue, state, destination.
+    parts: [f64; 4],
+}
+
+/// Kills a child process however the run ends.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn smudge_once(dir: &Path, mem: &str, cmdline: &str, warm: Duration, budget_ms: u64) -> anyhow::Result<Figures> {
+    let exe = std::env::current_exe()?;
+    let (src_mem, dst_mem, sock) = (dir.join("src.mem"), dir.join("dst.mem"), dir.join("src.sock"));
+    for f in [&src_mem, &dst_mem, &sock] {
+        std::fs::remove_file(f).ok();
+    }
+    let mut dest = Command::new(&exe)
+        .args(["migrate-recv", "--listen", "0", "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
+        .arg(&dst_mem)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let err = dest.stderr.take().context("destination stderr")?;
+    let dest = Reap(dest);
+    let mut lines = BufReader::new(err).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("smudge: waiting for a migration on ") {
+                    break a.to_string();
+                }
+            }
+            _ => bail!("migrate-recv ended before it listened"),
+        }
+    };
+    // Drain the destination's stderr so it never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    let src = Command::new(&exe)
+        .args(["run", "--mem-size", mem, "--timeout", "600", "--serial", "/dev/null", "--cmdline", cmdline])
+        .arg("--mem-file")
+        .arg(&src_mem)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut src = Reap(src);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("the source's API socket never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(warm);
+    let v: Value = api::call(&sock, &json!({"cmd": "migrate", "to": addr, "downtime_ms": budget_ms}))?;
+    if v["ok"] != true {
+        bail!("smudge migration failed: {v}");
+    }
+    let status = src.0.wait()?;
+    if status.code() != Some(0) {
+        bail!("the source ended with {status} after migrating");
+    }
+    drop(dest);
+    for f in [&src_mem, &dst_mem] {
+        std::fs::remove_file(f).ok();
+    }
+    let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(Figures {
+        total_ms: n("total_ms"),
+        downtime_ms: n("downtime_ms"),
+        reported_downtime_ms: n("downtime_ms"),
+        rounds: v["rounds"].as_array().map_or(f64::NAN, |r| r.len() as f64),
+        mib: n("bytes_sent") / (1u64 << 20) as f64,
+        parts: ["pause_ms", "residue_ms", "state_ms", "destination_ms"]
+            .map(|k| v["downtime_parts"][k].as_f64().unwrap_or(f64::NAN)),
+    })
+}
+
+/// The TSC frequency KVM gives a vCPU (QEMU's guest needs it on its
+/// command line; smudge appends it itself).
+fn tsc_khz() -> anyhow::Result<u32> {
+    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")
+}
+
+/// Runs the benchmark.
+pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let dir = tempfile_dir(args.dir.as_deref())?;
+    let (mem, mib, pages, warm, label) = if args.quick {
+        ("64M", 64u64, 4000u64, Duration::from_millis(800), "64 MiB")
+    } else {
+        ("1G", 1024, 65536, Duration::from_secs(3), "1 GiB")
+    };
+    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 2 });
+    let cases: &[(&str, u64)] =
+        if args.quick { &[("~20 MB/s", 5000)] } else { &[("idle", 10), ("~20 MB/s", 5000), ("~200 MB/s", 50000)] };
+    let elf: PathBuf = dir.join("guest.elf");
+    std::fs::write(&elf, crate::guest_image::GUEST_ELF).with_context(|| format!("writing {}", elf.display()))?;
+    let khz = tsc_khz()?;
+    let budget_ms = DEFAULT_DOWNTIME.as_millis() as u64;
+    let mut rep = Report::new("migrate");
+    for &(case, rate) in cases {
+        let cmdline = format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            ours.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms)?);
+            let q = qemu_migrate::migrate(&QemuMigrateConfig {
+                elf: elf.clone(),
+                mem_mib: mib,
+                cmdline: format!("{cmdline} tsc_khz={khz}"),
+                downtime_limit_ms: budget_ms,
+                warmup: warm,
+                max_bandwidth: None,
+                timeout: Duration::from_secs(300),
+                wait_dest_exit: false,
+            })?;
+            theirs.push(Figures {
+                total_ms: q.total_ms,
+                downtime_ms: q.stop_to_resume_ms.context("QEMU's STOP/RESUME events were not seen")?,
+                reported_downtime_ms: q.downtime_ms,
+                rounds: q.rounds as f64,
+                mib: q.bytes as f64 / (1u64 << 20) as f64,
+                parts: [f64::NAN; 4],
+            });
+        }
+        let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        for (who, v) in [("smudge", &ours), ("qemu", &theirs)] {
+            let c = format!("{label}, {case}, budget {budget_ms} ms: {who}");
+            rep.result(&c, "total_ms", med(v, |f| f.total_ms));
+            rep.result(&c, "downtime_ms", med(v, |f| f.downtime_ms));
+            if who == "qemu" {
+                rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
+            } else {
+                for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
+                    let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
+                    rep.result(&c, &format!("downtime_{k}"), part);
+                }
+            }
+            rep.result(&c, "rounds", med(v, |f| f.rounds));
+            rep.result(&c, "sent_mib", med(v, |f| f.mib));
+        }
+        rep.goal(
+            &format!("{case}: downtime (stop to running) smudge / QEMU"),
+            med(&ours, |f| f.downtime_ms) / med(&theirs, |f| f.downtime_ms),
+            1.0 / 3.0,
+            "lower",
+        );
+        rep.goal(
+            &format!("{case}: total time smudge / QEMU"),
+            med(&ours, |f| f.total_ms) / med(&theirs, |f| f.total_ms),
+            1.0,
+            "lower",
+        );
+    }
+    if args.dir.is_none() {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    Ok(rep)
+}
