@@ -74,9 +74,20 @@ impl VcpuControl {
     /// The state of every vCPU (each paused vCPU's own thread reads it)
     /// and of the devices. The vCPUs must be paused.
     pub fn machine_state(&self) -> Result<MachineState, String> {
+        self.request_state();
+        self.collect_state()
+    }
+
+    /// Asks the paused vCPU threads for their state without waiting: they
+    /// read it while the caller does other work (sends the residue).
+    pub fn request_state(&self) {
         let n = self.threads.len();
         *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(vec![None; n]);
         self.wake();
+    }
+
+    /// Waits for the state asked for with [`Self::request_state`].
+    pub fn collect_state(&self) -> Result<MachineState, String> {
         let t0 = Instant::now();
         loop {
             {

@@ -415,26 +415,12 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     if let Some(state) = &restore {
         shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
     }
-    let flusher = match (&harvester, cfg.writeback.clone()) {
-        (Some(h), Some(opts)) => {
-            let sink: Box<dyn Sink> = match &opts.image {
-                Some(p) => Box::new(ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?),
-                None => {
-                    let file =
-                        backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
-                    Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
-                }
-            };
-            let engine = Writeback::new(
-                Box::new(HarvesterLog::new(h.clone())),
-                sink,
-                Arc::new(MonotonicClock::new()),
-                ram.clone(),
-                &slots,
-                host_page_size(),
-            );
-            Some(Arc::new(Mutex::new(Flusher::new(engine, opts))))
-        }
+    // Writeback's dirty-log consumer exists before a vCPU runs (no page
+    // dirtied from here on escapes it); the engine, whose page tables take
+    // a while for large RAM, is built after the vCPUs started (less
+    // downtime for an incoming migration).
+    let wb_log = match (&harvester, &cfg.writeback) {
+        (Some(h), Some(_)) => Some(HarvesterLog::new(h.clone())),
         _ => None,
     };
     tracing::debug!("devices, dirty log and writeback ready {:?} after the memory was in", t_received.elapsed());
@@ -461,6 +447,28 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         inc.started(Ok(()));
         tracing::debug!("vCPUs started and the source told {:?} after the memory was in", t_received.elapsed());
     }
+    let flusher = match (wb_log, cfg.writeback.clone()) {
+        (Some(log), Some(opts)) => {
+            let sink: Box<dyn Sink> = match &opts.image {
+                Some(p) => Box::new(ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?),
+                None => {
+                    let file =
+                        backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
+                    Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
+                }
+            };
+            let engine = Writeback::new(
+                Box::new(log),
+                sink,
+                Arc::new(MonotonicClock::new()),
+                ram.clone(),
+                &slots,
+                host_page_size(),
+            );
+            Some(Arc::new(Mutex::new(Flusher::new(engine, opts))))
+        }
+        _ => None,
+    };
     let flusher_thread = match &flusher {
         Some(f) => {
             let f = f.clone();

@@ -512,6 +512,8 @@ impl MigrationSource {
         let mut digest_sent = None;
         let mut parts = DowntimeParts { pause_ms: ms_since(tp), ..Default::default() };
         let r = paused.and_then(|_| {
+            // The vCPU threads read their state while the residue goes out.
+            self.vcpus.request_state();
             let (b, p, z) = (s.w.bytes(), s.pages, s.zero_pages);
             let mut set = residue;
             set.union_with(&collect(&self.harvester)?).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
@@ -532,7 +534,7 @@ impl MigrationSource {
             }
             s.w.flush().map_err(stream_err("sending the final round"))?;
             parts.residue_ms = ms_since(tp) - parts.pause_ms;
-            let state = self.vcpus.machine_state().map_err(MigrateError::Vcpus)?;
+            let state = self.vcpus.collect_state().map_err(MigrateError::Vcpus)?;
             s.w.send(&Frame::State(Box::new(state))).map_err(stream_err("sending the machine state"))?;
             s.w.send(&Frame::Done { pages: s.pages, zero_pages: s.zero_pages }).map_err(stream_err("sending Done"))?;
             s.w.flush().map_err(stream_err("sending the final round"))?;
