@@ -27,11 +27,15 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --locked --all-targets 2>&1 | tee "$log"
 
+echo "== fuzz smoke (cargo-fuzz on stable, no sanitizer; resources/fuzz-smoke.sh)"
+bash resources/fuzz-smoke.sh 15
+
 echo "== benchmarks, quick (keeps their code paths alive; no timing claims)"
 ./target/release/smudge bench boot --quick --json >/dev/null
 ./target/release/smudge bench harvest --quick --json >/dev/null
 ./target/release/smudge bench writeback --quick --json >/dev/null
 ./target/release/smudge bench snapshot --quick --json >/dev/null
+./target/release/smudge bench migrate --quick --json >/dev/null
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
 echo "tests: $passed passed, $failed failed"
