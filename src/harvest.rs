@@ -263,6 +263,9 @@ pub struct Harvester {
     /// dirtied in the stats (consumers still get every report).
     reported: DirtySet,
     stats: HarvestStats,
+    /// Ring mode: ring entries harvested per vCPU so far (which vCPU
+    /// dirtied how much: the dirty log's per-vCPU view).
+    vcpu_pages: Vec<u64>,
 }
 
 impl Harvester {
@@ -277,6 +280,7 @@ impl Harvester {
     ) -> Self {
         let fresh = DirtySet::new(&slots, page_size);
         let reported = DirtySet::new(&slots, page_size);
+        let vcpu_pages = vec![0; rings.len()];
         Harvester {
             vm,
             mechanism,
@@ -290,9 +294,16 @@ impl Harvester {
             buf: Vec::new(),
             nonzero: Vec::new(),
             spares: Vec::new(),
+            vcpu_pages,
             reported,
             stats: HarvestStats::default(),
         }
+    }
+
+    /// Ring mode: pages each vCPU dirtied so far (cumulative, as of the
+    /// last harvest); empty for the bitmap mechanisms, which cannot tell.
+    pub fn vcpu_dirty_pages(&self) -> &[u64] {
+        &self.vcpu_pages
     }
 
     /// The mechanism in use.
@@ -360,8 +371,9 @@ impl Harvester {
             Mechanism::Ring { .. } => {
                 let mut bad = None;
                 let (slots, fresh) = (&self.slots, &mut self.fresh);
-                for r in &mut self.rings {
-                    r.harvest(|slot, offset| {
+                let per_vcpu = &mut self.vcpu_pages;
+                for (v, r) in self.rings.iter_mut().enumerate() {
+                    let n = r.harvest(|slot, offset| {
                         let id = slot & 0xffff;
                         let ok = slot >> 16 == 0
                             && slots
@@ -372,6 +384,9 @@ impl Harvester {
                             bad = Some(HarvestError::UnknownRingSlot { slot, offset });
                         }
                     });
+                    if let Some(c) = per_vcpu.get_mut(v) {
+                        *c += u64::from(n);
+                    }
                 }
                 // Re-protect before anyone reads the harvested pages.
                 dirty_log::reset_dirty_rings(&self.vm).map_err(HarvestError::ResetRings)?;

@@ -84,6 +84,9 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, id: u8, boot: &BootEntry) -> Result<(), Vcpu
     Ok(())
 }
 
+/// Most vCPUs a VM has (`--vcpus`).
+pub const MAX_VCPUS: usize = 64;
+
 /// What the vCPU threads and the main loop share.
 pub struct Shared {
     /// Set when every vCPU must leave its loop.
@@ -108,6 +111,9 @@ pub struct Shared {
     /// auto-converge slows the guest so pre-copy can catch up. Apart from
     /// `throttle_until_ns`, which writeback releases when dirty memory falls.
     pub converge_until_ns: AtomicU64,
+    /// Per vCPU: sleep until this time (ns since `epoch`) — a migration's
+    /// dirty limit, for the vCPUs that dirty more than their share.
+    pub vcpu_limit_until_ns: Vec<AtomicU64>,
     /// Total time vCPU threads spent throttled.
     pub throttled_ns: AtomicU64,
     /// The control API asked the vCPUs to pause.
@@ -158,6 +164,7 @@ impl Shared {
             epoch: Instant::now(),
             throttle_until_ns: AtomicU64::new(0),
             converge_until_ns: AtomicU64::new(0),
+            vcpu_limit_until_ns: (0..MAX_VCPUS).map(|_| AtomicU64::new(0)).collect(),
             throttled_ns: AtomicU64::new(0),
             pause_requested: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
@@ -220,13 +227,25 @@ impl Shared {
         self.converge_until_ns.fetch_max(until, Ordering::AcqRel);
     }
 
-    /// Ends an auto-converge throttle.
-    pub fn release_converge(&self) {
-        self.converge_until_ns.store(0, Ordering::Release);
+    /// Asks vCPU `id` to sleep for `d` from now (a per-vCPU dirty limit;
+    /// the caller kicks it).
+    pub fn limit_vcpu_for(&self, id: usize, d: Duration) {
+        if let Some(a) = self.vcpu_limit_until_ns.get(id) {
+            a.fetch_max((self.epoch.elapsed() + d).as_nanos() as u64, Ordering::AcqRel);
+        }
     }
 
-    fn throttled_until(&self) -> u64 {
-        self.throttle_until_ns.load(Ordering::Acquire).max(self.converge_until_ns.load(Ordering::Acquire))
+    /// Ends an auto-converge throttle and every per-vCPU dirty limit.
+    pub fn release_converge(&self) {
+        self.converge_until_ns.store(0, Ordering::Release);
+        for a in &self.vcpu_limit_until_ns {
+            a.store(0, Ordering::Release);
+        }
+    }
+
+    fn throttled_until(&self, id: u8) -> u64 {
+        let own = self.vcpu_limit_until_ns.get(usize::from(id)).map_or(0, |a| a.load(Ordering::Acquire));
+        self.throttle_until_ns.load(Ordering::Acquire).max(self.converge_until_ns.load(Ordering::Acquire)).max(own)
     }
 
     /// Ends a throttle early.
@@ -236,15 +255,15 @@ impl Shared {
 
     /// Waits while a throttle is in force (called by vCPU threads between
     /// KVM_RUNs), in short steps so a release is seen at once.
-    fn balance_dirty_pages(&self) {
+    fn balance_dirty_pages(&self, id: u8) {
         // The common case, on every exit: no throttle, no clock read.
-        if self.throttle_until_ns.load(Ordering::Acquire) == 0 && self.converge_until_ns.load(Ordering::Acquire) == 0 {
+        if self.throttled_until(id) == 0 {
             return;
         }
         let t0 = self.epoch.elapsed();
         loop {
             let now = self.epoch.elapsed();
-            let until = self.throttled_until();
+            let until = self.throttled_until(id);
             if until <= now.as_nanos() as u64 || self.stop.load(Ordering::Acquire) {
                 break;
             }
@@ -283,7 +302,7 @@ enum Step {
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
         shared.wait_while_paused(id, &vcpu);
-        shared.balance_dirty_pages();
+        shared.balance_dirty_pages(id);
         if shared.stop.load(Ordering::Acquire) {
             break;
         }

@@ -1,7 +1,13 @@
-//! Auto-converge: when the guest dirties memory faster than pre-copy sends
-//! it, slow the vCPUs down in growing steps (QEMU's `cpu-throttle-initial`
-//! 20 % and `cpu-throttle-increment` 10 %) until the dirty set shrinks.
-//! A throttle of p % makes every vCPU sleep p % of each 10 ms slice.
+//! Making pre-copy converge when the guest dirties memory faster than the
+//! link carries it (decided by [`ConvergePolicy`]):
+//!
+//! - auto-converge (any dirty log): slow every vCPU down in growing steps
+//!   (QEMU's `cpu-throttle-initial` 20 % and `cpu-throttle-increment` 10 %);
+//! - dirty limit (the ring, which says which vCPU dirtied what; QEMU's
+//!   `dirty-limit`): hold each vCPU to a share of the link, throttling only
+//!   those that dirty more ([`DirtyLimit`]).
+//!
+//! A throttle of p % makes a vCPU sleep p % of each 10 ms slice.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -49,10 +55,51 @@ impl ConvergePolicy {
     }
 }
 
+/// Per-vCPU throttles that hold each vCPU's dirty rate to `limit` pages/s.
+#[derive(Debug, Clone)]
+pub struct DirtyLimit {
+    /// Pages per second each vCPU may dirty.
+    pub limit: f64,
+    pct: Vec<u32>,
+    last: Vec<u64>,
+}
+
+impl DirtyLimit {
+    /// A limit of `limit` pages/s per vCPU; `counts` are the per-vCPU dirty
+    /// page counters now.
+    pub fn new(limit: f64, counts: &[u64]) -> Self {
+        DirtyLimit { limit, pct: vec![0; counts.len()], last: counts.to_vec() }
+    }
+
+    /// New throttles from the counters after `secs` seconds: each vCPU's
+    /// unthrottled rate is estimated from what it dirtied under its current
+    /// throttle, and the throttle set so that rate comes down to the limit.
+    pub fn update(&mut self, counts: &[u64], secs: f64) -> &[u32] {
+        for (i, &c) in counts.iter().enumerate().take(self.pct.len()) {
+            let rate = c.saturating_sub(self.last[i]) as f64 / secs.max(1e-3);
+            let running = 1.0 - f64::from(self.pct[i]) / 100.0;
+            let unthrottled = rate / running.max(0.01);
+            self.pct[i] = if unthrottled > self.limit {
+                ((1.0 - self.limit / unthrottled) * 100.0).ceil().clamp(0.0, f64::from(MAX_PCT)) as u32
+            } else {
+                0
+            };
+            self.last[i] = c;
+        }
+        &self.pct
+    }
+
+    /// The throttles now (percent per vCPU).
+    pub fn pct(&self) -> &[u32] {
+        &self.pct
+    }
+}
+
 /// A thread imposing the throttle on the vCPUs while a migration runs.
 #[derive(Debug)]
 pub struct Throttle {
     pct: Arc<AtomicU32>,
+    vcpu_pct: Arc<Vec<AtomicU32>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     vcpus: VcpuControl,
@@ -62,7 +109,8 @@ impl Throttle {
     /// Starts the (idle) throttle thread.
     pub fn start(vcpus: VcpuControl) -> std::io::Result<Self> {
         let (pct, stop) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicBool::new(false)));
-        let (p, s, v) = (pct.clone(), stop.clone(), vcpus.clone());
+        let vcpu_pct: Arc<Vec<AtomicU32>> = Arc::new(vcpus.threads.iter().map(|_| AtomicU32::new(0)).collect());
+        let (p, vp, s, v) = (pct.clone(), vcpu_pct.clone(), stop.clone(), vcpus.clone());
         let thread = std::thread::Builder::new().name("auto-converge".into()).spawn(move || {
             while !s.load(Ordering::Acquire) {
                 let pct = p.load(Ordering::Acquire);
@@ -70,15 +118,29 @@ impl Throttle {
                     v.shared.converge_for(SLICE * pct / 100);
                     (v.kick)(&v.threads);
                 }
+                for (i, vcpu_pct) in vp.iter().enumerate() {
+                    let pct = vcpu_pct.load(Ordering::Acquire);
+                    if pct > 0 {
+                        v.shared.limit_vcpu_for(i, SLICE * pct / 100);
+                        (v.kick)(&v.threads[i..=i]);
+                    }
+                }
                 std::thread::park_timeout(SLICE);
             }
         })?;
-        Ok(Throttle { pct, stop, thread: Some(thread), vcpus })
+        Ok(Throttle { pct, vcpu_pct, stop, thread: Some(thread), vcpus })
     }
 
     /// Sets the throttle (percent of each slice the vCPUs sleep).
     pub fn set(&self, pct: u32) {
         self.pct.store(pct.min(MAX_PCT), Ordering::Release);
+    }
+
+    /// Sets per-vCPU throttles (a dirty limit).
+    pub fn set_vcpus(&self, pct: &[u32]) {
+        for (a, &p) in self.vcpu_pct.iter().zip(pct) {
+            a.store(p.min(MAX_PCT), Ordering::Release);
+        }
     }
 }
 
@@ -109,5 +171,18 @@ mod tests {
             p.after_round(100, 100);
         }
         assert_eq!(p.pct(), MAX_PCT);
+    }
+
+    #[test]
+    fn dirty_limit_throttles_only_the_vcpus_over_it() {
+        let mut d = DirtyLimit::new(1000.0, &[0, 0]);
+        // vCPU 0 dirtied 4000 pages/s, vCPU 1 500: only vCPU 0 is held, to
+        // a quarter of its time.
+        assert_eq!(d.update(&[4000, 500], 1.0), &[75, 0]);
+        // Held at 75 %, it dirtied 1000/s: its unthrottled rate is still
+        // 4000/s, so the throttle stays.
+        assert_eq!(d.update(&[5000, 1000], 1.0), &[75, 0]);
+        // It calms down to 200/s unthrottled: released.
+        assert_eq!(d.update(&[5050, 1100], 1.0), &[0, 0]);
     }
 }

@@ -30,7 +30,7 @@ use smudge::migration::checksum::{digest, memory_crcs};
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_PAGES, PAGE};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::converge::{ConvergePolicy, Throttle};
+use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
 use crate::snapshotter::VcpuControl;
 
 /// How to migrate.
@@ -79,6 +79,10 @@ pub struct RoundReport {
     pub ms: f64,
     /// Auto-converge throttle during the round (percent).
     pub throttle_pct: u32,
+    /// Dirty-limit throttle of each vCPU during the round (percent; only
+    /// with the ring, once a limit was needed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttle_pct: Vec<u32>,
 }
 
 /// What a migration did.
@@ -439,6 +443,7 @@ impl MigrationSource {
             bytes: s.w.bytes() - b0,
             ms: r0.elapsed().as_secs_f64() * 1e3,
             throttle_pct: 0,
+            vcpu_throttle_pct: Vec::new(),
         };
         rounds.push(last.clone());
 
@@ -450,15 +455,39 @@ impl MigrationSource {
         };
         let mut round = 1;
         let mut forced = false;
+        // With the ring the dirty log says which vCPU dirtied what: hold each
+        // to its share of the link instead of slowing all of them.
+        let vcpu_counts = || self.harvester.lock().unwrap_or_else(|p| p.into_inner()).vcpu_dirty_pages().to_vec();
+        let mut dirty_limit = match (&throttle, vcpu_counts()) {
+            (Some(_), c) if !c.is_empty() => Some(DirtyLimit::new(f64::INFINITY, &c)),
+            _ => None,
+        };
+        let mut max_vcpu_pct = 0;
+        let mut limit_used = None;
         let (residue, bandwidth) = loop {
             let set = collect(&self.harvester)?;
             let dirty = set.count() * PAGE;
             // Bytes per second the last round achieved (reading RAM included).
             let bw = last.bytes as f64 / (last.ms / 1e3).max(1e-6);
             let estimate = Duration::from_secs_f64(if last.bytes == 0 { 0.0 } else { dirty as f64 / bw });
-            let pct = if throttle.is_some() { policy.after_round(last.bytes, dirty) } else { 0 };
+            let mut pct = if throttle.is_some() { policy.after_round(last.bytes, dirty) } else { 0 };
+            let mut vcpu_pct = Vec::new();
+            if let Some(dl) = dirty_limit.as_mut() {
+                // Each vCPU may dirty a quarter of the link, shared out.
+                dl.limit = bw / PAGE as f64 / 4.0 / self.vcpus.threads.len().max(1) as f64;
+                let counts = vcpu_counts();
+                let per_vcpu = dl.update(&counts, last.ms / 1e3).to_vec();
+                if pct > 0 {
+                    // Converging needs help: the dirty limit, not a global throttle.
+                    pct = 0;
+                    limit_used = Some(dl.limit);
+                    max_vcpu_pct = max_vcpu_pct.max(per_vcpu.iter().copied().max().unwrap_or(0));
+                    vcpu_pct = per_vcpu;
+                }
+            }
             if let Some(t) = &throttle {
                 t.set(pct);
+                t.set_vcpus(&vcpu_pct);
                 max_pct = max_pct.max(pct);
             }
             progress(&Progress {
@@ -476,7 +505,11 @@ impl MigrationSource {
                 bw / 1e6,
                 set.count(),
                 estimate.as_secs_f64() * 1e3,
-                if pct > 0 { format!(", auto-converge {pct}%") } else { String::new() }
+                match (pct, vcpu_pct.iter().max()) {
+                    (0, Some(&v)) if v > 0 => format!(", dirty limit: vCPU throttles {vcpu_pct:?} %"),
+                    (0, _) => String::new(),
+                    (p, _) => format!(", auto-converge {p}%"),
+                }
             );
             // Within budget: stop unless one more short round would shrink
             // the residue a lot (the last round sent over twice what is
@@ -499,6 +532,7 @@ impl MigrationSource {
                 bytes: s.w.bytes() - b,
                 ms: t.elapsed().as_secs_f64() * 1e3,
                 throttle_pct: pct,
+                vcpu_throttle_pct: vcpu_pct,
             };
             rounds.push(last.clone());
             round += 1;
@@ -546,6 +580,7 @@ impl MigrationSource {
                 bytes: s.w.bytes() - b,
                 ms: tp.elapsed().as_secs_f64() * 1e3,
                 throttle_pct: 0,
+                vcpu_throttle_pct: Vec::new(),
             };
             let sent = ms_since(tp);
             read_ack(reader, "the final round")?;
@@ -572,11 +607,25 @@ impl MigrationSource {
             bytes_sent: s.w.bytes(),
             pages_sent: s.pages,
             zero_pages_sent: s.zero_pages,
-            converge: match (max_pct, forced) {
-                (0, false) => "none".into(),
-                (0, true) => "max-rounds".into(),
-                (p, false) => format!("auto-converge {p}%"),
-                (p, true) => format!("auto-converge {p}%, then max-rounds"),
+            converge: {
+                let mut how = Vec::new();
+                if max_pct > 0 {
+                    how.push(format!("auto-converge {max_pct}%"));
+                }
+                if let Some(l) = limit_used {
+                    how.push(format!(
+                        "dirty-limit {:.1} MB/s per vCPU (throttle up to {max_vcpu_pct}%)",
+                        l * PAGE as f64 / 1e6
+                    ));
+                }
+                if forced {
+                    how.push("max-rounds".into());
+                }
+                if how.is_empty() {
+                    "none".into()
+                } else {
+                    how.join(", then ")
+                }
             },
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
