@@ -350,6 +350,23 @@ impl Api {
                     r.bytes_sent >> 20,
                     r.converge
                 );
+                for x in &r.rounds {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "smudge:   round {:>2}: {:>8} pages, {:>6} zero, {:>9.1} MiB in {:>8.1} ms, throttle {}%{}",
+                        x.round,
+                        x.pages,
+                        x.zero_pages,
+                        x.bytes as f64 / 1048576.0,
+                        x.ms,
+                        x.throttle_pct,
+                        if x.vcpu_throttle_pct.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", per vCPU {:?}%", x.vcpu_throttle_pct)
+                        }
+                    );
+                }
                 self.vcpus.shared.finish(Outcome::Migrated(r.to.clone()));
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = json!(true);
