@@ -111,7 +111,7 @@ pub fn assert_stamps(mem: &[u8], pages: u64, gens: &[u64]) {
 /// Sends `args` (`stats`, `snapshot DIR --parent P`, …) with `smudge ctl`
 /// to the VMM at `sock`; returns its JSON answer.
 pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let out = smudge().args(["ctl", "--api-sock", sock.to_str().unwrap()]).args(args).output().unwrap();
+    let out = smudge().args(["ctl", "--json", "--api-sock", sock.to_str().unwrap()]).args(args).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"))
 }
 

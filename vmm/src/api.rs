@@ -231,13 +231,19 @@ impl Api {
                 Ok(opts) => self.job(format!("a migration to {}", opts.to), || self.migrate(&opts)),
                 Err(e) => error(e),
             },
+            Some("dirty-rate") => match req.get("seconds").map_or(Some(1.0), Value::as_f64) {
+                Some(secs) if secs > 0.0 && secs <= 3600.0 => {
+                    self.job(format!("a {secs} s dirty-rate measurement"), || self.dirty_rate(secs))
+                }
+                _ => error("\"seconds\" must be a number in (0, 3600]".into()),
+            },
             Some("stop") => {
                 self.vcpus.shared.finish(Outcome::Stopped);
                 json!({"ok": true, "stopping": true})
             }
-            Some(other) => {
-                error(format!("unknown command '{other}' (stats, sync, pause, resume, snapshot, migrate, stop)"))
-            }
+            Some(other) => error(format!(
+                "unknown command '{other}' (stats, sync, pause, resume, snapshot, migrate, dirty-rate, stop)"
+            )),
             None => error("request has no \"cmd\" string".into()),
         }
     }
@@ -376,6 +382,20 @@ impl Api {
                 tracing::warn!("migration to {} failed; the guest runs on here: {e}", opts.to);
                 error(format!("migration to {} failed; the guest runs on here: {e}", opts.to))
             }
+        }
+    }
+
+    fn dirty_rate(&self, secs: f64) -> Value {
+        let Some(h) = &self.harvester else {
+            return error("dirty logging is off (--no-dirty-log): nothing to measure with".into());
+        };
+        match crate::dirty_rate::measure(h, Duration::from_secs_f64(secs), smudge::memory::host_page_size()) {
+            Ok(r) => {
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["ok"] = json!(true);
+                v
+            }
+            Err(e) => error(format!("dirty-rate: {e}")),
         }
     }
 

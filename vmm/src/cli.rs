@@ -130,6 +130,19 @@ pub struct RunArgs {
     /// Serve the control API (JSON over this unix socket, mode 0600).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Draw a dirty-page heatmap of the run into this SVG file: guest
+    /// address against time, coloured by pages dirtied per period, with the
+    /// dirty rate below; the numbers behind it go to FILE.json. Re-protects
+    /// the pages it sees every period (so it sees the next write), which
+    /// costs the guest a fault per page per period.
+    #[arg(long)]
+    pub heatmap: Option<PathBuf>,
+    /// The heatmap's period (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    pub heatmap_period_ms: u64,
+    /// The heatmap's address buckets (rows).
+    #[arg(long, default_value_t = 128)]
+    pub heatmap_buckets: usize,
     /// Treat a KVM capability as absent (manual, ring); repeatable.
     #[arg(long, hide = true)]
     pub hide_cap: Vec<String>,
@@ -144,6 +157,10 @@ pub struct CtlArgs {
     /// The socket `smudge run --api-sock` serves.
     #[arg(long)]
     pub api_sock: PathBuf,
+    /// Print the answer as JSON (default: readable text for stats,
+    /// dirty-rate and migrate; JSON for the rest).
+    #[arg(long)]
+    pub json: bool,
     /// The request.
     #[command(subcommand)]
     pub cmd: CtlCommand,
@@ -213,6 +230,13 @@ pub enum CtlCommand {
     /// Live-migrate the guest to a `smudge migrate-recv` (pre-copy over
     /// TCP); on success this VM ends and the guest runs there.
     Migrate(MigrateCtl),
+    /// Measure how fast the guest dirties memory (QEMU's calc-dirty-rate):
+    /// pages/s, MB/s, the working set, and per vCPU with the ring.
+    DirtyRate {
+        /// Length of the measurement window.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
     /// End the run (exit code 0).
     Stop,
 }
@@ -296,6 +320,7 @@ impl CtlCommand {
                 "auto_converge": !m.no_auto_converge,
                 "verify_memory": m.verify_memory,
             }),
+            CtlCommand::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
             CtlCommand::Stop => json!({"cmd": "stop"}),
         }
     }

@@ -35,6 +35,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a pipe or file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_timer(tracing_subscriber::fmt::time::uptime())
         // A closed stderr must not panic a vCPU thread that logs.
         .log_internal_errors(false)
@@ -131,7 +133,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 stop();
             }
             let answer = answer?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            match smudge_vmm::ctl_view::render(&args.cmd, &answer).filter(|_| !args.json) {
+                Some(text) => println!("{text}"),
+                None => println!("{}", serde_json::to_string_pretty(&answer)?),
+            }
             let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
             Ok(if ok { 0 } else { 1 })
         }
@@ -292,6 +297,17 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
             },
         },
         kvm_dev: args.kvm_dev.clone(),
+        heatmap: match &args.heatmap {
+            Some(p) => {
+                if args.heatmap_period_ms == 0 || args.heatmap_buckets == 0 {
+                    anyhow::bail!("--heatmap-period-ms and --heatmap-buckets must be above 0");
+                }
+                // Fail before the guest runs, not after.
+                std::fs::write(p, b"").with_context(|| format!("--heatmap {}: cannot write there", p.display()))?;
+                Some((p.clone(), Duration::from_millis(args.heatmap_period_ms), args.heatmap_buckets))
+            }
+            None => None,
+        },
         incoming: incoming.map(|i| i as Box<dyn vm::IncomingVm>),
     };
     let report = vm::run(cfg)?;
@@ -330,6 +346,20 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         }
         None => String::new(),
     };
+    match &report.heatmap {
+        Some(Ok((p, n))) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: heatmap of {n} periods in {} (its data in {})",
+                p.display(),
+                p.with_extension("json").display()
+            );
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(std::io::stderr(), "smudge: heatmap not written: {e}");
+        }
+        None => {}
+    }
     let _ = writeln!(
         std::io::stderr(),
         "smudge: {} after {:.3} s; RAM {} MiB in {}{}; {dirty}{writeback}",

@@ -27,6 +27,7 @@ use crate::devices::{PortBus, SerialConsole};
 use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
 use crate::event_loop::{self, LoopEnd, TickHook, Watch};
 use crate::flusher::{Flusher, WritebackOptions};
+use crate::heatmap::Heatmap;
 use crate::migrate::source::MigrationSource;
 use crate::outcome::Outcome;
 use crate::snapshotter::{Snapshotter, VcpuControl};
@@ -79,6 +80,9 @@ pub struct VmConfig {
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
+    /// Record a dirty-page heatmap: into this SVG, with this period and
+    /// this many address buckets.
+    pub heatmap: Option<(PathBuf, Duration, usize)>,
     /// Receive the guest from a migration source instead of booting (the
     /// memory file is new; RAM and state arrive while KVM is set up).
     pub incoming: Option<Box<dyn IncomingVm>>,
@@ -122,6 +126,7 @@ impl VmConfig {
             restore: None,
             snapshot_at: None,
             snapshot_precopy: None,
+            heatmap: None,
             incoming: None,
         }
     }
@@ -193,6 +198,8 @@ pub struct RunReport {
     pub writeback: Option<WritebackSummary>,
     /// TSC frequency KVM reports, kHz.
     pub tsc_khz: Option<u32>,
+    /// The heatmap written (its path and periods), or why it was not.
+    pub heatmap: Option<Result<(PathBuf, usize), String>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -543,6 +550,49 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         }
         _ => None,
     };
+    let heatmap_thread = match (&harvester, &cfg.heatmap) {
+        (Some(h), Some((_, period, buckets))) => {
+            let (h, sh, period) = (h.clone(), shared.clone(), *period);
+            let mut map = Heatmap::new(cfg.mem_size, *buckets, period);
+            let layout = smudge::memory::ram_layout(cfg.mem_size);
+            let consumer = h.lock().unwrap_or_else(|p| p.into_inner()).add_consumer();
+            Some(
+                std::thread::Builder::new()
+                    .name("heatmap".into())
+                    .spawn(move || {
+                        let mut next = Instant::now() + period;
+                        while !sh.stop.load(Ordering::Acquire) {
+                            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
+                            if Instant::now() < next {
+                                continue;
+                            }
+                            next += period;
+                            // collect: re-protected, so the next write shows in the next period.
+                            let set = h.lock().unwrap_or_else(|p| p.into_inner()).collect(consumer);
+                            match set {
+                                Ok(set) => {
+                                    map.record_period(set.gpas().filter_map(|gpa| {
+                                        layout
+                                            .iter()
+                                            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+                                            .map(|r| r.file_offset + gpa - r.gpa)
+                                    }));
+                                    h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
+                                }
+                                Err(e) => {
+                                    tracing::warn!("heatmap: {e}; stopped recording");
+                                    break;
+                                }
+                            }
+                        }
+                        h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(consumer);
+                        map
+                    })
+                    .map_err(|e| VmError::Runtime(format!("spawning the heatmap thread: {e}")))?,
+            )
+        }
+        _ => None,
+    };
     if let (Some(sn), Some((at, dir))) = (&snapshotter, cfg.snapshot_at.clone()) {
         let (sn, sh) = (sn.clone(), shared.clone());
         let mut done = false;
@@ -598,6 +648,20 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         t.thread().unpark();
         t.join().map_err(|_| VmError::Runtime("the snapshot pre-copy thread panicked".into()))?;
     }
+    let heatmap = match (heatmap_thread, &cfg.heatmap) {
+        (Some(t), Some((path, _, _))) => {
+            t.thread().unpark();
+            let map = t.join().map_err(|_| VmError::Runtime("the heatmap thread panicked".into()))?;
+            let title = format!("smudge: {} ({} MiB)", cfg.cmdline, cfg.mem_size >> 20);
+            let data = path.with_extension("json");
+            let written = map.render_svg(path, &title, 1200, 800).map_err(|e| e.to_string()).and_then(|_| {
+                std::fs::write(&data, map.data_json().to_string()).map_err(|e| format!("{}: {e}", data.display()))
+            });
+            Some(written.map(|_| (path.clone(), map.periods())))
+        }
+        (None, Some(_)) => Some(Err("the heatmap needs dirty logging (drop --no-dirty-log)".to_string())),
+        _ => None,
+    };
     let threads = Arc::try_unwrap(threads).map_err(|_| VmError::Runtime("vCPU handles still shared".into()))?;
     stop_vcpus(&shared, threads);
     let elapsed = start.elapsed();
@@ -641,7 +705,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         }
         None => None,
     };
-    Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, writeback, tsc_khz })
+    Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, writeback, tsc_khz, heatmap })
 }
 
 /// What a migration of this VM reads; none without dirty logging.

@@ -1,0 +1,148 @@
+//! How `smudge ctl` answers look to a person: a few aligned lines for
+//! `stats`, `dirty-rate` and `migrate` (the JSON stays one `--json` away).
+
+use serde_json::Value;
+
+use crate::cli::CtlCommand;
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// Readable text for `answer` to `cmd`, or None where JSON is the best view.
+pub fn render(cmd: &CtlCommand, answer: &Value) -> Option<String> {
+    if answer.get("ok").and_then(Value::as_bool) != Some(true) {
+        let e = answer.get("error").and_then(Value::as_str).unwrap_or("no error message");
+        return Some(format!("error: {e}"));
+    }
+    match cmd {
+        CtlCommand::Stats => Some(stats(answer)),
+        CtlCommand::DirtyRate { .. } => Some(dirty_rate(answer)),
+        CtlCommand::Migrate(_) => Some(migrate(answer)),
+        _ => None,
+    }
+}
+
+fn stats(v: &Value) -> String {
+    let mut out = format!(
+        "vCPUs       {}{}\n",
+        if v["paused"] == true { "paused" } else { "running" },
+        v["job"].as_str().map(|j| format!("; busy with {j}")).unwrap_or_default()
+    );
+    if let Some(d) = v.get("dirty_log").filter(|d| d.is_object()) {
+        out += &format!(
+            "dirty log   {}: {:.0} harvests ({:.1} us each), {:.0} guest pages and {:.0} VMM pages dirtied, {:.0} ring-full exits\n",
+            d["mechanism"].as_str().unwrap_or("?"),
+            num(d, "harvests"),
+            num(d, "harvest_us_avg"),
+            num(d, "guest_pages"),
+            num(d, "vmm_pages"),
+            num(d, "ring_full_exits"),
+        );
+    }
+    if let Some(w) = v.get("writeback").filter(|w| w.is_object()) {
+        out += &format!(
+            "writeback   {:.0} dirty, {:.0} under writeback, {:.0} written ({:.1} MiB), oldest dirty {:.0} ms, {:.0} syncs, {:.0} errors, throttled {:.0} ms\n",
+            num(w, "nr_dirty"),
+            num(w, "nr_writeback"),
+            num(w, "nr_written"),
+            num(w, "bytes_written") / 1048576.0,
+            num(w, "oldest_dirty_ms"),
+            num(w, "syncs"),
+            num(w, "write_errors"),
+            num(w, "throttle_ms"),
+        );
+    }
+    if let Some(p) = v.get("progress").filter(|p| p.is_object()) {
+        out += &format!(
+            "migration   round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.1} MiB sent, throttle {:.0}%\n",
+            num(p, "round"),
+            num(p, "remaining_pages"),
+            num(p, "rate_mbps"),
+            num(p, "bytes_sent") / 1048576.0,
+            num(p, "throttle_pct"),
+        );
+    }
+    out.trim_end().to_string()
+}
+
+fn dirty_rate(v: &Value) -> String {
+    let mut out = format!(
+        "dirty rate  {:.0} pages/s = {:.1} MB/s over {:.2} s ({:.0} samples, {})\nworking set {:.0} pages ({:.1} MiB)",
+        num(v, "pages_per_s"),
+        num(v, "mb_per_s"),
+        num(v, "seconds"),
+        num(v, "samples"),
+        v["mechanism"].as_str().unwrap_or("?"),
+        num(v, "working_set_pages"),
+        num(v, "working_set_mib"),
+    );
+    for c in v["per_vcpu"].as_array().into_iter().flatten() {
+        out += &format!(
+            "\n  vCPU {:<3} {:.0} pages/s = {:.1} MB/s",
+            num(c, "vcpu"),
+            num(c, "pages_per_s"),
+            num(c, "mb_per_s")
+        );
+    }
+    out
+}
+
+fn migrate(v: &Value) -> String {
+    let mut out = format!(
+        "migrated to {} in {:.1} ms; downtime {:.2} ms (budget {:.0} ms); {:.1} MiB sent; converge: {}\n",
+        v["to"].as_str().unwrap_or("?"),
+        num(v, "total_ms"),
+        num(v, "downtime_ms"),
+        num(v, "downtime_budget_ms"),
+        num(v, "bytes_sent") / 1048576.0,
+        v["converge"].as_str().unwrap_or("?"),
+    );
+    out += "round    pages     zero       MiB        ms  throttle\n";
+    for r in v["rounds"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:>5} {:>8.0} {:>8.0} {:>9.1} {:>9.1}  {}%{}\n",
+            num(r, "round"),
+            num(r, "pages"),
+            num(r, "zero_pages"),
+            num(r, "bytes") / 1048576.0,
+            num(r, "ms"),
+            num(r, "throttle_pct"),
+            r.get("vcpu_throttle_pct").map(|p| format!(" per vCPU {p}")).unwrap_or_default()
+        );
+    }
+    if let Some(c) = v.get("memory_crc32").and_then(Value::as_u64) {
+        out += &format!("memory checksum {c:#010x} matched on the destination\n");
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn stats_read_at_a_glance_and_errors_say_error() {
+        let v = json!({"ok": true, "paused": false, "job": null, "progress": null,
+            "dirty_log": {"mechanism": "ring", "harvests": 3, "harvest_us_avg": 12.5, "guest_pages": 40,
+                          "vmm_pages": 2, "ring_full_exits": 0}});
+        let t = render(&CtlCommand::Stats, &v).unwrap();
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(t.contains("ring: 3 harvests (12.5 us each), 40 guest pages"), "{t}");
+        let e = render(&CtlCommand::Stop, &json!({"ok": false, "error": "boom"})).unwrap();
+        assert_eq!(e, "error: boom");
+        assert!(render(&CtlCommand::Pause, &json!({"ok": true})).is_none());
+    }
+
+    #[test]
+    fn dirty_rate_lists_vcpus() {
+        let v = json!({"ok": true, "pages_per_s": 5000.0, "mb_per_s": 20.48, "seconds": 1.0, "samples": 10,
+            "mechanism": "ring", "working_set_pages": 4900, "working_set_mib": 19.1,
+            "per_vcpu": [{"vcpu": 0, "pages_per_s": 5000.0, "mb_per_s": 20.48}, {"vcpu": 1, "pages_per_s": 0.0, "mb_per_s": 0.0}]});
+        let t = render(&CtlCommand::DirtyRate { seconds: 1.0 }, &v).unwrap();
+        assert!(t.starts_with("dirty rate  5000 pages/s = 20.5 MB/s"), "{t}");
+        assert!(t.contains("vCPU 1   0 pages/s"), "{t}");
+    }
+}
