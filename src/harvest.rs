@@ -266,6 +266,10 @@ pub struct Harvester {
     /// Ring mode: ring entries harvested per vCPU so far (which vCPU
     /// dirtied how much: the dirty log's per-vCPU view).
     vcpu_pages: Vec<u64>,
+    /// Manual mode: each slot's bitmap as the last `KVM_GET_DIRTY_LOG`
+    /// returned it. A clear re-protects only pages whose bit was set there,
+    /// i.e. pages every consumer has been told of (see `clear_harvested`).
+    last_get: Vec<Vec<u64>>,
 }
 
 impl Harvester {
@@ -281,6 +285,7 @@ impl Harvester {
         let fresh = DirtySet::new(&slots, page_size);
         let reported = DirtySet::new(&slots, page_size);
         let vcpu_pages = vec![0; rings.len()];
+        let last_get = vec![Vec::new(); slots.len()];
         Harvester {
             vm,
             mechanism,
@@ -295,6 +300,7 @@ impl Harvester {
             nonzero: Vec::new(),
             spares: Vec::new(),
             vcpu_pages,
+            last_get,
             reported,
             stats: HarvestStats::default(),
         }
@@ -353,6 +359,12 @@ impl Harvester {
                 for (i, s) in self.slots.iter().enumerate() {
                     dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
                         .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
+                    if self.mechanism == Mechanism::Manual {
+                        if let Some(seen) = self.last_get.get_mut(i) {
+                            seen.clear();
+                            seen.extend_from_slice(&self.buf);
+                        }
+                    }
                     // One scan for the non-zero words, then each consumer
                     // ORs only those.
                     self.nonzero.clear();
@@ -463,17 +475,30 @@ impl Harvester {
         if self.mechanism != Mechanism::Manual {
             return Ok(());
         }
-        for (s, bm) in self.slots.iter().zip(set.slots()) {
+        // Only pages whose bit the last GET (made under this same borrow)
+        // saw set: every consumer was told of those. A page of `set` whose
+        // bit was clear then is already protected (someone cleared it, or it
+        // was never written); if the guest writes it between that GET and
+        // this CLEAR, the new bit must survive for the others to see — a
+        // CLEAR of it here would hide that write from every consumer.
+        let mut mask = Vec::new();
+        for (i, (s, bm)) in self.slots.iter().zip(set.slots()).enumerate() {
             let words = bm.words();
             let b = bm.bounds();
             if b.is_empty() {
                 continue;
             }
-            let (first, last) = (b.start, b.end - 1);
+            let seen = self.last_get.get(i).map_or(&[][..], Vec::as_slice);
+            mask.clear();
+            mask.extend((b.start..b.end).map(|w| words[w] & seen.get(w).copied().unwrap_or(0)));
+            let (Some(lo), Some(hi)) = (mask.iter().position(|&w| w != 0), mask.iter().rposition(|&w| w != 0)) else {
+                continue;
+            };
+            let (first, last) = (b.start + lo, b.start + hi);
             let slot_pages = s.size / self.page_size;
             let first_page = first as u64 * 64;
             let num_pages = (((last as u64 + 1) * 64).min(slot_pages) - first_page) as u32;
-            dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &words[first..=last])
+            dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi])
                 .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
             self.stats.clear_calls += 1;
         }
