@@ -148,11 +148,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 "writeback" => bench::writeback::run(&args)?,
                 "snapshot" => bench::snapshot::run(&args)?,
                 "migrate" => bench::migrate::run(&args)?,
-                other => {
-                    anyhow::bail!(
-                        "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate)"
-                    )
-                }
+                "reliability" => bench::reliability::run(&args)?,
+                other => anyhow::bail!(
+                    "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability)"
+                ),
             };
             report.print(args.json)?;
             Ok(0)

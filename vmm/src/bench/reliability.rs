@@ -1,0 +1,461 @@
+//! `smudge bench reliability`: a campaign that abuses smudge the ways a
+//! user, a guest or a disk can, and counts what happened — trials, clear
+//! errors, lost pages, panics:
+//!
+//! - `kill -9` of the VMM while writeback runs (the guest paused first),
+//!   then every page of the memory file checked against the guest's own
+//!   generation table: each must hold the stamp the guest last wrote (one
+//!   page may carry the stamp being written when the vCPU stopped);
+//! - `kill -9` in the middle of a diff snapshot: the last committed
+//!   snapshot must verify and restore to exactly its memory, the torn one
+//!   must be refused;
+//! - corrupted snapshots (bit flips, truncations, a newer version, a
+//!   missing parent): refused with an error, or — never — garbage restored;
+//! - bad migration streams (bit flips, truncations, repeated and dropped
+//!   frames) fed to the destination's receiver: refused, or the memory
+//!   built is exactly the source's;
+//! - a misbehaving guest: an unknown port, a CPU exception, a write storm
+//!   against a tiny hard dirty limit (it must finish and verify).
+//!
+//! A child process counts as panicked when its stderr says so.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use smudge::memory::ram_layout;
+use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
+use smudge::migration::receiver::{check_hello, Receiver, Step};
+
+use super::boot::tempfile_dir;
+use super::report::Report;
+use crate::api;
+use crate::cli::BenchArgs;
+
+/// Counts for one kind of abuse.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    trials: u64,
+    /// Bad inputs answered with a clear error (for kinds that are bad input).
+    clear_errors: u64,
+    /// Bad inputs among the trials (the denominator of the error share).
+    bad_inputs: u64,
+    lost_pages: u64,
+    panics: u64,
+}
+
+/// A small deterministic PRNG (the campaign is reproducible by seed).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?)
+}
+
+fn panicked(o: &Output) -> bool {
+    String::from_utf8_lossy(&o.stderr).contains("panicked")
+}
+
+fn run_args(mem: &Path, size: &str, cmdline: &str) -> Vec<String> {
+    ["run", "--mem-size", size, "--timeout", "60", "--serial", "-", "--cmdline", cmdline, "--mem-file"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([mem.display().to_string()])
+        .collect()
+}
+
+fn spawn_with_api(mem: &Path, sock: &Path, size: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Child> {
+    let child = Command::new(exe()?)
+        .args(run_args(mem, size, cmdline))
+        .arg("--api-sock")
+        .arg(sock)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("the API socket never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(child)
+}
+
+/// Kills `child` with SIGKILL and reports whether its stderr shows a panic.
+fn kill9(mut child: Child) -> anyhow::Result<bool> {
+    child.kill()?;
+    let out = child.wait_with_output()?;
+    Ok(panicked(&out))
+}
+
+/// `mismatches=N` of the guest's verify line.
+fn mismatches(stdout: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(stdout).lines().find_map(|l| {
+        l.strip_prefix("verify: ")?.split_whitespace().find_map(|w| w.strip_prefix("mismatches=")?.parse().ok())
+    })
+}
+
+/// Checks every working-set page of the memory file `mem` against the
+/// guest's own generation table (which the guest updates just before it
+/// stamps the page). Returns (pages holding an older or torn stamp than the
+/// table says, of which at most one may be the write in flight when the
+/// vCPU stopped).
+fn stale_pages(mem: &Path, pages: u64) -> anyhow::Result<(u64, u64)> {
+    let bytes = std::fs::read(mem)?;
+    let word = |off: u64| -> u64 {
+        let o = off as usize;
+        bytes.get(o..o + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let base = guest_abi::ws_base_for(pages);
+    let (mut stale, mut in_flight, mut stamped) = (0, 0, 0);
+    for i in 0..pages {
+        let t = guest_abi::gen_table_addr(i) as usize;
+        let expected = bytes.get(t..t + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4])));
+        stamped += u64::from(expected > 0);
+        let off = base + i * PAGE;
+        let header = [word(off), word(off + 8), word(off + 16), word(off + 24)];
+        match guest_abi::check_page((off >> 12) as u64, u64::from(expected), header, word(off + 4088)) {
+            guest_abi::PageCheck::Ok => {}
+            // The table is one ahead: the stamp was being written.
+            guest_abi::PageCheck::WrongGeneration { found } if found + 1 == u64::from(expected) && in_flight == 0 => {
+                in_flight += 1
+            }
+            guest_abi::PageCheck::Corrupt if in_flight == 0 => in_flight += 1,
+            _ => stale += 1,
+        }
+    }
+    if stamped == 0 {
+        bail!("{}: the guest had stamped no page: nothing was checked", mem.display());
+    }
+    Ok((stale, in_flight))
+}
+
+fn kill_during_writeback(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    for i in 0..n {
+        let (mem, sock) = (dir.join(format!("wb{i}.mem")), dir.join(format!("wb{i}.sock")));
+        let pages = 6000;
+        let cmdline = format!("workload=rate pages={pages} rate=20000 ms=60000 seed=17");
+        let vm = spawn_with_api(&mem, &sock, "64M", &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
+        std::thread::sleep(Duration::from_millis(150 + rng.below(500)));
+        // The guest stops; the flusher may be mid-pass when the kill lands.
+        let paused = api::call(&sock, &json!({"cmd": "pause"}))?;
+        if paused["ok"] != true {
+            bail!("pause failed: {paused}");
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(30_000)));
+        t.panics += u64::from(kill9(vm)?);
+        // Every page must hold what the guest's table says it last wrote.
+        let (stale, _in_flight) = stale_pages(&mem, pages)?;
+        t.lost_pages += stale;
+        t.trials += 1;
+        std::fs::remove_file(&mem).ok();
+    }
+    Ok(t)
+}
+
+fn kill_during_snapshot(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    for i in 0..n {
+        let d = dir.join(format!("snapkill{i}"));
+        std::fs::create_dir_all(&d)?;
+        let (mem, sock, s0, s1) = (d.join("m"), d.join("sock"), d.join("s0"), d.join("s1"));
+        let vm = spawn_with_api(&mem, &sock, "64M", "workload=random pages=2500 seed=3 ms=100000 wipe=1", &[])?;
+        let r = api::call(&sock, &json!({"cmd": "snapshot", "dir": s0}))?;
+        if r["ok"] != true {
+            bail!("snapshot failed: {r}");
+        }
+        let mut client = Command::new(exe()?)
+            .args(["ctl", "--api-sock"])
+            .arg(&sock)
+            .args(["snapshot", "create"])
+            .arg(&s1)
+            .arg("--parent")
+            .arg(&s0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        t.panics += u64::from(kill9(vm)?);
+        let _ = client.wait();
+        // The committed one must be whole and restore to its own bytes.
+        let restored = d.join("r0");
+        match smudge::snapshot::materialize(&s0, &restored) {
+            Ok(_) => {}
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "reliability: committed snapshot lost: {e}");
+                t.lost_pages += 1;
+            }
+        }
+        // The torn one: whole, or refused.
+        if let Ok(links) = smudge::snapshot::chain(&s1) {
+            if links.len() != 2 {
+                t.lost_pages += 1;
+            }
+        }
+        t.trials += 1;
+        std::fs::remove_dir_all(&d).ok();
+    }
+    Ok(t)
+}
+
+fn corrupt_snapshots(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    let d = dir.join("corrupt");
+    std::fs::create_dir_all(&d)?;
+    let (mem, sock, s0, s1) = (d.join("m"), d.join("sock"), d.join("s0"), d.join("s1"));
+    let vm = spawn_with_api(&mem, &sock, "64M", "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1", &[])?;
+    std::thread::sleep(Duration::from_millis(200));
+    for (dir, parent) in [(&s0, None), (&s1, Some(&s0))] {
+        let mut req = json!({"cmd": "snapshot", "dir": dir});
+        if let Some(p) = parent {
+            req["parent"] = json!(p);
+        }
+        let r = api::call(&sock, &req)?;
+        if r["ok"] != true {
+            bail!("snapshot failed: {r}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.panics += u64::from(kill9(vm)?);
+    let good_path = d.join("good");
+    smudge::snapshot::materialize(&s1, &good_path)?;
+    let good = std::fs::read(&good_path)?;
+    let scratch = d.join("scratch");
+    let mut files = Vec::new();
+    for s in [&s0, &s1] {
+        for name in ["manifest.json", "state.json", "memory.img", "extents.json", "memory.diff"] {
+            if s.join(name).exists() {
+                files.push(s.join(name));
+            }
+        }
+    }
+    let check = |t: &mut Tally| {
+        let _ = std::fs::remove_file(&scratch);
+        let r = std::panic::catch_unwind(|| {
+            smudge::snapshot::load(&s1).and_then(|_| smudge::snapshot::materialize(&s1, &scratch))
+        });
+        t.trials += 1;
+        t.bad_inputs += 1;
+        match r {
+            Err(_) => t.panics += 1,
+            Ok(Err(_)) => t.clear_errors += 1,
+            // Not refused: then it must be exactly the good memory.
+            Ok(Ok(_)) => {
+                if std::fs::read(&scratch).map(|b| b != good).unwrap_or(true) {
+                    t.lost_pages += 1;
+                }
+            }
+        }
+    };
+    for i in 0..n {
+        let f = &files[rng.below(files.len() as u64) as usize];
+        let orig = std::fs::read(f)?;
+        let mut bytes = orig.clone();
+        if i % 4 == 3 {
+            bytes.truncate(rng.below(bytes.len() as u64) as usize);
+        } else {
+            let off = rng.below(bytes.len() as u64) as usize;
+            bytes[off] ^= 1 << rng.below(8);
+        }
+        std::fs::write(f, &bytes)?;
+        check(&mut t);
+        std::fs::write(f, &orig)?;
+    }
+    // A newer version, and a missing parent.
+    let m = s0.join("manifest.json");
+    let orig = std::fs::read_to_string(&m)?;
+    std::fs::write(&m, orig.replace("\"version\": 1", "\"version\": 2"))?;
+    check(&mut t);
+    std::fs::write(&m, &orig)?;
+    let moved = d.join("moved");
+    std::fs::rename(&s0, &moved)?;
+    check(&mut t);
+    std::fs::remove_dir_all(&d).ok();
+    Ok(t)
+}
+
+/// A valid migration stream of a small VM and the memory it builds.
+fn good_stream(rng: &mut Rng) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let mem_size = 8u64 << 20;
+    let mut memory = vec![0u8; mem_size as usize];
+    let mut w = FrameWriter::new(Vec::new(), true);
+    w.send(&Frame::Hello(Hello { mem_size, page_size: PAGE, vcpus: 1, layout: ram_layout(mem_size) }))?;
+    let mut pages = 0;
+    for _ in 0..40 {
+        let p = rng.below(mem_size / PAGE);
+        let off = (p * PAGE) as usize;
+        let fill = (rng.below(255) + 1) as u8;
+        memory[off..off + PAGE as usize].fill(fill);
+        memory[off] = p as u8;
+        w.send_pages(p * PAGE, &memory[off..off + PAGE as usize])?;
+        pages += 1;
+    }
+    w.send(&Frame::RoundEnd { round: 0, pages })?;
+    w.send(&Frame::State(Box::default()))?;
+    w.send(&Frame::Done { pages, zero_pages: 0 })?;
+    Ok((w.get_mut().clone(), memory))
+}
+
+/// Runs the destination's checks over `stream` into a new file; Ok(true)
+/// when it completed.
+fn receive(stream: &[u8], file: &Path) -> anyhow::Result<bool> {
+    let _ = std::fs::remove_file(file);
+    let mut r = FrameReader::new(stream);
+    let hello = match r.next_frame().map_err(Into::into).and_then(check_hello) {
+        Ok(h) => h,
+        Err(_) => return Ok(false),
+    };
+    let f = std::fs::File::options().read(true).write(true).create_new(true).open(file)?;
+    f.set_len(hello.mem_size)?;
+    // A real state has one vCPU; the test stream carries none.
+    let mut rx = Receiver::new(f, file, Hello { vcpus: 0, ..hello });
+    loop {
+        let frame = match r.next_frame() {
+            Ok(f) => f,
+            Err(_) => return Ok(false),
+        };
+        match rx.apply(frame) {
+            Ok(Step::Done(_)) => return Ok(true),
+            Ok(_) => {}
+            Err(_) => return Ok(false),
+        }
+    }
+}
+
+fn bad_streams(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    let (good, memory) = good_stream(rng)?;
+    let file = dir.join("stream.mem");
+    if !receive(&good, &file)? || std::fs::read(&file)? != memory {
+        bail!("the good stream does not build its memory");
+    }
+    // Frame boundaries, to repeat and drop whole frames.
+    let mut bounds = vec![0usize];
+    while *bounds.last().unwrap_or(&0) < good.len() {
+        let at = *bounds.last().unwrap_or(&0);
+        let (_, len) = smudge::migration::frame::decode_slice(&good[at..]).context("splitting the good stream")?;
+        bounds.push(at + len);
+    }
+    for i in 0..n {
+        let bad: Vec<u8> = match i % 4 {
+            0 | 1 => {
+                let mut b = good.clone();
+                let off = rng.below(b.len() as u64) as usize;
+                b[off] ^= 1 << rng.below(8);
+                b
+            }
+            2 => good[..rng.below(good.len() as u64) as usize].to_vec(),
+            _ => {
+                // Repeat or drop one frame (not the last).
+                let k = 1 + rng.below(bounds.len() as u64 - 3) as usize;
+                let (a, b) = (bounds[k], bounds[k + 1]);
+                if rng.below(2) == 0 {
+                    [&good[..b], &good[a..]].concat()
+                } else {
+                    [&good[..a], &good[b..]].concat()
+                }
+            }
+        };
+        t.trials += 1;
+        t.bad_inputs += 1;
+        match std::panic::catch_unwind(|| receive(&bad, &file)) {
+            Err(_) => t.panics += 1,
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(false)) => t.clear_errors += 1,
+            Ok(Ok(true)) => {
+                if std::fs::read(&file)? != memory {
+                    t.lost_pages += 1;
+                }
+            }
+        }
+    }
+    std::fs::remove_file(&file).ok();
+    Ok(t)
+}
+
+fn misbehaving_guests(dir: &Path, n: u64) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    let mem = dir.join("guest.mem");
+    let cases: [(&str, &[&str], i32); 3] = [
+        ("workload=idle poke=0x80", &[], 101),
+        ("workload=idle fault=1", &[], 0x26),
+        // A write storm against a 1 % hard limit: throttled, never lost.
+        (
+            "workload=random pages=12000 writes=60000 seed=5 verify=1",
+            &["--dirty-limit", "1%", "--dirty-background", "1%"],
+            0,
+        ),
+    ];
+    for i in 0..n {
+        let (cmdline, extra, want) = cases[(i % 3) as usize];
+        std::fs::remove_file(&mem).ok();
+        let out = Command::new(exe()?).args(run_args(&mem, "64M", cmdline)).args(extra).output()?;
+        t.trials += 1;
+        t.bad_inputs += u64::from(want != 0);
+        t.panics += u64::from(panicked(&out));
+        let code = out.status.code().unwrap_or(-1);
+        if want != 0 && code == want {
+            t.clear_errors += 1;
+        }
+        if want == 0 {
+            match mismatches(&out.stdout) {
+                Some(m) if code == 0 => t.lost_pages += m,
+                _ => bail!("the write storm ended with {code}: {}", String::from_utf8_lossy(&out.stderr)),
+            }
+        }
+    }
+    std::fs::remove_file(&mem).ok();
+    Ok(t)
+}
+
+/// Runs the campaign.
+pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scale = args.runs.unwrap_or(if args.quick { 1 } else { 5 }) as u64;
+    let mut rng = Rng(0x5eed);
+    let kinds: Vec<(&str, Tally)> = vec![
+        ("kill -9 during writeback", kill_during_writeback(&dir, 2 * scale, &mut rng)?),
+        ("kill -9 during a snapshot", kill_during_snapshot(&dir, 10 * scale, &mut rng)?),
+        ("corrupted snapshots", corrupt_snapshots(&dir, 40 * scale, &mut rng)?),
+        ("bad migration streams", bad_streams(&dir, 100 * scale, &mut rng)?),
+        ("misbehaving guests", misbehaving_guests(&dir, 3 * scale)?),
+    ];
+    let mut rep = Report::new("reliability");
+    let mut total = Tally::default();
+    for (name, t) in &kinds {
+        rep.result(name, "trials", t.trials as f64);
+        rep.result(name, "clear_errors", t.clear_errors as f64);
+        rep.result(name, "lost_pages", t.lost_pages as f64);
+        rep.result(name, "panics", t.panics as f64);
+        total.trials += t.trials;
+        total.clear_errors += t.clear_errors;
+        total.bad_inputs += t.bad_inputs;
+        total.lost_pages += t.lost_pages;
+        total.panics += t.panics;
+    }
+    rep.result("all", "trials", total.trials as f64);
+    rep.goal("lost pages", total.lost_pages as f64, 0.0, "lower");
+    rep.goal("panics", total.panics as f64, 0.0, "lower");
+    rep.goal(
+        "bad inputs answered with a clear error (share)",
+        total.clear_errors as f64 / total.bad_inputs.max(1) as f64,
+        1.0,
+        "higher",
+    );
+    if args.dir.is_none() {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    Ok(rep)
+}
