@@ -208,11 +208,33 @@ pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> 
             libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, (len - done) as usize, 0)
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            // Another filesystem (EXDEV), or one without the call: copy
+            // through a buffer instead.
+            return match e.raw_os_error() {
+                Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                    copy_range_buffered(src, dst, off + done, len - done)
+                }
+                _ => Err(e),
+            };
         }
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended early"));
         }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// [`copy_range`] through a 1 MiB buffer (`pread`/`pwrite`).
+fn copy_range_buffered(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(CHUNK) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        src.read_exact_at(&mut buf[..n], off + done)?;
+        dst.write_all_at(&buf[..n], off + done)?;
         done += n as u64;
     }
     Ok(())

@@ -260,7 +260,7 @@ impl Snapshotter {
                     // A failed full snapshot leaves nothing to build on.
                     None => self.chain = None,
                 }
-                Err(format!("{e:#}"))
+                Err(with_causes(&e))
             }
         }
     }
@@ -281,7 +281,7 @@ impl Snapshotter {
         match parent {
             None => {
                 let pending =
-                    snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| format!("{e:#}"))?;
+                    snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| with_causes(&e))?;
                 if let Some(h) = &self.harvester {
                     let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(old) = self.chain.take() {
@@ -339,10 +339,26 @@ impl Snapshotter {
                     Err(e) => {
                         // Keep the pages for the next diff: nothing is lost.
                         self.pending = Some(set);
-                        Err(format!("{e:#}"))
+                        Err(with_causes(&e))
                     }
                 }
             }
         }
     }
+}
+
+/// An error and every cause under it, on one line ("…: No space left on
+/// device"): the OS error is what a user acts on.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        cause = c.source();
+    }
+    s
 }

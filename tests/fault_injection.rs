@@ -1,0 +1,145 @@
+//! Fault injection (issue 8): a disk that fills up under a full snapshot,
+//! under a diff snapshot and under a migration's destination. Each gives a
+//! clear error, the guest runs on, the previous snapshot stays intact, no
+//! page is lost, and a retry with room succeeds. The full disk is a small
+//! tmpfs mounted by the test (the suite runs as root).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+struct Tiny(PathBuf);
+
+impl Tiny {
+    fn mount(dir: &Path, size: &str) -> Tiny {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
+        assert!(
+            st.as_ref().is_ok_and(|s| s.success()),
+            "mounting a {size} tmpfs at {} failed ({st:?}): the fault-injection tests need root",
+            dir.display()
+        );
+        Tiny(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tiny {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn snapshot(sock: &Path, dir: &Path, parent: Option<&Path>) -> serde_json::Value {
+    let mut args = vec!["snapshot", "create", dir.to_str().unwrap()];
+    if let Some(p) = parent {
+        args.extend(["--parent", p.to_str().unwrap()]);
+    }
+    ctl(sock, &args)
+}
+
+#[test]
+fn snapshots_onto_a_full_disk_fail_clearly_and_a_retry_with_room_loses_nothing() {
+    require_kvm();
+    let dir = tmpdir();
+    let tiny = Tiny::mount(&path(&dir, "tiny"), "1m");
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "sock"));
+    // 16 MiB of stamped pages; the workload ends after 4 s of guest time
+    // and verifies its memory — in whatever process it then runs.
+    let cmdline = "workload=rate pages=4000 rate=4000 ms=4000 seed=21 wipe=1 verify=1";
+    let mut vm = start_with_api(&mem, &sock, "64M", cmdline, Stdio::null(), false, &[]);
+    std::thread::sleep(Duration::from_millis(400));
+    let s0 = path(&dir, "s0");
+    assert_eq!(snapshot(&sock, &s0, None)["ok"], true);
+
+    // A full snapshot onto the full disk.
+    let full = tiny.0.join("full");
+    let r = snapshot(&sock, &full, None);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("No space left") && e.contains("tiny/full"), "{e}");
+    assert!(smudge::snapshot::verify(&full).is_err(), "a failed snapshot must never verify");
+    assert_eq!(ctl(&sock, &["stats"])["paused"], false, "the guest runs on");
+    smudge::snapshot::verify(&s0).unwrap();
+    // The same onto another filesystem with room (copy_file_range cannot
+    // cross filesystems here: the copy falls back to read/write).
+    let big = Tiny::mount(&path(&dir, "big"), "64m");
+    let r = snapshot(&sock, &big.0.join("full"), None);
+    assert_eq!(r["ok"], true, "{r}");
+    smudge::snapshot::verify(&big.0.join("full")).unwrap();
+
+    // A full snapshot starts a new chain; take one with room, then a diff
+    // onto the full disk, then the diff again with room.
+    let s1 = path(&dir, "s1");
+    assert_eq!(snapshot(&sock, &s1, None)["ok"], true);
+    std::thread::sleep(Duration::from_millis(300));
+    let bad = tiny.0.join("d1");
+    let r = snapshot(&sock, &bad, Some(&s1));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("No space left"), "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let d1 = path(&dir, "d1");
+    let r = snapshot(&sock, &d1, Some(&s1));
+    assert_eq!(r["ok"], true, "the retry with room: {r}");
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+
+    // The retried diff holds the failed one's pages too: the chain restores
+    // a guest that finishes its workload and verifies every page.
+    smudge::snapshot::chain(&d1).unwrap();
+    let r = Run::from(
+        smudge()
+            .args(["restore", "--snapshot", d1.to_str().unwrap(), "--mem-file", path(&dir, "r").to_str().unwrap()])
+            .args(["--timeout", "60"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.line("verify: ").unwrap_or_else(|| panic!("{r:?}"));
+    assert!(v.starts_with("verify: pages=4000 ok=4000 ") && v.ends_with("mismatches=0"), "{v}");
+}
+
+#[test]
+fn a_destination_whose_disk_fills_refuses_and_the_source_runs_on() {
+    require_kvm();
+    let dir = tmpdir();
+    let tiny = Tiny::mount(&path(&dir, "tiny"), "2m");
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "sock"));
+    let cmdline = "workload=rate pages=4000 rate=4000 ms=3000 seed=22 wipe=1 verify=1";
+    let out = std::fs::File::create(path(&dir, "serial")).unwrap();
+    let vm = start_with_api(&mem, &sock, "64M", cmdline, Stdio::from(out), true, &[]);
+    let mut dest = smudge()
+        .args(["migrate-recv", "--listen", "0", "--accept-timeout", "30", "--serial", "/dev/null", "--mem-file"])
+        .arg(tiny.0.join("dst.mem"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(dest.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("smudge: waiting for a migration on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = ctl(&sock, &["migrate", "--to", &addr]);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("the guest runs on here") && e.contains("No space left"), "{e}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let code = dest.wait().unwrap().code();
+    assert_eq!(code, Some(100), "{rest}");
+    assert!(rest.contains("No space left") && rest.contains("dst.mem"), "{rest}");
+    assert!(!tiny.0.join("dst.mem").exists(), "the partial memory file was left behind");
+    // The source's guest finishes and verifies.
+    let out = vm.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let serial = std::fs::read_to_string(path(&dir, "serial")).unwrap();
+    assert!(
+        serial.lines().any(|l| l.starts_with("verify: pages=4000 ok=4000 ") && l.ends_with("mismatches=0")),
+        "{serial}"
+    );
+}
