@@ -84,7 +84,9 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    fn self_checksum(&self) -> u32 {
+    /// What [`Manifest::checksum`] must hold: the CRC-32 of the manifest
+    /// serialized with that field 0.
+    pub fn self_checksum(&self) -> u32 {
         let mut m = self.clone();
         m.checksum = 0;
         crc32fast::hash(&serde_json::to_vec(&m).unwrap_or_default())
@@ -422,12 +424,23 @@ pub fn begin_diff(
     })
 }
 
-/// Reads and checks `dir`: format, version, every file's length and chunk
-/// checksums. Errors name the file and the first bad offset.
-pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
-    let mpath = dir.join("manifest.json");
-    let text = std::fs::read(&mpath).map_err(io_err(&mpath, "read"))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
+/// The data files a snapshot of `kind` (with or without a parent) holds;
+/// `None` for a kind this code does not read.
+fn data_files(kind: &str, has_parent: bool) -> Option<&'static [&'static str]> {
+    match (kind, has_parent) {
+        ("full", false) => Some(&["memory.img", "state.json"]),
+        ("diff", true) => Some(&["extents.json", "memory.diff", "state.json"]),
+        _ => None,
+    }
+}
+
+/// Parses the bytes of a `manifest.json` (`file` names it in errors) and
+/// makes every check [`verify`] makes before it reads the data files:
+/// format, version, the manifest's own checksum, the kind, and a length
+/// and well-formed chunk checksums for each data file of that kind.
+pub fn parse_manifest(bytes: &[u8], file: &Path) -> Result<Manifest, SnapshotError> {
+    let mpath = file.to_path_buf();
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Corrupt {
         path: mpath.clone(),
         offset: e.column() as u64,
         what: format!("not a manifest: {e}"),
@@ -448,15 +461,11 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
             what: "manifest checksum mismatch (the manifest itself was altered)".into(),
         });
     }
-    let names: &[&str] = match (m.kind.as_str(), m.parent.is_some()) {
-        ("full", false) => &["memory.img", "state.json"],
-        ("diff", true) => &["extents.json", "memory.diff", "state.json"],
-        _ => {
-            return Err(SnapshotError::Unsupported {
-                path: mpath,
-                what: format!("snapshot kind '{}' (parent {:?}) not supported", m.kind, m.parent),
-            })
-        }
+    let Some(names) = data_files(&m.kind, m.parent.is_some()) else {
+        return Err(SnapshotError::Unsupported {
+            path: mpath,
+            what: format!("snapshot kind '{}' (parent {:?}) not supported", m.kind, m.parent),
+        });
     };
     for &name in names {
         let want = m.files.get(name).ok_or_else(|| SnapshotError::Corrupt {
@@ -464,6 +473,34 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
             offset: 0,
             what: format!("manifest lists no {name}"),
         })?;
+        // What `checksum_file` writes: anything else would leave chunks
+        // unchecked (a short list) or name wrong offsets.
+        if want.chunk != CHUNK || want.crc32.len() as u64 != want.len.div_ceil(CHUNK) {
+            return Err(SnapshotError::Corrupt {
+                path: mpath.clone(),
+                offset: 0,
+                what: format!(
+                    "{name}: {} checksums of {}-byte chunks for {} bytes (expected {}-byte chunks)",
+                    want.crc32.len(),
+                    want.chunk,
+                    want.len,
+                    CHUNK
+                ),
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// Reads and checks `dir`: format, version, every file's length and chunk
+/// checksums. Errors name the file and the first bad offset.
+pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
+    let mpath = dir.join("manifest.json");
+    let text = std::fs::read(&mpath).map_err(io_err(&mpath, "read"))?;
+    let m = parse_manifest(&text, &mpath)?;
+    // parse_manifest found every one of them listed.
+    let names = data_files(&m.kind, m.parent.is_some()).unwrap_or_default();
+    for (&name, want) in names.iter().filter_map(|n| Some((n, m.files.get(*n)?))) {
         let p = dir.join(name);
         let got = checksum_file(&p)?;
         if got.len != want.len {
@@ -484,23 +521,62 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
     Ok(m)
 }
 
+/// Parses the bytes of a `state.json` (`file` names it in errors) and
+/// checks it holds `vcpus` vCPUs, as the manifest says.
+pub fn parse_state(bytes: &[u8], vcpus: usize, file: &Path) -> Result<MachineState, SnapshotError> {
+    let s: MachineState = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Corrupt {
+        path: file.to_path_buf(),
+        offset: 0,
+        what: format!("not a machine state: {e}"),
+    })?;
+    if s.vcpus.len() != vcpus {
+        return Err(SnapshotError::Corrupt {
+            path: file.to_path_buf(),
+            offset: 0,
+            what: format!("{} vCPUs, manifest says {vcpus}", s.vcpus.len()),
+        });
+    }
+    Ok(s)
+}
+
+/// Parses the bytes of an `extents.json` (`file` names it in errors): the
+/// (file offset, length) extents of a diff whose `memory.diff` holds
+/// `data_len` bytes, over RAM of `mem_size` bytes. Checks that they are in
+/// order, do not overlap, lie within RAM and add up to `data_len`, so
+/// applying them writes only inside RAM and reads all of the data.
+pub fn parse_extents(
+    bytes: &[u8],
+    mem_size: u64,
+    data_len: u64,
+    file: &Path,
+) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let corrupt = |offset: u64, what: String| SnapshotError::Corrupt { path: file.to_path_buf(), offset, what };
+    let extents: Vec<(u64, u64)> =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(e.column() as u64, format!("not an extent table: {e}")))?;
+    let (mut end, mut total) = (0u64, 0u64);
+    for (i, &(off, len)) in extents.iter().enumerate() {
+        let Some(e) = off.checked_add(len).filter(|&e| e <= mem_size) else {
+            return Err(corrupt(0, format!("extent {i} ({off:#x}+{len:#x}) is outside the {mem_size:#x}-byte RAM")));
+        };
+        if off < end {
+            return Err(corrupt(0, format!("extent {i} ({off:#x}+{len:#x}) overlaps or precedes the one before it")));
+        }
+        end = e;
+        // Cannot overflow: the extents are disjoint and within mem_size.
+        total += len;
+    }
+    if total != data_len {
+        return Err(corrupt(0, format!("extents hold {total} bytes but memory.diff has {data_len}")));
+    }
+    Ok(extents)
+}
+
 /// Checks `dir` and reads its machine state.
 pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
     let m = verify(dir)?;
     let p = dir.join("state.json");
     let text = std::fs::read(&p).map_err(io_err(&p, "read"))?;
-    let s: MachineState = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
-        path: p,
-        offset: 0,
-        what: format!("not a machine state: {e}"),
-    })?;
-    if s.vcpus.len() != m.vcpus {
-        return Err(SnapshotError::Corrupt {
-            path: dir.join("state.json"),
-            offset: 0,
-            what: format!("{} vCPUs, manifest says {}", s.vcpus.len(), m.vcpus),
-        });
-    }
+    let s = parse_state(&text, m.vcpus, &p)?;
     Ok((m, s))
 }
 
@@ -543,15 +619,13 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, SnapshotError> {
     Ok(out)
 }
 
-fn apply_diff(dir: &Path, dst: &File, dst_path: &Path) -> Result<(), SnapshotError> {
+/// Writes the diff in `dir` (`data_len` bytes of `memory.diff`, as its
+/// verified manifest says) into `dst`, RAM of `mem_size` bytes.
+fn apply_diff(dir: &Path, mem_size: u64, data_len: u64, dst: &File, dst_path: &Path) -> Result<(), SnapshotError> {
     use std::os::unix::fs::FileExt;
     let ext_path = dir.join("extents.json");
     let text = std::fs::read(&ext_path).map_err(io_err(&ext_path, "read"))?;
-    let extents: Vec<(u64, u64)> = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
-        path: ext_path.clone(),
-        offset: e.column() as u64,
-        what: format!("not an extent table: {e}"),
-    })?;
+    let extents = parse_extents(&text, mem_size, data_len, &ext_path)?;
     let data_path = dir.join("memory.diff");
     let data = File::open(&data_path).map_err(io_err(&data_path, "open"))?;
     let mut pos = 0u64;
@@ -600,8 +674,9 @@ pub fn materialize_with(dir: &Path, mem: &Path, progress: &mut dyn FnMut(u64, u6
             }
         }
         for (d, m) in &links[1..] {
-            apply_diff(d, &dst, mem)?;
-            done += m.files.get("memory.diff").map_or(0, |f| f.len);
+            let data_len = m.files.get("memory.diff").map_or(0, |f| f.len);
+            apply_diff(d, full.mem_size, data_len, &dst, mem)?;
+            done += data_len;
             progress(done, total);
         }
         dst.sync_data().map_err(io_err(mem, "fdatasync"))
@@ -674,5 +749,88 @@ mod tests {
         let text = std::fs::read_to_string(&mp).unwrap().replace("\"version\": 1", "\"version\": 9");
         std::fs::write(&mp, text).unwrap();
         assert!(verify(&snap).unwrap_err().to_string().contains("format version 9"));
+    }
+
+    /// Rewrites `dir`'s `name` to `bytes` and reseals the manifest (its
+    /// checksum of `name` and its own), as a forger or a buggy writer would.
+    fn forge(dir: &Path, name: &str, bytes: &[u8]) {
+        std::fs::write(dir.join(name), bytes).unwrap();
+        let mp = dir.join("manifest.json");
+        let mut m: Manifest = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+        m.files.insert(name.into(), checksum_file(&dir.join(name)).unwrap());
+        m.checksum = m.self_checksum();
+        std::fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn extent_tables_are_checked_before_any_write() {
+        let p = Path::new("extents.json");
+        let ok = |t: &str, mem, data| parse_extents(t.as_bytes(), mem, data, p);
+        let err = |t: &str, mem, data| ok(t, mem, data).unwrap_err().to_string();
+        assert_eq!(ok("[[0,4096],[4096,8192],[16384,4096]]", 1 << 20, 16384).unwrap().len(), 3);
+        assert_eq!(ok("[]", 0, 0).unwrap(), vec![]);
+        assert!(err("[[1048576,4096]]", 1 << 20, 4096).contains("outside"));
+        assert!(err("[[18446744073709547520,8192]]", u64::MAX, 8192).contains("outside"));
+        assert!(err("[[8192,4096],[0,4096]]", 1 << 20, 8192).contains("overlaps or precedes"));
+        assert!(err("[[0,8192],[4096,4096]]", 1 << 20, 12288).contains("overlaps or precedes"));
+        assert!(err("[[0,4096]]", 1 << 20, 8192).contains("hold 4096 bytes but memory.diff has 8192"));
+        assert!(err("[[0,4096]", 1 << 20, 4096).contains("not an extent table"));
+    }
+
+    #[test]
+    fn manifests_with_short_checksum_lists_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
+        f.set_len(3 << 20).unwrap();
+        let snap = dir.path().join("snap");
+        let (m, _) = write_full(&snap, &f, 3 << 20, &MachineState::default()).unwrap();
+        let mp = snap.join("manifest.json");
+        assert_eq!(parse_manifest(&std::fs::read(&mp).unwrap(), &mp).unwrap(), m);
+        // No chunk checksums at all for memory.img: its data went unchecked.
+        let mut short = m.clone();
+        short.files.get_mut("memory.img").unwrap().crc32.clear();
+        short.checksum = short.self_checksum();
+        std::fs::write(&mp, serde_json::to_vec(&short).unwrap()).unwrap();
+        let e = verify(&snap).unwrap_err().to_string();
+        assert!(e.contains("memory.img: 0 checksums of 1048576-byte chunks for 3145728 bytes"), "{e}");
+        // A chunk size of 2^63: the offset of a bad chunk overflowed.
+        let mut huge = m;
+        huge.files.get_mut("memory.img").unwrap().chunk = 1 << 63;
+        huge.checksum = huge.self_checksum();
+        let e = parse_manifest(&serde_json::to_vec(&huge).unwrap(), &mp).unwrap_err().to_string();
+        assert!(e.contains("9223372036854775808-byte chunks"), "{e}");
+    }
+
+    #[test]
+    fn a_forged_extent_table_cannot_write_outside_ram() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        let full = dir.path().join("full");
+        let (fm, _) = write_full(&full, &f, 1 << 20, &MachineState::default()).unwrap();
+        f.write_all_at(&[2u8; 4096], 8192).unwrap();
+        let diff = dir.path().join("diff");
+        let state = MachineState::default();
+        begin_diff(&diff, &fm, &full, &f, &[(8192, 4096)], &state).unwrap().commit().unwrap();
+        let back = dir.path().join("back");
+        materialize(&diff, &back).unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&mem).unwrap());
+        std::fs::remove_file(&back).unwrap();
+        // The same 4096 bytes, sent 1 GiB past the end of a 1 MiB RAM: the
+        // restore used to grow the memory file to 1 GiB + 4 KiB.
+        forge(&diff, "extents.json", b"[[1073741824,4096]]");
+        assert!(chain(&diff).is_ok(), "the forged snapshot is self-consistent");
+        let e = materialize(&diff, &back).unwrap_err().to_string();
+        assert!(e.contains("extents.json: corrupt") && e.contains("outside the 0x100000-byte RAM"), "{e}");
+        assert!(!back.exists(), "a failed restore leaves no memory file");
+        // An extent of 2^64 - 4096 bytes: the restore used to panic
+        // ("capacity overflow") sizing its buffer to the extent.
+        forge(&diff, "extents.json", b"[[4096,18446744073709547520]]");
+        let e = materialize(&diff, &back).unwrap_err().to_string();
+        assert!(e.contains("outside the 0x100000-byte RAM"), "{e}");
     }
 }

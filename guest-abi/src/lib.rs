@@ -412,10 +412,12 @@ impl Config {
 /// The working-set indices `stride` writes in one pass over `pages` pages.
 pub fn stride_pages(pages: u64, stride: u64, offset: u64, run: u64) -> impl Iterator<Item = u64> {
     let stride = stride.max(1);
-    (0..)
-        .map(move |k| offset + k * stride)
+    // Checked: `stride`, `offset` and `run` come from the command line, and
+    // a start past u64::MAX must end the pass, not wrap to the beginning.
+    (0u64..)
+        .map_while(move |k| k.checked_mul(stride).and_then(|d| offset.checked_add(d)))
         .take_while(move |&start| start < pages)
-        .flat_map(move |start| start..(start + run.max(1)).min(pages))
+        .flat_map(move |start| start..start.saturating_add(run.max(1)).min(pages))
 }
 
 /// The pages (working-set indices) that `random` with `seed` writes in its
@@ -485,5 +487,12 @@ mod tests {
         let mut w = hdr.to_words();
         w[2] = 11;
         assert_eq!(StateHeader::from_words(w), None);
+    }
+
+    #[test]
+    fn stride_near_u64_max_ends_the_pass() {
+        assert_eq!(stride_pages(10, u64::MAX, 3, 1).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(stride_pages(10, 4, 8, u64::MAX).collect::<Vec<_>>(), vec![8, 9]);
+        assert_eq!(stride_pages(10, u64::MAX / 2, u64::MAX / 2, 1).count(), 0);
     }
 }
