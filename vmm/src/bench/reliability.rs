@@ -147,7 +147,8 @@ fn kill_during_writeback(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Ta
         let (mem, sock) = (dir.join(format!("wb{i}.mem")), dir.join(format!("wb{i}.sock")));
         let pages = 6000;
         let cmdline = format!("workload=rate pages={pages} rate=20000 ms=60000 seed=17");
-        let vm = spawn_with_api(&mem, &sock, "64M", &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
+        let vm =
+            spawn_with_api(&mem, &sock, "64M", &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
         std::thread::sleep(Duration::from_millis(150 + rng.below(500)));
         // The guest stops; the flusher may be mid-pass when the kill lands.
         let paused = api::call(&sock, &json!({"cmd": "pause"}))?;
