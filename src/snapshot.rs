@@ -629,11 +629,16 @@ fn apply_diff(dir: &Path, mem_size: u64, data_len: u64, dst: &File, dst_path: &P
     let data_path = dir.join("memory.diff");
     let data = File::open(&data_path).map_err(io_err(&data_path, "open"))?;
     let mut pos = 0u64;
-    let mut buf = Vec::new();
+    // At most a chunk at a time, whatever an extent's length.
+    let mut buf = vec![0u8; CHUNK as usize];
     for (off, len) in extents {
-        buf.resize(len as usize, 0);
-        data.read_exact_at(&mut buf, pos).map_err(io_err(&data_path, "read"))?;
-        dst.write_all_at(&buf, off).map_err(io_err(dst_path, "write"))?;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            data.read_exact_at(&mut buf[..n], pos + done).map_err(io_err(&data_path, "read"))?;
+            dst.write_all_at(&buf[..n], off + done).map_err(io_err(dst_path, "write"))?;
+            done += n as u64;
+        }
         pos += len;
     }
     Ok(())
