@@ -8,6 +8,7 @@
 //! ioctl and raw mapping of the project lives here, so the VMM crate can
 //! forbid `unsafe`.
 
+pub mod control;
 pub mod dirty_set;
 pub mod harvest;
 pub mod kvm;

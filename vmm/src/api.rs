@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use smudge::control::{parse_request, Request};
 use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
@@ -207,44 +208,40 @@ impl Api {
 
     /// Answers one request line.
     pub fn dispatch(&self, line: &str) -> Value {
-        let req: Value = match serde_json::from_str(line.trim()) {
-            Ok(v) => v,
-            Err(e) => return error(format!("bad request (expected JSON like {{\"cmd\":\"stats\"}}): {e}")),
+        let req = match parse_request(line) {
+            Ok(r) => r,
+            Err(e) => return error(e),
         };
-        match req.get("cmd").and_then(Value::as_str) {
-            Some("stats") => self.stats(),
-            Some("sync") => self.sync(),
-            Some("pause") => self.pause(),
-            Some("resume") => {
+        match req {
+            Request::Stats => self.stats(),
+            Request::Sync => self.sync(),
+            Request::Pause => self.pause(),
+            Request::Resume => {
                 self.vcpus.resume();
                 json!({"ok": true, "paused": false})
             }
-            Some("snapshot") => match req.get("dir").and_then(Value::as_str) {
-                Some(dir) => {
-                    let resume = req.get("resume").and_then(Value::as_bool).unwrap_or(true);
-                    let parent = req.get("parent").and_then(Value::as_str).map(Path::new);
-                    self.job(format!("a snapshot into {dir}"), || self.snapshot(Path::new(dir), parent, resume))
-                }
-                None => error("snapshot needs a \"dir\" string".into()),
-            },
-            Some("migrate") => match self.migrate_options(&req) {
-                Ok(opts) => self.job(format!("a migration to {}", opts.to), || self.migrate(&opts)),
-                Err(e) => error(e),
-            },
-            Some("dirty-rate") => match req.get("seconds").map_or(Some(1.0), Value::as_f64) {
-                Some(secs) if secs > 0.0 && secs <= 3600.0 => {
-                    self.job(format!("a {secs} s dirty-rate measurement"), || self.dirty_rate(secs))
-                }
-                _ => error("\"seconds\" must be a number in (0, 3600]".into()),
-            },
-            Some("stop") => {
+            Request::Snapshot { dir, parent, resume } => self.job(format!("a snapshot into {}", dir.display()), || {
+                self.snapshot(&dir, parent.as_deref(), resume)
+            }),
+            Request::Migrate(m) => {
+                let opts = MigrateOptions {
+                    to: m.to,
+                    downtime: m.downtime_ms.map_or(DEFAULT_DOWNTIME, Duration::from_millis),
+                    max_rounds: m.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+                    bandwidth: m.bandwidth_limit,
+                    lz4: m.lz4,
+                    auto_converge: m.auto_converge,
+                    verify_memory: m.verify_memory,
+                };
+                self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
+            }
+            Request::DirtyRate { seconds } => {
+                self.job(format!("a {seconds} s dirty-rate measurement"), || self.dirty_rate(seconds))
+            }
+            Request::Stop => {
                 self.vcpus.shared.finish(Outcome::Stopped);
                 json!({"ok": true, "stopping": true})
             }
-            Some(other) => error(format!(
-                "unknown command '{other}' (stats, sync, pause, resume, snapshot, migrate, dirty-rate, stop)"
-            )),
-            None => error("request has no \"cmd\" string".into()),
         }
     }
 
@@ -309,31 +306,6 @@ impl Api {
             }),
             Err(e) => error(e),
         }
-    }
-
-    fn migrate_options(&self, req: &Value) -> Result<MigrateOptions, String> {
-        let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs a \"to\" string (host:port)")?;
-        let num = |k: &str| -> Result<Option<u64>, String> {
-            match req.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("\"{k}\" must be a whole number")),
-            }
-        };
-        let downtime = num("downtime_ms")?.map_or(DEFAULT_DOWNTIME, Duration::from_millis);
-        let max_rounds = u32::try_from(num("max_rounds")?.unwrap_or(u64::from(DEFAULT_MAX_ROUNDS)))
-            .map_err(|_| "\"max_rounds\" is too large".to_string())?;
-        let bandwidth = num("bandwidth_limit")?;
-        if bandwidth == Some(0) {
-            return Err("\"bandwidth_limit\" must be above 0 bytes/s".into());
-        }
-        let lz4 = match req.get("compress").and_then(Value::as_str) {
-            None | Some("none") => false,
-            Some("lz4") => true,
-            Some(other) => return Err(format!("unknown compression '{other}' (none, lz4)")),
-        };
-        let auto_converge = req.get("auto_converge").and_then(Value::as_bool).unwrap_or(true);
-        let verify_memory = req.get("verify_memory").and_then(Value::as_bool).unwrap_or(false);
-        Ok(MigrateOptions { to: to.to_string(), downtime, max_rounds, bandwidth, lz4, auto_converge, verify_memory })
     }
 
     fn migrate(&self, opts: &MigrateOptions) -> Value {
