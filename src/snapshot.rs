@@ -44,6 +44,7 @@ pub const CHUNK: u64 = 1 << 20;
 
 /// Length and chunk checksums of one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileSum {
     /// Length in bytes.
     pub len: u64,
@@ -55,6 +56,7 @@ pub struct FileSum {
 
 /// The snapshot's table of contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always [`FORMAT`].
     pub format: String,
