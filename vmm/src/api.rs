@@ -220,9 +220,8 @@ impl Api {
                 self.vcpus.resume();
                 json!({"ok": true, "paused": false})
             }
-            Request::Snapshot { dir, parent, resume } => self.job(format!("a snapshot into {}", dir.display()), || {
-                self.snapshot(&dir, parent.as_deref(), resume)
-            }),
+            Request::Snapshot { dir, parent, resume } => self
+                .job(format!("a snapshot into {}", dir.display()), || self.snapshot(&dir, parent.as_deref(), resume)),
             Request::Migrate(m) => {
                 let opts = MigrateOptions {
                     to: m.to,
