@@ -14,6 +14,7 @@ pub mod harvest;
 pub mod kvm;
 pub mod memory;
 pub mod migration;
+pub mod sigsys;
 pub mod sink;
 pub mod snapshot;
 pub mod vmm_bitmap;

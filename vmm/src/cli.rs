@@ -149,6 +149,14 @@ pub struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_dev: PathBuf,
+    /// Run without seccomp filters (by default each thread may only make
+    /// the syscalls its kind needs; a forbidden one stops smudge, exit 106).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Test hook: vCPU 0 makes one syscall its filter forbids (socket)
+    /// right after the filter is on.
+    #[arg(long, hide = true)]
+    pub seccomp_selftest: bool,
 }
 
 /// `smudge ctl`.

@@ -22,6 +22,7 @@ pub mod heatmap;
 pub mod migrate;
 pub mod outcome;
 pub mod precopy;
+pub mod seccomp;
 pub mod snapshotter;
 pub mod vcpu;
 pub mod vm;

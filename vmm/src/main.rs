@@ -297,6 +297,8 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
             },
         },
         kvm_dev: args.kvm_dev.clone(),
+        seccomp: !args.no_seccomp,
+        seccomp_selftest: args.seccomp_selftest,
         heatmap: match &args.heatmap {
             Some(p) => {
                 if args.heatmap_period_ms == 0 || args.heatmap_buckets == 0 {

@@ -30,6 +30,7 @@ use crate::flusher::{Flusher, WritebackOptions};
 use crate::heatmap::Heatmap;
 use crate::migrate::source::MigrationSource;
 use crate::outcome::Outcome;
+use crate::seccomp::{self, Filters, ThreadKind};
 use crate::snapshotter::{Snapshotter, VcpuControl};
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 
@@ -88,6 +89,12 @@ pub struct VmConfig {
     pub incoming: Option<Box<dyn IncomingVm>>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
+    /// Seccomp filters per thread kind (see [`crate::seccomp`]). The VMM
+    /// filter stays on the calling thread after the run: off for runs
+    /// inside another program (benchmarks), on from the command line.
+    pub seccomp: bool,
+    /// Test hook: vCPU 0 makes one forbidden syscall once its filter is on.
+    pub seccomp_selftest: bool,
 }
 
 /// A guest arriving from elsewhere (a live migration's destination side).
@@ -128,6 +135,8 @@ impl VmConfig {
             snapshot_precopy: None,
             heatmap: None,
             incoming: None,
+            seccomp: false,
+            seccomp_selftest: false,
         }
     }
 }
@@ -325,7 +334,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     tracing::debug!("mapped");
     // KVM_SET_USER_MEMORY_REGION costs ~6 ms here whatever the size (a
     // fixed cost in the kernel); load the guest meanwhile.
-    let (kvm_side, loaded) = std::thread::scope(|s| {
+    let (kvm_side, loaded, filters) = std::thread::scope(|s| {
         let plan = KvmPlan {
             vcpus: cfg.vcpus,
             dirty_log: cfg.dirty_log,
@@ -334,13 +343,33 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         };
         let (kvm_ref, ram_ref) = (&kvm_fd, &ram);
         let kvm_side = s.spawn(move || setup_kvm(kvm_ref, ram_ref, plan));
-        let loaded = match (&boot, incoming.as_mut()) {
-            (Some((scratch, _)), _) => copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None),
-            (None, Some(inc)) => inc.receive(backing.file(), backing.path()).map(Some).map_err(VmError::Runtime),
-            (None, None) => Ok(None),
+        // Seccomp: the VMM filter goes on this thread while KVM is set up
+        // (off the boot's critical path; the setup thread, which ends before
+        // the guest runs, is the only one without it): after copying a
+        // boot's own image, before reading an incoming guest, and before
+        // any other thread starts, so they all inherit it. vCPUs and the
+        // flusher add their own.
+        let install = || {
+            if !cfg.seccomp {
+                return Ok(None);
+            }
+            Filters::new(&seccomp::Context::current())
+                .and_then(|f| f.install_vmm().map(|_| Some(Arc::new(f))))
+                .map_err(|e| VmError::Runtime(e.to_string()))
         };
-        (kvm_side.join(), loaded)
+        let (loaded, filters) = match (&boot, incoming.as_mut()) {
+            (Some((scratch, _)), _) => {
+                (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
+            }
+            (None, Some(inc)) => match install() {
+                Ok(f) => (inc.receive(backing.file(), backing.path()).map(Some).map_err(VmError::Runtime), Ok(f)),
+                Err(e) => (Ok(None), Err(e)),
+            },
+            (None, None) => (Ok(None), install()),
+        };
+        (kvm_side.join(), loaded, filters)
     });
+    let filters = filters?;
     let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
     let received = loaded?;
@@ -437,9 +466,16 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for (id, v) in vcpus.into_iter().enumerate() {
         let sh = shared.clone();
+        let (filters, selftest) = (filters.clone(), cfg.seccomp_selftest && id == 0);
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                if let Some(Err(e)) = filters.map(|f| f.install(ThreadKind::Vcpu)) {
+                    return sh.finish(Outcome::KvmFailure(format!("vCPU {id}: {e}")));
+                }
+                if selftest {
+                    seccomp::selftest();
+                }
                 let guard = sh.clone();
                 // A vCPU thread that dies must end the run, never hang it.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu::run_loop(v, id as u8, sh))).is_err() {
@@ -478,7 +514,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     };
     let flusher_thread = match &flusher {
         Some(f) => {
-            let f = f.clone();
+            let (f, filters) = (f.clone(), filters.clone());
             let (sh, th, tick) = (
                 shared.clone(),
                 threads.clone(),
@@ -489,7 +525,12 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
             Some(
                 std::thread::Builder::new()
                     .name("flusher".into())
-                    .spawn(move || Flusher::run(f, sh, tick, || kick_all(&th)))
+                    .spawn(move || {
+                        if let Some(Err(e)) = filters.map(|fl| fl.install(ThreadKind::Flusher)) {
+                            return sh.finish(Outcome::KvmFailure(format!("flusher: {e}")));
+                        }
+                        Flusher::run(f, sh, tick, || kick_all(&th))
+                    })
                     .map_err(|e| VmError::Runtime(format!("spawning the flusher: {e}")))?,
             )
         }
