@@ -359,12 +359,7 @@ impl Harvester {
                 for (i, s) in self.slots.iter().enumerate() {
                     dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
                         .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
-                    if self.mechanism == Mechanism::Manual {
-                        if let Some(seen) = self.last_get.get_mut(i) {
-                            seen.clear();
-                            seen.extend_from_slice(&self.buf);
-                        }
-                    }
+
                     // One scan for the non-zero words, then each consumer
                     // ORs only those.
                     self.nonzero.clear();
@@ -378,6 +373,13 @@ impl Harvester {
                     } else {
                         self.nonzero.iter().map(|&j| u64::from(self.buf[j as usize].count_ones())).sum()
                     };
+                    if self.mechanism == Mechanism::Manual {
+                        // Keep this GET's bitmap for the next clear (a swap,
+                        // not a copy: the next slot's GET resizes the buffer).
+                        if let Some(seen) = self.last_get.get_mut(i) {
+                            std::mem::swap(seen, &mut self.buf);
+                        }
+                    }
                 }
             }
             Mechanism::Ring { .. } => {
