@@ -270,6 +270,8 @@ pub struct Harvester {
     /// returned it. A clear re-protects only pages whose bit was set there,
     /// i.e. pages every consumer has been told of (see `clear_harvested`).
     last_get: Vec<Vec<u64>>,
+    /// Reused buffer for the mask a clear hands to KVM.
+    clear_mask: Vec<u64>,
 }
 
 impl Harvester {
@@ -301,6 +303,7 @@ impl Harvester {
             spares: Vec::new(),
             vcpu_pages,
             last_get,
+            clear_mask: Vec::new(),
             reported,
             stats: HarvestStats::default(),
         }
@@ -483,7 +486,7 @@ impl Harvester {
         // was never written); if the guest writes it between that GET and
         // this CLEAR, the new bit must survive for the others to see — a
         // CLEAR of it here would hide that write from every consumer.
-        let mut mask = Vec::new();
+        let mut mask = std::mem::take(&mut self.clear_mask);
         for (i, (s, bm)) in self.slots.iter().zip(set.slots()).enumerate() {
             let words = bm.words();
             let b = bm.bounds();
@@ -500,10 +503,14 @@ impl Harvester {
             let slot_pages = s.size / self.page_size;
             let first_page = first as u64 * 64;
             let num_pages = (((last as u64 + 1) * 64).min(slot_pages) - first_page) as u32;
-            dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi])
-                .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
+            let r = dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi]);
+            if let Err(source) = r {
+                self.clear_mask = mask;
+                return Err(HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source });
+            }
             self.stats.clear_calls += 1;
         }
+        self.clear_mask = mask;
         self.reported.subtract(set);
         Ok(())
     }

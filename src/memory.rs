@@ -116,6 +116,16 @@ pub struct RamRegion {
     pub len: u64,
 }
 
+/// The backing-file offset of guest address `gpa` (None: not RAM).
+pub fn gpa_to_file_offset(layout: &[RamRegion], gpa: u64) -> Option<u64> {
+    layout.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.len).map(|r| r.file_offset + (gpa - r.gpa))
+}
+
+/// The guest address of backing-file offset `off` (None: past RAM).
+pub fn file_offset_to_gpa(layout: &[RamRegion], off: u64) -> Option<u64> {
+    layout.iter().find(|r| off >= r.file_offset && off - r.file_offset < r.len).map(|r| r.gpa + (off - r.file_offset))
+}
+
 /// Where `size` bytes of RAM go: below [`guest_abi::LOW_RAM_LIMIT`], and
 /// the rest from 4 GiB up, leaving the hole for the LAPIC and IOAPIC. The
 /// file holds the regions back to back.

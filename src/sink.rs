@@ -88,11 +88,7 @@ pub trait Sink: Send + std::fmt::Debug {
 }
 
 fn file_offset(layout: &[RamRegion], gpa: u64) -> Result<u64, SinkError> {
-    layout
-        .iter()
-        .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
-        .map(|r| r.file_offset + (gpa - r.gpa))
-        .ok_or(SinkError::NotInRam { gpa })
+    crate::memory::gpa_to_file_offset(layout, gpa).ok_or(SinkError::NotInRam { gpa })
 }
 
 fn fdatasync(file: &File, path: &Path) -> Result<(), SinkError> {

@@ -316,37 +316,14 @@ impl Api {
         };
         match m.migrate(opts, &progress) {
             Ok(r) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "smudge: migrated to {} in {:.1} ms, downtime {:.1} ms (budget {:.0} ms), {} rounds, {} MiB sent, converge: {}",
-                    r.to,
-                    r.total_ms,
-                    r.downtime_ms,
-                    r.downtime_budget_ms,
-                    r.rounds.len(),
-                    r.bytes_sent >> 20,
-                    r.converge
-                );
-                for x in &r.rounds {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "smudge:   round {:>2}: {:>8} pages, {:>6} zero, {:>9.1} MiB in {:>8.1} ms, throttle {}%{}",
-                        x.round,
-                        x.pages,
-                        x.zero_pages,
-                        x.bytes as f64 / 1048576.0,
-                        x.ms,
-                        x.throttle_pct,
-                        if x.vcpu_throttle_pct.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", per vCPU {:?}%", x.vcpu_throttle_pct)
-                        }
-                    );
-                }
-                self.vcpus.shared.finish(Outcome::Migrated(r.to.clone()));
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = json!(true);
+                let mut err = std::io::stderr().lock();
+                for line in crate::ctl_view::migration_report(&v).lines() {
+                    let _ = writeln!(err, "smudge: {line}");
+                }
+                drop(err);
+                self.vcpus.shared.finish(Outcome::Migrated(r.to.clone()));
                 v
             }
             Err(e) => {

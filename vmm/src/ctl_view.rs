@@ -18,7 +18,7 @@ pub fn render(cmd: &CtlCommand, answer: &Value) -> Option<String> {
     match cmd {
         CtlCommand::Stats => Some(stats(answer)),
         CtlCommand::DirtyRate { .. } => Some(dirty_rate(answer)),
-        CtlCommand::Migrate(_) => Some(migrate(answer)),
+        CtlCommand::Migrate(_) => Some(migration_report(answer)),
         _ => None,
     }
 }
@@ -88,7 +88,9 @@ fn dirty_rate(v: &Value) -> String {
     out
 }
 
-fn migrate(v: &Value) -> String {
+/// A migration report (the `migrate` answer) as a summary line and a table
+/// of rounds: what `ctl migrate` prints and the source logs.
+pub fn migration_report(v: &Value) -> String {
     let mut out = format!(
         "migrated to {} in {:.1} ms; downtime {:.2} ms (budget {:.0} ms); {:.1} MiB sent; converge: {}\n",
         v["to"].as_str().unwrap_or("?"),

@@ -89,12 +89,7 @@ pub fn file_extents(set: &DirtySet, mem_size: u64) -> Vec<(u64, u64)> {
     let layout = ram_layout(mem_size);
     set.extents()
         .iter()
-        .filter_map(|e| {
-            layout
-                .iter()
-                .find(|r| e.gpa >= r.gpa && e.gpa < r.gpa + r.len)
-                .map(|r| (r.file_offset + e.gpa - r.gpa, e.len))
-        })
+        .filter_map(|e| smudge::memory::gpa_to_file_offset(&layout, e.gpa).map(|off| (off, e.len)))
         .collect()
 }
 

@@ -612,12 +612,9 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                             let set = h.lock().unwrap_or_else(|p| p.into_inner()).collect(consumer);
                             match set {
                                 Ok(set) => {
-                                    map.record_period(set.gpas().filter_map(|gpa| {
-                                        layout
-                                            .iter()
-                                            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
-                                            .map(|r| r.file_offset + gpa - r.gpa)
-                                    }));
+                                    map.record_period(
+                                        set.gpas().filter_map(|gpa| smudge::memory::gpa_to_file_offset(&layout, gpa)),
+                                    );
                                     h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
                                 }
                                 Err(e) => {

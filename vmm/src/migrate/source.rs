@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use smudge::dirty_set::DirtySet;
 use smudge::harvest::{ConsumerId, Harvester};
-use smudge::memory::{ram_layout, GuestRam, RamRegion};
+use smudge::memory::{file_offset_to_gpa, gpa_to_file_offset, ram_layout, GuestRam, RamRegion};
 use smudge::migration::checksum::{digest, memory_crcs};
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_PAGES, PAGE};
 use vm_memory::{Bytes, GuestAddress};
@@ -204,10 +204,6 @@ fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
 }
 
 impl Sender {
-    fn file_offset(&self, gpa: u64) -> Option<u64> {
-        self.layout.iter().find(|r| gpa >= r.gpa && gpa < r.gpa + r.len).map(|r| r.file_offset + gpa - r.gpa)
-    }
-
     /// Holds the stream to the bandwidth cap.
     fn pace(&mut self) {
         let Some(limit) = self.limit else { return };
@@ -233,7 +229,8 @@ impl Sender {
             self.buf.resize(n as usize, 0);
             ram.read_slice(&mut self.buf, GuestAddress(at))
                 .map_err(|e| MigrateError::Stream(format!("reading guest RAM at {at:#x}: {e}")))?;
-            let off = self.file_offset(at).ok_or_else(|| MigrateError::Stream(format!("{at:#x} is not RAM")))?;
+            let off = gpa_to_file_offset(&self.layout, at)
+                .ok_or_else(|| MigrateError::Stream(format!("{at:#x} is not RAM")))?;
             let buf = std::mem::take(&mut self.buf);
             let r = self.send_pages(&buf, off, skip_zero);
             self.buf = buf;
@@ -554,12 +551,8 @@ impl MigrationSource {
             s.send_set(&self.ram, &set)?;
             if opts.verify_memory {
                 let crcs = memory_crcs(&s.layout, |o, b| {
-                    let gpa = s
-                        .layout
-                        .iter()
-                        .find(|r| o >= r.file_offset && o < r.file_offset + r.len)
-                        .map(|r| r.gpa + o - r.file_offset);
-                    let gpa = gpa.ok_or_else(|| std::io::Error::other(format!("file offset {o:#x} is not RAM")))?;
+                    let gpa = file_offset_to_gpa(&s.layout, o)
+                        .ok_or_else(|| std::io::Error::other(format!("file offset {o:#x} is not RAM")))?;
                     self.ram.read_slice(b, GuestAddress(gpa)).map_err(std::io::Error::other)
                 })
                 .map_err(stream_err("checksumming guest RAM"))?;
