@@ -65,9 +65,12 @@ for target in $(cargo fuzz list); do
     mkdir -p "$work" "corpus/$target"
     log="$logs/$target"
     # The first corpus dir is where libFuzzer writes what it finds; the
-    # seeds are only read.
+    # seeds and the kept crashers (regressions/) are only read, so every
+    # smoke run replays each past crash first.
+    read_only=("corpus/$target")
+    if [ -d "regressions/$target" ]; then read_only+=("regressions/$target"); fi
     # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
-    if cargo fuzz run -s none "$target" "$work" "corpus/$target" -- \
+    if cargo fuzz run -s none "$target" "$work" "${read_only[@]}" -- \
         -max_total_time="$secs" -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1; then
         done_line="$(grep -E '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1)"
         runs="$(echo "$done_line" | awk '{print $2}')"

@@ -167,4 +167,16 @@ mod tests {
             assert!(e.contains(says), "{line}: {e}");
         }
     }
+
+    /// Found by the api_request fuzz target: with serde_json's default
+    /// fast float parser a long decimal was read 1 ulp off, so the number
+    /// a client re-sends (serde_json's shortest form) parsed differently.
+    #[test]
+    fn floats_parse_correctly_rounded() {
+        let line = r#"{"cmd":"dirty-rate","seconds":0.245545555555555555555555555555}"#;
+        let Ok(Request::DirtyRate { seconds }) = parse_request(line) else { panic!() };
+        let again = format!(r#"{{"cmd":"dirty-rate","seconds":{}}}"#, serde_json::json!(seconds));
+        assert_eq!(parse_request(&again), Ok(Request::DirtyRate { seconds }));
+        assert_eq!(seconds, "0.245545555555555555555555555555".parse::<f64>().unwrap());
+    }
 }
