@@ -6,7 +6,7 @@
 //! {"cmd":"stats"} {"cmd":"sync"} {"cmd":"pause"} {"cmd":"resume"} {"cmd":"stop"}
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?}
 //! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
-//!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?}
+//!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?}
 //! {"cmd":"dirty-rate","seconds":S?}
 //! ```
 
@@ -31,6 +31,8 @@ pub struct MigrateRequest {
     pub auto_converge: bool,
     /// End-to-end memory checksums.
     pub verify_memory: bool,
+    /// Same-host handover of the RAM file.
+    pub local: bool,
 }
 
 /// A checked request.
@@ -105,6 +107,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
                 lz4,
                 auto_converge: opt_bool(&req, "auto_converge")?.unwrap_or(true),
                 verify_memory: opt_bool(&req, "verify_memory")?.unwrap_or(false),
+                local: opt_bool(&req, "local")?.unwrap_or(false),
             })
         }
         "dirty-rate" => match req.get("seconds").map_or(Some(1.0), Value::as_f64) {

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use smudge::memory::ram_layout;
-use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
+use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello};
 
 /// A `smudge migrate-recv` and what it printed so far.
 struct Dest {
@@ -27,10 +26,16 @@ struct Dest {
 
 impl Dest {
     fn start(dir: &tempfile::TempDir) -> Dest {
-        let (mem, serial) = (path(dir, "dst.mem"), path(dir, "dst.serial"));
+        Dest::start_with(dir, path(dir, "dst.mem"), &[])
+    }
+
+    /// A destination on `mem` with extra options (`--local`).
+    fn start_with(dir: &tempfile::TempDir, mem: PathBuf, extra: &[&str]) -> Dest {
+        let serial = path(dir, "dst.serial");
         let mut child = smudge()
             .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "120"])
             .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -280,7 +285,7 @@ fn fake_source(addr: &str, after: impl FnOnce(&mut FrameWriter<TcpStream>)) -> O
     let mut r = FrameReader::new(s.try_clone().unwrap());
     let mut w = FrameWriter::new(s, false);
     let mem = 64u64 << 20;
-    w.send(&Frame::Hello(Hello { mem_size: mem, page_size: PAGE, vcpus: 1, layout: ram_layout(mem) })).unwrap();
+    w.send(&Frame::Hello(Hello::new(mem, 1))).unwrap();
     match r.next_frame().unwrap() {
         Frame::Ack(a) if a.ok => {}
         other => return Some(other),
@@ -296,9 +301,7 @@ fn the_destination_checks_every_frame_before_touching_memory() {
         ("lie outside", Box::new(|w| w.send(&Frame::Pages { offset: 64 << 20, data: vec![1; 4096] }).unwrap())),
         (
             "unexpected Hello",
-            Box::new(|w| {
-                w.send(&Frame::Hello(Hello { mem_size: 0, page_size: PAGE, vcpus: 1, layout: vec![] })).unwrap()
-            }),
+            Box::new(|w| w.send(&Frame::Hello(Hello { layout: vec![], ..Hello::new(0, 1) })).unwrap()),
         ),
         ("Done before the machine state", Box::new(|w| w.send(&Frame::Done { pages: 0, zero_pages: 0 }).unwrap())),
         ("the source aborted the migration: test", Box::new(|w| w.send(&Frame::Abort("test".into())).unwrap())),
@@ -317,4 +320,67 @@ fn the_destination_checks_every_frame_before_touching_memory() {
         }
         assert!(!mem.exists(), "{says}: a memory file was left behind");
     }
+}
+
+#[test]
+fn a_local_handover_sends_no_pages_and_the_guest_carries_on_in_the_same_file() {
+    require_kvm();
+    let dir = tmpdir();
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=3000 seed=12 verify=1");
+    let dest = Dest::start_with(&dir, path(&dir, "src.mem"), &["--local"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--local", "--verify-memory"]);
+    assert_eq!(r["ok"], true, "{r}");
+    // Only Hello, the machine state and Done crossed: no page, no zero marker.
+    assert_eq!(r["pages_sent"], 0, "{r}");
+    assert_eq!(r["zero_pages_sent"], 0, "{r}");
+    let bytes = r["bytes_sent"].as_u64().unwrap();
+    assert!(bytes < 64 * 1024, "{bytes} bytes sent for a handover: {r}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 1, "one paused round only: {r}");
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0, "{r}");
+    let crc = r["memory_crc32"].as_u64().expect("memory checksum");
+
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("migrated to {}", dest.addr)), "{err}");
+    assert!(!serial.contains("workload rate done"), "the source finished the workload itself:\n{serial}");
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
+    assert!(err.contains("received: 0 MiB"), "{err}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+}
+
+#[test]
+fn a_local_handover_to_another_file_is_refused_and_the_source_carries_on() {
+    require_kvm();
+    let dir = tmpdir();
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=2500 seed=13 verify=1");
+    // Same size, another inode: the destination must not run the guest on it.
+    let other = path(&dir, "other.mem");
+    std::fs::File::create(&other).unwrap().set_len(64 << 20).unwrap();
+    let dest = Dest::start_with(&dir, other, &["--local"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--local"]);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("not the source's RAM file"), "{e}");
+    let (code, err, _) = dest.wait();
+    assert_ne!(code, 0);
+    assert!(err.contains("not the source's RAM file"), "{err}");
+
+    // A destination that expects pages refuses a handover, and says how to take one.
+    let dest = Dest::start(&dir);
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--local"]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("start migrate-recv with --local"), "{r}");
+    let (code, _, _) = dest.wait();
+    assert_ne!(code, 0);
+
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_verified(&serial);
 }

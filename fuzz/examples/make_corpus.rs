@@ -46,7 +46,7 @@ fn encode(frames: &[Frame], lz4: bool) -> Vec<u8> {
 }
 
 fn hello(mem_size: u64, vcpus: usize) -> Frame {
-    Frame::Hello(Hello { mem_size, page_size: PAGE, vcpus, layout: ram_layout(mem_size) })
+    Frame::Hello(Hello::new(mem_size, vcpus))
 }
 
 /// One page that LZ4 shrinks (mostly zero) and one it cannot (noise).

@@ -99,6 +99,18 @@ pub struct Hello {
     pub vcpus: usize,
     /// RAM layout (both ends must agree).
     pub layout: Vec<RamRegion>,
+    /// A same-host handover: the destination maps this file and no page
+    /// data follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::migration::local::LocalRam>,
+}
+
+impl Hello {
+    /// A `Hello` for `vcpus` vCPUs and `mem_size` bytes of RAM in smudge's
+    /// layout, whose pages follow in the stream.
+    pub fn new(mem_size: u64, vcpus: usize) -> Self {
+        Hello { mem_size, page_size: PAGE, vcpus, layout: crate::memory::ram_layout(mem_size), local: None }
+    }
 }
 
 /// The destination's answer to `Hello` and to `Done`.
@@ -608,12 +620,7 @@ mod tests {
         page[5] = 7;
         page[PAGE as usize + 9] = 0xee;
         vec![
-            Frame::Hello(Hello {
-                mem_size: 64 << 20,
-                page_size: PAGE,
-                vcpus: 2,
-                layout: crate::memory::ram_layout(64 << 20),
-            }),
+            Frame::Hello(Hello::new(64 << 20, 2)),
             Frame::Pages { offset: 0x3000, data: page },
             Frame::Zero(vec![(0x8000, 3), (0x20000, 1)]),
             Frame::RoundEnd { round: 4, pages: 99 },

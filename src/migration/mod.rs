@@ -1,8 +1,10 @@
 //! Live migration: the stream both ends speak ([`frame`]) and the
 //! destination's side of it ([`receiver`]), which checks every frame
 //! against the VM it is building before any byte reaches guest memory.
-//! The source's pre-copy rounds live in the VMM, which owns the vCPUs.
+//! The source's pre-copy rounds live in the VMM, which owns the vCPUs;
+//! a same-host handover sends no pages at all ([`local`]).
 
 pub mod checksum;
 pub mod frame;
+pub mod local;
 pub mod receiver;

@@ -235,6 +235,12 @@ impl Receiver {
         if self.state.is_some() && !matches!(f, Frame::Done { .. } | Frame::Abort(_) | Frame::Checksums(_)) {
             return Err(ReceiveError::Protocol(format!("{:?} after the machine state", f.kind())));
         }
+        if self.hello.local.is_some() && matches!(f, Frame::Pages { .. } | Frame::Zero(_)) {
+            return Err(ReceiveError::Protocol(format!(
+                "{:?} in a same-host handover (the RAM file is shared; no page data may follow)",
+                f.kind()
+            )));
+        }
         match f {
             Frame::Pages { offset, data } => {
                 self.check_range(offset, data.len() as u64)?;
@@ -296,7 +302,7 @@ mod tests {
     use super::*;
 
     fn hello() -> Hello {
-        Hello { mem_size: 1 << 20, page_size: PAGE, vcpus: 1, layout: ram_layout(1 << 20) }
+        Hello::new(1 << 20, 1)
     }
 
     fn receiver(dir: &Path) -> (Receiver, PathBuf) {

@@ -231,6 +231,7 @@ impl Api {
                     lz4: m.lz4,
                     auto_converge: m.auto_converge,
                     verify_memory: m.verify_memory,
+                    local: m.local,
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }

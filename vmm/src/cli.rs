@@ -198,8 +198,13 @@ pub struct MigrateRecvArgs {
     /// forever).
     #[arg(long, default_value_t = 0.0)]
     pub accept_timeout: f64,
-    /// Run options (the memory file must not exist; size and vCPUs come
-    /// from the source; --guest and --cmdline do not apply).
+    /// Take over a guest from a smudge on this host by mapping its RAM
+    /// file (the source runs `ctl migrate --local`): --mem-file names the
+    /// source's memory file, which must exist; no page data is sent.
+    #[arg(long)]
+    pub local: bool,
+    /// Run options (the memory file must not exist, unless --local; size
+    /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -277,6 +282,12 @@ pub struct MigrateCtl {
     /// (reads all RAM during the pause: longer downtime).
     #[arg(long)]
     pub verify_memory: bool,
+    /// Same-host migration: the destination (on this host) maps this
+    /// guest's RAM file and only vCPU/device state is sent — for swapping
+    /// the smudge binary under a running guest. Start the destination with
+    /// `migrate-recv --mem-file` naming the same file.
+    #[arg(long)]
+    pub local: bool,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -327,6 +338,7 @@ impl CtlCommand {
                 "compress": m.compress,
                 "auto_converge": !m.no_auto_converge,
                 "verify_memory": m.verify_memory,
+                "local": m.local,
             }),
             CtlCommand::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
             CtlCommand::Stop => json!({"cmd": "stop"}),

@@ -69,35 +69,53 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             if m.run.guest.is_some() || m.run.cmdline.is_some() {
                 anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
             }
-            if m.run.mem_file.exists() {
-                anyhow::bail!(
-                    "{}: exists; migrate-recv makes a new memory file and will not overwrite one",
-                    m.run.mem_file.display()
-                );
-            }
             if !(m.accept_timeout >= 0.0 && m.accept_timeout.is_finite()) {
                 anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
             }
+            if m.local {
+                if !m.run.mem_file.is_file() {
+                    anyhow::bail!(
+                        "{}: --local takes over the source's memory file, and there is none here",
+                        m.run.mem_file.display()
+                    );
+                }
+            } else if m.run.mem_file.exists() {
+                anyhow::bail!(
+                    "{}: exists; migrate-recv makes a new memory file and will not overwrite one \
+                     (--local takes over a running guest's file on this host)",
+                    m.run.mem_file.display()
+                );
+            }
             let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
             let mut inc = smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout)?;
-            // The file must be creatable before the source starts sending.
-            let probe = std::fs::OpenOptions::new().write(true).create_new(true).open(&m.run.mem_file);
-            match probe {
-                Ok(_) => {
-                    // vm::run makes it afresh, sparse, at the announced size.
-                    std::fs::remove_file(&m.run.mem_file)?;
-                    inc.welcome()?
+            let ready = match (m.local, inc.hello().local.clone()) {
+                (true, Some(local)) => handover_file(&m.run.mem_file, &local, inc.hello().mem_size),
+                (true, None) => Err("this side waits for a same-host handover (--local); the source sends \
+                                     pages (run `ctl migrate --local` there)"
+                    .to_string()),
+                (false, Some(_)) => Err("the source hands over its RAM file (--local); start migrate-recv \
+                                      with --local and --mem-file naming that file"
+                    .to_string()),
+                (false, None) => {
+                    // The file must be creatable before the source starts sending.
+                    let probe = std::fs::OpenOptions::new().write(true).create_new(true).open(&m.run.mem_file);
+                    match probe {
+                        // vm::run makes it afresh, sparse, at the announced size.
+                        Ok(_) => std::fs::remove_file(&m.run.mem_file).map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("{}: cannot create the memory file: {e}", m.run.mem_file.display())),
+                    }
                 }
-                Err(e) => {
-                    let why = format!("{}: cannot create the memory file: {e}", m.run.mem_file.display());
-                    inc.refuse(&why);
-                    anyhow::bail!(why);
-                }
+            };
+            if let Err(why) = ready {
+                inc.refuse(&why);
+                anyhow::bail!(why);
             }
+            inc.welcome()?;
             let mem_file = m.run.mem_file.clone();
             let r = run(m.run, Start::Incoming(Box::new(inc)));
-            if r.is_err() {
+            if r.is_err() && !m.local {
                 // The guest never ran here: the partial memory file is no one's.
+                // (A handed-over file is the source's guest's RAM: kept.)
                 let _ = std::fs::remove_file(&mem_file);
             }
             r
@@ -157,6 +175,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Checks that `path` is the RAM file a same-host source handed over.
+fn handover_file(
+    path: &std::path::Path,
+    local: &smudge::migration::local::LocalRam,
+    mem_size: u64,
+) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    local.check(&f, mem_size).map_err(|e| e.to_string())
 }
 
 /// A progress bar on a terminal (bytes done of all), nothing otherwise.

@@ -761,7 +761,14 @@ fn migration_source(
             return None;
         }
     };
-    Some(MigrationSource { vcpus: control.clone(), harvester: harvester.clone()?, ram: ram.clone(), file, mem_size })
+    Some(MigrationSource {
+        vcpus: control.clone(),
+        harvester: harvester.clone()?,
+        ram: ram.clone(),
+        file,
+        path: backing.path().to_path_buf(),
+        mem_size,
+    })
 }
 
 /// What writeback did over the run.

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use smudge::memory::ram_layout;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 
@@ -292,7 +291,7 @@ fn good_stream(rng: &mut Rng) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let mem_size = 8u64 << 20;
     let mut memory = vec![0u8; mem_size as usize];
     let mut w = FrameWriter::new(Vec::new(), true);
-    w.send(&Frame::Hello(Hello { mem_size, page_size: PAGE, vcpus: 1, layout: ram_layout(mem_size) }))?;
+    w.send(&Frame::Hello(Hello::new(mem_size, 1)))?;
     let mut pages = 0;
     for _ in 0..40 {
         let p = rng.below(mem_size / PAGE);

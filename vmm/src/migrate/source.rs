@@ -28,6 +28,7 @@ use smudge::harvest::{ConsumerId, Harvester};
 use smudge::memory::{file_offset_to_gpa, gpa_to_file_offset, ram_layout, GuestRam, RamRegion};
 use smudge::migration::checksum::{digest, memory_crcs};
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_PAGES, PAGE};
+use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
@@ -51,6 +52,9 @@ pub struct MigrateOptions {
     /// Send a CRC-32 per MiB of RAM at switchover for the destination to
     /// check its memory against (costs a read of all RAM in the pause).
     pub verify_memory: bool,
+    /// Same-host handover: the destination maps this VM's RAM file and
+    /// only the machine state is sent.
+    pub local: bool,
 }
 
 /// The default downtime budget: the pause covers the final round's pages
@@ -183,6 +187,8 @@ pub struct MigrationSource {
     pub ram: GuestRam,
     /// The backing file (for `SEEK_DATA`).
     pub file: Arc<File>,
+    /// Its path (named to the destination of a same-host handover).
+    pub path: std::path::PathBuf,
     /// RAM bytes.
     pub mem_size: u64,
 }
@@ -389,15 +395,19 @@ impl MigrationSource {
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<TcpStream>>,
     ) -> Result<MigrationReport, MigrateError> {
-        let hello = Hello {
-            mem_size: self.mem_size,
-            page_size: PAGE,
-            vcpus: self.vcpus.threads.len(),
-            layout: s.layout.clone(),
+        let local = match opts.local {
+            true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
+            false => None,
         };
+        let hello = Hello { local, ..Hello::new(self.mem_size, self.vcpus.threads.len()) };
         s.w.send(&Frame::Hello(hello)).map_err(stream_err("sending Hello"))?;
         s.w.flush().map_err(stream_err("sending Hello"))?;
         read_ack(reader, "Hello")?;
+        if opts.local {
+            // The destination maps the same RAM file: no rounds, only the
+            // machine state crosses, with the guest paused.
+            return self.switchover(opts, s, reader, None, Vec::new(), "none (same-host handover)".into(), 0.0);
+        }
 
         let consumer = {
             let mut h = self.harvester.lock().unwrap_or_else(|p| p.into_inner());
@@ -535,8 +545,45 @@ impl MigrationSource {
             round += 1;
         };
         drop(throttle);
+        let converge = {
+            let mut how = Vec::new();
+            if max_pct > 0 {
+                how.push(format!("auto-converge {max_pct}%"));
+            }
+            if let Some(l) = limit_used {
+                how.push(format!(
+                    "dirty-limit {:.1} MB/s per vCPU (throttle up to {max_vcpu_pct}%)",
+                    l * PAGE as f64 / 1e6
+                ));
+            }
+            if forced {
+                how.push("max-rounds".into());
+            }
+            if how.is_empty() {
+                "none".into()
+            } else {
+                how.join(", then ")
+            }
+        };
+        self.switchover(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth)
+    }
 
-        // The final round, paused.
+    /// The final round, paused: the residue (with the consumer whose last
+    /// harvest joins it; `None` for a same-host handover, which sends no
+    /// pages), the machine state, the
+    /// destination's answer. On failure the guest runs on here.
+    #[allow(clippy::too_many_arguments)]
+    fn switchover(
+        &self,
+        opts: &MigrateOptions,
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<TcpStream>>,
+        residue: Option<(DirtySet, ConsumerId)>,
+        mut rounds: Vec<RoundReport>,
+        converge: String,
+        bandwidth: f64,
+    ) -> Result<MigrationReport, MigrateError> {
+        let round = rounds.len() as u32;
         let was_paused = self.vcpus.shared.is_paused();
         let tp = Instant::now();
         let paused = self.vcpus.pause().map_err(MigrateError::Vcpus);
@@ -546,9 +593,16 @@ impl MigrationSource {
             // The vCPU threads read their state while the residue goes out.
             self.vcpus.request_state();
             let (b, p, z) = (s.w.bytes(), s.pages, s.zero_pages);
-            let mut set = residue;
-            set.union_with(&collect(&self.harvester)?).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-            s.send_set(&self.ram, &set)?;
+            if let Some((mut set, consumer)) = residue {
+                let last = self
+                    .harvester
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .collect(consumer)
+                    .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+                set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+                s.send_set(&self.ram, &set)?;
+            }
             if opts.verify_memory {
                 let crcs = memory_crcs(&s.layout, |o, b| {
                     let gpa = file_offset_to_gpa(&s.layout, o)
@@ -600,26 +654,7 @@ impl MigrationSource {
             bytes_sent: s.w.bytes(),
             pages_sent: s.pages,
             zero_pages_sent: s.zero_pages,
-            converge: {
-                let mut how = Vec::new();
-                if max_pct > 0 {
-                    how.push(format!("auto-converge {max_pct}%"));
-                }
-                if let Some(l) = limit_used {
-                    how.push(format!(
-                        "dirty-limit {:.1} MB/s per vCPU (throttle up to {max_vcpu_pct}%)",
-                        l * PAGE as f64 / 1e6
-                    ));
-                }
-                if forced {
-                    how.push("max-rounds".into());
-                }
-                if how.is_empty() {
-                    "none".into()
-                } else {
-                    how.join(", then ")
-                }
-            },
+            converge,
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
             downtime_parts: parts,
