@@ -368,24 +368,86 @@ pub fn write_full(
 /// The part of [`write_full`] that needs the vCPUs paused: copies the data
 /// and writes the state. Commit the result once they run again.
 pub fn begin_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineState) -> Result<Pending, SnapshotError> {
+    begin_live_full(dir, backing, mem_size)?.finish(state)
+}
+
+/// A full snapshot whose `memory.img` is written while the guest may still
+/// run (a live snapshot): the pages written since the first copy are
+/// copied again ([`LiveFull::copy_extents`]) until, with the vCPUs paused,
+/// the last of them and the state make it one point in time.
+#[derive(Debug)]
+pub struct LiveFull {
+    dir: PathBuf,
+    img: File,
+    mem_path: PathBuf,
+    mem_size: u64,
+    bytes: u64,
+}
+
+/// Starts a full snapshot in `dir` (created; must be empty): copies every
+/// data range of guest RAM (`backing`, `mem_size` bytes) into
+/// `memory.img`. Pages the guest writes meanwhile are the caller's to copy
+/// again.
+pub fn begin_live_full(dir: &Path, backing: &File, mem_size: u64) -> Result<LiveFull, SnapshotError> {
     prepare_dir(dir)?;
     let mem_path = dir.join("memory.img");
-    let img = OpenOptions::new().write(true).create_new(true).open(&mem_path).map_err(io_err(&mem_path, "create"))?;
+    let img = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&mem_path)
+        .map_err(io_err(&mem_path, "create"))?;
     img.set_len(mem_size).map_err(io_err(&mem_path, "size"))?;
-    let mut copied = 0;
-    for (off, len) in data_ranges(backing, mem_size).map_err(io_err(&mem_path, "SEEK_DATA on the memory file"))? {
-        copy_range(backing, &img, off, len).map_err(io_err(&mem_path, "copy_file_range"))?;
-        copied += len;
+    let mut live = LiveFull { dir: dir.to_path_buf(), img, mem_path, mem_size, bytes: 0 };
+    let data = data_ranges(backing, mem_size).map_err(io_err(&live.mem_path, "SEEK_DATA on the memory file"))?;
+    live.copy_extents(backing, &data)?;
+    Ok(live)
+}
+
+impl LiveFull {
+    /// Copies `extents` (backing-file offset, length) of `backing` into the
+    /// image again. Returns the bytes copied.
+    pub fn copy_extents(&mut self, backing: &File, extents: &[(u64, u64)]) -> Result<u64, SnapshotError> {
+        let mut n = 0;
+        for &(off, len) in extents {
+            match off.checked_add(len) {
+                Some(end) if end <= self.mem_size => {}
+                _ => {
+                    return Err(SnapshotError::Io {
+                        path: self.mem_path.clone(),
+                        op: "copy an extent",
+                        source: io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("{off:#x}+{len:#x} is outside {:#x} bytes of RAM", self.mem_size),
+                        ),
+                    })
+                }
+            }
+            copy_range(backing, &self.img, off, len).map_err(io_err(&self.mem_path, "copy_file_range"))?;
+            n += len;
+        }
+        self.bytes += n;
+        Ok(n)
     }
-    let state_path = dir.join("state.json");
-    let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
-    f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
-    Ok(Pending {
-        dir: dir.to_path_buf(),
-        manifest: manifest("full", mem_size, state.vcpus.len(), None),
-        names: &["memory.img", "state.json"],
-        bytes: copied,
-    })
+
+    /// Memory bytes copied so far (a page copied twice counts twice).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes `state` (the point in time the image now holds); commit the
+    /// result with [`Pending::commit`].
+    pub fn finish(self, state: &MachineState) -> Result<Pending, SnapshotError> {
+        let state_path = self.dir.join("state.json");
+        let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
+        f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
+        Ok(Pending {
+            dir: self.dir,
+            manifest: manifest("full", self.mem_size, state.vcpus.len(), None),
+            names: &["memory.img", "state.json"],
+            bytes: self.bytes,
+        })
+    }
 }
 
 /// Starts a diff snapshot: the bytes of `extents` (backing-file offset,

@@ -22,8 +22,13 @@ fn encode(r: &Request) -> String {
         Request::Pause => json!({"cmd": "pause"}),
         Request::Resume => json!({"cmd": "resume"}),
         Request::Stop => json!({"cmd": "stop"}),
-        Request::Snapshot { dir, parent, resume } => {
-            json!({"cmd": "snapshot", "dir": dir, "parent": parent, "resume": resume})
+        Request::Snapshot { dir, parent, resume, live_pause_ms } => {
+            let mut v = json!({"cmd": "snapshot", "dir": dir, "parent": parent, "resume": resume});
+            if let Some(ms) = live_pause_ms {
+                v["live"] = json!(true);
+                v["pause_budget_ms"] = json!(ms);
+            }
+            v
         }
         Request::Migrate(m) => json!({
             "cmd": "migrate", "to": m.to, "downtime_ms": m.downtime_ms, "max_rounds": m.max_rounds,

@@ -220,8 +220,10 @@ impl Api {
                 self.vcpus.resume();
                 json!({"ok": true, "paused": false})
             }
-            Request::Snapshot { dir, parent, resume } => self
-                .job(format!("a snapshot into {}", dir.display()), || self.snapshot(&dir, parent.as_deref(), resume)),
+            Request::Snapshot { dir, parent, resume, live_pause_ms } => self
+                .job(format!("a snapshot into {}", dir.display()), || {
+                    self.snapshot(&dir, parent.as_deref(), resume, live_pause_ms.map(Duration::from_millis))
+                }),
             Request::Migrate(m) => {
                 let opts = MigrateOptions {
                     to: m.to,
@@ -289,11 +291,19 @@ impl Api {
         }
     }
 
-    fn snapshot(&self, dir: &Path, parent: Option<&Path>, resume: bool) -> Value {
+    fn snapshot(&self, dir: &Path, parent: Option<&Path>, resume: bool, live: Option<Duration>) -> Value {
         let Some(snap) = &self.snapshotter else {
             return error("this VM cannot be snapshotted (no memory file)".into());
         };
-        match snap.lock().unwrap_or_else(|p| p.into_inner()).take(dir, parent, resume) {
+        let progress = |p: &crate::snapshotter::LiveProgress| {
+            *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(p).ok();
+        };
+        let mut snap = snap.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = match live {
+            Some(budget) => snap.take_live(dir, budget, resume, &progress),
+            None => snap.take(dir, parent, resume),
+        };
+        match taken {
             Ok(t) => json!({
                 "ok": true,
                 "id": t.manifest.id,
@@ -302,6 +312,7 @@ impl Api {
                 "memory_bytes": t.memory_bytes,
                 "pause_ms": t.pause.as_secs_f64() * 1e3,
                 "pause_copied_bytes": t.pause_copied_bytes,
+                "live": live.is_some(),
                 "resumed": resume,
             }),
             Err(e) => error(e),

@@ -308,6 +308,15 @@ pub enum SnapshotCtl {
         /// Leave the vCPUs paused afterwards.
         #[arg(long)]
         no_resume: bool,
+        /// A full snapshot taken while the guest runs: RAM is copied in
+        /// rounds (each copying what the guest wrote during the last) and
+        /// the vCPUs pause only for the last, small residue.
+        #[arg(long, conflicts_with_all = ["parent", "diff"])]
+        live: bool,
+        /// With --live: pause for about this long at most (default 10 ms;
+        /// the rounds stop once the residue fits, or after 10 rounds).
+        #[arg(long, requires = "live")]
+        pause_budget_ms: Option<u64>,
     },
 }
 
@@ -320,12 +329,18 @@ impl CtlCommand {
             CtlCommand::Sync => json!({"cmd": "sync"}),
             CtlCommand::Pause => json!({"cmd": "pause"}),
             CtlCommand::Resume => json!({"cmd": "resume"}),
-            CtlCommand::Snapshot(SnapshotCtl::Create { dir, parent, no_resume, .. }) => {
+            CtlCommand::Snapshot(SnapshotCtl::Create { dir, parent, no_resume, live, pause_budget_ms, .. }) => {
                 // The server resolves paths from its own working directory.
                 let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
                 let mut v = json!({"cmd": "snapshot", "dir": abs(dir), "resume": !no_resume});
                 if let Some(p) = parent {
                     v["parent"] = json!(abs(p));
+                }
+                if *live {
+                    v["live"] = json!(true);
+                }
+                if let Some(ms) = pause_budget_ms {
+                    v["pause_budget_ms"] = json!(ms);
                 }
                 v
             }

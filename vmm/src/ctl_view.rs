@@ -9,6 +9,23 @@ fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// One line for a snapshot taken.
+fn snapshot(v: &Value) -> String {
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    format!(
+        "{}{} snapshot {} in {}: {:.1} MiB of memory; vCPUs paused {:.2} ms ({:.1} MiB copied in the pause){}",
+        if v.get("live").and_then(Value::as_bool) == Some(true) { "live " } else { "" },
+        s("kind"),
+        s("id"),
+        s("dir"),
+        f("memory_bytes") / 1048576.0,
+        f("pause_ms"),
+        f("pause_copied_bytes") / 1048576.0,
+        if v.get("resumed").and_then(Value::as_bool) == Some(false) { "; left paused" } else { "" }
+    )
+}
+
 /// Readable text for `answer` to `cmd`, or None where JSON is the best view.
 pub fn render(cmd: &CtlCommand, answer: &Value) -> Option<String> {
     if answer.get("ok").and_then(Value::as_bool) != Some(true) {
@@ -19,6 +36,7 @@ pub fn render(cmd: &CtlCommand, answer: &Value) -> Option<String> {
         CtlCommand::Stats => Some(stats(answer)),
         CtlCommand::DirtyRate { .. } => Some(dirty_rate(answer)),
         CtlCommand::Migrate(_) => Some(migration_report(answer)),
+        CtlCommand::Snapshot(_) => Some(snapshot(answer)),
         _ => None,
     }
 }

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
-use smudge_vmm::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand};
+use smudge_vmm::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand, SnapshotCtl};
 use smudge_vmm::dirty::DirtyOptions;
 use smudge_vmm::flusher::WritebackOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
@@ -146,7 +146,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Ctl(args) => {
-            let watch = matches!(args.cmd, CtlCommand::Migrate(_)).then(|| watch_progress(args.api_sock.clone()));
+            let long_job = matches!(
+                args.cmd,
+                CtlCommand::Migrate(_) | CtlCommand::Snapshot(SnapshotCtl::Create { live: true, .. })
+            );
+            let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
             let answer = smudge_vmm::api::call(&args.api_sock, &args.cmd.request());
             if let Some(stop) = watch {
                 stop();
@@ -229,14 +233,25 @@ fn watch_progress(sock: std::path::PathBuf) -> impl FnOnce() {
                 let Ok(v) = smudge_vmm::api::call(&sock, &serde_json::json!({"cmd": "stats"})) else { continue };
                 if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
                     let n = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-                    bar.set_message(format!(
-                        "round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.0} MiB sent, throttle {:.0}%",
-                        n("round"),
-                        n("remaining_pages"),
-                        n("rate_mbps"),
-                        n("bytes_sent") / 1048576.0,
-                        n("throttle_pct")
-                    ));
+                    bar.set_message(match p.get("bytes_sent") {
+                        // A migration.
+                        Some(_) => format!(
+                            "round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.0} MiB sent, throttle {:.0}%",
+                            n("round"),
+                            n("remaining_pages"),
+                            n("rate_mbps"),
+                            n("bytes_sent") / 1048576.0,
+                            n("throttle_pct")
+                        ),
+                        // A live snapshot.
+                        None => format!(
+                            "copy round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.0} MiB copied",
+                            n("round"),
+                            n("remaining_pages"),
+                            n("rate_mbps"),
+                            n("bytes") / 1048576.0
+                        ),
+                    });
                     bar.tick();
                 }
             }

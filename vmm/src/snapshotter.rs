@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use smudge::dirty_set::DirtySet;
 use smudge::harvest::{ConsumerId, Harvester};
 use smudge::memory::GuestRam;
+use smudge::migration::frame::PAGE;
 use smudge::snapshot::{self, MachineState, Manifest};
 
 use crate::precopy::{file_extents, Staging};
@@ -265,6 +266,91 @@ impl Snapshotter {
         }
     }
 
+    /// Takes a full snapshot into `dir` while the guest runs: all RAM is
+    /// copied, then the pages written meanwhile, round after round, by a
+    /// dirty-log consumer of its own, until what is left is estimated to
+    /// copy within `residue` (or `MAX_LIVE_ROUNDS` passed); only that last
+    /// residue is copied with the vCPUs paused. The snapshot then heads
+    /// this run's chain, its consumer collecting for the next diff.
+    pub fn take_live(
+        &mut self,
+        dir: &Path,
+        residue: Duration,
+        resume: bool,
+        progress: &dyn Fn(&LiveProgress),
+    ) -> Result<Taken, String> {
+        let h = self.harvester.clone().ok_or("live snapshots need dirty logging")?;
+        let collect = |c| h.lock().unwrap_or_else(|p| p.into_inner()).collect(c).map_err(|e| e.to_string());
+        let consumer = {
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            let c = h.add_consumer();
+            h.reprotect_all().map_err(|e| e.to_string())?;
+            // What was dirty before now is in the first copy, made after this.
+            if let Some(before) = h.take(c) {
+                h.recycle(before);
+            }
+            c
+        };
+        let mut guard = LiveConsumer { harvester: &h, consumer: Some(consumer) };
+        let t0 = Instant::now();
+        let mut live = snapshot::begin_live_full(dir, &self.file, self.mem_size).map_err(|e| with_causes(&e))?;
+        let mut last = (live.bytes(), t0.elapsed());
+        let mut round = 0;
+        let set = loop {
+            let set = collect(consumer)?;
+            let dirty = set.count() * PAGE;
+            let rate = last.0 as f64 / last.1.as_secs_f64().max(1e-6);
+            let estimate = Duration::from_secs_f64(dirty as f64 / rate.max(1.0));
+            progress(&LiveProgress { round, remaining_pages: set.count(), rate_mbps: rate / 1e6, bytes: live.bytes() });
+            tracing::info!(
+                "live snapshot round {round}: {} MiB copied at {:.0} MB/s; {} pages dirty now, estimated pause {:.1} ms",
+                last.0 >> 20,
+                rate / 1e6,
+                set.count(),
+                estimate.as_secs_f64() * 1e3
+            );
+            // Another round only while it shrinks the residue.
+            let shrinking = dirty.saturating_mul(2) < last.0;
+            if (estimate <= residue && !shrinking) || estimate.is_zero() || round >= MAX_LIVE_ROUNDS {
+                break set;
+            }
+            let t = Instant::now();
+            let n = live.copy_extents(&self.file, &file_extents(&set, self.mem_size)).map_err(|e| with_causes(&e))?;
+            h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
+            last = (n, t.elapsed());
+            round += 1;
+        };
+        let was_paused = self.vcpus.shared.is_paused();
+        let tp = Instant::now();
+        self.vcpus.pause()?;
+        let paused = (|| {
+            self.vcpus.request_state();
+            let mut set = set;
+            set.union_with(&collect(consumer)?).map_err(|e| e.to_string())?;
+            let n = live.copy_extents(&self.file, &file_extents(&set, self.mem_size)).map_err(|e| with_causes(&e))?;
+            Ok::<_, String>((self.vcpus.collect_state()?, n))
+        })();
+        let pause = tp.elapsed();
+        if resume && !was_paused {
+            self.vcpus.resume();
+        }
+        let (state, in_pause) = paused?;
+        let (manifest, memory_bytes) =
+            live.finish(&state).and_then(snapshot::Pending::commit).map_err(|e| with_causes(&e))?;
+        // Pages written since the pause are the next diff's: this
+        // snapshot's consumer carries on as the chain's.
+        let mut hl = h.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = self.chain.take() {
+            hl.remove_consumer(old.consumer);
+        }
+        guard.consumer = None;
+        self.chain = Some(Chain { consumer, last: Some((manifest.clone(), dir.to_path_buf())) });
+        self.pending = None;
+        self.staging = None;
+        drop(hl);
+        Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause, pause_copied_bytes: in_pause })
+    }
+
     fn keep_pending(&mut self, set: DirtySet) {
         match self.pending.as_mut() {
             Some(p) => {
@@ -343,6 +429,37 @@ impl Snapshotter {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Rounds of a live snapshot after the first copy, before the pause is
+/// forced.
+pub const MAX_LIVE_ROUNDS: u32 = 10;
+
+/// A live snapshot's progress (the control API's `stats` shows it).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveProgress {
+    /// Copy rounds done after the first.
+    pub round: u32,
+    /// Pages written since the last copy.
+    pub remaining_pages: u64,
+    /// Copy rate of the last round.
+    pub rate_mbps: f64,
+    /// Bytes copied so far.
+    pub bytes: u64,
+}
+
+/// Removes a failed live snapshot's dirty-log consumer.
+struct LiveConsumer<'a> {
+    harvester: &'a Mutex<Harvester>,
+    consumer: Option<ConsumerId>,
+}
+
+impl Drop for LiveConsumer<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            self.harvester.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(c);
         }
     }
 }
