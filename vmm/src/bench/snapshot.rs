@@ -1,7 +1,8 @@
 //! `smudge bench snapshot`: a guest writing ~5 % of its pages per second on
 //! 1 GiB (64 MiB with --quick), snapshotted through the control API of a
 //! real `smudge run`, in one invocation: the full-snapshot pause; the
-//! diff-snapshot pause with background writeback off and on; restore time;
+//! diff-snapshot pause with background writeback off and on; a live full
+//! snapshot's pause against the paused one's; restore time;
 //! and how many diff snapshots per second can be sustained, with the share
 //! of time the guest spends paused (its slowdown bound).
 
@@ -82,6 +83,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut rep = Report::new("snapshot");
 
     let mut pauses = Vec::new();
+    let (mut full_paused, mut live_pause) = (Vec::new(), None);
     let mut last = None;
     for (case, extra) in [
         ("background writeback off", &["--no-writeback", "--snapshot-precopy-ms", "0"][..]),
@@ -104,6 +106,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             parent = next;
         }
         rep.result(&format!("{label}, {case}: full snapshot"), "pause_ms", full_ms);
+        if !extra.is_empty() {
+            full_paused.push(full_ms);
+        } else {
+            // A live full snapshot of the same guest, in the same run.
+            let live = dir.join("live-full");
+            std::fs::remove_dir_all(&live).ok();
+            let t0 = Instant::now();
+            let v = vm.call(json!({"cmd": "snapshot", "dir": live, "resume": true, "live": true}))?;
+            let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
+            rep.result(&format!("{label}, {case}: live full snapshot"), "pause_ms", ms);
+            rep.result(&format!("{label}, {case}: live full snapshot"), "total_ms", total_ms);
+            rep.result(
+                &format!("{label}, {case}: live full snapshot"),
+                "pause_copied_mib",
+                v["pause_copied_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            );
+            full_paused.push(full_ms);
+            live_pause = Some(ms);
+            std::fs::remove_dir_all(&live).ok();
+        }
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "diff_mib", median(&bytes));
         pauses.push((full_ms, median(&d)));
@@ -114,6 +137,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let (_, diff_on) = pauses[1];
     rep.goal("diff pause (background writeback on) / full pause", diff_on / full_off, 0.05, "lower");
     rep.goal("diff pause (background on) / diff pause (background off)", diff_on / diff_off, 0.2, "lower");
+    if let Some(live) = live_pause {
+        // Against the shorter of the two paused full snapshots of this run
+        // (how much of the file the page cache holds varies between them).
+        let full = full_paused.iter().copied().fold(f64::INFINITY, f64::min);
+        rep.goal("live full snapshot pause / paused full snapshot pause", live / full, 0.05, "lower");
+    }
 
     // Restore: the chain of the second run into a new process, to the guest running.
     if let Some(chain) = last {
