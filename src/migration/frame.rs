@@ -17,7 +17,13 @@
 //! Ack       JSON {ok, error}                                   dest -> source
 //! Abort     UTF-8 reason                                       source -> dest
 //! Checksums n u32 | n x crc32   RAM per 1 MiB at switchover (optional, before Done)
+//! Postcopy  n u32 | n x (offset u64 | count u32)  pages still owed (before State)
+//! PageRequest  n u32 | n x (offset u64 | count u32)  pages a vCPU waits for, dest -> source
 //! ```
+//!
+//! Hello also carries `local` (a same-host handover: no pages follow) and
+//! `postcopy` (the guest resumes on the destination before all pages are
+//! there) when they apply.
 //!
 //! Offsets are backing-file offsets (the layout both ends derive from the
 //! RAM size), always page aligned.
@@ -69,6 +75,10 @@ pub enum Kind {
     Abort = 8,
     /// Memory checksums at switchover.
     Checksums = 9,
+    /// Post-copy: the pages the source still owes after the switchover.
+    Postcopy = 10,
+    /// Post-copy: pages the destination's guest is waiting for.
+    PageRequest = 11,
 }
 
 impl Kind {
@@ -83,6 +93,8 @@ impl Kind {
             7 => Kind::Ack,
             8 => Kind::Abort,
             9 => Kind::Checksums,
+            10 => Kind::Postcopy,
+            11 => Kind::PageRequest,
             _ => return None,
         })
     }
@@ -103,13 +115,24 @@ pub struct Hello {
     /// data follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<crate::migration::local::LocalRam>,
+    /// Post-copy: after a `Postcopy` frame and the state the destination
+    /// runs the guest while the owed pages arrive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 impl Hello {
     /// A `Hello` for `vcpus` vCPUs and `mem_size` bytes of RAM in smudge's
     /// layout, whose pages follow in the stream.
     pub fn new(mem_size: u64, vcpus: usize) -> Self {
-        Hello { mem_size, page_size: PAGE, vcpus, layout: crate::memory::ram_layout(mem_size), local: None }
+        Hello {
+            mem_size,
+            page_size: PAGE,
+            vcpus,
+            layout: crate::memory::ram_layout(mem_size),
+            local: None,
+            postcopy: false,
+        }
     }
 }
 
@@ -159,6 +182,13 @@ pub enum Frame {
     Abort(String),
     /// CRC-32 of each MiB of RAM at switchover, for an end-to-end check.
     Checksums(Vec<u32>),
+    /// Post-copy switchover (before `State`): runs (offset, page count) of
+    /// the pages the source still owes; they follow, as `Pages` or `Zero`,
+    /// after the destination's guest runs. Any other page not in the
+    /// destination's file is zero.
+    Postcopy(Vec<(u64, u32)>),
+    /// Post-copy, destination to source: runs of pages a vCPU waits for.
+    PageRequest(Vec<(u64, u32)>),
 }
 
 impl Frame {
@@ -174,6 +204,8 @@ impl Frame {
             Frame::Ack(_) => Kind::Ack,
             Frame::Abort(_) => Kind::Abort,
             Frame::Checksums(_) => Kind::Checksums,
+            Frame::Postcopy(_) => Kind::Postcopy,
+            Frame::PageRequest(_) => Kind::PageRequest,
         }
     }
 }
@@ -358,24 +390,9 @@ pub fn decode_payload(raw_header: &[u8; HEADER_LEN], h: &Header, payload: &[u8])
             };
             Frame::Pages { offset, data }
         }
-        Kind::Zero => {
-            if payload.len() < 4 {
-                return Err(malformed(h.kind, "shorter than its count"));
-            }
-            let n = le_u32(&payload[..4]);
-            if n > MAX_ZERO_RANGES || payload.len() != 4 + n as usize * 12 {
-                return Err(malformed(h.kind, format!("{n} ranges in {} bytes", payload.len())));
-            }
-            let mut v = Vec::with_capacity(n as usize);
-            for r in payload[4..].chunks_exact(12) {
-                let (offset, count) = (le_u64(&r[..8]), le_u32(&r[8..12]));
-                if !offset.is_multiple_of(PAGE) || count == 0 {
-                    return Err(malformed(h.kind, format!("range ({offset:#x}, {count} pages)")));
-                }
-                v.push((offset, count));
-            }
-            Frame::Zero(v)
-        }
+        Kind::Zero => Frame::Zero(decode_ranges(h.kind, payload)?),
+        Kind::Postcopy => Frame::Postcopy(decode_ranges(h.kind, payload)?),
+        Kind::PageRequest => Frame::PageRequest(decode_ranges(h.kind, payload)?),
         Kind::RoundEnd => {
             if payload.len() != 12 {
                 return Err(malformed(h.kind, format!("{} bytes, want 12", payload.len())));
@@ -402,6 +419,27 @@ pub fn decode_payload(raw_header: &[u8; HEADER_LEN], h: &Header, payload: &[u8])
             Frame::Checksums(payload[4..].chunks_exact(4).map(le_u32).collect())
         }
     })
+}
+
+/// A body of page runs: n u32 | n x (offset u64 | count u32), each run
+/// page aligned and not empty.
+fn decode_ranges(kind: Kind, payload: &[u8]) -> Result<Vec<(u64, u32)>, FrameError> {
+    if payload.len() < 4 {
+        return Err(malformed(kind, "shorter than its count"));
+    }
+    let n = le_u32(&payload[..4]);
+    if n > MAX_ZERO_RANGES || payload.len() != 4 + n as usize * 12 {
+        return Err(malformed(kind, format!("{n} ranges in {} bytes", payload.len())));
+    }
+    let mut v = Vec::with_capacity(n as usize);
+    for r in payload[4..].chunks_exact(12) {
+        let (offset, count) = (le_u64(&r[..8]), le_u32(&r[8..12]));
+        if !offset.is_multiple_of(PAGE) || count == 0 {
+            return Err(malformed(kind, format!("range ({offset:#x}, {count} pages)")));
+        }
+        v.push((offset, count));
+    }
+    Ok(v)
 }
 
 /// Decodes the first frame of `buf` (any sequence number): the frame and
@@ -552,18 +590,9 @@ impl<W: Write> FrameWriter<W> {
                 }
                 Ok(())
             }
-            Frame::Zero(ranges) => {
-                for part in ranges.chunks(MAX_ZERO_RANGES as usize) {
-                    let mut b = Vec::with_capacity(4 + part.len() * 12);
-                    b.extend_from_slice(&(part.len() as u32).to_le_bytes());
-                    for (o, n) in part {
-                        b.extend_from_slice(&o.to_le_bytes());
-                        b.extend_from_slice(&n.to_le_bytes());
-                    }
-                    self.emit(Kind::Zero, 0, &[&b])?;
-                }
-                Ok(())
-            }
+            Frame::Zero(ranges) => self.emit_ranges(Kind::Zero, ranges),
+            Frame::Postcopy(ranges) => self.emit_ranges(Kind::Postcopy, ranges),
+            Frame::PageRequest(ranges) => self.emit_ranges(Kind::PageRequest, ranges),
             Frame::RoundEnd { round, pages } => {
                 self.emit(Kind::RoundEnd, 0, &[&round.to_le_bytes(), &pages.to_le_bytes()])
             }
@@ -582,6 +611,20 @@ impl<W: Write> FrameWriter<W> {
                 self.emit(Kind::Checksums, 0, &[&b])
             }
         }
+    }
+
+    /// Page runs, in as many frames as they need.
+    fn emit_ranges(&mut self, kind: Kind, ranges: &[(u64, u32)]) -> io::Result<()> {
+        for part in ranges.chunks(MAX_ZERO_RANGES as usize) {
+            let mut b = Vec::with_capacity(4 + part.len() * 12);
+            b.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            for (o, n) in part {
+                b.extend_from_slice(&o.to_le_bytes());
+                b.extend_from_slice(&n.to_le_bytes());
+            }
+            self.emit(kind, 0, &[&b])?;
+        }
+        Ok(())
     }
 
     /// Flushes the stream.
@@ -629,6 +672,8 @@ mod tests {
             Frame::Ack(Ack { ok: false, error: Some("no".into()) }),
             Frame::Abort("gone".into()),
             Frame::Checksums(vec![1, 0xdead_beef, 3]),
+            Frame::Postcopy(vec![(0x4000, 2), (0x10000, 7)]),
+            Frame::PageRequest(vec![(0x5000, 1)]),
         ]
     }
 

@@ -7,4 +7,5 @@
 pub mod checksum;
 pub mod frame;
 pub mod local;
+pub mod postcopy;
 pub mod receiver;

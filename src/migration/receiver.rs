@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! Hello -> (Pages | Zero | RoundEnd)* -> State -> Done
+//! Hello(postcopy) -> (Pages | Zero | RoundEnd)* -> Postcopy* -> State -> (see postcopy)
 //! ```
 
 use std::fs::File;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::checksum::{digest, memory_crcs, CHUNK};
 use super::frame::{Frame, FrameError, Hello, PAGE};
+use super::postcopy::Owed;
 use crate::memory::ram_layout;
 use crate::snapshot::MachineState;
 
@@ -118,6 +120,9 @@ pub enum Step {
     },
     /// The stream is complete: the machine state to resume with.
     Done(Box<MachineState>),
+    /// Post-copy switchover: start the guest with this state; the pages
+    /// owed follow (see [`super::postcopy`]).
+    Postcopy(Box<MachineState>, Owed),
 }
 
 /// Applies a checked stream to a memory file.
@@ -132,6 +137,8 @@ pub struct Receiver {
     checksums: Option<Vec<u32>>,
     verified: Option<u32>,
     zeros: Vec<u8>,
+    /// Post-copy: the pages announced as still owed.
+    owed: Option<Owed>,
 }
 
 impl Receiver {
@@ -148,6 +155,7 @@ impl Receiver {
             checksums: None,
             verified: None,
             zeros: Vec::new(),
+            owed: None,
         }
     }
 
@@ -203,6 +211,31 @@ impl Receiver {
             len: data.len() as u64,
             source,
         })
+    }
+
+    /// Drops `[offset, offset + len)` from the file (a hole), so a mapping
+    /// of it faults there again; unlike [`Self::zero`] there is no
+    /// fallback — written zeros would be taken for the page itself.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        // SAFETY: fallocate on a file we own, within its size (checked by
+        // the caller through `Owed::add`).
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(ReceiveError::Write {
+                path: self.path.clone(),
+                offset,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Makes `[offset, offset + len)` read as zeros: a hole punched in the
@@ -267,6 +300,13 @@ impl Receiver {
                         self.hello.vcpus
                     )));
                 }
+                if self.hello.postcopy {
+                    if self.checksums.is_some() {
+                        return Err(ReceiveError::Protocol("memory checksums in a post-copy migration".into()));
+                    }
+                    let owed = self.owed.take().unwrap_or_else(|| Owed::new(self.hello.mem_size));
+                    return Ok(Step::Postcopy(s, owed));
+                }
                 self.state = Some(s);
                 Ok(Step::Continue)
             }
@@ -290,6 +330,16 @@ impl Receiver {
                     });
                 }
                 Ok(Step::Done(state))
+            }
+            Frame::Postcopy(runs) if self.hello.postcopy => {
+                let owed = self.owed.get_or_insert_with(|| Owed::new(self.hello.mem_size));
+                owed.add(&runs)?;
+                // What the file holds there is stale: make it missing, so
+                // the guest's first touch waits for the source's copy.
+                for (offset, count) in runs {
+                    self.discard(offset, u64::from(count) * PAGE)?;
+                }
+                Ok(Step::Continue)
             }
             Frame::Abort(r) => Err(ReceiveError::Aborted(r)),
             other => Err(ReceiveError::Protocol(format!("unexpected {:?} frame mid-stream", other.kind()))),

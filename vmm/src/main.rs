@@ -96,15 +96,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 (false, Some(_)) => Err("the source hands over its RAM file (--local); start migrate-recv \
                                       with --local and --mem-file naming that file"
                     .to_string()),
-                (false, None) => {
-                    // The file must be creatable before the source starts sending.
-                    let probe = std::fs::OpenOptions::new().write(true).create_new(true).open(&m.run.mem_file);
-                    match probe {
-                        // vm::run makes it afresh, sparse, at the announced size.
-                        Ok(_) => std::fs::remove_file(&m.run.mem_file).map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("{}: cannot create the memory file: {e}", m.run.mem_file.display())),
-                    }
+                (false, None) if inc.hello().postcopy => {
+                    smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
+                        .and_then(|_| creatable(&m.run.mem_file))
                 }
+                (false, None) => creatable(&m.run.mem_file),
             };
             if let Err(why) = ready {
                 inc.refuse(&why);
@@ -178,6 +174,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             report.print(args.json)?;
             Ok(0)
         }
+    }
+}
+
+/// Checks that a new memory file can be made at `path` before the source
+/// starts sending (`vm::run` then makes it afresh, sparse, at the
+/// announced size).
+fn creatable(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(_) => std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) => Err(format!("{}: cannot create the memory file: {e}", path.display())),
     }
 }
 

@@ -374,7 +374,19 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
             l.one_of(SYS_prctl, 0, &[PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS].map(|c| c as u64))?;
             l.when(SYS_seccomp, &[&[Arg::Eq(0, u64::from(SECCOMP_SET_MODE_FILTER)), Arg::Eq(1, 0)]])?;
             // KVM_RUN first: a vCPU's every entry is checked against this list too.
-            ioctls(&mut l, &[nr::vcpu(), nr::dirty_log(), nr::load(), vec![FIONBIO, FIONREAD, FIOCLEX, FIONCLEX]])?;
+            // Post-copy's userfaultfd: created, registered and served on
+            // VMM threads.
+            l.any(&[libc::SYS_userfaultfd]);
+            ioctls(
+                &mut l,
+                &[
+                    nr::vcpu(),
+                    nr::dirty_log(),
+                    nr::load(),
+                    smudge::uffd::ioctl_numbers(),
+                    vec![FIONBIO, FIONREAD, FIOCLEX, FIONCLEX],
+                ],
+            )?;
         }
         ThreadKind::Vcpu => {
             common(&mut l, false)?;

@@ -101,7 +101,12 @@ pub struct VmConfig {
 pub trait IncomingVm: Send {
     /// Fills the memory file `file` (at `path`) with the guest's RAM and
     /// returns its machine state. Runs while KVM is being set up.
-    fn receive(&mut self, file: &std::fs::File, path: &std::path::Path) -> Result<MachineState, String>;
+    fn receive(
+        &mut self,
+        file: &std::fs::File,
+        path: &std::path::Path,
+        ram: &smudge::memory::GuestRam,
+    ) -> Result<MachineState, String>;
     /// The guest runs (Ok) or could not be started (Err, why); called
     /// once, as soon as that is known.
     fn started(&mut self, result: Result<(), String>);
@@ -362,7 +367,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
             }
             (None, Some(inc)) => match install() {
-                Ok(f) => (inc.receive(backing.file(), backing.path()).map(Some).map_err(VmError::Runtime), Ok(f)),
+                Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::Runtime), Ok(f)),
                 Err(e) => (Ok(None), Err(e)),
             },
             (None, None) => (Ok(None), install()),

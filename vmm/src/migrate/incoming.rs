@@ -11,10 +11,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use smudge::memory::GuestRam;
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 use smudge::snapshot::MachineState;
 
+use crate::migrate::postcopy_dest::{PostcopyDest, EXIT_POSTCOPY};
 use crate::vm::IncomingVm;
 
 /// Longest silence from the source before the destination gives up.
@@ -37,6 +39,8 @@ pub struct Incoming {
     hello: Hello,
     peer: SocketAddr,
     answered: bool,
+    /// Post-copy: set up at the switchover, run once the guest runs.
+    postcopy: Option<PostcopyDest>,
 }
 
 impl Incoming {
@@ -82,7 +86,7 @@ impl Incoming {
             }
         };
         tracing::info!("migration from {peer}: {} MiB RAM, {} vCPU(s)", hello.mem_size >> 20, hello.vcpus);
-        Ok(Incoming { reader, writer, hello, peer, answered: false })
+        Ok(Incoming { reader, writer, hello, peer, answered: false, postcopy: None })
     }
 
     /// What the source announced.
@@ -117,7 +121,7 @@ impl Incoming {
 }
 
 impl IncomingVm for Incoming {
-    fn receive(&mut self, file: &File, path: &Path) -> Result<MachineState, String> {
+    fn receive(&mut self, file: &File, path: &Path, ram: &GuestRam) -> Result<MachineState, String> {
         let file = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
         let mut rx = Receiver::new(file, path, self.hello.clone());
         let t0 = Instant::now();
@@ -150,11 +154,40 @@ impl IncomingVm for Incoming {
                     );
                     return Ok(*state);
                 }
+                Step::Postcopy(state, owed) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "smudge: post-copy switchover from {}: {} MiB received in {:.0} ms; {} pages still owed, \
+                         the guest runs here now",
+                        self.peer,
+                        self.reader.bytes() >> 20,
+                        t0.elapsed().as_secs_f64() * 1e3,
+                        owed.remaining()
+                    );
+                    self.postcopy = Some(PostcopyDest::prepare(ram, &self.hello.layout, owed)?);
+                    return Ok(*state);
+                }
             }
         }
     }
 
     fn started(&mut self, result: Result<(), String>) {
+        let ok = result.is_ok();
         self.answer(result);
+        if let (true, Some(pc)) = (ok, self.postcopy.take()) {
+            // The receive and fault threads take the connection over (what
+            // stays here are unused duplicates of its socket).
+            let taken = self.writer.get_mut().try_clone().and_then(|s| Ok((s.try_clone()?, s))).map(|(a, b)| {
+                (
+                    std::mem::replace(&mut self.reader, FrameReader::new(BufReader::new(a))),
+                    std::mem::replace(&mut self.writer, FrameWriter::new(b, false)),
+                )
+            });
+            let r = taken.map_err(|e| format!("post-copy: {e}")).and_then(|(r, w)| pc.run(r, w, self.peer));
+            if let Err(e) = r {
+                let _ = writeln!(std::io::stderr(), "smudge: {e}; the guest cannot continue");
+                std::process::exit(i32::from(EXIT_POSTCOPY));
+            }
+        }
     }
 }

@@ -5,4 +5,5 @@
 
 pub mod converge;
 pub mod incoming;
+pub mod postcopy_dest;
 pub mod source;

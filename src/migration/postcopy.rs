@@ -1,0 +1,221 @@
+//! Post-copy bookkeeping on the destination: which pages the source still
+//! owes after the switchover ([`Owed`]), which of them a vCPU already asked
+//! for, and the checks every page frame of the post-copy phase passes
+//! before it is placed in guest memory ([`PostcopyReceiver`]).
+//!
+//! ```text
+//! ... -> Postcopy* -> State   (the guest runs here from now on)
+//!     -> (Pages | Zero)* -> Done          source -> dest, each owed page once
+//!     <- PageRequest*                     dest -> source, faulted pages
+//! ```
+//!
+//! A page not owed reads as what the destination's file holds (zero where
+//! the file has a hole); an owed page is placed once, atomically, when it
+//! arrives — by whoever placing it (the VMM, with `UFFDIO_COPY`) — and is
+//! never accepted twice.
+
+use super::frame::{Frame, PAGE};
+use super::receiver::ReceiveError;
+
+/// Pages the source still owes, one bit per page of RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    bits: Vec<u64>,
+    pages: u64,
+    remaining: u64,
+}
+
+impl Owed {
+    /// Nothing owed, for `mem_size` bytes of RAM.
+    pub fn new(mem_size: u64) -> Self {
+        let pages = mem_size / PAGE;
+        Owed { bits: vec![0; pages.div_ceil(64) as usize], pages, remaining: 0 }
+    }
+
+    fn check(&self, offset: u64, count: u64) -> Result<(u64, u64), ReceiveError> {
+        let mem_size = self.pages * PAGE;
+        let first = offset / PAGE;
+        match first.checked_add(count) {
+            Some(end) if offset.is_multiple_of(PAGE) && end <= self.pages => Ok((first, end)),
+            _ => Err(ReceiveError::OutOfBounds { offset, len: count.saturating_mul(PAGE), mem_size }),
+        }
+    }
+
+    /// Adds runs of (offset, page count); a page owed twice is refused.
+    pub fn add(&mut self, runs: &[(u64, u32)]) -> Result<(), ReceiveError> {
+        for &(offset, count) in runs {
+            let (first, end) = self.check(offset, u64::from(count))?;
+            if (first..end).any(|p| self.has(p)) {
+                return Err(ReceiveError::Protocol(format!(
+                    "post-copy: pages at {offset:#x} (+{count}) are owed twice"
+                )));
+            }
+            for p in first..end {
+                self.bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            self.remaining += end - first;
+        }
+        Ok(())
+    }
+
+    fn has(&self, page: u64) -> bool {
+        self.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Whether the page at file offset `offset` is still owed.
+    pub fn owes(&self, offset: u64) -> bool {
+        let p = offset / PAGE;
+        p < self.pages && self.has(p)
+    }
+
+    /// Pages still owed.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Takes `count` pages at `offset` off the debt: each must be owed
+    /// (a page outside RAM, never owed or already delivered is refused,
+    /// and nothing is taken).
+    pub fn deliver(&mut self, offset: u64, count: u64) -> Result<(), ReceiveError> {
+        let (first, end) = self.check(offset, count)?;
+        if let Some(p) = (first..end).find(|&p| !self.has(p)) {
+            return Err(ReceiveError::Protocol(format!(
+                "post-copy: page at {:#x} is not owed (never announced, or delivered before)",
+                p * PAGE
+            )));
+        }
+        for p in first..end {
+            self.bits[(p / 64) as usize] &= !(1 << (p % 64));
+        }
+        self.remaining -= end - first;
+        Ok(())
+    }
+}
+
+/// What the VMM does with a checked post-copy frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Place these pages at this file offset (they were owed).
+    Pages {
+        /// File offset.
+        offset: u64,
+        /// Whole pages.
+        data: Vec<u8>,
+    },
+    /// Place zero pages in these runs (they were owed).
+    Zero(Vec<(u64, u32)>),
+    /// Every owed page arrived; the totals match.
+    Done,
+}
+
+/// Checks the source's frames after a post-copy switchover.
+#[derive(Debug)]
+pub struct PostcopyReceiver {
+    owed: Owed,
+    pages: u64,
+    zero_pages: u64,
+}
+
+impl PostcopyReceiver {
+    /// A receiver for the pages in `owed`.
+    pub fn new(owed: Owed) -> Self {
+        PostcopyReceiver { owed, pages: 0, zero_pages: 0 }
+    }
+
+    /// What is still owed.
+    pub fn owed(&self) -> &Owed {
+        &self.owed
+    }
+
+    /// Data pages received after the switchover.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Zero pages received after the switchover.
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_pages
+    }
+
+    /// Checks `f` and says what to place; nothing is placed for a frame
+    /// that fails.
+    pub fn apply(&mut self, f: Frame) -> Result<Placement, ReceiveError> {
+        match f {
+            Frame::Pages { offset, data } => {
+                let count = data.len() as u64 / PAGE;
+                self.owed.deliver(offset, count)?;
+                self.pages += count;
+                Ok(Placement::Pages { offset, data })
+            }
+            Frame::Zero(runs) => {
+                // All or nothing: check every run on a copy first.
+                let mut owed = self.owed.clone();
+                for &(offset, count) in &runs {
+                    owed.deliver(offset, u64::from(count))?;
+                }
+                self.owed = owed;
+                self.zero_pages += runs.iter().map(|&(_, n)| u64::from(n)).sum::<u64>();
+                Ok(Placement::Zero(runs))
+            }
+            Frame::Done { pages, zero_pages } => {
+                if (pages, zero_pages) != (self.pages, self.zero_pages) {
+                    return Err(ReceiveError::Totals {
+                        sent: pages,
+                        sent_zero: zero_pages,
+                        got: self.pages,
+                        got_zero: self.zero_pages,
+                    });
+                }
+                if self.owed.remaining() > 0 {
+                    return Err(ReceiveError::Protocol(format!(
+                        "post-copy: Done with {} pages still owed",
+                        self.owed.remaining()
+                    )));
+                }
+                Ok(Placement::Done)
+            }
+            Frame::Abort(r) => Err(ReceiveError::Aborted(r)),
+            other => Err(ReceiveError::Protocol(format!("unexpected {:?} frame during post-copy", other.kind()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_owed_page_is_accepted_once_and_totals_are_checked() {
+        let mut owed = Owed::new(64 * PAGE);
+        owed.add(&[(0, 4), (10 * PAGE, 2)]).unwrap();
+        assert_eq!(owed.remaining(), 6);
+        assert!(owed.owes(3 * PAGE) && !owed.owes(4 * PAGE) && owed.owes(11 * PAGE));
+        assert!(owed.add(&[(3 * PAGE, 1)]).unwrap_err().to_string().contains("owed twice"));
+        assert!(matches!(owed.add(&[(63 * PAGE, 2)]), Err(ReceiveError::OutOfBounds { .. })));
+
+        let mut rx = PostcopyReceiver::new(owed);
+        let page = |n: usize| vec![7u8; n * PAGE as usize];
+        assert_eq!(
+            rx.apply(Frame::Pages { offset: PAGE, data: page(2) }).unwrap(),
+            Placement::Pages { offset: PAGE, data: page(2) }
+        );
+        // Twice: refused, and nothing changes.
+        let e = rx.apply(Frame::Pages { offset: 2 * PAGE, data: page(1) }).unwrap_err();
+        assert!(e.to_string().contains("not owed"), "{e}");
+        // Never owed.
+        assert!(rx.apply(Frame::Pages { offset: 5 * PAGE, data: page(1) }).is_err());
+        // A zero frame with one bad run places none of its runs.
+        assert!(rx.apply(Frame::Zero(vec![(0, 1), (40 * PAGE, 1)])).is_err());
+        assert!(rx.owed().owes(0));
+        // Done too early.
+        assert!(rx.apply(Frame::Done { pages: 2, zero_pages: 0 }).unwrap_err().to_string().contains("still owed"));
+        assert_eq!(
+            rx.apply(Frame::Zero(vec![(0, 1), (10 * PAGE, 2)])).unwrap(),
+            Placement::Zero(vec![(0, 1), (10 * PAGE, 2)])
+        );
+        rx.apply(Frame::Pages { offset: 3 * PAGE, data: page(1) }).unwrap();
+        assert!(matches!(rx.apply(Frame::Done { pages: 2, zero_pages: 3 }), Err(ReceiveError::Totals { .. })));
+        assert_eq!(rx.apply(Frame::Done { pages: 3, zero_pages: 3 }).unwrap(), Placement::Done);
+        assert!(rx.apply(Frame::State(Box::default())).is_err());
+    }
+}
