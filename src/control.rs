@@ -6,7 +6,8 @@
 //! {"cmd":"stats"} {"cmd":"sync"} {"cmd":"pause"} {"cmd":"resume"} {"cmd":"stop"}
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?,"live":false?,"pause_budget_ms":10?}
 //! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
-//!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?}
+//!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
+//!  "postcopy_after":N?}
 //! {"cmd":"dirty-rate","seconds":S?}
 //! ```
 
@@ -40,6 +41,8 @@ pub struct MigrateRequest {
     pub verify_memory: bool,
     /// Same-host handover of the RAM file.
     pub local: bool,
+    /// Switch to post-copy after this many pre-copy rounds (0: at once).
+    pub postcopy_after: Option<u32>,
 }
 
 /// A checked request.
@@ -133,6 +136,9 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
                 auto_converge: opt_bool(&req, "auto_converge")?.unwrap_or(true),
                 verify_memory: opt_bool(&req, "verify_memory")?.unwrap_or(false),
                 local: opt_bool(&req, "local")?.unwrap_or(false),
+                postcopy_after: opt_u64(&req, "postcopy_after")?
+                    .map(|n| u32::try_from(n).map_err(|_| "\"postcopy_after\" is too large".to_string()))
+                    .transpose()?,
             })
         }
         "dirty-rate" => match req.get("seconds").map_or(Some(1.0), Value::as_f64) {

@@ -384,3 +384,154 @@ fn a_local_handover_to_another_file_is_refused_and_the_source_carries_on() {
     assert!(serial.contains("workload rate done"), "{serial}");
     assert_verified(&serial);
 }
+
+/// A directory on tmpfs for a post-copy destination's memory file.
+fn shm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("smudge-test-").tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed")
+}
+
+#[test]
+fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let (src, sock, src_serial) = source(&dir, "workload=random pages=4000 ms=3000 seed=14 verify=1");
+    std::thread::sleep(Duration::from_millis(700));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["converge"], "post-copy", "{r}");
+    let pc = &r["postcopy"];
+    let n = |k: &str| pc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    // Every owed page went exactly once: asked for, streamed or zero.
+    assert!(n("owed_pages") >= 4000, "{r}");
+    assert_eq!(n("pages_on_demand") + n("pages_streamed") + n("zero_pages"), n("owed_pages"), "{r}");
+    assert_eq!(n("pages_on_demand") + n("pages_streamed"), r["pages_sent"].as_u64().unwrap(), "{r}");
+    // The guest ran on the destination at once and faulted on pages still here.
+    assert!(n("requests") >= 1 && n("pages_on_demand") >= 1, "{r}");
+
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert!(!serial.contains("workload random done"), "the source finished the workload itself:\n{serial}");
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    // The destination counted the same pages, each accepted once (it refuses a repeat).
+    let line = err.lines().find(|l| l.contains("post-copy from") && l.contains(" done in ")).expect(&err);
+    let want = format!(
+        "{} pages owed, {} data + {} zero pages received",
+        n("owed_pages"),
+        n("pages_on_demand") + n("pages_streamed"),
+        n("zero_pages")
+    );
+    assert!(line.contains(&want), "{line}\nwant: {want}");
+    assert!(serial.contains("workload random done"), "{serial}");
+    assert!(verify_line(&serial).ends_with(" mismatches=0"), "{serial}");
+}
+
+#[test]
+fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    // 4000 pages/s over 500 pages against a 4 MiB/s link: pre-copy alone
+    // would need throttling; two rounds, then post-copy.
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=500 rate=4000 ms=4000 seed=15 verify=1");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = ctl(
+        &sock,
+        &["migrate", "--to", &dest.addr, "--postcopy-after", "2", "--bandwidth-limit", "4M", "--no-auto-converge"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["converge"].as_str().unwrap().contains("post-copy"), "{r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "rounds 0 and 1, then the post-copy phase: {r}");
+    let pc = &r["postcopy"];
+    let owed = pc["owed_pages"].as_u64().unwrap();
+    assert!(owed > 0 && owed <= 500 + 64, "only the pages dirtied since the last round are owed: {r}");
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert!(verify_line(&serial).ends_with(" mismatches=0"), "{serial}");
+}
+
+#[test]
+fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let (mut src, sock, _) = source(&dir, "workload=random pages=6000 ms=20000 seed=16 verify=1");
+    std::thread::sleep(Duration::from_millis(500));
+    // A slow link keeps the post-copy phase going for seconds.
+    let ctl_child = smudge()
+        .args(["ctl", "--json", "--api-sock", sock.to_str().unwrap(), "migrate", "--to", &dest.addr])
+        .args(["--postcopy", "--bandwidth-limit", "2M"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !dest.stderr.lock().unwrap().contains("the guest runs here now") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no switchover: {}", dest.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    src.kill().unwrap();
+    src.wait().unwrap();
+    let t1 = Instant::now();
+    let (code, err, _) = dest.wait();
+    assert!(t1.elapsed() < Duration::from_secs(10), "the destination hung for {:?}", t1.elapsed());
+    assert_eq!(code, 107, "{err}");
+    assert!(err.contains("failed after the switchover") && err.contains("the guest cannot continue"), "{err}");
+    let mut ctl_child = ctl_child;
+    let _ = ctl_child.wait();
+}
+
+#[test]
+fn losing_the_destination_during_post_copy_keeps_the_guest_paused_at_the_source() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let mut dest = dest;
+    let (src, sock, src_serial) = source(&dir, "workload=random pages=6000 ms=20000 seed=17 verify=1");
+    std::thread::sleep(Duration::from_millis(500));
+    let (stderr, addr) = (dest.stderr.clone(), dest.addr.clone());
+    let killer = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while !stderr.lock().unwrap().contains("the guest runs here now") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no switchover");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        dest.child.kill().unwrap();
+        dest.child.wait().unwrap();
+    });
+    let r = ctl(&sock, &["migrate", "--to", &addr, "--postcopy", "--bandwidth-limit", "2M"]);
+    killer.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("post-copy broke after the switchover") && e.contains("stays paused here"), "{e}");
+    assert_eq!(ctl(&sock, &["stats"])["paused"], true);
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn post_copy_to_a_memory_file_on_disk_is_refused_and_the_source_carries_on() {
+    require_kvm();
+    let dir = tmpdir();
+    // The test's temporary directory is on disk, not tmpfs.
+    assert!(!smudge::uffd::on_tmpfs(dir.path()).unwrap(), "the test needs a non-tmpfs temp dir");
+    let dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=2000 seed=18 verify=1");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy"]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("post-copy needs the destination's memory file on tmpfs"), "{r}");
+    let (code, err, _) = dest.wait();
+    assert_ne!(code, 0, "{err}");
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_verified(&serial);
+}

@@ -234,6 +234,7 @@ impl Api {
                     auto_converge: m.auto_converge,
                     verify_memory: m.verify_memory,
                     local: m.local,
+                    postcopy_after: m.postcopy_after,
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }
@@ -337,6 +338,16 @@ impl Api {
                 drop(err);
                 self.vcpus.shared.finish(Outcome::Migrated(r.to.clone()));
                 v
+            }
+            Err(e @ crate::migrate::source::MigrateError::Postcopy(_)) => {
+                let m = format!(
+                    "migration to {} failed: {e}; the guest ran on the destination since the switchover and \
+                     cannot continue there. It stays paused here at the switchover point: `ctl resume` continues \
+                     it from there (what ran on the destination is lost), `ctl snapshot create` saves it",
+                    opts.to
+                );
+                tracing::error!("{m}");
+                error(m)
             }
             Err(e) => {
                 tracing::warn!("migration to {} failed; the guest runs on here: {e}", opts.to);

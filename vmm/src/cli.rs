@@ -288,6 +288,17 @@ pub struct MigrateCtl {
     /// `migrate-recv --mem-file` naming the same file.
     #[arg(long)]
     pub local: bool,
+    /// Post-copy: switch over at once and let the guest run on the
+    /// destination while its pages follow (fetched on first touch, the
+    /// rest streamed). Downtime no longer grows with the dirty rate, but
+    /// once switched, losing the source or the link loses the guest. The
+    /// destination's memory file must be on tmpfs (/dev/shm).
+    #[arg(long, conflicts_with_all = ["postcopy_after", "local"])]
+    pub postcopy: bool,
+    /// Pre-copy for N rounds (round 0 sends everything), then switch to
+    /// post-copy for what is still dirty.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "local")]
+    pub postcopy_after: Option<u32>,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -354,6 +365,7 @@ impl CtlCommand {
                 "auto_converge": !m.no_auto_converge,
                 "verify_memory": m.verify_memory,
                 "local": m.local,
+                "postcopy_after": if m.postcopy { Some(0) } else { m.postcopy_after },
             }),
             CtlCommand::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
             CtlCommand::Stop => json!({"cmd": "stop"}),

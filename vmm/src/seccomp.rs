@@ -336,6 +336,7 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
                 // sockets: the API's connections, migration over TCP, and
                 // name lookups (nscd, /etc/hosts, DNS: FIONREAD, sendmmsg)
                 SYS_connect,
+                SYS_shutdown,
                 SYS_accept4,
                 SYS_setsockopt,
                 SYS_getsockopt,

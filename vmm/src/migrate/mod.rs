@@ -6,4 +6,5 @@
 pub mod converge;
 pub mod incoming;
 pub mod postcopy_dest;
+pub mod postcopy_source;
 pub mod source;

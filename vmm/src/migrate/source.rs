@@ -55,6 +55,10 @@ pub struct MigrateOptions {
     /// Same-host handover: the destination maps this VM's RAM file and
     /// only the machine state is sent.
     pub local: bool,
+    /// Switch to post-copy after this many pre-copy rounds (0: at once,
+    /// no round at all): the guest then runs on the destination while the
+    /// pages still here follow, streamed and fetched on demand.
+    pub postcopy_after: Option<u32>,
 }
 
 /// The default downtime budget: the pause covers the final round's pages
@@ -118,6 +122,9 @@ pub struct MigrationReport {
     pub memory_crc32: Option<u32>,
     /// Where the downtime went.
     pub downtime_parts: DowntimeParts,
+    /// The post-copy phase, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<super::postcopy_source::PostcopyReport>,
 }
 
 /// The downtime, phase by phase (ms).
@@ -171,6 +178,10 @@ pub enum MigrateError {
     /// The dirty log failed.
     #[error("dirty log: {0}")]
     DirtyLog(String),
+    /// The stream broke after a post-copy switchover: the guest ran on the
+    /// destination, and stays paused here at the switchover point.
+    #[error("post-copy broke after the switchover: {0}")]
+    Postcopy(String),
     /// Pausing or saving the vCPUs failed.
     #[error("{0}")]
     Vcpus(String),
@@ -194,24 +205,24 @@ pub struct MigrationSource {
 }
 
 /// The sending half: frames, counters and the bandwidth cap.
-struct Sender {
-    w: FrameWriter<BufWriter<TcpStream>>,
-    layout: Vec<RamRegion>,
+pub(super) struct Sender {
+    pub(super) w: FrameWriter<BufWriter<TcpStream>>,
+    pub(super) layout: Vec<RamRegion>,
     buf: Vec<u8>,
     zero_runs: Vec<(u64, u32)>,
     limit: Option<u64>,
     window: (Instant, u64),
-    pages: u64,
-    zero_pages: u64,
+    pub(super) pages: u64,
+    pub(super) zero_pages: u64,
 }
 
-fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
+pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
     move |e| MigrateError::Stream(format!("{what}: {e}"))
 }
 
 impl Sender {
     /// Holds the stream to the bandwidth cap.
-    fn pace(&mut self) {
+    pub(super) fn pace(&mut self) {
         let Some(limit) = self.limit else { return };
         let sent = self.w.bytes() - self.window.1;
         let due = Duration::from_secs_f64(sent as f64 / limit as f64);
@@ -227,7 +238,13 @@ impl Sender {
     /// Sends `[gpa, gpa + len)` from RAM: runs of data pages as `Pages`
     /// frames, zero pages as markers (or not at all when `skip_zero`: the
     /// destination's new file already reads zero there).
-    fn send_range(&mut self, ram: &GuestRam, gpa: u64, len: u64, skip_zero: bool) -> Result<(), MigrateError> {
+    pub(super) fn send_range(
+        &mut self,
+        ram: &GuestRam,
+        gpa: u64,
+        len: u64,
+        skip_zero: bool,
+    ) -> Result<(), MigrateError> {
         let chunk = u64::from(MAX_FRAME_PAGES) * PAGE;
         let mut at = gpa;
         while at < gpa + len {
@@ -276,7 +293,7 @@ impl Sender {
         Ok(())
     }
 
-    fn flush_zero(&mut self) -> Result<(), MigrateError> {
+    pub(super) fn flush_zero(&mut self) -> Result<(), MigrateError> {
         if !self.zero_runs.is_empty() {
             let runs = std::mem::take(&mut self.zero_runs);
             self.w.send(&Frame::Zero(runs)).map_err(stream_err("sending zero-page markers"))?;
@@ -316,7 +333,7 @@ impl Drop for ConsumerGuard<'_> {
 }
 
 /// Reads the destination's `Ack`; a refusal carries its reason.
-fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<(), MigrateError> {
+pub(super) fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<(), MigrateError> {
     match r.next_frame() {
         Ok(Frame::Ack(Ack { ok: true, .. })) => Ok(()),
         Ok(Frame::Ack(Ack { ok: false, error })) => Err(MigrateError::Stream(format!(
@@ -399,7 +416,11 @@ impl MigrationSource {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
             false => None,
         };
-        let hello = Hello { local, ..Hello::new(self.mem_size, self.vcpus.threads.len()) };
+        let hello = Hello {
+            local,
+            postcopy: opts.postcopy_after.is_some(),
+            ..Hello::new(self.mem_size, self.vcpus.threads.len())
+        };
         s.w.send(&Frame::Hello(hello)).map_err(stream_err("sending Hello"))?;
         s.w.flush().map_err(stream_err("sending Hello"))?;
         read_ack(reader, "Hello")?;
@@ -407,6 +428,10 @@ impl MigrationSource {
             // The destination maps the same RAM file: no rounds, only the
             // machine state crosses, with the guest paused.
             return self.switchover(opts, s, reader, None, Vec::new(), "none (same-host handover)".into(), 0.0);
+        }
+        if opts.postcopy_after == Some(0) {
+            // Pure post-copy: every page follows the switchover.
+            return self.postcopy(opts, s, reader, None, Vec::new(), "post-copy".into(), 0.0);
         }
 
         let consumer = {
@@ -471,6 +496,7 @@ impl MigrationSource {
         };
         let mut max_vcpu_pct = 0;
         let mut limit_used = None;
+        let mut to_postcopy = false;
         let (residue, bandwidth) = loop {
             let set = collect(&self.harvester)?;
             let dirty = set.count() * PAGE;
@@ -525,6 +551,10 @@ impl MigrationSource {
             if estimate <= opts.downtime && !shrinking {
                 break (set, bw);
             }
+            if opts.postcopy_after.is_some_and(|n| round >= n) {
+                to_postcopy = true;
+                break (set, bw);
+            }
             if round > opts.max_rounds {
                 forced = true;
                 break (set, bw);
@@ -559,12 +589,18 @@ impl MigrationSource {
             if forced {
                 how.push("max-rounds".into());
             }
+            if to_postcopy {
+                how.push("post-copy".into());
+            }
             if how.is_empty() {
                 "none".into()
             } else {
                 how.join(", then ")
             }
         };
+        if to_postcopy {
+            return self.postcopy(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth);
+        }
         self.switchover(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth)
     }
 
@@ -658,6 +694,7 @@ impl MigrationSource {
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
             downtime_parts: parts,
+            postcopy: None,
         })
     }
 }
