@@ -13,6 +13,11 @@
 //! destination (QMP timestamps). QEMU's own `downtime` figure (source side
 //! only, whole milliseconds, leaving out the destination's load and start)
 //! is printed beside it as `qemu_reported_downtime_ms`.
+//!
+//! At the fastest rate smudge also migrates with post-copy (switch over at
+//! once, destination RAM on /dev/shm) against its own pre-copy; and at the
+//! slowest, a same-host `--local` handover (only vCPU/device state
+//! crosses) against QEMU's downtime.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -37,6 +42,8 @@ struct Figures {
     reported_downtime_ms: f64,
     rounds: f64,
     mib: f64,
+    /// Post-copy: pages sent because the destination's guest faulted.
+    on_demand: f64,
     /// smudge's downtime phases: pause, residue, state, destination.
     parts: [f64; 4],
 }
@@ -51,15 +58,23 @@ impl Drop for Reap {
     }
 }
 
-fn smudge_once(dir: &Path, mem: &str, cmdline: &str, warm: Duration, budget_ms: u64) -> anyhow::Result<Figures> {
-    let exe = std::env::current_exe()?;
-    let (src_mem, dst_mem, sock) = (dir.join("src.mem"), dir.join("dst.mem"), dir.join("src.sock"));
-    for f in [&src_mem, &dst_mem, &sock] {
-        std::fs::remove_file(f).ok();
-    }
-    let mut dest = Command::new(&exe)
+/// How smudge migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Pre-copy rounds, then the paused residue.
+    Precopy,
+    /// Switch over at once; pages follow (destination RAM on /dev/shm).
+    Postcopy,
+    /// Same-host handover of the RAM file.
+    Local,
+}
+
+/// Starts `migrate-recv` on `dst_mem`; returns it and where it listens.
+fn start_dest(exe: &Path, dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
+    let mut dest = Command::new(exe)
         .args(["migrate-recv", "--listen", "0", "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
-        .arg(&dst_mem)
+        .arg(dst_mem)
+        .args(if local { &["--local"][..] } else { &[] })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -78,6 +93,32 @@ fn smudge_once(dir: &Path, mem: &str, cmdline: &str, warm: Duration, budget_ms: 
     };
     // Drain the destination's stderr so it never blocks on it.
     std::thread::spawn(move || lines.for_each(drop));
+    Ok((dest, addr))
+}
+
+fn smudge_once(
+    dir: &Path,
+    mem: &str,
+    cmdline: &str,
+    warm: Duration,
+    budget_ms: u64,
+    mode: Mode,
+) -> anyhow::Result<Figures> {
+    let exe = std::env::current_exe()?;
+    let (src_mem, sock) = (dir.join("src.mem"), dir.join("src.sock"));
+    let dst_mem = match mode {
+        Mode::Precopy => dir.join("dst.mem"),
+        // userfaultfd needs shmem on the destination.
+        Mode::Postcopy => PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id())),
+        Mode::Local => src_mem.clone(),
+    };
+    for f in [&src_mem, &dst_mem, &sock] {
+        std::fs::remove_file(f).ok();
+    }
+    let mut dest = None;
+    if mode != Mode::Local {
+        dest = Some(start_dest(&exe, &dst_mem, false)?);
+    }
     let src = Command::new(&exe)
         .args(["run", "--mem-size", mem, "--timeout", "600", "--serial", "/dev/null", "--cmdline", cmdline])
         .arg("--mem-file")
@@ -96,7 +137,18 @@ fn smudge_once(dir: &Path, mem: &str, cmdline: &str, warm: Duration, budget_ms: 
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(warm);
-    let v: Value = api::call(&sock, &json!({"cmd": "migrate", "to": addr, "downtime_ms": budget_ms}))?;
+    let (dest, addr) = match dest {
+        Some(d) => d,
+        // The handover's destination opens the source's file: start it now.
+        None => start_dest(&exe, &dst_mem, true)?,
+    };
+    let mut req = json!({"cmd": "migrate", "to": addr, "downtime_ms": budget_ms});
+    match mode {
+        Mode::Precopy => {}
+        Mode::Postcopy => req["postcopy_after"] = json!(0),
+        Mode::Local => req["local"] = json!(true),
+    }
+    let v: Value = api::call(&sock, &req)?;
     if v["ok"] != true {
         bail!("smudge migration failed: {v}");
     }
@@ -117,6 +169,7 @@ fn smudge_once(dir: &Path, mem: &str, cmdline: &str, warm: Duration, budget_ms: 
         mib: n("bytes_sent") / (1u64 << 20) as f64,
         parts: ["pause_ms", "residue_ms", "state_ms", "destination_ms"]
             .map(|k| v["downtime_parts"][k].as_f64().unwrap_or(f64::NAN)),
+        on_demand: v["postcopy"]["pages_on_demand"].as_f64().unwrap_or(0.0),
     })
 }
 
@@ -145,11 +198,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let khz = tsc_khz()?;
     let budget_ms = DEFAULT_DOWNTIME.as_millis() as u64;
     let mut rep = Report::new("migrate");
+    let fastest = cases.iter().map(|c| c.1).max().unwrap_or(0);
+    let mut qemu_downtime = Vec::new();
     for &(case, rate) in cases {
         let cmdline = format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            ours.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms)?);
+            ours.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Precopy)?);
             let q = qemu_migrate::migrate(&QemuMigrateConfig {
                 elf: elf.clone(),
                 mem_mib: mib,
@@ -167,6 +222,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 rounds: q.rounds as f64,
                 mib: q.bytes as f64 / (1u64 << 20) as f64,
                 parts: [f64::NAN; 4],
+                on_demand: 0.0,
             });
         }
         let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
@@ -197,7 +253,48 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             1.0,
             "lower",
         );
+        qemu_downtime.push(med(&theirs, |f| f.downtime_ms));
+        if rate == fastest {
+            // Post-copy against pre-copy, same guest, same run.
+            let mut post = Vec::new();
+            for _ in 0..runs {
+                post.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Postcopy)?);
+            }
+            let c = format!("{label}, {case}: smudge post-copy");
+            rep.result(&c, "total_ms", med(&post, |f| f.total_ms));
+            rep.result(&c, "downtime_ms", med(&post, |f| f.downtime_ms));
+            rep.result(&c, "pages_on_demand", med(&post, |f| f.on_demand));
+            rep.result(&c, "sent_mib", med(&post, |f| f.mib));
+            rep.goal(
+                &format!("{case}: post-copy downtime / pre-copy downtime"),
+                med(&post, |f| f.downtime_ms) / med(&ours, |f| f.downtime_ms),
+                0.5,
+                "lower",
+            );
+            rep.result(
+                &format!("{label}, {case}: post-copy total / pre-copy total"),
+                "ratio",
+                med(&post, |f| f.total_ms) / med(&ours, |f| f.total_ms),
+            );
+        }
     }
+    // Same-host handover: only vCPU/device state crosses.
+    let cmdline = format!("workload=rate rate={} pages={pages} seed=7 ms=600000 wipe=1", cases[0].1);
+    let mut local = Vec::new();
+    for _ in 0..runs {
+        local.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Local)?);
+    }
+    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let c = format!("{label}, {}: smudge --local handover", cases[0].0);
+    rep.result(&c, "downtime_ms", med(&local, |f| f.downtime_ms));
+    rep.result(&c, "total_ms", med(&local, |f| f.total_ms));
+    rep.result(&c, "sent_kib", med(&local, |f| f.mib) * 1024.0);
+    rep.goal(
+        &format!("{}: --local downtime / QEMU downtime", cases[0].0),
+        med(&local, |f| f.downtime_ms) / qemu_downtime[0],
+        1.0 / 3.0,
+        "lower",
+    );
     if args.dir.is_none() {
         std::fs::remove_dir_all(&dir).ok();
     }
