@@ -17,6 +17,7 @@ pub mod migration;
 pub mod sigsys;
 pub mod sink;
 pub mod snapshot;
+pub mod snapshot_pages;
 pub mod uffd;
 pub mod vmm_bitmap;
 pub mod writeback;

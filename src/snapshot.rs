@@ -559,6 +559,18 @@ pub fn parse_manifest(bytes: &[u8], file: &Path) -> Result<Manifest, SnapshotErr
 /// Reads and checks `dir`: format, version, every file's length and chunk
 /// checksums. Errors name the file and the first bad offset.
 pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
+    verify_files(dir, |_| true)
+}
+
+/// [`verify`] without reading the memory files (`memory.img`,
+/// `memory.diff`): only their lengths are checked, their chunks are left
+/// to a reader that checks each before it uses it (a lazy restore). The
+/// small files (state, extents) are checked in full.
+pub fn verify_lazily(dir: &Path) -> Result<Manifest, SnapshotError> {
+    verify_files(dir, |name| !name.starts_with("memory."))
+}
+
+fn verify_files(dir: &Path, read_in_full: impl Fn(&str) -> bool) -> Result<Manifest, SnapshotError> {
     let mpath = dir.join("manifest.json");
     let text = std::fs::read(&mpath).map_err(io_err(&mpath, "read"))?;
     let m = parse_manifest(&text, &mpath)?;
@@ -566,6 +578,17 @@ pub fn verify(dir: &Path) -> Result<Manifest, SnapshotError> {
     let names = data_files(&m.kind, m.parent.is_some()).unwrap_or_default();
     for (&name, want) in names.iter().filter_map(|n| Some((n, m.files.get(*n)?))) {
         let p = dir.join(name);
+        if !read_in_full(name) {
+            let len = std::fs::metadata(&p).map_err(io_err(&p, "stat"))?.len();
+            if len != want.len {
+                return Err(SnapshotError::Corrupt {
+                    path: p,
+                    offset: len.min(want.len),
+                    what: format!("length {len} but the manifest says {}", want.len),
+                });
+            }
+            continue;
+        }
         let got = checksum_file(&p)?;
         if got.len != want.len {
             return Err(SnapshotError::Corrupt {
@@ -647,6 +670,19 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
 /// The chain ending at `dir`, oldest (the full snapshot) first, every link
 /// checked.
 pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, SnapshotError> {
+    chain_checked(dir, verify)
+}
+
+/// [`chain`], each link checked by [`verify_lazily`]: its memory files'
+/// chunks are the reader's to check.
+pub fn chain_lazily(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, SnapshotError> {
+    chain_checked(dir, verify_lazily)
+}
+
+fn chain_checked(
+    dir: &Path,
+    verify: fn(&Path) -> Result<Manifest, SnapshotError>,
+) -> Result<Vec<(PathBuf, Manifest)>, SnapshotError> {
     let mut out = Vec::new();
     let mut cur = dir.to_path_buf();
     loop {
