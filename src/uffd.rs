@@ -15,6 +15,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::{gpa_to_file_offset, GuestRam, RamRegion};
+
+const PAGE: u64 = 4096;
+
 const UFFDIO: u32 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
@@ -307,6 +313,88 @@ impl Uffd {
                 return Err(os("poll"));
             }
         }
+    }
+}
+
+/// Guest RAM as userfaultfd sees it: host addresses by backing-file offset.
+#[derive(Debug, Clone)]
+pub struct RamMap {
+    /// (file offset, host address, length) per region.
+    maps: Vec<(u64, u64, u64)>,
+}
+
+impl RamMap {
+    /// The regions of `ram`, laid out in the file as `layout` says.
+    pub fn new(ram: &GuestRam, layout: &[RamRegion]) -> Result<Self, String> {
+        let mut maps = Vec::new();
+        for r in ram.iter() {
+            let gpa = r.start_addr().0;
+            let off = gpa_to_file_offset(layout, gpa).ok_or_else(|| format!("RAM at {gpa:#x} is not in the layout"))?;
+            let host =
+                ram.get_host_address(GuestAddress(gpa)).map_err(|e| format!("host address of {gpa:#x}: {e}"))? as u64;
+            maps.push((off, host, r.len()));
+        }
+        Ok(RamMap { maps })
+    }
+
+    /// Registers every region for missing-page faults.
+    pub fn register_missing(&self, uffd: &Uffd) -> Result<(), UffdError> {
+        self.maps.iter().try_for_each(|&(_, h, len)| uffd.register_missing(h, len))
+    }
+
+    /// Unregisters every region.
+    pub fn unregister(&self, uffd: &Uffd) -> Result<(), UffdError> {
+        self.maps.iter().try_for_each(|&(_, h, len)| uffd.unregister(h, len))
+    }
+
+    /// The file offset of the page at host address `addr`.
+    pub fn offset_of(&self, addr: u64) -> Option<u64> {
+        let page = addr & !(PAGE - 1);
+        self.maps.iter().find(|&&(_, h, len)| page >= h && page - h < len).map(|&(off, h, _)| off + (page - h))
+    }
+
+    /// `[offset, offset + len)` as (host address, length) runs, split
+    /// where regions end.
+    pub fn host_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, String> {
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let &(off, h, rlen) = self
+                .maps
+                .iter()
+                .find(|&&(o, _, l)| at >= o && at - o < l)
+                .ok_or_else(|| format!("file offset {at:#x} is not RAM"))?;
+            let n = (off + rlen - at).min(offset + len - at);
+            out.push((h + (at - off), n));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Places `data` (whole pages) at file offset `offset` and wakes its
+    /// waiters; `Exists` if any page was there already.
+    pub fn place(&self, uffd: &Uffd, offset: u64, data: &[u8]) -> Result<Placed, String> {
+        let mut at = 0usize;
+        let mut placed = Placed::Placed;
+        for (h, n) in self.host_runs(offset, data.len() as u64)? {
+            if uffd.copy(h, &data[at..at + n as usize]).map_err(|e| e.to_string())? == Placed::Exists {
+                placed = Placed::Exists;
+            }
+            at += n as usize;
+        }
+        Ok(placed)
+    }
+
+    /// Places zero pages over `[offset, offset + len)`; `Exists` if any
+    /// page was there already.
+    pub fn place_zero(&self, uffd: &Uffd, offset: u64, len: u64) -> Result<Placed, String> {
+        let mut placed = Placed::Placed;
+        for (h, n) in self.host_runs(offset, len)? {
+            if uffd.zero(h, n).map_err(|e| e.to_string())? == Placed::Exists {
+                placed = Placed::Exists;
+            }
+        }
+        Ok(placed)
     }
 }
 

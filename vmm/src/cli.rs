@@ -180,6 +180,12 @@ pub struct RestoreArgs {
     /// The snapshot directory.
     #[arg(long)]
     pub snapshot: PathBuf,
+    /// Start the guest at once and load its memory behind it: on first
+    /// touch (userfaultfd) and by a background prefetch; each 1 MiB chunk
+    /// is checked against the manifest when first used. The memory file
+    /// must be on tmpfs (/dev/shm).
+    #[arg(long)]
+    pub lazy: bool,
     /// Run options (the memory file must not exist; size and vCPUs come
     /// from the snapshot; --guest and --cmdline do not apply).
     #[command(flatten)]

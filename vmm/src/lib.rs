@@ -19,6 +19,7 @@ pub mod flusher;
 pub mod guest_image;
 pub mod harness;
 pub mod heatmap;
+pub mod lazy;
 pub mod migrate;
 pub mod outcome;
 pub mod precopy;

@@ -56,13 +56,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Run(args) => run(*args, Start::Boot),
         Command::Restore(r) => {
             let r = *r;
+            let t0 = std::time::Instant::now();
             if r.run.guest.is_some() || r.run.cmdline.is_some() {
                 anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
+            }
+            if r.lazy {
+                let dir =
+                    r.run.mem_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                if !smudge::uffd::on_tmpfs(dir).with_context(|| format!("statfs {}", dir.display()))? {
+                    anyhow::bail!(
+                        "{}: restore --lazy needs the memory file on tmpfs (e.g. /dev/shm/guest.mem): userfaultfd \
+                         cannot catch first touches of disk-file pages",
+                        r.run.mem_file.display()
+                    );
+                }
+                if r.run.mem_file.exists() {
+                    anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
+                }
+                let (lazy, m) = smudge_vmm::lazy::LazyRestore::open(&r.snapshot, t0)?;
+                return run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
             }
             let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
             let mut bar = progress_bar("restoring memory");
             smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
-            run(r.run, Start::Restore(Box::new((manifest, state))))
+            run(r.run, Start::Restore(Box::new((manifest, state, t0))))
         }
         Command::MigrateRecv(m) => {
             let m = *m;
@@ -108,7 +125,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
             inc.welcome()?;
             let mem_file = m.run.mem_file.clone();
-            let r = run(m.run, Start::Incoming(Box::new(inc)));
+            let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
+            let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
             if r.is_err() && !m.local {
                 // The guest never ran here: the partial memory file is no one's.
                 // (A handed-over file is the source's guest's RAM: kept.)
@@ -277,18 +295,19 @@ enum Start {
     /// Boot the guest.
     Boot,
     /// Continue a snapshot (its memory file is materialized).
-    Restore(Box<(smudge::snapshot::Manifest, smudge::snapshot::MachineState)>),
-    /// Receive a migrated guest.
-    Incoming(Box<smudge_vmm::migrate::incoming::Incoming>),
+    /// With when the command started (for the time to first instruction).
+    Restore(Box<(smudge::snapshot::Manifest, smudge::snapshot::MachineState, std::time::Instant)>),
+    /// Receive a guest (a migration, or a lazy restore) whose RAM size and
+    /// vCPU count are known.
+    Incoming(u64, usize, Box<dyn vm::IncomingVm>),
 }
 
 fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
-    let (restore, incoming) = match start {
-        Start::Boot => (None, None),
-        Start::Restore(r) => (Some(*r), None),
-        Start::Incoming(i) => (None, Some(i)),
+    let (restore, incoming, announced) = match start {
+        Start::Boot => (None, None, None),
+        Start::Restore(r) => (Some(*r), None, None),
+        Start::Incoming(size, vcpus, i) => (None, Some(i), Some((size, vcpus))),
     };
-    let announced = incoming.as_ref().map(|i| (i.hello().mem_size, i.hello().vcpus));
     let (guest_elf, cmdline) = match &args.guest {
         Some(p) => (
             std::fs::read(p).with_context(|| format!("reading guest kernel {}", p.display()))?,
@@ -305,7 +324,7 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         anyhow::bail!("--timeout must be a number of seconds >= 0");
     }
     let (mem_size, vcpus) = match (&restore, announced) {
-        (Some((m, _)), _) => (m.mem_size, u8::try_from(m.vcpus)?),
+        (Some((m, _, _)), _) => (m.mem_size, u8::try_from(m.vcpus)?),
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
@@ -323,7 +342,8 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         ring_entries: args.ring_entries,
         on_sync: None,
         api_sock: args.api_sock.clone(),
-        restore: restore.as_ref().map(|(_, s)| s.clone()),
+        restore: restore.as_ref().map(|(_, s, _)| s.clone()),
+        started_at: restore.as_ref().map(|(_, _, t)| *t),
         snapshot_at: match (args.snapshot_at_ms, &args.snapshot_dir) {
             (Some(ms), Some(d)) => Some((Duration::from_millis(ms), d.clone())),
             _ => None,
@@ -363,7 +383,7 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
             }
             None => None,
         },
-        incoming: incoming.map(|i| i as Box<dyn vm::IncomingVm>),
+        incoming,
     };
     let report = vm::run(cfg)?;
     let dirty = match &report.dirty {

@@ -17,6 +17,11 @@ pub const EXIT_KVM: u8 = 104;
 /// is still in the page cache; see the message).
 pub const EXIT_WRITEBACK: u8 = 105;
 
+/// Memory the running guest still needed could not be had: a post-copy
+/// source or its link was lost, or a lazy restore found a corrupt chunk.
+/// The guest cannot continue.
+pub const EXIT_MEMORY_LOST: u8 = 107;
+
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

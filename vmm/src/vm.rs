@@ -81,6 +81,9 @@ pub struct VmConfig {
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
+    /// When the command started: a restore says how long after it the
+    /// guest runs (its time to first instruction).
+    pub started_at: Option<Instant>,
     /// Record a dirty-page heatmap: into this SVG, with this period and
     /// this many address buckets.
     pub heatmap: Option<(PathBuf, Duration, usize)>,
@@ -136,6 +139,7 @@ impl VmConfig {
             kvm_dev: "/dev/kvm".into(),
             api_sock: None,
             restore: None,
+            started_at: None,
             snapshot_at: None,
             snapshot_precopy: None,
             heatmap: None,
@@ -491,6 +495,13 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         threads.push(t);
     }
     let threads = Arc::new(threads);
+    if let Some(t0) = cfg.started_at {
+        let _ = writeln!(
+            std::io::stderr(),
+            "smudge: restore: the guest runs {:.1} ms after smudge started",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     if let Some(inc) = incoming.as_mut() {
         inc.started(Ok(()));
         tracing::debug!("vCPUs started and the source told {:?} after the memory was in", t_received.elapsed());

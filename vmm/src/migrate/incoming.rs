@@ -16,7 +16,8 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 use smudge::snapshot::MachineState;
 
-use crate::migrate::postcopy_dest::{PostcopyDest, EXIT_POSTCOPY};
+use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::outcome::EXIT_MEMORY_LOST;
 use crate::vm::IncomingVm;
 
 /// Longest silence from the source before the destination gives up.
@@ -186,7 +187,7 @@ impl IncomingVm for Incoming {
             let r = taken.map_err(|e| format!("post-copy: {e}")).and_then(|(r, w)| pc.run(r, w, self.peer));
             if let Err(e) = r {
                 let _ = writeln!(std::io::stderr(), "smudge: {e}; the guest cannot continue");
-                std::process::exit(i32::from(EXIT_POSTCOPY));
+                std::process::exit(i32::from(EXIT_MEMORY_LOST));
             }
         }
     }

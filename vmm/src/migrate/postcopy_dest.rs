@@ -14,7 +14,7 @@
 //!
 //! When the source or the connection dies before every owed page is here
 //! the guest cannot go on: the pages exist nowhere else. The destination
-//! says so and exits [`EXIT_POSTCOPY`] at once — no vCPU is left hanging.
+//! says so and exits [`EXIT_MEMORY_LOST`] at once — no vCPU is left hanging.
 
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,14 +22,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smudge::memory::{gpa_to_file_offset, GuestRam, RamRegion};
+use smudge::memory::{GuestRam, RamRegion};
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, PAGE};
 use smudge::migration::postcopy::{Owed, Placement, PostcopyReceiver};
-use smudge::uffd::{Placed, Uffd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use smudge::uffd::{Placed, RamMap, Uffd};
 
-/// Exit code when a post-copy migration broke after the switchover.
-pub const EXIT_POSTCOPY: u8 = 107;
+use crate::outcome::EXIT_MEMORY_LOST;
 
 /// Checks that the memory file at `path` (existing or to be created in its
 /// directory) is on tmpfs, as post-copy needs.
@@ -49,50 +47,6 @@ pub fn check_tmpfs(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-/// Guest RAM as userfaultfd sees it: host addresses by file offset.
-#[derive(Debug, Clone)]
-struct HostRam {
-    /// (file offset, host address, length) per region.
-    maps: Vec<(u64, u64, u64)>,
-}
-
-impl HostRam {
-    fn new(ram: &GuestRam, layout: &[RamRegion]) -> Result<Self, String> {
-        let mut maps = Vec::new();
-        for r in ram.iter() {
-            let gpa = r.start_addr().0;
-            let off = gpa_to_file_offset(layout, gpa).ok_or_else(|| format!("RAM at {gpa:#x} is not in the layout"))?;
-            let host =
-                ram.get_host_address(GuestAddress(gpa)).map_err(|e| format!("host address of {gpa:#x}: {e}"))? as u64;
-            maps.push((off, host, r.len()));
-        }
-        Ok(HostRam { maps })
-    }
-
-    /// The file offset of the page at host address `addr`.
-    fn offset_of(&self, addr: u64) -> Option<u64> {
-        let page = addr & !(PAGE - 1);
-        self.maps.iter().find(|&&(_, h, len)| page >= h && page - h < len).map(|&(off, h, _)| off + (page - h))
-    }
-
-    /// `[offset, offset + len)` as host runs (split where regions end).
-    fn host_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, String> {
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < offset + len {
-            let &(off, h, rlen) = self
-                .maps
-                .iter()
-                .find(|&&(o, _, l)| at >= o && at - o < l)
-                .ok_or_else(|| format!("file offset {at:#x} is not RAM"))?;
-            let n = (off + rlen - at).min(offset + len - at);
-            out.push((h + (at - off), n));
-            at += n;
-        }
-        Ok(out)
-    }
-}
-
 /// Counters of the post-copy phase.
 #[derive(Debug, Default)]
 struct Counters {
@@ -103,7 +57,7 @@ struct Counters {
 /// A post-copy phase set up before the vCPUs run.
 pub struct PostcopyDest {
     uffd: Arc<Uffd>,
-    host: HostRam,
+    host: RamMap,
     rx: Arc<Mutex<(PostcopyReceiver, Vec<u64>)>>,
     owed_at_start: u64,
 }
@@ -118,11 +72,9 @@ impl PostcopyDest {
     /// Registers all of guest RAM for missing-page faults; `owed` says
     /// which pages the source still sends.
     pub fn prepare(ram: &GuestRam, layout: &[RamRegion], owed: Owed) -> Result<Self, String> {
-        let host = HostRam::new(ram, layout)?;
+        let host = RamMap::new(ram, layout)?;
         let uffd = Uffd::new().map_err(|e| format!("post-copy: {e}"))?;
-        for &(_, h, len) in &host.maps {
-            uffd.register_missing(h, len).map_err(|e| format!("post-copy: {e}"))?;
-        }
+        host.register_missing(&uffd).map_err(|e| format!("post-copy: {e}"))?;
         let owed_at_start = owed.remaining();
         let requested = vec![0u64; (owed_bits(layout)).div_ceil(64) as usize];
         Ok(PostcopyDest {
@@ -135,7 +87,7 @@ impl PostcopyDest {
 
     /// Runs the phase on threads of its own: faults served, pages placed.
     /// When all are in, RAM is unregistered and the source told; if the
-    /// stream breaks first, the process exits [`EXIT_POSTCOPY`].
+    /// stream breaks first, the process exits [`EXIT_MEMORY_LOST`].
     pub fn run(
         self,
         mut reader: FrameReader<BufReader<TcpStream>>,
@@ -168,10 +120,8 @@ impl PostcopyDest {
                 if let Err(e) = r {
                     lost(peer, &self.rx, &e);
                 }
-                for &(_, h, len) in &self.host.maps {
-                    if let Err(e) = self.uffd.unregister(h, len) {
-                        tracing::warn!("post-copy: {e}");
-                    }
+                if let Err(e) = self.host.unregister(&self.uffd) {
+                    tracing::warn!("post-copy: {e}");
                 }
                 let (pages, zero) = {
                     let g = self.rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,12 +160,12 @@ fn lost(peer: SocketAddr, rx: &Mutex<(PostcopyReceiver, Vec<u64>)>, why: &str) -
          were still on the source and exist nowhere else: the guest cannot continue (the source keeps it paused \
          at the switchover point)"
     );
-    std::process::exit(i32::from(EXIT_POSTCOPY));
+    std::process::exit(i32::from(EXIT_MEMORY_LOST));
 }
 
 fn serve_faults(
     uffd: &Uffd,
-    host: &HostRam,
+    host: &RamMap,
     rx: &Mutex<(PostcopyReceiver, Vec<u64>)>,
     writer: &Mutex<FrameWriter<TcpStream>>,
     done: &AtomicBool,
@@ -253,7 +203,7 @@ fn serve_faults(
 fn receive(
     reader: &mut FrameReader<BufReader<TcpStream>>,
     uffd: &Uffd,
-    host: &HostRam,
+    host: &RamMap,
     rx: &Mutex<(PostcopyReceiver, Vec<u64>)>,
 ) -> Result<(), String> {
     loop {
@@ -261,21 +211,14 @@ fn receive(
         let mut g = rx.lock().unwrap_or_else(|p| p.into_inner());
         match g.0.apply(f).map_err(|e| e.to_string())? {
             Placement::Pages { offset, data } => {
-                let mut at = 0usize;
-                for (h, n) in host.host_runs(offset, data.len() as u64)? {
-                    let placed = uffd.copy(h, &data[at..at + n as usize]).map_err(|e| e.to_string())?;
-                    if placed == Placed::Exists {
-                        return Err(format!("an owed page at {offset:#x} was present before it arrived"));
-                    }
-                    at += n as usize;
+                if host.place(uffd, offset, &data)? == Placed::Exists {
+                    return Err(format!("an owed page at {offset:#x} was present before it arrived"));
                 }
             }
             Placement::Zero(runs) => {
                 for (offset, count) in runs {
-                    for (h, n) in host.host_runs(offset, u64::from(count) * PAGE)? {
-                        if uffd.zero(h, n).map_err(|e| e.to_string())? == Placed::Exists {
-                            return Err(format!("an owed page at {offset:#x} was present before it arrived"));
-                        }
+                    if host.place_zero(uffd, offset, u64::from(count) * PAGE)? == Placed::Exists {
+                        return Err(format!("an owed page at {offset:#x} was present before it arrived"));
                     }
                 }
             }
