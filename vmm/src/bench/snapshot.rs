@@ -2,7 +2,8 @@
 //! 1 GiB (64 MiB with --quick), snapshotted through the control API of a
 //! real `smudge run`, in one invocation: the full-snapshot pause; the
 //! diff-snapshot pause with background writeback off and on; a live full
-//! snapshot's pause against the paused one's; restore time;
+//! snapshot's pause against the paused one's; eager and lazy restore (time
+//! to first instruction, time to fully loaded);
 //! and how many diff snapshots per second can be sustained, with the share
 //! of time the guest spends paused (its slowdown bound).
 
@@ -144,8 +145,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         rep.goal("live full snapshot pause / paused full snapshot pause", live / full, 0.05, "lower");
     }
 
-    // Restore: the chain of the second run into a new process, to the guest running.
+    // Restore: the chain of the second run into a new process, eager
+    // (memory first) and lazy (guest first, memory behind it).
     if let Some(chain) = last {
+        let case = format!("{label}: restore of a full + {diffs} diffs chain");
         let mem_file = dir.join("restored.mem");
         std::fs::remove_file(&mem_file).ok();
         let t0 = Instant::now();
@@ -155,19 +158,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             .arg("--mem-file")
             .arg(&mem_file)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
+            .stderr(Stdio::piped())
+            .output()?;
         let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
         // Exit 103: the restored guest was still running at the timeout.
-        if out.code() != Some(103) {
-            bail!("restore ended with {:?}", out.code());
+        if out.status.code() != Some(103) {
+            bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
         }
-        rep.result(
-            &format!("{label}: restore of a full + {diffs} diffs chain, to the guest running"),
-            "restore_ms",
-            ms,
-        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
+        rep.result(&format!("{case}, eager"), "restore_ms", ms);
+        rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
         std::fs::remove_file(&mem_file).ok();
+
+        let (lazy_ttfi, loaded) = lazy_restore(&chain)?;
+        rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
+        rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
+        rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
     }
 
     // Moonshot: diff snapshots back to back; the guest runs between them,
@@ -199,4 +206,44 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         std::fs::remove_dir_all(&dir).ok();
     }
     Ok(rep)
+}
+
+/// The number of ms in the stderr line holding `marker`, as in "…marker
+/// 12.3 ms after smudge started".
+fn ms_before(err: &str, marker: &str) -> Option<f64> {
+    let line = err.lines().find(|l| l.contains(marker))?;
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split(" ms").next()?.trim().parse().ok()
+}
+
+/// A lazy restore of `chain` into tmpfs: (time to first instruction, time
+/// to fully loaded), in ms after the command started.
+fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::io::{BufRead, BufReader};
+    let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
+    std::fs::remove_file(&mem_file).ok();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["restore", "--lazy", "--timeout", "60", "--snapshot"])
+        .arg(chain)
+        .arg("--mem-file")
+        .arg(&mem_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut err = String::new();
+    let stderr = child.stderr.take().context("lazy restore stderr")?;
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        err.push_str(&line);
+        err.push('\n');
+        if line.contains("fully loaded") || line.contains("failed") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_file(&mem_file).ok();
+    let ttfi = ms_before(&err, "lazy restore: the guest runs ").with_context(|| format!("lazy restore: {err}"))?;
+    let loaded = ms_before(&err, "fully loaded ").with_context(|| format!("lazy restore: {err}"))?;
+    Ok((ttfi, loaded))
 }
