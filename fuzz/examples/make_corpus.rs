@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 use smudge::guest_abi::Config;
 use smudge::kvm::vcpu_state::{FpuState, VcpuState};
-use smudge::memory::ram_layout;
 use smudge::migration::frame::{Ack, Frame, FrameWriter, Hello, PAGE};
 use smudge::snapshot::{
     begin_diff, parse_extents, parse_manifest, parse_state, write_full, DeviceState, MachineState, Manifest, UartState,
@@ -83,6 +82,8 @@ fn migration_frame(out: &mut Out) {
         ("ack-error", Frame::Ack(Ack { ok: false, error: Some("layout differs".into()) }), false),
         ("abort", Frame::Abort("source gave up".into()), false),
         ("checksums", Frame::Checksums(vec![0x1234_5678, 0, 0xffff_ffff]), false),
+        ("postcopy", Frame::Postcopy(vec![(0, 16), (64 * PAGE, 8)]), false),
+        ("page-request", Frame::PageRequest(vec![(3 * PAGE, 1)]), false),
     ];
     let mut write = |name: &str, bytes: Vec<u8>| out.write("migration_frame", name, &bytes);
     for (name, f, lz4) in singles {
@@ -107,6 +108,22 @@ fn migration_frame(out: &mut Out) {
     write("stream-raw", encode(&stream(&noise), false));
     write("stream-lz4", encode(&stream(&sparse), true));
     write("stream-abort", encode(&[hello(64 << 20, 1), Frame::Abort("cancelled".into())], false));
+    // Post-copy, as the destination reads it: the owed pages, the state,
+    // then the owed pages arriving.
+    write(
+        "stream-postcopy",
+        encode(
+            &[
+                Frame::Hello(Hello { postcopy: true, ..Hello::new(64 << 20, 1) }),
+                Frame::Postcopy(vec![(0, 16), (64 * PAGE, 8)]),
+                Frame::State(Box::<MachineState>::default()),
+                Frame::Pages { offset: 0, data: noise.repeat(16) },
+                Frame::Zero(vec![(64 * PAGE, 8)]),
+                Frame::Done { pages: 16, zero_pages: 8 },
+            ],
+            false,
+        ),
+    );
 }
 
 /// A vCPU stopped in the tiny guest's long-mode code, as `vcpu_state::save`

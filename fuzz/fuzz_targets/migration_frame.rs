@@ -4,12 +4,22 @@
 //! Each input is decoded twice: as it is (so CRC and sequence checks are
 //! exercised), and with every frame's CRC and sequence number rewritten to
 //! be right, so mutated payloads get past the checksum to the field checks,
-//! the LZ4 and JSON decoders and `check_hello`.
+//! the LZ4 and JSON decoders, `check_hello` and the post-copy receiver's
+//! owed-page checks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smudge::migration::frame::{decode_slice, Frame, FrameReader, HEADER_LEN};
+use smudge::migration::frame::{decode_slice, Frame, FrameReader, HEADER_LEN, PAGE};
+use smudge::migration::postcopy::{Owed, Placement, PostcopyReceiver};
 use smudge::migration::receiver::check_hello;
+
+/// A post-copy destination owed a few runs of a 1 MiB RAM, fed every
+/// frame of the stream: it must refuse what was not owed, never panic.
+fn postcopy_receiver() -> PostcopyReceiver {
+    let mut owed = Owed::new(1 << 20);
+    owed.add(&[(0, 16), (64 * PAGE, 8)]).expect("seed runs fit");
+    PostcopyReceiver::new(owed)
+}
 
 fn check(frame: Frame) {
     if let Frame::Hello(_) = frame {
@@ -27,8 +37,18 @@ fn decode_all(data: &[u8]) {
     }
     // As a stream: sequence numbers checked, ends on the first error.
     let mut r = FrameReader::new(data);
+    let mut pc = postcopy_receiver();
     while let Ok(frame) = r.next_frame() {
         assert!(r.bytes() <= data.len() as u64, "read {} of {} bytes", r.bytes(), data.len());
+        let before = pc.owed().remaining();
+        match pc.apply(frame.clone()) {
+            Ok(Placement::Pages { data, .. }) => {
+                assert_eq!(before - pc.owed().remaining(), data.len() as u64 / PAGE, "pages taken off the debt")
+            }
+            Ok(Placement::Done) => assert_eq!(pc.owed().remaining(), 0, "Done with pages owed"),
+            Ok(Placement::Zero(_)) => {}
+            Err(_) => assert_eq!(pc.owed().remaining(), before, "a refused frame changed the debt"),
+        }
         check(frame);
     }
 }
