@@ -7,7 +7,7 @@
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?,"live":false?,"pause_budget_ms":10?}
 //! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
 //!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
-//!  "postcopy_after":N?}
+//!  "postcopy_after":N?,"connections":1?}
 //! {"cmd":"dirty-rate","seconds":S?}
 //! ```
 
@@ -43,6 +43,8 @@ pub struct MigrateRequest {
     pub local: bool,
     /// Switch to post-copy after this many pre-copy rounds (0: at once).
     pub postcopy_after: Option<u32>,
+    /// Page connections, 1..=64.
+    pub connections: u32,
 }
 
 /// A checked request.
@@ -136,6 +138,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
                 auto_converge: opt_bool(&req, "auto_converge")?.unwrap_or(true),
                 verify_memory: opt_bool(&req, "verify_memory")?.unwrap_or(false),
                 local: opt_bool(&req, "local")?.unwrap_or(false),
+                connections: match opt_u64(&req, "connections")? {
+                    None => 1,
+                    Some(n @ 1..=64) => n as u32,
+                    Some(n) => return Err(format!("\"connections\" must be 1..=64, not {n}")),
+                },
                 postcopy_after: opt_u64(&req, "postcopy_after")?
                     .map(|n| u32::try_from(n).map_err(|_| "\"postcopy_after\" is too large".to_string()))
                     .transpose()?,
@@ -196,6 +203,8 @@ mod tests {
             (r#"{"cmd":"migrate","to":"h:1","max_rounds":99999999999}"#, "too large"),
             (r#"{"cmd":"migrate","to":"h:1","compress":"zip"}"#, "unknown compression"),
             (r#"{"cmd":"dirty-rate","seconds":-1}"#, "(0, 3600]"),
+            (r#"{"cmd":"migrate","to":"h:1","connections":0}"#, "1..=64"),
+            (r#"{"cmd":"migrate","to":"h:1","connections":65}"#, "1..=64"),
             (r#"{"cmd":"snapshot","dir":"/s","live":true,"parent":"/p"}"#, "takes no \"parent\""),
             (r#"{"cmd":"snapshot","dir":"/s","pause_budget_ms":5}"#, "live snapshot only"),
             (r#"{"cmd":"snapshot","dir":"/s","live":true,"pause_budget_ms":99999999}"#, "at most 60000"),

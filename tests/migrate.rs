@@ -535,3 +535,88 @@ fn post_copy_to_a_memory_file_on_disk_is_refused_and_the_source_carries_on() {
     assert!(serial.contains("workload rate done"), "{serial}");
     assert_verified(&serial);
 }
+
+#[test]
+fn four_connections_carry_the_pages_and_the_guest_carries_on() {
+    require_kvm();
+    let dir = tmpdir();
+    let dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=4000 seed=19 verify=1");
+    std::thread::sleep(Duration::from_millis(800));
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--connections", "4", "--verify-memory", "--compress", "lz4"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(per.len(), 4, "{r}");
+    assert_eq!(per.iter().sum::<u64>(), r["pages_sent"].as_u64().unwrap(), "{r}");
+    assert!(per.iter().all(|&p| p > 500), "round 0's ~4000 pages are shared out: {per:?}");
+    let crc = r["memory_crc32"].as_u64().expect("memory checksum");
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+}
+
+/// Forwards every connection to `to`, but cuts the `cut`-th one (0: the
+/// first) after `after` bytes from the source.
+fn cutting_proxy(to: String, cut: usize, after: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (i, src) in l.incoming().enumerate() {
+            let Ok(src) = src else { return };
+            let dst = TcpStream::connect(&to).unwrap();
+            let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            let (mut dst_r, mut src_w) = (dst, src);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut dst_r, &mut src_w);
+                let _ = src_w.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut at = 0;
+                loop {
+                    let n = match src_r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if i == cut && at + n >= after {
+                        let _ = dst_w.write_all(&buf[..after - at]);
+                        break;
+                    }
+                    if dst_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    at += n;
+                }
+                let _ = dst_w.shutdown(std::net::Shutdown::Both);
+                let _ = src_r.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_page_connection_cut_mid_stream_resumes_the_source() {
+    require_kvm();
+    let dir = tmpdir();
+    let dest = Dest::start(&dir);
+    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=3000 seed=20 verify=1");
+    std::thread::sleep(Duration::from_millis(500));
+    // The third connection (the second extra one) dies inside round 0.
+    let via = cutting_proxy(dest.addr.clone(), 2, 200_000);
+    let r = ctl(&sock, &["migrate", "--to", &via, "--connections", "3"]);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("the guest runs on here"), "{e}");
+    let (code, err, serial) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert!(serial.contains("workload rate done"), "{serial}");
+    assert_verified(&serial);
+    let (code, err, _) = dest.wait();
+    assert_eq!(code, 100, "{err}");
+    assert!(err.contains("page connection 2"), "destination: {err}");
+}

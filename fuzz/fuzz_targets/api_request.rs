@@ -34,7 +34,7 @@ fn encode(r: &Request) -> String {
             "cmd": "migrate", "to": m.to, "downtime_ms": m.downtime_ms, "max_rounds": m.max_rounds,
             "bandwidth_limit": m.bandwidth_limit, "compress": if m.lz4 { "lz4" } else { "none" },
             "auto_converge": m.auto_converge, "verify_memory": m.verify_memory, "local": m.local,
-            "postcopy_after": m.postcopy_after,
+            "postcopy_after": m.postcopy_after, "connections": m.connections,
         }),
         Request::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
     };

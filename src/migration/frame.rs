@@ -19,6 +19,7 @@
 //! Checksums n u32 | n x crc32   RAM per 1 MiB at switchover (optional, before Done)
 //! Postcopy  n u32 | n x (offset u64 | count u32)  pages still owed (before State)
 //! PageRequest  n u32 | n x (offset u64 | count u32)  pages a vCPU waits for, dest -> source
+//! Channel   session u64 | index u32    first frame of an extra page connection
 //! ```
 //!
 //! Hello also carries `local` (a same-host handover: no pages follow) and
@@ -79,6 +80,8 @@ pub enum Kind {
     Postcopy = 10,
     /// Post-copy: pages the destination's guest is waiting for.
     PageRequest = 11,
+    /// First frame of an extra page connection.
+    Channel = 12,
 }
 
 impl Kind {
@@ -95,6 +98,7 @@ impl Kind {
             9 => Kind::Checksums,
             10 => Kind::Postcopy,
             11 => Kind::PageRequest,
+            12 => Kind::Channel,
             _ => return None,
         })
     }
@@ -119,6 +123,23 @@ pub struct Hello {
     /// runs the guest while the owed pages arrive.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub postcopy: bool,
+    /// Page connections in all (this one and `connections - 1` extra,
+    /// each opened with a `Channel` frame naming `session`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub connections: u32,
+    /// Ties the extra connections to this migration.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub session: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Hello {
@@ -132,6 +153,8 @@ impl Hello {
             layout: crate::memory::ram_layout(mem_size),
             local: None,
             postcopy: false,
+            connections: 1,
+            session: 0,
         }
     }
 }
@@ -189,6 +212,14 @@ pub enum Frame {
     Postcopy(Vec<(u64, u32)>),
     /// Post-copy, destination to source: runs of pages a vCPU waits for.
     PageRequest(Vec<(u64, u32)>),
+    /// Opens extra page connection `index` (1..connections) of the
+    /// migration whose `Hello` carried `session`.
+    Channel {
+        /// The migration's session id.
+        session: u64,
+        /// This connection's index.
+        index: u32,
+    },
 }
 
 impl Frame {
@@ -206,6 +237,7 @@ impl Frame {
             Frame::Checksums(_) => Kind::Checksums,
             Frame::Postcopy(_) => Kind::Postcopy,
             Frame::PageRequest(_) => Kind::PageRequest,
+            Frame::Channel { .. } => Kind::Channel,
         }
     }
 }
@@ -393,6 +425,12 @@ pub fn decode_payload(raw_header: &[u8; HEADER_LEN], h: &Header, payload: &[u8])
         Kind::Zero => Frame::Zero(decode_ranges(h.kind, payload)?),
         Kind::Postcopy => Frame::Postcopy(decode_ranges(h.kind, payload)?),
         Kind::PageRequest => Frame::PageRequest(decode_ranges(h.kind, payload)?),
+        Kind::Channel => {
+            if payload.len() != 12 {
+                return Err(malformed(h.kind, format!("{} bytes, want 12", payload.len())));
+            }
+            Frame::Channel { session: le_u64(&payload[..8]), index: le_u32(&payload[8..12]) }
+        }
         Kind::RoundEnd => {
             if payload.len() != 12 {
                 return Err(malformed(h.kind, format!("{} bytes, want 12", payload.len())));
@@ -593,6 +631,9 @@ impl<W: Write> FrameWriter<W> {
             Frame::Zero(ranges) => self.emit_ranges(Kind::Zero, ranges),
             Frame::Postcopy(ranges) => self.emit_ranges(Kind::Postcopy, ranges),
             Frame::PageRequest(ranges) => self.emit_ranges(Kind::PageRequest, ranges),
+            Frame::Channel { session, index } => {
+                self.emit(Kind::Channel, 0, &[&session.to_le_bytes(), &index.to_le_bytes()])
+            }
             Frame::RoundEnd { round, pages } => {
                 self.emit(Kind::RoundEnd, 0, &[&round.to_le_bytes(), &pages.to_le_bytes()])
             }
@@ -674,6 +715,7 @@ mod tests {
             Frame::Checksums(vec![1, 0xdead_beef, 3]),
             Frame::Postcopy(vec![(0x4000, 2), (0x10000, 7)]),
             Frame::PageRequest(vec![(0x5000, 1)]),
+            Frame::Channel { session: 0xfeed, index: 3 },
         ]
     }
 

@@ -23,6 +23,8 @@ use crate::snapshot::MachineState;
 pub const MAX_MEM: u64 = 1 << 40;
 /// Most vCPUs a stream may announce.
 pub const MAX_VCPUS: usize = 64;
+/// Most page connections a migration may use.
+pub const MAX_CONNECTIONS: u32 = 64;
 
 /// Why an incoming migration failed (guest memory holds only checked pages).
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,9 @@ pub fn check_hello(f: Frame) -> Result<Hello, ReceiveError> {
     if h.mem_size == 0 || !h.mem_size.is_multiple_of(PAGE) || h.mem_size > MAX_MEM {
         return bad(format!("RAM size {:#x} is not a page multiple in 1 page ..= 1 TiB", h.mem_size));
     }
+    if h.connections == 0 || h.connections > MAX_CONNECTIONS {
+        return bad(format!("{} connections (1..={MAX_CONNECTIONS})", h.connections));
+    }
     if h.vcpus == 0 || h.vcpus > MAX_VCPUS {
         return bad(format!("{} vCPUs (1..={MAX_VCPUS})", h.vcpus));
     }
@@ -123,6 +128,13 @@ pub enum Step {
     /// Post-copy switchover: start the guest with this state; the pages
     /// owed follow (see [`super::postcopy`]).
     Postcopy(Box<MachineState>, Owed),
+    /// An extra page connection's end: its totals matched.
+    ChannelDone {
+        /// Data pages it carried.
+        pages: u64,
+        /// Zero pages it carried.
+        zero_pages: u64,
+    },
 }
 
 /// Applies a checked stream to a memory file.
@@ -139,6 +151,8 @@ pub struct Receiver {
     zeros: Vec<u8>,
     /// Post-copy: the pages announced as still owed.
     owed: Option<Owed>,
+    /// An extra page connection: pages, zero runs and round ends only.
+    channel: bool,
 }
 
 impl Receiver {
@@ -156,7 +170,22 @@ impl Receiver {
             verified: None,
             zeros: Vec::new(),
             owed: None,
+            channel: false,
         }
+    }
+
+    /// A receiver for an extra page connection of the VM of `hello`:
+    /// `Pages`, `Zero` and `RoundEnd` frames, then `Done` with this
+    /// connection's own totals.
+    pub fn channel(file: File, path: &Path, hello: Hello) -> Self {
+        Receiver { channel: true, ..Receiver::new(file, path, hello) }
+    }
+
+    /// Counts pages that arrived on the extra connections into this (the
+    /// main) receiver's totals, which `Done` is checked against.
+    pub fn add_received(&mut self, pages: u64, zero_pages: u64) {
+        self.pages += pages;
+        self.zero_pages += zero_pages;
     }
 
     /// Data pages written so far.
@@ -265,6 +294,25 @@ impl Receiver {
 
     /// Checks `f` against the stream so far and applies it.
     pub fn apply(&mut self, f: Frame) -> Result<Step, ReceiveError> {
+        if self.channel {
+            match f {
+                Frame::Pages { .. } | Frame::Zero(_) | Frame::RoundEnd { .. } | Frame::Abort(_) => {}
+                Frame::Done { pages, zero_pages } => {
+                    if (pages, zero_pages) != (self.pages, self.zero_pages) {
+                        return Err(ReceiveError::Totals {
+                            sent: pages,
+                            sent_zero: zero_pages,
+                            got: self.pages,
+                            got_zero: self.zero_pages,
+                        });
+                    }
+                    return Ok(Step::ChannelDone { pages, zero_pages });
+                }
+                other => {
+                    return Err(ReceiveError::Protocol(format!("{:?} frame on an extra page connection", other.kind())))
+                }
+            }
+        }
         if self.state.is_some() && !matches!(f, Frame::Done { .. } | Frame::Abort(_) | Frame::Checksums(_)) {
             return Err(ReceiveError::Protocol(format!("{:?} after the machine state", f.kind())));
         }

@@ -235,6 +235,7 @@ impl Api {
                     verify_memory: m.verify_memory,
                     local: m.local,
                     postcopy_after: m.postcopy_after,
+                    connections: m.connections,
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }

@@ -305,6 +305,12 @@ pub struct MigrateCtl {
     /// post-copy for what is still dirty.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "local")]
     pub postcopy_after: Option<u32>,
+    /// Split page data over N TCP connections, each with its own sending
+    /// thread (and receiving thread on the destination); control stays on
+    /// the first. Pre-copy rounds only: post-copy's on-demand pages use
+    /// the first.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "local")]
+    pub connections: u32,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -372,6 +378,7 @@ impl CtlCommand {
                 "verify_memory": m.verify_memory,
                 "local": m.local,
                 "postcopy_after": if m.postcopy { Some(0) } else { m.postcopy_after },
+                "connections": m.connections,
             }),
             CtlCommand::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
             CtlCommand::Stop => json!({"cmd": "stop"}),

@@ -16,6 +16,7 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 use smudge::snapshot::MachineState;
 
+use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
 use crate::outcome::EXIT_MEMORY_LOST;
 use crate::vm::IncomingVm;
@@ -42,6 +43,8 @@ pub struct Incoming {
     answered: bool,
     /// Post-copy: set up at the switchover, run once the guest runs.
     postcopy: Option<PostcopyDest>,
+    /// The extra page connections (`Hello.connections - 1`), accepted.
+    channels: Vec<FrameReader<BufReader<TcpStream>>>,
 }
 
 impl Incoming {
@@ -86,8 +89,20 @@ impl Incoming {
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
-        tracing::info!("migration from {peer}: {} MiB RAM, {} vCPU(s)", hello.mem_size >> 20, hello.vcpus);
-        Ok(Incoming { reader, writer, hello, peer, answered: false, postcopy: None })
+        tracing::info!(
+            "migration from {peer}: {} MiB RAM, {} vCPU(s), {} connection(s)",
+            hello.mem_size >> 20,
+            hello.vcpus,
+            hello.connections
+        );
+        let channels = match super::multifd::accept_channels(&listener, &hello) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = writer.send(&Frame::Ack(Ack { ok: false, error: Some(e.clone()) }));
+                return Err(anyhow::anyhow!("migration from {peer}: {e}"));
+            }
+        };
+        Ok(Incoming { reader, writer, hello, peer, answered: false, postcopy: None, channels })
     }
 
     /// What the source announced.
@@ -124,13 +139,35 @@ impl Incoming {
 impl IncomingVm for Incoming {
     fn receive(&mut self, file: &File, path: &Path, ram: &GuestRam) -> Result<MachineState, String> {
         let file = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
+        let peer = self.peer;
+        let channels = std::mem::take(&mut self.channels);
+        let mut channels = match channels.is_empty() {
+            true => None,
+            false => Some(
+                Channels::start(channels, &file, path, &self.hello)
+                    .map_err(|e| format!("migration from {peer}: {e}"))?,
+            ),
+        };
         let mut rx = Receiver::new(file, path, self.hello.clone());
         let t0 = Instant::now();
+        let mut rounds = 0u64;
         loop {
             let f = self.reader.next_frame().map_err(|e| format!("migration from {}: {e}", self.peer))?;
+            if matches!(f, Frame::State(_)) {
+                // Every page connection ended before the state: their
+                // pages count towards the totals `Done` is checked against.
+                if let Some(c) = channels.take() {
+                    let (p, z) = c.finish().map_err(|e| format!("migration from {peer}: {e}"))?;
+                    rx.add_received(p, z);
+                }
+            }
             match rx.apply(f).map_err(|e| format!("migration from {}: {e}", self.peer))? {
-                Step::Continue => {}
+                Step::Continue | Step::ChannelDone { .. } => {}
                 Step::Round { round, pages } => {
+                    rounds += 1;
+                    if let Some(c) = &channels {
+                        c.wait_round(rounds).map_err(|e| format!("migration from {peer}: {e}"))?;
+                    }
                     tracing::info!(
                         "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",
                         self.reader.bytes() >> 20,

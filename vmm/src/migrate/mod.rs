@@ -5,6 +5,7 @@
 
 pub mod converge;
 pub mod incoming;
+pub mod multifd;
 pub mod postcopy_dest;
 pub mod postcopy_source;
 pub mod source;

@@ -118,6 +118,7 @@ impl MigrationSource {
                 None => None,
             };
             let runs = owed_runs(self, s, set.as_ref())?;
+            s.finish_channels()?;
             s.w.send(&Frame::Postcopy(runs.clone())).map_err(stream_err("sending the owed pages"))?;
             parts.residue_ms = ms_since(tp) - parts.pause_ms;
             let state = self.vcpus.collect_state().map_err(MigrateError::Vcpus)?;
@@ -147,7 +148,7 @@ impl MigrationSource {
         // nothing): no read timeout; a dead peer still ends the read.
         let sock = reader.get_ref().get_ref().try_clone().map_err(|e| MigrateError::Postcopy(e.to_string()))?;
         sock.set_read_timeout(None).map_err(|e| MigrateError::Postcopy(e.to_string()))?;
-        let b0 = s.w.bytes();
+        let b0 = s.bytes();
         let report = std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel();
             scope.spawn(move || loop {
@@ -186,7 +187,7 @@ impl MigrationSource {
             round: rounds.len() as u32,
             pages: pc.pages_on_demand + pc.pages_streamed,
             zero_pages: pc.zero_pages,
-            bytes: s.w.bytes() - b0,
+            bytes: s.bytes() - b0,
             ms: pc.ms,
             throttle_pct: 0,
             vcpu_throttle_pct: Vec::new(),
@@ -197,7 +198,8 @@ impl MigrationSource {
             downtime_ms: downtime.as_secs_f64() * 1e3,
             downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
             rounds,
-            bytes_sent: s.w.bytes(),
+            bytes_sent: s.bytes(),
+            connection_pages: s.connection_pages(),
             pages_sent: s.pages,
             zero_pages_sent: s.zero_pages,
             converge,

@@ -55,6 +55,8 @@ pub struct MigrateOptions {
     /// Same-host handover: the destination maps this VM's RAM file and
     /// only the machine state is sent.
     pub local: bool,
+    /// Page connections (1: the main one only).
+    pub connections: u32,
     /// Switch to post-copy after this many pre-copy rounds (0: at once,
     /// no round at all): the guest then runs on the destination while the
     /// pages still here follow, streamed and fetched on demand.
@@ -122,6 +124,8 @@ pub struct MigrationReport {
     pub memory_crc32: Option<u32>,
     /// Where the downtime went.
     pub downtime_parts: DowntimeParts,
+    /// Data pages sent per connection (the main one first).
+    pub connection_pages: Vec<u64>,
     /// The post-copy phase, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<super::postcopy_source::PostcopyReport>,
@@ -214,6 +218,9 @@ pub(super) struct Sender {
     window: (Instant, u64),
     pub(super) pages: u64,
     pub(super) zero_pages: u64,
+    /// Extra page connections (`--connections`), and the bytes they sent.
+    channels: Option<super::multifd::Workers>,
+    channel_bytes: u64,
 }
 
 pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
@@ -221,6 +228,74 @@ pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateEr
 }
 
 impl Sender {
+    /// A sender on `conn` for RAM of `mem_size` bytes.
+    pub(super) fn new(conn: TcpStream, lz4: bool, mem_size: u64, limit: Option<u64>) -> Self {
+        Sender {
+            w: FrameWriter::new(BufWriter::with_capacity(1 << 20, conn), lz4),
+            layout: ram_layout(mem_size),
+            buf: Vec::new(),
+            zero_runs: Vec::new(),
+            limit,
+            window: (Instant::now(), 0),
+            pages: 0,
+            zero_pages: 0,
+            channels: None,
+            channel_bytes: 0,
+        }
+    }
+
+    /// Bytes sent on every connection.
+    pub(super) fn bytes(&self) -> u64 {
+        self.w.bytes() + self.channel_bytes
+    }
+
+    /// Data pages sent per connection, the main one first.
+    pub(super) fn connection_pages(&self) -> Vec<u64> {
+        let extra = self.channels.as_ref().map_or(Vec::new(), |c| c.pages.clone());
+        std::iter::once(self.pages - extra.iter().sum::<u64>()).chain(extra).collect()
+    }
+
+    /// Sends `pieces` (guest address, length) of a round: all on this
+    /// connection, or dealt out over the extra ones too (each ends its
+    /// part with a `RoundEnd` of its own).
+    fn send_pieces(
+        &mut self,
+        ram: &GuestRam,
+        pieces: &[(u64, u64)],
+        skip_zero: bool,
+        round: u32,
+    ) -> Result<(), MigrateError> {
+        let Some(ch) = self.channels.as_ref() else {
+            for &(gpa, len) in pieces {
+                self.send_range(ram, gpa, len, skip_zero)?;
+            }
+            return self.flush_zero();
+        };
+        let mut groups = super::multifd::split(pieces, ch.len() + 1);
+        let mine = groups.remove(0);
+        ch.start_round(groups, skip_zero, round)?;
+        let sent = mine.iter().try_for_each(|&(gpa, len)| self.send_range(ram, gpa, len, skip_zero));
+        let sent = sent.and_then(|_| self.flush_zero());
+        // Wait for the others even when this part failed: their threads
+        // must be idle before anything else is asked of them.
+        let theirs = self.channels.as_mut().map(|c| c.wait_round()).unwrap_or(Ok((0, 0, 0)));
+        sent?;
+        let (p, z, b) = theirs?;
+        self.pages += p;
+        self.zero_pages += z;
+        self.channel_bytes += b;
+        Ok(())
+    }
+
+    /// Ends the extra connections (each sends its totals), before the
+    /// machine state goes out.
+    pub(super) fn finish_channels(&mut self) -> Result<(), MigrateError> {
+        match self.channels.as_mut() {
+            Some(c) => c.finish(),
+            None => Ok(()),
+        }
+    }
+
     /// Holds the stream to the bandwidth cap.
     pub(super) fn pace(&mut self) {
         let Some(limit) = self.limit else { return };
@@ -301,11 +376,9 @@ impl Sender {
         Ok(())
     }
 
-    fn send_set(&mut self, ram: &GuestRam, set: &DirtySet) -> Result<(), MigrateError> {
-        for e in set.extents() {
-            self.send_range(ram, e.gpa, e.len, false)?;
-        }
-        self.flush_zero()
+    fn send_set(&mut self, ram: &GuestRam, set: &DirtySet, round: u32) -> Result<(), MigrateError> {
+        let pieces: Vec<(u64, u64)> = set.extents().iter().map(|e| (e.gpa, e.len)).collect();
+        self.send_pieces(ram, &pieces, false, round)
     }
 
     /// Ends a round and waits until the destination has stored all of it:
@@ -374,17 +447,9 @@ impl MigrationSource {
         setup(&conn).map_err(stream_err("socket options"))?;
         let rd = conn.try_clone().map_err(stream_err("socket"))?;
         let mut reader = FrameReader::new(BufReader::new(rd));
-        let mut s = Sender {
-            w: FrameWriter::new(BufWriter::with_capacity(1 << 20, conn), opts.lz4),
-            layout: ram_layout(self.mem_size),
-            buf: Vec::new(),
-            zero_runs: Vec::new(),
-            limit: opts.bandwidth,
-            window: (Instant::now(), 0),
-            pages: 0,
-            zero_pages: 0,
-        };
-        match self.precopy(opts, progress, &mut s, &mut reader) {
+        let n = opts.connections.max(1);
+        let mut s = Sender::new(conn, opts.lz4, self.mem_size, opts.bandwidth.map(|b| b / u64::from(n)));
+        match self.precopy(opts, progress, &mut s, &mut reader, addr) {
             Ok(mut r) => {
                 r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 Ok(r)
@@ -411,18 +476,37 @@ impl MigrationSource {
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<TcpStream>>,
+        addr: std::net::SocketAddr,
     ) -> Result<MigrationReport, MigrateError> {
         let local = match opts.local {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
             false => None,
         };
+        let connections = if opts.local { 1 } else { opts.connections.max(1) };
+        let session = if connections > 1 { super::multifd::new_session() } else { 0 };
         let hello = Hello {
             local,
             postcopy: opts.postcopy_after.is_some(),
+            connections,
+            session,
             ..Hello::new(self.mem_size, self.vcpus.threads.len())
         };
         s.w.send(&Frame::Hello(hello)).map_err(stream_err("sending Hello"))?;
         s.w.flush().map_err(stream_err("sending Hello"))?;
+        if connections > 1 {
+            // Opened before the answer: the destination takes them all
+            // before it accepts the migration.
+            let limit = opts.bandwidth.map(|b| b / u64::from(connections));
+            s.channels = Some(super::multifd::Workers::connect(
+                addr,
+                session,
+                connections - 1,
+                opts.lz4,
+                limit,
+                &self.ram,
+                self.mem_size,
+            )?);
+        }
         read_ack(reader, "Hello")?;
         if opts.local {
             // The destination maps the same RAM file: no rounds, only the
@@ -456,23 +540,25 @@ impl MigrationSource {
 
         // Round 0: everything with data.
         let r0 = Instant::now();
-        let (b0, p0) = (s.w.bytes(), s.pages);
+        let (b0, p0) = (s.bytes(), s.pages);
         let data = smudge::snapshot::data_ranges(&self.file, self.mem_size)
             .map_err(|e| MigrateError::Stream(format!("SEEK_DATA on the memory file: {e}")))?;
+        let mut pieces = Vec::new();
         for (off, len) in data {
-            for r in s.layout.clone() {
+            for r in &s.layout {
                 let (a, b) = (off.max(r.file_offset), (off + len).min(r.file_offset + r.len));
                 if a < b {
-                    s.send_range(&self.ram, r.gpa + a - r.file_offset, b - a, true)?;
+                    pieces.push((r.gpa + a - r.file_offset, b - a));
                 }
             }
         }
+        s.send_pieces(&self.ram, &pieces, true, 0)?;
         s.end_round(0, s.pages - p0, reader)?;
         let mut last = RoundReport {
             round: 0,
             pages: s.pages - p0,
             zero_pages: 0,
-            bytes: s.w.bytes() - b0,
+            bytes: s.bytes() - b0,
             ms: r0.elapsed().as_secs_f64() * 1e3,
             throttle_pct: 0,
             vcpu_throttle_pct: Vec::new(),
@@ -527,7 +613,7 @@ impl MigrationSource {
                 round: last.round,
                 remaining_pages: set.count(),
                 rate_mbps: bw / 1e6,
-                bytes_sent: s.w.bytes(),
+                bytes_sent: s.bytes(),
                 throttle_pct: pct,
             });
             tracing::info!(
@@ -559,14 +645,14 @@ impl MigrationSource {
                 forced = true;
                 break (set, bw);
             }
-            let (t, b, p, z) = (Instant::now(), s.w.bytes(), s.pages, s.zero_pages);
-            s.send_set(&self.ram, &set)?;
+            let (t, b, p, z) = (Instant::now(), s.bytes(), s.pages, s.zero_pages);
+            s.send_set(&self.ram, &set, round)?;
             s.end_round(round, s.pages - p, reader)?;
             last = RoundReport {
                 round,
                 pages: s.pages - p,
                 zero_pages: s.zero_pages - z,
-                bytes: s.w.bytes() - b,
+                bytes: s.bytes() - b,
                 ms: t.elapsed().as_secs_f64() * 1e3,
                 throttle_pct: pct,
                 vcpu_throttle_pct: vcpu_pct,
@@ -628,7 +714,7 @@ impl MigrationSource {
         let r = paused.and_then(|_| {
             // The vCPU threads read their state while the residue goes out.
             self.vcpus.request_state();
-            let (b, p, z) = (s.w.bytes(), s.pages, s.zero_pages);
+            let (b, p, z) = (s.bytes(), s.pages, s.zero_pages);
             if let Some((mut set, consumer)) = residue {
                 let last = self
                     .harvester
@@ -637,8 +723,9 @@ impl MigrationSource {
                     .collect(consumer)
                     .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
                 set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-                s.send_set(&self.ram, &set)?;
+                s.send_set(&self.ram, &set, round)?;
             }
+            s.finish_channels()?;
             if opts.verify_memory {
                 let crcs = memory_crcs(&s.layout, |o, b| {
                     let gpa = file_offset_to_gpa(&s.layout, o)
@@ -660,7 +747,7 @@ impl MigrationSource {
                 round,
                 pages: s.pages - p,
                 zero_pages: s.zero_pages - z,
-                bytes: s.w.bytes() - b,
+                bytes: s.bytes() - b,
                 ms: tp.elapsed().as_secs_f64() * 1e3,
                 throttle_pct: 0,
                 vcpu_throttle_pct: Vec::new(),
@@ -687,7 +774,8 @@ impl MigrationSource {
             downtime_ms: downtime.as_secs_f64() * 1e3,
             downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
             rounds,
-            bytes_sent: s.w.bytes(),
+            bytes_sent: s.bytes(),
+            connection_pages: s.connection_pages(),
             pages_sent: s.pages,
             zero_pages_sent: s.zero_pages,
             converge,
