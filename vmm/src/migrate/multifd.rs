@@ -206,10 +206,14 @@ fn run_job(s: &mut Sender, ram: &GuestRam, job: Job, index: u32) -> Result<Optio
     match job {
         Job::Round { pieces, skip_zero, round } => {
             let (p, z, b) = (s.pages, s.zero_pages, s.w.bytes());
+            let named = |e: MigrateError| match e {
+                MigrateError::Stream(m) => MigrateError::Stream(format!("page connection {index}: {m}")),
+                other => other,
+            };
             for (gpa, len) in pieces {
-                s.send_range(ram, gpa, len, skip_zero)?;
+                s.send_range(ram, gpa, len, skip_zero).map_err(named)?;
             }
-            s.flush_zero()?;
+            s.flush_zero().map_err(named)?;
             s.w.send(&Frame::RoundEnd { round, pages: s.pages - p }).map_err(err)?;
             s.w.flush().map_err(err)?;
             Ok(Some((s.pages - p, s.zero_pages - z, s.w.bytes() - b)))
