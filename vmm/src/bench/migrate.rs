@@ -17,7 +17,9 @@
 //! At the fastest rate smudge also migrates with post-copy (switch over at
 //! once, destination RAM on /dev/shm) against its own pre-copy; and at the
 //! slowest, a same-host `--local` handover (only vCPU/device state
-//! crosses) against QEMU's downtime.
+//! crosses) against QEMU's downtime. At the slowest and fastest rates, 2
+//! and 4 parallel page connections against one (informational: where it
+//! stops helping on this machine).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -44,6 +46,8 @@ struct Figures {
     mib: f64,
     /// Post-copy: pages sent because the destination's guest faulted.
     on_demand: f64,
+    /// Round 0's throughput (all data pages), MB/s.
+    round0_mbps: f64,
     /// smudge's downtime phases: pause, residue, state, destination.
     parts: [f64; 4],
 }
@@ -63,6 +67,8 @@ impl Drop for Reap {
 enum Mode {
     /// Pre-copy rounds, then the paused residue.
     Precopy,
+    /// Pre-copy over this many page connections.
+    Connections(u32),
     /// Switch over at once; pages follow (destination RAM on /dev/shm).
     Postcopy,
     /// Same-host handover of the RAM file.
@@ -107,7 +113,7 @@ fn smudge_once(
     let exe = std::env::current_exe()?;
     let (src_mem, sock) = (dir.join("src.mem"), dir.join("src.sock"));
     let dst_mem = match mode {
-        Mode::Precopy => dir.join("dst.mem"),
+        Mode::Precopy | Mode::Connections(_) => dir.join("dst.mem"),
         // userfaultfd needs shmem on the destination.
         Mode::Postcopy => PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id())),
         Mode::Local => src_mem.clone(),
@@ -145,6 +151,7 @@ fn smudge_once(
     let mut req = json!({"cmd": "migrate", "to": addr, "downtime_ms": budget_ms});
     match mode {
         Mode::Precopy => {}
+        Mode::Connections(n) => req["connections"] = json!(n),
         Mode::Postcopy => req["postcopy_after"] = json!(0),
         Mode::Local => req["local"] = json!(true),
     }
@@ -170,6 +177,10 @@ fn smudge_once(
         parts: ["pause_ms", "residue_ms", "state_ms", "destination_ms"]
             .map(|k| v["downtime_parts"][k].as_f64().unwrap_or(f64::NAN)),
         on_demand: v["postcopy"]["pages_on_demand"].as_f64().unwrap_or(0.0),
+        round0_mbps: match (v["rounds"][0]["bytes"].as_f64(), v["rounds"][0]["ms"].as_f64()) {
+            (Some(b), Some(ms)) if ms > 0.0 => b / ms / 1e3,
+            _ => f64::NAN,
+        },
     })
 }
 
@@ -223,6 +234,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 mib: q.bytes as f64 / (1u64 << 20) as f64,
                 parts: [f64::NAN; 4],
                 on_demand: 0.0,
+                round0_mbps: f64::NAN,
             });
         }
         let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
@@ -254,6 +266,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             "lower",
         );
         qemu_downtime.push(med(&theirs, |f| f.downtime_ms));
+        if rate == fastest || rate == cases[0].1 {
+            // Parallel page streams against one, same guest, same run.
+            for n in [2u32, 4] {
+                let mut multi = Vec::new();
+                for _ in 0..runs {
+                    multi.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Connections(n))?);
+                }
+                let c = format!("{label}, {case}: smudge --connections {n}");
+                rep.result(&c, "total_ms", med(&multi, |f| f.total_ms));
+                rep.result(&c, "downtime_ms", med(&multi, |f| f.downtime_ms));
+                rep.result(&c, "round0_mb_per_s", med(&multi, |f| f.round0_mbps));
+                rep.result(&c, "total_vs_1_connection", med(&multi, |f| f.total_ms) / med(&ours, |f| f.total_ms));
+            }
+            rep.result(
+                &format!("{label}, {case}: smudge --connections 1"),
+                "round0_mb_per_s",
+                med(&ours, |f| f.round0_mbps),
+            );
+        }
         if rate == fastest {
             // Post-copy against pre-copy, same guest, same run.
             let mut post = Vec::new();
