@@ -123,7 +123,18 @@ fn a_destination_whose_disk_fills_refuses_and_the_source_runs_on() {
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
     let addr =
         line.trim().strip_prefix("smudge: waiting for a migration on ").unwrap_or_else(|| panic!("{line}")).to_string();
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the guest holds well over the 2 MiB the destination has
+    // room for (a loaded machine boots it slower).
+    let t0 = std::time::Instant::now();
+    loop {
+        let bytes = std::fs::read(&mem).unwrap();
+        let data = bytes.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).count();
+        if data > 2000 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the guest wrote only {data} pages");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = ctl(&sock, &["migrate", "--to", &addr]);
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap();
