@@ -459,7 +459,8 @@ fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
 fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let dst_sock = path(&dir, "dst.sock");
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &["--api-sock", dst_sock.to_str().unwrap()]);
     let (mut src, sock, _) = source(&dir, "workload=random pages=6000 ms=20000 seed=16 verify=1");
     std::thread::sleep(Duration::from_millis(500));
     // A slow link keeps the post-copy phase going for seconds.
@@ -475,6 +476,10 @@ fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error()
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // Its memory file is not whole yet: nothing may copy it.
+    let r = ctl(&dst_sock, &["snapshot", "create", path(&dir, "snap").to_str().unwrap()]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("memory is still loading"), "{r}");
     src.kill().unwrap();
     src.wait().unwrap();
     let t1 = Instant::now();

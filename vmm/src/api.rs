@@ -297,6 +297,9 @@ impl Api {
         let Some(snap) = &self.snapshotter else {
             return error("this VM cannot be snapshotted (no memory file)".into());
         };
+        if let Some(busy) = self.memory_loading() {
+            return busy;
+        }
         let progress = |p: &crate::snapshotter::LiveProgress| {
             *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(p).ok();
         };
@@ -321,10 +324,24 @@ impl Api {
         }
     }
 
+    /// A refusal while guest RAM is still filling in behind the guest.
+    fn memory_loading(&self) -> Option<Value> {
+        self.vcpus.shared.memory_loading.load(std::sync::atomic::Ordering::Acquire).then(|| {
+            error(
+                "busy: the guest's memory is still loading (post-copy or lazy restore); its memory file is not \
+                 complete yet — try again when it is done"
+                    .into(),
+            )
+        })
+    }
+
     fn migrate(&self, opts: &MigrateOptions) -> Value {
         let Some(m) = &self.migration else {
             return error("this VM cannot be migrated: it needs dirty logging and a memory file".into());
         };
+        if let Some(busy) = self.memory_loading() {
+            return busy;
+        }
         let progress = |p: &crate::migrate::source::Progress| {
             *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(p).ok();
         };

@@ -299,11 +299,11 @@ pub struct MigrateCtl {
     /// rest streamed). Downtime no longer grows with the dirty rate, but
     /// once switched, losing the source or the link loses the guest. The
     /// destination's memory file must be on tmpfs (/dev/shm).
-    #[arg(long, conflicts_with_all = ["postcopy_after", "local"])]
+    #[arg(long, conflicts_with_all = ["postcopy_after", "local", "verify_memory"])]
     pub postcopy: bool,
     /// Pre-copy for N rounds (round 0 sends everything), then switch to
     /// post-copy for what is still dirty.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "local")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with_all = ["local", "verify_memory"])]
     pub postcopy_after: Option<u32>,
     /// Split page data over N TCP connections, each with its own sending
     /// thread (and receiving thread on the destination); control stays on

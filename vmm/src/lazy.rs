@@ -93,10 +93,12 @@ impl IncomingVm for LazyRestore {
         Ok(self.state.clone())
     }
 
-    fn started(&mut self, result: Result<(), String>) {
+    fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
         let (Ok(()), Some((uffd, map, owed)), Some(loader)) = (result, self.armed.take(), self.loader.take()) else {
             return;
         };
+        loading.store(true, Ordering::Release);
+        let loading = loading.clone();
         let ttfi = self.started_at.elapsed();
         let _ = writeln!(
             std::io::stderr(),
@@ -131,6 +133,7 @@ impl IncomingVm for LazyRestore {
             if let Err(e) = map.unregister(&uffd) {
                 tracing::warn!("lazy restore: {e}");
             }
+            loading.store(false, Ordering::Release);
             let _ = writeln!(
                 std::io::stderr(),
                 "smudge: lazy restore fully loaded {:.1} ms after smudge started: {} pages on first touch, {} \

@@ -125,6 +125,9 @@ pub struct Shared {
     pub state_request: Mutex<Option<Vec<StateSlot>>>,
     /// Whether the VM has an in-kernel irqchip (LAPIC state to save).
     pub irqchip: bool,
+    /// Guest RAM is still filling in (post-copy, lazy restore): the memory
+    /// file does not hold all of it yet, so nothing may copy it from there.
+    pub memory_loading: Arc<AtomicBool>,
 }
 
 /// One vCPU's answer to a state request: nothing yet, or its state (or why
@@ -170,6 +173,7 @@ impl Shared {
             paused: AtomicUsize::new(0),
             state_request: Mutex::new(None),
             irqchip,
+            memory_loading: Arc::new(AtomicBool::new(false)),
         }
     }
 

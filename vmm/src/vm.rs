@@ -111,8 +111,10 @@ pub trait IncomingVm: Send {
         ram: &smudge::memory::GuestRam,
     ) -> Result<MachineState, String>;
     /// The guest runs (Ok) or could not be started (Err, why); called
-    /// once, as soon as that is known.
-    fn started(&mut self, result: Result<(), String>);
+    /// once, as soon as that is known. `loading` is to be held true while
+    /// guest RAM is still filling in behind the running guest (snapshots
+    /// and migrations wait for it).
+    fn started(&mut self, result: Result<(), String>, loading: &Arc<std::sync::atomic::AtomicBool>);
 }
 
 impl VmConfig {
@@ -314,7 +316,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunReport, VmError> {
     let mut incoming = cfg.incoming.take();
     let r = run_vm(cfg, &mut incoming);
     if let (Err(e), Some(inc)) = (&r, incoming.as_mut()) {
-        inc.started(Err(format!("the destination could not start the guest: {e}")));
+        inc.started(Err(format!("the destination could not start the guest: {e}")), &Arc::default());
     }
     r
 }
@@ -503,7 +505,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         );
     }
     if let Some(inc) = incoming.as_mut() {
-        inc.started(Ok(()));
+        inc.started(Ok(()), &shared.memory_loading);
         tracing::debug!("vCPUs started and the source told {:?} after the memory was in", t_received.elapsed());
     }
     let flusher = match (wb_log, cfg.writeback.clone()) {

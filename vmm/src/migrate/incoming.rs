@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smudge::memory::GuestRam;
@@ -209,7 +211,7 @@ impl IncomingVm for Incoming {
         }
     }
 
-    fn started(&mut self, result: Result<(), String>) {
+    fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
         let ok = result.is_ok();
         self.answer(result);
         if let (true, Some(pc)) = (ok, self.postcopy.take()) {
@@ -221,7 +223,9 @@ impl IncomingVm for Incoming {
                     std::mem::replace(&mut self.writer, FrameWriter::new(b, false)),
                 )
             });
-            let r = taken.map_err(|e| format!("post-copy: {e}")).and_then(|(r, w)| pc.run(r, w, self.peer));
+            let r = taken
+                .map_err(|e| format!("post-copy: {e}"))
+                .and_then(|(r, w)| pc.run(r, w, self.peer, loading.clone()));
             if let Err(e) = r {
                 let _ = writeln!(std::io::stderr(), "smudge: {e}; the guest cannot continue");
                 std::process::exit(i32::from(EXIT_MEMORY_LOST));

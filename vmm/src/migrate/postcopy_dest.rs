@@ -93,7 +93,9 @@ impl PostcopyDest {
         mut reader: FrameReader<BufReader<TcpStream>>,
         writer: FrameWriter<TcpStream>,
         peer: SocketAddr,
+        loading: Arc<AtomicBool>,
     ) -> Result<(), String> {
+        loading.store(true, Ordering::Release);
         let writer = Arc::new(Mutex::new(writer));
         let done = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -123,6 +125,7 @@ impl PostcopyDest {
                 if let Err(e) = self.host.unregister(&self.uffd) {
                     tracing::warn!("post-copy: {e}");
                 }
+                loading.store(false, Ordering::Release);
                 let (pages, zero) = {
                     let g = self.rx.lock().unwrap_or_else(|p| p.into_inner());
                     (g.0.pages(), g.0.zero_pages())
