@@ -105,6 +105,15 @@ impl ChainPages {
             what: "an empty chain".into(),
         })?;
         let mem_size = last.mem_size;
+        // One entry per page is kept: a forged size must not ask for more
+        // than any VM smudge runs.
+        if mem_size == 0 || !mem_size.is_multiple_of(PAGE) || mem_size > crate::migration::receiver::MAX_MEM {
+            return Err(SnapshotError::Corrupt {
+                path: dir.join("manifest.json"),
+                offset: 0,
+                what: format!("RAM size {mem_size:#x} is not a page multiple in 1 page ..= 1 TiB"),
+            });
+        }
         let pages = mem_size / PAGE;
         if links.len() >= usize::from(u16::MAX) {
             return Err(SnapshotError::Corrupt {
