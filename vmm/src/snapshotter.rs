@@ -42,7 +42,9 @@ impl VcpuControl {
     pub fn pause(&self) -> Result<usize, String> {
         let live = self.threads.iter().filter(|t| !t.is_finished()).count();
         self.shared.request_pause();
+        // Out of KVM_RUN (a signal) and out of a throttle's wait (unpark).
         (self.kick)(&self.threads);
+        self.wake();
         let t0 = Instant::now();
         let mut kicked = t0;
         while self.shared.paused_vcpus() < live {

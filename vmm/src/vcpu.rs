@@ -268,10 +268,17 @@ impl Shared {
         loop {
             let now = self.epoch.elapsed();
             let until = self.throttled_until(id);
-            if until <= now.as_nanos() as u64 || self.stop.load(Ordering::Acquire) {
+            // A pause (a snapshot's or a migration's switchover) does not
+            // wait for the throttle: the vCPU parks now, and throttles
+            // again, if still asked to, once it resumes.
+            if until <= now.as_nanos() as u64
+                || self.stop.load(Ordering::Acquire)
+                || self.pause_requested.load(Ordering::Acquire)
+            {
                 break;
             }
-            std::thread::sleep(Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)));
+            // Parked, not slept: `VcpuControl::pause` unparks at once.
+            std::thread::park_timeout(Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)));
         }
         let waited = self.epoch.elapsed() - t0;
         if waited > Duration::from_micros(100) {
@@ -305,8 +312,9 @@ enum Step {
 /// The vCPU thread body: runs until `shared.stop`, an exit or an error.
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
-        shared.wait_while_paused(id, &vcpu);
+        // The throttle first: it gives way to a pause, which then parks.
         shared.balance_dirty_pages(id);
+        shared.wait_while_paused(id, &vcpu);
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
