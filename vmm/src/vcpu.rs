@@ -278,7 +278,9 @@ impl Shared {
                 break;
             }
             // Parked, not slept: `VcpuControl::pause` unparks at once.
-            std::thread::park_timeout(Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)));
+            std::thread::park_timeout(
+                Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)),
+            );
         }
         let waited = self.epoch.elapsed() - t0;
         if waited > Duration::from_micros(100) {
