@@ -205,3 +205,40 @@ fn a_corrupt_chunk_stops_a_lazy_restore_and_a_disk_file_is_refused() {
     assert!(r.stderr.contains("memory.img") && r.stderr.contains("checksum mismatch"), "{r:?}");
     assert!(r.stderr.contains("the guest cannot continue"), "{r:?}");
 }
+
+#[test]
+fn a_run_that_ends_early_still_finishes_loading_the_memory_file() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    // 256 MiB of data: loading takes far longer than the run.
+    let snap = snapshot_of(
+        &dir,
+        "512M",
+        "workload=rate rate=100 pages=65536 seed=34 ms=60000 wipe=1",
+        Duration::from_millis(1500),
+    );
+    let (mem, dump) = (shm.path().join("lazy.mem"), path(&dir, "dirty.txt"));
+    // The guest is stopped (timeout) before its pages could all load.
+    let r = Run::from(
+        lazy(&snap, &mem, &["--timeout", "0.001", "--dump-dirty", dump.to_str().unwrap()]).wait_with_output().unwrap(),
+    );
+    assert_eq!(r.code, 103, "{r:?}");
+    assert!(r.stderr.contains("lazy restore fully loaded"), "{r:?}");
+    assert!(
+        r.stderr.contains("waiting for its memory to finish loading"),
+        "the load ended first; proves nothing: {r:?}"
+    );
+    let (owed, touched, prefetched) = load_counts(&r);
+    assert_eq!(touched + prefetched, owed, "{r:?}");
+    // Every page the guest did not write holds the snapshot's bytes.
+    let written: std::collections::HashSet<u64> =
+        smudge_vmm::dirty::read_dump(&std::fs::read_to_string(&dump).unwrap()).unwrap().into_iter().collect();
+    let want_path = path(&dir, "want.mem");
+    smudge::snapshot::materialize(&snap, &want_path).unwrap();
+    let (got, want) = (std::fs::read(&mem).unwrap(), std::fs::read(&want_path).unwrap());
+    let layout = smudge::memory::ram_layout(want.len() as u64);
+    for (i, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
+        let gpa = smudge::memory::file_offset_to_gpa(&layout, i as u64 * 4096).unwrap();
+        assert!(written.contains(&gpa) || g == w, "page {gpa:#x}, never written, differs from the snapshot");
+    }
+}

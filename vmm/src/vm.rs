@@ -720,6 +720,15 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     };
     let threads = Arc::try_unwrap(threads).map_err(|_| VmError::Runtime("vCPU handles still shared".into()))?;
     stop_vcpus(&shared, threads);
+    // Guest RAM still filling in (a lazy restore's prefetch, post-copy's
+    // stream) must all be in the memory file before the run ends, or the
+    // file would hold holes for pages the guest had.
+    if shared.memory_loading.load(Ordering::Acquire) {
+        let _ = writeln!(std::io::stderr(), "smudge: the guest stopped; waiting for its memory to finish loading");
+        while shared.memory_loading.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let elapsed = start.elapsed();
     shared.bus.flush();
 
