@@ -406,8 +406,10 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
     assert!(n("owed_pages") >= 4000, "{r}");
     assert_eq!(n("pages_on_demand") + n("pages_streamed") + n("zero_pages"), n("owed_pages"), "{r}");
     assert_eq!(n("pages_on_demand") + n("pages_streamed"), r["pages_sent"].as_u64().unwrap(), "{r}");
-    // The guest ran on the destination at once and faulted on pages still here.
-    assert!(n("requests") >= 1 && n("pages_on_demand") >= 1, "{r}");
+    // The guest ran on the destination at once and faulted on pages still
+    // here (whether a request or the stream delivered the page first is a
+    // race; either way it went once).
+    assert!(n("requests") >= 1, "{r}");
 
     let (code, err, serial) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
