@@ -347,6 +347,13 @@ impl RamMap {
         self.maps.iter().try_for_each(|&(_, h, len)| uffd.unregister(h, len))
     }
 
+    /// Waits up to `timeout` for the next fault in RAM: the file offset of
+    /// the faulting page (None: no fault in time).
+    pub fn next_fault(&self, uffd: &Uffd, timeout: Duration) -> Result<Option<u64>, String> {
+        let Some(addr) = uffd.next_fault(timeout).map_err(|e| e.to_string())? else { return Ok(None) };
+        self.offset_of(addr).map(Some).ok_or_else(|| format!("a fault at host address {addr:#x}, outside RAM"))
+    }
+
     /// The file offset of the page at host address `addr`.
     pub fn offset_of(&self, addr: u64) -> Option<u64> {
         let page = addr & !(PAGE - 1);

@@ -46,6 +46,29 @@ fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>, i64)> {
     v
 }
 
+/// Checks that every page of `mem` the guest did not write after the
+/// restore (the pages not in the dirty dump `dump`) holds the bytes of the
+/// snapshot chain `snap`. Returns how many pages were written and how many
+/// unwritten pages hold data.
+fn compare_unwritten(dir: &tempfile::TempDir, snap: &Path, mem: &Path, dump: &Path) -> (usize, usize) {
+    let written: std::collections::HashSet<u64> =
+        smudge_vmm::dirty::read_dump(&std::fs::read_to_string(dump).unwrap()).unwrap().into_iter().collect();
+    let want_path = path(dir, "want.mem");
+    smudge::snapshot::materialize(snap, &want_path).unwrap();
+    let (got, want) = (std::fs::read(mem).unwrap(), std::fs::read(&want_path).unwrap());
+    assert_eq!(got.len(), want.len());
+    let layout = smudge::memory::ram_layout(want.len() as u64);
+    let mut data = 0;
+    for (i, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
+        let gpa = smudge::memory::file_offset_to_gpa(&layout, i as u64 * 4096).unwrap();
+        if !written.contains(&gpa) {
+            assert!(g == w, "page {gpa:#x}, not written since the restore, differs from the snapshot");
+            data += usize::from(w.iter().any(|&b| b != 0));
+        }
+    }
+    (written.len(), data)
+}
+
 fn lazy(snap: &Path, mem: &Path, extra: &[&str]) -> Child {
     smudge()
         .args(["restore", "--lazy", "--snapshot", snap.to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
@@ -123,22 +146,8 @@ fn pages_the_guest_never_touches_are_loaded_by_the_prefetch() {
 
     // Every page the guest did not write after the restore holds the
     // snapshot's bytes.
-    let written: std::collections::HashSet<u64> =
-        smudge_vmm::dirty::read_dump(&std::fs::read_to_string(&dump).unwrap()).unwrap().into_iter().collect();
-    let want_path = path(&dir, "want.mem");
-    smudge::snapshot::materialize(&snap, &want_path).unwrap();
-    let (got, want) = (std::fs::read(&mem).unwrap(), std::fs::read(&want_path).unwrap());
-    assert_eq!(got.len(), want.len());
-    let layout = smudge::memory::ram_layout(want.len() as u64);
-    let mut data = 0;
-    for (i, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
-        let gpa = smudge::memory::file_offset_to_gpa(&layout, i as u64 * 4096).unwrap();
-        if !written.contains(&gpa) {
-            assert!(g == w, "page {gpa:#x}, not written since the restore, differs from the snapshot");
-            data += usize::from(w.iter().any(|&b| b != 0));
-        }
-    }
-    assert!(written.len() < 4000, "{} pages written", written.len());
+    let (written, data) = compare_unwritten(&dir, &snap, &mem, &dump);
+    assert!(written < 4000, "{written} pages written");
     assert!(data > 4000, "only {data} unwritten pages hold data");
 }
 
@@ -231,14 +240,5 @@ fn a_run_that_ends_early_still_finishes_loading_the_memory_file() {
     let (owed, touched, prefetched) = load_counts(&r);
     assert_eq!(touched + prefetched, owed, "{r:?}");
     // Every page the guest did not write holds the snapshot's bytes.
-    let written: std::collections::HashSet<u64> =
-        smudge_vmm::dirty::read_dump(&std::fs::read_to_string(&dump).unwrap()).unwrap().into_iter().collect();
-    let want_path = path(&dir, "want.mem");
-    smudge::snapshot::materialize(&snap, &want_path).unwrap();
-    let (got, want) = (std::fs::read(&mem).unwrap(), std::fs::read(&want_path).unwrap());
-    let layout = smudge::memory::ram_layout(want.len() as u64);
-    for (i, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
-        let gpa = smudge::memory::file_offset_to_gpa(&layout, i as u64 * 4096).unwrap();
-        assert!(written.contains(&gpa) || g == w, "page {gpa:#x}, never written, differs from the snapshot");
-    }
+    compare_unwritten(&dir, &snap, &mem, &dump);
 }

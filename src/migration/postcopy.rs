@@ -15,7 +15,7 @@
 //! never accepted twice.
 
 use super::frame::{Frame, PAGE};
-use super::receiver::ReceiveError;
+use super::receiver::{check_totals, ReceiveError};
 
 /// Pages the source still owes, one bit per page of RAM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,14 +158,7 @@ impl PostcopyReceiver {
                 Ok(Placement::Zero(runs))
             }
             Frame::Done { pages, zero_pages } => {
-                if (pages, zero_pages) != (self.pages, self.zero_pages) {
-                    return Err(ReceiveError::Totals {
-                        sent: pages,
-                        sent_zero: zero_pages,
-                        got: self.pages,
-                        got_zero: self.zero_pages,
-                    });
-                }
+                check_totals((pages, zero_pages), (self.pages, self.zero_pages))?;
                 if self.owed.remaining() > 0 {
                     return Err(ReceiveError::Protocol(format!(
                         "post-copy: Done with {} pages still owed",

@@ -87,6 +87,15 @@ pub enum ReceiveError {
     },
 }
 
+/// Checks the (data, zero) page totals a `Done` announces against what
+/// arrived.
+pub(crate) fn check_totals(sent: (u64, u64), got: (u64, u64)) -> Result<(), ReceiveError> {
+    if sent == got {
+        return Ok(());
+    }
+    Err(ReceiveError::Totals { sent: sent.0, sent_zero: sent.1, got: got.0, got_zero: got.1 })
+}
+
 /// Checks that the first frame is a `Hello` describing a VM this smudge
 /// can run.
 pub fn check_hello(f: Frame) -> Result<Hello, ReceiveError> {
@@ -242,35 +251,10 @@ impl Receiver {
         })
     }
 
-    /// Drops `[offset, offset + len)` from the file (a hole), so a mapping
-    /// of it faults there again; unlike [`Self::zero`] there is no
-    /// fallback — written zeros would be taken for the page itself.
-    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+    /// Punches `[offset, offset + len)` out of the file (a hole).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a file we own, within its size (checked by
-        // the caller through `Owed::add`).
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            return Err(ReceiveError::Write {
-                path: self.path.clone(),
-                offset,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Makes `[offset, offset + len)` read as zeros: a hole punched in the
-    /// file, or zeros written where the filesystem cannot punch.
-    fn zero(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
-        // SAFETY: fallocate on a file we own, within its size (checked).
+        // the callers: bounds for `zero`, `Owed::add` for `discard`).
         let r = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
@@ -280,6 +264,28 @@ impl Receiver {
             )
         };
         if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Drops `[offset, offset + len)` from the file (a hole), so a mapping
+    /// of it faults there again; unlike [`Self::zero`] there is no
+    /// fallback — written zeros would be taken for the page itself.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        self.punch_hole(offset, len).map_err(|source| ReceiveError::Write {
+            path: self.path.clone(),
+            offset,
+            len,
+            source,
+        })
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: a hole punched in the
+    /// file, or zeros written where the filesystem cannot punch.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), ReceiveError> {
+        if self.punch_hole(offset, len).is_ok() {
             return Ok(());
         }
         self.zeros.resize(PAGE as usize * 256, 0);
@@ -298,14 +304,7 @@ impl Receiver {
             match f {
                 Frame::Pages { .. } | Frame::Zero(_) | Frame::RoundEnd { .. } | Frame::Abort(_) => {}
                 Frame::Done { pages, zero_pages } => {
-                    if (pages, zero_pages) != (self.pages, self.zero_pages) {
-                        return Err(ReceiveError::Totals {
-                            sent: pages,
-                            sent_zero: zero_pages,
-                            got: self.pages,
-                            got_zero: self.zero_pages,
-                        });
-                    }
+                    check_totals((pages, zero_pages), (self.pages, self.zero_pages))?;
                     return Ok(Step::ChannelDone { pages, zero_pages });
                 }
                 other => {
@@ -369,14 +368,7 @@ impl Receiver {
                 if let Some(want) = self.checksums.take() {
                     self.check_memory(&want)?;
                 }
-                if (pages, zero_pages) != (self.pages, self.zero_pages) {
-                    return Err(ReceiveError::Totals {
-                        sent: pages,
-                        sent_zero: zero_pages,
-                        got: self.pages,
-                        got_zero: self.zero_pages,
-                    });
-                }
+                check_totals((pages, zero_pages), (self.pages, self.zero_pages))?;
                 Ok(Step::Done(state))
             }
             Frame::Postcopy(runs) if self.hello.postcopy => {

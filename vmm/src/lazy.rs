@@ -170,10 +170,7 @@ fn serve_faults(
     counters: &Counters,
 ) -> Result<(), String> {
     while !done.load(Ordering::Acquire) {
-        let Some(addr) = uffd.next_fault(Duration::from_millis(50)).map_err(|e| e.to_string())? else {
-            continue;
-        };
-        let off = map.offset_of(addr).ok_or_else(|| format!("a fault at host address {addr:#x}, outside RAM"))?;
+        let Some(off) = map.next_fault(uffd, Duration::from_millis(50))? else { continue };
         let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
         let l = &mut *g;
         if l.owed.owes(off) {

@@ -175,11 +175,7 @@ fn serve_faults(
     counters: &Counters,
 ) -> Result<(), String> {
     while !done.load(Ordering::Acquire) {
-        let Some(addr) = uffd.next_fault(Duration::from_millis(50)).map_err(|e| e.to_string())? else {
-            continue;
-        };
-        let page = addr & !(PAGE - 1);
-        let off = host.offset_of(page).ok_or_else(|| format!("a fault at host address {addr:#x}, outside RAM"))?;
+        let Some(off) = host.next_fault(uffd, Duration::from_millis(50))? else { continue };
         let mut g = rx.lock().unwrap_or_else(|p| p.into_inner());
         let (receiver, requested) = &mut *g;
         if receiver.owed().owes(off) {
@@ -195,7 +191,7 @@ fn serve_faults(
         } else {
             // Nothing owed there: the source has zeros (or the page came
             // in meanwhile, and this only wakes the waiter).
-            if uffd.zero(page, PAGE).map_err(|e| e.to_string())? == Placed::Placed {
+            if host.place_zero(uffd, off, PAGE)? == Placed::Placed {
                 counters.zero_faults.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -24,8 +24,7 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, PAGE};
 use smudge::migration::postcopy::Owed;
 
 use super::source::{
-    read_ack, stream_err, DowntimeParts, MigrateError, MigrateOptions, MigrationReport, MigrationSource, RoundReport,
-    Sender,
+    ms_since, read_ack, stream_err, MigrateError, MigrateOptions, MigrationReport, MigrationSource, RoundReport, Sender,
 };
 
 /// Most pages in one background send (small, so a page asked for by a
@@ -97,26 +96,11 @@ impl MigrationSource {
         converge: String,
         bandwidth: f64,
     ) -> Result<MigrationReport, MigrateError> {
-        let ms_since = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-        let was_paused = self.vcpus.shared.is_paused();
-        let tp = Instant::now();
-        let mut parts = DowntimeParts::default();
-        let switched = self.vcpus.pause().map_err(MigrateError::Vcpus).and_then(|_| {
-            parts.pause_ms = ms_since(tp);
+        // If the switchover fails the destination's guest never ran: the
+        // guest goes on here.
+        let (runs, parts, tp) = self.paused(|tp, parts| {
             self.vcpus.request_state();
-            let set = match residue {
-                Some((mut set, consumer)) => {
-                    let last = self
-                        .harvester
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .collect(consumer)
-                        .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-                    set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-                    Some(set)
-                }
-                None => None,
-            };
+            let set = self.final_set(residue)?;
             let runs = owed_runs(self, s, set.as_ref())?;
             s.finish_channels()?;
             s.w.send(&Frame::Postcopy(runs.clone())).map_err(stream_err("sending the owed pages"))?;
@@ -129,17 +113,7 @@ impl MigrationSource {
             read_ack(reader, "the post-copy switchover")?;
             parts.destination_ms = ms_since(tp) - sent;
             Ok(runs)
-        });
-        let runs = match switched {
-            Ok(r) => r,
-            Err(e) => {
-                // The destination's guest never ran: the guest goes on here.
-                if !was_paused {
-                    self.vcpus.resume();
-                }
-                return Err(e);
-            }
-        };
+        })?;
         let downtime = tp.elapsed();
         tracing::info!("post-copy switchover in {:.2} ms; the guest runs on {}", downtime.as_secs_f64() * 1e3, opts.to);
 

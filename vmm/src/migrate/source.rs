@@ -145,7 +145,7 @@ pub struct DowntimeParts {
     pub destination_ms: f64,
 }
 
-fn ms_since(t: Instant) -> f64 {
+pub(super) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
@@ -690,6 +690,46 @@ impl MigrationSource {
         self.switchover(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth)
     }
 
+    /// Runs `f` with the vCPUs paused (a switchover), given when the pause
+    /// began and where the downtime goes; if it fails the guest runs on
+    /// here (resumed unless it was paused before). Returns what `f` did,
+    /// the downtime parts and when the pause began.
+    pub(super) fn paused<T>(
+        &self,
+        f: impl FnOnce(Instant, &mut DowntimeParts) -> Result<T, MigrateError>,
+    ) -> Result<(T, DowntimeParts, Instant), MigrateError> {
+        let was_paused = self.vcpus.shared.is_paused();
+        let tp = Instant::now();
+        let mut parts = DowntimeParts::default();
+        let r = self.vcpus.pause().map_err(MigrateError::Vcpus).and_then(|_| {
+            parts.pause_ms = ms_since(tp);
+            f(tp, &mut parts)
+        });
+        match r {
+            Ok(v) => Ok((v, parts, tp)),
+            Err(e) => {
+                if !was_paused {
+                    self.vcpus.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The pages still to send at the switchover: `residue` with the last
+    /// harvest of its consumer (None: no residue, e.g. pure post-copy).
+    pub(super) fn final_set(&self, residue: Option<(DirtySet, ConsumerId)>) -> Result<Option<DirtySet>, MigrateError> {
+        let Some((mut set, consumer)) = residue else { return Ok(None) };
+        let last = self
+            .harvester
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .collect(consumer)
+            .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+        set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+        Ok(Some(set))
+    }
+
     /// The final round, paused: the residue (with the consumer whose last
     /// harvest joins it; `None` for a same-host handover, which sends no
     /// pages), the machine state, the
@@ -706,23 +746,12 @@ impl MigrationSource {
         bandwidth: f64,
     ) -> Result<MigrationReport, MigrateError> {
         let round = rounds.len() as u32;
-        let was_paused = self.vcpus.shared.is_paused();
-        let tp = Instant::now();
-        let paused = self.vcpus.pause().map_err(MigrateError::Vcpus);
         let mut digest_sent = None;
-        let mut parts = DowntimeParts { pause_ms: ms_since(tp), ..Default::default() };
-        let r = paused.and_then(|_| {
+        let (fin, parts, tp) = self.paused(|tp, parts| {
             // The vCPU threads read their state while the residue goes out.
             self.vcpus.request_state();
             let (b, p, z) = (s.bytes(), s.pages, s.zero_pages);
-            if let Some((mut set, consumer)) = residue {
-                let last = self
-                    .harvester
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .collect(consumer)
-                    .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-                set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+            if let Some(set) = self.final_set(residue)? {
                 s.send_set(&self.ram, &set, round)?;
             }
             s.finish_channels()?;
@@ -756,16 +785,7 @@ impl MigrationSource {
             read_ack(reader, "the final round")?;
             parts.destination_ms = ms_since(tp) - sent;
             Ok(fin)
-        });
-        let fin = match r {
-            Ok(f) => f,
-            Err(e) => {
-                if !was_paused {
-                    self.vcpus.resume();
-                }
-                return Err(e);
-            }
-        };
+        })?;
         let downtime = tp.elapsed();
         rounds.push(fin);
         Ok(MigrationReport {
