@@ -73,6 +73,19 @@ fn guest_exception_is_reported() {
 }
 
 #[test]
+fn triple_fault_is_reported_and_what_the_guest_wrote_is_kept() {
+    let dir = tmpdir();
+    let mem = path(&dir, "m");
+    let r = boot(&mem, "16M", "workload=random pages=512 writes=4000 seed=3 fault=triple");
+    assert_eq!(r.code, 102, "{r:?}");
+    assert!(r.stderr.contains("guest triple-faulted (KVM_EXIT_SHUTDOWN)"), "{r:?}");
+    // Every page the guest stamped before it died reached the file.
+    let r = boot(&mem, "16M", "workload=verify pages=512");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.line("verify: pages=512").unwrap().ends_with("mismatches=0"), "{r:?}");
+}
+
+#[test]
 fn hung_guest_times_out_and_file_stays_intact() {
     let dir = tmpdir();
     let mem = path(&dir, "m");

@@ -328,6 +328,7 @@ fn guest_cmdlines(out: &mut Out) {
         ("stride", "workload=stride pages=4096 stride=64 offset=63 run=2 passes=2 wipe=1"),
         ("idle", "workload=idle ms=10000 poke=0x80 fault=0 tsc_khz=2400000"),
         ("verify", "workload=verify pages=2000"),
+        ("triple", "workload=random pages=2000 writes=20000 seed=7 fault=triple"),
         ("bad", "workload=nonsense console=ttyS0"),
     ];
     for (name, line) in lines {

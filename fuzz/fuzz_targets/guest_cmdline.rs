@@ -31,7 +31,7 @@ fn to_cmdline(c: &Config) -> String {
         c.linger,
         c.tsc_khz,
         u8::from(c.wipe),
-        u8::from(c.fault),
+        c.fault.name(),
     );
     for (k, v) in [("pages", c.pages), ("writes", c.writes), ("poke", c.poke.map(u64::from))] {
         if let Some(v) = v {

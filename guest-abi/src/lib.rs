@@ -307,8 +307,32 @@ pub struct Config {
     /// Test hook: write one byte to this I/O port before the workload (a
     /// VMM must stop a guest that pokes a port no device owns).
     pub poke: Option<u16>,
-    /// Test hook: execute `ud2` before the workload (exception reporting).
-    pub fault: bool,
+    /// Test hook: raise an exception after the workload (exception and
+    /// shutdown reporting; what the workload wrote must still reach the file).
+    pub fault: Fault,
+}
+
+/// What `fault=` makes the guest do before its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing (`fault=0`, the default).
+    None,
+    /// `ud2` (`fault=1` or `fault=ud`): the guest's handler reports #UD.
+    Ud,
+    /// `fault=triple`: break the kernel stack first, so delivering #UD faults
+    /// again, and again: a triple fault (`KVM_EXIT_SHUTDOWN`).
+    Triple,
+}
+
+impl Fault {
+    /// The `fault=` value that selects this.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::None => "0",
+            Fault::Ud => "ud",
+            Fault::Triple => "triple",
+        }
+    }
 }
 
 impl Default for Config {
@@ -332,7 +356,7 @@ impl Default for Config {
             tsc_khz: 0,
             wipe: false,
             poke: None,
-            fault: false,
+            fault: Fault::None,
         }
     }
 }
@@ -401,7 +425,14 @@ impl Config {
                 "tsc_khz" => c.tsc_khz = num()?,
                 "wipe" => c.wipe = flag()?,
                 "poke" => c.poke = Some(u16::try_from(num()?).map_err(|_| CmdlineError::BadValue(word))?),
-                "fault" => c.fault = flag()?,
+                "fault" => {
+                    c.fault = match value {
+                        "triple" => Fault::Triple,
+                        "ud" => Fault::Ud,
+                        _ if flag()? => Fault::Ud,
+                        _ => Fault::None,
+                    }
+                }
                 _ => return Err(CmdlineError::UnknownKey(key)),
             }
         }
@@ -450,6 +481,20 @@ mod tests {
         assert_eq!(Config::parse("bogus=1"), Err(CmdlineError::UnknownKey("bogus")));
         assert_eq!(Config::parse("pages=x"), Err(CmdlineError::BadValue("pages=x")));
         assert_eq!(Config::parse("workload=fly"), Err(CmdlineError::BadValue("workload=fly")));
+    }
+
+    #[test]
+    fn fault_kinds() {
+        assert_eq!(Config::parse("").unwrap().fault, Fault::None);
+        assert_eq!(Config::parse("fault=0").unwrap().fault, Fault::None);
+        assert_eq!(Config::parse("fault").unwrap().fault, Fault::Ud);
+        assert_eq!(Config::parse("fault=1").unwrap().fault, Fault::Ud);
+        assert_eq!(Config::parse("fault=ud").unwrap().fault, Fault::Ud);
+        assert_eq!(Config::parse("fault=triple").unwrap().fault, Fault::Triple);
+        for f in [Fault::None, Fault::Ud, Fault::Triple] {
+            assert_eq!(Config::parse(&std::format!("fault={}", f.name())).unwrap().fault, f);
+        }
+        assert_eq!(Config::parse("fault=twice"), Err(CmdlineError::BadValue("fault=twice")));
     }
 
     #[test]

@@ -40,6 +40,27 @@ pub fn ud2() {
     unsafe { asm!("ud2", options(nostack, nomem)) };
 }
 
+/// Triple-faults: points the TSS's RSP0 at an address the page tables do
+/// not map (they map only the low 4 GiB, all of it user-writable), then
+/// raises #UD. Delivering #UD from CPL3 must push on RSP0 and page-faults;
+/// delivering that #PF faults the same way (#DF), and delivering #DF faults
+/// once more: the CPU shuts down. Never returns.
+pub fn triple_fault() -> ! {
+    extern "C" {
+        static mut tss: u8;
+    }
+    const UNMAPPED: u64 = 1 << 40;
+    // SAFETY: RSP0 lives at byte 4 of the 64-bit TSS (unaligned, hence
+    // write_unaligned); nothing after this point needs the kernel stack
+    // again, since the CPU shuts down on the next exception.
+    unsafe {
+        let rsp0 = core::ptr::addr_of_mut!(tss).add(4).cast::<u64>();
+        rsp0.write_unaligned(UNMAPPED);
+    }
+    ud2();
+    exit(0xff)
+}
+
 /// Leaves the VM with `status` through the exit port; never returns.
 pub fn exit(status: u8) -> ! {
     crate::console::get().flush();

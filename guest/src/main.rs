@@ -17,7 +17,7 @@ mod workload;
 use core::arch::global_asm;
 use core::fmt::Write;
 
-use guest_abi::{status, Config, BANNER};
+use guest_abi::{status, Config, Fault, BANNER};
 
 global_asm!(include_str!("boot.s"), options(att_syntax));
 
@@ -44,11 +44,18 @@ pub extern "C" fn guest_main(start_info: u64) -> ! {
         let _ = writeln!(con, "poking port {port:#x}");
         io::outb(port, 0);
     }
-    if config.fault {
-        let _ = writeln!(con, "executing ud2");
-        io::ud2();
-    }
     let st = workload::run(&config, boot.ram_end, con);
+    match config.fault {
+        Fault::None => {}
+        Fault::Ud => {
+            let _ = writeln!(con, "executing ud2");
+            io::ud2();
+        }
+        Fault::Triple => {
+            let _ = writeln!(con, "breaking the kernel stack, then ud2");
+            io::triple_fault();
+        }
+    }
     let _ = writeln!(con, "exit status={st}");
     io::exit(st)
 }

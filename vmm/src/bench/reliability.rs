@@ -14,8 +14,9 @@
 //! - bad migration streams (bit flips, truncations, repeated and dropped
 //!   frames) fed to the destination's receiver: refused, or the memory
 //!   built is exactly the source's;
-//! - a misbehaving guest: an unknown port, a CPU exception, a write storm
-//!   against a tiny hard dirty limit (it must finish and verify).
+//! - a misbehaving guest: an unknown port, a CPU exception, a triple fault
+//!   right after writing (every page it wrote must be in the file), a write
+//!   storm against a tiny hard dirty limit (it must finish and verify).
 //!
 //! A child process counts as panicked when its stderr says so.
 
@@ -385,35 +386,59 @@ fn bad_streams(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
     Ok(t)
 }
 
+/// How a misbehaving-guest trial must end.
+enum Expect {
+    /// This exit code, and this text on stderr.
+    Error(i32, &'static str),
+    /// This exit code, and then every page the guest wrote (`pages` of
+    /// them) must be in the memory file.
+    ErrorKeepingPages(i32, &'static str, u64),
+    /// Success, with the guest's own verify finding no mismatch.
+    Verified,
+}
+
 fn misbehaving_guests(dir: &Path, n: u64) -> anyhow::Result<Tally> {
     let mut t = Tally::default();
     let mem = dir.join("guest.mem");
-    let cases: [(&str, &[&str], i32); 3] = [
-        ("workload=idle poke=0x80", &[], 101),
-        ("workload=idle fault=1", &[], 0x26),
+    let cases: [(&str, &[&str], Expect); 4] = [
+        ("workload=idle poke=0x80", &[], Expect::Error(101, "unknown I/O port 0x80")),
+        ("workload=idle ms=1 fault=1", &[], Expect::Error(0x26, "CPU exception 6")),
+        // Writes, then a triple fault: the VMM stops with a clear error and
+        // what the guest wrote before it died is all in the file.
+        (
+            "workload=random pages=2000 writes=20000 seed=7 fault=triple",
+            &[],
+            Expect::ErrorKeepingPages(102, "triple-faulted", 2000),
+        ),
         // A write storm against a 1 % hard limit: throttled, never lost.
         (
             "workload=random pages=12000 writes=60000 seed=5 verify=1",
             &["--dirty-limit", "1%", "--dirty-background", "1%"],
-            0,
+            Expect::Verified,
         ),
     ];
     for i in 0..n {
-        let (cmdline, extra, want) = cases[(i % 3) as usize];
+        let (cmdline, extra, expect) = &cases[(i % cases.len() as u64) as usize];
         std::fs::remove_file(&mem).ok();
-        let out = Command::new(exe()?).args(run_args(&mem, "64M", cmdline)).args(extra).output()?;
+        let out = Command::new(exe()?).args(run_args(&mem, "64M", cmdline)).args(*extra).output()?;
         t.trials += 1;
-        t.bad_inputs += u64::from(want != 0);
         t.panics += u64::from(panicked(&out));
         let code = out.status.code().unwrap_or(-1);
-        if want != 0 && code == want {
-            t.clear_errors += 1;
-        }
-        if want == 0 {
-            match mismatches(&out.stdout) {
-                Some(m) if code == 0 => t.lost_pages += m,
-                _ => bail!("the write storm ended with {code}: {}", String::from_utf8_lossy(&out.stderr)),
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match *expect {
+            Expect::Error(want, text) | Expect::ErrorKeepingPages(want, text, _) => {
+                t.bad_inputs += 1;
+                t.clear_errors += u64::from(code == want && stderr.contains(text));
             }
+            Expect::Verified => match mismatches(&out.stdout) {
+                Some(m) if code == 0 => t.lost_pages += m,
+                _ => bail!("the write storm ended with {code}: {stderr}"),
+            },
+        }
+        if let Expect::ErrorKeepingPages(_, _, pages) = *expect {
+            let (stale, in_flight) = stale_pages(&mem, pages)?;
+            // The workload had finished before the fault: nothing was in flight.
+            t.lost_pages += stale + in_flight;
         }
     }
     std::fs::remove_file(&mem).ok();
@@ -430,7 +455,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ("kill -9 during a snapshot", kill_during_snapshot(&dir, 10 * scale, &mut rng)?),
         ("corrupted snapshots", corrupt_snapshots(&dir, 40 * scale, &mut rng)?),
         ("bad migration streams", bad_streams(&dir, 100 * scale, &mut rng)?),
-        ("misbehaving guests", misbehaving_guests(&dir, 3 * scale)?),
+        ("misbehaving guests", misbehaving_guests(&dir, 4 * scale)?),
     ];
     let mut rep = Report::new("reliability");
     let mut total = Tally::default();
