@@ -313,11 +313,20 @@ impl Pending {
     /// Syncs the files, checksums them and commits the manifest atomically.
     /// Returns the manifest and the bytes of memory written.
     pub fn commit(self) -> Result<(Manifest, u64), SnapshotError> {
+        let t0 = std::time::Instant::now();
         for name in self.names {
             let p = self.dir.join(name);
             File::open(&p).and_then(|f| f.sync_data()).map_err(io_err(&p, "fdatasync"))?;
         }
-        Ok((commit(&self.dir, self.manifest, self.names)?, self.bytes))
+        let synced = t0.elapsed();
+        let m = commit(&self.dir, self.manifest, self.names)?;
+        tracing::debug!(
+            "snapshot {}: {} MiB synced in {synced:?}, checksummed and committed in {:?}",
+            self.dir.display(),
+            self.bytes >> 20,
+            t0.elapsed() - synced
+        );
+        Ok((m, self.bytes))
     }
 }
 
@@ -450,6 +459,9 @@ impl LiveFull {
     }
 }
 
+/// Bytes a diff gathers from its extents before one write.
+const PACK_BATCH: usize = 4 << 20;
+
 /// Starts a diff snapshot: the bytes of `extents` (backing-file offset,
 /// length) read from `backing`, on top of `parent` (written in
 /// `parent_dir`), with the vCPUs paused; [`Pending::commit`] finishes it.
@@ -468,13 +480,32 @@ pub fn begin_diff(
     f.write_all(&to_json(&ext_path, &extents)?).map_err(io_err(&ext_path, "write"))?;
     let data_path = dir.join("memory.diff");
     let data = File::create(&data_path).map_err(io_err(&data_path, "create"))?;
+    // Extents are packed back to back: read each into a batch buffer and
+    // write the batch at once (a diff of scattered pages is mostly
+    // one-page extents; a write per extent doubled the system calls).
     let mut pos = 0u64;
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(PACK_BATCH);
+    let flush = |buf: &mut Vec<u8>, pos: &mut u64| -> Result<(), SnapshotError> {
+        data.write_all_at(buf, *pos).map_err(io_err(&data_path, "write"))?;
+        *pos += buf.len() as u64;
+        buf.clear();
+        Ok(())
+    };
     for &(off, len) in extents {
-        buf.resize(len as usize, 0);
-        backing.read_exact_at(&mut buf, off).map_err(io_err(&data_path, "read the memory file"))?;
-        data.write_all_at(&buf, pos).map_err(io_err(&data_path, "write"))?;
-        pos += len;
+        let (mut off, mut len) = (off, len as usize);
+        while len > 0 {
+            let n = len.min(PACK_BATCH - buf.len());
+            let at = buf.len();
+            buf.resize(at + n, 0);
+            backing.read_exact_at(&mut buf[at..], off).map_err(io_err(&data_path, "read the memory file"))?;
+            (off, len) = (off + n as u64, len - n);
+            if buf.len() == PACK_BATCH {
+                flush(&mut buf, &mut pos)?;
+            }
+        }
+    }
+    if !buf.is_empty() {
+        flush(&mut buf, &mut pos)?;
     }
     let state_path = dir.join("state.json");
     let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
@@ -854,6 +885,29 @@ mod tests {
         let text = std::fs::read_to_string(&mp).unwrap().replace("\"version\": 1", "\"version\": 9");
         std::fs::write(&mp, text).unwrap();
         assert!(verify(&snap).unwrap_err().to_string().contains("format version 9"));
+    }
+
+    #[test]
+    fn a_diff_packs_extents_across_batches_in_order() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mem_size = 16u64 << 20;
+        let f = OpenOptions::new().read(true).write(true).create(true).open(dir.path().join("mem")).unwrap();
+        let bytes: Vec<u8> = (0..mem_size).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&bytes, 0).unwrap();
+        let state = MachineState { vcpus: vec![], devices: Default::default() };
+        let full = dir.path().join("full");
+        let (parent, _) = write_full(&full, &f, mem_size, &state).unwrap();
+        // One page, an extent longer than a batch that starts mid-batch,
+        // and pages after it: the packed data is their bytes back to back.
+        let extents = [(0x1000, 0x1000), (0x3000, (PACK_BATCH as u64) + 0x5000), (0xc0_0000, 0x2000)];
+        let diff = dir.path().join("diff");
+        let (m, n) = begin_diff(&diff, &parent, &full, &f, &extents, &state).unwrap().commit().unwrap();
+        let want: Vec<u8> =
+            extents.iter().flat_map(|&(o, l)| bytes[o as usize..(o + l) as usize].iter().copied()).collect();
+        assert_eq!(n, want.len() as u64);
+        assert_eq!(std::fs::read(diff.join("memory.diff")).unwrap(), want);
+        assert_eq!(verify(&diff).unwrap(), m);
     }
 
     /// Rewrites `dir`'s `name` to `bytes` and reseals the manifest (its

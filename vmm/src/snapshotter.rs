@@ -249,6 +249,11 @@ impl Snapshotter {
                 (p, Some(frozen.staged().clone()), residue)
             }
         };
+        tracing::debug!(
+            "snapshot {}: paused {pause:?}, written {:?} after the pause",
+            dir.display(),
+            t0.elapsed() - pause
+        );
         match pending.and_then(snapshot::Pending::commit) {
             Ok((manifest, memory_bytes)) => {
                 if let Some(c) = self.chain.as_mut() {
