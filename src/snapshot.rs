@@ -892,7 +892,8 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let mem_size = 16u64 << 20;
-        let f = OpenOptions::new().read(true).write(true).create(true).open(dir.path().join("mem")).unwrap();
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("mem")).unwrap();
         let bytes: Vec<u8> = (0..mem_size).map(|i| (i % 251) as u8).collect();
         f.write_all_at(&bytes, 0).unwrap();
         let state = MachineState { vcpus: vec![], devices: Default::default() };
