@@ -416,30 +416,52 @@ mod tests {
         }
     }
 
-    /// A sink that records pages and can be told to fail.
+    /// A sink that records pages and can be told to fail: every write-out
+    /// (`fail`), after writing only the first pages of a set (`short`: a
+    /// short write), or at the sync (`fail_sync`), with `errno`.
     #[derive(Debug, Default, Clone)]
     struct FakeSink {
         written: Arc<Mutex<Vec<u64>>>,
         fail: Arc<AtomicBool>,
+        short: Arc<Mutex<Option<usize>>>,
+        fail_sync: Arc<AtomicBool>,
+        errno: Arc<Mutex<Option<i32>>>,
         syncs: Arc<Mutex<u64>>,
+    }
+
+    impl FakeSink {
+        fn error(&self) -> std::io::Error {
+            std::io::Error::from_raw_os_error(self.errno.lock().unwrap().unwrap_or(libc::ENOSPC))
+        }
     }
 
     impl Sink for FakeSink {
         fn write_set(&mut self, _ram: &GuestRam, set: &DirtySet) -> Result<u64, SinkError> {
+            let pages: Vec<u64> = set.slots()[0].pages().collect();
+            let fail = |sink: &Self, written: usize| SinkError::Write {
+                path: "fake".into(),
+                offset: written as u64 * PS,
+                len: PS,
+                source: sink.error(),
+            };
             if self.fail.load(Ordering::SeqCst) {
-                return Err(SinkError::Write {
-                    path: "fake".into(),
-                    offset: 0,
-                    len: 0,
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
+                return Err(fail(self, 0));
             }
-            self.written.lock().unwrap().extend(set.slots()[0].pages());
+            if let Some(k) = *self.short.lock().unwrap() {
+                if k < pages.len() {
+                    self.written.lock().unwrap().extend(&pages[..k]);
+                    return Err(fail(self, k));
+                }
+            }
+            self.written.lock().unwrap().extend(&pages);
             Ok(set.count() * PS)
         }
 
         fn sync(&mut self) -> Result<(), SinkError> {
             *self.syncs.lock().unwrap() += 1;
+            if self.fail_sync.load(Ordering::SeqCst) {
+                return Err(SinkError::Sync { path: "fake".into(), op: "fdatasync", source: self.error() });
+            }
             Ok(())
         }
 
@@ -503,21 +525,66 @@ mod tests {
 
     #[test]
     fn failed_write_out_keeps_pages_dirty_and_is_reported_once() {
+        for errno in [libc::ENOSPC, libc::EIO] {
+            let (mut wb, log, sink, _clock) = engine();
+            *sink.errno.lock().unwrap() = Some(errno);
+            log.queued.lock().unwrap().extend([1, 2, 3]);
+            sink.fail.store(true, Ordering::SeqCst);
+            let e = wb.sync().unwrap_err();
+            assert!(e.to_string().contains("write-out to fake failed"), "{e}");
+            assert_eq!(
+                std::error::Error::source(&e).and_then(|s| s.source()).map(|s| s.to_string()),
+                Some(std::io::Error::from_raw_os_error(errno).to_string())
+            );
+            assert_eq!(wb.stats().nr_dirty, 3, "nothing lost");
+            assert_eq!(wb.states().failed().count(), 3);
+            assert_eq!(wb.stats().write_errors, 1);
+            // the fault cleared: the next sync writes them and reports nothing old
+            sink.fail.store(false, Ordering::SeqCst);
+            assert_eq!(wb.sync().unwrap(), 3);
+            assert_eq!(wb.stats().nr_dirty, 0);
+            assert!(wb.states().failed().is_empty());
+            assert_eq!(*sink.syncs.lock().unwrap(), 2);
+            assert!(wb.sync().is_ok(), "the error was reported once");
+        }
+    }
+
+    /// A short write (the first pages of a set reach the file, then EIO)
+    /// keeps every page of the set dirty: the engine cannot know which of
+    /// them are whole, so all go again on the retry.
+    #[test]
+    fn short_write_keeps_the_whole_set_dirty() {
         let (mut wb, log, sink, _clock) = engine();
-        log.queued.lock().unwrap().extend([1, 2, 3]);
-        sink.fail.store(true, Ordering::SeqCst);
+        *sink.errno.lock().unwrap() = Some(libc::EIO);
+        *sink.short.lock().unwrap() = Some(2);
+        log.queued.lock().unwrap().extend([5, 6, 7, 8]);
+        assert!(wb.sync().is_err());
+        assert_eq!(*sink.written.lock().unwrap(), vec![5, 6], "two pages landed");
+        assert_eq!(wb.stats().nr_dirty, 4, "all four stay dirty");
+        *sink.short.lock().unwrap() = None;
+        assert_eq!(wb.sync().unwrap(), 4);
+        assert_eq!(*sink.written.lock().unwrap(), vec![5, 6, 5, 6, 7, 8]);
+        assert_eq!(wb.stats().nr_dirty, 0);
+    }
+
+    /// fdatasync failing with EIO (the kernel's writeback error model: the
+    /// pages written since the last good sync may not be on disk): they are
+    /// dirty again, the error is reported, and the next sync writes them.
+    #[test]
+    fn failed_fdatasync_redirties_what_it_did_not_make_durable() {
+        let (mut wb, log, sink, _clock) = engine();
+        log.queued.lock().unwrap().extend([1, 2]);
+        assert_eq!(wb.sync().unwrap(), 2);
+        *sink.errno.lock().unwrap() = Some(libc::EIO);
+        sink.fail_sync.store(true, Ordering::SeqCst);
+        log.queued.lock().unwrap().extend([3, 4, 5]);
         let e = wb.sync().unwrap_err();
-        assert!(e.to_string().contains("write-out to fake failed"), "{e}");
-        assert_eq!(wb.stats().nr_dirty, 3, "nothing lost");
-        assert_eq!(wb.states().failed().count(), 3);
-        assert_eq!(wb.stats().write_errors, 1);
-        // space came back: the next sync writes them and reports nothing old
-        sink.fail.store(false, Ordering::SeqCst);
+        assert!(format!("{e:?}").contains("fdatasync"), "{e:?}");
+        assert_eq!(wb.stats().nr_dirty, 3, "the three written since the good sync are dirty again");
+        sink.fail_sync.store(false, Ordering::SeqCst);
         assert_eq!(wb.sync().unwrap(), 3);
         assert_eq!(wb.stats().nr_dirty, 0);
-        assert!(wb.states().failed().is_empty());
-        assert_eq!(*sink.syncs.lock().unwrap(), 2);
-        assert!(wb.sync().is_ok(), "the error was reported once");
+        assert_eq!(*sink.written.lock().unwrap(), vec![1, 2, 3, 4, 5, 3, 4, 5]);
     }
 
     #[test]
