@@ -77,6 +77,11 @@ fn migration_frame(out: &mut Out) {
         ("zero", Frame::Zero(vec![(0x8000, 3), (0x20000, 1)]), false),
         ("round-end", Frame::RoundEnd { round: 1, pages: 42 }, false),
         ("state", Frame::State(Box::default()), false),
+        (
+            "state-vcpus",
+            Frame::State(Box::new(MachineState { vcpus: vec![vcpu(0, true), vcpu(1, true)], ..Default::default() })),
+            false,
+        ),
         ("done", Frame::Done { pages: 2, zero_pages: 4 }, false),
         ("ack-ok", Frame::Ack(Ack { ok: true, error: None }), false),
         ("ack-error", Frame::Ack(Ack { ok: false, error: Some("layout differs".into()) }), false),
