@@ -26,4 +26,5 @@ pub mod precopy;
 pub mod seccomp;
 pub mod snapshotter;
 pub mod vcpu;
+pub mod vcpu_threads;
 pub mod vm;

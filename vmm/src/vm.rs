@@ -33,6 +33,7 @@ use crate::outcome::Outcome;
 use crate::seccomp::{self, Filters, ThreadKind};
 use crate::snapshotter::{Snapshotter, VcpuControl};
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
+use crate::vcpu_threads;
 
 /// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
 pub const MIN_MEM: u64 = 8 << 20;
@@ -368,19 +369,26 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 .and_then(|f| f.install_vmm().map(|_| Some(Arc::new(f))))
                 .map_err(|e| VmError::Runtime(e.to_string()))
         };
+        // The vCPU threads start right after the filter, and wait.
+        let prepare = |f: Result<Option<Arc<Filters>>, VmError>| {
+            let f = f?;
+            let w = vcpu_threads::Waiting::spawn(cfg.vcpus, f.clone(), cfg.seccomp_selftest)
+                .map_err(|e| VmError::Runtime(format!("spawning vCPU threads: {e}")))?;
+            Ok::<_, VmError>((f, w))
+        };
         let (loaded, filters) = match (&boot, incoming.as_mut()) {
             (Some((scratch, _)), _) => {
-                (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
+                (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), prepare(install()))
             }
-            (None, Some(inc)) => match install() {
+            (None, Some(inc)) => match prepare(install()) {
                 Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::Runtime), Ok(f)),
                 Err(e) => (Ok(None), Err(e)),
             },
-            (None, None) => (Ok(None), install()),
+            (None, None) => (Ok(None), prepare(install())),
         };
         (kvm_side.join(), loaded, filters)
     });
-    let filters = filters?;
+    let (filters, waiting) = filters?;
     let KvmSide { vm, mechanism, rings, irqchip, slots, vcpus, tsc_khz } =
         kvm_side.map_err(|_| VmError::Runtime("KVM setup thread panicked".into()))??;
     let received = loaded?;
@@ -474,28 +482,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
 
     let start = Instant::now();
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    for (id, v) in vcpus.into_iter().enumerate() {
-        let sh = shared.clone();
-        let (filters, selftest) = (filters.clone(), cfg.seccomp_selftest && id == 0);
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                if let Some(Err(e)) = filters.map(|f| f.install(ThreadKind::Vcpu)) {
-                    return sh.finish(Outcome::KvmFailure(format!("vCPU {id}: {e}")));
-                }
-                if selftest {
-                    seccomp::selftest();
-                }
-                let guard = sh.clone();
-                // A vCPU thread that dies must end the run, never hang it.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu::run_loop(v, id as u8, sh))).is_err() {
-                    guard.finish(Outcome::KvmFailure(format!("vCPU {id} thread panicked")));
-                }
-            })
-            .map_err(|e| VmError::Runtime(format!("spawning vCPU thread: {e}")))?;
-        threads.push(t);
-    }
+    let threads = waiting.start(vcpus, &shared).map_err(VmError::Runtime)?;
     let threads = Arc::new(threads);
     if let Some(t0) = cfg.started_at {
         let _ = writeln!(
