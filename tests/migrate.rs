@@ -102,11 +102,17 @@ fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     assert!(rounds.len() >= 2, "{r}");
     let sum: u64 = rounds.iter().map(|x| x["pages"].as_u64().unwrap()).sum();
     assert_eq!(sum, r["pages_sent"].as_u64().unwrap(), "{r}");
-    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0, "{r}");
+    // Same host, one clock: the destination's guest ran after the pause
+    // began and before its answer was read here.
+    let s2r = r["stop_to_running_ms"].as_f64().expect("stop_to_running_ms on one host");
+    assert!(s2r > 0.0 && s2r <= downtime, "{r}");
 
     let (code, err, serial) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("migrated to {}", dest.addr)), "{err}");
+    assert!(err.contains("ms to the destination's guest running"), "{err}");
     assert!(!serial.contains("workload rate done"), "the source finished the workload itself:\n{serial}");
 
     let (code, err, serial) = dest.wait();

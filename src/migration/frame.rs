@@ -168,6 +168,25 @@ pub struct Ack {
     /// Why not.
     #[serde(default)]
     pub error: Option<String>,
+    /// In the answer to `Done` (or a post-copy `State`): when the
+    /// destination set its vCPUs running, µs since the Unix epoch on its
+    /// realtime clock. A source on the same host times stop-to-running
+    /// from it, as QEMU's STOP and RESUME events do, without the answer's
+    /// trip back and its own wake-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_at_unix_us: Option<u64>,
+}
+
+impl Ack {
+    /// All is well.
+    pub fn ok() -> Ack {
+        Ack { ok: true, error: None, running_at_unix_us: None }
+    }
+
+    /// A refusal and its reason.
+    pub fn refused(why: impl Into<String>) -> Ack {
+        Ack { ok: false, error: Some(why.into()), running_at_unix_us: None }
+    }
 }
 
 /// One decoded, validated message.
@@ -724,7 +743,8 @@ mod tests {
             Frame::RoundEnd { round: 4, pages: 99 },
             Frame::State(Box::default()),
             Frame::Done { pages: 2, zero_pages: 4 },
-            Frame::Ack(Ack { ok: false, error: Some("no".into()) }),
+            Frame::Ack(Ack::refused("no")),
+            Frame::Ack(Ack { running_at_unix_us: Some(1_764_000_000_123_456), ..Ack::ok() }),
             Frame::Abort("gone".into()),
             Frame::Checksums(vec![1, 0xdead_beef, 3]),
             Frame::Postcopy(vec![(0x4000, 2), (0x10000, 7)]),

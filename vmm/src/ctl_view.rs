@@ -110,10 +110,14 @@ fn dirty_rate(v: &Value) -> String {
 /// of rounds: what `ctl migrate` prints and the source logs.
 pub fn migration_report(v: &Value) -> String {
     let mut out = format!(
-        "migrated to {} in {:.1} ms; downtime {:.2} ms (budget {:.0} ms); {:.1} MiB sent; converge: {}\n",
+        "migrated to {} in {:.1} ms; downtime {:.2} ms{} (budget {:.0} ms); {:.1} MiB sent; converge: {}\n",
         v["to"].as_str().unwrap_or("?"),
         num(v, "total_ms"),
         num(v, "downtime_ms"),
+        match v["stop_to_running_ms"].as_f64() {
+            Some(ms) => format!(", {ms:.2} ms to the destination's guest running"),
+            None => String::new(),
+        },
         num(v, "downtime_budget_ms"),
         num(v, "bytes_sent") / 1048576.0,
         v["converge"].as_str().unwrap_or("?"),

@@ -8,11 +8,15 @@
 //! (~20 MB/s) and 50000/s (~200 MB/s).
 //!
 //! Downtime, the same for both: from the source's guest stopping to the
-//! destination's guest running — smudge's pause to the destination's
-//! acknowledgement, QEMU's `STOP` event on the source to `RESUME` on the
-//! destination (QMP timestamps). QEMU's own `downtime` figure (source side
-//! only, whole milliseconds, leaving out the destination's load and start)
-//! is printed beside it as `qemu_reported_downtime_ms`.
+//! destination's guest running, each end's moment on its own (here: the
+//! same) realtime clock — smudge's pause start to the time its destination
+//! put in the final answer (`stop_to_running_ms`), QEMU's `STOP` event on
+//! the source to `RESUME` on the destination (QMP timestamps). Printed
+//! beside them: smudge's pause to the answer read back at the source
+//! (`downtime_to_ack_ms`: adds the answer's trip and the source thread's
+//! wake-up, which on 2 busy cores is 0-2 ms), and QEMU's own `downtime`
+//! (source side only, whole milliseconds, leaving out the destination's
+//! load and start) as `qemu_reported_downtime_ms`.
 //!
 //! At the fastest rate smudge also migrates with post-copy (switch over at
 //! once, destination RAM on /dev/shm) against its own pre-copy; and at the
@@ -170,7 +174,9 @@ fn smudge_once(
     let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(Figures {
         total_ms: n("total_ms"),
-        downtime_ms: n("downtime_ms"),
+        downtime_ms: v["stop_to_running_ms"]
+            .as_f64()
+            .context("smudge's destination did not say when its guest ran (stop_to_running_ms)")?,
         reported_downtime_ms: n("downtime_ms"),
         rounds: v["rounds"].as_array().map_or(f64::NAN, |r| r.len() as f64),
         mib: n("bytes_sent") / (1u64 << 20) as f64,
@@ -245,6 +251,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             if who == "qemu" {
                 rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
             } else {
+                rep.result(&c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
                 for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
                     let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
                     rep.result(&c, &format!("downtime_{k}"), part);
@@ -294,6 +301,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             let c = format!("{label}, {case}: smudge post-copy");
             rep.result(&c, "total_ms", med(&post, |f| f.total_ms));
             rep.result(&c, "downtime_ms", med(&post, |f| f.downtime_ms));
+            rep.result(&c, "downtime_to_ack_ms", med(&post, |f| f.reported_downtime_ms));
             rep.result(&c, "pages_on_demand", med(&post, |f| f.on_demand));
             rep.result(&c, "sent_mib", med(&post, |f| f.mib));
             rep.goal(
@@ -318,6 +326,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     let c = format!("{label}, {}: smudge --local handover", cases[0].0);
     rep.result(&c, "downtime_ms", med(&local, |f| f.downtime_ms));
+    rep.result(&c, "downtime_to_ack_ms", med(&local, |f| f.reported_downtime_ms));
     rep.result(&c, "total_ms", med(&local, |f| f.total_ms));
     rep.result(&c, "sent_kib", med(&local, |f| f.mib) * 1024.0);
     rep.goal(

@@ -90,7 +90,7 @@ impl Incoming {
         let hello = match reader.next_frame().map_err(Into::into).and_then(check_hello) {
             Ok(h) => h,
             Err(e) => {
-                let _ = writer.send(&Frame::Ack(Ack { ok: false, error: Some(e.to_string()) }));
+                let _ = writer.send(&Frame::Ack(Ack::refused(e.to_string())));
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
@@ -103,7 +103,7 @@ impl Incoming {
         let channels = match super::multifd::accept_channels(&listener, &hello) {
             Ok(c) => c,
             Err(e) => {
-                let _ = writer.send(&Frame::Ack(Ack { ok: false, error: Some(e.clone()) }));
+                let _ = writer.send(&Frame::Ack(Ack::refused(e.clone())));
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
@@ -117,23 +117,24 @@ impl Incoming {
 
     /// Accepts the `Hello` (once the memory file is known to be usable).
     pub fn welcome(&mut self) -> anyhow::Result<()> {
-        self.writer.send(&Frame::Ack(Ack { ok: true, error: None }))?;
+        self.writer.send(&Frame::Ack(Ack::ok()))?;
         Ok(())
     }
 
     /// Refuses the migration, telling the source why.
     pub fn refuse(&mut self, why: &str) {
-        self.answer(Err(why.to_string()));
+        self.answer(Err(why.to_string()), None);
     }
 
-    fn answer(&mut self, r: Result<(), String>) {
+    /// Answers once; `running_at`: when the guest was set running.
+    fn answer(&mut self, r: Result<(), String>, running_at: Option<u64>) {
         if self.answered {
             return;
         }
         self.answered = true;
         let ack = match r {
-            Ok(()) => Ack { ok: true, error: None },
-            Err(e) => Ack { ok: false, error: Some(e) },
+            Ok(()) => Ack { running_at_unix_us: running_at, ..Ack::ok() },
+            Err(e) => Ack::refused(e),
         };
         if let Err(e) = self.writer.send(&Frame::Ack(ack)).and_then(|_| self.writer.flush()) {
             tracing::warn!("migration from {}: cannot answer the source: {e}", self.peer);
@@ -180,7 +181,7 @@ impl IncomingVm for Incoming {
                     );
                     // The round is stored: the source may count it done.
                     self.writer
-                        .send(&Frame::Ack(Ack { ok: true, error: None }))
+                        .send(&Frame::Ack(Ack::ok()))
                         .map_err(|e| format!("migration from {}: acknowledging round {round}: {e}", self.peer))?;
                 }
                 Step::Done(state) => {
@@ -213,8 +214,12 @@ impl IncomingVm for Incoming {
     }
 
     fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
+        let running_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_micros()).ok());
         let ok = result.is_ok();
-        self.answer(result);
+        self.answer(result, running_at);
         if let (true, Some(line)) = (ok, self.received.take()) {
             let _ = writeln!(std::io::stderr(), "{line}");
         }

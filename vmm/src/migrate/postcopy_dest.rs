@@ -131,7 +131,7 @@ impl PostcopyDest {
                     (g.0.pages(), g.0.zero_pages())
                 };
                 let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = w.send(&Frame::Ack(Ack { ok: true, error: None })).and_then(|_| w.flush()) {
+                if let Err(e) = w.send(&Frame::Ack(Ack::ok())).and_then(|_| w.flush()) {
                     tracing::warn!("post-copy from {peer}: cannot acknowledge the end: {e}");
                 }
                 let _ = writeln!(

@@ -24,7 +24,8 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, PAGE};
 use smudge::migration::postcopy::Owed;
 
 use super::source::{
-    ms_since, read_ack, stream_err, MigrateError, MigrateOptions, MigrationReport, MigrationSource, RoundReport, Sender,
+    ms_since, read_ack, stop_to_running, stream_err, MigrateError, MigrateOptions, MigrationReport, MigrationSource,
+    RoundReport, Sender,
 };
 
 /// Most pages in one background send (small, so a page asked for by a
@@ -98,7 +99,7 @@ impl MigrationSource {
     ) -> Result<MigrationReport, MigrateError> {
         // If the switchover fails the destination's guest never ran: the
         // guest goes on here.
-        let (runs, parts, tp) = self.paused(|tp, parts| {
+        let ((runs, stop_to_running_ms), parts, tp) = self.paused(|tp, parts| {
             self.vcpus.request_state();
             let set = self.final_set(residue)?;
             let runs = owed_runs(self, s, set.as_ref())?;
@@ -110,9 +111,9 @@ impl MigrationSource {
             s.w.flush().map_err(stream_err("sending the machine state"))?;
             parts.state_ms = ms_since(tp) - parts.pause_ms - parts.residue_ms;
             let sent = ms_since(tp);
-            read_ack(reader, "the post-copy switchover")?;
+            let ack = read_ack(reader, "the post-copy switchover")?;
             parts.destination_ms = ms_since(tp) - sent;
-            Ok(runs)
+            Ok((runs, stop_to_running(tp, &ack)))
         })?;
         let downtime = tp.elapsed();
         tracing::info!("post-copy switchover in {:.2} ms; the guest runs on {}", downtime.as_secs_f64() * 1e3, opts.to);
@@ -180,6 +181,7 @@ impl MigrationSource {
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: None,
             downtime_parts: parts,
+            stop_to_running_ms,
             postcopy: Some(pc),
         })
     }

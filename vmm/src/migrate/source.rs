@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use smudge::dirty_set::DirtySet;
@@ -124,6 +124,12 @@ pub struct MigrationReport {
     pub memory_crc32: Option<u32>,
     /// Where the downtime went.
     pub downtime_parts: DowntimeParts,
+    /// The pause's start here to the destination's vCPUs set running, by
+    /// the two hosts' realtime clocks: QEMU's STOP-to-RESUME. `downtime_ms`
+    /// adds the answer's trip back and this thread's wake-up (on 2 busy
+    /// cores up to ~2 ms). None unless the figure lies within 0 and
+    /// `downtime_ms` (the destination did not say, or clocks disagree).
+    pub stop_to_running_ms: Option<f64>,
     /// Data pages sent per connection (the main one first).
     pub connection_pages: Vec<u64>,
     /// The post-copy phase, when there was one.
@@ -143,6 +149,16 @@ pub struct DowntimeParts {
     /// From the last byte sent to the destination's "running" (it loads
     /// the state, starts its vCPUs, answers).
     pub destination_ms: f64,
+}
+
+/// Stop to running from the pause start `tp` (this clock) and the
+/// destination's answer (its clock); see [`MigrationReport::stop_to_running_ms`].
+pub(super) fn stop_to_running(tp: Instant, ack: &Ack) -> Option<f64> {
+    let running_at = ack.running_at_unix_us?;
+    let to_ack = tp.elapsed();
+    let paused_at = SystemTime::now().checked_sub(to_ack)?.duration_since(UNIX_EPOCH).ok()?;
+    let ms = (running_at as f64 - paused_at.as_micros() as f64) / 1e3;
+    (0.0..=to_ack.as_secs_f64() * 1e3).contains(&ms).then_some(ms)
 }
 
 pub(super) fn ms_since(t: Instant) -> f64 {
@@ -392,7 +408,7 @@ impl Sender {
     ) -> Result<(), MigrateError> {
         self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
         self.w.flush().map_err(stream_err("sending a round end"))?;
-        read_ack(reader, &format!("round {round}"))
+        read_ack(reader, &format!("round {round}")).map(drop)
     }
 }
 
@@ -406,10 +422,10 @@ impl Drop for ConsumerGuard<'_> {
 }
 
 /// Reads the destination's `Ack`; a refusal carries its reason.
-pub(super) fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<(), MigrateError> {
+pub(super) fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<Ack, MigrateError> {
     match r.next_frame() {
-        Ok(Frame::Ack(Ack { ok: true, .. })) => Ok(()),
-        Ok(Frame::Ack(Ack { ok: false, error })) => Err(MigrateError::Stream(format!(
+        Ok(Frame::Ack(a)) if a.ok => Ok(a),
+        Ok(Frame::Ack(Ack { error, .. })) => Err(MigrateError::Stream(format!(
             "the destination refused after {after}: {}",
             error.unwrap_or_else(|| "no reason given".into())
         ))),
@@ -461,7 +477,7 @@ impl MigrationSource {
                 let _ = s.w.flush();
                 let _ = reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(2)));
                 match (&e, reader.next_frame()) {
-                    (MigrateError::Stream(m), Ok(Frame::Ack(Ack { ok: false, error: Some(why) }))) => {
+                    (MigrateError::Stream(m), Ok(Frame::Ack(Ack { ok: false, error: Some(why), .. }))) => {
                         Err(MigrateError::Stream(format!("{m}; the destination said: {why}")))
                     }
                     _ => Err(e),
@@ -751,7 +767,7 @@ impl MigrationSource {
     ) -> Result<MigrationReport, MigrateError> {
         let round = rounds.len() as u32;
         let mut digest_sent = None;
-        let (fin, parts, tp) = self.paused(|tp, parts| {
+        let ((fin, stop_to_running_ms), parts, tp) = self.paused(|tp, parts| {
             // The vCPU threads read their state while the residue goes out.
             self.vcpus.request_state();
             let (b, p, z) = (s.bytes(), s.pages, s.zero_pages);
@@ -786,9 +802,9 @@ impl MigrationSource {
                 vcpu_throttle_pct: Vec::new(),
             };
             let sent = ms_since(tp);
-            read_ack(reader, "the final round")?;
+            let ack = read_ack(reader, "the final round")?;
             parts.destination_ms = ms_since(tp) - sent;
-            Ok(fin)
+            Ok((fin, stop_to_running(tp, &ack)))
         })?;
         let downtime = tp.elapsed();
         rounds.push(fin);
@@ -806,7 +822,31 @@ impl MigrationSource {
             bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
             downtime_parts: parts,
+            stop_to_running_ms,
             postcopy: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_us() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    }
+
+    #[test]
+    fn stop_to_running_is_taken_only_when_it_lies_within_the_pause() {
+        let tp = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        // Running 10 ms before now: ~10 ms after the pause began.
+        let at = |us: u64| Ack { running_at_unix_us: Some(us), ..Ack::ok() };
+        let ms = stop_to_running(tp, &at(now_us() - 10_000)).expect("within the pause");
+        assert!((5.0..=15.0).contains(&ms), "{ms}");
+        // Before the pause, after the answer, or not said: no figure.
+        assert_eq!(stop_to_running(tp, &at(now_us() - 60_000)), None);
+        assert_eq!(stop_to_running(tp, &at(now_us() + 60_000)), None);
+        assert_eq!(stop_to_running(tp, &Ack::ok()), None);
     }
 }
