@@ -479,8 +479,6 @@ pub fn decode_payload(raw_header: &[u8; HEADER_LEN], h: &Header, payload: &[u8])
     })
 }
 
-/// A body of page runs: n u32 | n x (offset u64 | count u32), each run
-/// page aligned and not empty.
 /// A `State` payload: exactly one postcard-encoded [`MachineState`], no
 /// bytes left over.
 fn decode_state(kind: Kind, payload: &[u8]) -> Result<MachineState, FrameError> {
@@ -492,6 +490,8 @@ fn decode_state(kind: Kind, payload: &[u8]) -> Result<MachineState, FrameError> 
     Ok(state)
 }
 
+/// A body of page runs: n u32 | n x (offset u64 | count u32), each run
+/// page aligned and not empty.
 fn decode_ranges(kind: Kind, payload: &[u8]) -> Result<Vec<(u64, u32)>, FrameError> {
     if payload.len() < 4 {
         return Err(malformed(kind, "shorter than its count"));

@@ -64,10 +64,16 @@ impl Waiting {
         if vcpus.len() != self.threads.len() {
             return Err(format!("{} vCPUs for {} vCPU threads", vcpus.len(), self.threads.len()));
         }
+        // Out of `self` first: if a send fails, `drop` must not wait for
+        // the threads already running a vCPU; they are told to stop.
+        let threads = std::mem::take(&mut self.threads);
         for (tx, v) in self.go.drain(..).zip(vcpus) {
-            tx.send((v, shared.clone())).map_err(|_| "a vCPU thread ended before its vCPU was ready".to_string())?;
+            if tx.send((v, shared.clone())).is_err() {
+                shared.stop.store(true, std::sync::atomic::Ordering::Release);
+                return Err("a vCPU thread ended before its vCPU was ready".into());
+            }
         }
-        Ok(std::mem::take(&mut self.threads))
+        Ok(threads)
     }
 }
 

@@ -361,30 +361,29 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         // boot's own image, before reading an incoming guest, and before
         // any other thread starts, so they all inherit it. vCPUs and the
         // flusher add their own.
-        let install = || {
-            if !cfg.seccomp {
-                return Ok(None);
-            }
-            Filters::new(&seccomp::Context::current())
-                .and_then(|f| f.install_vmm().map(|_| Some(Arc::new(f))))
-                .map_err(|e| VmError::Runtime(e.to_string()))
-        };
         // The vCPU threads start right after the filter, and wait.
-        let prepare = |f: Result<Option<Arc<Filters>>, VmError>| {
-            let f = f?;
-            let w = vcpu_threads::Waiting::spawn(cfg.vcpus, f.clone(), cfg.seccomp_selftest)
+        let install = || {
+            let filters = match cfg.seccomp {
+                false => None,
+                true => Some(
+                    Filters::new(&seccomp::Context::current())
+                        .and_then(|f| f.install_vmm().map(|_| Arc::new(f)))
+                        .map_err(|e| VmError::Runtime(e.to_string()))?,
+                ),
+            };
+            let waiting = vcpu_threads::Waiting::spawn(cfg.vcpus, filters.clone(), cfg.seccomp_selftest)
                 .map_err(|e| VmError::Runtime(format!("spawning vCPU threads: {e}")))?;
-            Ok::<_, VmError>((f, w))
+            Ok::<_, VmError>((filters, waiting))
         };
         let (loaded, filters) = match (&boot, incoming.as_mut()) {
             (Some((scratch, _)), _) => {
-                (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), prepare(install()))
+                (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
             }
-            (None, Some(inc)) => match prepare(install()) {
+            (None, Some(inc)) => match install() {
                 Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::Runtime), Ok(f)),
                 Err(e) => (Ok(None), Err(e)),
             },
-            (None, None) => (Ok(None), prepare(install())),
+            (None, None) => (Ok(None), install()),
         };
         (kvm_side.join(), loaded, filters)
     });

@@ -123,19 +123,15 @@ impl Incoming {
 
     /// Refuses the migration, telling the source why.
     pub fn refuse(&mut self, why: &str) {
-        self.answer(Err(why.to_string()), None);
+        self.answer(Ack::refused(why));
     }
 
-    /// Answers once; `running_at`: when the guest was set running.
-    fn answer(&mut self, r: Result<(), String>, running_at: Option<u64>) {
+    /// Sends the final answer (once).
+    fn answer(&mut self, ack: Ack) {
         if self.answered {
             return;
         }
         self.answered = true;
-        let ack = match r {
-            Ok(()) => Ack { running_at_unix_us: running_at, ..Ack::ok() },
-            Err(e) => Ack::refused(e),
-        };
         if let Err(e) = self.writer.send(&Frame::Ack(ack)).and_then(|_| self.writer.flush()) {
             tracing::warn!("migration from {}: cannot answer the source: {e}", self.peer);
         }
@@ -219,7 +215,10 @@ impl IncomingVm for Incoming {
             .ok()
             .and_then(|d| u64::try_from(d.as_micros()).ok());
         let ok = result.is_ok();
-        self.answer(result, running_at);
+        self.answer(match result {
+            Ok(()) => Ack { running_at_unix_us: running_at, ..Ack::ok() },
+            Err(e) => Ack::refused(e),
+        });
         if let (true, Some(line)) = (ok, self.received.take()) {
             let _ = writeln!(std::io::stderr(), "{line}");
         }
