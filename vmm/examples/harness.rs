@@ -60,19 +60,23 @@ fn run() -> Result<bool, HarnessError> {
     let builder = TestVm::builder().binary(&bin).timeout(Duration::from_secs(60));
     let snaps = ScratchDir::new("example-snapshots")?;
 
-    // A guest stamping 3000 random pages per second over 3000 pages for 4 s,
-    // then checking every page holds what it last wrote there.
+    // A guest stamping 30000 random pages of 3000, 3000 a second (about
+    // 10 s of running: it counts writes, so time spent paused is not
+    // lost), then checking every page holds what it last wrote there.
     let vm = builder
         .clone()
         .mem(64 << 20)
         .vcpus(1)
-        .workload("workload=rate pages=3000 rate=3000 ms=4000 seed=9 verify=1")
+        .workload("workload=rate pages=3000 writes=30000 rate=3000 seed=9 verify=1")
         .dirty_log("manual")
         .boot()?;
     println!("booted {} (pid {}), memory in {}", bin.display(), vm.pid(), vm.mem_path().display());
     println!("guest: {}", vm.wait_for_serial("layout:", Duration::from_secs(10))?);
 
-    std::thread::sleep(Duration::from_millis(500));
+    // Held while the harness looks and snapshots, the guest cannot reach
+    // its end before the migration below.
+    let p = vm.pause()?;
+    println!("paused {} vCPU(s) in {:.2} ms", p["vcpus"], p["ms"].as_f64().unwrap_or(0.0));
     let s = vm.stats()?;
     println!(
         "stats: mechanism {}, {} harvests, {} guest pages dirtied, {} pages written back",
@@ -81,19 +85,27 @@ fn run() -> Result<bool, HarnessError> {
         s["dirty_log"]["guest_pages"],
         s["writeback"]["nr_written"]
     );
-
-    let p = vm.pause()?;
-    println!("paused {} vCPU(s) in {:.2} ms", p["vcpus"], p["ms"].as_f64().unwrap_or(0.0));
-    vm.resume()?;
-
-    let full = vm.snapshot(&snaps.join("full"))?;
+    let full = vm.snapshot_with(&snaps.join("full"), None, false)?;
     println!(
         "full snapshot: {} bytes, guest paused {:.2} ms",
         full["memory_bytes"],
         full["pause_ms"].as_f64().unwrap_or(0.0)
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let diff = vm.snapshot_diff(&snaps.join("d1"), &snaps.join("full"))?;
+
+    // Running again until the dirty log has seen its next writes, which the
+    // diff then holds.
+    let seen = |s: &serde_json::Value| s["dirty_log"]["guest_pages"].as_u64().unwrap_or(0);
+    let before = seen(&vm.stats()?);
+    vm.resume()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen(&vm.stats()?) == before {
+        if Instant::now() > deadline {
+            eprintln!("the guest dirtied no page in 30 s after the resume\n{}", vm.logs());
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let diff = vm.snapshot_with(&snaps.join("d1"), Some(&snaps.join("full")), false)?;
     println!(
         "diff snapshot: {} bytes, guest paused {:.2} ms",
         diff["memory_bytes"],
@@ -104,8 +116,9 @@ fn run() -> Result<bool, HarnessError> {
     let restored = builder.clone().restore(snaps.join("d1"))?;
     println!("restored the diff in pid {}", restored.pid());
 
-    // The original moves to a migrate-recv in another process.
+    // The original moves to a migrate-recv in another process, running.
     let dest = builder.clone().incoming()?;
+    vm.resume()?;
     let report = vm.migrate_to_with(&dest, &json!({"verify_memory": true}))?;
     println!(
         "migrated to {} in {:.1} ms, downtime {:.2} ms, {} rounds",
@@ -119,7 +132,7 @@ fn run() -> Result<bool, HarnessError> {
 
     let mut ok = true;
     for (name, v) in [("restored", &restored), ("migrated", &dest)] {
-        let exit = v.wait_exit(Duration::from_secs(30))?;
+        let exit = v.wait_exit(Duration::from_secs(60))?;
         let verify = exit.line("verify:").unwrap_or("(no verify line)");
         println!("{name}: exit code {:?}, {verify}", exit.code);
         ok &= exit.success() && verify.ends_with("mismatches=0");
