@@ -206,3 +206,19 @@ fn verify_refuses_another_layout_than_memory_holds() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.line("verify:"), Some("verify: pages=300 ok=300 stamped=300 mismatches=0"), "{r:?}");
 }
+
+#[test]
+fn wipe_clears_the_working_set_on_both_sides_of_the_hole() {
+    let dir = tmpdir();
+    let mem = path(&dir, "m");
+    let size = format!("{}M", MEM >> 20);
+    let ws = format!("pages={PAGES} ws_base={WS_BASE:#x}");
+    let wrote = boot(&mem, &size, &format!("workload=seq {ws}"));
+    assert_eq!(wrote.code, 0, "{wrote:?}");
+    let read = file_reader(&mem);
+    assert_stamps_in(&layout(), &vec![1; PAGES as usize], None, |gpa| read(gpa, PAGE_SIZE as usize));
+    let wiped = boot(&mem, &size, &format!("workload=verify wipe=1 {ws}"));
+    assert_eq!(wiped.code, 0, "{wiped:?}");
+    assert_eq!(wiped.line("verify:"), Some(&*format!("verify: pages={PAGES} ok={PAGES} stamped=0 mismatches=0")));
+    assert_stamps_in(&layout(), &vec![0; PAGES as usize], None, |gpa| read(gpa, PAGE_SIZE as usize));
+}
