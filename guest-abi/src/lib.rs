@@ -319,7 +319,12 @@ impl WsLayout {
             return Err(LayoutError::DoesNotFit { pages, room });
         }
         let (split, gap) = match map.high {
-            Some((start, _)) if base < map.low_end => (map.low_end, start - map.low_end),
+            // The last whole page below the end of low RAM ends the first
+            // part; the next page is the first of high RAM.
+            Some((start, _)) if base < map.low_end => {
+                let split = base + (map.low_end - base) / PAGE_SIZE * PAGE_SIZE;
+                (split, start - split)
+            }
             _ => (u64::MAX, 0),
         };
         Ok(WsLayout { base, pages, split, gap })
@@ -697,6 +702,10 @@ mod tests {
         let d = WsLayout::new(&map, None, all).unwrap();
         assert_eq!(d.page_addr(all - 1), (4 << 30) + (8 << 20) - PAGE_SIZE);
         assert!(WsLayout::new(&map, None, all + 1).is_err());
+        // A low end off a page boundary: no page straddles it.
+        let odd = RamMap { low_end: (3 << 30) - 100, high: Some((4 << 30, (4 << 30) + (8 << 20))) };
+        let o = WsLayout::new(&odd, Some(0xbfe0_0000), 1024).unwrap();
+        assert_eq!((o.low_pages(), o.page_addr(510), o.page_addr(511)), (511, 0xbfff_e000, 4 << 30));
         // Without high RAM nothing moves.
         let small = RamMap::for_mem_size(64 << 20);
         assert_eq!(small.high, None);
