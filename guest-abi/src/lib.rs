@@ -299,9 +299,10 @@ pub struct WsLayout {
     pub base: u64,
     /// Number of pages.
     pub pages: u64,
-    /// Pages below this address are at `base + i * PAGE_SIZE`; the rest are
-    /// shifted up by `gap` (the hole).
-    split: u64,
+    /// Pages `0..low` lie below the hole, at `base + i * PAGE_SIZE`.
+    low: u64,
+    /// What the pages from `low` on are shifted up by (the hole; 0 when the
+    /// working set lies on one side of it).
     gap: u64,
 }
 
@@ -318,37 +319,30 @@ impl WsLayout {
         if pages == 0 || pages > room {
             return Err(LayoutError::DoesNotFit { pages, room });
         }
-        let (split, gap) = match map.high {
-            // The last whole page below the end of low RAM ends the first
-            // part; the next page is the first of high RAM.
-            Some((start, _)) if base < map.low_end => {
-                let split = base + (map.low_end - base) / PAGE_SIZE * PAGE_SIZE;
-                (split, start - split)
-            }
-            _ => (u64::MAX, 0),
-        };
-        Ok(WsLayout { base, pages, split, gap })
+        if base >= map.low_end {
+            return Ok(WsLayout { base, pages, low: 0, gap: 0 });
+        }
+        // The whole pages below the end of low RAM come first; the next page
+        // is the first of high RAM (`room` says there is one if needed).
+        let low = ((map.low_end - base) / PAGE_SIZE).min(pages);
+        let gap = map.high.map_or(0, |(start, _)| start - (base + low * PAGE_SIZE));
+        Ok(WsLayout { base, pages, low, gap })
     }
 
     /// Guest physical address of working-set page `i` (`i < pages`).
     #[inline(always)]
     pub fn page_addr(&self, i: u64) -> u64 {
         let a = self.base + i * PAGE_SIZE;
-        if a < self.split {
+        if i < self.low {
             a
         } else {
             a + self.gap
         }
     }
 
-    /// How many of the pages lie below the hole (all of them when the
-    /// working set does not reach it).
+    /// How many of the pages lie below the hole (the rest lie above it).
     pub fn low_pages(&self) -> u64 {
-        if self.split == u64::MAX {
-            self.pages
-        } else {
-            ((self.split - self.base) / PAGE_SIZE).min(self.pages)
-        }
+        self.low
     }
 }
 
@@ -689,7 +683,7 @@ mod tests {
         );
         // A base in high RAM stays there; one in the hole is no RAM.
         let h = WsLayout::new(&map, Some(4 << 30), 2048).unwrap();
-        assert_eq!((h.page_addr(0), h.low_pages()), (4 << 30, 2048));
+        assert_eq!((h.page_addr(0), h.page_addr(2047), h.low_pages()), (4 << 30, (4 << 30) + 2047 * PAGE_SIZE, 0));
         assert_eq!(map.pages_from(3 << 30), 0);
         // Bases below the table or off 2 MiB are refused.
         assert_eq!(
