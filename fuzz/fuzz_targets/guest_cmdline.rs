@@ -5,11 +5,11 @@
 //!
 //! Checked: no panic; an error names a word of the input; an accepted
 //! config keeps its invariants, reads back the same once written out again,
-//! and its working set fits below the end of RAM.
+//! and every page of its working set is RAM (either side of the 32-bit hole).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smudge::guest_abi::{max_pages, stride_pages, ws_base_for, CmdlineError, Config, MAPPED_LIMIT, PAGE_SIZE};
+use smudge::guest_abi::{stride_pages, CmdlineError, Config, RamMap, WsLayout, MAPPED_LIMIT, PAGE_SIZE};
 
 /// `c` as a command line, every key spelled out.
 fn to_cmdline(c: &Config) -> String {
@@ -33,7 +33,7 @@ fn to_cmdline(c: &Config) -> String {
         u8::from(c.wipe),
         c.fault.name(),
     );
-    for (k, v) in [("pages", c.pages), ("writes", c.writes), ("poke", c.poke.map(u64::from))] {
+    for (k, v) in [("pages", c.pages), ("ws_base", c.ws_base), ("writes", c.writes), ("poke", c.poke.map(u64::from))] {
         if let Some(v) = v {
             s.push_str(&format!(" {k}={v}"));
         }
@@ -48,15 +48,19 @@ fn within(part: &str, whole: &str) -> bool {
 }
 
 /// What `guest/src/workload.rs` computes from the config before it writes:
-/// the working set must lie below `ram_end`, every page it stamps in it.
-fn layout(c: &Config, ram_end: u64) {
-    let avail = max_pages(ram_end);
-    let pages = c.pages.unwrap_or(avail);
-    if pages == 0 || pages > avail {
-        return; // the guest refuses it (NO_MEMORY)
+/// every page of the working set must be RAM in `map`, every page it stamps
+/// in it.
+fn layout(c: &Config, map: &RamMap) {
+    let pages = c.pages.unwrap_or_else(|| c.ws_base.map_or_else(|| map.max_pages(), |b| map.pages_from(b)));
+    let Ok(l) = WsLayout::new(map, c.ws_base, pages) else {
+        return; // the guest refuses it (BAD_CMDLINE or NO_MEMORY)
+    };
+    let high = map.high.unwrap_or((0, 0));
+    for i in [0, l.low_pages().saturating_sub(1), l.low_pages().min(pages - 1), pages - 1] {
+        let a = l.page_addr(i);
+        let ram = (a >= 0x10_0000 && a + PAGE_SIZE <= map.low_end) || (a >= high.0 && a + PAGE_SIZE <= high.1);
+        assert!(ram, "page {i} of {pages} at {a:#x} is not RAM in {map:?}");
     }
-    let base = ws_base_for(pages);
-    assert!(base + pages * PAGE_SIZE <= ram_end, "{pages} pages at {base:#x} pass {ram_end:#x}");
     // A pass of `stride` (only its start: a pass can be all of RAM).
     for i in stride_pages(pages, c.stride, c.offset, c.run).take(4096) {
         assert!(i < pages, "stride writes page {i} of {pages}");
@@ -71,8 +75,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(c.stride >= 1 && c.run >= 1, "{c:?}");
             let text = to_cmdline(&c);
             assert_eq!(Config::parse(&text), Ok(c), "written out as '{text}'");
-            for ram_end in [16 << 20, 3 << 30, MAPPED_LIMIT] {
-                layout(&c, ram_end);
+            for mem_size in [16 << 20, 3 << 30, (3 << 30) + (64 << 20), MAPPED_LIMIT - (1 << 30)] {
+                layout(&c, &RamMap::for_mem_size(mem_size));
             }
         }
         Err(CmdlineError::UnknownKey(k)) => {

@@ -13,10 +13,16 @@
 //! 0x0020_0000 ┼ state area: one header page, then the generation     │ (the guest
 //!             │ table (one u32 per working-set page)                 ┘ writes these)
 //! ws_base     ┼ working set: `pages` pages, each stamped on write
+//!             ┴ end of low RAM (3 GiB under smudge)
+//!               the 32-bit hole (LAPIC, IOAPIC): no RAM
+//! 0x1_0000_0000 ┬ high RAM: the working set continues here
 //!             ┴ end of RAM
 //! ```
 //!
-//! `ws_base` is the end of the state area rounded up to 2 MiB.
+//! `ws_base` is the end of the state area rounded up to 2 MiB, or the
+//! `ws_base=` the command line asks for. Working-set page `i` lives at
+//! `ws_base + i * PAGE_SIZE`, skipping the hole: a working set that reaches
+//! the end of low RAM continues at the start of high RAM ([`WsLayout`]).
 //!
 //! # Page stamp
 //!
@@ -45,12 +51,19 @@ pub const IMAGE_BASE: u64 = 0x10_0000;
 pub const STATE_BASE: u64 = 0x20_0000;
 /// The working set starts on a 2 MiB boundary.
 pub const WS_ALIGN: u64 = 0x20_0000;
-/// The guest's page tables identity-map this much (2 MiB pages). Every page
-/// of page table the loader writes costs a host page fault, so no more than
-/// the low RAM region (below the 3 GiB hole) the workload can use.
-pub const MAPPED_LIMIT: u64 = 4 << 30;
+/// The guest's page tables identity-map at most this much (2 MiB pages).
+/// The low 4 GiB are mapped at link time; the guest maps RAM above 4 GiB
+/// at boot (at CPL3, one page directory per GiB the memory map reports, out
+/// of [`HIGH_PAGE_DIRECTORIES`] reserved in its image), so the loader
+/// writes no page-table page the guest does not need.
+pub const MAPPED_LIMIT: u64 = HIGH_RAM_BASE + HIGH_PAGE_DIRECTORIES * (1 << 30);
+/// Page directories (one per GiB) the guest image reserves for RAM above
+/// 4 GiB.
+pub const HIGH_PAGE_DIRECTORIES: u64 = 124;
 /// The VMM's low RAM region ends here; RAM beyond continues at 4 GiB.
 pub const LOW_RAM_LIMIT: u64 = 3 << 30;
+/// Where RAM continues past the 32-bit hole.
+pub const HIGH_RAM_BASE: u64 = 4 << 30;
 /// I/O port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;
 /// I/O port of the exit device (QEMU's isa-debug-exit convention).
@@ -78,6 +91,10 @@ pub mod status {
     pub const PANIC: u8 = 3;
     /// The memory map gives too little RAM for the requested working set.
     pub const NO_MEMORY: u8 = 4;
+    /// `workload=verify` asked for another working-set layout than the one
+    /// the state area records: its generation table does not describe the
+    /// pages asked for, so nothing is verified.
+    pub const LAYOUT_MISMATCH: u8 = 5;
     /// `0x20 + vector`: an unexpected CPU exception.
     pub const EXCEPTION_BASE: u8 = 0x20;
 }
@@ -199,11 +216,139 @@ pub fn align_up(v: u64, align: u64) -> u64 {
     (v + align - 1) & !(align - 1)
 }
 
-/// The largest working set that fits below `ram_end` with its table.
-pub fn max_pages(ram_end: u64) -> u64 {
-    let fits = |p: u64| ws_base_for(p) + p * PAGE_SIZE <= ram_end;
-    // Binary search for the largest count that fits with its aligned table.
-    let (mut lo, mut hi) = (0u64, ram_end / PAGE_SIZE + 1);
+/// Guest RAM as the guest's memory map gives it: the low region that holds
+/// the state area and, past the 32-bit hole, at most one high region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamMap {
+    /// End of the RAM region that holds [`STATE_BASE`].
+    pub low_end: u64,
+    /// `[start, end)` of the RAM above `low_end`, if any.
+    pub high: Option<(u64, u64)>,
+}
+
+impl RamMap {
+    /// The map smudge gives a guest of `mem_size` bytes (the host side's
+    /// mirror of the VMM's RAM layout: low RAM up to [`LOW_RAM_LIMIT`], the
+    /// rest from [`HIGH_RAM_BASE`]).
+    pub fn for_mem_size(mem_size: u64) -> RamMap {
+        let low_end = mem_size.min(LOW_RAM_LIMIT);
+        let high = (mem_size > low_end).then(|| (HIGH_RAM_BASE, HIGH_RAM_BASE + (mem_size - low_end)));
+        RamMap { low_end, high }
+    }
+
+    /// Pages of RAM from `base` (in low or high RAM) to the end of RAM,
+    /// skipping the hole; 0 if `base` is not RAM.
+    pub fn pages_from(&self, base: u64) -> u64 {
+        let high = self.high.map_or(0, |(s, e)| (e.saturating_sub(s)) / PAGE_SIZE);
+        if base < self.low_end {
+            (self.low_end - base) / PAGE_SIZE + high
+        } else {
+            match self.high {
+                Some((s, e)) if base >= s && base < e => (e - base) / PAGE_SIZE,
+                _ => 0,
+            }
+        }
+    }
+
+    /// The largest working set at its default base ([`ws_base_for`]) that
+    /// fits in RAM with its table.
+    pub fn max_pages(&self) -> u64 {
+        let fits = |p: u64| ws_base_for(p) < self.low_end && p <= self.pages_from(ws_base_for(p));
+        largest(fits, self.low_end / PAGE_SIZE + self.high.map_or(0, |(s, e)| (e - s) / PAGE_SIZE) + 1)
+    }
+}
+
+/// Why a working set cannot be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutError {
+    /// `ws_base=` is not 2 MiB-aligned or overlaps the generation table.
+    BadBase {
+        /// The base asked for.
+        base: u64,
+        /// The lowest base the table leaves free.
+        lowest: u64,
+    },
+    /// The working set does not fit between its base and the end of RAM.
+    DoesNotFit {
+        /// Pages asked for.
+        pages: u64,
+        /// Pages of RAM from the base to the end of RAM.
+        room: u64,
+    },
+}
+
+impl core::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            LayoutError::BadBase { base, lowest } => write!(
+                f,
+                "ws_base={base:#x} must be a multiple of {WS_ALIGN:#x} at or above {lowest:#x} (the end of the generation table)"
+            ),
+            LayoutError::DoesNotFit { pages, room } => {
+                write!(f, "pages={pages} does not fit: room for {room} pages from the working set's base")
+            }
+        }
+    }
+}
+
+/// Where each page of a working set lives: `pages` pages from `base`,
+/// continuing past the 32-bit hole at the start of high RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WsLayout {
+    /// Guest physical address of page 0.
+    pub base: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Pages `0..low` lie below the hole, at `base + i * PAGE_SIZE`.
+    low: u64,
+    /// What the pages from `low` on are shifted up by (the hole; 0 when the
+    /// working set lies on one side of it).
+    gap: u64,
+}
+
+impl WsLayout {
+    /// Places `pages` pages at `base` (`None`: [`ws_base_for`]`(pages)`) in
+    /// `map`.
+    pub fn new(map: &RamMap, base: Option<u64>, pages: u64) -> Result<WsLayout, LayoutError> {
+        let lowest = ws_base_for(pages);
+        let base = base.unwrap_or(lowest);
+        if base < lowest || !base.is_multiple_of(WS_ALIGN) {
+            return Err(LayoutError::BadBase { base, lowest });
+        }
+        let room = map.pages_from(base);
+        if pages == 0 || pages > room {
+            return Err(LayoutError::DoesNotFit { pages, room });
+        }
+        if base >= map.low_end {
+            return Ok(WsLayout { base, pages, low: 0, gap: 0 });
+        }
+        // The whole pages below the end of low RAM come first; the next page
+        // is the first of high RAM (`room` says there is one if needed).
+        let low = ((map.low_end - base) / PAGE_SIZE).min(pages);
+        let gap = map.high.map_or(0, |(start, _)| start - (base + low * PAGE_SIZE));
+        Ok(WsLayout { base, pages, low, gap })
+    }
+
+    /// Guest physical address of working-set page `i` (`i < pages`).
+    #[inline(always)]
+    pub fn page_addr(&self, i: u64) -> u64 {
+        let a = self.base + i * PAGE_SIZE;
+        if i < self.low {
+            a
+        } else {
+            a + self.gap
+        }
+    }
+
+    /// How many of the pages lie below the hole (the rest lie above it).
+    pub fn low_pages(&self) -> u64 {
+        self.low
+    }
+}
+
+/// The largest `p` in `0..hi` for which `fits(p)` (monotone) holds.
+fn largest(fits: impl Fn(u64) -> bool, hi: u64) -> u64 {
+    let (mut lo, mut hi) = (0u64, hi);
     while lo + 1 < hi {
         let mid = lo + (hi - lo) / 2;
         if fits(mid) {
@@ -213,6 +358,13 @@ pub fn max_pages(ram_end: u64) -> u64 {
         }
     }
     lo
+}
+
+/// The largest working set that fits below `ram_end` with its table (low
+/// RAM only; [`RamMap::max_pages`] counts high RAM too).
+pub fn max_pages(ram_end: u64) -> u64 {
+    // Binary search for the largest count that fits with its aligned table.
+    largest(|p| ws_base_for(p) + p * PAGE_SIZE <= ram_end, ram_end / PAGE_SIZE + 1)
 }
 
 /// The workloads the guest can run.
@@ -271,6 +423,9 @@ pub struct Config {
     pub workload: Workload,
     /// Working-set size in pages; `None`: all RAM above the state area.
     pub pages: Option<u64>,
+    /// Where the working set starts (`None`: right after the generation
+    /// table, [`ws_base_for`]); 2 MiB-aligned, in low or high RAM.
+    pub ws_base: Option<u64>,
     /// PRNG seed.
     pub seed: u64,
     /// Page writes for random/hotcold/rate (`None`: one per working-set page,
@@ -340,6 +495,7 @@ impl Default for Config {
         Config {
             workload: Workload::Seq,
             pages: None,
+            ws_base: None,
             seed: 1,
             writes: None,
             passes: 1,
@@ -409,6 +565,7 @@ impl Config {
             match key {
                 "workload" => c.workload = Workload::parse(value).ok_or(CmdlineError::BadValue(word))?,
                 "pages" => c.pages = Some(num()?),
+                "ws_base" => c.ws_base = Some(num()?),
                 "seed" => c.seed = num()?,
                 "writes" => c.writes = Some(num()?),
                 "passes" => c.passes = num()?,
@@ -507,6 +664,48 @@ mod tests {
             assert!(ws_base_for(p + 1) + (p + 1) * PAGE_SIZE > ram, "ram {ram:#x}");
         }
         assert_eq!(max_pages(STATE_BASE), 0);
+    }
+
+    #[test]
+    fn a_working_set_continues_past_the_hole() {
+        // smudge's layout: 3 GiB low, the rest from 4 GiB.
+        let map = RamMap::for_mem_size((3 << 30) + (8 << 20));
+        assert_eq!(map, RamMap { low_end: 3 << 30, high: Some((4 << 30, (4 << 30) + (8 << 20))) });
+        let l = WsLayout::new(&map, Some(0xbfe0_0000), 1024).unwrap();
+        assert_eq!((l.page_addr(0), l.page_addr(511), l.page_addr(512)), (0xbfe0_0000, 0xbfff_f000, 4 << 30));
+        assert_eq!(l.page_addr(1023), (4 << 30) + 511 * PAGE_SIZE);
+        assert_eq!(l.low_pages(), 512);
+        // Room: 512 pages below the hole, 2048 above.
+        assert_eq!(map.pages_from(0xbfe0_0000), 2560);
+        assert_eq!(
+            WsLayout::new(&map, Some(0xbfe0_0000), 2561),
+            Err(LayoutError::DoesNotFit { pages: 2561, room: 2560 })
+        );
+        // A base in high RAM stays there; one in the hole is no RAM.
+        let h = WsLayout::new(&map, Some(4 << 30), 2048).unwrap();
+        assert_eq!((h.page_addr(0), h.page_addr(2047), h.low_pages()), (4 << 30, (4 << 30) + 2047 * PAGE_SIZE, 0));
+        assert_eq!(map.pages_from(3 << 30), 0);
+        // Bases below the table or off 2 MiB are refused.
+        assert_eq!(
+            WsLayout::new(&map, Some(0x20_0000), 10),
+            Err(LayoutError::BadBase { base: 0x20_0000, lowest: 0x40_0000 })
+        );
+        assert!(matches!(WsLayout::new(&map, Some(0xbfe0_1000), 10), Err(LayoutError::BadBase { .. })));
+        // The default working set takes all RAM, both sides.
+        let all = map.max_pages();
+        let d = WsLayout::new(&map, None, all).unwrap();
+        assert_eq!(d.page_addr(all - 1), (4 << 30) + (8 << 20) - PAGE_SIZE);
+        assert!(WsLayout::new(&map, None, all + 1).is_err());
+        // A low end off a page boundary: no page straddles it.
+        let odd = RamMap { low_end: (3 << 30) - 100, high: Some((4 << 30, (4 << 30) + (8 << 20))) };
+        let o = WsLayout::new(&odd, Some(0xbfe0_0000), 1024).unwrap();
+        assert_eq!((o.low_pages(), o.page_addr(510), o.page_addr(511)), (511, 0xbfff_e000, 4 << 30));
+        // Without high RAM nothing moves.
+        let small = RamMap::for_mem_size(64 << 20);
+        assert_eq!(small.high, None);
+        assert_eq!(small.max_pages(), max_pages(64 << 20));
+        let s = WsLayout::new(&small, None, 100).unwrap();
+        assert_eq!(s.page_addr(99), ws_base_for(100) + 99 * PAGE_SIZE);
     }
 
     #[test]

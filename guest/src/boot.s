@@ -130,6 +130,7 @@ fault_common:
 # ---- descriptor tables and page tables, all built at link time ----
     .section .data.pagetables, "aw"
     .balign 4096
+    .globl pdpt
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
@@ -140,7 +141,7 @@ pdpt:
     .set i, i + 1
     .endr
     .fill 508, 8, 0
-pd:                             # 4 GiB identity map, 2 MiB pages, U/S=1
+pd:                             # low 4 GiB identity map, 2 MiB pages, U/S=1
     .set i, 0
     .rept 512 * 4
     .quad (i << 21) + 0x87
@@ -195,6 +196,15 @@ tss:
     .globl start_info_paddr
 start_info_paddr:
     .quad 0
+
+# Page directories for RAM above 4 GiB: paging.rs fills one per GiB the
+# memory map reports and links it into pdpt (at CPL3, natively), so neither
+# the loader nor the emulated CPL0 code touches one a small guest never needs.
+    .section .pagetables_high, "aw", @nobits
+    .balign 4096
+    .globl pd_high
+pd_high:
+    .skip 4096 * 124
 
     .section .stacks, "aw", @nobits
     .balign 16

@@ -11,6 +11,7 @@
 mod console;
 mod io;
 mod mem;
+mod paging;
 mod pvh;
 mod workload;
 
@@ -44,7 +45,10 @@ pub extern "C" fn guest_main(start_info: u64) -> ! {
         let _ = writeln!(con, "poking port {port:#x}");
         io::outb(port, 0);
     }
-    let st = workload::run(&config, boot.ram_end, con);
+    if let Some((_, end)) = boot.ram.high {
+        paging::map_high(end);
+    }
+    let st = workload::run(&config, &boot.ram, con);
     match config.fault {
         Fault::None => {}
         Fault::Ud => {

@@ -1,6 +1,8 @@
 //! Reading the PVH `hvm_start_info` the loader left for us: the command line
 //! and the memory map (identity-mapped, so physical addresses are pointers).
 
+use guest_abi::{RamMap, MAPPED_LIMIT, STATE_BASE};
+
 /// `hvm_start_info.magic`.
 const START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
@@ -9,8 +11,9 @@ const E820_RAM: u32 = 1;
 pub struct StartInfo {
     /// The kernel command line ("" if none).
     pub cmdline: &'static str,
-    /// End of the RAM region that holds the state area.
-    pub ram_end: u64,
+    /// The RAM the memory map gives, clamped to what the page tables can
+    /// map ([`guest_abi::MAPPED_LIMIT`]).
+    pub ram: RamMap,
 }
 
 fn rd<T: Copy>(addr: u64) -> T {
@@ -38,21 +41,30 @@ impl StartInfo {
             let bytes = unsafe { core::slice::from_raw_parts(cmdline_paddr as *const u8, n) };
             core::str::from_utf8(bytes).map_err(|_| "command line is not UTF-8")?
         };
-        let mut ram_end = 0u64;
+        let mut low_end = 0u64;
+        let mut high: Option<(u64, u64)> = None;
         if version >= 1 {
             let map: u64 = rd(at + 40);
             let entries: u32 = rd(at + 48);
             for i in 0..entries as u64 {
                 let e = map + i * 24;
                 let (addr, size, kind) = (rd::<u64>(e), rd::<u64>(e + 8), rd::<u32>(e + 16));
-                if kind == E820_RAM && addr <= guest_abi::STATE_BASE && addr + size > guest_abi::STATE_BASE {
-                    ram_end = addr + size;
+                let end = addr.saturating_add(size).min(MAPPED_LIMIT);
+                if kind != E820_RAM || end <= addr {
+                    continue;
+                }
+                if addr <= STATE_BASE && end > STATE_BASE {
+                    low_end = end;
+                } else if addr > STATE_BASE && high.is_none_or(|(s, _)| addr < s) {
+                    // The lowest region above the one holding the state
+                    // area: RAM past the 32-bit hole.
+                    high = Some((addr, end));
                 }
             }
         }
-        if ram_end == 0 {
+        if low_end == 0 {
             return Err("memory map has no RAM at 2 MiB (start_info version < 1?)");
         }
-        Ok(StartInfo { cmdline, ram_end: ram_end.min(guest_abi::MAPPED_LIMIT) })
+        Ok(StartInfo { cmdline, ram: RamMap { low_end, high } })
     }
 }

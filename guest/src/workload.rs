@@ -4,8 +4,8 @@
 use core::fmt::Write;
 
 use guest_abi::{
-    check_page, gen_table_addr, max_pages, stamp_words, status, ws_base_for, Config, PageCheck, Rng, StateHeader,
-    Workload, IMAGE_BASE, PAGE_SIZE, STATE_BASE,
+    check_page, gen_table_addr, stamp_words, status, Config, LayoutError, PageCheck, RamMap, Rng, StateHeader,
+    Workload, WsLayout, IMAGE_BASE, PAGE_SIZE, STATE_BASE,
 };
 
 use crate::console::Console;
@@ -13,7 +13,7 @@ use crate::io::rdtsc;
 
 /// The working set and its generation table.
 struct Ws {
-    base: u64,
+    layout: WsLayout,
     pages: u64,
 }
 
@@ -23,7 +23,7 @@ impl Ws {
     }
 
     fn page(&self, i: u64) -> *mut u64 {
-        (self.base + i * PAGE_SIZE) as *mut u64
+        self.layout.page_addr(i) as *mut u64
     }
 
     /// Writes the next generation's stamp into page `i`.
@@ -31,8 +31,9 @@ impl Ws {
     fn stamp(&self, i: u64) {
         let t = self.table(i);
         let p = self.page(i);
-        // SAFETY: i < pages; table and page lie in RAM below ram_end
-        // (checked in `run`), identity-mapped and owned by the workload.
+        // SAFETY: i < pages; table and page lie in RAM (`WsLayout::new`
+        // checked the memory map), identity-mapped (`paging::map_high` for
+        // RAM above 4 GiB) and owned by the workload.
         unsafe {
             let generation = t.read_volatile() as u64 + 1;
             t.write_volatile(generation as u32);
@@ -93,27 +94,53 @@ impl Clock {
     }
 }
 
-/// Runs the configured workload over RAM ending at `ram_end`; returns the
+/// Runs the configured workload over the RAM `ram` describes; returns the
 /// exit status.
-pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
-    let avail = max_pages(ram_end);
-    let pages = c.pages.unwrap_or(avail);
-    if pages == 0 || pages > avail {
-        let _ = writeln!(con, "error: pages={pages} does not fit: RAM ends at {ram_end:#x}, room for {avail} pages");
-        return status::NO_MEMORY;
-    }
-    let ws = Ws { base: ws_base_for(pages), pages };
+pub fn run(c: &Config, ram: &RamMap, con: &mut Console) -> u8 {
+    let pages = c.pages.unwrap_or_else(|| match c.ws_base {
+        Some(base) => ram.pages_from(base),
+        None => ram.max_pages(),
+    });
+    let layout = match WsLayout::new(ram, c.ws_base, pages) {
+        Ok(l) => l,
+        Err(e) => {
+            let (low_end, (high_start, high_end)) = (ram.low_end, ram.high.unwrap_or((0, 0)));
+            let _ = writeln!(con, "error: {e} (RAM: {IMAGE_BASE:#x}-{low_end:#x}, {high_start:#x}-{high_end:#x})");
+            return match e {
+                LayoutError::BadBase { .. } => status::BAD_CMDLINE,
+                LayoutError::DoesNotFit { .. } => status::NO_MEMORY,
+            };
+        }
+    };
+    let ws = Ws { layout, pages };
+    let high = ram.high.map_or(0, |(s, e)| (e - s) / PAGE_SIZE);
     let _ = writeln!(
         con,
-        "layout: ram_end={ram_end:#x} scratch={IMAGE_BASE:#x}-{:#x} ws={:#x}+{} pages",
-        ws.base, ws.base, ws.pages
+        "layout: ram_end={:#x} high_pages={high} scratch={IMAGE_BASE:#x}-{:#x} ws={:#x}+{} pages low_pages={}",
+        ram.low_end,
+        guest_abi::ws_base_for(pages),
+        layout.base,
+        ws.pages,
+        layout.low_pages()
     );
     if (c.ms > 0 || c.workload == Workload::Rate) && c.tsc_khz == 0 {
         let _ = writeln!(con, "error: ms= and workload=rate need tsc_khz= (the VMM adds it)");
         return status::BAD_CMDLINE;
     }
     let mut header = match read_header() {
-        Some(h) if h.ws_base == ws.base && h.pages == ws.pages && !c.wipe => h,
+        Some(h) if h.ws_base == layout.base && h.pages == ws.pages && !c.wipe => h,
+        Some(h) if c.workload == Workload::Verify && !c.wipe => {
+            // The table describes another working set: verifying this one
+            // against it (or against a fresh, all-zero table) would report
+            // every page the earlier run wrote as wrong.
+            let _ = writeln!(
+                con,
+                "error: verify: memory holds the working set ws={:#x}+{} pages, this run asks for ws={:#x}+{} pages; \
+                 verify with the pages= (and ws_base=) that wrote it",
+                h.ws_base, h.pages, layout.base, ws.pages
+            );
+            return status::LAYOUT_MISMATCH;
+        }
         _ => {
             // New layout: the table starts at zero; the pages are assumed zero
             // (a fresh file) unless wipe=1 asks to zero them.
@@ -122,10 +149,18 @@ pub fn run(c: &Config, ram_end: u64, con: &mut Console) -> u8 {
                 unsafe { ws.table(i).write_volatile(0) };
             }
             if c.wipe {
-                // SAFETY: the whole working set lies below ram_end.
-                unsafe { core::ptr::write_bytes(ws.base as *mut u8, 0, (ws.pages * PAGE_SIZE) as usize) };
+                let low = layout.low_pages();
+                // SAFETY: `WsLayout::new` placed the working set in RAM: its
+                // first `low` pages run contiguously from the base, the rest
+                // from the start of high RAM.
+                unsafe {
+                    core::ptr::write_bytes(ws.page(0).cast::<u8>(), 0, (low * PAGE_SIZE) as usize);
+                    if low < ws.pages {
+                        core::ptr::write_bytes(ws.page(low).cast::<u8>(), 0, ((ws.pages - low) * PAGE_SIZE) as usize);
+                    }
+                }
             }
-            StateHeader { ws_base: ws.base, pages: ws.pages, writes: 0 }
+            StateHeader { ws_base: layout.base, pages: ws.pages, writes: 0 }
         }
     };
     let start = rdtsc();
@@ -246,7 +281,7 @@ fn verify(ws: &Ws, con: &mut Console) -> u8 {
             other => {
                 bad += 1;
                 if bad <= 8 {
-                    let _ = writeln!(con, "verify: page {i} (gpa {:#x}): {other:?}", ws.base + i * PAGE_SIZE);
+                    let _ = writeln!(con, "verify: page {i} (gpa {:#x}): {other:?}", ws.layout.page_addr(i));
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod dirty_log;
 pub mod ring;
+pub mod tsc;
 pub mod vcpu_state;
 
 use std::ffi::CString;

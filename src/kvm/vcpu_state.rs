@@ -1,8 +1,8 @@
 //! A vCPU's architectural state, saved and restored as plain serde data:
 //! registers, segment and control registers, FPU/SSE, the MSRs a guest may
-//! rely on (the TSC first, so time continues), the local APIC, the MP state
-//! and pending events. (This KVM offers no XSAVE, so FPU state is the legacy
-//! `KVM_GET_FPU` area.)
+//! rely on (the TSC first, so time continues where KVM honours that: see
+//! [`super::tsc`]), the local APIC, the MP state and pending events. (This
+//! KVM offers no XSAVE, so FPU state is the legacy `KVM_GET_FPU` area.)
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs};
 use kvm_ioctls::VcpuFd;

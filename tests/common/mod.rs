@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use guest_abi::{stamp_words, ws_base_for, PAGE_SIZE};
+use guest_abi::{stamp_words, RamMap, WsLayout, PAGE_SIZE};
 
 /// The `smudge` binary cargo built for these tests.
 pub fn smudge() -> Command {
@@ -89,22 +89,47 @@ pub fn random_generations(seed: u64, pages: u64, writes: usize) -> Vec<u64> {
 /// Checks that the memory image `mem` holds exactly the stamps `gens`
 /// describes: written pages carry (pfn, generation, checksum) at the head
 /// and the checksum at the tail, and nothing else; unwritten pages are zero.
+/// The working set is `pages` pages at its default base; the image is a
+/// whole memory file (its length gives the RAM layout, hole included).
 pub fn assert_stamps(mem: &[u8], pages: u64, gens: &[u64]) {
-    let base = ws_base_for(pages);
+    let map = RamMap::for_mem_size(mem.len() as u64);
+    let layout = WsLayout::new(&map, None, pages).expect("working set fits the image");
+    let file = smudge::memory::ram_layout(mem.len() as u64);
+    assert_stamps_in(&layout, gens, None, |gpa| {
+        let off = smudge::memory::gpa_to_file_offset(&file, gpa).expect("page is RAM") as usize;
+        mem[off..off + PAGE_SIZE as usize].to_vec()
+    });
+}
+
+/// Checks the working set `layout` of a memory file against `gens` like
+/// [`assert_stamps`], reading each page with `page(gpa)` (so the pages above
+/// the 32-bit hole come from where the file keeps them). `in_flight` names
+/// the one page the guest may have been stamping when it was stopped (a
+/// snapshot of a running guest): each of its words may hold either its new
+/// stamp or its previous one.
+pub fn assert_stamps_in(layout: &WsLayout, gens: &[u64], in_flight: Option<usize>, page: impl Fn(u64) -> Vec<u8>) {
+    assert_eq!(gens.len() as u64, layout.pages, "one generation per working-set page");
     for (i, &g) in gens.iter().enumerate() {
-        let off = (base + i as u64 * PAGE_SIZE) as usize;
-        let page = &mem[off..off + PAGE_SIZE as usize];
-        let pfn = (base >> 12) + i as u64;
-        if g == 0 {
-            assert!(page.iter().all(|&b| b == 0), "page {i} (pfn {pfn:#x}) never written but not zero");
-            continue;
+        let gpa = layout.page_addr(i as u64);
+        let page = page(gpa);
+        let pfn = gpa >> 12;
+        let expect = |generation: u64| -> Vec<(usize, u64)> {
+            if generation == 0 {
+                return (0..5).map(|k| (if k == 4 { 4088 } else { k * 8 }, 0)).collect();
+            }
+            let w = stamp_words(pfn, generation);
+            vec![(0, w[0]), (8, w[1]), (16, w[2]), (24, w[3]), (4088, w[2])]
+        };
+        let (new, old) = (expect(g), expect(g.saturating_sub(1)));
+        for (k, &(off, want)) in new.iter().enumerate() {
+            let got = word(&page, off);
+            let torn_ok = in_flight == Some(i) && g > 0 && got == old[k].1;
+            assert!(
+                got == want || torn_ok,
+                "page {i} (gpa {gpa:#x}) word at {off}: {got:#x}, generation {g} wants {want:#x}"
+            );
         }
-        let want = stamp_words(pfn, g);
-        for (k, w) in want.iter().enumerate() {
-            assert_eq!(word(page, k * 8), *w, "page {i} (pfn {pfn:#x}) header word {k}, generation {g}");
-        }
-        assert_eq!(word(page, 4088), want[2], "page {i} tail");
-        assert!(page[32..4088].iter().all(|&b| b == 0), "page {i}: bytes between stamp head and tail");
+        assert!(page[32..4088].iter().all(|&b| b == 0), "page {i} (gpa {gpa:#x}): bytes between stamp head and tail");
     }
 }
 

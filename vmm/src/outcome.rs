@@ -112,6 +112,7 @@ fn guest_status_meaning(s: u8) -> String {
         BAD_CMDLINE => " (bundled guest: bad command line)".into(),
         PANIC => " (bundled guest: panic)".into(),
         NO_MEMORY => " (bundled guest: working set does not fit in RAM)".into(),
+        LAYOUT_MISMATCH => " (bundled guest: verify asked for another working-set layout than memory holds)".into(),
         s if (EXCEPTION_BASE..EXCEPTION_BASE + 32).contains(&s) => {
             format!(" (bundled guest: CPU exception {})", s - EXCEPTION_BASE)
         }
