@@ -340,6 +340,8 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
                 SYS_renameat2,
                 SYS_unlink,
                 SYS_unlinkat,
+                // an abandoned live snapshot's directory
+                SYS_rmdir,
                 SYS_getcwd,
                 // sockets: the API's connections, migration over TCP, and
                 // name lookups (nscd, /etc/hosts, DNS: FIONREAD, sendmmsg)
