@@ -324,8 +324,29 @@ impl HoldingRelay {
     }
 }
 
-/// The source's guest, a destination, and a migration between them held
-/// mid-way by a relay; returns the thread that gets the source's answer.
+/// The relay forwards this much of the source's stream, then holds it.
+const FORWARD: usize = 1 << 20;
+
+/// Waits until the guest of `vm` has stamped at least `n` of its 4000
+/// working-set pages (read from its memory file): a migration then has
+/// at least that many pages to send.
+fn wait_for_stamped_pages(vm: &TestVm, n: usize) {
+    let base = guest_abi::ws_base_for(4000);
+    let t0 = Instant::now();
+    loop {
+        let ws = vm.read_memory(base, 4000 * 4096).unwrap();
+        let stamped = ws.chunks_exact(4096).filter(|p| p[..8] != [0u8; 8]).count();
+        if stamped >= n {
+            return;
+        }
+        assert!(t0.elapsed() < LIMIT, "the guest stamped {stamped} pages, not {n}:\n{}", vm.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A migration from `src` held mid-way by `relay` (the source has more
+/// than the relay forwards to send); returns the thread that gets the
+/// source's answer.
 fn held_migration<'s>(
     s: &'s std::thread::Scope<'s, '_>,
     src: &'s TestVm,
@@ -333,7 +354,6 @@ fn held_migration<'s>(
 ) -> std::thread::ScopedJoinHandle<'s, Value> {
     let to = relay.addr.clone();
     let answer = s.spawn(move || src.call_raw(&json!({"cmd": "migrate", "to": to})).unwrap());
-    // 1 MiB of the source's ~16 MiB: well inside round 0.
     relay.wait_held();
     let stats = src.stats().unwrap();
     assert!(stats["job"].as_str().unwrap().contains("a migration to"), "{stats}");
@@ -346,9 +366,10 @@ fn held_migration<'s>(
 fn sigterm_on_migrate_recv_mid_migration_leaves_no_memory_file_and_the_source_runs_on() {
     require_kvm();
     let src = TestVm::builder().workload(WRITING).boot().unwrap();
-    src.wait_for_serial("layout:", LIMIT).unwrap();
+    // Twice what the relay forwards: round 0 cannot end.
+    wait_for_stamped_pages(&src, 2 * FORWARD / 4096);
     let dest = TestVm::incoming().unwrap();
-    let relay = HoldingRelay::start(dest.migration_addr().unwrap(), 1 << 20);
+    let relay = HoldingRelay::start(dest.migration_addr().unwrap(), FORWARD);
     std::thread::scope(|s| {
         let answer = held_migration(s, &src, &relay);
         assert!(dest.mem_path().exists(), "the destination made no memory file: the test proves nothing");
@@ -384,9 +405,10 @@ fn sigterm_on_migrate_recv_mid_migration_leaves_no_memory_file_and_the_source_ru
 fn sigterm_on_the_source_mid_migration_keeps_its_guest_and_syncs() {
     require_kvm();
     let src = TestVm::builder().workload(WRITES_THEN_LINGERS).boot().unwrap();
+    // ~3970 pages stamped: round 0 cannot end within what the relay forwards.
     src.wait_for_serial("lingering", LIMIT).unwrap();
     let dest = TestVm::incoming().unwrap();
-    let relay = HoldingRelay::start(dest.migration_addr().unwrap(), 1 << 20);
+    let relay = HoldingRelay::start(dest.migration_addr().unwrap(), FORWARD);
     std::thread::scope(|s| {
         let answer = held_migration(s, &src, &relay);
         send(&src, libc::SIGTERM);

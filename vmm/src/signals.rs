@@ -111,9 +111,6 @@ pub enum SignalError {
     /// The waiting thread could not be started.
     #[error("starting the signal thread: {0}")]
     Spawn(#[source] std::io::Error),
-    /// Its seccomp filter could not be built.
-    #[error(transparent)]
-    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Blocks SIGTERM and SIGINT in this thread and every thread started
@@ -122,16 +119,16 @@ pub enum SignalError {
 /// arms test holds.
 pub fn install(seccomp: bool, holds: &[Hold]) -> Result<(), SignalError> {
     STATE.holds.store(holds.iter().fold(0, |a, h| a | h.bit()), Ordering::Release);
-    let filter = match seccomp {
-        true => Some(crate::seccomp::SignalsFilter::new(&crate::seccomp::Context::current())?),
-        false => None,
-    };
     stop_signal::block().map_err(SignalError::Block)?;
+    let ctx = crate::seccomp::Context::current();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(f) = filter {
-                if let Err(e) = f.install() {
+            // Built here, off the main thread's way to the guest; a signal
+            // meanwhile stays pending. Without it smudge does not run, as
+            // without the VMM filter.
+            if seccomp {
+                if let Err(e) = crate::seccomp::SignalsFilter::new(&ctx).and_then(|f| f.install()) {
                     let _ = writeln!(std::io::stderr(), "smudge: error: {e}");
                     stop_signal::exit_now(EXIT_SETUP);
                 }
