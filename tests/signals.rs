@@ -360,10 +360,10 @@ fn held_migration<'s>(
     answer
 }
 
-/// The destination killed mid-migration: it removes its half memory file
-/// and socket, exits 108; the source's guest runs on.
+/// The destination stopped (Ctrl-C) mid-migration: it removes its half
+/// memory file and socket, exits 108; the source's guest runs on.
 #[test]
-fn sigterm_on_migrate_recv_mid_migration_leaves_no_memory_file_and_the_source_runs_on() {
+fn sigint_on_migrate_recv_mid_migration_leaves_no_memory_file_and_the_source_runs_on() {
     require_kvm();
     let src = TestVm::builder().workload(WRITING).boot().unwrap();
     // Twice what the relay forwards: round 0 cannot end.
@@ -373,11 +373,11 @@ fn sigterm_on_migrate_recv_mid_migration_leaves_no_memory_file_and_the_source_ru
     std::thread::scope(|s| {
         let answer = held_migration(s, &src, &relay);
         assert!(dest.mem_path().exists(), "the destination made no memory file: the test proves nothing");
-        send(&dest, libc::SIGTERM);
+        send(&dest, libc::SIGINT);
         let exit = dest.wait_exit(LIMIT).unwrap();
         assert_eq!(exit.code, Some(EXIT_SIGNALLED), "{exit}");
-        assert!(exit.stderr.contains("smudge: SIGTERM: stopping: the migration from 127.0.0.1:"), "{exit}");
-        assert!(exit.stderr.contains("smudge: stopped by SIGTERM before the guest ran here ("), "{exit}");
+        assert!(exit.stderr.contains("smudge: SIGINT: stopping: the migration from 127.0.0.1:"), "{exit}");
+        assert!(exit.stderr.contains("smudge: stopped by SIGINT before the guest ran here ("), "{exit}");
         assert!(exit.stderr.contains("the source keeps its guest; "), "{exit}");
         assert!(!dest.mem_path().exists(), "the destination left its half memory file");
         assert!(!dest.api_sock().exists(), "the destination left its API socket");
