@@ -18,6 +18,7 @@ pub mod sigsys;
 pub mod sink;
 pub mod snapshot;
 pub mod snapshot_pages;
+pub mod stop_signal;
 pub mod uffd;
 pub mod vmm_bitmap;
 pub mod writeback;

@@ -157,6 +157,10 @@ pub struct RunArgs {
     /// right after the filter is on.
     #[arg(long, hide = true)]
     pub seccomp_selftest: bool,
+    /// Test hook: wait at this point until SIGTERM/SIGINT comes (start,
+    /// live-snapshot), or act on a first signal never (stop); repeatable.
+    #[arg(long, hide = true, value_enum)]
+    pub test_hold: Vec<crate::signals::Hold>,
 }
 
 /// `smudge ctl`.

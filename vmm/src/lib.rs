@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod outcome;
 pub mod precopy;
 pub mod seccomp;
+pub mod signals;
 pub mod snapshotter;
 pub mod vcpu;
 pub mod vcpu_threads;

@@ -15,7 +15,8 @@ use smudge_vmm::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand, Snapsh
 use smudge_vmm::dirty::DirtyOptions;
 use smudge_vmm::flusher::WritebackOptions;
 use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
-use smudge_vmm::outcome::{EXIT_SETUP, EXIT_WRITEBACK};
+use smudge_vmm::outcome::{EXIT_SETUP, EXIT_SIGNALLED, EXIT_WRITEBACK};
+use smudge_vmm::signals;
 use smudge_vmm::vm::{self, VmConfig};
 
 fn main() -> ExitCode {
@@ -53,10 +54,14 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run(args) => run(*args, Start::Boot),
+        Command::Run(args) => {
+            take_stop_signals(&args)?;
+            run(*args, Start::Boot)
+        }
         Command::Restore(r) => {
             let r = *r;
             let t0 = std::time::Instant::now();
+            take_stop_signals(&r.run)?;
             if r.run.guest.is_some() || r.run.cmdline.is_some() {
                 anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
             }
@@ -74,15 +79,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
                 }
                 let (lazy, m) = smudge_vmm::lazy::LazyRestore::open(&r.snapshot, t0)?;
-                return run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
+                let mem_file = r.run.mem_file.clone();
+                let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
+                return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
             }
             let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
+            let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
             let mut bar = progress_bar("restoring memory");
             smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
-            run(r.run, Start::Restore(Box::new((manifest, state, t0))))
+            drop(restoring);
+            let mem_file = r.run.mem_file.clone();
+            let ran = match signals::requested() {
+                // Came while the memory was copied (the copy is not cut short).
+                Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
+                None => run(r.run, Start::Restore(Box::new((manifest, state, t0)))),
+            };
+            stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
         }
         Command::MigrateRecv(m) => {
             let m = *m;
+            take_stop_signals(&m.run)?;
             if m.run.guest.is_some() || m.run.cmdline.is_some() {
                 anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
             }
@@ -104,7 +120,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 );
             }
             let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
-            let mut inc = smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout)?;
+            let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout) {
+                Ok(i) => i,
+                Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
+            };
             let ready = match (m.local, inc.hello().local.clone()) {
                 (true, Some(local)) => handover_file(&m.run.mem_file, &local, inc.hello().mem_size),
                 (true, None) => Err("this side waits for a same-host handover (--local); the source sends \
@@ -123,7 +142,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 inc.refuse(&why);
                 anyhow::bail!(why);
             }
-            inc.welcome()?;
+            if let Err(e) = inc.welcome() {
+                return stopped_before_running(Err(e), None, "the source keeps its guest");
+            }
             let mem_file = m.run.mem_file.clone();
             let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
             let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
@@ -131,8 +152,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 // The guest never ran here: the partial memory file is no one's.
                 // (A handed-over file is the source's guest's RAM: kept.)
                 let _ = std::fs::remove_file(&mem_file);
+                return stopped_before_running(r, Some(&mem_file), "the source keeps its guest");
             }
-            r
+            stopped_before_running(r, None, "the source keeps its guest")
         }
         Command::Snapshot(SnapshotCommand::Verify { dir }) => {
             let links = smudge::snapshot::chain(&dir)?;
@@ -193,6 +215,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Takes SIGTERM and SIGINT over for a run (before any thread starts):
+/// they stop it cleanly (see `smudge_vmm::signals`).
+fn take_stop_signals(args: &RunArgs) -> anyhow::Result<()> {
+    signals::install(!args.no_seccomp, &args.test_hold)?;
+    Ok(())
+}
+
+/// A run that failed because SIGTERM or SIGINT came before the guest ran
+/// here (a restore, an incoming migration): exit code 108, and `removed`,
+/// the memory file the command made, is removed. Any other result is
+/// passed on.
+fn stopped_before_running(
+    ran: anyhow::Result<u8>,
+    removed: Option<&std::path::Path>,
+    guest: &str,
+) -> anyhow::Result<u8> {
+    let (Err(e), Some(sig)) = (&ran, signals::requested_name()) else { return ran };
+    if let Some(p) = removed {
+        let _ = std::fs::remove_file(p);
+    }
+    let why = match e.downcast_ref::<vm::VmError>() {
+        Some(vm::VmError::Stopped(_)) => String::new(),
+        _ => format!(" ({e:#})"),
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "smudge: stopped by {sig} before the guest ran here{why}; {guest}{}",
+        removed.map(|p| format!("; {} removed", p.display())).unwrap_or_default()
+    );
+    Ok(EXIT_SIGNALLED)
 }
 
 /// Checks that a new memory file can be made at `path` before the source

@@ -22,6 +22,22 @@ pub const EXIT_WRITEBACK: u8 = 105;
 /// The guest cannot continue.
 pub const EXIT_MEMORY_LOST: u8 = 107;
 
+/// SIGTERM or SIGINT stopped the run cleanly, as `ctl stop` does: the
+/// guest paused for good, the final writeback sync ran (a failed one
+/// gives [`EXIT_WRITEBACK`] instead), the API socket and staging files
+/// are gone; a migration or live snapshot in flight was abandoned (the
+/// source keeps its guest). Also when the signal came before the guest
+/// ran: `restore` and `migrate-recv` then remove the memory file they
+/// made. Not 0, so a script can tell a stop from a guest that finished;
+/// not 128+15, so a service manager can tell it from a kill.
+pub const EXIT_SIGNALLED: u8 = 108;
+
+/// A second SIGTERM or SIGINT came while the first one's stop was under
+/// way: smudge exited at once, as a kill would, without the final sync
+/// (the memory file holds what the page cache had; a snapshot in
+/// progress is left without its manifest, so it is no snapshot).
+pub const EXIT_SECOND_SIGNAL: u8 = 109;
+
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -61,6 +77,8 @@ pub enum Outcome {
     Stopped,
     /// The guest was migrated to another smudge and runs there now.
     Migrated(String),
+    /// SIGTERM or SIGINT (the signal number) stopped the run.
+    Signalled(i32),
 }
 
 impl Outcome {
@@ -74,6 +92,7 @@ impl Outcome {
             Outcome::Timeout(_) => EXIT_TIMEOUT,
             Outcome::KvmFailure(_) => EXIT_KVM,
             Outcome::Stopped | Outcome::Migrated(_) => 0,
+            Outcome::Signalled(_) => EXIT_SIGNALLED,
         }
     }
 }
@@ -101,6 +120,7 @@ impl fmt::Display for Outcome {
             Outcome::KvmFailure(m) => write!(f, "KVM failure: {m}"),
             Outcome::Stopped => write!(f, "stopped by the control API"),
             Outcome::Migrated(to) => write!(f, "guest migrated to {to}; it runs there now"),
+            Outcome::Signalled(s) => write!(f, "stopped by {}", smudge::stop_signal::name(*s)),
         }
     }
 }

@@ -13,6 +13,11 @@
 //!   writes (serial output, logs, eventfds), memory allocation.
 //! - **flusher**: added by the writeback thread: positional writes, syncs,
 //!   the dirty-log ioctls, kicking the vCPUs, sleeping, allocation, logs.
+//! - **signals**: the thread that takes SIGTERM and SIGINT
+//!   ([`crate::signals`]), started before the VMM filter goes on (it does
+//!   not inherit it), so its own list stands alone: waiting for the
+//!   signals, writing the message and to the event loop's eventfd, shutting
+//!   down a migration's socket, locks, allocation, `exit_group`.
 //!
 //! Filters stack: a vCPU or flusher thread runs under the VMM filter and
 //! its own, so it may only make calls both allow. A vCPU or the flusher
@@ -40,11 +45,13 @@ pub enum ThreadKind {
     Vcpu,
     /// The writeback flusher.
     Flusher,
+    /// The thread that takes SIGTERM and SIGINT (not under the VMM filter).
+    Signals,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Flusher];
+    pub const ALL: [ThreadKind; 4] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Flusher, ThreadKind::Signals];
 
     /// Its name in logs.
     pub fn name(self) -> &'static str {
@@ -52,6 +59,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Flusher => "flusher",
+            ThreadKind::Signals => "signals",
         }
     }
 }
@@ -332,6 +340,8 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
                 SYS_renameat2,
                 SYS_unlink,
                 SYS_unlinkat,
+                // an abandoned live snapshot's directory
+                SYS_rmdir,
                 SYS_getcwd,
                 // sockets: the API's connections, migration over TCP, and
                 // name lookups (nscd, /etc/hosts, DNS: FIONREAD, sendmmsg)
@@ -407,6 +417,14 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
             l.any(&[SYS_pwrite64, SYS_pwritev, SYS_fdatasync, SYS_fsync, SYS_sync_file_range, SYS_msync, SYS_lseek]);
             l.one_of(SYS_prctl, 0, &[PR_GET_NAME as u64])?;
             ioctls(&mut l, &[nr::dirty_log()])?;
+        }
+        ThreadKind::Signals => {
+            common(&mut l, false)?;
+            l.any(DENIED_QUIETLY);
+            // sigwaitinfo, and a migration's socket shut down on a stop
+            // (and closed, should its hook's clone end here).
+            l.any(&[SYS_rt_sigtimedwait, SYS_shutdown, SYS_close]);
+            l.one_of(SYS_prctl, 0, &[PR_GET_NAME as u64])?;
         }
     }
     Ok(l.rules)
@@ -499,6 +517,8 @@ impl Filters {
         let err = |source| SeccompError::Install { kind: kind.name(), source };
         match kind {
             ThreadKind::Vmm => seccompiler::apply_filter(&self.vmm).map_err(err),
+            // Its own filter goes on in `SignalsFilter::install`.
+            ThreadKind::Signals => Ok(()),
             ThreadKind::Vcpu | ThreadKind::Flusher => {
                 // Stacked filters answer with the strictest result: the
                 // quiet filter's EACCES wins over the kind's allow. (The
@@ -508,6 +528,40 @@ impl Filters {
                 seccompiler::apply_filter(prog).map_err(err)
             }
         }
+    }
+}
+
+/// The filter of the signal thread ([`ThreadKind::Signals`]), built
+/// before any thread starts and installed by that thread on itself.
+#[derive(Debug)]
+pub struct SignalsFilter {
+    quiet: BpfProgram,
+    own: BpfProgram,
+}
+
+impl SignalsFilter {
+    /// Builds it for `ctx`.
+    pub fn new(ctx: &Context) -> Result<Self, SeccompError> {
+        let kind = ThreadKind::Signals;
+        Ok(SignalsFilter {
+            quiet: compile(
+                kind,
+                DENIED_QUIETLY.iter().map(|&n| (n, Vec::new())).collect(),
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::EACCES as u32),
+            )?,
+            own: compile(kind, allowlist(kind, ctx)?, SeccompAction::Trap, SeccompAction::Allow)?,
+        })
+    }
+
+    /// Installs the SIGSYS handler and the filter on the calling thread.
+    pub fn install(&self) -> Result<(), SeccompError> {
+        smudge::sigsys::install_handler().map_err(SeccompError::Handler)?;
+        // Before any thread makes its ninth malloc arena (see prepare_libc).
+        smudge::sigsys::prepare_libc();
+        let err = |source| SeccompError::Install { kind: ThreadKind::Signals.name(), source };
+        seccompiler::apply_filter(&self.quiet).map_err(err)?;
+        seccompiler::apply_filter(&self.own).map_err(err)
     }
 }
 
@@ -546,6 +600,38 @@ mod tests {
         }
         assert!(!vmm.contains(&"execve".to_string()));
         assert!(!vmm.contains(&"bind".to_string()));
+        let signals = syscall_names(ThreadKind::Signals);
+        for s in ["socket", "openat", "execve", "clone", "connect", "fork", "ioctl", "tgkill", "kill"] {
+            assert!(!signals.contains(&s.to_string()), "signals allows {s}");
+        }
+    }
+
+    #[test]
+    fn the_signal_thread_takes_a_signal_and_shuts_a_socket_under_its_filter() {
+        use vmm_sys_util::signal::Killable;
+        let filter = SignalsFilter::new(&Context::current()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let (ready, filtered) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            smudge::stop_signal::block().unwrap();
+            filter.install().unwrap();
+            ready.send(()).unwrap();
+            let sig = smudge::stop_signal::wait().unwrap();
+            conn.shutdown(std::net::Shutdown::Both).unwrap();
+            let opened =
+                std::fs::File::open("/proc/sys/vm/overcommit_memory").map(|_| ()).map_err(|e| e.raw_os_error());
+            (sig, opened)
+        });
+        filtered.recv().unwrap();
+        // To that thread, which blocks it: pending until it waits.
+        t.kill(libc::SIGTERM).unwrap();
+        let (sig, opened) = t.join().unwrap();
+        assert_eq!(sig, libc::SIGTERM);
+        assert_eq!(opened, Err(Some(libc::EACCES)));
+        // The peer sees the shutdown as the end of the stream.
+        assert_eq!(std::io::Read::read(&mut peer, &mut [0u8; 8]).unwrap(), 0);
     }
 
     #[test]

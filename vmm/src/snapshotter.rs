@@ -301,9 +301,15 @@ impl Snapshotter {
         let mut guard = LiveConsumer { harvester: &h, consumer: Some(consumer) };
         let t0 = Instant::now();
         let mut live = snapshot::begin_live_full(dir, &self.file, self.mem_size).map_err(|e| with_causes(&e))?;
+        crate::signals::test_hold(crate::signals::Hold::LiveSnapshot);
         let mut last = (live.bytes(), t0.elapsed());
         let mut round = 0;
         let set = loop {
+            // A stop signal abandons it between rounds (the guest runs).
+            if let Some(sig) = crate::signals::requested_name() {
+                drop(live);
+                return Err(abandon_live(dir, &sig));
+            }
             let set = collect(consumer)?;
             let dirty = set.count() * PAGE;
             let rate = last.0 as f64 / last.1.as_secs_f64().max(1e-6);
@@ -455,6 +461,17 @@ pub struct LiveProgress {
     pub rate_mbps: f64,
     /// Bytes copied so far.
     pub bytes: u64,
+}
+
+/// A live snapshot abandoned because smudge is stopping: its directory
+/// holds a partial `memory.img` and no manifest (no snapshot); both go.
+fn abandon_live(dir: &Path, sig: &str) -> String {
+    let _ = std::fs::remove_file(dir.join("memory.img"));
+    let gone = if std::fs::remove_dir(dir).is_ok() { "removed" } else { "left without its partial memory.img" };
+    let msg =
+        format!("live snapshot into {} abandoned: smudge is stopping on {sig}; its directory is {gone}", dir.display());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("smudge: {msg}\n").as_bytes());
+    msg
 }
 
 /// Removes a failed live snapshot's dirty-log consumer.

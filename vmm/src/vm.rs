@@ -31,6 +31,7 @@ use crate::heatmap::Heatmap;
 use crate::migrate::source::MigrationSource;
 use crate::outcome::Outcome;
 use crate::seccomp::{self, Filters, ThreadKind};
+use crate::signals::{self, Hold};
 use crate::snapshotter::{Snapshotter, VcpuControl};
 use crate::vcpu::{self, Shared, SyncHook, VcpuError};
 use crate::vcpu_threads;
@@ -202,6 +203,10 @@ pub enum VmError {
     /// Threads, signals, epoll.
     #[error("VMM runtime: {0}")]
     Runtime(String),
+    /// SIGTERM or SIGINT (the number) came before the restored or
+    /// received guest ran here: it was not started.
+    #[error("stopped by {} before the guest ran here", smudge::stop_signal::name(*.0))]
+    Stopped(i32),
 }
 
 /// What a run did.
@@ -341,6 +346,8 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     tracing::debug!("dry run done");
 
     let api_listener = cfg.api_sock.as_deref().map(api::bind).transpose()?;
+    // Removed if the run ends before the API server owns it.
+    let mut socket_file = SocketFile(cfg.api_sock.clone().filter(|_| api_listener.is_some()));
     let backing = BackingFile::open_or_create(&cfg.mem_file, cfg.mem_size)?;
     let ram = backing.map(cfg.hugepages)?;
     tracing::debug!("mapped");
@@ -479,6 +486,21 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     };
     tracing::debug!("devices, dirty log and writeback ready {:?} after the memory was in", t_received.elapsed());
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Runtime(format!("signal handler: {e}")))?;
+    // SIGTERM/SIGINT end the run as `ctl stop` does (at once if one came
+    // already: the vCPUs then never enter the guest).
+    let _stop_hook = {
+        let sh = shared.clone();
+        signals::on_stop(
+            "the guest pauses for good, its memory is written back, the API socket and staging files are removed",
+            move |sig| sh.finish(Outcome::Signalled(sig)),
+        )
+    };
+    signals::test_hold(Hold::Start);
+    // A restored or received guest still lives in its snapshot or on its
+    // source: not started here, it stays there.
+    if let (Some(sig), Some(_)) = (signals::requested(), &restore) {
+        return Err(VmError::Stopped(sig));
+    }
 
     let start = Instant::now();
     let threads = waiting.start(vcpus, &shared).map_err(VmError::Runtime)?;
@@ -662,6 +684,8 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     }
     let mut watches: Vec<Watch> = Vec::new();
     if let Some(listener) = api_listener {
+        // The server removes the socket from here on.
+        socket_file.0 = None;
         let server = ApiServer::new(
             listener,
             cfg.api_sock.clone().unwrap_or_default(),
@@ -757,6 +781,18 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         None => None,
     };
     Ok(RunReport { outcome, elapsed, created_mem_file: backing.created(), dirty, writeback, tsc_khz, heatmap })
+}
+
+/// The API socket's path while no server owns it: removed when dropped
+/// (the run failed or was stopped before it served the API).
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// What a migration of this VM reads; none without dirty logging.

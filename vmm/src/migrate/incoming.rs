@@ -4,6 +4,13 @@
 //! [`Receiver`], which checks every frame first. Once the machine state
 //! is in and the vCPUs run, acknowledge; on any failure tell the source
 //! why, so it resumes its guest.
+//!
+//! SIGTERM or SIGINT before the guest runs here abandons the migration:
+//! the wait for a source ends, or the connections are shut down (a read
+//! that blocks ends at once); `migrate-recv` then removes the memory file
+//! it made and exits 108, and the source, whose stream broke, keeps its
+//! guest. Once the guest runs here the connections are the guest's
+//! (post-copy pages), and a signal stops the run like any other.
 
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -21,6 +28,7 @@ use smudge::snapshot::MachineState;
 use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
 use crate::outcome::EXIT_MEMORY_LOST;
+use crate::signals::{self, shut_on_stop, OnStop};
 use crate::vm::IncomingVm;
 
 /// Longest silence from the source before the destination gives up.
@@ -50,6 +58,8 @@ pub struct Incoming {
     /// What to say on stderr once the guest runs (not before: a write to
     /// stderr costs 20-40 µs of downtime).
     received: Option<String>,
+    /// Shut the connections down on a stop signal, until the guest runs.
+    interrupt: Vec<OnStop>,
 }
 
 impl Incoming {
@@ -61,30 +71,35 @@ impl Incoming {
         let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
         let _ = writeln!(std::io::stderr(), "smudge: waiting for a migration on {local}");
-        let conn = match accept_timeout {
-            None => listener.accept()?.0,
-            Some(t) => {
-                listener.set_nonblocking(true)?;
-                let t0 = Instant::now();
-                loop {
-                    match listener.accept() {
-                        Ok((c, _)) => break c,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < t => {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            anyhow::bail!("no source connected to {local} within {:.0} s", t.as_secs_f64())
-                        }
-                        Err(e) => return Err(e).context("accepting the source"),
+        let waiting = signals::on_stop("the wait for a migration ends; nothing was received", |_| {});
+        // Polled: a stop signal ends the wait.
+        listener.set_nonblocking(true)?;
+        let t0 = Instant::now();
+        let conn = loop {
+            if let Some(sig) = signals::requested_name() {
+                anyhow::bail!("stopped by {sig} while waiting for a migration on {local}: nothing was received");
+            }
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match accept_timeout {
+                    Some(t) if t0.elapsed() >= t => {
+                        anyhow::bail!("no source connected to {local} within {:.0} s", t.as_secs_f64())
                     }
-                }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                },
+                Err(e) => return Err(e).context("accepting the source"),
             }
         };
+        drop(waiting);
         conn.set_nonblocking(false)?;
         conn.set_nodelay(true)?;
         conn.set_read_timeout(Some(IDLE_LIMIT))?;
         conn.set_write_timeout(Some(Duration::from_secs(10)))?;
         let peer = conn.peer_addr()?;
+        let interrupt = vec![shut_on_stop(
+            &conn,
+            format!("the migration from {peer} is abandoned (the source keeps its guest) and the memory file removed"),
+        )?];
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, conn.try_clone()?));
         let mut writer = FrameWriter::new(conn, false);
         let hello = match reader.next_frame().map_err(Into::into).and_then(check_hello) {
@@ -107,7 +122,17 @@ impl Incoming {
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
-        Ok(Incoming { reader, writer, hello, peer, answered: false, postcopy: None, channels, received: None })
+        Ok(Incoming {
+            reader,
+            writer,
+            hello,
+            peer,
+            answered: false,
+            postcopy: None,
+            channels,
+            received: None,
+            interrupt,
+        })
     }
 
     /// What the source announced.
@@ -143,6 +168,38 @@ impl IncomingVm for Incoming {
         let file = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
         let peer = self.peer;
         let channels = std::mem::take(&mut self.channels);
+        for c in &channels {
+            // Said once, by the main connection's hook.
+            self.interrupt
+                .push(shut_on_stop(c.get_ref().get_ref(), String::new()).map_err(|e| format!("{peer}: {e}"))?);
+        }
+        let r = self.receive_frames(file, path, ram, channels);
+        match (r, signals::requested_name()) {
+            (Err(e), Some(sig)) => Err(format!(
+                "the migration from {peer} was abandoned on {sig} after {} MiB ({e})",
+                self.reader.bytes() >> 20
+            )),
+            (r, _) => r,
+        }
+    }
+
+    fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
+        // The guest runs here (or will not): the connections are no longer
+        // the stop's to shut (post-copy pages still come over them).
+        self.interrupt.clear();
+        self.answer_started(result, loading)
+    }
+}
+
+impl Incoming {
+    fn receive_frames(
+        &mut self,
+        file: File,
+        path: &Path,
+        ram: &GuestRam,
+        channels: Vec<FrameReader<BufReader<TcpStream>>>,
+    ) -> Result<MachineState, String> {
+        let peer = self.peer;
         let mut channels = match channels.is_empty() {
             true => None,
             false => Some(
@@ -209,7 +266,7 @@ impl IncomingVm for Incoming {
         }
     }
 
-    fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
+    fn answer_started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
         let running_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()

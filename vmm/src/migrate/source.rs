@@ -15,6 +15,12 @@
 //! Guest memory is only read, and the consumer is this migration's own, so
 //! a failure at any point (the destination dies, the stream breaks, a bad
 //! answer) resumes the guest with nothing lost.
+//!
+//! A stop signal (SIGTERM, SIGINT) before the switchover abandons the
+//! migration as a broken stream would: the connection is shut down (a
+//! blocked write or read ends) and the rounds give up at their next page
+//! chunk; the guest stays here and the run stops. From the switchover on
+//! the migration is let finish: the destination may already run the guest.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -32,6 +38,7 @@ use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
+use crate::signals::{self, OnStop};
 use crate::snapshotter::VcpuControl;
 
 /// How to migrate.
@@ -237,6 +244,9 @@ pub(super) struct Sender {
     /// Extra page connections (`--connections`), and the bytes they sent.
     channels: Option<super::multifd::Workers>,
     channel_bytes: u64,
+    /// Held while a stop signal may abandon the migration (before the
+    /// switchover): it shuts the connection down.
+    interrupt: Option<OnStop>,
 }
 
 pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
@@ -257,7 +267,22 @@ impl Sender {
             zero_pages: 0,
             channels: None,
             channel_bytes: 0,
+            interrupt: None,
         }
+    }
+
+    /// Gives up when a stop signal came before the switchover.
+    fn abandon_point(&self) -> Result<(), MigrateError> {
+        match (&self.interrupt, signals::requested_name()) {
+            (Some(_), Some(sig)) => Err(MigrateError::Stream(format!("abandoned: smudge is stopping on {sig}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// From here on the migration is let finish: a stop signal no longer
+    /// shuts its connection down.
+    pub(super) fn past_abandoning(&mut self) {
+        self.interrupt = None;
     }
 
     /// Bytes sent on every connection.
@@ -339,6 +364,7 @@ impl Sender {
         let chunk = u64::from(MAX_FRAME_PAGES) * PAGE;
         let mut at = gpa;
         while at < gpa + len {
+            self.abandon_point()?;
             let n = (gpa + len - at).min(chunk);
             self.buf.resize(n as usize, 0);
             ram.read_slice(&mut self.buf, GuestAddress(at))
@@ -464,11 +490,32 @@ impl MigrationSource {
         let rd = conn.try_clone().map_err(stream_err("socket"))?;
         let mut reader = FrameReader::new(BufReader::new(rd));
         let n = opts.connections.max(1);
+        let interrupt = signals::shut_on_stop(
+            &conn,
+            format!("the migration to {} is abandoned (the guest stays here and stops)", opts.to),
+        )
+        .map_err(stream_err("socket"))?;
         let mut s = Sender::new(conn, opts.lz4, self.mem_size, opts.bandwidth.map(|b| b / u64::from(n)));
+        s.interrupt = Some(interrupt);
         match self.precopy(opts, progress, &mut s, &mut reader, addr) {
             Ok(mut r) => {
                 r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 Ok(r)
+            }
+            Err(e) if s.interrupt.is_some() && signals::requested().is_some() => {
+                // Stopping before the switchover: the guest stays here. The
+                // connection is shut down (or about to be): tell the
+                // destination if it still can be told, wait for nothing.
+                let e = match e {
+                    MigrateError::Stream(m) if m.starts_with("abandoned") => MigrateError::Stream(m),
+                    e => MigrateError::Stream(format!(
+                        "abandoned: smudge is stopping on {} ({e})",
+                        signals::requested_name().unwrap_or_default()
+                    )),
+                };
+                let _ = s.w.send(&Frame::Abort(e.to_string()));
+                let _ = s.w.flush();
+                Err(e)
             }
             Err(e) => {
                 // Tell a destination that still listens; and if the stream
@@ -525,12 +572,14 @@ impl MigrationSource {
         }
         read_ack(reader, "Hello")?;
         if opts.local {
+            s.past_abandoning();
             // The destination maps the same RAM file: no rounds, only the
             // machine state crosses, with the guest paused.
             return self.switchover(opts, s, reader, None, Vec::new(), "none (same-host handover)".into(), 0.0);
         }
         if opts.postcopy_after == Some(0) {
             // Pure post-copy: every page follows the switchover.
+            s.past_abandoning();
             return self.postcopy(opts, s, reader, None, Vec::new(), "post-copy".into(), 0.0);
         }
 
@@ -600,6 +649,7 @@ impl MigrationSource {
         let mut limit_used = None;
         let mut to_postcopy = false;
         let (residue, bandwidth) = loop {
+            s.abandon_point()?;
             let set = collect(&self.harvester)?;
             let dirty = set.count() * PAGE;
             // Bytes per second the last round achieved (reading RAM included).
@@ -704,6 +754,8 @@ impl MigrationSource {
                 how.join(", then ")
             }
         };
+        s.abandon_point()?;
+        s.past_abandoning();
         if to_postcopy {
             return self.postcopy(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth);
         }
