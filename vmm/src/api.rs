@@ -273,7 +273,9 @@ fn read_request(conn: &UnixStream, deadline: Duration) -> Result<String, String>
         }
         conn.set_read_timeout(Some(left)).map_err(|e| format!("cannot read the request: {e}"))?;
         match (&mut &*conn).read(&mut chunk) {
-            Ok(0) if line.is_empty() => return Err("no request: the connection was closed before one came".into()),
+            Ok(0) if line.is_empty() => {
+                return Err("no request: the connection was closed (or smudge stopped) before one came".into())
+            }
             Ok(0) => break,
             Ok(n) => line.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(late()),
@@ -302,7 +304,11 @@ impl Api {
                 Some(_serving) => self.dispatch(&line),
             },
         };
-        answer(&conn, &v)
+        let answered = answer(&conn, &v);
+        // The server keeps a clone of the connection (see `Drop`): close it
+        // for both ends now, so a client reading to the end sees it.
+        let _ = conn.shutdown(Shutdown::Both);
+        answered
     }
 
     /// Runs `f` as the one long request of the moment, or answers "busy".
