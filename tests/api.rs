@@ -135,10 +135,13 @@ fn a_second_client_during_a_snapshot_is_told_busy_and_the_vm_runs_on() {
     let dir = tmpdir();
     let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
     // 240 MiB of written pages make the full snapshot last long enough to
-    // be caught in the act.
-    let cmdline = "workload=rate rate=2000 pages=60000 seed=3 ms=8000 wipe=1 verify=1";
+    // be caught in the act: the guest zeroes its 60000 pages first (wipe=1),
+    // and they are all in the memory file once harvested.
+    let cmdline = "workload=rate rate=2000 pages=60000 seed=3 ms=15000 wipe=1 verify=1";
     let child = start_with_api(&mem, &sock, "256M", cmdline, Stdio::piped(), true, &[]);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_stats(&sock, "the guest to zero its 60000 pages", |s| {
+        s["dirty_log"]["guest_pages"].as_u64().unwrap_or(0) >= 60000
+    });
     let (s1, s2) = (path(&dir, "s1"), path(&dir, "s2"));
     let first = {
         let (sock, s1) = (sock.clone(), s1.clone());
@@ -152,7 +155,8 @@ fn a_second_client_during_a_snapshot_is_told_busy_and_the_vm_runs_on() {
         if s["job"].is_string() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "the snapshot never showed up in stats: {s}");
+        assert!(!first.is_finished(), "the snapshot ended before stats saw it running: {s}");
+        assert!(t0.elapsed() < Duration::from_secs(60), "the snapshot never showed up in stats: {s}");
         std::thread::sleep(Duration::from_millis(2));
     };
     assert!(running["job"].as_str().unwrap().contains("a snapshot into"), "{running}");
