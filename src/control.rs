@@ -523,9 +523,23 @@ mod tests {
         expected.split('`').skip(1).step_by(2).map(str::to_string).collect()
     }
 
+    /// `example` with every key it can do without left out.
+    fn minimal(example: &str) -> String {
+        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(example) else { panic!("{example}") };
+        let keys: Vec<String> = fields.keys().filter(|k| *k != "cmd").cloned().collect();
+        for k in keys {
+            let v = fields.remove(&k).unwrap();
+            if parse_request(&Value::Object(fields.clone()).to_string()).is_err() {
+                fields.insert(k, v);
+            }
+        }
+        Value::Object(fields).to_string()
+    }
+
     /// The README's control API table against the types: one row per
     /// command, its example line accepted by the real parser, its fields
-    /// column naming exactly the fields the command's type has.
+    /// column naming exactly the fields the command's type has, with the
+    /// defaults the types fill in.
     #[test]
     fn the_readme_api_table_matches_the_types() {
         let readme = include_str!("../README.md");
@@ -546,6 +560,18 @@ mod tests {
                 .collect();
             let typed: std::collections::BTreeSet<String> = fields_of(req.command()).into_iter().collect();
             assert_eq!(documented, typed, "README fields of {}", req.command());
+            // A default the README gives as a JSON value, "`key` (value, …",
+            // is what the types fill in when the key is left out.
+            let defaults = serde_json::to_value(parse_request(&minimal(example)).unwrap()).unwrap();
+            for (key, said) in cols[1].split('`').skip(1).step_by(2).zip(cols[1].split('`').skip(2).step_by(2)) {
+                let Some(said) = said.strip_prefix(" (") else { continue };
+                let said = said.split([',', ';', ')']).next().unwrap_or_default();
+                let (Ok(said), Some(typed)) = (serde_json::from_str::<Value>(said), defaults.get(key)) else {
+                    continue;
+                };
+                let same = said == *typed || (said.as_f64().is_some() && said.as_f64() == typed.as_f64());
+                assert!(same, "README default of {}.{key}: {said}, the types' {typed}", req.command());
+            }
             assert!(rows.insert(req.command(), example.to_string()).is_none(), "two rows for {}", req.command());
         }
         let documented: Vec<&str> = rows.keys().copied().collect();
