@@ -23,9 +23,11 @@
 //! Connections are counted in two pools, so idle ones cannot hold the API:
 //!
 //! ```text
-//! accept ─▶ waiting for the request line   at most MAX_WAITING, each REQUEST_DEADLINE
-//!        │                                  from connecting; past it: busy (at accept)
-//!        └▶ serving (line read)            at most MAX_SERVING; past it: busy
+//! accept ──▶ waiting for its request line ──▶ serving (its line read)
+//!            at most MAX_WAITING (more: busy,    at most MAX_SERVING
+//!            answered at accept); each for at    (more: busy)
+//!            most REQUEST_DEADLINE (then: "no
+//!            request line within …")
 //! ```
 //!
 //! A connection that sends nothing holds only a waiting place, for at most
