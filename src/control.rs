@@ -1,6 +1,9 @@
-//! The control API's requests: one JSON object per line, parsed and checked
-//! here — a pure function of the line, so it is fuzzed as it runs — before
-//! the VMM acts on it.
+//! The control API's requests: one JSON object per line, its command under
+//! `"cmd"`. These types are the schema. The VMM reads every request into
+//! them ([`parse_request`]); `smudge ctl`, the test harness and the
+//! benchmarks build them and send them serialized — a request is written
+//! and read in this one place. A pure function of the line, so it is fuzzed
+//! as it runs.
 //!
 //! ```text
 //! {"cmd":"stats"} {"cmd":"sync"} {"cmd":"pause"} {"cmd":"resume"} {"cmd":"stop"}
@@ -8,12 +11,29 @@
 //! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
 //!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
 //!  "postcopy_after":N?,"connections":1?}
-//! {"cmd":"dirty-rate","seconds":S?}
+//! {"cmd":"dirty-rate","seconds":1.0?}
 //! ```
+//!
+//! What is refused, and how the answer names it:
+//! - a key the command does not take: `snapshot: unknown field `parnet`, expected one of …`;
+//! - a value of the wrong type: `snapshot: "resume": invalid type: string "yes", expected a boolean`;
+//! - a missing field: `snapshot: missing field `dir``;
+//! - a value out of range (checked after the types): `"connections" must be 1..=64, not 0`.
+//!
+//! Reading a request: serde's derived internally-tagged `Deserialize`
+//! buffers the object before it picks the variant, and so loses the key of
+//! a wrong-typed value (its error says only "expected a boolean"). So
+//! [`Request`] derives `Serialize` with the tag, and its `Deserialize`
+//! takes `"cmd"` off the object itself, then deserializes the command's own
+//! struct (each `deny_unknown_fields`) directly, through
+//! `serde_path_to_error`, which names the key.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 
 /// A live snapshot's pause budget when the request names none: the fixed
 /// cost of a pause here is ~1 ms (stop the vCPUs, save their state), and
@@ -21,159 +41,295 @@ use serde_json::Value;
 pub const DEFAULT_LIVE_PAUSE_MS: u64 = 10;
 /// The largest pause budget a live snapshot accepts.
 pub const MAX_PAUSE_BUDGET_MS: u64 = 60_000;
+/// The most page connections a migration may use.
+pub const MAX_CONNECTIONS: u32 = 64;
+/// The longest dirty-rate window, in seconds.
+pub const MAX_DIRTY_RATE_SECONDS: f64 = 3600.0;
 
-/// A `migrate` request's fields (defaults left to the VMM where absent).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MigrateRequest {
-    /// Destination `host:port`.
-    pub to: String,
-    /// Downtime budget, ms.
-    pub downtime_ms: Option<u64>,
-    /// Rounds cap.
-    pub max_rounds: Option<u32>,
-    /// Bytes per second cap (above 0).
-    pub bandwidth_limit: Option<u64>,
-    /// LZ4 page data.
-    pub lz4: bool,
-    /// Throttle when not converging.
-    pub auto_converge: bool,
-    /// End-to-end memory checksums.
-    pub verify_memory: bool,
-    /// Same-host handover of the RAM file.
-    pub local: bool,
-    /// Switch to post-copy after this many pre-copy rounds (0: at once).
-    pub postcopy_after: Option<u32>,
-    /// Page connections, 1..=64.
-    pub connections: u32,
-}
-
-/// A checked request.
-#[derive(Debug, Clone, PartialEq)]
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    /// Counters.
+    /// Harvest and writeback counters, and the long request running now.
     Stats,
-    /// WB_SYNC_ALL.
+    /// WB_SYNC_ALL: every dirty page written back, then fdatasync.
     Sync,
     /// Pause the vCPUs.
     Pause,
     /// Resume them.
     Resume,
     /// Take a snapshot.
-    Snapshot {
-        /// Directory to create.
-        dir: PathBuf,
-        /// Parent (a diff).
-        parent: Option<PathBuf>,
-        /// Resume afterwards.
-        resume: bool,
-        /// A live full snapshot, pausing for at most about this many ms
-        /// (None: paused for the whole copy).
-        live_pause_ms: Option<u64>,
-    },
+    Snapshot(SnapshotRequest),
     /// Migrate away.
     Migrate(MigrateRequest),
-    /// Measure the dirty rate for this many seconds, in (0, 3600].
-    DirtyRate {
-        /// Window.
-        seconds: f64,
-    },
+    /// Measure the dirty rate.
+    DirtyRate(DirtyRateRequest),
     /// End the run.
     Stop,
 }
 
-/// The commands, for "unknown command" answers.
-pub const COMMANDS: &str = "stats, sync, pause, resume, snapshot, migrate, dirty-rate, stop";
+/// Every command, as `"cmd"` spells it.
+pub const COMMANDS: [&str; 8] = ["stats", "sync", "pause", "resume", "snapshot", "migrate", "dirty-rate", "stop"];
+
+impl Request {
+    /// The command, as `"cmd"` spells it.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Request::Stats => "stats",
+            Request::Sync => "sync",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Snapshot(_) => "snapshot",
+            Request::Migrate(_) => "migrate",
+            Request::DirtyRate(_) => "dirty-rate",
+            Request::Stop => "stop",
+        }
+    }
+
+    /// The request as the one line a client sends (newline included).
+    /// Fails only on a path that is not UTF-8 (JSON cannot carry it).
+    pub fn to_line(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut line = serde_json::to_vec(self)?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
+    /// Reads a request from its JSON object's fields: `"cmd"` picks the
+    /// command, the rest must be that command's fields, each of its type,
+    /// in its range.
+    pub fn from_fields(mut fields: Map<String, Value>) -> Result<Request, String> {
+        let cmd = match fields.remove("cmd") {
+            Some(Value::String(c)) => c,
+            Some(other) => return Err(format!("\"cmd\" must be a string ({}), not {other}", COMMANDS.join(", "))),
+            None => return Err("request has no \"cmd\" string".into()),
+        };
+        let rest = Value::Object(fields);
+        let req = match cmd.as_str() {
+            "stats" => command_fields::<NoFields>(&cmd, rest).map(|_| Request::Stats)?,
+            "sync" => command_fields::<NoFields>(&cmd, rest).map(|_| Request::Sync)?,
+            "pause" => command_fields::<NoFields>(&cmd, rest).map(|_| Request::Pause)?,
+            "resume" => command_fields::<NoFields>(&cmd, rest).map(|_| Request::Resume)?,
+            "stop" => command_fields::<NoFields>(&cmd, rest).map(|_| Request::Stop)?,
+            "snapshot" => Request::Snapshot(command_fields(&cmd, rest)?),
+            "migrate" => Request::Migrate(command_fields(&cmd, rest)?),
+            "dirty-rate" => Request::DirtyRate(command_fields(&cmd, rest)?),
+            other => return Err(format!("unknown command '{other}' ({})", COMMANDS.join(", "))),
+        };
+        req.check()?;
+        Ok(req)
+    }
+
+    /// The checks the types cannot express (ranges, fields that exclude
+    /// each other).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Request::Snapshot(s) => s.check(),
+            Request::Migrate(m) => m.check(),
+            Request::DirtyRate(d) => d.check(),
+            Request::Stats | Request::Sync | Request::Pause | Request::Resume | Request::Stop => Ok(()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = Map::<String, Value>::deserialize(d)?;
+        Request::from_fields(fields).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The fields of a command that takes none.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// Deserializes `cmd`'s own struct from the request's other fields; the
+/// error names the command and the key.
+fn command_fields<T: DeserializeOwned>(cmd: &str, fields: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(fields).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde's own message names a missing or unknown key; a value of
+        // the wrong type is named by its path.
+        if path == "." || inner.starts_with("unknown field") {
+            format!("{cmd}: {inner}")
+        } else {
+            format!("{cmd}: \"{path}\": {inner}")
+        }
+    })
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A `snapshot` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Directory to create (must not exist or be empty). Relative paths are
+    /// the VMM's: clients send absolute ones.
+    pub dir: PathBuf,
+    /// The run's last snapshot: this one is a diff on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
+    /// Resume the vCPUs afterwards (default true).
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// A live full snapshot: RAM copied in rounds while the guest runs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub live: bool,
+    /// With `live`: pause for about this long at most (default
+    /// [`DEFAULT_LIVE_PAUSE_MS`], at most [`MAX_PAUSE_BUDGET_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_budget_ms: Option<u64>,
+}
+
+impl SnapshotRequest {
+    /// A full snapshot into `dir`, the guest resumed afterwards.
+    pub fn full(dir: impl Into<PathBuf>) -> Self {
+        SnapshotRequest { dir: dir.into(), parent: None, resume: true, live: false, pause_budget_ms: None }
+    }
+
+    /// A diff snapshot into `dir` on `parent`, the guest resumed afterwards.
+    pub fn diff(dir: impl Into<PathBuf>, parent: impl Into<PathBuf>) -> Self {
+        SnapshotRequest { parent: Some(parent.into()), ..Self::full(dir) }
+    }
+
+    /// A live full snapshot into `dir` with the default pause budget.
+    pub fn live(dir: impl Into<PathBuf>) -> Self {
+        SnapshotRequest { live: true, ..Self::full(dir) }
+    }
+
+    /// A live snapshot's pause budget (None: paused for the whole copy).
+    pub fn live_pause(&self) -> Option<Duration> {
+        self.live.then(|| Duration::from_millis(self.pause_budget_ms.unwrap_or(DEFAULT_LIVE_PAUSE_MS)))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match (self.live, self.pause_budget_ms) {
+            (false, Some(_)) => Err("\"pause_budget_ms\" applies to a live snapshot only".into()),
+            (true, _) if self.parent.is_some() => Err("a live snapshot is a full one: it takes no \"parent\"".into()),
+            (true, Some(ms)) if ms > MAX_PAUSE_BUDGET_MS => {
+                Err(format!("\"pause_budget_ms\" must be at most {MAX_PAUSE_BUDGET_MS}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Page data compression on the migration stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Pages as they are.
+    #[default]
+    None,
+    /// LZ4 blocks.
+    Lz4,
+}
+
+/// A `migrate` request (defaults left to the VMM where absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination `host:port`.
+    pub to: String,
+    /// Downtime budget, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Rounds cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Bytes per second cap (above 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
+    /// Page data compression.
+    #[serde(default)]
+    pub compress: Compression,
+    /// Throttle when not converging (default true).
+    #[serde(default = "yes")]
+    pub auto_converge: bool,
+    /// End-to-end memory checksums.
+    #[serde(default)]
+    pub verify_memory: bool,
+    /// Same-host handover of the RAM file.
+    #[serde(default)]
+    pub local: bool,
+    /// Switch to post-copy after this many pre-copy rounds (0: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after: Option<u32>,
+    /// Page connections, 1..=[`MAX_CONNECTIONS`] (default 1).
+    #[serde(default = "one_connection")]
+    pub connections: u32,
+}
+
+fn one_connection() -> u32 {
+    1
+}
+
+impl MigrateRequest {
+    /// A migration to `to` with every default.
+    pub fn new(to: impl Into<String>) -> Self {
+        MigrateRequest {
+            to: to.into(),
+            downtime_ms: None,
+            max_rounds: None,
+            bandwidth_limit: None,
+            compress: Compression::None,
+            auto_converge: true,
+            verify_memory: false,
+            local: false,
+            postcopy_after: None,
+            connections: 1,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.bandwidth_limit == Some(0) {
+            return Err("\"bandwidth_limit\" must be above 0 bytes/s".into());
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(format!("\"connections\" must be 1..={MAX_CONNECTIONS}, not {}", self.connections));
+        }
+        Ok(())
+    }
+}
+
+/// A `dirty-rate` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyRateRequest {
+    /// The window, seconds in (0, 3600] (default 1).
+    #[serde(default = "one_second")]
+    pub seconds: f64,
+}
+
+fn one_second() -> f64 {
+    1.0
+}
+
+impl DirtyRateRequest {
+    fn check(&self) -> Result<(), String> {
+        if self.seconds > 0.0 && self.seconds <= MAX_DIRTY_RATE_SECONDS {
+            Ok(())
+        } else {
+            Err("\"seconds\" must be a number in (0, 3600]".into())
+        }
+    }
+}
 
 /// Parses one request line; the error is the answer's message.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let req: Value = serde_json::from_str(line.trim())
         .map_err(|e| format!("bad request (expected JSON like {{\"cmd\":\"stats\"}}): {e}"))?;
-    let cmd = req.get("cmd").and_then(Value::as_str).ok_or("request has no \"cmd\" string")?;
-    Ok(match cmd {
-        "stats" => Request::Stats,
-        "sync" => Request::Sync,
-        "pause" => Request::Pause,
-        "resume" => Request::Resume,
-        "stop" => Request::Stop,
-        "snapshot" => {
-            let parent = opt_str(&req, "parent")?.map(PathBuf::from);
-            let live_pause_ms = match (opt_bool(&req, "live")?.unwrap_or(false), opt_u64(&req, "pause_budget_ms")?) {
-                (false, None) => None,
-                (false, Some(_)) => return Err("\"pause_budget_ms\" applies to a live snapshot only".into()),
-                (true, _) if parent.is_some() => {
-                    return Err("a live snapshot is a full one: it takes no \"parent\"".into());
-                }
-                (true, Some(ms)) if ms > MAX_PAUSE_BUDGET_MS => {
-                    return Err(format!("\"pause_budget_ms\" must be at most {MAX_PAUSE_BUDGET_MS}"));
-                }
-                (true, ms) => Some(ms.unwrap_or(DEFAULT_LIVE_PAUSE_MS)),
-            };
-            Request::Snapshot {
-                dir: req.get("dir").and_then(Value::as_str).ok_or("snapshot needs a \"dir\" string")?.into(),
-                parent,
-                resume: opt_bool(&req, "resume")?.unwrap_or(true),
-                live_pause_ms,
-            }
-        }
-        "migrate" => {
-            let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs a \"to\" string (host:port)")?;
-            let max_rounds = opt_u64(&req, "max_rounds")?
-                .map(|n| u32::try_from(n).map_err(|_| "\"max_rounds\" is too large".to_string()))
-                .transpose()?;
-            let bandwidth_limit = opt_u64(&req, "bandwidth_limit")?;
-            if bandwidth_limit == Some(0) {
-                return Err("\"bandwidth_limit\" must be above 0 bytes/s".into());
-            }
-            let lz4 = match opt_str(&req, "compress")? {
-                None | Some("none") => false,
-                Some("lz4") => true,
-                Some(other) => return Err(format!("unknown compression '{other}' (none, lz4)")),
-            };
-            Request::Migrate(MigrateRequest {
-                to: to.to_string(),
-                downtime_ms: opt_u64(&req, "downtime_ms")?,
-                max_rounds,
-                bandwidth_limit,
-                lz4,
-                auto_converge: opt_bool(&req, "auto_converge")?.unwrap_or(true),
-                verify_memory: opt_bool(&req, "verify_memory")?.unwrap_or(false),
-                local: opt_bool(&req, "local")?.unwrap_or(false),
-                connections: match opt_u64(&req, "connections")? {
-                    None => 1,
-                    Some(n @ 1..=64) => n as u32,
-                    Some(n) => return Err(format!("\"connections\" must be 1..=64, not {n}")),
-                },
-                postcopy_after: opt_u64(&req, "postcopy_after")?
-                    .map(|n| u32::try_from(n).map_err(|_| "\"postcopy_after\" is too large".to_string()))
-                    .transpose()?,
-            })
-        }
-        "dirty-rate" => match req.get("seconds").map_or(Some(1.0), Value::as_f64) {
-            Some(seconds) if seconds > 0.0 && seconds <= 3600.0 => Request::DirtyRate { seconds },
-            _ => return Err("\"seconds\" must be a number in (0, 3600]".into()),
-        },
-        other => return Err(format!("unknown command '{other}' ({COMMANDS})")),
-    })
-}
-
-fn opt_u64(req: &Value, k: &str) -> Result<Option<u64>, String> {
-    match req.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("\"{k}\" must be a whole number")),
-    }
-}
-
-fn opt_bool(req: &Value, k: &str) -> Result<Option<bool>, String> {
-    match req.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| format!("\"{k}\" must be true or false")),
-    }
-}
-
-fn opt_str<'a>(req: &'a Value, k: &str) -> Result<Option<&'a str>, String> {
-    match req.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| format!("\"{k}\" must be a string")),
+    match req {
+        Value::Object(fields) => Request::from_fields(fields),
+        other => Err(format!("bad request (expected a JSON object like {{\"cmd\":\"stats\"}}): {other}")),
     }
 }
 
@@ -181,37 +337,164 @@ fn opt_str<'a>(req: &'a Value, k: &str) -> Result<Option<&'a str>, String> {
 mod tests {
     use super::*;
 
+    fn refused(line: &str) -> String {
+        match parse_request(line) {
+            Ok(r) => panic!("{line} was accepted as {r:?}"),
+            Err(e) => e,
+        }
+    }
+
     #[test]
     fn requests_parse_and_bad_ones_say_why() {
         assert_eq!(parse_request(r#"{"cmd":"stats"}"#), Ok(Request::Stats));
         assert_eq!(
             parse_request(r#"{"cmd":"snapshot","dir":"/s","parent":"/p"}"#),
-            Ok(Request::Snapshot { dir: "/s".into(), parent: Some("/p".into()), resume: true, live_pause_ms: None })
+            Ok(Request::Snapshot(SnapshotRequest::diff("/s", "/p")))
         );
         let Ok(Request::Migrate(m)) = parse_request(r#"{"cmd":"migrate","to":"h:1","compress":"lz4","max_rounds":3}"#)
         else {
             panic!()
         };
-        assert!(m.lz4 && m.auto_converge && !m.verify_memory && m.max_rounds == Some(3));
+        assert_eq!(m, MigrateRequest { compress: Compression::Lz4, max_rounds: Some(3), ..MigrateRequest::new("h:1") });
+        // Absent fields take the defaults the builders give; null is absent.
+        assert_eq!(parse_request(r#"{"cmd":"migrate","to":"h:1"}"#), Ok(Request::Migrate(MigrateRequest::new("h:1"))));
+        assert_eq!(
+            parse_request(r#"{"cmd":"migrate","to":"h:1","max_rounds":null}"#),
+            Ok(Request::Migrate(MigrateRequest::new("h:1")))
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"snapshot","dir":"/s"}"#),
+            Ok(Request::Snapshot(SnapshotRequest::full("/s")))
+        );
+        assert_eq!(parse_request(r#"{"cmd":"dirty-rate"}"#), Ok(Request::DirtyRate(DirtyRateRequest { seconds: 1.0 })));
         for (line, says) in [
             ("{", "bad request"),
+            ("[1]", "expected a JSON object"),
             (r#"{"x":1}"#, "no \"cmd\""),
-            (r#"{"cmd":"fly"}"#, "unknown command 'fly'"),
-            (r#"{"cmd":"snapshot"}"#, "\"dir\""),
-            (r#"{"cmd":"snapshot","dir":"/s","resume":"yes"}"#, "true or false"),
-            (r#"{"cmd":"migrate","to":"h:1","bandwidth_limit":0}"#, "above 0"),
-            (r#"{"cmd":"migrate","to":"h:1","max_rounds":99999999999}"#, "too large"),
-            (r#"{"cmd":"migrate","to":"h:1","compress":"zip"}"#, "unknown compression"),
-            (r#"{"cmd":"dirty-rate","seconds":-1}"#, "(0, 3600]"),
-            (r#"{"cmd":"migrate","to":"h:1","connections":0}"#, "1..=64"),
-            (r#"{"cmd":"migrate","to":"h:1","connections":65}"#, "1..=64"),
+            (r#"{"cmd":7}"#, "\"cmd\" must be a string"),
+            (
+                r#"{"cmd":"fly"}"#,
+                "unknown command 'fly' (stats, sync, pause, resume, snapshot, migrate, dirty-rate, stop)",
+            ),
+            (r#"{"cmd":"migrate","to":"h:1","bandwidth_limit":0}"#, "\"bandwidth_limit\" must be above 0"),
+            (r#"{"cmd":"dirty-rate","seconds":-1}"#, "\"seconds\" must be a number in (0, 3600]"),
+            (r#"{"cmd":"dirty-rate","seconds":3600.5}"#, "\"seconds\" must be a number in (0, 3600]"),
+            (r#"{"cmd":"migrate","to":"h:1","connections":0}"#, "\"connections\" must be 1..=64, not 0"),
+            (r#"{"cmd":"migrate","to":"h:1","connections":65}"#, "\"connections\" must be 1..=64, not 65"),
             (r#"{"cmd":"snapshot","dir":"/s","live":true,"parent":"/p"}"#, "takes no \"parent\""),
             (r#"{"cmd":"snapshot","dir":"/s","pause_budget_ms":5}"#, "live snapshot only"),
             (r#"{"cmd":"snapshot","dir":"/s","live":true,"pause_budget_ms":99999999}"#, "at most 60000"),
         ] {
-            let e = parse_request(line).unwrap_err();
+            let e = refused(line);
             assert!(e.contains(says), "{line}: {e}");
         }
+    }
+
+    /// A typo'd key is refused, named, whatever the command: serde's
+    /// internally tagged enums are where `deny_unknown_fields` gets lost.
+    #[test]
+    fn an_unknown_key_is_refused_in_every_command_and_named() {
+        let base = [
+            r#"{"cmd":"stats""#,
+            r#"{"cmd":"sync""#,
+            r#"{"cmd":"pause""#,
+            r#"{"cmd":"resume""#,
+            r#"{"cmd":"snapshot","dir":"D""#,
+            r#"{"cmd":"migrate","to":"h:1""#,
+            r#"{"cmd":"dirty-rate""#,
+            r#"{"cmd":"stop""#,
+        ];
+        assert_eq!(base.len(), COMMANDS.len());
+        for (b, cmd) in base.iter().zip(COMMANDS) {
+            assert!(parse_request(&format!("{b}}}")).is_ok(), "{b}");
+            let e = refused(&format!(r#"{b},"parnet":"P"}}"#));
+            assert!(e.starts_with(&format!("{cmd}: unknown field `parnet`")), "{cmd}: {e}");
+        }
+        // The case that took a full snapshot when typo'd.
+        let e = refused(r#"{"cmd":"snapshot","dir":"D","parnet":"P"}"#);
+        assert_eq!(
+            e,
+            "snapshot: unknown field `parnet`, expected one of `dir`, `parent`, `resume`, `live`, `pause_budget_ms`"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_or_a_missing_field_is_named() {
+        for (line, says) in [
+            (
+                r#"{"cmd":"snapshot","dir":"/s","resume":"yes"}"#,
+                r#"snapshot: "resume": invalid type: string "yes", expected a boolean"#,
+            ),
+            (r#"{"cmd":"snapshot","dir":7}"#, r#"snapshot: "dir": invalid type: integer `7`"#),
+            (
+                r#"{"cmd":"migrate","to":"h:1","max_rounds":99999999999}"#,
+                r#"migrate: "max_rounds": invalid value: integer `99999999999`"#,
+            ),
+            (
+                r#"{"cmd":"migrate","to":"h:1","connections":-1}"#,
+                r#"migrate: "connections": invalid value: integer `-1`"#,
+            ),
+            (
+                r#"{"cmd":"migrate","to":"h:1","compress":"zip"}"#,
+                r#"migrate: "compress": unknown variant `zip`, expected `none` or `lz4`"#,
+            ),
+            (
+                r#"{"cmd":"migrate","to":"h:1","local":null}"#,
+                r#"migrate: "local": invalid type: null, expected a boolean"#,
+            ),
+            (
+                r#"{"cmd":"dirty-rate","seconds":"1"}"#,
+                r#"dirty-rate: "seconds": invalid type: string "1", expected f64"#,
+            ),
+            (r#"{"cmd":"snapshot"}"#, "snapshot: missing field `dir`"),
+            (r#"{"cmd":"snapshot","parent":"/p"}"#, "snapshot: missing field `dir`"),
+            (r#"{"cmd":"migrate"}"#, "migrate: missing field `to`"),
+        ] {
+            let e = refused(line);
+            assert!(e.starts_with(says), "{line}:\n got  {e}\n want {says}…");
+        }
+    }
+
+    /// What a client builds reads back as the same request, and each
+    /// command's line carries its `"cmd"`.
+    #[test]
+    fn built_requests_round_trip() {
+        let all = [
+            Request::Stats,
+            Request::Sync,
+            Request::Pause,
+            Request::Resume,
+            Request::Stop,
+            Request::Snapshot(SnapshotRequest::full("/s/1")),
+            Request::Snapshot(SnapshotRequest { resume: false, ..SnapshotRequest::diff("/s/2", "/s/1") }),
+            Request::Snapshot(SnapshotRequest { pause_budget_ms: Some(25), ..SnapshotRequest::live("/s/3") }),
+            Request::Migrate(MigrateRequest::new("[::1]:7700")),
+            Request::Migrate(MigrateRequest {
+                downtime_ms: Some(300),
+                max_rounds: Some(4),
+                bandwidth_limit: Some(1 << 20),
+                compress: Compression::Lz4,
+                auto_converge: false,
+                verify_memory: true,
+                local: true,
+                postcopy_after: Some(2),
+                connections: 8,
+                ..MigrateRequest::new("10.0.0.2:7700")
+            }),
+            Request::DirtyRate(DirtyRateRequest { seconds: 0.25 }),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for r in all {
+            let line = r.to_line().unwrap();
+            assert_eq!(line.last(), Some(&b'\n'));
+            let text = std::str::from_utf8(&line).unwrap();
+            assert_eq!(text.matches('\n').count(), 1, "{text}");
+            assert!(text.starts_with(&format!(r#"{{"cmd":"{}""#, r.command())), "{text}");
+            assert_eq!(parse_request(text), Ok(r.clone()), "{text}");
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), r);
+            seen.insert(r.command());
+        }
+        assert_eq!(seen.len(), COMMANDS.len(), "a command is missing from this test");
     }
 
     /// Found by the api_request fuzz target: with serde_json's default
@@ -220,9 +503,80 @@ mod tests {
     #[test]
     fn floats_parse_correctly_rounded() {
         let line = r#"{"cmd":"dirty-rate","seconds":0.245545555555555555555555555555}"#;
-        let Ok(Request::DirtyRate { seconds }) = parse_request(line) else { panic!() };
-        let again = format!(r#"{{"cmd":"dirty-rate","seconds":{}}}"#, serde_json::json!(seconds));
-        assert_eq!(parse_request(&again), Ok(Request::DirtyRate { seconds }));
-        assert_eq!(seconds, "0.245545555555555555555555555555".parse::<f64>().unwrap());
+        let Ok(Request::DirtyRate(d)) = parse_request(line) else { panic!() };
+        let again = String::from_utf8(Request::DirtyRate(d.clone()).to_line().unwrap()).unwrap();
+        assert_eq!(parse_request(&again), Ok(Request::DirtyRate(d.clone())));
+        assert_eq!(d.seconds, "0.245545555555555555555555555555".parse::<f64>().unwrap());
+    }
+
+    /// Every field `cmd` takes, read off the types: serde's refusal of an
+    /// unknown key lists them.
+    fn fields_of(cmd: &str) -> Vec<String> {
+        let mut fields = Map::new();
+        fields.insert("cmd".into(), cmd.into());
+        fields.insert("\u{1}".into(), Value::Null);
+        let e = Request::from_fields(fields).unwrap_err();
+        if e.ends_with("there are no fields") {
+            return Vec::new();
+        }
+        let (_, expected) = e.split_once(", expected ").unwrap_or_else(|| panic!("{cmd}: {e}"));
+        expected.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    /// `example` with every key it can do without left out.
+    fn minimal(example: &str) -> String {
+        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(example) else { panic!("{example}") };
+        let keys: Vec<String> = fields.keys().filter(|k| *k != "cmd").cloned().collect();
+        for k in keys {
+            let v = fields.remove(&k).unwrap();
+            if parse_request(&Value::Object(fields.clone()).to_string()).is_err() {
+                fields.insert(k, v);
+            }
+        }
+        Value::Object(fields).to_string()
+    }
+
+    /// The README's control API table against the types: one row per
+    /// command, its example line accepted by the real parser, its fields
+    /// column naming exactly the fields the command's type has, with the
+    /// defaults the types fill in.
+    #[test]
+    fn the_readme_api_table_matches_the_types() {
+        let readme = include_str!("../README.md");
+        let section = readme.split("### Control API").nth(1).expect("README has a Control API section");
+        let section = section.split("\n### ").next().unwrap_or(section);
+        let mut rows = std::collections::BTreeMap::new();
+        for row in section.lines().filter(|l| l.starts_with("| `{")) {
+            let cols: Vec<&str> = row.split(" | ").collect();
+            assert!(cols.len() >= 3, "a row needs request | fields | …: {row}");
+            let example = cols[0].trim_start_matches("| ").trim_matches('`');
+            let req = parse_request(example).unwrap_or_else(|e| panic!("README example {example}: {e}"));
+            let documented: std::collections::BTreeSet<String> = cols[1]
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|t| t.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .map(str::to_string)
+                .collect();
+            let typed: std::collections::BTreeSet<String> = fields_of(req.command()).into_iter().collect();
+            assert_eq!(documented, typed, "README fields of {}", req.command());
+            // A default the README gives as a JSON value, "`key` (value, …",
+            // is what the types fill in when the key is left out.
+            let defaults = serde_json::to_value(parse_request(&minimal(example)).unwrap()).unwrap();
+            for (key, said) in cols[1].split('`').skip(1).step_by(2).zip(cols[1].split('`').skip(2).step_by(2)) {
+                let Some(said) = said.strip_prefix(" (") else { continue };
+                let said = said.split([',', ';', ')']).next().unwrap_or_default();
+                let (Ok(said), Some(typed)) = (serde_json::from_str::<Value>(said), defaults.get(key)) else {
+                    continue;
+                };
+                let same = said == *typed || (said.as_f64().is_some() && said.as_f64() == typed.as_f64());
+                assert!(same, "README default of {}.{key}: {said}, the types' {typed}", req.command());
+            }
+            assert!(rows.insert(req.command(), example.to_string()).is_none(), "two rows for {}", req.command());
+        }
+        let documented: Vec<&str> = rows.keys().copied().collect();
+        let mut all = COMMANDS.to_vec();
+        all.sort_unstable();
+        assert_eq!(documented, all, "commands in the README's API table");
     }
 }

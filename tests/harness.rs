@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use guest_abi::{StateHeader, STATE_BASE};
 use serde_json::json;
+use smudge::control::MigrateRequest;
 use smudge_vmm::harness::{HarnessError, TestVm, TestVmBuilder};
 
 /// Fails the test (never skips it) when /dev/kvm is not usable.
@@ -80,7 +81,7 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     let restored = builder().restore(&d1).unwrap();
 
     // Live migration of the original.
-    let report = vm.migrate_to_with(&dest, &json!({"verify_memory": true})).unwrap();
+    let report = vm.migrate_to_with(&dest, |m| MigrateRequest { verify_memory: true, ..m }).unwrap();
     assert!(report["rounds"].as_array().is_some_and(|r| !r.is_empty()), "{report}");
     let src = vm.wait_exit(Duration::from_secs(10)).unwrap();
     assert_eq!(src.code, Some(0), "{src}");

@@ -314,6 +314,13 @@ fn api_requests(out: &mut Out) {
         ),
         ("migrate-min", r#"{"cmd":"migrate","to":"[::1]:7700","compress":"none","max_rounds":null}"#),
         ("dirty-rate", r#"{"cmd":"dirty-rate","seconds":0.25}"#),
+        ("snapshot-live", r#"{"cmd":"snapshot","dir":"/s/3","live":true,"pause_budget_ms":25}"#),
+        (
+            "migrate-all",
+            r#"{"cmd":"migrate","to":"h:1","local":false,"postcopy_after":2,"connections":8,"auto_converge":false}"#,
+        ),
+        ("typo", r#"{"cmd":"snapshot","dir":"D","parnet":"P"}"#),
+        ("wrong-type", r#"{"cmd":"snapshot","dir":"D","resume":"yes"}"#),
         ("unknown", r#"{"cmd":"reboot"}"#),
         ("not-json", "stats please"),
     ];

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use smudge::control::MigrateRequest;
 use smudge_vmm::harness::{self, HarnessError, ScratchDir, TestVm};
 
 fn main() -> ExitCode {
@@ -119,7 +119,7 @@ fn run() -> Result<bool, HarnessError> {
     // The original moves to a migrate-recv in another process, running.
     let dest = builder.clone().incoming()?;
     vm.resume()?;
-    let report = vm.migrate_to_with(&dest, &json!({"verify_memory": true}))?;
+    let report = vm.migrate_to_with(&dest, |m| MigrateRequest { verify_memory: true, ..m })?;
     println!(
         "migrated to {} in {:.1} ms, downtime {:.2} ms, {} rounds",
         dest.migration_addr().unwrap_or_default(),

@@ -12,20 +12,41 @@
 //! `snapshot`, `stop` (end the run; exit code 0). A malformed request gets
 //! an error answer, never a dropped connection.
 //!
+//! Requests are the types of `smudge::control`: a key a command does not
+//! take, a wrong type or a missing field is refused, naming the key, before
+//! anything is done.
+//!
 //! Each connection is served on a thread of its own, so a long request (a
 //! snapshot) never holds up the event loop or a `stats`. Long requests run
 //! one at a time: a second one while another runs gets a "busy" error.
+//!
+//! Connections are counted in two pools, so idle ones cannot hold the API:
+//!
+//! ```text
+//! accept ──▶ waiting for its request line ──▶ serving (its line read)
+//!            at most MAX_WAITING (more: busy,    at most MAX_SERVING
+//!            answered at accept); each for at    (more: busy)
+//!            most REQUEST_DEADLINE (then: "no
+//!            request line within …")
+//! ```
+//!
+//! A connection that sends nothing holds only a waiting place, for at most
+//! [`REQUEST_DEADLINE`], and never a serving one. A "busy" answer is given
+//! after reading what the client sent (at accept: what is there already),
+//! and the client ([`exchange`]) reads the answer even when its own write
+//! failed because the server had closed first.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use smudge::control::{parse_request, Request};
+use smudge::control::{parse_request, Request, SnapshotRequest};
 use smudge::harvest::Harvester;
 
 use crate::flusher::Flusher;
@@ -85,8 +106,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(l)
 }
 
-/// Connections served at once; more get a "busy" answer at once.
-const MAX_CONNECTIONS: usize = 16;
+/// Requests served at once (their line read); more get a "busy" answer.
+pub const MAX_SERVING: usize = 16;
+/// Connections waiting for their request line; more get a "busy" answer
+/// at accept.
+pub const MAX_WAITING: usize = 64;
+/// How long a client has from connecting to send its whole request line: a
+/// client writes it at once; this only ends connections that send nothing.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The listening socket and the connections being served.
 #[derive(Debug)]
@@ -94,7 +121,28 @@ pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
     api: Arc<Api>,
-    conns: Vec<std::thread::JoinHandle<()>>,
+    /// Each connection's thread, with the connection (to end a wait for a
+    /// request line when the server goes).
+    conns: Vec<(std::thread::JoinHandle<()>, Option<UnixStream>)>,
+}
+
+/// One place in a pool of connections, given back when dropped.
+#[derive(Debug)]
+struct Place(Arc<AtomicUsize>);
+
+impl Place {
+    /// A place in `pool` if fewer than `max` are taken.
+    fn take(pool: &Arc<AtomicUsize>, max: usize) -> Option<Place> {
+        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Place(pool.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the API acts on.
@@ -111,6 +159,10 @@ pub struct Api {
     job_name: Mutex<Option<String>>,
     /// How far it got (a migration's rounds), for `stats`.
     progress: Mutex<Option<Value>>,
+    /// Connections waiting for their request line.
+    waiting: Arc<AtomicUsize>,
+    /// Requests being served.
+    serving: Arc<AtomicUsize>,
 }
 
 impl ApiServer {
@@ -133,6 +185,8 @@ impl ApiServer {
             job: Mutex::new(()),
             job_name: Mutex::new(None),
             progress: Mutex::new(None),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            serving: Arc::new(AtomicUsize::new(0)),
         };
         ApiServer { listener, path, api: Arc::new(api), conns: Vec::new() }
     }
@@ -144,27 +198,54 @@ impl ApiServer {
 
     /// Accepts every pending connection and serves each on its own thread.
     pub fn on_readable(&mut self) {
-        self.conns.retain(|t| !t.is_finished());
+        self.conns.retain(|(t, _)| !t.is_finished());
         while let Ok((conn, _)) = self.listener.accept() {
-            if self.conns.len() >= MAX_CONNECTIONS {
-                let busy = error(format!("busy: {MAX_CONNECTIONS} requests are being served; try again"));
-                if let Err(e) = answer(&conn, &busy) {
-                    tracing::warn!("control API connection: {e}");
-                }
+            let Some(waiting) = Place::take(&self.api.waiting, MAX_WAITING) else {
+                turn_away(&conn, &busy(&format!("{MAX_WAITING} connections are waiting to send their request")));
                 continue;
-            }
+            };
             let api = self.api.clone();
+            let held = conn.try_clone().ok();
             let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                if let Err(e) = api.serve(conn) {
+                if let Err(e) = api.serve(conn, waiting) {
                     tracing::warn!("control API connection: {e}");
                 }
             });
             match spawned {
-                Ok(t) => self.conns.push(t),
+                Ok(t) => self.conns.push((t, held)),
                 Err(e) => tracing::warn!("control API: cannot spawn a connection thread: {e}"),
             }
         }
     }
+}
+
+fn busy(why: &str) -> Value {
+    error(format!("busy: {why}; try again"))
+}
+
+/// Answers `v` on the event loop without waiting on the client: reads what
+/// it already sent (so closing does not reset the connection under it),
+/// answers, closes. A client that writes after this gets EPIPE and reads
+/// the answer all the same ([`exchange`]).
+fn turn_away(conn: &UnixStream, v: &Value) {
+    if conn.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut sent = [0u8; 4096];
+    let mut drained = 0u64;
+    while drained < MAX_REQUEST {
+        match (&mut &*conn).read(&mut sent) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n as u64,
+        }
+    }
+    let mut out = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    // A few hundred bytes into an empty socket buffer: never short.
+    if let Err(e) = (&mut &*conn).write_all(&out) {
+        tracing::debug!("control API: a busy answer was not taken: {e}");
+    }
+    let _ = conn.shutdown(Shutdown::Both);
 }
 
 fn answer(conn: &UnixStream, v: &Value) -> std::io::Result<()> {
@@ -172,21 +253,64 @@ fn answer(conn: &UnixStream, v: &Value) -> std::io::Result<()> {
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut out = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
-    (&mut &*conn).write_all(&out)
+    match (&mut &*conn).write_all(&out) {
+        // The client went without waiting for its answer.
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
+/// Reads one request line: up to its newline, the end of the stream or
+/// [`MAX_REQUEST`] bytes, whichever comes first, all within `deadline` of
+/// the call. The error is the answer's message.
+fn read_request(conn: &UnixStream, deadline: Duration) -> Result<String, String> {
+    let end = Instant::now() + deadline;
+    let late = || format!("no request line within {deadline:?} of connecting");
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !line.contains(&b'\n') && (line.len() as u64) < MAX_REQUEST {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        conn.set_read_timeout(Some(left)).map_err(|e| format!("cannot read the request: {e}"))?;
+        match (&mut &*conn).read(&mut chunk) {
+            Ok(0) if line.is_empty() => {
+                return Err("no request: the connection was closed (or smudge stopped) before one came".into())
+            }
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(late()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("cannot read the request: {e}")),
+        }
+    }
+    line.truncate(MAX_REQUEST as usize);
+    if let Some(n) = line.iter().position(|&b| b == b'\n') {
+        line.truncate(n + 1);
+    }
+    String::from_utf8(line).map_err(|_| "cannot read the request: it is not UTF-8".to_string())
 }
 
 impl Api {
-    fn serve(&self, conn: UnixStream) -> std::io::Result<()> {
+    fn serve(&self, conn: UnixStream, waiting: Place) -> std::io::Result<()> {
         conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let mut line = String::new();
-        let mut reader = BufReader::new((&conn).take(MAX_REQUEST));
-        let v = match reader.read_line(&mut line) {
-            Ok(_) => self.dispatch(&line),
-            Err(e) => error(format!("cannot read the request: {e}")),
+        let line = read_request(&conn, REQUEST_DEADLINE);
+        drop(waiting);
+        let v = match line {
+            Err(e) => error(e),
+            Ok(line) => match Place::take(&self.serving, MAX_SERVING) {
+                None => busy(&format!("{MAX_SERVING} requests are being served")),
+                // The place is given back before the answer goes out: a
+                // client that has its answer holds none.
+                Some(_serving) => self.dispatch(&line),
+            },
         };
-        answer(&conn, &v)
+        let answered = answer(&conn, &v);
+        // The server keeps a clone of the connection (see `Drop`): close it
+        // for both ends now, so a client reading to the end sees it.
+        let _ = conn.shutdown(Shutdown::Both);
+        answered
     }
 
     /// Runs `f` as the one long request of the moment, or answers "busy".
@@ -220,17 +344,14 @@ impl Api {
                 self.vcpus.resume();
                 json!({"ok": true, "paused": false})
             }
-            Request::Snapshot { dir, parent, resume, live_pause_ms } => self
-                .job(format!("a snapshot into {}", dir.display()), || {
-                    self.snapshot(&dir, parent.as_deref(), resume, live_pause_ms.map(Duration::from_millis))
-                }),
+            Request::Snapshot(s) => self.job(format!("a snapshot into {}", s.dir.display()), || self.snapshot(&s)),
             Request::Migrate(m) => {
                 let opts = MigrateOptions {
                     to: m.to,
                     downtime: m.downtime_ms.map_or(DEFAULT_DOWNTIME, Duration::from_millis),
                     max_rounds: m.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
                     bandwidth: m.bandwidth_limit,
-                    lz4: m.lz4,
+                    lz4: m.compress == smudge::control::Compression::Lz4,
                     auto_converge: m.auto_converge,
                     verify_memory: m.verify_memory,
                     local: m.local,
@@ -239,8 +360,8 @@ impl Api {
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }
-            Request::DirtyRate { seconds } => {
-                self.job(format!("a {seconds} s dirty-rate measurement"), || self.dirty_rate(seconds))
+            Request::DirtyRate(d) => {
+                self.job(format!("a {} s dirty-rate measurement", d.seconds), || self.dirty_rate(d.seconds))
             }
             Request::Stop => {
                 self.vcpus.shared.finish(Outcome::Stopped);
@@ -293,7 +414,8 @@ impl Api {
         }
     }
 
-    fn snapshot(&self, dir: &Path, parent: Option<&Path>, resume: bool, live: Option<Duration>) -> Value {
+    fn snapshot(&self, req: &SnapshotRequest) -> Value {
+        let (dir, parent, resume, live) = (&req.dir, req.parent.as_deref(), req.resume, req.live_pause());
         let Some(snap) = &self.snapshotter else {
             return error("this VM cannot be snapshotted (no memory file)".into());
         };
@@ -400,9 +522,14 @@ impl Api {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-        // Requests in flight finish (each has its own time limits) before
-        // the VM they act on is torn down.
-        for t in self.conns.drain(..) {
+        // A connection still waiting for its request line is ended (it
+        // reads the end of the stream and is answered so); requests in
+        // flight finish (each has its own time limits) before the VM they
+        // act on is torn down.
+        for (t, conn) in self.conns.drain(..) {
+            if let Some(c) = conn.filter(|_| !t.is_finished()) {
+                let _ = c.shutdown(Shutdown::Read);
+            }
             if t.join().is_err() {
                 tracing::error!("a control API connection thread panicked");
             }
@@ -414,15 +541,124 @@ fn error(msg: String) -> Value {
     json!({"ok": false, "error": msg})
 }
 
-/// The client: sends `request` to the socket at `path`, returns the answer.
-pub fn call(path: &Path, request: &Value) -> anyhow::Result<Value> {
-    use anyhow::Context;
-    let mut s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
+/// How long `smudge ctl` waits, in seconds, for a socket that does not
+/// exist yet or refuses connections (a `smudge run` still starting).
+pub const CTL_WAIT_SECS: u64 = 5;
+
+/// Connects to the API socket at `path`, waiting up to `wait` while it does
+/// not exist yet or refuses connections.
+pub fn connect(path: &Path, wait: Duration) -> anyhow::Result<UnixStream> {
+    let t0 = Instant::now();
+    loop {
+        let e = match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let waiting = matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
+        if waiting && t0.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let waited = if wait.is_zero() { String::new() } else { format!(" (waited {:.0} s)", wait.as_secs_f64()) };
+        return Err(match e.kind() {
+            ErrorKind::NotFound => anyhow::anyhow!(
+                "{}: no such socket{waited}: is `smudge run --api-sock {}` running?",
+                path.display(),
+                path.display()
+            ),
+            ErrorKind::ConnectionRefused => anyhow::anyhow!(
+                "{}: nothing serves this socket{waited} (left by a smudge that did not end cleanly?)",
+                path.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("connecting to {}", path.display())),
+        });
+    }
+}
+
+/// Longest answer a client reads.
+const MAX_ANSWER: u64 = 64 << 20;
+
+/// Sends one request line on `conn` and reads the answer line. A server
+/// that turns a connection away answers and closes without waiting for the
+/// request, so a failed write is not the end: the answer, if one came, is
+/// read and returned all the same.
+pub fn exchange(conn: &UnixStream, line: &[u8]) -> std::io::Result<String> {
+    let sent = (&mut &*conn).write_all(line);
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
+    let read = BufReader::new(conn.take(MAX_ANSWER)).read_line(&mut answer);
+    match (sent, read) {
+        (_, Ok(_)) if !answer.is_empty() => Ok(answer),
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(_)) => Err(std::io::Error::new(ErrorKind::UnexpectedEof, "smudge closed without an answer")),
+    }
+}
+
+/// The client: sends `request` to the socket at `path` and returns the
+/// answer; waits up to `wait` for the socket (see [`connect`]).
+pub fn call_waiting(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    let s = connect(path, wait)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let answer = exchange(&s, &request.to_line()?).with_context(|| format!("talking to {}", path.display()))?;
     serde_json::from_str(answer.trim()).with_context(|| format!("bad answer from smudge: '{}'", answer.trim()))
+}
+
+/// [`call_waiting`] without waiting: the socket must be there.
+pub fn call(path: &Path, request: &Request) -> anyhow::Result<Value> {
+    call_waiting(path, request, Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old server answered "busy" and closed before reading: the
+    /// client's write then failed (EPIPE) and `smudge ctl` printed "Broken
+    /// pipe" instead of the answer it had been sent.
+    #[test]
+    fn the_client_reads_the_answer_even_when_its_write_fails() {
+        let (client, server) = UnixStream::pair().unwrap();
+        (&server).write_all(b"{\"ok\":false,\"error\":\"busy: try again\"}\n").unwrap();
+        drop(server);
+        let write = (&client).write_all(b"{}\n");
+        assert_eq!(write.map_err(|e| e.kind()), Err(ErrorKind::BrokenPipe), "the write must fail for this test");
+        let (client, server) = UnixStream::pair().unwrap();
+        (&server).write_all(b"{\"ok\":false,\"error\":\"busy: try again\"}\n").unwrap();
+        drop(server);
+        let answer = exchange(&client, &Request::Stats.to_line().unwrap()).unwrap();
+        assert_eq!(answer, "{\"ok\":false,\"error\":\"busy: try again\"}\n");
+        // No answer at all is still an error.
+        let (client, server) = UnixStream::pair().unwrap();
+        drop(server);
+        assert_eq!(exchange(&client, b"{}\n").map_err(|e| e.kind()), Err(ErrorKind::BrokenPipe));
+    }
+
+    #[test]
+    fn a_request_line_is_read_within_its_deadline() {
+        let (client, server) = UnixStream::pair().unwrap();
+        (&client).write_all(b"{\"cmd\":\"stats\"}\nmore").unwrap();
+        assert_eq!(read_request(&server, Duration::from_secs(30)).unwrap(), "{\"cmd\":\"stats\"}\n");
+        // Nothing sent: refused once the deadline passes, saying so.
+        let (_client, server) = UnixStream::pair().unwrap();
+        assert_eq!(
+            read_request(&server, Duration::from_millis(50)).unwrap_err(),
+            "no request line within 50ms of connecting"
+        );
+        // Closed without a request.
+        let (client, server) = UnixStream::pair().unwrap();
+        drop(client);
+        assert!(read_request(&server, Duration::from_secs(30)).unwrap_err().starts_with("no request"));
+    }
+
+    #[test]
+    fn places_are_counted_and_given_back() {
+        let pool = Arc::new(AtomicUsize::new(0));
+        let a = Place::take(&pool, 2).unwrap();
+        let _b = Place::take(&pool, 2).unwrap();
+        assert!(Place::take(&pool, 2).is_none());
+        drop(a);
+        assert!(Place::take(&pool, 2).is_some());
+        assert_eq!(pool.load(Ordering::Acquire), 1);
+    }
 }

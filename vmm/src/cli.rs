@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use smudge::control::{Compression, DirtyRateRequest, MigrateRequest, Request, SnapshotRequest};
 use smudge::harvest::DirtyLogMode;
 use smudge::writeback::Threshold;
 
@@ -173,6 +174,10 @@ pub struct CtlArgs {
     /// dirty-rate and migrate; JSON for the rest).
     #[arg(long)]
     pub json: bool,
+    /// Wait this many seconds for a socket that does not exist yet or
+    /// refuses connections (a `smudge run` still starting), then fail.
+    #[arg(long, default_value_t = crate::api::CTL_WAIT_SECS as f64, value_parser = parse_wait)]
+    pub wait_secs: f64,
     /// The request.
     #[command(subcommand)]
     pub cmd: CtlCommand,
@@ -348,44 +353,38 @@ pub enum SnapshotCtl {
 }
 
 impl CtlCommand {
-    /// The request as JSON.
-    pub fn request(&self) -> serde_json::Value {
-        use serde_json::json;
+    /// The request, in the API's own types.
+    pub fn request(&self) -> Request {
+        // The server resolves paths from its own working directory.
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
         match self {
-            CtlCommand::Stats => json!({"cmd": "stats"}),
-            CtlCommand::Sync => json!({"cmd": "sync"}),
-            CtlCommand::Pause => json!({"cmd": "pause"}),
-            CtlCommand::Resume => json!({"cmd": "resume"}),
+            CtlCommand::Stats => Request::Stats,
+            CtlCommand::Sync => Request::Sync,
+            CtlCommand::Pause => Request::Pause,
+            CtlCommand::Resume => Request::Resume,
             CtlCommand::Snapshot(SnapshotCtl::Create { dir, parent, no_resume, live, pause_budget_ms, .. }) => {
-                // The server resolves paths from its own working directory.
-                let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
-                let mut v = json!({"cmd": "snapshot", "dir": abs(dir), "resume": !no_resume});
-                if let Some(p) = parent {
-                    v["parent"] = json!(abs(p));
-                }
-                if *live {
-                    v["live"] = json!(true);
-                }
-                if let Some(ms) = pause_budget_ms {
-                    v["pause_budget_ms"] = json!(ms);
-                }
-                v
+                Request::Snapshot(SnapshotRequest {
+                    dir: abs(dir),
+                    parent: parent.as_ref().map(abs),
+                    resume: !no_resume,
+                    live: *live,
+                    pause_budget_ms: *pause_budget_ms,
+                })
             }
-            CtlCommand::Migrate(m) => json!({
-                "cmd": "migrate",
-                "to": m.to,
-                "downtime_ms": m.downtime_ms,
-                "max_rounds": m.max_rounds,
-                "bandwidth_limit": m.bandwidth_limit,
-                "compress": m.compress,
-                "auto_converge": !m.no_auto_converge,
-                "verify_memory": m.verify_memory,
-                "local": m.local,
-                "postcopy_after": if m.postcopy { Some(0) } else { m.postcopy_after },
-                "connections": m.connections,
+            CtlCommand::Migrate(m) => Request::Migrate(MigrateRequest {
+                to: m.to.clone(),
+                downtime_ms: m.downtime_ms,
+                max_rounds: m.max_rounds,
+                bandwidth_limit: m.bandwidth_limit,
+                compress: if m.compress == "lz4" { Compression::Lz4 } else { Compression::None },
+                auto_converge: !m.no_auto_converge,
+                verify_memory: m.verify_memory,
+                local: m.local,
+                postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
+                connections: m.connections,
             }),
-            CtlCommand::DirtyRate { seconds } => json!({"cmd": "dirty-rate", "seconds": seconds}),
-            CtlCommand::Stop => json!({"cmd": "stop"}),
+            CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
+            CtlCommand::Stop => Request::Stop,
         }
     }
 }
@@ -407,6 +406,13 @@ pub struct BenchArgs {
     /// Directory for scratch files (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+fn parse_wait(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': a number of seconds in 0..=3600")),
+    }
 }
 
 /// Parses `256M`, `1G`, `4096`, `64k` (binary units).

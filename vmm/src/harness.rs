@@ -55,7 +55,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -65,7 +65,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use smudge::control::{MigrateRequest, Request, SnapshotRequest};
 
 /// How often the harness looks at files, sockets and the child process.
 const POLL: Duration = Duration::from_millis(5);
@@ -789,42 +791,41 @@ impl TestVm {
     }
 
     /// Sends one control request and returns the answer as it came,
-    /// `"ok": false` included.
-    pub fn call_raw(&self, request: &Value) -> Result<Value> {
+    /// `"ok": false` included. `request` is a [`Request`] — or, to test how
+    /// smudge answers a bad one, any JSON (`json!({"cmd": "reboot"})`).
+    pub fn call_raw(&self, request: &(impl Serialize + ?Sized)) -> Result<Value> {
+        let shown = serde_json::to_string(request).unwrap_or_else(|e| format!("(unencodable request: {e})"));
         let io = |what: &str, source: std::io::Error| {
             if let Some(s) = self.exit_status() {
-                return self.exited_error(&format!("the answer to {request}"), s);
+                return self.exited_error(&format!("the answer to {shown}"), s);
             }
             HarnessError::Io {
                 vm: self.name.clone(),
-                what: format!("{what} ({request})"),
+                what: format!("{what} ({shown})"),
                 source,
                 logs: self.boxed_logs(),
             }
         };
-        let mut s = UnixStream::connect(&self.sock).map_err(|e| io("connecting to the control API socket", e))?;
+        let s = UnixStream::connect(&self.sock).map_err(|e| io("connecting to the control API socket", e))?;
         s.set_read_timeout(Some(self.api_timeout)).map_err(|e| io("setting a read timeout", e))?;
         s.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| io("setting a write timeout", e))?;
-        let mut line = request.to_string().into_bytes();
+        let mut line = shown.clone().into_bytes();
         line.push(b'\n');
-        s.write_all(&line).map_err(|e| io("sending a control request", e))?;
-        let mut answer = String::new();
-        let read = BufReader::new(s.take(64 << 20)).read_line(&mut answer);
-        match read {
+        let answer = match crate::api::exchange(&s, &line) {
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(HarnessError::Timeout {
                     vm: self.name.clone(),
-                    what: format!("the answer to {request}"),
+                    what: format!("the answer to {shown}"),
                     after: self.api_timeout,
                     logs: self.boxed_logs(),
                 })
             }
-            Err(e) => return Err(io("reading the answer", e)),
-            Ok(_) => {}
-        }
+            Err(e) => return Err(io("sending a control request and reading its answer", e)),
+            Ok(a) => a,
+        };
         serde_json::from_str(answer.trim()).map_err(|e| HarnessError::Api {
             vm: self.name.clone(),
-            request: request.to_string(),
+            request: shown.clone(),
             error: format!("the answer is not JSON ({e}): '{}'", answer.trim()),
             answer: Value::Null,
             logs: self.boxed_logs(),
@@ -833,7 +834,7 @@ impl TestVm {
 
     /// Sends one control request; an answer without `"ok": true` is an
     /// error ([`HarnessError::Api`]).
-    pub fn call(&self, request: &Value) -> Result<Value> {
+    pub fn call(&self, request: &(impl Serialize + ?Sized)) -> Result<Value> {
         let answer = self.call_raw(request)?;
         if answer.get("ok").and_then(Value::as_bool) == Some(true) {
             return Ok(answer);
@@ -841,7 +842,7 @@ impl TestVm {
         let error = answer.get("error").and_then(Value::as_str).unwrap_or("no \"ok\": true in the answer").to_string();
         Err(HarnessError::Api {
             vm: self.name.clone(),
-            request: request.to_string(),
+            request: serde_json::to_string(request).unwrap_or_default(),
             error,
             answer,
             logs: self.boxed_logs(),
@@ -851,28 +852,28 @@ impl TestVm {
     /// `stats`: the dirty-log and writeback counters (`dirty_log.guest_pages`,
     /// `writeback.nr_dirtied`, …; see the README's Control API).
     pub fn stats(&self) -> Result<Value> {
-        self.call(&json!({"cmd": "stats"}))
+        self.call(&Request::Stats)
     }
 
     /// `pause`: holds the vCPUs.
     pub fn pause(&self) -> Result<Value> {
-        self.call(&json!({"cmd": "pause"}))
+        self.call(&Request::Pause)
     }
 
     /// `resume`: lets the vCPUs run.
     pub fn resume(&self) -> Result<Value> {
-        self.call(&json!({"cmd": "resume"}))
+        self.call(&Request::Resume)
     }
 
     /// `sync`: every dirty page written back, then `fdatasync`.
     pub fn sync(&self) -> Result<Value> {
-        self.call(&json!({"cmd": "sync"}))
+        self.call(&Request::Sync)
     }
 
     /// `stop`: ends the run (exit code 0). Use [`TestVm::wait_exit`] to
     /// wait for the process.
     pub fn stop(&self) -> Result<Value> {
-        self.call(&json!({"cmd": "stop"}))
+        self.call(&Request::Stop)
     }
 
     /// A full snapshot into `dir` (which must not exist or be empty); the
@@ -893,11 +894,11 @@ impl TestVm {
     /// (smudge resolves them from its own working directory).
     pub fn snapshot_with(&self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Value> {
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let mut req = json!({"cmd": "snapshot", "dir": abs(dir), "resume": resume});
-        if let Some(p) = parent {
-            req["parent"] = json!(abs(p));
-        }
-        self.call(&req)
+        self.call(&Request::Snapshot(SnapshotRequest {
+            parent: parent.map(abs),
+            resume,
+            ..SnapshotRequest::full(abs(dir))
+        }))
     }
 
     /// Live-migrates the guest to `dest` (from [`TestVm::incoming`]) with
@@ -905,14 +906,17 @@ impl TestVm {
     /// VM's process has exited (code 0) and `dest` runs the guest with its
     /// API socket up.
     pub fn migrate_to(&self, dest: &TestVm) -> Result<Value> {
-        self.migrate_to_with(dest, &json!({}))
+        self.migrate_to_with(dest, |m| m)
     }
 
-    /// [`TestVm::migrate_to`] with more fields of the `migrate` request
-    /// (`downtime_ms`, `max_rounds`, `bandwidth_limit`, `compress`,
-    /// `auto_converge`, `verify_memory`), e.g.
-    /// `json!({"compress": "lz4", "verify_memory": true})`.
-    pub fn migrate_to_with(&self, dest: &TestVm, options: &Value) -> Result<Value> {
+    /// [`TestVm::migrate_to`] with the `migrate` request's other fields set
+    /// by `options` (it gets the request with `to` filled in and every
+    /// default), e.g. `|m| MigrateRequest { verify_memory: true, ..m }`.
+    pub fn migrate_to_with(
+        &self,
+        dest: &TestVm,
+        options: impl FnOnce(MigrateRequest) -> MigrateRequest,
+    ) -> Result<Value> {
         let Some(to) = dest.migration_addr() else {
             return Err(HarnessError::Usage {
                 vm: self.name.clone(),
@@ -923,13 +927,7 @@ impl TestVm {
                 logs: self.boxed_logs(),
             });
         };
-        let mut req = json!({"cmd": "migrate", "to": to});
-        if let Some(extra) = options.as_object() {
-            for (k, v) in extra {
-                req[k.as_str()] = v.clone();
-            }
-        }
-        let report = self.call(&req)?;
+        let report = self.call(&Request::Migrate(options(MigrateRequest::new(to))))?;
         // The source ends its run right after the destination said the guest
         // runs; the destination serves its API once it does.
         self.wait_until(self.boot_timeout, "the source to exit after the migration", || self.exit_status().map(drop))?;

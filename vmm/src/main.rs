@@ -187,7 +187,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 CtlCommand::Migrate(_) | CtlCommand::Snapshot(SnapshotCtl::Create { live: true, .. })
             );
             let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
-            let answer = smudge_vmm::api::call(&args.api_sock, &args.cmd.request());
+            let wait = Duration::from_secs_f64(args.wait_secs);
+            let answer = smudge_vmm::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
             if let Some(stop) = watch {
                 stop();
             }
@@ -308,7 +309,7 @@ fn watch_progress(sock: std::path::PathBuf) -> impl FnOnce() {
             let bar = indicatif::ProgressBar::new_spinner();
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(200));
-                let Ok(v) = smudge_vmm::api::call(&sock, &serde_json::json!({"cmd": "stats"})) else { continue };
+                let Ok(v) = smudge_vmm::api::call(&sock, &smudge::control::Request::Stats) else { continue };
                 if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
                     let n = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
                     bar.set_message(match p.get("bytes_sent") {

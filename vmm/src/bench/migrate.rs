@@ -31,7 +31,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
+use smudge::control::{MigrateRequest, Request};
 
 use super::boot::tempfile_dir;
 use super::qemu_migrate::{self, QemuMigrateConfig};
@@ -152,14 +153,14 @@ fn smudge_once(
         // The handover's destination opens the source's file: start it now.
         None => start_dest(&exe, &dst_mem, true)?,
     };
-    let mut req = json!({"cmd": "migrate", "to": addr, "downtime_ms": budget_ms});
+    let mut req = MigrateRequest { downtime_ms: Some(budget_ms), ..MigrateRequest::new(addr) };
     match mode {
         Mode::Precopy => {}
-        Mode::Connections(n) => req["connections"] = json!(n),
-        Mode::Postcopy => req["postcopy_after"] = json!(0),
-        Mode::Local => req["local"] = json!(true),
+        Mode::Connections(n) => req.connections = n,
+        Mode::Postcopy => req.postcopy_after = Some(0),
+        Mode::Local => req.local = true,
     }
-    let v: Value = api::call(&sock, &req)?;
+    let v: Value = api::call(&sock, &Request::Migrate(req))?;
     if v["ok"] != true {
         bail!("smudge migration failed: {v}");
     }

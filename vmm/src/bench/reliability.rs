@@ -26,7 +26,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::json;
+use smudge::control::{Request, SnapshotRequest};
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 
@@ -151,7 +151,7 @@ fn kill_during_writeback(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Ta
             spawn_with_api(&mem, &sock, "64M", &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
         std::thread::sleep(Duration::from_millis(150 + rng.below(500)));
         // The guest stops; the flusher may be mid-pass when the kill lands.
-        let paused = api::call(&sock, &json!({"cmd": "pause"}))?;
+        let paused = api::call(&sock, &Request::Pause)?;
         if paused["ok"] != true {
             bail!("pause failed: {paused}");
         }
@@ -173,7 +173,7 @@ fn kill_during_snapshot(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tal
         std::fs::create_dir_all(&d)?;
         let (mem, sock, s0, s1) = (d.join("m"), d.join("sock"), d.join("s0"), d.join("s1"));
         let vm = spawn_with_api(&mem, &sock, "64M", "workload=random pages=2500 seed=3 ms=100000 wipe=1", &[])?;
-        let r = api::call(&sock, &json!({"cmd": "snapshot", "dir": s0}))?;
+        let r = api::call(&sock, &Request::Snapshot(SnapshotRequest::full(&s0)))?;
         if r["ok"] != true {
             bail!("snapshot failed: {r}");
         }
@@ -219,11 +219,8 @@ fn corrupt_snapshots(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally>
     let vm = spawn_with_api(&mem, &sock, "64M", "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1", &[])?;
     std::thread::sleep(Duration::from_millis(200));
     for (dir, parent) in [(&s0, None), (&s1, Some(&s0))] {
-        let mut req = json!({"cmd": "snapshot", "dir": dir});
-        if let Some(p) = parent {
-            req["parent"] = json!(p);
-        }
-        let r = api::call(&sock, &req)?;
+        let req = SnapshotRequest { parent: parent.cloned(), ..SnapshotRequest::full(dir) };
+        let r = api::call(&sock, &Request::Snapshot(req))?;
         if r["ok"] != true {
             bail!("snapshot failed: {r}");
         }

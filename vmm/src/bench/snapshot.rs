@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
+use smudge::control::{Request, SnapshotRequest};
 
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
@@ -48,26 +49,23 @@ impl Vm {
         Ok(Vm { child, sock })
     }
 
-    fn call(&self, req: Value) -> anyhow::Result<Value> {
+    fn call(&self, req: Request) -> anyhow::Result<Value> {
         let v = api::call(&self.sock, &req)?;
         if v["ok"] != true {
-            bail!("{req}: {v}");
+            bail!("{req:?}: {v}");
         }
         Ok(v)
     }
 
     /// Takes a snapshot; returns its pause (ms) and memory bytes written.
     fn snapshot(&self, dir: &Path, parent: Option<&Path>) -> anyhow::Result<(f64, f64)> {
-        let mut req = json!({"cmd": "snapshot", "dir": dir, "resume": true});
-        if let Some(p) = parent {
-            req["parent"] = json!(p);
-        }
-        let v = self.call(req)?;
+        let req = SnapshotRequest { parent: parent.map(Path::to_path_buf), ..SnapshotRequest::full(dir) };
+        let v = self.call(Request::Snapshot(req))?;
         Ok((v["pause_ms"].as_f64().context("no pause_ms")?, v["memory_bytes"].as_f64().context("no memory_bytes")?))
     }
 
     fn stop(mut self) {
-        let _ = self.call(json!({"cmd": "stop"}));
+        let _ = self.call(Request::Stop);
         let _ = self.child.wait();
     }
 }
@@ -114,7 +112,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             let live = dir.join("live-full");
             std::fs::remove_dir_all(&live).ok();
             let t0 = Instant::now();
-            let v = vm.call(json!({"cmd": "snapshot", "dir": live, "resume": true, "live": true}))?;
+            let v = vm.call(Request::Snapshot(SnapshotRequest::live(&live)))?;
             let total_ms = t0.elapsed().as_secs_f64() * 1e3;
             let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
             rep.result(&format!("{label}, {case}: live full snapshot"), "pause_ms", ms);
