@@ -16,17 +16,18 @@ fn a_capped_round_0_shows_its_progress_as_it_goes() {
     require_kvm();
     let dir = tmpdir();
     let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
-    // 16 MiB of pages written first (wipe), then a trickle.
-    let cmdline = "workload=rate pages=4000 rate=50 ms=600000 seed=3 wipe=1";
+    // A writer that stamps its 4000 pages (nonzero: round 0 sends them;
+    // zero pages it skips) and goes on.
+    let cmdline = "workload=rate pages=4000 rate=4000 ms=600000 seed=3";
     let mut vm = start_with_api(&mem, &sock, "64M", cmdline, Stdio::null(), false, &[]);
     let t0 = Instant::now();
     loop {
-        let f = std::fs::File::open(&mem).unwrap();
-        let data: u64 = smudge::snapshot::data_ranges(&f, 64 << 20).unwrap().iter().map(|r| r.1).sum();
-        if data >= 4000 * 4096 {
+        let bytes = std::fs::read(&mem).unwrap();
+        let data = bytes.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).count();
+        if data >= 3000 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the guest wrote only {data} bytes of its 4000 pages");
+        assert!(t0.elapsed() < Duration::from_secs(60), "the guest stamped only {data} pages");
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -45,12 +46,13 @@ fn a_capped_round_0_shows_its_progress_as_it_goes() {
             if let Some(a) = line.strip_prefix("smudge: waiting for a migration on ") {
                 let _ = tx.send(a.to_string());
             }
-            sink.lock().unwrap().push_str(&(line + "\n"));
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&(line + "\n"));
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).expect("migrate-recv never said where it listens");
 
-    // 16 MiB at 1 MiB/s: round 0 is sent a frame (1 MiB) at a time.
+    // 12 MiB and more at 1 MiB/s: round 0 is sent a frame (1 MiB) at a
+    // time for seconds.
     let (s2, to) = (sock.clone(), addr.clone());
     let answer = std::thread::spawn(move || ctl(&s2, &["migrate", "--to", &to, "--bandwidth-limit", "1M"]));
     let round0 = |p: &Value| p["round"] == 0 && p["sending"] == true;
@@ -71,7 +73,7 @@ fn a_capped_round_0_shows_its_progress_as_it_goes() {
             assert!(
                 p.is_null() && seen.is_empty() && !answer.is_finished(),
                 "round 0 ended before its progress was seen growing; seen {seen:?}, now {st}\ndestination:\n{}",
-                dest_log.lock().unwrap()
+                dest_log.lock().unwrap_or_else(|p| p.into_inner())
             );
         }
         assert!(t0.elapsed() < Duration::from_secs(120), "no round 0 progress seen growing: {seen:?}, now {st}");
@@ -82,6 +84,7 @@ fn a_capped_round_0_shows_its_progress_as_it_goes() {
         last["remaining_pages"].as_u64() < first["remaining_pages"].as_u64(),
         "pages to go did not fall: {first} -> {last}"
     );
+    // Round 0 reads the data ranges of 64 MiB of RAM at most.
     assert!(first["remaining_pages"].as_u64().unwrap() <= 16384, "{first}");
     assert!(last["rate_mbps"].as_f64().unwrap() > 0.0, "{last}");
 
