@@ -20,15 +20,24 @@
 //! snapshot followed by diffs, restored (or merged) oldest first.
 //!
 //! Every file carries a CRC-32 per 1 MiB chunk, so a corrupt byte is named
-//! by file and offset. The manifest is written last — temp file, fsync,
-//! rename, fsync of the directory — so a crash at any instant leaves either
-//! no snapshot or a complete one.
+//! by file and offset. A chunk's CRC is always that of its bytes as read,
+//! a hole reading as zeros; a chunk that is all hole is not read at all —
+//! its CRC is that of a chunk of zeros — so checksumming a sparse image
+//! costs what it holds, not its size. The manifest is written last — temp
+//! file, fsync, rename, fsync of the directory — so a crash at any instant
+//! leaves either no snapshot or a complete one.
+//!
+//! The directory is checked before anything is written (a path, an empty
+//! or new directory, a parent that exists, room to write), and a snapshot
+//! that fails at any later step removes what it wrote.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +145,14 @@ pub enum SnapshotError {
     /// The target directory is in use.
     #[error("{0}: exists and is not empty; refusing to overwrite a snapshot")]
     NotEmpty(PathBuf),
+    /// The target directory cannot hold a snapshot.
+    #[error("snapshot directory '{path}': {why}")]
+    BadDir {
+        /// The directory asked for.
+        path: PathBuf,
+        /// Why it cannot be used.
+        why: String,
+    },
     /// A file operation failed.
     #[error("{path}: {op} failed")]
     Io {
@@ -232,7 +249,6 @@ pub fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> 
 
 /// [`copy_range`] through a 1 MiB buffer (`pread`/`pwrite`).
 fn copy_range_buffered(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; len.min(CHUNK) as usize];
     let mut done = 0u64;
     while done < len {
@@ -244,33 +260,158 @@ fn copy_range_buffered(src: &File, dst: &File, off: u64, len: u64) -> io::Result
     Ok(())
 }
 
-fn checksum_file(path: &Path) -> Result<FileSum, SnapshotError> {
-    let mut f = File::open(path).map_err(io_err(path, "open"))?;
-    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut crc32 = Vec::new();
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK) as usize;
-        f.read_exact(&mut buf[..n]).map_err(io_err(path, "read"))?;
-        crc32.push(crc32fast::hash(&buf[..n]));
-        left -= n as u64;
+/// CRC-32 of `n` zero bytes: the checksum of a chunk that is all hole.
+fn zero_crc(n: usize) -> u32 {
+    static FULL_CHUNK: OnceLock<u32> = OnceLock::new();
+    let calc = || crc32fast::hash(&vec![0u8; n]);
+    if n as u64 == CHUNK {
+        *FULL_CHUNK.get_or_init(calc)
+    } else {
+        calc()
     }
-    Ok(FileSum { len, chunk: CHUNK, crc32 })
+}
+
+/// Whether `[start, start + n)` of `file` may hold data: false only when
+/// `SEEK_DATA` says it is all hole. A filesystem without `SEEK_DATA` says
+/// every byte is data.
+fn may_hold_data(file: &File, start: u64, n: u64) -> io::Result<bool> {
+    let at = i64::try_from(start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a file we hold open; it only moves the file's
+    // offset, which nothing here relies on (reads are positioned).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(false), // no data from `start` to the end
+            Some(libc::EINVAL | libc::EOPNOTSUPP) => Ok(true),
+            _ => Err(e),
+        };
+    }
+    Ok((data as u64) < start.saturating_add(n))
+}
+
+/// The CRC-32 of the `buf.len()` bytes at `start` of `file` (holes read
+/// as zeros), and how many bytes were read for it: none when the range is
+/// all hole. Every writer and reader of chunk checksums uses this, so a
+/// sparse chunk and a written chunk of zeros agree.
+pub fn chunk_crc(file: &File, start: u64, buf: &mut [u8]) -> io::Result<(u32, u64)> {
+    if !may_hold_data(file, start, buf.len() as u64)? {
+        return Ok((zero_crc(buf.len()), 0));
+    }
+    file.read_exact_at(buf, start)?;
+    Ok((crc32fast::hash(buf), buf.len() as u64))
+}
+
+/// Chunk checksums of the file at `path`, and the bytes read for them.
+fn checksum_file(path: &Path) -> Result<(FileSum, u64), SnapshotError> {
+    let f = File::open(path).map_err(io_err(path, "open"))?;
+    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+    let mut buf = vec![0u8; len.min(CHUNK) as usize];
+    let mut crc32 = Vec::new();
+    let (mut at, mut read) = (0u64, 0u64);
+    while at < len {
+        let n = (len - at).min(CHUNK) as usize;
+        let (crc, r) = chunk_crc(&f, at, &mut buf[..n]).map_err(io_err(path, "read"))?;
+        crc32.push(crc);
+        read += r;
+        at += n as u64;
+    }
+    Ok((FileSum { len, chunk: CHUNK, crc32 }, read))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
 }
 
-fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_none();
-        if !empty {
-            return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
+/// Checks that `dir` can take a new snapshot, before anything is written:
+/// a non-empty path; an empty directory, or a new one whose parent
+/// directory exists. Errors name the path and the rule. (Whether it is
+/// writable shows at the first write, whose failure removes what was made:
+/// the VMM's system-call filter allows no `access`.)
+pub fn check_dir(dir: &Path) -> Result<(), SnapshotError> {
+    let bad = |why: String| SnapshotError::BadDir { path: dir.to_path_buf(), why };
+    if dir.as_os_str().is_empty() {
+        return Err(bad("an empty path (name the directory to write the snapshot into)".into()));
+    }
+    match std::fs::metadata(dir) {
+        Ok(md) if !md.is_dir() => return Err(bad("exists and is not a directory".into())),
+        Ok(_) => {
+            if std::fs::read_dir(dir).map_err(io_err(dir, "read directory"))?.next().is_some() {
+                return Err(SnapshotError::NotEmpty(dir.to_path_buf()));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            match std::fs::metadata(&parent) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => return Err(bad(format!("its parent {} is not a directory", parent.display()))),
+                Err(e) => return Err(bad(format!("its parent directory {} cannot be used: {e}", parent.display()))),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            return Err(bad("a part of the path before it is not a directory".into()))
+        }
+        Err(e) => return Err(bad(format!("cannot be examined: {e}"))),
+    }
+    Ok(())
+}
+
+/// What a snapshot in progress has made in its directory, removed again
+/// unless the snapshot commits: a failed snapshot leaves the directory as
+/// it found it.
+#[derive(Debug)]
+struct Made {
+    dir: PathBuf,
+    created_dir: bool,
+    files: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl Made {
+    fn file(&mut self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        self.files.push(p.clone());
+        p
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for p in self.files.iter().rev() {
+            let _ = std::fs::remove_file(p);
+        }
+        if self.created_dir {
+            remove_empty_dir(&self.dir);
         }
     }
-    std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))
+}
+
+/// Removes the empty directory `dir`, by `unlinkat` (the VMM's
+/// system-call filter allows it; `rmdir` is not).
+fn remove_empty_dir(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return };
+    // SAFETY: unlinkat reads the NUL-terminated path `c` owns.
+    unsafe { libc::unlinkat(libc::AT_FDCWD, c.as_ptr(), libc::AT_REMOVEDIR) };
+}
+
+/// Checks `dir` ([`check_dir`]) and makes it if new.
+fn prepare_dir(dir: &Path) -> Result<Made, SnapshotError> {
+    check_dir(dir)?;
+    let created_dir = !dir.exists();
+    if created_dir {
+        std::fs::create_dir(dir).map_err(|e| SnapshotError::BadDir {
+            path: dir.to_path_buf(),
+            why: format!("cannot be created (not writable?): {e}"),
+        })?;
+    }
+    Ok(Made { dir: dir.to_path_buf(), created_dir, files: Vec::new(), committed: false })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
@@ -296,12 +437,25 @@ fn new_id() -> String {
 
 /// A snapshot whose data is written but not yet durable or committed: the
 /// vCPUs may run again while [`Pending::commit`] syncs and checksums.
+/// Dropped uncommitted (or failing to commit), it removes what it wrote.
 #[derive(Debug)]
 pub struct Pending {
-    dir: PathBuf,
+    made: Made,
     manifest: Manifest,
     names: &'static [&'static str],
     bytes: u64,
+}
+
+/// A committed snapshot.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Memory bytes written.
+    pub memory_bytes: u64,
+    /// Bytes read to checksum its files (chunks that are all hole are not
+    /// read).
+    pub checksum_read_bytes: u64,
 }
 
 impl Pending {
@@ -313,36 +467,49 @@ impl Pending {
     /// Syncs the files, checksums them and commits the manifest atomically.
     /// Returns the manifest and the bytes of memory written.
     pub fn commit(self) -> Result<(Manifest, u64), SnapshotError> {
+        self.commit_counted().map(|c| (c.manifest, c.memory_bytes))
+    }
+
+    /// [`Pending::commit`], saying also how much the checksums read.
+    pub fn commit_counted(mut self) -> Result<Committed, SnapshotError> {
         let t0 = std::time::Instant::now();
+        let dir = self.made.dir.clone();
         for name in self.names {
-            let p = self.dir.join(name);
+            let p = dir.join(name);
             File::open(&p).and_then(|f| f.sync_data()).map_err(io_err(&p, "fdatasync"))?;
         }
         let synced = t0.elapsed();
-        let m = commit(&self.dir, self.manifest, self.names)?;
+        let (m, read) = commit(&mut self.made, self.manifest, self.names)?;
         tracing::debug!(
-            "snapshot {}: {} MiB synced in {synced:?}, checksummed and committed in {:?}",
-            self.dir.display(),
+            "snapshot {}: {} MiB synced in {synced:?}, checksummed ({} MiB read) and committed in {:?}",
+            dir.display(),
             self.bytes >> 20,
+            read >> 20,
             t0.elapsed() - synced
         );
-        Ok((m, self.bytes))
+        Ok(Committed { manifest: m, memory_bytes: self.bytes, checksum_read_bytes: read })
     }
 }
 
-/// Checksums `names` in `dir`, writes the manifest to a temp file, syncs
-/// it, renames it into place and syncs the directory.
-fn commit(dir: &Path, mut m: Manifest, names: &[&str]) -> Result<Manifest, SnapshotError> {
+/// Checksums `names` in `made`'s directory, writes the manifest to a temp
+/// file, syncs it, renames it into place and syncs the directory; then
+/// `made` is kept. Returns the manifest and the bytes read to checksum.
+fn commit(made: &mut Made, mut m: Manifest, names: &[&str]) -> Result<(Manifest, u64), SnapshotError> {
+    let dir = made.dir.clone();
+    let mut read = 0;
     for name in names {
-        m.files.insert((*name).to_string(), checksum_file(&dir.join(name))?);
+        let (sum, r) = checksum_file(&dir.join(name))?;
+        m.files.insert((*name).to_string(), sum);
+        read += r;
     }
     m.checksum = m.self_checksum();
-    let tmp = dir.join("manifest.json.tmp");
+    let tmp = made.file("manifest.json.tmp");
     write_synced(&tmp, &to_json(&tmp, &m)?)?;
-    let fin = dir.join("manifest.json");
+    let fin = made.file("manifest.json");
     std::fs::rename(&tmp, &fin).map_err(io_err(&fin, "rename"))?;
-    sync_dir(dir)?;
-    Ok(m)
+    sync_dir(&dir)?;
+    made.committed = true;
+    Ok((m, read))
 }
 
 fn manifest(kind: &str, mem_size: u64, vcpus: usize, parent: Option<(&Manifest, &Path)>) -> Manifest {
@@ -386,7 +553,7 @@ pub fn begin_full(dir: &Path, backing: &File, mem_size: u64, state: &MachineStat
 /// the last of them and the state make it one point in time.
 #[derive(Debug)]
 pub struct LiveFull {
-    dir: PathBuf,
+    made: Made,
     img: File,
     mem_path: PathBuf,
     mem_size: u64,
@@ -398,8 +565,8 @@ pub struct LiveFull {
 /// `memory.img`. Pages the guest writes meanwhile are the caller's to copy
 /// again.
 pub fn begin_live_full(dir: &Path, backing: &File, mem_size: u64) -> Result<LiveFull, SnapshotError> {
-    prepare_dir(dir)?;
-    let mem_path = dir.join("memory.img");
+    let mut made = prepare_dir(dir)?;
+    let mem_path = made.file("memory.img");
     let img = OpenOptions::new()
         .read(true)
         .write(true)
@@ -407,7 +574,7 @@ pub fn begin_live_full(dir: &Path, backing: &File, mem_size: u64) -> Result<Live
         .open(&mem_path)
         .map_err(io_err(&mem_path, "create"))?;
     img.set_len(mem_size).map_err(io_err(&mem_path, "size"))?;
-    let mut live = LiveFull { dir: dir.to_path_buf(), img, mem_path, mem_size, bytes: 0 };
+    let mut live = LiveFull { made, img, mem_path, mem_size, bytes: 0 };
     let data = data_ranges(backing, mem_size).map_err(io_err(&live.mem_path, "SEEK_DATA on the memory file"))?;
     live.copy_extents(backing, &data)?;
     Ok(live)
@@ -446,12 +613,12 @@ impl LiveFull {
 
     /// Writes `state` (the point in time the image now holds); commit the
     /// result with [`Pending::commit`].
-    pub fn finish(self, state: &MachineState) -> Result<Pending, SnapshotError> {
-        let state_path = self.dir.join("state.json");
+    pub fn finish(mut self, state: &MachineState) -> Result<Pending, SnapshotError> {
+        let state_path = self.made.file("state.json");
         let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
         f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
         Ok(Pending {
-            dir: self.dir,
+            made: self.made,
             manifest: manifest("full", self.mem_size, state.vcpus.len(), None),
             names: &["memory.img", "state.json"],
             bytes: self.bytes,
@@ -473,12 +640,11 @@ pub fn begin_diff(
     extents: &[(u64, u64)],
     state: &MachineState,
 ) -> Result<Pending, SnapshotError> {
-    use std::os::unix::fs::FileExt;
-    prepare_dir(dir)?;
-    let ext_path = dir.join("extents.json");
+    let mut made = prepare_dir(dir)?;
+    let ext_path = made.file("extents.json");
     let mut f = File::create(&ext_path).map_err(io_err(&ext_path, "create"))?;
     f.write_all(&to_json(&ext_path, &extents)?).map_err(io_err(&ext_path, "write"))?;
-    let data_path = dir.join("memory.diff");
+    let data_path = made.file("memory.diff");
     let data = File::create(&data_path).map_err(io_err(&data_path, "create"))?;
     // Extents are packed back to back: read each into a batch buffer and
     // write the batch at once (a diff of scattered pages is mostly
@@ -507,12 +673,12 @@ pub fn begin_diff(
     if !buf.is_empty() {
         flush(&mut buf, &mut pos)?;
     }
-    let state_path = dir.join("state.json");
+    let state_path = made.file("state.json");
     let mut f = File::create(&state_path).map_err(io_err(&state_path, "create"))?;
     f.write_all(&to_json(&state_path, state)?).map_err(io_err(&state_path, "write"))?;
     let parent_dir = std::path::absolute(parent_dir).map_err(io_err(parent_dir, "resolve"))?;
     Ok(Pending {
-        dir: dir.to_path_buf(),
+        made,
         manifest: manifest("diff", parent.mem_size, state.vcpus.len(), Some((parent, &parent_dir))),
         names: &["extents.json", "memory.diff", "state.json"],
         bytes: pos,
@@ -620,7 +786,7 @@ fn verify_files(dir: &Path, read_in_full: impl Fn(&str) -> bool) -> Result<Manif
             }
             continue;
         }
-        let got = checksum_file(&p)?;
+        let (got, _) = checksum_file(&p)?;
         if got.len != want.len {
             return Err(SnapshotError::Corrupt {
                 path: p,
@@ -753,7 +919,6 @@ fn chain_checked(
 /// Writes the diff in `dir` (`data_len` bytes of `memory.diff`, as its
 /// verified manifest says) into `dst`, RAM of `mem_size` bytes.
 fn apply_diff(dir: &Path, mem_size: u64, data_len: u64, dst: &File, dst_path: &Path) -> Result<(), SnapshotError> {
-    use std::os::unix::fs::FileExt;
     let ext_path = dir.join("extents.json");
     let text = std::fs::read(&ext_path).map_err(io_err(&ext_path, "read"))?;
     let extents = parse_extents(&text, mem_size, data_len, &ext_path)?;
@@ -840,12 +1005,13 @@ pub fn merge_with(dir: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) ->
     let links = chain(dir)?;
     let last = links.last().map(|(d, _)| d.clone()).unwrap_or_else(|| dir.to_path_buf());
     let (_, state) = load(&last)?;
-    prepare_dir(out)?;
-    let mem_path = out.join("memory.img");
+    let mut made = prepare_dir(out)?;
+    let mem_path = made.file("memory.img");
     let m = materialize_with(dir, &mem_path, progress)?;
-    let state_path = out.join("state.json");
+    let state_path = made.file("state.json");
     write_synced(&state_path, &to_json(&state_path, &state)?)?;
-    commit(out, manifest("full", m.mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])
+    commit(&mut made, manifest("full", m.mem_size, state.vcpus.len(), None), &["memory.img", "state.json"])
+        .map(|(m, _)| m)
 }
 
 #[cfg(test)]
@@ -888,6 +1054,80 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_image_is_checksummed_by_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem_size = 4u64 << 30;
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("m")).unwrap();
+        f.set_len(mem_size).unwrap();
+        // 4 MiB of data: a page at the start of a chunk, a page straddling
+        // two chunks, one 1 MiB chunk whole, and a page in the last chunk.
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 8192], (7 << 20) - 4096).unwrap();
+        f.write_all_at(&vec![3u8; 1 << 20], 100 << 20).unwrap();
+        f.write_all_at(&[4u8; 4096], mem_size - 4096).unwrap();
+        let snap = dir.path().join("snap");
+        let c = begin_full(&snap, &f, mem_size, &MachineState::default()).unwrap().commit_counted().unwrap();
+        // Only the chunks with data are read (5 of 4096), and state.json.
+        let state_len = std::fs::metadata(snap.join("state.json")).unwrap().len();
+        assert_eq!(c.checksum_read_bytes, 5 * CHUNK + state_len);
+        // A hole chunk's CRC is that of a chunk of zeros: the format and
+        // every snapshot written before hole-skipping agree.
+        let sums = &c.manifest.files["memory.img"].crc32;
+        assert_eq!(sums.len(), 4096);
+        assert_eq!(sums[1], crc32fast::hash(&vec![0u8; CHUNK as usize]));
+        assert_eq!(sums[6], crc32fast::hash(&[vec![0u8; (1 << 20) - 4096], vec![2u8; 4096]].concat()));
+        assert_eq!(verify(&snap).unwrap(), c.manifest);
+        // The lazy reader agrees chunk by chunk.
+        let (mut pages, _) = crate::snapshot_pages::ChainPages::open(&snap).unwrap();
+        pages.check_all().unwrap();
+        let mut page = vec![0u8; 4096];
+        pages.read(100 << 20, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 3));
+        // A corrupt byte in a data chunk is caught, and one written into a
+        // hole chunk (it is data now) too.
+        let img = OpenOptions::new().read(true).write(true).open(snap.join("memory.img")).unwrap();
+        img.write_all_at(&[9u8], (100 << 20) + 77).unwrap();
+        let e = verify(&snap).unwrap_err().to_string();
+        assert!(e.contains("memory.img: corrupt at offset 0x6400000"), "{e}");
+        img.write_all_at(&[3u8], (100 << 20) + 77).unwrap();
+        verify(&snap).unwrap();
+        img.write_all_at(&[9u8], (2000 << 20) + 5).unwrap();
+        let e = verify(&snap).unwrap_err().to_string();
+        assert!(e.contains("memory.img: corrupt at offset 0x7d000000"), "{e}");
+        let (mut pages, _) = crate::snapshot_pages::ChainPages::open(&snap).unwrap();
+        let e = pages.check_all().unwrap_err().to_string();
+        assert!(e.contains("memory.img: corrupt at offset 0x7d000000"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_is_checked_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("m")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let state = MachineState::default();
+        let err = |d: &Path| write_full(d, &f, 1 << 20, &state).unwrap_err().to_string();
+        assert_eq!(
+            err(Path::new("")),
+            "snapshot directory '': an empty path (name the directory to write the snapshot into)"
+        );
+        let deep = dir.path().join("no/such/snap");
+        assert!(err(&deep).contains("its parent directory") && err(&deep).contains("no/such"), "{}", err(&deep));
+        assert!(!dir.path().join("no").exists(), "nothing is created for a refused directory");
+        let file = dir.path().join("m");
+        assert!(err(&file).ends_with("/m': exists and is not a directory"), "{}", err(&file));
+        let under_file = file.join("snap");
+        assert!(err(&under_file).contains("is not a directory"), "{}", err(&under_file));
+        // An empty directory is used and kept; a new one is made.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        write_full(&empty, &f, 1 << 20, &state).unwrap();
+        verify(&empty).unwrap();
+        assert!(err(&empty).contains("exists and is not empty"));
+    }
+
+    #[test]
     fn a_diff_packs_extents_across_batches_in_order() {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
@@ -917,7 +1157,7 @@ mod tests {
         std::fs::write(dir.join(name), bytes).unwrap();
         let mp = dir.join("manifest.json");
         let mut m: Manifest = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
-        m.files.insert(name.into(), checksum_file(&dir.join(name)).unwrap());
+        m.files.insert(name.into(), checksum_file(&dir.join(name)).unwrap().0);
         m.checksum = m.self_checksum();
         std::fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     }

@@ -439,6 +439,7 @@ impl Api {
                 "memory_bytes": t.memory_bytes,
                 "pause_ms": t.pause.as_secs_f64() * 1e3,
                 "pause_copied_bytes": t.pause_copied_bytes,
+                "checksum_read_bytes": t.checksum_read_bytes,
                 "live": live.is_some(),
                 "resumed": resume,
             }),

@@ -72,10 +72,13 @@ fn stats(v: &Value) -> String {
         );
     }
     if let Some(p) = v.get("progress").filter(|p| p.is_object()) {
+        let sending = p.get("sending").and_then(Value::as_bool).unwrap_or(false);
         out += &format!(
-            "migration   round {:.0}: {:.0} pages dirty, {:.0} MB/s, {:.1} MiB sent, throttle {:.0}%\n",
+            "migration   round {:.0}{}: {:.0} pages {}, {:.0} MB/s, {:.1} MiB sent, throttle {:.0}%\n",
             num(p, "round"),
+            if sending { " sending" } else { "" },
             num(p, "remaining_pages"),
+            if sending { "to go" } else { "dirty" },
             num(p, "rate_mbps"),
             num(p, "bytes_sent") / 1048576.0,
             num(p, "throttle_pct"),

@@ -128,6 +128,8 @@ pub struct Taken {
     /// Memory bytes copied while the vCPUs were paused (a pre-copied diff:
     /// the residue only).
     pub pause_copied_bytes: u64,
+    /// Bytes read to checksum the files (what they hold, holes skipped).
+    pub checksum_read_bytes: u64,
 }
 
 /// The last snapshot of this run and the consumer collecting pages since.
@@ -157,11 +159,22 @@ pub struct Snapshotter {
 
 /// What the paused part of a snapshot leaves for after the resume.
 enum Paused {
-    /// The files are written; sync and commit remain.
-    Written(snapshot::Pending, Option<DirtySet>),
+    /// The files are written; sync and commit remain. A diff's pages (kept
+    /// for the next diff if the commit fails), or a full snapshot's new
+    /// dirty-log consumer (it heads the chain once the commit succeeds).
+    Written(snapshot::Pending, Written),
     /// A diff whose pages all sit in a frozen staging image: pack it. With
     /// the residue bytes copied in the pause.
     Staged(Staging, MachineState, u64),
+}
+
+/// What a snapshot written in the pause carries to its commit.
+enum Written {
+    /// A diff, with its pages.
+    Diff(DirtySet),
+    /// A full snapshot, with the consumer collecting pages since it (None:
+    /// no dirty logging).
+    Full(Option<ConsumerId>),
 }
 
 impl Snapshotter {
@@ -224,7 +237,11 @@ impl Snapshotter {
     /// vCPUs paused — for a diff after pre-copy, only the residue; they
     /// resume (if `resume` and they were running) before the files are
     /// packed, synced, checksummed and the manifest committed.
+    ///
+    /// A snapshot that fails, at any step, leaves the chain as it was (a
+    /// diff's pages are kept for the next diff) and no files behind.
     pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
+        snapshot::check_dir(dir).map_err(|e| with_causes(&e))?;
         let t0 = Instant::now();
         let was_paused = self.vcpus.shared.is_paused();
         self.vcpus.pause()?;
@@ -233,10 +250,10 @@ impl Snapshotter {
         if resume && !was_paused {
             self.vcpus.resume();
         }
-        let (pending, taken_pages, in_pause) = match r? {
-            Paused::Written(p, pages) => {
+        let (pending, written, in_pause) = match r? {
+            Paused::Written(p, written) => {
                 let n = p.bytes();
-                (Ok(p), pages, n)
+                (Ok(p), written, n)
             }
             Paused::Staged(frozen, state, residue) => {
                 let (last, last_dir) = self
@@ -246,7 +263,7 @@ impl Snapshotter {
                     .ok_or("the chain ended while the snapshot was taken")?;
                 let extents = frozen.file_extents(self.mem_size);
                 let p = snapshot::begin_diff(dir, last, last_dir, frozen.file(), &extents, &state);
-                (p, Some(frozen.staged().clone()), residue)
+                (p, Written::Diff(frozen.staged().clone()), residue)
             }
         };
         tracing::debug!(
@@ -254,19 +271,33 @@ impl Snapshotter {
             dir.display(),
             t0.elapsed() - pause
         );
-        match pending.and_then(snapshot::Pending::commit) {
-            Ok((manifest, memory_bytes)) => {
-                if let Some(c) = self.chain.as_mut() {
-                    c.last = Some((manifest.clone(), dir.to_path_buf()));
+        match pending.and_then(snapshot::Pending::commit_counted) {
+            Ok(c) => {
+                let last = Some((c.manifest.clone(), dir.to_path_buf()));
+                match written {
+                    Written::Diff(_) => {
+                        if let Some(chain) = self.chain.as_mut() {
+                            chain.last = last;
+                        }
+                    }
+                    // The new full snapshot heads the chain from now on.
+                    Written::Full(consumer) => self.start_chain(consumer, last),
                 }
-                Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause, pause_copied_bytes: in_pause })
+                Ok(Taken {
+                    manifest: c.manifest,
+                    dir: dir.to_path_buf(),
+                    memory_bytes: c.memory_bytes,
+                    pause,
+                    pause_copied_bytes: in_pause,
+                    checksum_read_bytes: c.checksum_read_bytes,
+                })
             }
             Err(e) => {
-                match taken_pages {
+                match written {
                     // A failed diff keeps its pages for the next one.
-                    Some(set) => self.keep_pending(set),
-                    // A failed full snapshot leaves nothing to build on.
-                    None => self.chain = None,
+                    Written::Diff(set) => self.keep_pending(set),
+                    // A failed full snapshot leaves the old chain as it was.
+                    Written::Full(consumer) => self.drop_consumer(consumer),
                 }
                 Err(with_causes(&e))
             }
@@ -287,6 +318,7 @@ impl Snapshotter {
         progress: &dyn Fn(&LiveProgress),
     ) -> Result<Taken, String> {
         let h = self.harvester.clone().ok_or("live snapshots need dirty logging")?;
+        snapshot::check_dir(dir).map_err(|e| with_causes(&e))?;
         let collect = |c| h.lock().unwrap_or_else(|p| p.into_inner()).collect(c).map_err(|e| e.to_string());
         let consumer = {
             let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
@@ -348,20 +380,39 @@ impl Snapshotter {
             self.vcpus.resume();
         }
         let (state, in_pause) = paused?;
-        let (manifest, memory_bytes) =
-            live.finish(&state).and_then(snapshot::Pending::commit).map_err(|e| with_causes(&e))?;
+        let c = live.finish(&state).and_then(snapshot::Pending::commit_counted).map_err(|e| with_causes(&e))?;
         // Pages written since the pause are the next diff's: this
         // snapshot's consumer carries on as the chain's.
-        let mut hl = h.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = self.chain.take() {
-            hl.remove_consumer(old.consumer);
-        }
         guard.consumer = None;
-        self.chain = Some(Chain { consumer, last: Some((manifest.clone(), dir.to_path_buf())) });
+        self.start_chain(Some(consumer), Some((c.manifest.clone(), dir.to_path_buf())));
+        Ok(Taken {
+            manifest: c.manifest,
+            dir: dir.to_path_buf(),
+            memory_bytes: c.memory_bytes,
+            pause,
+            pause_copied_bytes: in_pause,
+            checksum_read_bytes: c.checksum_read_bytes,
+        })
+    }
+
+    /// A committed full snapshot (`last`) heads a new chain, `consumer`
+    /// collecting for its next diff: the old chain's consumer, pages and
+    /// staging image go. Without dirty logging there is no chain.
+    fn start_chain(&mut self, consumer: Option<ConsumerId>, last: Option<(Manifest, PathBuf)>) {
+        let old = self.chain.take();
+        if let (Some(old), Some(h)) = (old, &self.harvester) {
+            h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(old.consumer);
+        }
+        self.chain = consumer.map(|consumer| Chain { consumer, last });
         self.pending = None;
         self.staging = None;
-        drop(hl);
-        Ok(Taken { manifest, dir: dir.to_path_buf(), memory_bytes, pause, pause_copied_bytes: in_pause })
+    }
+
+    /// Drops a failed full snapshot's consumer.
+    fn drop_consumer(&mut self, consumer: Option<ConsumerId>) {
+        if let (Some(c), Some(h)) = (consumer, &self.harvester) {
+            h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(c);
+        }
     }
 
     fn keep_pending(&mut self, set: DirtySet) {
@@ -381,20 +432,20 @@ impl Snapshotter {
             None => {
                 let pending =
                     snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| with_causes(&e))?;
-                if let Some(h) = &self.harvester {
-                    let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(old) = self.chain.take() {
-                        h.remove_consumer(old.consumer);
+                // The chain's consumer stays until this snapshot commits: a
+                // failure at any step leaves the chain as it was.
+                let consumer = match &self.harvester {
+                    Some(h) => {
+                        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+                        // Pages dirtied from here on are the next diff's;
+                        // with manual protect, stale log bits are
+                        // re-protected first (every consumer harvested).
+                        h.reprotect_all().map_err(|e| e.to_string())?;
+                        Some(h.add_consumer())
                     }
-                    // Pages dirtied from here on are the next diff's; with
-                    // manual protect, stale log bits are re-protected first.
-                    h.reprotect_all().map_err(|e| e.to_string())?;
-                    let consumer = h.add_consumer();
-                    self.chain = Some(Chain { consumer, last: None });
-                    self.pending = None;
-                    self.staging = None;
-                }
-                Ok(Paused::Written(pending, None))
+                    None => None,
+                };
+                Ok(Paused::Written(pending, Written::Full(consumer)))
             }
             Some(p) => {
                 let chain = self
@@ -434,7 +485,7 @@ impl Snapshotter {
                 }
                 let extents = file_extents(&set, self.mem_size);
                 match snapshot::begin_diff(dir, last, last_dir, &self.file, &extents, &state) {
-                    Ok(p) => Ok(Paused::Written(p, Some(set))),
+                    Ok(p) => Ok(Paused::Written(p, Written::Diff(set))),
                     Err(e) => {
                         // Keep the pages for the next diff: nothing is lost.
                         self.pending = Some(set);
@@ -465,9 +516,10 @@ pub struct LiveProgress {
 
 /// A live snapshot abandoned because smudge is stopping: its directory
 /// holds a partial `memory.img` and no manifest (no snapshot); both go.
+/// Says a live snapshot was given up; dropping its writer already removed
+/// what it wrote (and the directory, if the snapshot made it).
 fn abandon_live(dir: &Path, sig: &str) -> String {
-    let _ = std::fs::remove_file(dir.join("memory.img"));
-    let gone = if std::fs::remove_dir(dir).is_ok() { "removed" } else { "left without its partial memory.img" };
+    let gone = if dir.exists() { "left as it was before the snapshot" } else { "removed" };
     let msg =
         format!("live snapshot into {} abandoned: smudge is stopping on {sig}; its directory is {gone}", dir.display());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("smudge: {msg}\n").as_bytes());

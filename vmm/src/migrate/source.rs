@@ -172,14 +172,19 @@ pub(super) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Progress after each round, for the control API's `stats`.
+/// Progress while a round is sent and after each round, for the control
+/// API's `stats`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Progress {
-    /// Round just finished.
+    /// The round being sent (`sending`), else the round just finished.
     pub round: u32,
-    /// Pages dirty now (the next round's work).
+    /// Whether `round` is being sent now.
+    pub sending: bool,
+    /// While sending: the pages of the round not read yet (of this
+    /// connection's share, with `--connections`). After a round: pages
+    /// dirty now (the next round's work).
     pub remaining_pages: u64,
-    /// Send rate, MB/s.
+    /// Send rate, MB/s (of the round so far, while sending).
     pub rate_mbps: f64,
     /// Bytes sent so far.
     pub bytes_sent: u64,
@@ -247,7 +252,13 @@ pub(super) struct Sender {
     /// Held while a stop signal may abandon the migration (before the
     /// switchover): it shuts the connection down.
     interrupt: Option<OnStop>,
+    /// Pages read on this connection in the round being sent.
+    round_read_pages: u64,
 }
+
+/// Told after each frame of a round on the main connection: the sender,
+/// and the round's pages read so far on it.
+pub(super) type Tick<'a> = &'a mut dyn FnMut(&Sender, u64);
 
 pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
     move |e| MigrateError::Stream(format!("{what}: {e}"))
@@ -268,6 +279,7 @@ impl Sender {
             channels: None,
             channel_bytes: 0,
             interrupt: None,
+            round_read_pages: 0,
         }
     }
 
@@ -305,17 +317,19 @@ impl Sender {
         pieces: &[(u64, u64)],
         skip_zero: bool,
         round: u32,
+        tick: Tick,
     ) -> Result<(), MigrateError> {
+        self.round_read_pages = 0;
         let Some(ch) = self.channels.as_ref() else {
             for &(gpa, len) in pieces {
-                self.send_range(ram, gpa, len, skip_zero)?;
+                self.send_range_ticking(ram, gpa, len, skip_zero, tick)?;
             }
             return self.flush_zero();
         };
         let mut groups = super::multifd::split(pieces, ch.len() + 1);
         let mine = groups.remove(0);
         ch.start_round(groups, skip_zero, round)?;
-        let sent = mine.iter().try_for_each(|&(gpa, len)| self.send_range(ram, gpa, len, skip_zero));
+        let sent = mine.iter().try_for_each(|&(gpa, len)| self.send_range_ticking(ram, gpa, len, skip_zero, tick));
         let sent = sent.and_then(|_| self.flush_zero());
         // Wait for the others even when this part failed: their threads
         // must be idle before anything else is asked of them.
@@ -361,6 +375,18 @@ impl Sender {
         len: u64,
         skip_zero: bool,
     ) -> Result<(), MigrateError> {
+        self.send_range_ticking(ram, gpa, len, skip_zero, &mut |_, _| {})
+    }
+
+    /// [`Self::send_range`], calling `tick` after each frame.
+    fn send_range_ticking(
+        &mut self,
+        ram: &GuestRam,
+        gpa: u64,
+        len: u64,
+        skip_zero: bool,
+        tick: Tick,
+    ) -> Result<(), MigrateError> {
         let chunk = u64::from(MAX_FRAME_PAGES) * PAGE;
         let mut at = gpa;
         while at < gpa + len {
@@ -377,6 +403,8 @@ impl Sender {
             r?;
             self.pace();
             at += n;
+            self.round_read_pages += n / PAGE;
+            tick(self, self.round_read_pages);
         }
         Ok(())
     }
@@ -418,9 +446,9 @@ impl Sender {
         Ok(())
     }
 
-    fn send_set(&mut self, ram: &GuestRam, set: &DirtySet, round: u32) -> Result<(), MigrateError> {
+    fn send_set(&mut self, ram: &GuestRam, set: &DirtySet, round: u32, tick: Tick) -> Result<(), MigrateError> {
         let pieces: Vec<(u64, u64)> = set.extents().iter().map(|e| (e.gpa, e.len)).collect();
-        self.send_pieces(ram, &pieces, false, round)
+        self.send_pieces(ram, &pieces, false, round, tick)
     }
 
     /// Ends a round and waits until the destination has stored all of it:
@@ -435,6 +463,29 @@ impl Sender {
         self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
         self.w.flush().map_err(stream_err("sending a round end"))?;
         read_ack(reader, &format!("round {round}")).map(drop)
+    }
+}
+
+/// A [`Tick`] reporting `round` (of `pages` pages, started at `t0` with
+/// `b0` bytes sent) as it is sent.
+fn sending<'a>(
+    progress: &'a dyn Fn(&Progress),
+    round: u32,
+    pages: u64,
+    t0: Instant,
+    b0: u64,
+    throttle_pct: u32,
+) -> impl FnMut(&Sender, u64) + 'a {
+    move |s, read| {
+        let bytes = s.bytes();
+        progress(&Progress {
+            round,
+            sending: true,
+            remaining_pages: pages.saturating_sub(read),
+            rate_mbps: bytes.saturating_sub(b0) as f64 / t0.elapsed().as_secs_f64().max(1e-6) / 1e6,
+            bytes_sent: bytes,
+            throttle_pct,
+        })
     }
 }
 
@@ -617,7 +668,10 @@ impl MigrationSource {
                 }
             }
         }
-        s.send_pieces(&self.ram, &pieces, true, 0)?;
+        // Progress shows round 0 as it goes: a capped link takes long.
+        let pages0 = pieces.iter().map(|p| p.1 / PAGE).sum::<u64>();
+        let mut tick = sending(progress, 0, pages0, r0, b0, 0);
+        s.send_pieces(&self.ram, &pieces, true, 0, &mut tick)?;
         s.end_round(0, s.pages - p0, reader)?;
         let mut last = RoundReport {
             round: 0,
@@ -677,6 +731,7 @@ impl MigrationSource {
             }
             progress(&Progress {
                 round: last.round,
+                sending: false,
                 remaining_pages: set.count(),
                 rate_mbps: bw / 1e6,
                 bytes_sent: s.bytes(),
@@ -716,7 +771,8 @@ impl MigrationSource {
                 break (set, bw);
             }
             let (t, b, p, z) = (Instant::now(), s.bytes(), s.pages, s.zero_pages);
-            s.send_set(&self.ram, &set, round)?;
+            let mut tick = sending(progress, round, set.count(), t, b, pct);
+            s.send_set(&self.ram, &set, round, &mut tick)?;
             s.end_round(round, s.pages - p, reader)?;
             last = RoundReport {
                 round,
@@ -824,7 +880,7 @@ impl MigrationSource {
             self.vcpus.request_state();
             let (b, p, z) = (s.bytes(), s.pages, s.zero_pages);
             if let Some(set) = self.final_set(residue)? {
-                s.send_set(&self.ram, &set, round)?;
+                s.send_set(&self.ram, &set, round, &mut |_, _| {})?;
             }
             s.finish_channels()?;
             if opts.verify_memory {
