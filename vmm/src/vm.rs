@@ -99,6 +99,8 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Test hook: vCPU 0 makes one forbidden syscall once its filter is on.
     pub seccomp_selftest: bool,
+    /// Test hook: pause the vCPUs when the guest reports this sync point.
+    pub pause_at_sync: Option<u32>,
 }
 
 /// A guest arriving from elsewhere (a live migration's destination side).
@@ -149,6 +151,7 @@ impl VmConfig {
             incoming: None,
             seccomp: false,
             seccomp_selftest: false,
+            pause_at_sync: None,
         }
     }
 }
@@ -459,13 +462,15 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         None => None,
     };
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
-    let shared = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
         PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
         harvester.clone(),
         cfg.on_sync.clone(),
         irqchip,
-    ));
+    );
+    shared.pause_at_sync = cfg.pause_at_sync;
+    let shared = Arc::new(shared);
     if let Some(state) = &restore {
         shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
     }
@@ -544,7 +549,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     if let (Some(t), true) = (&tracking, cfg.dirty.periodic()) {
         let (t, sh) = (t.clone(), shared.clone());
         hooks.push(Box::new(move |_| {
-            if let Err(e) = t.lock().unwrap_or_else(|p| p.into_inner()).tick() {
+            if let Err(e) = t.lock().unwrap_or_else(|p| p.into_inner()).periodic_tick() {
                 sh.finish(Outcome::KvmFailure(format!("dirty tracking: {e}")));
             }
         }));
