@@ -562,9 +562,15 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 return;
             }
             let hs = h.as_ref().map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).stats()).unwrap_or_default();
-            let ws = f.as_ref().map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).stats());
+            let (ws, gap) = match &f {
+                Some(f) => {
+                    let f = f.lock().unwrap_or_else(|p| p.into_inner());
+                    (Some(f.stats()), f.max_flush_gap)
+                }
+                None => (None, Duration::ZERO),
+            };
             let thr = sh.throttled_ns.load(Ordering::Relaxed);
-            print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w)), thr - last.3);
+            print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w, gap)), thr - last.3);
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
         }));
     }
@@ -816,7 +822,7 @@ fn kick_all(threads: &[JoinHandle<()>]) {
 fn print_stats(
     dt: Duration,
     h: (&HarvestStats, &HarvestStats),
-    w: Option<(&WritebackStats, &WritebackStats)>,
+    w: Option<(&WritebackStats, &WritebackStats, Duration)>,
     throttled_ns: u64,
 ) {
     use std::io::Write as _;
@@ -832,9 +838,9 @@ fn print_stats(
         (h1.harvest_time - h0.harvest_time).as_secs_f64() * 1e6 / n as f64,
         h1.ring_full_exits - h0.ring_full_exits,
     );
-    if let Some((w0, w1)) = w {
+    if let Some((w0, w1, gap)) = w {
         line.push_str(&format!(
-            "; writeback: nr_dirty={} nr_writeback={} nr_dirtied={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} syncs={} write_errors={} throttle_ms={}",
+            "; writeback: nr_dirty={} nr_writeback={} nr_dirtied={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} max_flush_gap_ms={} syncs={} write_errors={} throttle_ms={}",
             w1.nr_dirty,
             w1.nr_writeback,
             w1.nr_dirtied,
@@ -842,6 +848,7 @@ fn print_stats(
             (w1.bytes_written - w0.bytes_written) as f64 / secs / 1e6,
             w1.oldest_dirty_ms,
             w1.max_pass_ms,
+            gap.as_millis(),
             w1.syncs,
             w1.write_errors,
             throttled_ns / 1_000_000,
