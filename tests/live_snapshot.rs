@@ -45,13 +45,14 @@ fn a_live_full_snapshot_is_one_point_in_time_and_heads_a_chain() {
     smudge::snapshot::materialize(&s2, &chain_mem).unwrap();
     assert!(std::fs::read(&chain_mem).unwrap() == std::fs::read(&mem).unwrap(), "live + diff != RAM at the diff");
 
-    // The live snapshot alone restores to a guest that carries on, and
-    // whose memory then verifies: one point in time.
+    // The live snapshot alone holds one point in time (every page as its
+    // generation table says) and restores to a guest that carries on.
     let v = smudge().args(["snapshot", "verify", s1.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{v:?}");
-    let r = progress::restore_carries_on_and_verifies(&s1, &path(&dir, "m2"), pages);
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.line("verify: pages=8000 ok=8000 stamped=8000 mismatches=0").is_some(), "{r:?}");
+    let s1_mem = path(&dir, "s1.mem");
+    smudge::snapshot::materialize(&s1, &s1_mem).unwrap();
+    assert_eq!(progress::assert_pages_match_table(&s1_mem, pages), pages);
+    progress::restore_carries_on(&s1, &path(&dir, "m2"), pages);
 }
 
 #[test]
