@@ -31,6 +31,9 @@ struct Measured {
     writes: u64,
     /// Distinct working-set pages among them.
     distinct: u64,
+    /// How long the guest ran in the window (from before the resume to
+    /// after the pause, as the test saw it: an upper bound).
+    running: std::time::Duration,
 }
 
 fn measure(dirty_log: &str, vcpus: &str) -> Measured {
@@ -56,9 +59,11 @@ fn measure(dirty_log: &str, vcpus: &str) -> Measured {
     progress::wait_for_stats(&mut vm, &sock, "the dirty-rate measurement to start", |s| {
         !s["job"].is_null() && progress::harvests(s) > h0
     });
+    let resumed = std::time::Instant::now();
     assert_eq!(ctl(&sock, &["resume"])["ok"], true);
     progress::wait_for_writes(&mut vm, &mem, PAGES, before + 2000);
     assert_eq!(ctl(&sock, &["pause"])["ok"], true);
+    let running = resumed.elapsed();
     let after = progress::guest_writes(&mem, PAGES);
     // A sample after the pause: every write of the window is counted.
     let h1 = progress::harvests(&ctl(&sock, &["stats"]));
@@ -74,19 +79,25 @@ fn measure(dirty_log: &str, vcpus: &str) -> Measured {
     assert_eq!(answer["ok"], true, "{answer}");
     let distinct: HashSet<u64> =
         guest_abi::random_sequence(SEED, PAGES).skip(before as usize).take((after - before) as usize).collect();
-    Measured { answer, writes: after - before, distinct: distinct.len() as u64 }
+    Measured { answer, writes: after - before, distinct: distinct.len() as u64, running }
 }
 
 /// The measured pages (rate x window) against the guest's writes: each
 /// write dirties its page and its generation-table entry; a page written
-/// twice in one 100 ms sample counts once; the table (12 pages) and the
-/// guest's stack are dirtied again in every sample the guest writes in.
+/// twice in one 100 ms sample counts once, so at least the distinct pages
+/// count; the table (12 pages) and the guest's stack are dirtied again in
+/// every sample the guest ran in (one per 100 ms it ran, plus the two at
+/// the edges), so at most the writes plus 16 pages per such sample.
 fn check(m: &Measured, what: &str, pages_per_s: f64) {
     let r = &m.answer;
     let secs = r["seconds"].as_f64().unwrap();
     let measured = (pages_per_s * secs).round() as u64;
-    let samples = r["samples"].as_u64().unwrap();
+    let samples = (m.running.as_millis() as u64 / 100 + 2).min(r["samples"].as_u64().unwrap());
     let (lo, hi) = (m.distinct, m.writes + 16 * samples);
+    eprintln!(
+        "{what}: measured {measured} pages; the guest wrote {} ({} distinct) in {:?}, so {lo}..={hi}",
+        m.writes, m.distinct, m.running
+    );
     assert!(
         (lo..=hi).contains(&measured),
         "{what}: measured {measured} pages in the window; the guest wrote {} pages ({} distinct) there, so \
