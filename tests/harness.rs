@@ -42,9 +42,10 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     let snaps = tempfile::tempdir().unwrap();
     let (full, d1) = (snaps.path().join("full"), snaps.path().join("d1"));
 
+    // 12000 paced writes: the copies below each finish them and verify.
     let vm = builder()
         .mem(64 << 20)
-        .workload(format!("workload=rate pages={PAGES} rate=3000 ms=4000 seed=9 verify=1"))
+        .workload(format!("workload=rate pages={PAGES} rate=3000 writes=12000 seed=9 verify=1"))
         .dirty_log("manual")
         .boot()
         .unwrap();
@@ -54,7 +55,7 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
 
     // Harvest: the flusher harvests every 250 ms; the guest's page writes
     // show in the counters.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let stats = loop {
         let s = vm.stats().unwrap();
         if s["dirty_log"]["guest_pages"].as_u64().unwrap_or(0) > 0 || Instant::now() > deadline {
@@ -65,22 +66,27 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     assert!(stats["dirty_log"]["guest_pages"].as_u64().unwrap() > 0, "no dirty guest pages harvested: {stats}");
     assert!(stats["dirty_log"]["mechanism"].as_str().unwrap().starts_with("manual"), "{stats}");
 
-    // Pause and resume: nothing lost by it.
+    // The guest stays paused except while the test wants it to write, so
+    // it cannot finish its 12000 writes before it was copied, however slow
+    // the machine: a full snapshot of the paused guest (it stays paused),
+    // 300 more writes, then a diff on it.
     assert_eq!(vm.pause().unwrap()["paused"], true);
-    assert_eq!(vm.resume().unwrap()["paused"], false);
-
-    // A full snapshot, then a diff on it.
     let s = vm.snapshot(&full).unwrap();
     assert_eq!(s["kind"], "full", "{s}");
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.stats().unwrap()["paused"], true);
+    let after_full = guest_writes(&vm);
+    assert_eq!(vm.resume().unwrap()["paused"], false);
+    // The guest writes on (its generation table, in its memory, counts).
+    wait_for_writes(&vm, after_full + 300);
+    assert_eq!(vm.pause().unwrap()["paused"], true);
     let d = vm.snapshot_diff(&d1, &full).unwrap();
     assert_eq!(d["kind"], "diff", "{d}");
     assert!(d["memory_bytes"].as_u64().unwrap() > 0, "{d}");
 
-    // The diff continues in a new process, while the original runs on.
+    // The diff continues in a new process.
     let restored = builder().restore(&d1).unwrap();
 
-    // Live migration of the original.
+    // Migration of the original (paused: it goes on at the destination).
     let report = vm.migrate_to_with(&dest, |m| MigrateRequest { verify_memory: true, ..m }).unwrap();
     assert!(report["rounds"].as_array().is_some_and(|r| !r.is_empty()), "{report}");
     let src = vm.wait_exit(Duration::from_secs(10)).unwrap();
@@ -131,9 +137,33 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     eprintln!("harness test: {:.1} s", elapsed.as_secs_f64());
 }
 
+/// The page writes the guest made so far: the sum of its generation table.
+fn guest_writes(vm: &TestVm) -> u64 {
+    let table = vm.read_memory(guest_abi::gen_table_addr(0), PAGES as usize * 4).unwrap();
+    table.chunks(4).map(|g| u64::from(u32::from_le_bytes(g.try_into().unwrap()))).sum()
+}
+
+/// Waits (60 s at most) until the guest has made `n` page writes.
+fn wait_for_writes(vm: &TestVm, n: u64) {
+    let t0 = Instant::now();
+    while guest_writes(vm) < n {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the guest never made {n} page writes{}", vm.logs());
+        assert!(vm.is_running(), "smudge exited before the guest made {n} page writes{}", vm.logs());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn errors_carry_the_serial_log_and_smudges_stderr() {
-    let vm = builder().workload("workload=idle ms=10000").boot().unwrap();
+    let vm = builder().workload("workload=idle").boot().unwrap();
+    // The guest runs (idle until stopped) and smudge has said which dirty
+    // log it uses; then a wait for a line that never comes times out.
+    vm.wait_for_serial("layout:", Duration::from_secs(60)).unwrap();
+    let t0 = Instant::now();
+    while !vm.stderr().contains("dirty log") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no dirty log line{}", vm.logs());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let e = vm.wait_for_serial("never printed", Duration::from_millis(500)).unwrap_err();
     assert!(matches!(e, HarnessError::Timeout { .. }), "{e}");
     let msg = e.to_string();

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::process::Stdio;
 
 use common::*;
 use guest_abi::{random_sequence, stride_pages, ws_base_for, IMAGE_BASE, PAGE_SIZE};
@@ -85,17 +86,17 @@ fn summary_number(stderr: &str, suffix: &str) -> u64 {
     stderr[..at].rsplit(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
 }
 
-/// The guest writes random pages for `ms` while smudge harvests every
-/// millisecond and copies each harvest into a shadow image; at the end (the
-/// vCPUs stopped, a final harvest) the shadow must equal guest memory.
-fn race(mechanism: &str, vcpus: &str, ring_entries: &str) -> (u64, u64) {
+/// The guest writes random pages while smudge harvests every millisecond
+/// and copies each harvest into a shadow image, until smudge has made at
+/// least 250 harvests (and, with `ring_fills`, its rings filled a few
+/// times) during at least 24000 guest writes; then it is stopped and, the
+/// vCPUs stopped and a final harvest made, the shadow must equal guest
+/// memory. Returns the run's harvests and ring-full exits.
+fn race(mechanism: &str, vcpus: &str, ring_entries: &str, ring_fills: bool) -> (u64, u64) {
     let dir = tmpdir();
-    let (mem, shadow) = (path(&dir, "m"), path(&dir, "shadow"));
-    let r = run_smudge(&[
-        "--mem-file",
-        mem.to_str().unwrap(),
-        "--mem-size",
-        "64M",
+    let (mem, shadow, sock) = (path(&dir, "m"), path(&dir, "shadow"), path(&dir, "api.sock"));
+    let pages = 12000;
+    let mut extra = vec![
         "--vcpus",
         vcpus,
         "--dirty-log",
@@ -110,9 +111,25 @@ fn race(mechanism: &str, vcpus: &str, ring_entries: &str) -> (u64, u64) {
         // mode; it runs on its own thread, so harvests stay frequent.
         "--dirty-expire-ms",
         "200",
-        "--cmdline",
-        "workload=random pages=12000 seed=5 ms=2500 verify=1",
-    ]);
+    ];
+    if ring_fills {
+        // Every 10th tick the harvest waits for a ring to fill.
+        extra.extend(["--test-hold-harvests", "10"]);
+    }
+    // Writes until stopped (10^8 writes take minutes).
+    let cmdline = format!("workload=random pages={pages} seed=5 writes=100m");
+    let mut vm = start_with_api(&mem, &sock, "64M", &cmdline, Stdio::piped(), true, &extra);
+    progress::wait_for_writes(&mut vm, &mem, pages, 12000);
+    let at_start = progress::harvests(&ctl(&sock, &["stats"]));
+    let fills = if ring_fills { 3 } else { 0 };
+    progress::wait_for_stats(&mut vm, &sock, &format!("250 harvests and {fills} ring-full exits"), |s| {
+        progress::harvests(s) >= at_start + 250 && s["dirty_log"]["ring_full_exits"].as_u64().unwrap_or(0) >= fills
+    });
+    // The guest still writes: the harvests raced its writes.
+    let w = progress::guest_writes(&mem, pages);
+    progress::wait_for_writes(&mut vm, &mem, pages, w + 12000);
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
+    let r = Run::from(vm.wait_with_output().unwrap());
     assert_eq!(r.code, 0, "{mechanism}: {r:?}");
     let (a, b) = (std::fs::read(&mem).unwrap(), std::fs::read(&shadow).unwrap());
     assert_eq!(a.len(), b.len());
@@ -124,23 +141,24 @@ fn race(mechanism: &str, vcpus: &str, ring_entries: &str) -> (u64, u64) {
 
 #[test]
 fn no_lost_write_under_a_race_bitmap() {
-    let (harvests, _) = race("bitmap", "1", "4096");
+    let (harvests, _) = race("bitmap", "1", "4096", false);
     assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
 }
 
 #[test]
 fn no_lost_write_under_a_race_manual() {
-    let (harvests, _) = race("manual", "1", "4096");
+    let (harvests, _) = race("manual", "1", "4096", false);
     assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
 }
 
 #[test]
 fn no_lost_write_under_a_race_ring_that_fills() {
-    // 256 entries per vCPU (the smallest KVM allows) fill between ticks;
-    // two vCPUs, each with its own ring (the guest writes on the first).
-    let (harvests, ring_full) = race("ring", "2", "256");
+    // 256 entries per vCPU (the smallest KVM allows), and the periodic
+    // harvest held every 10th tick until one fills; two vCPUs, each with
+    // its own ring (the guest writes on the first).
+    let (harvests, ring_full) = race("ring", "2", "256", true);
     assert!(harvests >= 250, "only {harvests} harvests: the race was not exercised");
-    assert!(ring_full > 0, "the ring never filled");
+    assert!(ring_full >= 3, "the ring filled only {ring_full} times");
 }
 
 #[test]

@@ -19,16 +19,23 @@ fn shm_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("smudge-test-").tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed")
 }
 
-/// Snapshots a guest running `cmdline` on `size` of RAM into `snap`
-/// (left paused, then stopped).
-fn snapshot_of(dir: &tempfile::TempDir, size: &str, cmdline: &str, warm: Duration) -> PathBuf {
-    let (mem, sock, snap) = (path(dir, "m"), path(dir, "api.sock"), path(dir, "snap"));
-    let vm = start_with_api(&mem, &sock, size, cmdline, Stdio::null(), true, &[]);
-    std::thread::sleep(warm);
+/// Snapshots into `snap` a guest running `cmdline` (a `sync=1` workload
+/// of several passes) held at the end of its first pass: every page that
+/// pass writes is stamped and the guest has passes left to run. The
+/// source stays paused, then is stopped. `mem` may hold an earlier run's
+/// memory (the guest continues its generations).
+fn snapshot_held(dir: &tempfile::TempDir, mem: &Path, size: &str, cmdline: &str) -> PathBuf {
+    let (sock, snap) = (path(dir, "api.sock"), path(dir, "snap"));
+    let mut vm = start_with_api(mem, &sock, size, cmdline, Stdio::piped(), true, &["--test-pause-at-sync", "1"]);
+    progress::wait_paused(&mut vm, &sock);
     let s = ctl(&sock, &["snapshot", "create", snap.to_str().unwrap(), "--no-resume"]);
-    assert_eq!(s["ok"], true, "{s}");
+    if s["ok"] != true {
+        progress::fail(&mut vm, &format!("snapshot: {s}"));
+    }
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
-    assert_eq!(vm.wait_with_output().unwrap().status.code(), Some(0));
+    let out = vm.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(" done:"), "the source finished its workload: {out:?}");
     snap
 }
 
@@ -101,17 +108,18 @@ fn load_counts(r: &Run) -> (u64, u64, u64) {
 fn a_lazy_restore_carries_on_and_its_verify_passes() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let snap =
-        snapshot_of(&dir, "64M", "workload=random pages=8000 seed=31 ms=3000 verify=1", Duration::from_millis(600));
+    // Held after pass 1 of 3: all 8000 pages stamped, two passes to go.
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "64M", "workload=seq pages=8000 passes=3 sync=1 verify=1");
     let out = lazy(&snap, &shm.path().join("lazy.mem"), &["--timeout", "60"]).wait_with_output().unwrap();
     let r = Run::from(out);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(!r.stdout.contains(guest_abi::BANNER), "{r:?}");
-    assert!(r.line("workload random done:").is_some(), "{r:?}");
-    assert!(r.line("verify: pages=8000").unwrap().ends_with("mismatches=0"), "{r:?}");
+    // It went on from the end of pass 1: passes 2 and 3, 8000 writes each.
+    assert!(r.line("workload seq done: writes=24000 ").is_some(), "{r:?}");
+    assert!(r.line("verify: pages=8000 ok=8000 stamped=8000 mismatches=0").is_some(), "{r:?}");
     // Every owed page was loaded exactly once: on first touch or prefetched.
     let (owed, touched, prefetched) = load_counts(&r);
-    assert!(owed >= 8000, "{r:?}");
+    assert!(owed >= 8000, "the 8000 stamped pages hold data: {r:?}");
     assert_eq!(touched + prefetched, owed, "{r:?}");
     assert!(r.stderr.contains("ms after smudge started"), "{r:?}");
 }
@@ -120,27 +128,18 @@ fn a_lazy_restore_carries_on_and_its_verify_passes() {
 fn pages_the_guest_never_touches_are_loaded_by_the_prefetch() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    // A fast writer stamps most of its 8000 pages before the snapshot.
-    let snap =
-        snapshot_of(&dir, "64M", "workload=rate rate=20000 pages=8000 seed=32 ms=60000", Duration::from_millis(800));
-    let (mem, dump, sock) = (shm.path().join("lazy.mem"), path(&dir, "dirty.txt"), path(&dir, "lazy.sock"));
-    let child = lazy(
-        &snap,
-        &mem,
-        &["--timeout", "60", "--dump-dirty", dump.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()],
-    );
-    // Pause the restored guest as soon as it can be asked: from then on it
-    // touches nothing, and the prefetch alone loads the rest.
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(ctl(&sock, &["pause"])["ok"], true);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
+    // A first run stamps all 8000 pages; the snapshotted one rewrites only
+    // every 64th page (125 of them), pass after pass, and so does the
+    // restored guest: every other page is left to the prefetch.
+    let src = path(&dir, "m");
+    let first = boot(&src, "64M", "workload=seq pages=8000");
+    assert_eq!(first.code, 0, "{first:?}");
+    let snap = snapshot_held(&dir, &src, "64M", "workload=stride pages=8000 stride=64 passes=200 sync=1");
+    let (mem, dump) = (shm.path().join("lazy.mem"), path(&dir, "dirty.txt"));
+    let child = lazy(&snap, &mem, &["--timeout", "60", "--dump-dirty", dump.to_str().unwrap()]);
     let r = Run::from(child.wait_with_output().unwrap());
     assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.line("workload stride done: writes=25000 ").is_some(), "{r:?}");
     let (owed, touched, prefetched) = load_counts(&r);
     assert_eq!(touched + prefetched, owed, "{r:?}");
 
@@ -155,12 +154,8 @@ fn pages_the_guest_never_touches_are_loaded_by_the_prefetch() {
 fn killing_a_lazy_restore_mid_load_leaves_the_snapshot_untouched() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let snap = snapshot_of(
-        &dir,
-        "512M",
-        "workload=rate rate=100 pages=100000 seed=32 ms=60000 wipe=1",
-        Duration::from_millis(2500),
-    );
+    // 100000 stamped pages (390 MiB) to load.
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "512M", "workload=seq pages=100000 passes=2 sync=1");
     let before = files_of(&snap);
     let mem = shm.path().join("lazy.mem");
     let mut child = lazy(&snap, &mem, &["--timeout", "60"]);
@@ -172,7 +167,7 @@ fn killing_a_lazy_restore_mid_load_leaves_the_snapshot_untouched() {
         assert!(err.read_line(&mut line).unwrap() > 0, "the restore ended before the guest ran");
         assert!(t0.elapsed() < Duration::from_secs(20));
     }
-    std::thread::sleep(Duration::from_millis(20));
+    // At once: the guest runs, its 390 MiB are still loading.
     child.kill().unwrap();
     child.wait().unwrap();
     let mut rest = String::new();
@@ -187,12 +182,7 @@ fn killing_a_lazy_restore_mid_load_leaves_the_snapshot_untouched() {
 fn a_corrupt_chunk_stops_a_lazy_restore_and_a_disk_file_is_refused() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let snap = snapshot_of(
-        &dir,
-        "64M",
-        "workload=rate rate=200 pages=4000 seed=33 ms=3000 wipe=1",
-        Duration::from_millis(500),
-    );
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "64M", "workload=seq pages=4000 passes=3 sync=1");
     // The memory file on disk: refused before anything starts.
     let out = lazy(&snap, &path(&dir, "disk.mem"), &[]).wait_with_output().unwrap();
     let r = Run::from(out);
@@ -219,13 +209,9 @@ fn a_corrupt_chunk_stops_a_lazy_restore_and_a_disk_file_is_refused() {
 fn a_run_that_ends_early_still_finishes_loading_the_memory_file() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    // 256 MiB of data: loading takes far longer than the run.
-    let snap = snapshot_of(
-        &dir,
-        "512M",
-        "workload=rate rate=100 pages=65536 seed=34 ms=60000 wipe=1",
-        Duration::from_millis(1500),
-    );
+    // 256 MiB of stamped pages: loading them takes far longer than the
+    // run's 1 ms.
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "512M", "workload=seq pages=65536 passes=2 sync=1");
     let (mem, dump) = (shm.path().join("lazy.mem"), path(&dir, "dirty.txt"));
     // The guest is stopped (timeout) before its pages could all load.
     let r = Run::from(

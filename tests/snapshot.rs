@@ -7,20 +7,23 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::Duration;
 
 use common::*;
 
-fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
-    start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true, &[])
+fn start(mem: &Path, sock: &Path, cmdline: &str, extra: &[&str]) -> Child {
+    start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true, extra)
 }
+
+/// Held at the end of its first pass (`--test-pause-at-sync 1`).
+const HOLD: [&str; 2] = ["--test-pause-at-sync", "1"];
 
 #[test]
 fn snapshot_a_running_guest_and_continue_it_in_a_new_process() {
     let dir = tmpdir();
     let (mem, sock, snap) = (path(&dir, "m"), path(&dir, "api.sock"), path(&dir, "snap"));
-    let vm = start(&mem, &sock, "workload=random pages=8000 seed=4 ms=4000 verify=1");
-    std::thread::sleep(Duration::from_millis(700));
+    // Held after pass 1 of 3: every page stamped, two passes to go.
+    let mut vm = start(&mem, &sock, "workload=seq pages=8000 passes=3 sync=1 verify=1", &HOLD);
+    progress::wait_paused(&mut vm, &sock);
     // Snapshot and stay paused, then stop: the first VM's memory is then
     // exactly the snapshot's point in time.
     let s = ctl(&sock, &["snapshot", "create", snap.to_str().unwrap(), "--no-resume"]);
@@ -30,7 +33,7 @@ fn snapshot_a_running_guest_and_continue_it_in_a_new_process() {
     let out = vm.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("workload random done"),
+        !String::from_utf8_lossy(&out.stdout).contains("workload seq done"),
         "the guest finished before the snapshot: the test proves nothing"
     );
     let img = std::fs::read(snap.join("memory.img")).unwrap();
@@ -62,16 +65,18 @@ fn snapshot_a_running_guest_and_continue_it_in_a_new_process() {
     assert_eq!(r.code, 0, "{r:?}");
     // No banner: the guest did not boot again, it went on with its workload.
     assert!(!r.stdout.contains(guest_abi::BANNER), "{r:?}");
-    assert!(r.line("workload random done:").is_some(), "{r:?}");
-    assert!(r.line("verify: pages=8000").unwrap().ends_with("mismatches=0"), "{r:?}");
+    // From the end of pass 1 on: passes 2 and 3, 8000 writes each.
+    assert!(r.line("workload seq done: writes=24000 ").is_some(), "{r:?}");
+    assert!(r.line("verify: pages=8000 ok=8000 stamped=8000 mismatches=0").is_some(), "{r:?}");
 }
 
 #[test]
 fn corrupt_or_conflicting_snapshots_are_refused() {
     let dir = tmpdir();
     let (mem, sock, snap) = (path(&dir, "m"), path(&dir, "api.sock"), path(&dir, "snap"));
-    let vm = start(&mem, &sock, "workload=random pages=2000 seed=1 ms=20000");
-    std::thread::sleep(Duration::from_millis(300));
+    // Every page stamped (the flipped byte below lands in data).
+    let mut vm = start(&mem, &sock, "workload=seq pages=2000 passes=2 sync=1", &HOLD);
+    progress::wait_paused(&mut vm, &sock);
     assert_eq!(ctl(&sock, &["snapshot", "create", snap.to_str().unwrap()])["ok"], true);
     // Taking another snapshot into the same directory is refused.
     let again = ctl(&sock, &["snapshot", "create", snap.to_str().unwrap()]);
@@ -131,33 +136,55 @@ fn chain_restores_and_merges(precopy: bool) {
     let dir = tmpdir();
     let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
     let (s1, s2, s3, merged) = (path(&dir, "s1"), path(&dir, "s2"), path(&dir, "s3"), path(&dir, "merged"));
-    // A slow writer over a working set wiped (written) first, so a diff
-    // holds far fewer pages than the full image.
-    let cmdline = "workload=rate rate=300 pages=8000 seed=6 ms=3000 verify=1 wipe=1";
-    let extra: &[&str] = if precopy { &[] } else { &["--snapshot-precopy-ms", "0"] };
-    let vm = start_with_api(&mem, &sock, "64M", cmdline, Stdio::piped(), true, extra);
-    std::thread::sleep(Duration::from_millis(300));
+    // A first run stamps all 8000 pages; then a slow writer rewrites
+    // random ones until stopped, so a diff holds far fewer pages than the
+    // full image.
+    let pages = 8000;
+    let first = boot(&mem, "64M", "workload=seq pages=8000");
+    assert_eq!(first.code, 0, "{first:?}");
+    let cmdline = "workload=rate rate=300 pages=8000 seed=6 writes=100m";
+    // No writeback: the pre-copy thread is then the only harvester, so a
+    // harvest in `stats` after a pause is a pre-copy pass that saw every
+    // page written before it.
+    let mut extra = vec!["--no-writeback"];
+    if !precopy {
+        extra.extend(["--snapshot-precopy-ms", "0"]);
+    }
+    let mut vm = start(&mem, &sock, cmdline, &extra);
+    progress::wait_for_writes(&mut vm, &mem, pages, pages + 1);
     let full = ctl(&sock, &["snapshot", "create", s1.to_str().unwrap()]);
     assert_eq!(full["ok"], true, "{full}");
-    std::thread::sleep(Duration::from_millis(400));
-    let d1 = ctl(&sock, &["snapshot", "create", s2.to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
-    assert_eq!((d1["ok"].clone(), d1["kind"].clone()), (true.into(), "diff".into()), "{d1}");
+    // A diff: the guest writes 60 pages or more, is paused, and (with
+    // pre-copy) a pre-copy pass runs after the pause, so the pause copies
+    // nothing.
+    let diff = |vm: &mut Child, dir: &Path, parent: &Path| {
+        let w = progress::guest_writes(&mem, pages);
+        progress::wait_for_writes(vm, &mem, pages, w + 60);
+        assert_eq!(ctl(&sock, &["pause"])["ok"], true);
+        if precopy {
+            let h = progress::harvests(&ctl(&sock, &["stats"]));
+            progress::wait_for_stats(vm, &sock, "a pre-copy pass after the pause", |s| progress::harvests(s) > h);
+        }
+        let d = ctl(&sock, &["snapshot", "create", dir.to_str().unwrap(), "--parent", parent.to_str().unwrap()]);
+        assert_eq!((d["ok"].clone(), d["kind"].clone()), (true.into(), "diff".into()), "{d}");
+        d
+    };
+    let d1 = diff(&mut vm, &s2, &s1);
     // A diff must build on the last snapshot, not an older one.
     let bad = ctl(&sock, &["snapshot", "create", path(&dir, "x").to_str().unwrap(), "--parent", s1.to_str().unwrap()]);
     assert!(bad["error"].as_str().unwrap().contains("must build on the last snapshot"), "{bad}");
-    std::thread::sleep(Duration::from_millis(400));
-    let d2 = ctl(&sock, &["snapshot", "create", s3.to_str().unwrap(), "--parent", s2.to_str().unwrap(), "--no-resume"]);
-    assert_eq!(d2["ok"], true, "{d2}");
+    assert_eq!(ctl(&sock, &["resume"])["ok"], true);
+    let d2 = diff(&mut vm, &s3, &s2);
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     assert_eq!(vm.wait_with_output().unwrap().status.code(), Some(0));
     let full_bytes = full["memory_bytes"].as_u64().unwrap();
     for d in [&d1, &d2] {
         let b = d["memory_bytes"].as_u64().unwrap();
-        assert!(b > 0 && b * 10 < full_bytes, "a diff of ~120 page writes holds {b} bytes (full: {full_bytes})");
-        // Pre-copy leaves only the residue for the pause.
+        assert!(b > 0 && b * 10 < full_bytes, "a diff of ~60 page writes holds {b} bytes (full: {full_bytes})");
         let in_pause = d["pause_copied_bytes"].as_u64().unwrap();
         if precopy {
-            assert!(in_pause < b, "pre-copy on, yet the pause copied {in_pause} of {b} bytes");
+            // Pre-copy took every page before the pause.
+            assert_eq!(in_pause, 0, "pre-copy on, yet the pause copied {in_pause} of {b} bytes");
         } else {
             assert_eq!(in_pause, b, "pre-copy off: the pause copies the whole diff");
         }
@@ -174,14 +201,7 @@ fn chain_restores_and_merges(precopy: bool) {
     assert!(out.status.success(), "{out:?}");
     assert!(std::fs::read(merged.join("memory.img")).unwrap() == at_last, "merge differs from the chain");
 
-    // And the guest goes on from the chain.
-    let r = Run::from(
-        smudge()
-            .args(["restore", "--snapshot", s3.to_str().unwrap(), "--mem-file", path(&dir, "m2").to_str().unwrap()])
-            .args(["--timeout", "60"])
-            .output()
-            .unwrap(),
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.line("verify: pages=8000").unwrap().ends_with("mismatches=0"), "{r:?}");
+    // And the guest goes on from the chain: every page then holds what its
+    // generation table says.
+    progress::restore_carries_on(&s3, &path(&dir, "m2"), pages);
 }

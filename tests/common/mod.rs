@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod progress;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -162,7 +164,7 @@ pub fn start_with_api(
         .unwrap();
     let t0 = std::time::Instant::now();
     while !sock.exists() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "socket never appeared");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "the API socket never appeared (60 s)");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child

@@ -162,6 +162,17 @@ pub struct RunArgs {
     /// live-snapshot), or act on a first signal never (stop); repeatable.
     #[arg(long, hide = true, value_enum)]
     pub test_hold: Vec<crate::signals::Hold>,
+    /// Test hook: pause the vCPUs (as `ctl pause` would) when the guest
+    /// reports sync point N (`sync=1`: the end of its pass N), so a test
+    /// acts on a guest held at a known point instead of waiting for it.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_pause_at_sync: Option<u32>,
+    /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
+    /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
+    /// path runs because the harvester is held, not because the guest
+    /// happens to outrun it.
+    #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub test_hold_harvests: Option<u64>,
 }
 
 /// `smudge ctl`.

@@ -23,6 +23,11 @@ pub struct DirtyOptions {
     pub dump: Option<PathBuf>,
     /// Print dirty-rate and harvest-cost lines this often.
     pub stats_interval: Option<Duration>,
+    /// Test hook (`--test-hold-harvests N`): every N ticks the periodic
+    /// harvest is held until a vCPU's dirty ring fills (ring mode), so the
+    /// ring-full path is taken because the harvester waits, whatever the
+    /// guest's speed.
+    pub hold_harvests_every: Option<u64>,
 }
 
 impl DirtyOptions {
@@ -75,6 +80,10 @@ pub struct Tracking {
     shadow: Option<(ConsumerId, ImageFile)>,
     shadow_bytes: u64,
     dump: Option<PathBuf>,
+    hold_every: Option<u64>,
+    ticks: u64,
+    /// While held: the ring-full count the hold waits to see grow.
+    held_at: Option<u64>,
 }
 
 fn lock(h: &Mutex<Harvester>) -> std::sync::MutexGuard<'_, Harvester> {
@@ -92,6 +101,7 @@ impl Tracking {
         shadow_from: Option<&Path>,
     ) -> Result<Self, TrackError> {
         let mut h = lock(&harvester);
+        let ring = matches!(h.mechanism(), Mechanism::Ring { .. });
         let summary = h.add_consumer();
         let run_total = DirtySet::new(h.slots(), smudge::memory::host_page_size());
         let shadow = match &opts.shadow {
@@ -102,7 +112,38 @@ impl Tracking {
             None => None,
         };
         drop(h);
-        Ok(Tracking { harvester, ram, summary, run_total, shadow, shadow_bytes: 0, dump: opts.dump.clone() })
+        let hold_every = opts.hold_harvests_every.filter(|_| ring);
+        Ok(Tracking {
+            harvester,
+            ram,
+            summary,
+            run_total,
+            shadow,
+            shadow_bytes: 0,
+            dump: opts.dump.clone(),
+            hold_every,
+            ticks: 0,
+            held_at: None,
+        })
+    }
+
+    /// One periodic tick: [`Tracking::tick`], unless the test hook holds
+    /// harvests until a dirty ring fills.
+    pub fn periodic_tick(&mut self) -> Result<(), TrackError> {
+        if let Some(every) = self.hold_every {
+            let full = lock(&self.harvester).stats().ring_full_exits;
+            match self.held_at {
+                Some(at) if full == at => return Ok(()),
+                Some(_) => self.held_at = None,
+                None => {}
+            }
+            self.ticks += 1;
+            if self.ticks.is_multiple_of(every) {
+                self.held_at = Some(full);
+                return Ok(());
+            }
+        }
+        self.tick()
     }
 
     /// One tick: harvest, bring the shadow up to date, print stats if due.

@@ -42,13 +42,26 @@ pub struct Flusher {
     pub throttle_slices: u64,
     /// Largest dirty page count seen after a flush.
     pub max_dirty: u64,
+    /// Longest time between two flush passes (the period, plus however
+    /// late a busy host ran the flusher thread): how long past its expiry
+    /// a page can wait for the pass that writes it.
+    pub max_flush_gap: Duration,
 }
 
 impl Flusher {
     /// A flusher over `engine`.
     pub fn new(engine: Writeback, opts: WritebackOptions) -> Self {
         let now = Instant::now();
-        Flusher { engine, opts, last_flush: now, last_sync: now, sync_errors: 0, throttle_slices: 0, max_dirty: 0 }
+        Flusher {
+            engine,
+            opts,
+            last_flush: now,
+            last_sync: now,
+            sync_errors: 0,
+            throttle_slices: 0,
+            max_dirty: 0,
+            max_flush_gap: Duration::ZERO,
+        }
     }
 
     /// The engine's counters.
@@ -59,7 +72,9 @@ impl Flusher {
     /// One event-loop tick. Returns whether the vCPUs must be throttled.
     pub fn tick(&mut self, shared: &Shared, kick: &dyn Fn()) -> Result<bool, WritebackError> {
         let now = Instant::now();
-        if now.duration_since(self.last_flush) >= self.opts.policy.writeback_interval {
+        let since = now.duration_since(self.last_flush);
+        if since >= self.opts.policy.writeback_interval {
+            self.max_flush_gap = self.max_flush_gap.max(since);
             self.last_flush = now;
             let r = self.engine.flush(&self.opts.policy)?;
             self.max_dirty = self.max_dirty.max(r.nr_dirty);

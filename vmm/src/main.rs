@@ -418,6 +418,7 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         dirty: DirtyOptions {
             shadow: args.shadow.clone(),
             dump: args.dump_dirty.clone(),
+            hold_harvests_every: args.test_hold_harvests,
             stats_interval: match args.stats_interval {
                 Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
                 Some(_) => anyhow::bail!("--stats-interval must be a positive number of seconds"),
@@ -427,6 +428,7 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         kvm_dev: args.kvm_dev.clone(),
         seccomp: !args.no_seccomp,
         seccomp_selftest: args.seccomp_selftest,
+        pause_at_sync: args.test_pause_at_sync,
         heatmap: match &args.heatmap {
             Some(p) => {
                 if args.heatmap_period_ms == 0 || args.heatmap_buckets == 0 {

@@ -128,6 +128,9 @@ pub struct Shared {
     /// Guest RAM is still filling in (post-copy, lazy restore): the memory
     /// file does not hold all of it yet, so nothing may copy it from there.
     pub memory_loading: Arc<AtomicBool>,
+    /// Test hook: the vCPU that reports this guest sync point asks for a
+    /// pause there, as `ctl pause` would (`resume` lets the guest go on).
+    pub pause_at_sync: Option<u32>,
 }
 
 /// One vCPU's answer to a state request: nothing yet, or its state (or why
@@ -174,6 +177,7 @@ impl Shared {
             state_request: Mutex::new(None),
             irqchip,
             memory_loading: Arc::new(AtomicBool::new(false)),
+            pause_at_sync: None,
         }
     }
 
@@ -360,6 +364,12 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>) {
             Step::Sync(pass) => {
                 if let Some(f) = &shared.on_sync {
                     f(pass, shared.harvester.as_ref());
+                }
+                if shared.pause_at_sync == Some(pass) {
+                    // Every write of the pass is done: the guest is held
+                    // right after them (the next loop turn parks here).
+                    shared.request_pause();
+                    tracing::info!("test hook: the guest reached sync point {pass}; vCPUs paused");
                 }
             }
             Step::RingFull => {

@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Test hook: vCPU 0 makes one forbidden syscall once its filter is on.
     pub seccomp_selftest: bool,
+    /// Test hook: pause the vCPUs when the guest reports this sync point.
+    pub pause_at_sync: Option<u32>,
 }
 
 /// A guest arriving from elsewhere (a live migration's destination side).
@@ -150,6 +152,7 @@ impl VmConfig {
             incoming: None,
             seccomp: false,
             seccomp_selftest: false,
+            pause_at_sync: None,
         }
     }
 }
@@ -466,13 +469,15 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
         None => None,
     };
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?;
-    let shared = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         exit_evt.try_clone().map_err(|e| VmError::Runtime(format!("eventfd: {e}")))?,
         PortBus::new(SerialConsole::new(serial_irq, cfg.serial)),
         harvester.clone(),
         cfg.on_sync.clone(),
         irqchip,
-    ));
+    );
+    shared.pause_at_sync = cfg.pause_at_sync;
+    let shared = Arc::new(shared);
     if let Some(state) = &restore {
         shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
     }
@@ -566,7 +571,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     if let (Some(t), true) = (&tracking, cfg.dirty.periodic()) {
         let (t, sh) = (t.clone(), shared.clone());
         hooks.push(Box::new(move |_| {
-            if let Err(e) = t.lock().unwrap_or_else(|p| p.into_inner()).tick() {
+            if let Err(e) = t.lock().unwrap_or_else(|p| p.into_inner()).periodic_tick() {
                 sh.finish(Outcome::KvmFailure(format!("dirty tracking: {e}")));
             }
         }));
@@ -579,9 +584,15 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 return;
             }
             let hs = h.as_ref().map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).stats()).unwrap_or_default();
-            let ws = f.as_ref().map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).stats());
+            let (ws, gap) = match &f {
+                Some(f) => {
+                    let f = f.lock().unwrap_or_else(|p| p.into_inner());
+                    (Some(f.stats()), f.max_flush_gap)
+                }
+                None => (None, Duration::ZERO),
+            };
             let thr = sh.throttled_ns.load(Ordering::Relaxed);
-            print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w)), thr - last.3);
+            print_stats(last.0.elapsed(), (&last.1, &hs), ws.as_ref().map(|w| (&last.2, w, gap)), thr - last.3);
             last = (Instant::now(), hs, ws.unwrap_or_default(), thr);
         }));
     }
@@ -847,7 +858,7 @@ fn kick_all(threads: &[JoinHandle<()>]) {
 fn print_stats(
     dt: Duration,
     h: (&HarvestStats, &HarvestStats),
-    w: Option<(&WritebackStats, &WritebackStats)>,
+    w: Option<(&WritebackStats, &WritebackStats, Duration)>,
     throttled_ns: u64,
 ) {
     use std::io::Write as _;
@@ -863,9 +874,9 @@ fn print_stats(
         (h1.harvest_time - h0.harvest_time).as_secs_f64() * 1e6 / n as f64,
         h1.ring_full_exits - h0.ring_full_exits,
     );
-    if let Some((w0, w1)) = w {
+    if let Some((w0, w1, gap)) = w {
         line.push_str(&format!(
-            "; writeback: nr_dirty={} nr_writeback={} nr_dirtied={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} syncs={} write_errors={} throttle_ms={}",
+            "; writeback: nr_dirty={} nr_writeback={} nr_dirtied={} nr_written={} writeout_MBps={:.1} oldest_dirty_ms={} max_pass_ms={} max_flush_gap_ms={} syncs={} write_errors={} throttle_ms={}",
             w1.nr_dirty,
             w1.nr_writeback,
             w1.nr_dirtied,
@@ -873,6 +884,7 @@ fn print_stats(
             (w1.bytes_written - w0.bytes_written) as f64 / secs / 1e6,
             w1.oldest_dirty_ms,
             w1.max_pass_ms,
+            gap.as_millis(),
             w1.syncs,
             w1.write_errors,
             throttled_ns / 1_000_000,
