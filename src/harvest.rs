@@ -7,7 +7,7 @@
 //! ORs the new bits into every consumer's accumulated set (QEMU's dirty
 //! memory clients). Consumers come and go while the guest runs.
 //!
-//! No lost write (DESIGN.md invariant 1) needs *re-protect first, copy
+//! No lost write (invariant 1 in docs/architecture.md) needs *re-protect first, copy
 //! second*:
 //!
 //! ```text

@@ -1,6 +1,6 @@
 //! Guest RAM backed by a file: open or create it at an exact size, map it
 //! `MAP_SHARED` through vm-memory with an `VmmBitmap`, so every write the
-//! VMM makes through vm-memory is logged (DESIGN.md invariant 2).
+//! VMM makes through vm-memory is logged (invariant 2 in docs/architecture.md).
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -1,5 +1,5 @@
 //! The writeback engine: the Linux page cache's dirty-page writeback,
-//! brought up to the hypervisor (DESIGN.md section 4).
+//! brought up to the hypervisor (docs/architecture.md maps the kernel onto KVM).
 //!
 //! ```text
 //! kernel                                   smudge

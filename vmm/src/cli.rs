@@ -26,7 +26,7 @@ pub enum Command {
         /// Where to write the ELF.
         path: PathBuf,
     },
-    /// Run a benchmark (see BENCH.md): `smudge bench boot [--json]`.
+    /// Run a benchmark (goals are ratios measured in one run): `smudge bench boot [--json]`.
     Bench(BenchArgs),
     /// Talk to a running smudge over its control socket.
     Ctl(CtlArgs),
@@ -405,7 +405,7 @@ impl CtlCommand {
 pub struct BenchArgs {
     /// Which benchmark: boot.
     pub name: String,
-    /// Print one JSON object (BENCH.md) instead of a table.
+    /// Print one JSON object (results and goals) instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Fewer repetitions (keeps the code path alive in CI; no timing claims).

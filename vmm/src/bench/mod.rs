@@ -1,4 +1,4 @@
-//! Benchmarks (`smudge bench <name>`), reported per ../shared/BENCH.md.
+//! Benchmarks (`smudge bench <name>`): a table, or with `--json` one object of raw `results` and `goals` (ratios measured side by side in the same run).
 
 pub mod boot;
 pub mod harvest;

@@ -1,4 +1,4 @@
-//! The benchmark report of ../shared/BENCH.md: raw results, and goals that
+//! The benchmark report: raw results, and goals that
 //! are ratios measured side by side in the same run.
 
 use serde::Serialize;
