@@ -202,8 +202,10 @@ impl StateHeader {
 }
 
 /// Address of the generation table entry of working-set page `index`.
+/// Saturates for an index no RAM could hold (a command line may ask for
+/// any count; the layout then refuses it as not fitting).
 pub fn gen_table_addr(index: u64) -> u64 {
-    STATE_BASE + PAGE_SIZE + index * 4
+    (STATE_BASE + PAGE_SIZE).saturating_add(index.saturating_mul(4))
 }
 
 /// Working-set base for a working set of `pages` pages.
@@ -212,8 +214,9 @@ pub fn ws_base_for(pages: u64) -> u64 {
 }
 
 /// Rounds `v` up to a multiple of `align` (a power of two).
+/// Saturates (to the highest multiple of `align`) instead of overflowing.
 pub fn align_up(v: u64, align: u64) -> u64 {
-    (v + align - 1) & !(align - 1)
+    v.saturating_add(align - 1) & !(align - 1)
 }
 
 /// Guest RAM as the guest's memory map gives it: the low region that holds
@@ -625,6 +628,17 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    /// Found by the guest_cmdline fuzz target: `pages=12000…0` overflowed
+    /// the generation table's address before the layout could refuse it.
+    #[test]
+    fn a_working_set_no_ram_could_hold_is_refused_not_overflowed() {
+        let map = RamMap::for_mem_size(64 << 20);
+        for pages in [u64::MAX, u64::MAX / 4, 1 << 62] {
+            assert!(matches!(WsLayout::new(&map, None, pages), Err(LayoutError::DoesNotFit { room: 0, .. })));
+        }
+        assert_eq!(align_up(u64::MAX, WS_ALIGN), u64::MAX & !(WS_ALIGN - 1));
+    }
 
     #[test]
     fn cmdline_round_trip() {
