@@ -1,4 +1,4 @@
-//! Booting the bundled guest for real (issue 2): exit statuses, the backing
+//! Booting the bundled guest for real: exit statuses, the backing
 //! file's contents, QEMU parity, and every bad input a user can give.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Dirty-rate measurement (issue 7): what the dirty log measures over a
+//! Dirty-rate measurement: what the dirty log measures over a
 //! window is what the guest itself did in that window — with the bitmap
 //! (manual protect) and with the ring, per vCPU with the ring.
 //!

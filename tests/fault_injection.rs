@@ -1,4 +1,4 @@
-//! Fault injection (issue 8): a disk that fills up under a full snapshot,
+//! Fault injection: a disk that fills up under a full snapshot,
 //! under a diff snapshot and under a migration's destination. Each gives a
 //! clear error, the guest runs on, the previous snapshot stays intact, no
 //! page is lost, and a retry with room succeeds. The full disk is a small

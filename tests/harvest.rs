@@ -1,4 +1,4 @@
-//! Exact dirty harvesting under a real guest (issue 3), for every mechanism:
+//! Exact dirty harvesting under a real guest, for every mechanism:
 //! the harvested set is the written set plus only declared scratch and the
 //! VMM's own boot writes; a shadow kept by thousands of harvests during
 //! continuous writes equals guest memory byte for byte.

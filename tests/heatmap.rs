@@ -1,4 +1,4 @@
-//! The dirty-page heatmap (issue 7): `smudge run --heatmap FILE.svg` draws
+//! The dirty-page heatmap: `smudge run --heatmap FILE.svg` draws
 //! an SVG of the requested size and writes the numbers behind it; a sweep
 //! and a hot/cold workload differ where they should, in the data.
 

@@ -1,4 +1,4 @@
-//! Lazy restore (issue 9): `smudge restore --lazy` starts the guest at
+//! Lazy restore: `smudge restore --lazy` starts the guest at
 //! once on tmpfs RAM and loads its memory behind it, on first touch and by
 //! a background prefetch, each chunk checked; the guest carries on, every
 //! page the guest did not write since is the snapshot's, the snapshot is

@@ -1,4 +1,4 @@
-//! Live full snapshots (issue 9): RAM is copied in rounds while the guest
+//! Live full snapshots: RAM is copied in rounds while the guest
 //! runs and the vCPUs pause only for the residue; the snapshot is one
 //! point in time, restores to a guest whose `verify` passes, and heads the
 //! run's chain like a paused full snapshot.

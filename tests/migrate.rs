@@ -1,4 +1,4 @@
-//! Live migration (issue 6): a guest moves between two smudge processes
+//! Live migration: a guest moves between two smudge processes
 //! on loopback and carries on; when the destination dies or the stream is
 //! damaged, the source resumes its guest and both ends say why.
 

@@ -1,4 +1,4 @@
-//! The same guest ELF under QEMU (issue 2): it must boot under
+//! The same guest ELF under QEMU: it must boot under
 //! `-machine microvm` and `-machine pc` and print what it prints under smudge.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The reliability campaign (issue 8), small N: `smudge bench reliability
+//! The reliability campaign, small N: `smudge bench reliability
 //! --quick` must count no lost page, no panic, and a clear error for every
 //! bad input (the large-N run is reported in the issue's note).
 

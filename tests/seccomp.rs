@@ -1,4 +1,4 @@
-//! Seccomp (issue 8): filters are on by default, a forbidden syscall is
+//! Seccomp: filters are on by default, a forbidden syscall is
 //! caught with a clear line and exit code 106, `--no-seccomp` turns them
 //! off. The rest of the suite runs every feature with the filters on.
 

@@ -1,4 +1,4 @@
-//! Snapshots of a running guest (issue 5, full snapshots): taken through the
+//! Snapshots of a running guest: taken through the
 //! control socket, checked, restored into a new process where the guest
 //! continues and its verify passes; corrupt snapshots are refused with the
 //! file and offset named, and nothing is overwritten.

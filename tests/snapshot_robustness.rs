@@ -1,4 +1,4 @@
-//! Snapshots under abuse (issue 5): the VMM killed at random instants while
+//! Snapshots under abuse: the VMM killed at random instants while
 //! it writes a snapshot, and hundreds of corruptions of a good chain. The
 //! last committed snapshot must always verify and restore; a damaged one
 //! must be refused with the file named, never restored as garbage.

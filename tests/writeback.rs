@@ -1,4 +1,4 @@
-//! The writeback engine under a real guest (issue 4): durability after a
+//! The writeback engine under a real guest: durability after a
 //! sync checked with the kernel's own `cachestat(2)`, the expiry bound, a
 //! sync that ends while the guest dirties faster than the disk, and
 //! throttling above the hard limit.
