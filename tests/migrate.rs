@@ -1,6 +1,12 @@
 //! Live migration (issue 6): a guest moves between two smudge processes
 //! on loopback and carries on; when the destination dies or the stream is
 //! damaged, the source resumes its guest and both ends say why.
+//!
+//! Nothing here waits a set time: a source guest writes until the test
+//! stops it, and each test waits for what it needs — the guest's writes
+//! (its generation table, read from the memory file), round 0 under way,
+//! the switchover line — then checks memory page by page against the
+//! guest's table and the table against a replay of the guest's PRNG.
 
 mod common;
 
