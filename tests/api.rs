@@ -51,7 +51,7 @@ fn wait_for_stats(sock: &Path, what: &str, done: impl Fn(&Value) -> bool) -> Val
 #[test]
 fn stats_pause_resume_sync_stop() {
     let dir = tmpdir();
-    let (child, mem, sock) = start(&dir, "workload=rate rate=2000 ms=60000");
+    let (child, mem, sock) = start(&dir, "workload=rate rate=2000 writes=1000000000");
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
     // The flusher harvests every 250 ms: wait for its first guest pages.
@@ -93,7 +93,7 @@ fn stats_pause_resume_sync_stop() {
 #[test]
 fn bad_requests_get_json_errors() {
     let dir = tmpdir();
-    let (child, _mem, sock) = start(&dir, "workload=idle ms=20000");
+    let (child, _mem, sock) = start(&dir, "workload=idle");
     let e = raw(&sock, b"{not json\n");
     assert_eq!(e["ok"], false);
     assert!(e["error"].as_str().unwrap().starts_with("bad request"), "{e}");
@@ -136,9 +136,10 @@ fn a_second_client_during_a_snapshot_is_told_busy_and_the_vm_runs_on() {
     let (mem, sock) = (path(&dir, "m"), path(&dir, "api.sock"));
     // 240 MiB of written pages make the full snapshot last long enough to
     // be caught in the act: the guest zeroes its 60000 pages first (wipe=1),
-    // and they are all in the memory file once harvested.
-    let cmdline = "workload=rate rate=2000 pages=60000 seed=3 ms=15000 wipe=1 verify=1";
-    let child = start_with_api(&mem, &sock, "256M", cmdline, Stdio::piped(), true, &[]);
+    // and they are all in the memory file once harvested. It writes until
+    // the test stops it.
+    let cmdline = "workload=rate rate=2000 pages=60000 seed=3 writes=1000000000 wipe=1";
+    let mut child = start_with_api(&mem, &sock, "256M", cmdline, Stdio::piped(), true, &[]);
     wait_for_stats(&sock, "the guest to zero its 60000 pages", |s| {
         s["dirty_log"]["guest_pages"].as_u64().unwrap_or(0) >= 60000
     });
@@ -167,12 +168,15 @@ fn a_second_client_during_a_snapshot_is_told_busy_and_the_vm_runs_on() {
     assert!(!s2.exists(), "the refused snapshot left a directory");
     let first = first.join().unwrap();
     assert_eq!(first["ok"], true, "{first}");
-    // The VM runs on: no job left, and the guest finishes and verifies.
+    // The VM runs on: no job left, the guest carries on, and stopped, its
+    // memory checks out.
     assert!(ctl(&sock, &["stats"])["job"].is_null());
+    let w = progress::guest_writes(&mem, 60000);
+    progress::wait_for_writes(&mut child, &mem, 60000, w + 100);
+    assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("verify: pages=60000") && stdout.contains("mismatches=0"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    progress::assert_pages_match_table(&mem, 60000);
     let v = smudge().args(["snapshot", "verify", s1.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{v:?}");
 }
@@ -204,7 +208,7 @@ fn ctl_run(sock: &Path, args: &[&str]) -> Run {
 #[test]
 fn a_typoed_key_a_wrong_type_or_a_missing_field_is_refused_by_name_and_nothing_is_done() {
     let dir = tmpdir();
-    let (child, _mem, sock) = start(&dir, "workload=idle ms=60000");
+    let (child, _mem, sock) = start(&dir, "workload=idle");
     let snap = path(&dir, "s");
     let d = snap.to_str().unwrap();
     // The typo of "parent" that used to take a full snapshot.
@@ -242,7 +246,7 @@ fn a_typoed_key_a_wrong_type_or_a_missing_field_is_refused_by_name_and_nothing_i
 #[test]
 fn idle_connections_do_not_hold_the_api_and_past_the_limit_ctl_is_told_busy() {
     let dir = tmpdir();
-    let (child, _mem, sock) = start(&dir, "workload=idle ms=120000");
+    let (child, _mem, sock) = start(&dir, "workload=idle");
     let connect = || {
         let s = UnixStream::connect(&sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -294,7 +298,7 @@ fn ctl_waits_for_a_socket_that_is_not_there_yet_then_says_so() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let vm = start_with_api(&mem, &sock, "64M", "workload=idle ms=60000", Stdio::null(), true, &[]);
+    let vm = start_with_api(&mem, &sock, "64M", "workload=idle", Stdio::null(), true, &[]);
     let served = Run::from(client.wait_with_output().unwrap());
     assert_eq!(served.code, 0, "{served:?}");
     assert!(served.stdout.contains("\"ok\": true"), "{served:?}");

@@ -50,7 +50,7 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
         .boot()
         .unwrap();
     let dest = builder().incoming().unwrap();
-    let layout = vm.wait_for_serial("layout:", Duration::from_secs(10)).unwrap();
+    let layout = vm.wait_for_serial("layout:", Duration::from_secs(60)).unwrap();
     assert!(layout.contains(&format!("+{PAGES} pages")), "{layout}");
 
     // Harvest: the flusher harvests every 250 ms; the guest's page writes
@@ -89,7 +89,7 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     // Migration of the original (paused: it goes on at the destination).
     let report = vm.migrate_to_with(&dest, |m| MigrateRequest { verify_memory: true, ..m }).unwrap();
     assert!(report["rounds"].as_array().is_some_and(|r| !r.is_empty()), "{report}");
-    let src = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    let src = vm.wait_exit(Duration::from_secs(60)).unwrap();
     assert_eq!(src.code, Some(0), "{src}");
     assert!(src.stderr.contains("migrated to"), "{src}");
     assert!(src.line("workload rate done").is_none(), "the source finished the workload itself:\n{src}");
@@ -103,7 +103,7 @@ fn boot_harvest_snapshot_restore_and_migrate_through_the_api() {
     assert!(written > 100, "only {written} pages written before the migration finished");
 
     for (name, v) in [("restored", &restored), ("migrated", &dest)] {
-        let exit = v.wait_exit(Duration::from_secs(20)).unwrap();
+        let exit = v.wait_exit(Duration::from_secs(60)).unwrap();
         assert_eq!(exit.code, Some(0), "{name}: {exit}");
         assert!(exit.line("workload rate done").is_some(), "{name}: {exit}");
         assert!(!exit.serial.contains(guest_abi::BANNER), "{name}: the guest booted again\n{exit}");
@@ -177,16 +177,16 @@ fn errors_carry_the_serial_log_and_smudges_stderr() {
 
     // The process ends: waiting for more output says so at once.
     vm.stop().unwrap();
-    let exit = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    let exit = vm.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(exit.success() && exit.stderr.contains("stopped by the control API"), "{exit}");
-    let e = vm.wait_for_serial("never printed", Duration::from_secs(10)).unwrap_err();
+    let e = vm.wait_for_serial("never printed", Duration::from_secs(60)).unwrap_err();
     assert!(matches!(e, HarnessError::Exited { code: Some(0), .. }), "{e}");
     assert!(vm.stats().is_err());
 
     // smudge refuses to start: the error shows why.
     let e = builder().workload("workload=nonsense").boot();
     let e = match e {
-        Ok(vm) => vm.wait_exit(Duration::from_secs(10)).map(|x| format!("{x}")).unwrap(),
+        Ok(vm) => vm.wait_exit(Duration::from_secs(60)).map(|x| format!("{x}")).unwrap(),
         Err(e) => e.to_string(),
     };
     assert!(e.contains("nonsense") || e.contains("status 2"), "{e}");

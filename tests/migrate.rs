@@ -1,6 +1,12 @@
 //! Live migration: a guest moves between two smudge processes
 //! on loopback and carries on; when the destination dies or the stream is
 //! damaged, the source resumes its guest and both ends say why.
+//!
+//! Nothing here waits a set time: a source guest writes until the test
+//! stops it, and each test waits for what it needs — the guest's writes
+//! (its generation table, read from the memory file), round 0 under way,
+//! the switchover line — then checks memory page by page against the
+//! guest's table and the table against a replay of the guest's PRNG.
 
 mod common;
 
@@ -15,13 +21,28 @@ use common::*;
 use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello};
 
+/// Working-set pages of the source guests that use [`endless`].
+const PAGES: u64 = 4000;
+
+/// A random-writing guest over `pages` pages (`rate` page writes per
+/// second, `0`: as fast as it can) whose workload never ends by itself: a
+/// test stops it (`ctl stop`, a kill) once it has seen what it needs, so
+/// no guest deadline races a slow migration on a busy machine.
+fn endless(pages: u64, rate: u64, seed: u64) -> String {
+    let workload = if rate == 0 { "workload=random".to_string() } else { format!("workload=rate rate={rate}") };
+    format!("{workload} pages={pages} writes=1000000000 seed={seed}")
+}
+
 /// A `smudge migrate-recv` and what it printed so far.
 struct Dest {
     child: Child,
     addr: String,
     stderr: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
     mem: PathBuf,
     serial: PathBuf,
+    /// Its control socket (up once a guest arrived).
+    sock: PathBuf,
 }
 
 impl Dest {
@@ -31,10 +52,11 @@ impl Dest {
 
     /// A destination on `mem` with extra options (`--local`).
     fn start_with(dir: &tempfile::TempDir, mem: PathBuf, extra: &[&str]) -> Dest {
-        let serial = path(dir, "dst.serial");
+        let (serial, sock) = (path(dir, "dst.serial"), path(dir, "dst.sock"));
         let mut child = smudge()
             .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "120"])
             .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
+            .args(["--api-sock", sock.to_str().unwrap()])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -42,7 +64,7 @@ impl Dest {
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("smudge: waiting for a migration on ") {
                     let _ = tx.send(a.to_string());
@@ -50,13 +72,55 @@ impl Dest {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("migrate-recv never said where it listens");
-        Dest { child, addr, stderr, mem, serial }
+        let addr = rx.recv_timeout(progress::WAIT).expect("migrate-recv never said where it listens");
+        Dest { child, addr, stderr, reader, mem, serial, sock }
     }
 
-    fn wait(mut self) -> (i32, String, String) {
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        std::thread::sleep(Duration::from_millis(50));
+    /// What it printed so far: smudge's stderr and the guest's serial output.
+    fn log(&self) -> String {
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        format!(
+            "--- destination stderr ---\n{}\n--- its guest's serial output ---\n{serial}",
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Waits until `ok` holds (at most [`progress::WAIT`]); fails with
+    /// `what` and everything the destination printed if it does not, or if
+    /// the destination exits first.
+    fn wait_for(&mut self, what: &str, ok: impl Fn(&Dest) -> bool) {
+        let t0 = Instant::now();
+        while !ok(self) {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("the destination exited ({s}) while the test waited for {what}\n{}", self.log());
+            }
+            assert!(t0.elapsed() < progress::WAIT, "timed out waiting for {what}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether its stderr holds `text` so far.
+    fn said(&self, text: &str) -> bool {
+        self.stderr.lock().unwrap().contains(text)
+    }
+
+    /// Its guest (over `pages` pages) carries on: it makes 100 page writes
+    /// more than it had made now; then `ctl stop` ends the run.
+    fn carries_on_then_stops(&mut self, pages: u64) {
+        self.wait_for("its API socket", |d| d.sock.exists());
+        let start = progress::guest_writes(&self.mem, pages);
+        self.wait_for("its guest to make 100 more page writes", |d| {
+            progress::guest_writes(&d.mem, pages) >= start + 100
+        });
+        let r = ctl(&self.sock, &["stop"]);
+        assert_eq!(r["ok"], true, "stop: {r}\n{}", self.log());
+    }
+
+    fn wait(self) -> (i32, String, String) {
+        let mut child = self.child;
+        let code = child.wait().unwrap().code().unwrap_or(-1);
+        // The reader ends with the pipe: all of stderr is in.
+        self.reader.join().unwrap();
         let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
         let err = self.stderr.lock().unwrap().clone();
         (code, err, serial)
@@ -65,10 +129,42 @@ impl Dest {
 
 /// A source VM with a control socket; its serial output goes to a file.
 fn source(dir: &tempfile::TempDir, cmdline: &str) -> (Child, PathBuf, PathBuf) {
-    let (mem, sock, serial) = (path(dir, "src.mem"), path(dir, "src.sock"), path(dir, "src.serial"));
+    let (mem, sock, serial) = (src_mem(dir), path(dir, "src.sock"), path(dir, "src.serial"));
     let out = std::fs::File::create(&serial).unwrap();
     let child = start_with_api(&mem, &sock, "64M", cmdline, Stdio::from(out), true, &[]);
     (child, sock, serial)
+}
+
+/// The source's memory file.
+fn src_mem(dir: &tempfile::TempDir) -> PathBuf {
+    path(dir, "src.mem")
+}
+
+/// The guest of `vm` (on `mem`, `pages` pages, API at `sock`) carries on:
+/// it makes 100 page writes more than it had made now; then `ctl stop`
+/// ends the run.
+fn carries_on_then_stops(vm: &mut Child, sock: &Path, mem: &Path, pages: u64) {
+    let start = progress::guest_writes(mem, pages);
+    progress::wait_for_writes(vm, mem, pages, start + 100);
+    let r = ctl(sock, &["stop"]);
+    if r["ok"] != true {
+        progress::fail(vm, &format!("stop: {r}"));
+    }
+}
+
+/// The memory a stopped [`endless`] guest left in `mem` (`pages` pages,
+/// `seed`): its generation table is exactly the replay of as many writes
+/// of its PRNG as it counts (no write lost, none repeated), and every page
+/// holds the stamp its entry names (the one write cut short by the stop
+/// aside).
+fn assert_replayed(mem: &Path, pages: u64, seed: u64) {
+    let stamped = progress::assert_pages_match_table(mem, pages);
+    let gens = progress::generations(mem, pages);
+    let total: u64 = gens.iter().map(|&g| u64::from(g)).sum();
+    let want = random_generations(seed, pages, total as usize);
+    let differ = gens.iter().zip(&want).filter(|(&g, &w)| u64::from(g) != w).count();
+    assert_eq!(differ, 0, "{differ} table entries are not the replay of {total} writes of seed {seed}");
+    assert_eq!(stamped, want.iter().filter(|&&g| g > 0).count() as u64);
 }
 
 fn finish(mut child: Child, serial: &Path) -> (i32, String, String) {
@@ -78,23 +174,14 @@ fn finish(mut child: Child, serial: &Path) -> (i32, String, String) {
     (code, err, std::fs::read_to_string(serial).unwrap())
 }
 
-fn verify_line(serial: &str) -> &str {
-    serial.lines().find(|l| l.starts_with("verify: ")).unwrap_or_else(|| panic!("no verify line in:\n{serial}"))
-}
-
-/// Every one of the 4000 pages holds what the guest last wrote there.
-fn assert_verified(serial: &str) {
-    let v = verify_line(serial);
-    assert!(v.starts_with("verify: pages=4000 ok=4000 ") && v.ends_with(" mismatches=0"), "{v}");
-}
-
 #[test]
 fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     require_kvm();
     let dir = tmpdir();
-    let dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=4000 seed=11 verify=1");
-    std::thread::sleep(Duration::from_millis(800));
+    let mut dest = Dest::start(&dir);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 11));
+    // Round 0 has stamped pages to send, and the guest dirties more meanwhile.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
     let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"]);
     assert_eq!(r["ok"], true, "{r}");
     let crc = r["memory_crc32"].as_u64().expect("memory checksum");
@@ -115,12 +202,13 @@ fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     assert!(err.contains("ms to the destination's guest running"), "{err}");
     assert!(!serial.contains("workload rate done"), "the source finished the workload itself:\n{serial}");
 
+    dest.carries_on_then_stops(PAGES);
+    let mem = dest.mem.clone();
     let (code, err, serial) = dest.wait();
     assert_eq!(code, 0, "{err}\n{serial}");
     // The same checksum both sides computed at switchover.
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+    assert_replayed(&mem, PAGES, 11);
 }
 
 /// A guest dirtying 4000 pages/s over 500 pages against a 4 MiB/s link
@@ -129,12 +217,11 @@ fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
 fn migrate_faster_than_the_link(extra: &[&str]) -> Value {
     require_kvm();
     let dir = tmpdir();
-    let dest = Dest::start(&dir);
-    let (mem, sock, serial) = (path(&dir, "src.mem"), path(&dir, "src.sock"), path(&dir, "src.serial"));
+    let mut dest = Dest::start(&dir);
+    let (mem, sock, serial) = (src_mem(&dir), path(&dir, "src.sock"), path(&dir, "src.serial"));
     let out = std::fs::File::create(&serial).unwrap();
-    let cmdline = "workload=rate pages=500 rate=4000 ms=60000 seed=3 verify=1";
-    let src = start_with_api(&mem, &sock, "64M", cmdline, Stdio::from(out), true, extra);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut src = start_with_api(&mem, &sock, "64M", &endless(500, 4000, 3), Stdio::from(out), true, extra);
+    progress::wait_for_writes(&mut src, &mem, 500, 500);
     let r = ctl(
         &sock,
         &["migrate", "--to", &dest.addr, "--bandwidth-limit", "4M", "--downtime-ms", "50", "--verify-memory"],
@@ -143,14 +230,13 @@ fn migrate_faster_than_the_link(extra: &[&str]) -> Value {
     let crc = r["memory_crc32"].as_u64().expect("memory checksum");
     let (code, err, _) = finish(src, &serial);
     assert_eq!(code, 0, "{err}");
-    // The guest writes on for a minute there: its memory matched at
-    // switchover; let it run a moment, then stop it.
-    let mut dest = dest;
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(dest.child.try_wait().unwrap().is_none(), "the destination stopped early");
-    dest.child.kill().unwrap();
-    let (_, err, _) = dest.wait();
+    // Its memory matched at switchover; the guest writes on there.
+    dest.carries_on_then_stops(500);
+    let mem = dest.mem.clone();
+    let (code, err, _) = dest.wait();
+    assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
+    assert_replayed(&mem, 500, 3);
     r
 }
 
@@ -227,20 +313,21 @@ fn damaged_stream(damage: Damage, dest_says: &str) {
     require_kvm();
     let dir = tmpdir();
     let dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=3000 seed=5 verify=1");
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 5000, 5));
+    // Over 1500 stamped pages: round 0 carries megabytes of page data.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
     let via = proxy(dest.addr.clone(), damage);
     let t0 = Instant::now();
     let r = ctl(&sock, &["migrate", "--to", &via]);
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap();
     assert!(e.contains("the guest runs on here"), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(30));
-    // The source's guest finishes its workload and its memory checks out.
+    assert!(t0.elapsed() < progress::WAIT, "the failed migration took {:?}", t0.elapsed());
+    // The source's guest carries on and its memory checks out.
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
     let (code, err, serial) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}\n{serial}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_verified(&serial);
+    assert_replayed(&src_mem(&dir), PAGES, 5);
     let mem = dest.mem.clone();
     let (code, err, _) = dest.wait();
     assert_eq!(code, 100, "{err}");
@@ -264,21 +351,24 @@ fn killing_the_destination_mid_stream_resumes_the_source() {
     require_kvm();
     let dir = tmpdir();
     let mut dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=4000 seed=6 verify=1");
-    std::thread::sleep(Duration::from_millis(300));
-    // 16 MiB of pages at 2 MiB/s: round 0 alone takes seconds.
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 5000, 6));
+    // Over 1500 stamped pages, 6 MiB at 2 MiB/s: round 0 alone takes seconds.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
     let (s2, to) = (sock.clone(), dest.addr.clone());
     let answer = std::thread::spawn(move || ctl(&s2, &["migrate", "--to", &to, "--bandwidth-limit", "2M"]));
-    std::thread::sleep(Duration::from_millis(1000));
+    progress::wait_for_stats(&mut src, &sock, "round 0 to send pages", |s| {
+        s["progress"]["bytes_sent"].as_u64().is_some_and(|b| b > 0)
+    });
     dest.child.kill().unwrap();
     let r: Value = answer.join().unwrap();
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("the guest runs on here"), "{r}");
     let st = ctl(&sock, &["stats"]);
     assert_eq!(st["paused"], false, "{st}");
-    let (code, err, serial) = finish(src, &src_serial);
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
-    assert_verified(&serial);
+    assert_replayed(&src_mem(&dir), PAGES, 6);
     let _ = dest.wait();
 }
 
@@ -332,9 +422,9 @@ fn the_destination_checks_every_frame_before_touching_memory() {
 fn a_local_handover_sends_no_pages_and_the_guest_carries_on_in_the_same_file() {
     require_kvm();
     let dir = tmpdir();
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=3000 seed=12 verify=1");
-    let dest = Dest::start_with(&dir, path(&dir, "src.mem"), &["--local"]);
-    std::thread::sleep(Duration::from_millis(800));
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 12));
+    let mut dest = Dest::start_with(&dir, src_mem(&dir), &["--local"]);
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
     let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--local", "--verify-memory"]);
     assert_eq!(r["ok"], true, "{r}");
     // Only Hello, the machine state and Done crossed: no page, no zero marker.
@@ -351,24 +441,24 @@ fn a_local_handover_sends_no_pages_and_the_guest_carries_on_in_the_same_file() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("migrated to {}", dest.addr)), "{err}");
     assert!(!serial.contains("workload rate done"), "the source finished the workload itself:\n{serial}");
+    dest.carries_on_then_stops(PAGES);
     let (code, err, serial) = dest.wait();
     assert_eq!(code, 0, "{err}\n{serial}");
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
     assert!(err.contains("received: 0 MiB"), "{err}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+    assert_replayed(&src_mem(&dir), PAGES, 12);
 }
 
 #[test]
 fn a_local_handover_to_another_file_is_refused_and_the_source_carries_on() {
     require_kvm();
     let dir = tmpdir();
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=2500 seed=13 verify=1");
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 13));
     // Same size, another inode: the destination must not run the guest on it.
     let other = path(&dir, "other.mem");
     std::fs::File::create(&other).unwrap().set_len(64 << 20).unwrap();
     let dest = Dest::start_with(&dir, other, &["--local"]);
-    std::thread::sleep(Duration::from_millis(500));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
     let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--local"]);
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap();
@@ -385,10 +475,10 @@ fn a_local_handover_to_another_file_is_refused_and_the_source_carries_on() {
     let (code, _, _) = dest.wait();
     assert_ne!(code, 0);
 
-    let (code, err, serial) = finish(src, &src_serial);
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_verified(&serial);
+    assert_replayed(&src_mem(&dir), PAGES, 13);
 }
 
 /// A directory on tmpfs for a post-copy destination's memory file.
@@ -400,10 +490,14 @@ fn shm_dir() -> tempfile::TempDir {
 fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
-    let (src, sock, src_serial) = source(&dir, "workload=random pages=4000 ms=3000 seed=14 verify=1");
-    std::thread::sleep(Duration::from_millis(700));
-    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy"]);
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, 14));
+    let mem = src_mem(&dir);
+    progress::wait_for(&mut src, "every working-set page stamped", || {
+        (progress::stamped_pages(&mem, PAGES) == PAGES).then_some(())
+    });
+    // 16 MiB at 8 MiB/s: the guest runs there long before its pages are all in.
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy", "--bandwidth-limit", "8M"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["converge"], "post-copy", "{r}");
     let pc = &r["postcopy"];
@@ -417,9 +511,11 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
     // race; either way it went once).
     assert!(n("requests") >= 1, "{r}");
 
-    let (code, err, serial) = finish(src, &src_serial);
+    let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
-    assert!(!serial.contains("workload random done"), "the source finished the workload itself:\n{serial}");
+    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
+    dest.carries_on_then_stops(PAGES);
+    let dst_mem = dest.mem.clone();
     let (code, err, serial) = dest.wait();
     assert_eq!(code, 0, "{err}\n{serial}");
     // The destination counted the same pages, each accepted once (it refuses a repeat).
@@ -431,19 +527,18 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
         n("zero_pages")
     );
     assert!(line.contains(&want), "{line}\nwant: {want}");
-    assert!(serial.contains("workload random done"), "{serial}");
-    assert!(verify_line(&serial).ends_with(" mismatches=0"), "{serial}");
+    assert_replayed(&dst_mem, PAGES, 14);
 }
 
 #[test]
 fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
     // 4000 pages/s over 500 pages against a 4 MiB/s link: pre-copy alone
     // would need throttling; two rounds, then post-copy.
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=500 rate=4000 ms=4000 seed=15 verify=1");
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut src, sock, src_serial) = source(&dir, &endless(500, 4000, 15));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), 500, 500);
     let r = ctl(
         &sock,
         &["migrate", "--to", &dest.addr, "--postcopy-after", "2", "--bandwidth-limit", "4M", "--no-auto-converge"],
@@ -457,42 +552,40 @@ fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
     assert!(owed > 0 && owed <= 500 + 64, "only the pages dirtied since the last round are owed: {r}");
     let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
+    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
+    dest.carries_on_then_stops(500);
+    let dst_mem = dest.mem.clone();
     let (code, err, serial) = dest.wait();
     assert_eq!(code, 0, "{err}\n{serial}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert!(verify_line(&serial).ends_with(" mismatches=0"), "{serial}");
+    assert_replayed(&dst_mem, 500, 15);
 }
 
 #[test]
 fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dst_sock = path(&dir, "dst.sock");
-    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &["--api-sock", dst_sock.to_str().unwrap()]);
-    let (mut src, sock, _) = source(&dir, "workload=random pages=6000 ms=20000 seed=16 verify=1");
-    std::thread::sleep(Duration::from_millis(500));
-    // A slow link keeps the post-copy phase going for seconds.
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let (mut src, sock, _) = source(&dir, &endless(6000, 0, 16));
+    // Over 5000 stamped pages (20 MiB) to send at 2 MiB/s: the post-copy
+    // phase lasts at least ten seconds.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), 6000, 20000);
     let ctl_child = smudge()
         .args(["ctl", "--json", "--api-sock", sock.to_str().unwrap(), "migrate", "--to", &dest.addr])
         .args(["--postcopy", "--bandwidth-limit", "2M"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !dest.stderr.lock().unwrap().contains("the guest runs here now") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no switchover: {}", dest.stderr.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    dest.wait_for("the post-copy switchover", |d| d.said("the guest runs here now"));
+    dest.wait_for("its API socket", |d| d.sock.exists());
     // Its memory file is not whole yet: nothing may copy it.
-    let r = ctl(&dst_sock, &["snapshot", "create", path(&dir, "snap").to_str().unwrap()]);
+    let r = ctl(&dest.sock, &["snapshot", "create", path(&dir, "snap").to_str().unwrap()]);
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("memory is still loading"), "{r}");
     src.kill().unwrap();
     src.wait().unwrap();
     let t1 = Instant::now();
     let (code, err, _) = dest.wait();
-    assert!(t1.elapsed() < Duration::from_secs(10), "the destination hung for {:?}", t1.elapsed());
+    assert!(t1.elapsed() < progress::WAIT, "the destination hung for {:?}", t1.elapsed());
     assert_eq!(code, 107, "{err}");
     assert!(err.contains("failed after the switchover") && err.contains("the guest cannot continue"), "{err}");
     let mut ctl_child = ctl_child;
@@ -503,18 +596,34 @@ fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error()
 fn losing_the_destination_during_post_copy_keeps_the_guest_paused_at_the_source() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
-    let mut dest = dest;
-    let (src, sock, src_serial) = source(&dir, "workload=random pages=6000 ms=20000 seed=17 verify=1");
-    std::thread::sleep(Duration::from_millis(500));
-    let (stderr, addr) = (dest.stderr.clone(), dest.addr.clone());
-    let killer = std::thread::spawn(move || {
-        let t0 = Instant::now();
-        while !stderr.lock().unwrap().contains("the guest runs here now") {
-            assert!(t0.elapsed() < Duration::from_secs(10), "no switchover");
-            std::thread::sleep(Duration::from_millis(10));
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    // Its migration log on: the switchover line below.
+    let (mem, sock) = (src_mem(&dir), path(&dir, "src.sock"));
+    let mut src = smudge()
+        .env("SMUDGE_LOG", "warn,smudge_vmm::migrate=info")
+        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "120"])
+        .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", &endless(6000, 0, 17)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    progress::wait_for(&mut src, "the source's API socket", || sock.exists().then_some(()));
+    // Over 5000 stamped pages at 2 MiB/s: the post-copy phase lasts at
+    // least ten seconds.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), 6000, 20000);
+    // The source logs the switchover once the destination's answer is in.
+    let src_err = Arc::new(Mutex::new(String::new()));
+    let (pipe, sink) = (src.stderr.take().unwrap(), src_err.clone());
+    let src_reader = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
         }
-        std::thread::sleep(Duration::from_millis(300));
+    });
+    let (seen, addr) = (src_err.clone(), dest.addr.clone());
+    let killer = std::thread::spawn(move || {
+        dest.wait_for("the source to log the post-copy switchover", |_| {
+            seen.lock().unwrap().contains("post-copy switchover in")
+        });
         dest.child.kill().unwrap();
         dest.child.wait().unwrap();
     });
@@ -525,8 +634,9 @@ fn losing_the_destination_during_post_copy_keeps_the_guest_paused_at_the_source(
     assert!(e.contains("post-copy broke after the switchover") && e.contains("stays paused here"), "{e}");
     assert_eq!(ctl(&sock, &["stats"])["paused"], true);
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
-    let (code, err, _) = finish(src, &src_serial);
-    assert_eq!(code, 0, "{err}");
+    let code = src.wait().unwrap().code();
+    src_reader.join().unwrap();
+    assert_eq!(code, Some(0), "{}", src_err.lock().unwrap());
 }
 
 #[test]
@@ -536,26 +646,29 @@ fn post_copy_to_a_memory_file_on_disk_is_refused_and_the_source_carries_on() {
     // The test's temporary directory is on disk, not tmpfs.
     assert!(!smudge::uffd::on_tmpfs(dir.path()).unwrap(), "the test needs a non-tmpfs temp dir");
     let dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=2000 seed=18 verify=1");
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 18));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
     let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy"]);
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("post-copy needs the destination's memory file on tmpfs"), "{r}");
     let (code, err, _) = dest.wait();
     assert_ne!(code, 0, "{err}");
-    let (code, err, serial) = finish(src, &src_serial);
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_verified(&serial);
+    assert_replayed(&src_mem(&dir), PAGES, 18);
 }
 
 #[test]
 fn four_connections_carry_the_pages_and_the_guest_carries_on() {
     require_kvm();
     let dir = tmpdir();
-    let dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=20000 ms=4000 seed=19 verify=1");
-    std::thread::sleep(Duration::from_millis(800));
+    let mut dest = Dest::start(&dir);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 19));
+    let mem = src_mem(&dir);
+    progress::wait_for(&mut src, "every working-set page stamped", || {
+        (progress::stamped_pages(&mem, PAGES) == PAGES).then_some(())
+    });
     let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--connections", "4", "--verify-memory", "--compress", "lz4"]);
     assert_eq!(r["ok"], true, "{r}");
     let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
@@ -565,11 +678,12 @@ fn four_connections_carry_the_pages_and_the_guest_carries_on() {
     let crc = r["memory_crc32"].as_u64().expect("memory checksum");
     let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
+    dest.carries_on_then_stops(PAGES);
+    let dst_mem = dest.mem.clone();
     let (code, err, serial) = dest.wait();
     assert_eq!(code, 0, "{err}\n{serial}");
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_eq!(verify_line(&serial), "verify: pages=4000 ok=4000 stamped=4000 mismatches=0");
+    assert_replayed(&dst_mem, PAGES, 19);
 }
 
 /// Forwards every connection to `to`, but cuts the `cut`-th one (0: the
@@ -617,18 +731,20 @@ fn a_page_connection_cut_mid_stream_resumes_the_source() {
     require_kvm();
     let dir = tmpdir();
     let dest = Dest::start(&dir);
-    let (src, sock, src_serial) = source(&dir, "workload=rate pages=4000 rate=5000 ms=3000 seed=20 verify=1");
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 5000, 20));
+    // Over 1500 stamped pages: each connection's share of round 0 is
+    // megabytes.
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
     // The third connection (the second extra one) dies inside round 0.
     let via = cutting_proxy(dest.addr.clone(), 2, 200_000);
     let r = ctl(&sock, &["migrate", "--to", &via, "--connections", "3"]);
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap();
     assert!(e.contains("the guest runs on here"), "{e}");
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
     let (code, err, serial) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}\n{serial}");
-    assert!(serial.contains("workload rate done"), "{serial}");
-    assert_verified(&serial);
+    assert_replayed(&src_mem(&dir), PAGES, 20);
     let (code, err, _) = dest.wait();
     assert_eq!(code, 100, "{err}");
     assert!(err.contains("page connection 2"), "destination: {err}");

@@ -49,7 +49,7 @@ fn a_capped_round_0_shows_its_progress_as_it_goes() {
             sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&(line + "\n"));
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("migrate-recv never said where it listens");
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("migrate-recv never said where it listens");
 
     // 12 MiB and more at 1 MiB/s: round 0 is sent a frame (1 MiB) at a
     // time for seconds.

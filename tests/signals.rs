@@ -18,7 +18,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{assert_stamps, random_generations, require_kvm, smudge};
-use serde_json::{json, Value};
+use serde_json::Value;
+use smudge::control::{MigrateRequest, Request, SnapshotRequest};
 use smudge_vmm::harness::{ScratchDir, TestVm};
 
 /// Exit code of a clean stop on a signal (`outcome::EXIT_SIGNALLED`).
@@ -219,7 +220,7 @@ fn sigterm_mid_live_snapshot_abandons_it_and_stops_cleanly() {
     vm.wait_for_serial("layout:", LIMIT).unwrap();
     let live = snaps.join("live");
     std::thread::scope(|s| {
-        let answer = s.spawn(|| vm.call_raw(&json!({"cmd": "snapshot", "dir": live, "live": true})).unwrap());
+        let answer = s.spawn(|| vm.call_raw(&Request::Snapshot(SnapshotRequest::live(&live))).unwrap());
         wait_for_stderr(&vm, "smudge: test hold: the live snapshot waits after its first copy");
         assert!(live.join("memory.img").exists(), "no snapshot under way: the test proves nothing");
         send(&vm, libc::SIGTERM);
@@ -253,7 +254,7 @@ fn a_second_signal_exits_at_once_and_a_cut_snapshot_does_not_verify() {
     vm.wait_for_serial("layout:", LIMIT).unwrap();
     let live = snaps.join("live");
     std::thread::scope(|s| {
-        let answer = s.spawn(|| vm.call_raw(&json!({"cmd": "snapshot", "dir": live, "live": true})));
+        let answer = s.spawn(|| vm.call_raw(&Request::Snapshot(SnapshotRequest::live(&live))));
         wait_for_stderr(&vm, "smudge: test hold: the live snapshot waits after its first copy");
         send(&vm, libc::SIGTERM);
         wait_for_stderr(&vm, "smudge: test hold: the stop waits for a second signal");
@@ -353,7 +354,7 @@ fn held_migration<'s>(
     relay: &'s HoldingRelay,
 ) -> std::thread::ScopedJoinHandle<'s, Value> {
     let to = relay.addr.clone();
-    let answer = s.spawn(move || src.call_raw(&json!({"cmd": "migrate", "to": to})).unwrap());
+    let answer = s.spawn(move || src.call_raw(&Request::Migrate(MigrateRequest::new(to))).unwrap());
     relay.wait_held();
     let stats = src.stats().unwrap();
     assert!(stats["job"].as_str().unwrap().contains("a migration to"), "{stats}");

@@ -112,9 +112,11 @@ fn hundreds_of_corruptions_are_refused_with_the_file_named() {
     let dir = tmpdir();
     let (mem, sock, s0, s1) = (path(&dir, "m"), path(&dir, "sock"), path(&dir, "s0"), path(&dir, "s1"));
     let mut vm = start(&mem, &sock, "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1");
-    std::thread::sleep(Duration::from_millis(200));
+    // Pages in the full snapshot, and new ones for the diff to hold.
+    progress::wait_for_writes(&mut vm, &mem, 2500, 50);
     assert_eq!(ctl(&sock, &["snapshot", "create", s0.to_str().unwrap()])["ok"], true);
-    std::thread::sleep(Duration::from_millis(200));
+    let w = progress::guest_writes(&mem, 2500);
+    progress::wait_for_writes(&mut vm, &mem, 2500, w + 50);
     assert_eq!(ctl(&sock, &["snapshot", "create", s1.to_str().unwrap(), "--parent", s0.to_str().unwrap()])["ok"], true);
     vm.kill().unwrap();
     vm.wait().unwrap();

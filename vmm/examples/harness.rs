@@ -71,7 +71,7 @@ fn run() -> Result<bool, HarnessError> {
         .dirty_log("manual")
         .boot()?;
     println!("booted {} (pid {}), memory in {}", bin.display(), vm.pid(), vm.mem_path().display());
-    println!("guest: {}", vm.wait_for_serial("layout:", Duration::from_secs(10))?);
+    println!("guest: {}", vm.wait_for_serial("layout:", Duration::from_secs(60))?);
 
     // Held while the harness looks and snapshots, the guest cannot reach
     // its end before the migration below.
@@ -97,10 +97,10 @@ fn run() -> Result<bool, HarnessError> {
     let seen = |s: &serde_json::Value| s["dirty_log"]["guest_pages"].as_u64().unwrap_or(0);
     let before = seen(&vm.stats()?);
     vm.resume()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while seen(&vm.stats()?) == before {
         if Instant::now() > deadline {
-            eprintln!("the guest dirtied no page in 30 s after the resume\n{}", vm.logs());
+            eprintln!("the guest dirtied no page in 60 s after the resume\n{}", vm.logs());
             return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -127,7 +127,7 @@ fn run() -> Result<bool, HarnessError> {
         report["downtime_ms"].as_f64().unwrap_or(0.0),
         report["rounds"].as_array().map_or(0, Vec::len)
     );
-    let src = vm.wait_exit(Duration::from_secs(10))?;
+    let src = vm.wait_exit(Duration::from_secs(60))?;
     println!("source exited with {:?}", src.code);
 
     let mut ok = true;

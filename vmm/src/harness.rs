@@ -21,7 +21,7 @@
 //!         .mem(64 << 20)
 //!         .workload("workload=rate pages=2000 rate=2000 ms=3000 seed=5 verify=1")
 //!         .boot()?;
-//!     vm.wait_for_serial("layout:", Duration::from_secs(10))?;
+//!     vm.wait_for_serial("layout:", Duration::from_secs(60))?;
 //!     let stats = vm.stats()?;
 //!     println!("dirty log: {}", stats["dirty_log"]);
 //!
@@ -34,7 +34,7 @@
 //!     println!("downtime {} ms", report["downtime_ms"]);
 //!
 //!     for v in [&restored, &dest] {
-//!         let exit = v.wait_exit(Duration::from_secs(30))?;
+//!         let exit = v.wait_exit(Duration::from_secs(60))?;
 //!         assert_eq!(exit.code, Some(0), "{exit}");
 //!         assert!(exit.line("verify:").is_some_and(|l| l.ends_with("mismatches=0")), "{exit}");
 //!     }
@@ -71,6 +71,14 @@ use smudge::control::{MigrateRequest, Request, SnapshotRequest};
 
 /// How often the harness looks at files, sockets and the child process.
 const POLL: Duration = Duration::from_millis(5);
+/// The default of every wait for smudge (socket, listening address,
+/// control answer, guest run): long enough for a host whose load average
+/// is well above its core count, where a process may not run for seconds.
+const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+/// How long, once smudge has exited, the harness waits for the thread that
+/// reads its stderr to see the end of the pipe (so an error or an [`Exit`]
+/// shows all of it).
+const STDERR_DRAIN: Duration = Duration::from_secs(10);
 /// Lines of smudge's stderr an error shows.
 const STDERR_TAIL_LINES: usize = 40;
 /// Bytes of serial output an error shows (the end of it).
@@ -341,9 +349,9 @@ impl Default for TestVmBuilder {
             dirty_log: None,
             args: Vec::new(),
             env: Vec::new(),
-            timeout: Duration::from_secs(60),
-            boot_timeout: Duration::from_secs(10),
-            api_timeout: Duration::from_secs(60),
+            timeout: DEFAULT_WAIT,
+            boot_timeout: DEFAULT_WAIT,
+            api_timeout: DEFAULT_WAIT,
             keep_scratch: false,
         }
     }
@@ -427,7 +435,7 @@ impl TestVmBuilder {
 
     /// How long [`TestVmBuilder::boot`] and [`TestVmBuilder::restore`]
     /// wait for the API socket, and [`TestVmBuilder::incoming`] for the
-    /// listening address (default 10 s).
+    /// listening address (default 60 s).
     pub fn boot_timeout(mut self, limit: Duration) -> Self {
         self.boot_timeout = limit;
         self
@@ -728,7 +736,7 @@ impl TestVm {
             let exited = self.exit_status();
             if exited.is_some() {
                 // Let the stderr reader catch up before the last look.
-                self.join_reader(Duration::from_millis(500));
+                self.join_reader(STDERR_DRAIN);
             }
             if let Some(v) = f() {
                 return Ok(v);
@@ -808,7 +816,7 @@ impl TestVm {
         };
         let s = UnixStream::connect(&self.sock).map_err(|e| io("connecting to the control API socket", e))?;
         s.set_read_timeout(Some(self.api_timeout)).map_err(|e| io("setting a read timeout", e))?;
-        s.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| io("setting a write timeout", e))?;
+        s.set_write_timeout(Some(self.api_timeout)).map_err(|e| io("setting a write timeout", e))?;
         let mut line = shown.clone().into_bytes();
         line.push(b'\n');
         let answer = match crate::api::exchange(&s, &line) {
@@ -966,7 +974,7 @@ impl TestVm {
     /// stays until this `TestVm` is dropped.
     pub fn wait_exit(&self, limit: Duration) -> Result<Exit> {
         let s = self.wait_until(limit, "smudge to exit", || self.exit_status())?;
-        self.join_reader(Duration::from_secs(2));
+        self.join_reader(STDERR_DRAIN);
         Ok(Exit { code: s.code(), serial: self.serial(), stderr: self.stderr() })
     }
 
@@ -982,7 +990,7 @@ impl TestVm {
                 *lock(&self.status) = Some(s);
             }
         }
-        self.join_reader(Duration::from_secs(1));
+        self.join_reader(STDERR_DRAIN);
     }
 }
 

@@ -36,9 +36,17 @@ impl std::fmt::Debug for VcpuControl {
     }
 }
 
+/// How long a pause waits for every vCPU to park. A parked vCPU only has
+/// to leave KVM_RUN (it is kicked every millisecond), so on a quiet host
+/// this takes microseconds; the limit is for a host so loaded that the
+/// vCPU threads are not scheduled for seconds, which must not fail a
+/// snapshot, a migration or a stop.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(30);
+
 impl VcpuControl {
     /// Asks every live vCPU to pause and kicks it out of KVM_RUN until all
-    /// are parked (2 s at most). Returns how many were paused.
+    /// are parked ([`PAUSE_LIMIT`] at most: an error then, never a hang).
+    /// Returns how many were paused.
     pub fn pause(&self) -> Result<usize, String> {
         let live = self.threads.iter().filter(|t| !t.is_finished()).count();
         self.shared.request_pause();
@@ -48,8 +56,12 @@ impl VcpuControl {
         let t0 = Instant::now();
         let mut kicked = t0;
         while self.shared.paused_vcpus() < live {
-            if t0.elapsed() > Duration::from_secs(2) {
-                return Err(format!("only {} of {live} vCPUs paused within 2 s", self.shared.paused_vcpus()));
+            if t0.elapsed() > PAUSE_LIMIT {
+                return Err(format!(
+                    "only {} of {live} vCPUs paused within {} s",
+                    self.shared.paused_vcpus(),
+                    PAUSE_LIMIT.as_secs()
+                ));
             }
             // A kick that lands just before KVM_RUN is lost: kick again.
             if kicked.elapsed() > Duration::from_millis(1) {
