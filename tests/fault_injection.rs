@@ -6,32 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
 use common::*;
-
-/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
-struct Tiny(PathBuf);
-
-impl Tiny {
-    fn mount(dir: &Path, size: &str) -> Tiny {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
-        assert!(
-            st.as_ref().is_ok_and(|s| s.success()),
-            "mounting a {size} tmpfs at {} failed ({st:?}): the fault-injection tests need root",
-            dir.display()
-        );
-        Tiny(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tiny {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn snapshot(sock: &Path, dir: &Path, parent: Option<&Path>) -> serde_json::Value {
     let mut args = vec!["snapshot", "create", dir.to_str().unwrap()];
@@ -45,7 +23,7 @@ fn snapshot(sock: &Path, dir: &Path, parent: Option<&Path>) -> serde_json::Value
 fn snapshots_onto_a_full_disk_fail_clearly_and_a_retry_with_room_loses_nothing() {
     require_kvm();
     let dir = tmpdir();
-    let tiny = Tiny::mount(&path(&dir, "tiny"), "1m");
+    let tiny = Tmpfs::mount(&path(&dir, "tiny"), "size=1m");
     let (mem, sock) = (path(&dir, "m"), path(&dir, "sock"));
     // Up to 16 MiB of stamped pages, written until the test ends the run.
     let cmdline = "workload=rate pages=4000 rate=4000 writes=1000000000 seed=21 wipe=1";
@@ -65,7 +43,7 @@ fn snapshots_onto_a_full_disk_fail_clearly_and_a_retry_with_room_loses_nothing()
     smudge::snapshot::verify(&s0).unwrap();
     // The same onto another filesystem with room (copy_file_range cannot
     // cross filesystems here: the copy falls back to read/write).
-    let big = Tiny::mount(&path(&dir, "big"), "64m");
+    let big = Tmpfs::mount(&path(&dir, "big"), "size=64m");
     let r = snapshot(&sock, &big.0.join("full"), None);
     assert_eq!(r["ok"], true, "{r}");
     smudge::snapshot::verify(&big.0.join("full")).unwrap();
@@ -106,7 +84,7 @@ fn more_writes(vm: &mut std::process::Child, mem: &Path) {
 fn a_destination_whose_disk_fills_refuses_and_the_source_runs_on() {
     require_kvm();
     let dir = tmpdir();
-    let tiny = Tiny::mount(&path(&dir, "tiny"), "2m");
+    let tiny = Tmpfs::mount(&path(&dir, "tiny"), "size=2m");
     let (mem, sock) = (path(&dir, "m"), path(&dir, "sock"));
     // Written until the test ends the run.
     let cmdline = "workload=rate pages=4000 rate=4000 writes=1000000000 seed=22 wipe=1";

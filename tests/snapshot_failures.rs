@@ -11,33 +11,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// A tmpfs mounted at `dir` with mount options `opts`, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status();
-        assert!(
-            st.as_ref().is_ok_and(|s| s.success()),
-            "mounting a tmpfs ({opts}) at {} failed ({st:?}): these tests need root",
-            dir.display()
-        );
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// One request line sent as is (`smudge ctl` refuses an empty path itself).
 fn raw(sock: &Path, line: &str) -> Value {
@@ -147,7 +125,7 @@ fn a_failed_snapshot_at_any_step_writes_nothing_and_keeps_the_chain() {
     assert!(r["error"].as_str().unwrap_or_default().contains("exists and is not empty"), "{r}");
     assert_eq!(names(&taken), ["keep"]);
     assert_eq!(std::fs::read(taken.join("keep")).unwrap(), b"mine");
-    let ro = Mount::tmpfs(&path(&dir, "ro"), "ro,size=64m");
+    let ro = Tmpfs::mount(&path(&dir, "ro"), "ro,size=64m");
     vm.refused(
         &snapshot(&sock, &ro.0.join("full"), None, false),
         &ro.0,
@@ -157,18 +135,18 @@ fn a_failed_snapshot_at_any_step_writes_nothing_and_keeps_the_chain() {
     vm.refused(&snapshot(&sock, &ro.0.join("live"), None, true), &ro.0, &["Read-only"]);
 
     // Out of room while copying: one page of space.
-    let tiny = Mount::tmpfs(&path(&dir, "tiny"), "size=4k");
+    let tiny = Tmpfs::mount(&path(&dir, "tiny"), "size=4k");
     vm.refused(&snapshot(&sock, &tiny.0.join("full"), None, false), &tiny.0, &["No space left", "tiny/full"]);
     vm.refused(&snapshot(&sock, &tiny.0.join("d"), Some(&s0), false), &tiny.0, &["No space left", "tiny/d"]);
     vm.refused(&snapshot(&sock, &tiny.0.join("live"), None, true), &tiny.0, &["No space left", "tiny/live"]);
 
     // At the commit: room for the data files, no inode left for the
     // manifest (a tmpfs's root takes one, the snapshot directory another).
-    let full_inodes = Mount::tmpfs(&path(&dir, "i4"), "size=256m,nr_inodes=4");
+    let full_inodes = Tmpfs::mount(&path(&dir, "i4"), "size=256m,nr_inodes=4");
     let at_commit = ["manifest.json.tmp", "No space left"];
     vm.refused(&snapshot(&sock, &full_inodes.0.join("full"), None, false), &full_inodes.0, &at_commit);
     vm.refused(&snapshot(&sock, &full_inodes.0.join("live"), None, true), &full_inodes.0, &at_commit);
-    let diff_inodes = Mount::tmpfs(&path(&dir, "i5"), "size=256m,nr_inodes=5");
+    let diff_inodes = Tmpfs::mount(&path(&dir, "i5"), "size=256m,nr_inodes=5");
     vm.refused(&snapshot(&sock, &diff_inodes.0.join("d"), Some(&s0), false), &diff_inodes.0, &at_commit);
 
     // The guest has written since s0 (it writes 300 pages a second): the

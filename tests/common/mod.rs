@@ -169,3 +169,29 @@ pub fn start_with_api(
     }
     child
 }
+
+/// A tmpfs mounted at `dir` with mount options `opts` (`size=1m`,
+/// `ro,size=64m`, `nr_inodes=4`…), unmounted on drop: a small or full or
+/// read-only filesystem, made by the test (the suite runs as root).
+#[derive(Debug)]
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts it; fails the test (never skips it) if it cannot.
+    pub fn mount(dir: &Path, opts: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status();
+        assert!(
+            st.as_ref().is_ok_and(|s| s.success()),
+            "mounting a tmpfs ({opts}) at {} failed ({st:?}): these tests need root",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

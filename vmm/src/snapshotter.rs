@@ -144,6 +144,20 @@ pub struct Taken {
     pub checksum_read_bytes: u64,
 }
 
+impl Taken {
+    /// What a committed snapshot in `dir` reports, with its pause.
+    fn new(c: snapshot::Committed, dir: &Path, pause: Duration, pause_copied_bytes: u64) -> Taken {
+        Taken {
+            manifest: c.manifest,
+            dir: dir.to_path_buf(),
+            memory_bytes: c.memory_bytes,
+            pause,
+            pause_copied_bytes,
+            checksum_read_bytes: c.checksum_read_bytes,
+        }
+    }
+}
+
 /// The last snapshot of this run and the consumer collecting pages since.
 #[derive(Debug)]
 struct Chain {
@@ -295,14 +309,7 @@ impl Snapshotter {
                     // The new full snapshot heads the chain from now on.
                     Written::Full(consumer) => self.start_chain(consumer, last),
                 }
-                Ok(Taken {
-                    manifest: c.manifest,
-                    dir: dir.to_path_buf(),
-                    memory_bytes: c.memory_bytes,
-                    pause,
-                    pause_copied_bytes: in_pause,
-                    checksum_read_bytes: c.checksum_read_bytes,
-                })
+                Ok(Taken::new(c, dir, pause, in_pause))
             }
             Err(e) => {
                 match written {
@@ -397,14 +404,7 @@ impl Snapshotter {
         // snapshot's consumer carries on as the chain's.
         guard.consumer = None;
         self.start_chain(Some(consumer), Some((c.manifest.clone(), dir.to_path_buf())));
-        Ok(Taken {
-            manifest: c.manifest,
-            dir: dir.to_path_buf(),
-            memory_bytes: c.memory_bytes,
-            pause,
-            pause_copied_bytes: in_pause,
-            checksum_read_bytes: c.checksum_read_bytes,
-        })
+        Ok(Taken::new(c, dir, pause, in_pause))
     }
 
     /// A committed full snapshot (`last`) heads a new chain, `consumer`
