@@ -260,7 +260,7 @@ fn idle_connections_do_not_hold_the_api_and_past_the_limit_ctl_is_told_busy() {
     assert!(served.stdout.contains("\"ok\": true"), "{served:?}");
     // Fill the places for connections still to send their request; one
     // more is turned away at once, with its answer.
-    idle.extend((16..smudge_vmm::api::MAX_WAITING).map(|_| connect()));
+    idle.extend((16..smudge_vmm::control::api::MAX_WAITING).map(|_| connect()));
     let one_more = connect();
     let mut answer = String::new();
     BufReader::new(&one_more).read_line(&mut answer).unwrap();

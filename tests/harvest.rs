@@ -17,7 +17,7 @@ const VMM_BOOT_PAGES: [u64; 3] = [0x6000, 0x7000, 0x20000];
 
 fn dump_pages(path: &std::path::Path) -> BTreeSet<u64> {
     let text = std::fs::read_to_string(path).expect("dump file");
-    smudge_vmm::dirty::read_dump(&text).expect("parse dump").into_iter().collect()
+    smudge_vmm::observe::tracking::read_dump(&text).expect("parse dump").into_iter().collect()
 }
 
 /// Boots with `mechanism`, harvesting every millisecond, and checks that the

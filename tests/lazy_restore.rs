@@ -59,7 +59,10 @@ fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>, i64)> {
 /// unwritten pages hold data.
 fn compare_unwritten(dir: &tempfile::TempDir, snap: &Path, mem: &Path, dump: &Path) -> (usize, usize) {
     let written: std::collections::HashSet<u64> =
-        smudge_vmm::dirty::read_dump(&std::fs::read_to_string(dump).unwrap()).unwrap().into_iter().collect();
+        smudge_vmm::observe::tracking::read_dump(&std::fs::read_to_string(dump).unwrap())
+            .unwrap()
+            .into_iter()
+            .collect();
     let want_path = path(dir, "want.mem");
     smudge::snapshot::materialize(snap, &want_path).unwrap();
     let (got, want) = (std::fs::read(mem).unwrap(), std::fs::read(&want_path).unwrap());

@@ -6,13 +6,13 @@ mod common;
 
 use common::*;
 
-/// What `smudge_vmm::seccomp::EXIT_SECCOMP` is (the tests check the
+/// What `smudge_vmm::vm::seccomp::EXIT_SECCOMP` is (the tests check the
 /// number users see).
 const EXIT_SECCOMP: i32 = 106;
 
 #[test]
 fn exit_code_is_the_documented_one() {
-    assert_eq!(i32::from(smudge_vmm::seccomp::EXIT_SECCOMP), EXIT_SECCOMP);
+    assert_eq!(i32::from(smudge_vmm::vm::seccomp::EXIT_SECCOMP), EXIT_SECCOMP);
     assert_eq!(i32::from(smudge::sigsys::EXIT_SECCOMP), EXIT_SECCOMP);
 }
 
@@ -22,7 +22,7 @@ fn a_default_run_has_the_filters_on_and_exits_zero() {
     let mem = path(&dir, "guest.mem");
     let out = smudge()
         .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "60"])
-        .env("SMUDGE_LOG", "warn,smudge_vmm::seccomp=debug")
+        .env("SMUDGE_LOG", "warn,smudge_vmm::vm::seccomp=debug")
         .output()
         .unwrap();
     let r = Run::from(out);

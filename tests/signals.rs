@@ -31,8 +31,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn the_exit_codes_are_the_documented_ones() {
-    assert_eq!(i32::from(smudge_vmm::outcome::EXIT_SIGNALLED), EXIT_SIGNALLED);
-    assert_eq!(i32::from(smudge_vmm::outcome::EXIT_SECOND_SIGNAL), EXIT_SECOND_SIGNAL);
+    assert_eq!(i32::from(smudge_vmm::vm::outcome::EXIT_SIGNALLED), EXIT_SIGNALLED);
+    assert_eq!(i32::from(smudge_vmm::vm::outcome::EXIT_SECOND_SIGNAL), EXIT_SECOND_SIGNAL);
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     for code in [EXIT_SIGNALLED, EXIT_SECOND_SIGNAL] {
         assert!(readme.contains(&format!("| {code} |")), "the README's exit-code table lacks {code}");

@@ -819,7 +819,7 @@ impl TestVm {
         s.set_write_timeout(Some(self.api_timeout)).map_err(|e| io("setting a write timeout", e))?;
         let mut line = shown.clone().into_bytes();
         line.push(b'\n');
-        let answer = match crate::api::exchange(&s, &line) {
+        let answer = match crate::control::api::exchange(&s, &line) {
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(HarnessError::Timeout {
                     vm: self.name.clone(),

@@ -6,26 +6,10 @@
 
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod bench;
-pub mod boot;
-pub mod cli;
-pub mod ctl_view;
-pub mod devices;
-pub mod dirty;
-pub mod dirty_rate;
-pub mod event_loop;
-pub mod flusher;
-pub mod guest_image;
+pub mod control;
 pub mod harness;
-pub mod heatmap;
-pub mod lazy;
 pub mod migrate;
-pub mod outcome;
-pub mod precopy;
-pub mod seccomp;
-pub mod signals;
-pub mod snapshotter;
-pub mod vcpu;
-pub mod vcpu_threads;
+pub mod observe;
+pub mod persist;
 pub mod vm;

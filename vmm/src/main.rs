@@ -11,12 +11,12 @@ use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
-use smudge_vmm::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand, SnapshotCtl};
-use smudge_vmm::dirty::DirtyOptions;
-use smudge_vmm::flusher::WritebackOptions;
-use smudge_vmm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
-use smudge_vmm::outcome::{EXIT_SETUP, EXIT_SIGNALLED, EXIT_WRITEBACK};
-use smudge_vmm::signals;
+use smudge_vmm::control::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand, SnapshotCtl};
+use smudge_vmm::control::signals;
+use smudge_vmm::observe::tracking::DirtyOptions;
+use smudge_vmm::persist::flusher::WritebackOptions;
+use smudge_vmm::vm::guest_image::{DEFAULT_CMDLINE, GUEST_ELF};
+use smudge_vmm::vm::outcome::{EXIT_SETUP, EXIT_SIGNALLED, EXIT_WRITEBACK};
 use smudge_vmm::vm::{self, VmConfig};
 
 fn main() -> ExitCode {
@@ -78,7 +78,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 if r.run.mem_file.exists() {
                     anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
                 }
-                let (lazy, m) = smudge_vmm::lazy::LazyRestore::open(&r.snapshot, t0)?;
+                let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
                 let mem_file = r.run.mem_file.clone();
                 let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
                 return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
@@ -188,12 +188,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             );
             let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
             let wait = Duration::from_secs_f64(args.wait_secs);
-            let answer = smudge_vmm::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
+            let answer = smudge_vmm::control::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
             if let Some(stop) = watch {
                 stop();
             }
             let answer = answer?;
-            match smudge_vmm::ctl_view::render(&args.cmd, &answer).filter(|_| !args.json) {
+            match smudge_vmm::control::ctl_view::render(&args.cmd, &answer).filter(|_| !args.json) {
                 Some(text) => println!("{text}"),
                 None => println!("{}", serde_json::to_string_pretty(&answer)?),
             }
@@ -219,7 +219,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
 }
 
 /// Takes SIGTERM and SIGINT over for a run (before any thread starts):
-/// they stop it cleanly (see `smudge_vmm::signals`).
+/// they stop it cleanly (see `smudge_vmm::control::signals`).
 fn take_stop_signals(args: &RunArgs) -> anyhow::Result<()> {
     signals::install(!args.no_seccomp, &args.test_hold)?;
     Ok(())
@@ -309,7 +309,7 @@ fn watch_progress(sock: std::path::PathBuf) -> impl FnOnce() {
             let bar = indicatif::ProgressBar::new_spinner();
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(200));
-                let Ok(v) = smudge_vmm::api::call(&sock, &smudge::control::Request::Stats) else { continue };
+                let Ok(v) = smudge_vmm::control::api::call(&sock, &smudge::control::Request::Stats) else { continue };
                 if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
                     let n = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
                     bar.set_message(match p.get("bytes_sent") {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::report::{median, Report};
-use crate::cli::BenchArgs;
-use crate::guest_image::GUEST_ELF;
+use crate::control::cli::BenchArgs;
+use crate::vm::guest_image::GUEST_ELF;
 
 /// The QEMU binary the comparisons run.
 pub const QEMU: &str = "qemu-system-x86_64";

@@ -17,9 +17,9 @@ use smudge::harvest::{ConsumerId, DirtyLogMode};
 
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
-use crate::cli::BenchArgs;
-use crate::outcome::Outcome;
-use crate::vcpu::SyncHook;
+use crate::control::cli::BenchArgs;
+use crate::vm::outcome::Outcome;
+use crate::vm::vcpu::SyncHook;
 use crate::vm::{self, VmConfig};
 
 /// One timed sync point.

@@ -37,8 +37,8 @@ use smudge::control::{MigrateRequest, Request};
 use super::boot::tempfile_dir;
 use super::qemu_migrate::{self, QemuMigrateConfig};
 use super::report::{median, Report};
-use crate::api;
-use crate::cli::BenchArgs;
+use crate::control::api;
+use crate::control::cli::BenchArgs;
 use crate::migrate::source::DEFAULT_DOWNTIME;
 
 /// One migration's figures.
@@ -212,7 +212,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let cases: &[(&str, u64)] =
         if args.quick { &[("~20 MB/s", 5000)] } else { &[("idle", 10), ("~20 MB/s", 5000), ("~200 MB/s", 50000)] };
     let elf: PathBuf = dir.join("guest.elf");
-    std::fs::write(&elf, crate::guest_image::GUEST_ELF).with_context(|| format!("writing {}", elf.display()))?;
+    std::fs::write(&elf, crate::vm::guest_image::GUEST_ELF).with_context(|| format!("writing {}", elf.display()))?;
     let khz = tsc_khz()?;
     let budget_ms = DEFAULT_DOWNTIME.as_millis() as u64;
     let mut rep = Report::new("migrate");

@@ -32,8 +32,8 @@ use smudge::migration::receiver::{check_hello, Receiver, Step};
 
 use super::boot::tempfile_dir;
 use super::report::Report;
-use crate::api;
-use crate::cli::BenchArgs;
+use crate::control::api;
+use crate::control::cli::BenchArgs;
 
 /// Counts for one kind of abuse.
 #[derive(Debug, Default, Clone, Copy)]

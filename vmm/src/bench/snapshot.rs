@@ -17,8 +17,8 @@ use smudge::control::{Request, SnapshotRequest};
 
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
-use crate::api;
-use crate::cli::BenchArgs;
+use crate::control::api;
+use crate::control::cli::BenchArgs;
 
 struct Vm {
     child: Child,

@@ -28,9 +28,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::boot::tempfile_dir;
 use super::report::{median, Report};
-use crate::cli::BenchArgs;
-use crate::flusher::WritebackOptions;
-use crate::outcome::Outcome;
+use crate::control::cli::BenchArgs;
+use crate::persist::flusher::WritebackOptions;
+use crate::vm::outcome::Outcome;
 use crate::vm::{self, VmConfig};
 
 /// Dirties every `stride`-th page of `ram` through vm-memory; returns the

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::snapshotter::VcpuControl;
+use crate::persist::snapshotter::VcpuControl;
 
 /// First step.
 pub const INITIAL_PCT: u32 = 20;

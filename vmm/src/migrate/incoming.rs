@@ -25,10 +25,10 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 use smudge::snapshot::MachineState;
 
+use crate::control::signals::{self, shut_on_stop, OnStop};
 use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
-use crate::outcome::EXIT_MEMORY_LOST;
-use crate::signals::{self, shut_on_stop, OnStop};
+use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::IncomingVm;
 
 /// Longest silence from the source before the destination gives up.

@@ -27,7 +27,7 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, PAGE};
 use smudge::migration::postcopy::{Owed, Placement, PostcopyReceiver};
 use smudge::uffd::{Placed, RamMap, Uffd};
 
-use crate::outcome::EXIT_MEMORY_LOST;
+use crate::vm::outcome::EXIT_MEMORY_LOST;
 
 /// Checks that the memory file at `path` (existing or to be created in its
 /// directory) is on tmpfs, as post-copy needs.

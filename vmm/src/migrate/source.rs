@@ -38,8 +38,8 @@ use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
-use crate::signals::{self, OnStop};
-use crate::snapshotter::VcpuControl;
+use crate::control::signals::{self, OnStop};
+use crate::persist::snapshotter::VcpuControl;
 
 /// How to migrate.
 #[derive(Debug, Clone)]

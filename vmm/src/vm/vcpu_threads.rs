@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 
 use kvm_ioctls::VcpuFd;
 
-use crate::outcome::Outcome;
-use crate::seccomp::{self, Filters, ThreadKind};
-use crate::vcpu::{self, Shared};
+use crate::vm::outcome::Outcome;
+use crate::vm::seccomp::{self, Filters, ThreadKind};
+use crate::vm::vcpu::{self, Shared};
 
 /// What a waiting thread needs to run its vCPU.
 type Go = (VcpuFd, Arc<Shared>);

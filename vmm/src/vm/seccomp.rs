@@ -14,7 +14,7 @@
 //! - **flusher**: added by the writeback thread: positional writes, syncs,
 //!   the dirty-log ioctls, kicking the vCPUs, sleeping, allocation, logs.
 //! - **signals**: the thread that takes SIGTERM and SIGINT
-//!   ([`crate::signals`]), started before the VMM filter goes on (it does
+//!   ([`crate::control::signals`]), started before the VMM filter goes on (it does
 //!   not inherit it), so its own list stands alone: waiting for the
 //!   signals, writing the message and to the event loop's eventfd, shutting
 //!   down a migration's socket, locks, allocation, `exit_group`.

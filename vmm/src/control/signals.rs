@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use libc::c_int;
 use smudge::stop_signal;
 
-use crate::outcome::{EXIT_SECOND_SIGNAL, EXIT_SETUP};
+use crate::vm::outcome::{EXIT_SECOND_SIGNAL, EXIT_SETUP};
 
 /// A point where a test can make the run wait (`--test-hold`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -120,7 +120,7 @@ pub enum SignalError {
 pub fn install(seccomp: bool, holds: &[Hold]) -> Result<(), SignalError> {
     STATE.holds.store(holds.iter().fold(0, |a, h| a | h.bit()), Ordering::Release);
     stop_signal::block().map_err(SignalError::Block)?;
-    let ctx = crate::seccomp::Context::current();
+    let ctx = crate::vm::seccomp::Context::current();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -128,7 +128,7 @@ pub fn install(seccomp: bool, holds: &[Hold]) -> Result<(), SignalError> {
             // meanwhile stays pending. Without it smudge does not run, as
             // without the VMM filter.
             if seccomp {
-                if let Err(e) = crate::seccomp::SignalsFilter::new(&ctx).and_then(|f| f.install()) {
+                if let Err(e) = crate::vm::seccomp::SignalsFilter::new(&ctx).and_then(|f| f.install()) {
                     let _ = writeln!(std::io::stderr(), "smudge: error: {e}");
                     stop_signal::exit_now(EXIT_SETUP);
                 }

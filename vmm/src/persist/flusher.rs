@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use smudge::writeback::{Writeback, WritebackError, WritebackPolicy, WritebackStats};
 
-use crate::vcpu::Shared;
+use crate::vm::vcpu::Shared;
 
 /// Writeback settings of a run.
 #[derive(Debug, Clone)]
@@ -126,7 +126,7 @@ impl Flusher {
             match r {
                 Ok(_) => {}
                 Err(e) => {
-                    shared.finish(crate::outcome::Outcome::KvmFailure(format!("writeback: {e}")));
+                    shared.finish(crate::vm::outcome::Outcome::KvmFailure(format!("writeback: {e}")));
                     break;
                 }
             }

@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn bundled_guest_load_ranges() {
-        let r = load_ranges(crate::guest_image::GUEST_ELF);
+        let r = load_ranges(crate::vm::guest_image::GUEST_ELF);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0, guest_abi::IMAGE_BASE);
         assert!(r[0].1 > 0 && r[0].0 + r[0].1 <= guest_abi::STATE_BASE);

@@ -1,5 +1,18 @@
 //! One VM run, start to end: KVM, file-backed RAM with dirty logging, the
 //! guest loaded PVH, vCPU threads, the event loop, and an orderly stop.
+//! Its parts: loading the guest ([`boot`], [`guest_image`]), the vCPUs
+//! ([`vcpu`], [`vcpu_threads`]), the devices ([`devices`]), the event loop
+//! ([`event_loop`]), the sandbox of every thread ([`seccomp`]) and how a run
+//! ended ([`outcome`]).
+
+pub mod boot;
+pub mod devices;
+pub mod event_loop;
+pub mod guest_image;
+pub mod outcome;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vcpu_threads;
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -21,20 +34,19 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::api::{self, ApiServer};
-use crate::boot::{self, BootError};
-use crate::devices::{PortBus, SerialConsole};
-use crate::dirty::{DirtyOptions, DirtySummary, TrackError, Tracking};
-use crate::event_loop::{self, LoopEnd, TickHook, Watch};
-use crate::flusher::{Flusher, WritebackOptions};
-use crate::heatmap::Heatmap;
+use self::boot::BootError;
+use self::devices::{PortBus, SerialConsole};
+use self::event_loop::{LoopEnd, TickHook, Watch};
+use self::outcome::Outcome;
+use self::seccomp::{Filters, ThreadKind};
+use self::vcpu::{Shared, SyncHook, VcpuError};
+use crate::control::api::{self, ApiServer};
+use crate::control::signals::{self, Hold};
 use crate::migrate::source::MigrationSource;
-use crate::outcome::Outcome;
-use crate::seccomp::{self, Filters, ThreadKind};
-use crate::signals::{self, Hold};
-use crate::snapshotter::{Snapshotter, VcpuControl};
-use crate::vcpu::{self, Shared, SyncHook, VcpuError};
-use crate::vcpu_threads;
+use crate::observe::heatmap::Heatmap;
+use crate::observe::tracking::{DirtyOptions, DirtySummary, TrackError, Tracking};
+use crate::persist::flusher::{Flusher, WritebackOptions};
+use crate::persist::snapshotter::{Snapshotter, VcpuControl};
 
 /// Smallest RAM smudge boots (image at 1 MiB, state area at 2 MiB).
 pub const MIN_MEM: u64 = 8 << 20;
@@ -94,7 +106,7 @@ pub struct VmConfig {
     pub incoming: Option<Box<dyn IncomingVm>>,
     /// KVM device node.
     pub kvm_dev: PathBuf,
-    /// Seccomp filters per thread kind (see [`crate::seccomp`]). The VMM
+    /// Seccomp filters per thread kind (see [`crate::vm::seccomp`]). The VMM
     /// filter stays on the calling thread after the run: off for runs
     /// inside another program (benchmarks), on from the command line.
     pub seccomp: bool,
@@ -129,7 +141,7 @@ impl VmConfig {
         VmConfig {
             mem_file,
             mem_size,
-            guest_elf: crate::guest_image::GUEST_ELF.to_vec(),
+            guest_elf: crate::vm::guest_image::GUEST_ELF.to_vec(),
             cmdline: cmdline.to_string(),
             vcpus: 1,
             serial: Box::new(std::io::sink()),

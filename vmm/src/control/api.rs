@@ -49,10 +49,10 @@ use serde_json::{json, Value};
 use smudge::control::{parse_request, Request, SnapshotRequest};
 use smudge::harvest::Harvester;
 
-use crate::flusher::Flusher;
 use crate::migrate::source::{MigrateOptions, MigrationSource, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
-use crate::outcome::Outcome;
-use crate::snapshotter::{Snapshotter, VcpuControl};
+use crate::persist::flusher::Flusher;
+use crate::persist::snapshotter::{Snapshotter, VcpuControl};
+use crate::vm::outcome::Outcome;
 
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -422,7 +422,7 @@ impl Api {
         if let Some(busy) = self.memory_loading() {
             return busy;
         }
-        let progress = |p: &crate::snapshotter::LiveProgress| {
+        let progress = |p: &crate::persist::snapshotter::LiveProgress| {
             *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = serde_json::to_value(p).ok();
         };
         let mut snap = snap.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,7 +473,7 @@ impl Api {
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = json!(true);
                 let mut err = std::io::stderr().lock();
-                for line in crate::ctl_view::migration_report(&v).lines() {
+                for line in crate::control::ctl_view::migration_report(&v).lines() {
                     let _ = writeln!(err, "smudge: {line}");
                 }
                 drop(err);
@@ -501,7 +501,7 @@ impl Api {
         let Some(h) = &self.harvester else {
             return error("dirty logging is off (--no-dirty-log): nothing to measure with".into());
         };
-        match crate::dirty_rate::measure(h, Duration::from_secs_f64(secs), smudge::memory::host_page_size()) {
+        match crate::observe::dirty_rate::measure(h, Duration::from_secs_f64(secs), smudge::memory::host_page_size()) {
             Ok(r) => {
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = json!(true);

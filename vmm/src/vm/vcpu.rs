@@ -11,9 +11,9 @@ use smudge::harvest::Harvester;
 use smudge::kvm::vcpu_state::{self, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::BootEntry;
-use crate::devices::{PortAction, PortBus};
-use crate::outcome::Outcome;
+use crate::vm::boot::BootEntry;
+use crate::vm::devices::{PortAction, PortBus};
+use crate::vm::outcome::Outcome;
 
 /// Why a vCPU could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -161,7 +161,7 @@ pub struct RunArgs {
     /// Test hook: wait at this point until SIGTERM/SIGINT comes (start,
     /// live-snapshot), or act on a first signal never (stop); repeatable.
     #[arg(long, hide = true, value_enum)]
-    pub test_hold: Vec<crate::signals::Hold>,
+    pub test_hold: Vec<crate::control::signals::Hold>,
     /// Test hook: pause the vCPUs (as `ctl pause` would) when the guest
     /// reports sync point N (`sync=1`: the end of its pass N), so a test
     /// acts on a guest held at a known point instead of waiting for it.
@@ -187,7 +187,7 @@ pub struct CtlArgs {
     pub json: bool,
     /// Wait this many seconds for a socket that does not exist yet or
     /// refuses connections (a `smudge run` still starting), then fail.
-    #[arg(long, default_value_t = crate::api::CTL_WAIT_SECS as f64, value_parser = parse_wait)]
+    #[arg(long, default_value_t = crate::control::api::CTL_WAIT_SECS as f64, value_parser = parse_wait)]
     pub wait_secs: f64,
     /// The request.
     #[command(subcommand)]

@@ -16,8 +16,8 @@ use smudge::memory::GuestRam;
 use smudge::migration::frame::PAGE;
 use smudge::snapshot::{self, MachineState, Manifest};
 
-use crate::precopy::{file_extents, Staging};
-use crate::vcpu::Shared;
+use crate::persist::precopy::{file_extents, Staging};
+use crate::vm::vcpu::Shared;
 
 /// The running vCPUs, as the control API and snapshots see them.
 #[derive(Clone)]
@@ -352,12 +352,12 @@ impl Snapshotter {
         let mut guard = LiveConsumer { harvester: &h, consumer: Some(consumer) };
         let t0 = Instant::now();
         let mut live = snapshot::begin_live_full(dir, &self.file, self.mem_size).map_err(|e| with_causes(&e))?;
-        crate::signals::test_hold(crate::signals::Hold::LiveSnapshot);
+        crate::control::signals::test_hold(crate::control::signals::Hold::LiveSnapshot);
         let mut last = (live.bytes(), t0.elapsed());
         let mut round = 0;
         let set = loop {
             // A stop signal abandons it between rounds (the guest runs).
-            if let Some(sig) = crate::signals::requested_name() {
+            if let Some(sig) = crate::control::signals::requested_name() {
                 drop(live);
                 return Err(abandon_live(dir, &sig));
             }

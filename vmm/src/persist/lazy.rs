@@ -24,7 +24,7 @@ use smudge::snapshot::{parse_state, MachineState, Manifest, SnapshotError};
 use smudge::snapshot_pages::ChainPages;
 use smudge::uffd::{Placed, RamMap, Uffd};
 
-use crate::outcome::EXIT_MEMORY_LOST;
+use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::IncomingVm;
 
 const PAGE: u64 = 4096;

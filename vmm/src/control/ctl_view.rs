@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::cli::CtlCommand;
+use crate::control::cli::CtlCommand;
 
 fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)

@@ -1,0 +1,8 @@
+//! Control of a VM from outside: the command line ([`cli`]), the JSON API
+//! on a unix socket ([`api`]) and how its answers look to a person
+//! ([`ctl_view`]), and SIGTERM/SIGINT as a clean stop ([`signals`]).
+
+pub mod api;
+pub mod cli;
+pub mod ctl_view;
+pub mod signals;
