@@ -536,21 +536,21 @@ mod tests {
         Value::Object(fields).to_string()
     }
 
-    /// The README's control API table against the types: one row per
+    /// The control API table of docs/api.md against the types: one row per
     /// command, its example line accepted by the real parser, its fields
     /// column naming exactly the fields the command's type has, with the
     /// defaults the types fill in.
     #[test]
     fn the_readme_api_table_matches_the_types() {
-        let readme = include_str!("../README.md");
-        let section = readme.split("### Control API").nth(1).expect("README has a Control API section");
-        let section = section.split("\n### ").next().unwrap_or(section);
+        let readme = include_str!("../docs/api.md");
+        let section = readme.split("\n## Requests\n").nth(1).expect("docs/api.md has a Requests section");
+        let section = section.split("\n## ").next().unwrap_or(section);
         let mut rows = std::collections::BTreeMap::new();
         for row in section.lines().filter(|l| l.starts_with("| `{")) {
             let cols: Vec<&str> = row.split(" | ").collect();
             assert!(cols.len() >= 3, "a row needs request | fields | …: {row}");
             let example = cols[0].trim_start_matches("| ").trim_matches('`');
-            let req = parse_request(example).unwrap_or_else(|e| panic!("README example {example}: {e}"));
+            let req = parse_request(example).unwrap_or_else(|e| panic!("docs/api.md example {example}: {e}"));
             let documented: std::collections::BTreeSet<String> = cols[1]
                 .split('`')
                 .skip(1)
@@ -559,8 +559,8 @@ mod tests {
                 .map(str::to_string)
                 .collect();
             let typed: std::collections::BTreeSet<String> = fields_of(req.command()).into_iter().collect();
-            assert_eq!(documented, typed, "README fields of {}", req.command());
-            // A default the README gives as a JSON value, "`key` (value, …",
+            assert_eq!(documented, typed, "docs/api.md fields of {}", req.command());
+            // A default the table gives as a JSON value, "`key` (value, …",
             // is what the types fill in when the key is left out.
             let defaults = serde_json::to_value(parse_request(&minimal(example)).unwrap()).unwrap();
             for (key, said) in cols[1].split('`').skip(1).step_by(2).zip(cols[1].split('`').skip(2).step_by(2)) {
@@ -570,13 +570,13 @@ mod tests {
                     continue;
                 };
                 let same = said == *typed || (said.as_f64().is_some() && said.as_f64() == typed.as_f64());
-                assert!(same, "README default of {}.{key}: {said}, the types' {typed}", req.command());
+                assert!(same, "docs/api.md default of {}.{key}: {said}, the types' {typed}", req.command());
             }
             assert!(rows.insert(req.command(), example.to_string()).is_none(), "two rows for {}", req.command());
         }
         let documented: Vec<&str> = rows.keys().copied().collect();
         let mut all = COMMANDS.to_vec();
         all.sort_unstable();
-        assert_eq!(documented, all, "commands in the README's API table");
+        assert_eq!(documented, all, "commands in the API table of docs/api.md");
     }
 }

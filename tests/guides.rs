@@ -4,19 +4,22 @@
 //! built first on `PATH` (what the README's set-up lines do), and must exit
 //! 0 leaving no process behind, with the outcomes it promises on disk. The
 //! harness guide is Rust: it is compiled and run here as a module, and the
-//! README must show exactly that module's text.
+//! README must show exactly that module's text. The command-line reference
+//! the README links to (`docs/cli.md`) is checked against `smudge --help`.
 
 mod common;
 
 #[path = "guides/harness.rs"]
 mod harness_guide;
 
+use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const README: &str = include_str!("../README.md");
+const CLI_REFERENCE: &str = include_str!("../docs/cli.md");
 const HARNESS_GUIDE: &str = include_str!("guides/harness.rs");
 
 /// Every guide the README has, and the language of its block.
@@ -271,4 +274,81 @@ fn the_readme_shows_the_harness_guide_this_test_runs() {
             s
         });
     assert_eq!(shown, module, "README.md's harness guide differs from tests/guides/harness.rs");
+}
+
+/// What `smudge ARGS --help` prints.
+fn help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_smudge")).args(args).arg("--help").output().expect("run smudge");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "smudge {} --help: {:?}\n{text}", args.join(" "), out.status);
+    text
+}
+
+/// The flags `smudge ARGS --help` lists (an option line, not a
+/// description line under it), `--help` and `--version` left out.
+fn help_flags(args: &[&str]) -> BTreeSet<String> {
+    help(args)
+        .lines()
+        .filter(|l| l.len() - l.trim_start().len() < 10)
+        .map(|l| l.trim_start().trim_start_matches("-h, ").trim_start_matches("-V, "))
+        .filter(|l| l.starts_with("--"))
+        .filter_map(|l| l.split([' ', ',']).next())
+        .filter(|f| !["--help", "--version"].contains(f))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The flags in the table right under `heading` in docs/cli.md (up to the
+/// next heading): rows that start with a flag in backquotes.
+fn documented_flags(heading: &str) -> BTreeSet<String> {
+    let mut lines = CLI_REFERENCE.lines().skip_while(|l| *l != heading);
+    assert!(lines.next().is_some(), "docs/cli.md has no heading {heading:?}");
+    lines
+        .take_while(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("| `--"))
+        .map(|rest| format!("--{}", rest.split(['`', ' ']).next().unwrap_or_default()))
+        .collect()
+}
+
+#[test]
+fn the_cli_reference_lists_every_command() {
+    let top = help(&[]);
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 7, "smudge --help lists {commands:?}\n{top}");
+    for c in commands {
+        let heading = format!("## `smudge {c}`");
+        assert!(CLI_REFERENCE.lines().any(|l| l == heading), "docs/cli.md has no {heading:?}");
+    }
+}
+
+#[test]
+fn the_cli_reference_lists_every_flag() {
+    let run = help_flags(&["run"]);
+    let sections: [(&str, &[&str]); 8] = [
+        ("## `smudge run`", &["run"]),
+        ("## `smudge restore`", &["restore"]),
+        ("## `smudge migrate-recv`", &["migrate-recv"]),
+        ("## `smudge ctl`", &["ctl"]),
+        ("### `smudge ctl snapshot create`", &["ctl", "snapshot", "create"]),
+        ("### `smudge ctl migrate`", &["ctl", "migrate"]),
+        ("### `smudge ctl dirty-rate`", &["ctl", "dirty-rate"]),
+        ("## `smudge bench`", &["bench"]),
+    ];
+    for (heading, args) in sections {
+        let mut want = help_flags(args);
+        assert!(!want.is_empty(), "smudge {} --help lists no flags", args.join(" "));
+        // restore and migrate-recv take every run flag; their tables give
+        // only their own and say so.
+        if args[0] != "run" && want.is_superset(&run) {
+            want.retain(|f| !run.contains(f));
+        }
+        assert_eq!(documented_flags(heading), want, "docs/cli.md {heading} against smudge {} --help", args.join(" "));
+    }
 }

@@ -1,6 +1,6 @@
 //! The reliability campaign, small N: `smudge bench reliability
 //! --quick` must count no lost page, no panic, and a clear error for every
-//! bad input (the large-N run is reported in the note).
+//! bad input (`smudge bench reliability` runs the large-N campaign).
 
 mod common;
 

@@ -33,9 +33,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn the_exit_codes_are_the_documented_ones() {
     assert_eq!(i32::from(smudge_vmm::vm::outcome::EXIT_SIGNALLED), EXIT_SIGNALLED);
     assert_eq!(i32::from(smudge_vmm::vm::outcome::EXIT_SECOND_SIGNAL), EXIT_SECOND_SIGNAL);
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/exit-codes.md")).unwrap();
     for code in [EXIT_SIGNALLED, EXIT_SECOND_SIGNAL] {
-        assert!(readme.contains(&format!("| {code} |")), "the README's exit-code table lacks {code}");
+        assert!(readme.contains(&format!("| {code} |")), "docs/exit-codes.md's table lacks {code}");
     }
 }
 
@@ -89,7 +89,7 @@ fn assert_written_and_synced(mem: &Path, what: &str) {
     assert_eq!(unsynced_pages(mem), (0, 0), "{what}: dirty / writeback pages of the memory file after the stop");
 }
 
-/// The stop the issue met: a run that took a snapshot (with pre-copy, so a
+/// The stop that once failed: a run that took a snapshot (with pre-copy, so a
 /// staging image exists) gets SIGTERM. Then a restore of that snapshot gets
 /// SIGINT once its guest runs.
 #[test]

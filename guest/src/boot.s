@@ -1,7 +1,7 @@
 # The CPL0 part of the tiny guest, kept as short as possible: on this
 # machine's KVM every CPL0 instruction is emulated (~2 us each). Page tables,
 # GDT, IDT and TSS are built at link time; this code only loads them, enters
-# long mode and drops to CPL3 (DESIGN.md section 6).
+# long mode and drops to CPL3, where the workload runs natively.
 
 # ---- PVH entry note: XEN_ELFNOTE_PHYS32_ENTRY (type 18) ----
     .section .note.Xen, "a", @note

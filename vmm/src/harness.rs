@@ -569,8 +569,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// How a VM's process ended; from [`TestVm::wait_exit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
-    /// The exit code: the guest's status, or smudge's own (100–105; see
-    /// the README); `None` if the process was killed by a signal.
+    /// The exit code: the guest's status, or smudge's own (100–109; see
+    /// docs/exit-codes.md); `None` if the process was killed by a signal.
     pub code: Option<i32>,
     /// Everything the guest printed on its serial console (in this
     /// process: a restored or migrated guest's output starts there).
@@ -858,7 +858,7 @@ impl TestVm {
     }
 
     /// `stats`: the dirty-log and writeback counters (`dirty_log.guest_pages`,
-    /// `writeback.nr_dirtied`, …; see the README's Control API).
+    /// `writeback.nr_dirtied`, …; see docs/api.md).
     pub fn stats(&self) -> Result<Value> {
         self.call(&Request::Stats)
     }

@@ -26,7 +26,7 @@
 //! forbidden call is trapped: the kernel does not run it, and the SIGSYS handler
 //! ([`smudge::sigsys`]) names the thread and the call on stderr and exits
 //! the process with [`EXIT_SECCOMP`]. The lists come from `strace -f` of
-//! every kind of run (see the README's Seccomp section).
+//! every kind of run (see the Seccomp section of docs/cli.md).
 
 use std::collections::BTreeMap;
 
@@ -431,7 +431,7 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
 }
 
 /// The syscalls `kind` may make, by name (or number), sorted: for logs,
-/// the README and tests.
+/// the docs and tests.
 pub fn syscall_names(kind: ThreadKind) -> Vec<String> {
     let rules = allowlist(kind, &Context::current()).unwrap_or_default();
     let quiet = if kind == ThreadKind::Vmm { &[][..] } else { DENIED_QUIETLY };
