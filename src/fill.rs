@@ -420,11 +420,18 @@ mod tests {
         }
     }
 
+    /// How a test fill ended.
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Filled(FillStats),
+        Lost(String),
+    }
+
     struct Source {
         owed: Owed,
         /// A block the source cannot read.
         bad: Option<u64>,
-        outcome: Sender<Result<FillStats, String>>,
+        outcome: Sender<Outcome>,
     }
 
     impl Source {
@@ -466,7 +473,7 @@ mod tests {
         }
 
         fn lost(&self, why: &FillError<Unreadable>) -> ! {
-            let _ = self.outcome.send(Err(why.to_string()));
+            let _ = self.outcome.send(Outcome::Lost(why.to_string()));
             // A test cannot end the process: this thread stays parked.
             loop {
                 std::thread::park();
@@ -474,14 +481,12 @@ mod tests {
         }
 
         fn filled(&mut self, stats: &FillStats) {
-            let _ = self.outcome.send(Ok(*stats));
+            let _ = self.outcome.send(Outcome::Filled(*stats));
         }
     }
 
     /// RAM on tmpfs, registered; a source owing pages 0..OWED.
-    fn setup(
-        bad: Option<u64>,
-    ) -> (tempfile::TempDir, GuestRam, FillBehind, Source, Receiver<Result<FillStats, String>>) {
+    fn setup(bad: Option<u64>) -> (tempfile::TempDir, GuestRam, FillBehind, Source, Receiver<Outcome>) {
         let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed");
         let mem = dir.path().join("ram");
         check_tmpfs(&mem, "the test needs its memory file").unwrap();
@@ -516,10 +521,16 @@ mod tests {
         for _ in 0..=OWED / 4 {
             go.send(()).unwrap();
         }
-        let stats = outcome.recv_timeout(Duration::from_secs(60)).expect("the fill never ended").unwrap();
+        let stats = outcome.recv_timeout(Duration::from_secs(60)).expect("the fill never ended");
         assert_eq!(
             stats,
-            FillStats { owed_at_start: OWED, on_fault: 1, requested: 0, loaded: OWED - 1, zero_filled: 1 }
+            Outcome::Filled(FillStats {
+                owed_at_start: OWED,
+                on_fault: 1,
+                requested: 0,
+                loaded: OWED - 1,
+                zero_filled: 1
+            })
         );
         assert!(!loading.load(Ordering::Acquire));
         for p in 0..OWED {
@@ -540,7 +551,7 @@ mod tests {
             go.send(()).unwrap();
         }
         let why = outcome.recv_timeout(Duration::from_secs(60)).expect("lost was never called");
-        assert_eq!(why, Err("test source: block at 0x8000 unreadable".to_string()));
+        assert_eq!(why, Outcome::Lost("test source: block at 0x8000 unreadable".to_string()));
     }
 
     #[test]

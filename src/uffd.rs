@@ -1,8 +1,9 @@
-//! userfaultfd, for memory that fills in while the guest runs (post-copy
-//! migration): the guest's first touch of a page that is not there yet
-//! blocks its vCPU — KVM faults the page in through the same host page
-//! tables — until the VMM places the page (`UFFDIO_COPY`) or a zero page
-//! (`UFFDIO_ZEROPAGE`), which wakes it.
+//! userfaultfd, for memory that fills in while the guest runs (lazy
+//! restore and post-copy migration, through [`crate::fill`]): the guest's
+//! first touch of a page that is not there yet blocks its vCPU — KVM
+//! faults the page in through the same host page tables — until the VMM
+//! places the page (`UFFDIO_COPY`) or a zero page (`UFFDIO_ZEROPAGE`),
+//! which wakes it.
 //!
 //! Missing-page mode works on anonymous memory, shmem/tmpfs (memfd and
 //! files under `/dev/shm`) and hugetlbfs — not on ext4 or other disk
