@@ -102,6 +102,14 @@ pub enum IncomingError {
     },
 }
 
+impl From<IncomingError> for VmError {
+    /// The run reports a guest that could not be received as a runtime
+    /// failure, as it always has.
+    fn from(e: IncomingError) -> Self {
+        VmError::Runtime(e.to_string())
+    }
+}
+
 /// `PORT` alone means loopback.
 pub fn listen_addr(s: &str) -> String {
     if s.chars().all(|c| c.is_ascii_digit()) {
@@ -269,11 +277,11 @@ impl Incoming {
         channels: Vec<FrameReader<BufReader<TcpStream>>>,
     ) -> Result<MachineState, IncomingError> {
         let peer = self.peer;
-        let lost = |why| IncomingError::Channels { peer, why };
+        let channels_failed = |why| IncomingError::Channels { peer, why };
         let stream = |source| IncomingError::Stream { peer, source };
         let mut channels = match channels.is_empty() {
             true => None,
-            false => Some(Channels::start(channels, &file, path, &self.hello).map_err(lost)?),
+            false => Some(Channels::start(channels, &file, path, &self.hello).map_err(channels_failed)?),
         };
         let mut rx = Receiver::new(file, path, self.hello.clone());
         let t0 = Instant::now();
@@ -284,7 +292,7 @@ impl Incoming {
                 // Every page connection ended before the state: their
                 // pages count towards the totals `Done` is checked against.
                 if let Some(c) = channels.take() {
-                    let (p, z) = c.finish().map_err(lost)?;
+                    let (p, z) = c.finish().map_err(channels_failed)?;
                     rx.add_received(p, z);
                 }
             }
@@ -293,7 +301,7 @@ impl Incoming {
                 Step::Round { round, pages } => {
                     rounds += 1;
                     if let Some(c) = &channels {
-                        c.wait_round(rounds).map_err(lost)?;
+                        c.wait_round(rounds).map_err(channels_failed)?;
                     }
                     tracing::info!(
                         "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",

@@ -402,12 +402,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
             }
             (None, Some(inc)) => match install() {
-                Ok(f) => (
-                    inc.receive(backing.file(), backing.path(), &ram)
-                        .map(Some)
-                        .map_err(|e| VmError::Runtime(e.to_string())),
-                    Ok(f),
-                ),
+                Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::from), Ok(f)),
                 Err(e) => (Ok(None), Err(e)),
             },
             (None, None) => (Ok(None), install()),
