@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod dirty_set;
+pub mod fill;
 pub mod harvest;
 pub mod kvm;
 pub mod memory;

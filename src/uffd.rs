@@ -1,8 +1,9 @@
-//! userfaultfd, for memory that fills in while the guest runs (post-copy
-//! migration): the guest's first touch of a page that is not there yet
-//! blocks its vCPU — KVM faults the page in through the same host page
-//! tables — until the VMM places the page (`UFFDIO_COPY`) or a zero page
-//! (`UFFDIO_ZEROPAGE`), which wakes it.
+//! userfaultfd, for memory that fills in while the guest runs (lazy
+//! restore and post-copy migration, through [`crate::fill`]): the guest's
+//! first touch of a page that is not there yet blocks its vCPU — KVM
+//! faults the page in through the same host page tables — until the VMM
+//! places the page (`UFFDIO_COPY`) or a zero page (`UFFDIO_ZEROPAGE`),
+//! which wakes it.
 //!
 //! Missing-page mode works on anonymous memory, shmem/tmpfs (memfd and
 //! files under `/dev/shm`) and hugetlbfs — not on ext4 or other disk
@@ -115,6 +116,32 @@ pub enum UffdError {
         source: io::Error,
         /// What to do about it.
         hint: &'static str,
+    },
+    /// A guest RAM region is not in the RAM layout.
+    #[error("RAM at {gpa:#x} is not in the layout")]
+    NotInLayout {
+        /// Guest-physical address of the region.
+        gpa: u64,
+    },
+    /// A guest RAM region has no host mapping.
+    #[error("host address of {gpa:#x}: {source}")]
+    HostAddress {
+        /// Guest-physical address of the region.
+        gpa: u64,
+        /// What vm-memory said.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A fault outside guest RAM (nothing else is registered).
+    #[error("a fault at host address {addr:#x}, outside RAM")]
+    OutsideRam {
+        /// The faulting host address.
+        addr: u64,
+    },
+    /// A file offset past the end of guest RAM.
+    #[error("file offset {offset:#x} is not RAM")]
+    NotRam {
+        /// The file offset.
+        offset: u64,
     },
 }
 
@@ -325,13 +352,14 @@ pub struct RamMap {
 
 impl RamMap {
     /// The regions of `ram`, laid out in the file as `layout` says.
-    pub fn new(ram: &GuestRam, layout: &[RamRegion]) -> Result<Self, String> {
+    pub fn new(ram: &GuestRam, layout: &[RamRegion]) -> Result<Self, UffdError> {
         let mut maps = Vec::new();
         for r in ram.iter() {
             let gpa = r.start_addr().0;
-            let off = gpa_to_file_offset(layout, gpa).ok_or_else(|| format!("RAM at {gpa:#x} is not in the layout"))?;
-            let host =
-                ram.get_host_address(GuestAddress(gpa)).map_err(|e| format!("host address of {gpa:#x}: {e}"))? as u64;
+            let off = gpa_to_file_offset(layout, gpa).ok_or(UffdError::NotInLayout { gpa })?;
+            let host = ram
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|source| UffdError::HostAddress { gpa, source })? as u64;
             maps.push((off, host, r.len()));
         }
         Ok(RamMap { maps })
@@ -349,9 +377,9 @@ impl RamMap {
 
     /// Waits up to `timeout` for the next fault in RAM: the file offset of
     /// the faulting page (None: no fault in time).
-    pub fn next_fault(&self, uffd: &Uffd, timeout: Duration) -> Result<Option<u64>, String> {
-        let Some(addr) = uffd.next_fault(timeout).map_err(|e| e.to_string())? else { return Ok(None) };
-        self.offset_of(addr).map(Some).ok_or_else(|| format!("a fault at host address {addr:#x}, outside RAM"))
+    pub fn next_fault(&self, uffd: &Uffd, timeout: Duration) -> Result<Option<u64>, UffdError> {
+        let Some(addr) = uffd.next_fault(timeout)? else { return Ok(None) };
+        self.offset_of(addr).map(Some).ok_or(UffdError::OutsideRam { addr })
     }
 
     /// The file offset of the page at host address `addr`.
@@ -362,15 +390,12 @@ impl RamMap {
 
     /// `[offset, offset + len)` as (host address, length) runs, split
     /// where regions end.
-    pub fn host_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, String> {
+    pub fn host_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, UffdError> {
         let mut out = Vec::new();
         let mut at = offset;
         while at < offset + len {
-            let &(off, h, rlen) = self
-                .maps
-                .iter()
-                .find(|&&(o, _, l)| at >= o && at - o < l)
-                .ok_or_else(|| format!("file offset {at:#x} is not RAM"))?;
+            let &(off, h, rlen) =
+                self.maps.iter().find(|&&(o, _, l)| at >= o && at - o < l).ok_or(UffdError::NotRam { offset: at })?;
             let n = (off + rlen - at).min(offset + len - at);
             out.push((h + (at - off), n));
             at += n;
@@ -380,11 +405,11 @@ impl RamMap {
 
     /// Places `data` (whole pages) at file offset `offset` and wakes its
     /// waiters; `Exists` if any page was there already.
-    pub fn place(&self, uffd: &Uffd, offset: u64, data: &[u8]) -> Result<Placed, String> {
+    pub fn place(&self, uffd: &Uffd, offset: u64, data: &[u8]) -> Result<Placed, UffdError> {
         let mut at = 0usize;
         let mut placed = Placed::Placed;
         for (h, n) in self.host_runs(offset, data.len() as u64)? {
-            if uffd.copy(h, &data[at..at + n as usize]).map_err(|e| e.to_string())? == Placed::Exists {
+            if uffd.copy(h, &data[at..at + n as usize])? == Placed::Exists {
                 placed = Placed::Exists;
             }
             at += n as usize;
@@ -394,10 +419,10 @@ impl RamMap {
 
     /// Places zero pages over `[offset, offset + len)`; `Exists` if any
     /// page was there already.
-    pub fn place_zero(&self, uffd: &Uffd, offset: u64, len: u64) -> Result<Placed, String> {
+    pub fn place_zero(&self, uffd: &Uffd, offset: u64, len: u64) -> Result<Placed, UffdError> {
         let mut placed = Placed::Placed;
         for (h, n) in self.host_runs(offset, len)? {
-            if uffd.zero(h, n).map_err(|e| e.to_string())? == Placed::Exists {
+            if uffd.zero(h, n)? == Placed::Exists {
                 placed = Placed::Exists;
             }
         }

@@ -66,15 +66,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
             }
             if r.lazy {
-                let dir =
-                    r.run.mem_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-                if !smudge::uffd::on_tmpfs(dir).with_context(|| format!("statfs {}", dir.display()))? {
-                    anyhow::bail!(
-                        "{}: restore --lazy needs the memory file on tmpfs (e.g. /dev/shm/guest.mem): userfaultfd \
-                         cannot catch first touches of disk-file pages",
-                        r.run.mem_file.display()
-                    );
-                }
+                smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
                 if r.run.mem_file.exists() {
                     anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
                 }
@@ -134,6 +126,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     .to_string()),
                 (false, None) if inc.hello().postcopy => {
                     smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
+                        .map_err(|e| e.to_string())
                         .and_then(|_| creatable(&m.run.mem_file))
                 }
                 (false, None) => creatable(&m.run.mem_file),

@@ -22,17 +22,93 @@ use std::time::{Duration, Instant};
 
 use smudge::memory::GuestRam;
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
-use smudge::migration::receiver::{check_hello, Receiver, Step};
+use smudge::migration::receiver::{check_hello, ReceiveError, Receiver, Step};
 use smudge::snapshot::MachineState;
+use smudge::uffd::UffdError;
 
 use crate::control::signals::{self, shut_on_stop, OnStop};
 use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::persist::lazy::LazyError;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
-use crate::vm::IncomingVm;
+use crate::vm::{IncomingVm, VmError};
 
 /// Longest silence from the source before the destination gives up.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Why a guest arriving here (a migration, a lazy restore) could not be
+/// received.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// A lazy restore's snapshot chain or its registration.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
+    /// The new memory file.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A connection could not be watched for a stop signal.
+    #[error("{peer}: {source}")]
+    Watch {
+        /// The source.
+        peer: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A frame failed its checks, or the stream broke.
+    #[error("migration from {peer}: {source}")]
+    Stream {
+        /// The source.
+        peer: SocketAddr,
+        /// What was wrong.
+        source: ReceiveError,
+    },
+    /// The extra page connections failed.
+    #[error("migration from {peer}: {why}")]
+    Channels {
+        /// The source.
+        peer: SocketAddr,
+        /// What failed.
+        why: String,
+    },
+    /// A round could not be acknowledged.
+    #[error("migration from {peer}: acknowledging round {round}: {source}")]
+    Ack {
+        /// The source.
+        peer: SocketAddr,
+        /// The round.
+        round: u32,
+        /// The connection's error.
+        source: std::io::Error,
+    },
+    /// Guest RAM cannot be registered for post-copy.
+    #[error("post-copy: {0}")]
+    Postcopy(#[source] UffdError),
+    /// A stop signal came while the guest was being received.
+    #[error("the migration from {peer} was abandoned on {signal} after {mib} MiB ({source})")]
+    Abandoned {
+        /// The source.
+        peer: SocketAddr,
+        /// The signal's name.
+        signal: String,
+        /// MiB received.
+        mib: u64,
+        /// How the receiving ended.
+        source: Box<IncomingError>,
+    },
+}
+
+impl From<IncomingError> for VmError {
+    /// The run reports a guest that could not be received as a runtime
+    /// failure, as it always has.
+    fn from(e: IncomingError) -> Self {
+        VmError::Runtime(e.to_string())
+    }
+}
 
 /// `PORT` alone means loopback.
 pub fn listen_addr(s: &str) -> String {
@@ -164,26 +240,27 @@ impl Incoming {
 }
 
 impl IncomingVm for Incoming {
-    fn receive(&mut self, file: &File, path: &Path, ram: &GuestRam) -> Result<MachineState, String> {
-        let file = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
+    fn receive(&mut self, file: &File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
+        let file = file.try_clone().map_err(|source| IncomingError::File { path: path.to_path_buf(), source })?;
         let peer = self.peer;
         let channels = std::mem::take(&mut self.channels);
         for c in &channels {
             // Said once, by the main connection's hook.
-            self.interrupt
-                .push(shut_on_stop(c.get_ref().get_ref(), String::new()).map_err(|e| format!("{peer}: {e}"))?);
+            self.interrupt.push(
+                shut_on_stop(c.get_ref().get_ref(), String::new())
+                    .map_err(|source| IncomingError::Watch { peer, source })?,
+            );
         }
         let r = self.receive_frames(file, path, ram, channels);
         match (r, signals::requested_name()) {
-            (Err(e), Some(sig)) => Err(format!(
-                "the migration from {peer} was abandoned on {sig} after {} MiB ({e})",
-                self.reader.bytes() >> 20
-            )),
+            (Err(e), Some(signal)) => {
+                Err(IncomingError::Abandoned { peer, signal, mib: self.reader.bytes() >> 20, source: Box::new(e) })
+            }
             (r, _) => r,
         }
     }
 
-    fn started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
+    fn started(&mut self, result: Result<(), &VmError>, loading: &Arc<AtomicBool>) {
         // The guest runs here (or will not): the connections are no longer
         // the stop's to shut (post-copy pages still come over them).
         self.interrupt.clear();
@@ -198,34 +275,33 @@ impl Incoming {
         path: &Path,
         ram: &GuestRam,
         channels: Vec<FrameReader<BufReader<TcpStream>>>,
-    ) -> Result<MachineState, String> {
+    ) -> Result<MachineState, IncomingError> {
         let peer = self.peer;
+        let channels_failed = |why| IncomingError::Channels { peer, why };
+        let stream = |source| IncomingError::Stream { peer, source };
         let mut channels = match channels.is_empty() {
             true => None,
-            false => Some(
-                Channels::start(channels, &file, path, &self.hello)
-                    .map_err(|e| format!("migration from {peer}: {e}"))?,
-            ),
+            false => Some(Channels::start(channels, &file, path, &self.hello).map_err(channels_failed)?),
         };
         let mut rx = Receiver::new(file, path, self.hello.clone());
         let t0 = Instant::now();
         let mut rounds = 0u64;
         loop {
-            let f = self.reader.next_frame().map_err(|e| format!("migration from {}: {e}", self.peer))?;
+            let f = self.reader.next_frame().map_err(|e| stream(e.into()))?;
             if matches!(f, Frame::State(_)) {
                 // Every page connection ended before the state: their
                 // pages count towards the totals `Done` is checked against.
                 if let Some(c) = channels.take() {
-                    let (p, z) = c.finish().map_err(|e| format!("migration from {peer}: {e}"))?;
+                    let (p, z) = c.finish().map_err(channels_failed)?;
                     rx.add_received(p, z);
                 }
             }
-            match rx.apply(f).map_err(|e| format!("migration from {}: {e}", self.peer))? {
+            match rx.apply(f).map_err(stream)? {
                 Step::Continue | Step::ChannelDone { .. } => {}
                 Step::Round { round, pages } => {
                     rounds += 1;
                     if let Some(c) = &channels {
-                        c.wait_round(rounds).map_err(|e| format!("migration from {peer}: {e}"))?;
+                        c.wait_round(rounds).map_err(channels_failed)?;
                     }
                     tracing::info!(
                         "migration round {round}: {pages} pages; {} MiB received in {:.0} ms",
@@ -233,9 +309,11 @@ impl Incoming {
                         t0.elapsed().as_secs_f64() * 1e3
                     );
                     // The round is stored: the source may count it done.
-                    self.writer
-                        .send(&Frame::Ack(Ack::ok()))
-                        .map_err(|e| format!("migration from {}: acknowledging round {round}: {e}", self.peer))?;
+                    self.writer.send(&Frame::Ack(Ack::ok())).map_err(|source| IncomingError::Ack {
+                        peer,
+                        round,
+                        source,
+                    })?;
                 }
                 Step::Done(state) => {
                     self.received = Some(format!(
@@ -259,14 +337,15 @@ impl Incoming {
                         t0.elapsed().as_secs_f64() * 1e3,
                         owed.remaining()
                     ));
-                    self.postcopy = Some(PostcopyDest::prepare(ram, &self.hello.layout, owed)?);
+                    self.postcopy =
+                        Some(PostcopyDest::prepare(ram, &self.hello.layout, owed).map_err(IncomingError::Postcopy)?);
                     return Ok(*state);
                 }
             }
         }
     }
 
-    fn answer_started(&mut self, result: Result<(), String>, loading: &Arc<AtomicBool>) {
+    fn answer_started(&mut self, result: Result<(), &VmError>, loading: &Arc<AtomicBool>) {
         let running_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
@@ -274,7 +353,7 @@ impl Incoming {
         let ok = result.is_ok();
         self.answer(match result {
             Ok(()) => Ack { running_at_unix_us: running_at, ..Ack::ok() },
-            Err(e) => Ack::refused(e),
+            Err(e) => Ack::refused(format!("the destination could not start the guest: {e}")),
         });
         if let (true, Some(line)) = (ok, self.received.take()) {
             let _ = writeln!(std::io::stderr(), "{line}");
@@ -288,12 +367,12 @@ impl Incoming {
                     std::mem::replace(&mut self.writer, FrameWriter::new(b, false)),
                 )
             });
-            let r = taken
-                .map_err(|e| format!("post-copy: {e}"))
-                .and_then(|(r, w)| pc.run(r, w, self.peer, loading.clone()));
-            if let Err(e) = r {
-                let _ = writeln!(std::io::stderr(), "smudge: {e}; the guest cannot continue");
-                std::process::exit(i32::from(EXIT_MEMORY_LOST));
+            match taken {
+                Ok((r, w)) => pc.run(r, w, self.peer, loading.clone()),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "smudge: post-copy: {e}; the guest cannot continue");
+                    std::process::exit(i32::from(EXIT_MEMORY_LOST));
+                }
             }
         }
     }

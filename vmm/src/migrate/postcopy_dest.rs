@@ -1,16 +1,17 @@
 //! The destination's post-copy phase: the guest runs here while the pages
-//! the source still owes arrive. Guest RAM is registered with userfaultfd
-//! before a vCPU runs, so a first touch of a page that is not here blocks
-//! that vCPU; a fault thread asks the source for an owed page
-//! (`PageRequest`) or places a zero page where nothing is owed (the source
-//! has zeros there), and a receive thread places each arriving page with
-//! `UFFDIO_COPY`, which wakes whoever waits for it. One lock orders the
-//! two, so a page is never zero-filled after it was found owed.
+//! the source still owes arrive, through the library's fill-behind engine
+//! ([`smudge::fill`]) with the migration stream as its page source. Guest
+//! RAM is registered with userfaultfd before a vCPU runs, so a first touch
+//! of a page that is not here blocks that vCPU; the fault thread asks the
+//! source for an owed page (`PageRequest`, once per page) or places a zero
+//! page where nothing is owed (the source has zeros there), and the
+//! receive thread places each arriving page with `UFFDIO_COPY`, which
+//! wakes whoever waits for it.
 //!
 //! RAM must be shmem for this (userfaultfd's missing-page mode does not
 //! work on disk files): the destination's memory file lives on tmpfs
-//! (`/dev/shm`) — its backing file is where the pages land, nothing moves
-//! afterwards.
+//! (`/dev/shm`, see [`check_tmpfs`]) — its backing file is where the pages
+//! land, nothing moves afterwards.
 //!
 //! When the source or the connection dies before every owed page is here
 //! the guest cannot go on: the pages exist nowhere else. The destination
@@ -18,71 +19,65 @@
 
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
 
+use smudge::fill::{Answer, Feed, FillBehind, FillError, FillStats, Loaded, PageSource, Placer, TmpfsError, PAGE};
 use smudge::memory::{GuestRam, RamRegion};
-use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, PAGE};
+use smudge::migration::frame::{Ack, Frame, FrameError, FrameReader, FrameWriter};
 use smudge::migration::postcopy::{Owed, Placement, PostcopyReceiver};
-use smudge::uffd::{Placed, RamMap, Uffd};
+use smudge::migration::receiver::ReceiveError;
+use smudge::uffd::UffdError;
 
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 
 /// Checks that the memory file at `path` (existing or to be created in its
 /// directory) is on tmpfs, as post-copy needs.
-pub fn check_tmpfs(path: &std::path::Path) -> Result<(), String> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    match smudge::uffd::on_tmpfs(dir) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
-            "post-copy needs the destination's memory file on tmpfs (e.g. /dev/shm/guest.mem): {} is not; \
-             userfaultfd cannot catch first touches of disk-file pages",
-            dir.display()
-        )),
-        Err(e) => Err(format!("{}: statfs: {e}", dir.display())),
-    }
+pub fn check_tmpfs(path: &Path) -> Result<(), TmpfsError> {
+    smudge::fill::check_tmpfs(path, "post-copy needs the destination's memory file")
 }
 
-/// Counters of the post-copy phase.
-#[derive(Debug, Default)]
-struct Counters {
-    requested: AtomicU64,
-    zero_faults: AtomicU64,
+/// Why the post-copy phase failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// The stream broke or a frame failed its checks.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A good frame that is not what post-copy expects.
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
+    /// A vCPU's page could not be asked for.
+    #[error("asking the source for page {offset:#x}: {source}")]
+    Request {
+        /// File offset of the page.
+        offset: u64,
+        /// The connection's error.
+        source: std::io::Error,
+    },
 }
 
 /// A post-copy phase set up before the vCPUs run.
 pub struct PostcopyDest {
-    uffd: Arc<Uffd>,
-    host: RamMap,
-    rx: Arc<Mutex<(PostcopyReceiver, Vec<u64>)>>,
-    owed_at_start: u64,
+    armed: FillBehind,
+    receiver: PostcopyReceiver,
+    /// Pages of RAM (one "asked for" bit each).
+    pages: u64,
 }
 
 impl std::fmt::Debug for PostcopyDest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostcopyDest").field("owed", &self.owed_at_start).finish()
+        f.debug_struct("PostcopyDest").field("owed", &self.receiver.owed().remaining()).finish()
     }
 }
 
 impl PostcopyDest {
     /// Registers all of guest RAM for missing-page faults; `owed` says
     /// which pages the source still sends.
-    pub fn prepare(ram: &GuestRam, layout: &[RamRegion], owed: Owed) -> Result<Self, String> {
-        let host = RamMap::new(ram, layout)?;
-        let uffd = Uffd::new().map_err(|e| format!("post-copy: {e}"))?;
-        host.register_missing(&uffd).map_err(|e| format!("post-copy: {e}"))?;
-        let owed_at_start = owed.remaining();
-        let requested = vec![0u64; (owed_bits(layout)).div_ceil(64) as usize];
-        Ok(PostcopyDest {
-            uffd: Arc::new(uffd),
-            host,
-            rx: Arc::new(Mutex::new((PostcopyReceiver::new(owed), requested))),
-            owed_at_start,
-        })
+    pub fn prepare(ram: &GuestRam, layout: &[RamRegion], owed: Owed) -> Result<Self, UffdError> {
+        let pages = layout.iter().map(|r| r.file_offset + r.len).max().unwrap_or(0) / PAGE;
+        Ok(PostcopyDest { armed: FillBehind::register(ram, layout)?, receiver: PostcopyReceiver::new(owed), pages })
     }
 
     /// Runs the phase on threads of its own: faults served, pages placed.
@@ -90,138 +85,110 @@ impl PostcopyDest {
     /// stream breaks first, the process exits [`EXIT_MEMORY_LOST`].
     pub fn run(
         self,
-        mut reader: FrameReader<BufReader<TcpStream>>,
+        reader: FrameReader<BufReader<TcpStream>>,
         writer: FrameWriter<TcpStream>,
         peer: SocketAddr,
         loading: Arc<AtomicBool>,
-    ) -> Result<(), String> {
-        loading.store(true, Ordering::Release);
-        let writer = Arc::new(Mutex::new(writer));
-        let done = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(Counters::default());
-        let faults = {
-            let (uffd, host, rx, writer, done, counters) =
-                (self.uffd.clone(), self.host.clone(), self.rx.clone(), writer.clone(), done.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("postcopy-faults".into())
-                .spawn(move || {
-                    if let Err(e) = serve_faults(&uffd, &host, &rx, &writer, &done, &counters) {
-                        lost(peer, &rx, &e);
-                    }
-                })
-                .map_err(|e| format!("post-copy: spawning the fault thread: {e}"))?
+    ) {
+        let source = StreamSource {
+            peer,
+            started_at: Instant::now(),
+            receiver: self.receiver,
+            requested: vec![0u64; self.pages.div_ceil(64) as usize],
+            writer,
         };
-        let t0 = Instant::now();
-        let owed_at_start = self.owed_at_start;
-        std::thread::Builder::new()
-            .name("postcopy-recv".into())
-            .spawn(move || {
-                let r = receive(&mut reader, &self.uffd, &self.host, &self.rx);
-                done.store(true, Ordering::Release);
-                let _ = faults.join();
-                if let Err(e) = r {
-                    lost(peer, &self.rx, &e);
-                }
-                if let Err(e) = self.host.unregister(&self.uffd) {
-                    tracing::warn!("post-copy: {e}");
-                }
-                loading.store(false, Ordering::Release);
-                let (pages, zero) = {
-                    let g = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-                    (g.0.pages(), g.0.zero_pages())
-                };
-                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = w.send(&Frame::Ack(Ack::ok())).and_then(|_| w.flush()) {
-                    tracing::warn!("post-copy from {peer}: cannot acknowledge the end: {e}");
-                }
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "smudge: post-copy from {peer} done in {:.0} ms: {owed_at_start} pages owed, {pages} data + \
-                     {zero} zero pages received, {} asked for by the guest's faults, {} untouched zero pages filled",
-                    t0.elapsed().as_secs_f64() * 1e3,
-                    counters.requested.load(Ordering::Relaxed),
-                    counters.zero_faults.load(Ordering::Relaxed),
-                );
-            })
-            .map_err(|e| format!("post-copy: spawning the receive thread: {e}"))?;
-        Ok(())
+        self.armed.start(source, Stream(reader), loading);
     }
 }
 
-/// Bits of the per-page "asked for" map: one per page of RAM.
-fn owed_bits(layout: &[RamRegion]) -> u64 {
-    layout.iter().map(|r| r.file_offset + r.len).max().unwrap_or(0) / PAGE
+/// The migration stream as the fill-behind engine's page source.
+struct StreamSource {
+    peer: SocketAddr,
+    started_at: Instant,
+    receiver: PostcopyReceiver,
+    /// One bit per page of RAM: asked of the source already.
+    requested: Vec<u64>,
+    writer: FrameWriter<TcpStream>,
 }
 
-/// The guest cannot continue: say so and end the process now (vCPUs may
-/// be blocked in a fault that nothing will ever resolve).
-fn lost(peer: SocketAddr, rx: &Mutex<(PostcopyReceiver, Vec<u64>)>, why: &str) -> ! {
-    let owed = rx.lock().map(|g| g.0.owed().remaining()).unwrap_or(0);
-    let _ = writeln!(
-        std::io::stderr(),
-        "smudge: post-copy from {peer} failed after the switchover: {why}; {owed} pages of the guest's memory \
-         were still on the source and exist nowhere else: the guest cannot continue (the source keeps it paused \
-         at the switchover point)"
-    );
-    std::process::exit(i32::from(EXIT_MEMORY_LOST));
+/// The receive thread's feed: frames off the main connection.
+struct Stream(FrameReader<BufReader<TcpStream>>);
+
+impl Feed for Stream {
+    type Item = Frame;
+    type Error = PostcopyError;
+
+    fn next(&mut self) -> Result<Frame, PostcopyError> {
+        Ok(self.0.next_frame()?)
+    }
 }
 
-fn serve_faults(
-    uffd: &Uffd,
-    host: &RamMap,
-    rx: &Mutex<(PostcopyReceiver, Vec<u64>)>,
-    writer: &Mutex<FrameWriter<TcpStream>>,
-    done: &AtomicBool,
-    counters: &Counters,
-) -> Result<(), String> {
-    while !done.load(Ordering::Acquire) {
-        let Some(off) = host.next_fault(uffd, Duration::from_millis(50))? else { continue };
-        let mut g = rx.lock().unwrap_or_else(|p| p.into_inner());
-        let (receiver, requested) = &mut *g;
-        if receiver.owed().owes(off) {
-            let (word, bit) = ((off / PAGE / 64) as usize, (off / PAGE) % 64);
-            if requested[word] & (1 << bit) == 0 {
-                requested[word] |= 1 << bit;
-                counters.requested.fetch_add(1, Ordering::Relaxed);
-                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                w.send(&Frame::PageRequest(vec![(off, 1)]))
-                    .and_then(|_| w.flush())
-                    .map_err(|e| format!("asking the source for page {off:#x}: {e}"))?;
-            }
-        } else {
-            // Nothing owed there: the source has zeros (or the page came
-            // in meanwhile, and this only wakes the waiter).
-            if host.place_zero(uffd, off, PAGE)? == Placed::Placed {
-                counters.zero_faults.fetch_add(1, Ordering::Relaxed);
-            }
+impl PageSource for StreamSource {
+    type Error = PostcopyError;
+    type Feed = Stream;
+    const THREADS: (&'static str, &'static str) = ("postcopy-faults", "postcopy-recv");
+
+    fn owed(&self) -> &Owed {
+        self.receiver.owed()
+    }
+
+    fn fault(&mut self, offset: u64, _place: &Placer<'_>) -> Result<Answer, FillError<PostcopyError>> {
+        let (word, bit) = ((offset / PAGE / 64) as usize, (offset / PAGE) % 64);
+        if self.requested[word] & (1 << bit) != 0 {
+            return Ok(Answer::Pending);
         }
+        self.requested[word] |= 1 << bit;
+        let w = &mut self.writer;
+        w.send(&Frame::PageRequest(vec![(offset, 1)]))
+            .and_then(|_| w.flush())
+            .map_err(|source| FillError::Source(PostcopyError::Request { offset, source }))?;
+        Ok(Answer::Requested)
     }
-    Ok(())
-}
 
-fn receive(
-    reader: &mut FrameReader<BufReader<TcpStream>>,
-    uffd: &Uffd,
-    host: &RamMap,
-    rx: &Mutex<(PostcopyReceiver, Vec<u64>)>,
-) -> Result<(), String> {
-    loop {
-        let f = reader.next_frame().map_err(|e| e.to_string())?;
-        let mut g = rx.lock().unwrap_or_else(|p| p.into_inner());
-        match g.0.apply(f).map_err(|e| e.to_string())? {
+    fn load(&mut self, frame: Frame, place: &Placer<'_>) -> Result<Loaded, FillError<PostcopyError>> {
+        match self.receiver.apply(frame).map_err(|e| FillError::Source(e.into()))? {
             Placement::Pages { offset, data } => {
-                if host.place(uffd, offset, &data)? == Placed::Exists {
-                    return Err(format!("an owed page at {offset:#x} was present before it arrived"));
-                }
+                place.pages(offset, &data)?;
+                Ok(Loaded::Pages(data.len() as u64 / PAGE))
             }
             Placement::Zero(runs) => {
-                for (offset, count) in runs {
-                    if host.place_zero(uffd, offset, u64::from(count) * PAGE)? == Placed::Exists {
-                        return Err(format!("an owed page at {offset:#x} was present before it arrived"));
-                    }
+                for &(offset, count) in &runs {
+                    place.zeros(offset, u64::from(count) * PAGE)?;
                 }
+                Ok(Loaded::Pages(runs.iter().map(|&(_, n)| u64::from(n)).sum()))
             }
-            Placement::Done => return Ok(()),
+            Placement::Done => Ok(Loaded::Done),
         }
+    }
+
+    fn lost(&self, why: &FillError<PostcopyError>) -> ! {
+        let _ = writeln!(
+            std::io::stderr(),
+            "smudge: post-copy from {} failed after the switchover: {why}; {} pages of the guest's memory were \
+             still on the source and exist nowhere else: the guest cannot continue (the source keeps it paused \
+             at the switchover point)",
+            self.peer,
+            self.receiver.owed().remaining()
+        );
+        std::process::exit(i32::from(EXIT_MEMORY_LOST));
+    }
+
+    fn filled(&mut self, stats: &FillStats) {
+        let peer = self.peer;
+        let w = &mut self.writer;
+        if let Err(e) = w.send(&Frame::Ack(Ack::ok())).and_then(|_| w.flush()) {
+            tracing::warn!("post-copy from {peer}: cannot acknowledge the end: {e}");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "smudge: post-copy from {peer} done in {:.0} ms: {} pages owed, {} data + {} zero pages received, {} \
+             asked for by the guest's faults, {} untouched zero pages filled",
+            self.started_at.elapsed().as_secs_f64() * 1e3,
+            stats.owed_at_start,
+            self.receiver.pages(),
+            self.receiver.zero_pages(),
+            stats.requested,
+            stats.zero_filled,
+        );
     }
 }

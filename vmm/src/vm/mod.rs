@@ -125,12 +125,12 @@ pub trait IncomingVm: Send {
         file: &std::fs::File,
         path: &std::path::Path,
         ram: &smudge::memory::GuestRam,
-    ) -> Result<MachineState, String>;
+    ) -> Result<MachineState, crate::migrate::incoming::IncomingError>;
     /// The guest runs (Ok) or could not be started (Err, why); called
     /// once, as soon as that is known. `loading` is to be held true while
     /// guest RAM is still filling in behind the running guest (snapshots
     /// and migrations wait for it).
-    fn started(&mut self, result: Result<(), String>, loading: &Arc<std::sync::atomic::AtomicBool>);
+    fn started(&mut self, result: Result<(), &VmError>, loading: &Arc<std::sync::atomic::AtomicBool>);
 }
 
 impl VmConfig {
@@ -337,7 +337,7 @@ pub fn run(mut cfg: VmConfig) -> Result<RunReport, VmError> {
     let mut incoming = cfg.incoming.take();
     let r = run_vm(cfg, &mut incoming);
     if let (Err(e), Some(inc)) = (&r, incoming.as_mut()) {
-        inc.started(Err(format!("the destination could not start the guest: {e}")), &Arc::default());
+        inc.started(Err(e), &Arc::default());
     }
     r
 }
@@ -402,7 +402,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
                 (copy_boot_image(scratch, &backing, &ram, &cfg.guest_elf).map(|_| None), install())
             }
             (None, Some(inc)) => match install() {
-                Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::Runtime), Ok(f)),
+                Ok(f) => (inc.receive(backing.file(), backing.path(), &ram).map(Some).map_err(VmError::from), Ok(f)),
                 Err(e) => (Ok(None), Err(e)),
             },
             (None, None) => (Ok(None), install()),
