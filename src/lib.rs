@@ -10,14 +10,15 @@
 
 pub mod control;
 pub mod dirty_set;
+pub mod file_io;
 pub mod harvest;
 pub mod kvm;
+pub mod machine_state;
 pub mod memory;
 pub mod migration;
 pub mod sigsys;
 pub mod sink;
 pub mod snapshot;
-pub mod snapshot_pages;
 pub mod stop_signal;
 pub mod uffd;
 pub mod vmm_bitmap;

@@ -20,10 +20,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smudge::machine_state::MachineState;
 use smudge::memory::GuestRam;
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
-use smudge::snapshot::MachineState;
 
 use crate::control::signals::{self, shut_on_stop, OnStop};
 use crate::migrate::multifd::Channels;

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use smudge::memory::{ram_layout, GuestRam};
 use smudge::migration::postcopy::Owed;
+use smudge::snapshot::ChainPages;
 use smudge::snapshot::{parse_state, MachineState, Manifest, SnapshotError};
-use smudge::snapshot_pages::ChainPages;
 use smudge::uffd::{Placed, RamMap, Uffd};
 
 use crate::vm::outcome::EXIT_MEMORY_LOST;
