@@ -97,3 +97,47 @@ pub fn may_hold_data(file: &File, start: u64, n: u64) -> io::Result<bool> {
     }
     Ok((data as u64) < start.saturating_add(n))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+
+    use super::*;
+
+    fn file(dir: &std::path::Path, name: &str, len: u64) -> File {
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join(name)).unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn data_ranges_and_copies_keep_holes_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 8u64 << 20;
+        let src = file(dir.path(), "src", len);
+        src.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        src.write_all_at(&[2u8; 8192], 5 << 20).unwrap();
+        let ranges = data_ranges(&src, len).unwrap();
+        // A filesystem may round data up to its blocks; every byte written
+        // lies in a range, and most of the file is hole.
+        assert!(ranges.iter().any(|&(o, n)| o <= 1 << 20 && (1 << 20) + 4096 <= o + n), "{ranges:?}");
+        assert!(ranges.iter().any(|&(o, n)| o <= 5 << 20 && (5 << 20) + 8192 <= o + n), "{ranges:?}");
+        assert!(ranges.iter().map(|r| r.1).sum::<u64>() < len / 2, "{ranges:?}");
+        assert!(!may_hold_data(&src, 2 << 20, 1 << 20).unwrap());
+        assert!(may_hold_data(&src, 5 << 20, 4096).unwrap());
+
+        // The kernel copy and the buffered one give the same bytes.
+        let (a, b) = (file(dir.path(), "a", len), file(dir.path(), "b", len));
+        for &(o, n) in &ranges {
+            copy_range(&src, &a, o, n).unwrap();
+            copy_range_buffered(&src, &b, o, n).unwrap();
+        }
+        let want = std::fs::read(dir.path().join("src")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), want);
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), want);
+        // A source shorter than the range asked for is an error, not a
+        // silent short copy.
+        let short = file(dir.path(), "short", 4096);
+        assert!(copy_range(&short, &a, 0, 8192).is_err());
+    }
+}

@@ -167,6 +167,7 @@ mod tests {
     use super::*;
     use crate::machine_state::MachineState;
     use crate::snapshot::format::checksum_file;
+    use crate::snapshot::ram_file;
     use crate::snapshot::{begin_diff, write_full};
 
     /// Rewrites `dir`'s `name` to `bytes` and reseals the manifest (its
@@ -185,8 +186,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let mem = dir.path().join("mem");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
-        f.set_len(1 << 20).unwrap();
+        let f = ram_file(&mem, 1 << 20);
         f.write_all_at(&[1u8; 4096], 0).unwrap();
         let full = dir.path().join("full");
         let (fm, _) = write_full(&full, &f, 1 << 20, &MachineState::default()).unwrap();

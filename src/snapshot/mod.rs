@@ -28,3 +28,11 @@ pub use write::{begin_diff, begin_full, begin_live_full, check_dir, write_full, 
 /// A snapshot's `state.json` holds a [`MachineState`]; re-exported for the
 /// callers of [`load`], [`write_full`] and [`parse_state`].
 pub use crate::machine_state::MachineState;
+
+/// A RAM file for the tests: `len` bytes, all hole, at `path`.
+#[cfg(test)]
+fn ram_file(path: &std::path::Path, len: u64) -> std::fs::File {
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap();
+    f.set_len(len).unwrap();
+    f
+}

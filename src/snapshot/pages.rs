@@ -264,14 +264,14 @@ impl ChainPages {
 mod tests {
     use super::*;
     use crate::machine_state::MachineState;
+    use crate::snapshot::ram_file;
     use crate::snapshot::{begin_diff, load, write_full};
     use std::fs::OpenOptions;
 
     /// A 4 MiB RAM file with data in a few pages.
     fn ram(dir: &Path, name: &str, pages: &[(u64, u8)]) -> (PathBuf, File) {
         let p = dir.join(name);
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
-        f.set_len(4 << 20).unwrap();
+        let f = ram_file(&p, 4 << 20);
         for &(pg, v) in pages {
             f.write_all_at(&[v; PAGE as usize], pg * PAGE).unwrap();
         }

@@ -70,17 +70,15 @@ pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::OpenOptions;
-
     use super::*;
+    use crate::snapshot::ram_file;
     use crate::snapshot::write_full;
 
     #[test]
     fn manifests_with_short_checksum_lists_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mem = dir.path().join("mem");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
-        f.set_len(3 << 20).unwrap();
+        let f = ram_file(&mem, 3 << 20);
         let snap = dir.path().join("snap");
         let (m, _) = write_full(&snap, &f, 3 << 20, &MachineState::default()).unwrap();
         let mp = snap.join("manifest.json");

@@ -365,14 +365,14 @@ pub fn begin_diff(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::ram_file;
     use crate::snapshot::{restore_memory, verify, ChainPages, CHUNK};
 
     #[test]
     fn write_verify_and_find_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let mem = dir.path().join("mem");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mem).unwrap();
-        f.set_len(8 << 20).unwrap();
+        let f = ram_file(&mem, 8 << 20);
         use std::os::unix::fs::FileExt;
         f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
         let snap = dir.path().join("snap");
@@ -406,9 +406,7 @@ mod tests {
     fn a_sparse_image_is_checksummed_by_what_it_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mem_size = 4u64 << 30;
-        let f =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("m")).unwrap();
-        f.set_len(mem_size).unwrap();
+        let f = ram_file(&dir.path().join("m"), mem_size);
         // 4 MiB of data: a page at the start of a chunk, a page straddling
         // two chunks, one 1 MiB chunk whole, and a page in the last chunk.
         f.write_all_at(&[1u8; 4096], 0).unwrap();
@@ -452,9 +450,7 @@ mod tests {
     #[test]
     fn a_directory_is_checked_before_anything_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let f =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("m")).unwrap();
-        f.set_len(1 << 20).unwrap();
+        let f = ram_file(&dir.path().join("m"), 1 << 20);
         let state = MachineState::default();
         let err = |d: &Path| write_full(d, &f, 1 << 20, &state).unwrap_err().to_string();
         assert_eq!(
