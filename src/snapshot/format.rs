@@ -232,7 +232,7 @@ pub(super) fn data_files(kind: &str, has_parent: bool) -> Option<&'static [&'sta
 }
 
 /// Parses the bytes of a `manifest.json` (`file` names it in errors) and
-/// makes every check [`verify`] makes before it reads the data files:
+/// makes every check [`verify`](super::verify) makes before it reads the data files:
 /// format, version, the manifest's own checksum, the kind, and a length
 /// and well-formed chunk checksums for each data file of that kind.
 pub fn parse_manifest(bytes: &[u8], file: &Path) -> Result<Manifest, SnapshotError> {

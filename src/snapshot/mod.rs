@@ -1,12 +1,12 @@
 //! Snapshots on disk: a directory per snapshot, committed atomically; a
 //! full snapshot, or a diff on top of a parent, and chains of them.
 //!
-//! - [`format`]: the files, the manifest, chunk checksums and the parsers
+//! - [`format`](mod@format): the files, the manifest, chunk checksums and the parsers
 //!   every reader runs;
-//! - [`write`]: writing a full (paused or live) or a diff snapshot;
-//! - [`read`]: checking a snapshot and loading its machine state;
-//! - [`chain`]: following a chain, restoring its RAM, merging it;
-//! - [`pages`]: a chain's RAM read page by page (a lazy restore).
+//! - [`write`](mod@write): writing a full (paused or live) or a diff snapshot;
+//! - [`read`](mod@read): checking a snapshot and loading its machine state;
+//! - [`chain`](mod@chain): following a chain, restoring its RAM, merging it;
+//! - [`pages`](mod@pages): a chain's RAM read page by page (a lazy restore).
 //!
 //! The machine state a snapshot holds is [`crate::machine_state`]'s, the
 //! same value a migration sends.
