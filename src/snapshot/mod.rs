@@ -1,8 +1,8 @@
 //! Snapshots on disk: a directory per snapshot, committed atomically; a
 //! full snapshot, or a diff on top of a parent, and chains of them.
 //!
-//! - [`format`](mod@format): the files, the manifest, chunk checksums and the parsers
-//!   every reader runs;
+//! - [`format`](mod@format): the files, the manifest, chunk checksums and
+//!   the parsers every reader runs;
 //! - [`write`](mod@write): writing a full (paused or live) or a diff snapshot;
 //! - [`read`](mod@read): checking a snapshot and loading its machine state;
 //! - [`chain`](mod@chain): following a chain, restoring its RAM, merging it;
