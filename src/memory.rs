@@ -105,6 +105,26 @@ pub fn host_page_size() -> u64 {
     }
 }
 
+/// Largest guest RAM smudge takes from a file or a peer (a snapshot's
+/// manifest, a migration's `Hello`): their readers size tables by it, so a
+/// forged size must not ask for more than any VM smudge runs.
+pub const MAX_MEM: u64 = 1 << 40;
+
+/// A RAM size read from a snapshot or a migration stream that no VM of
+/// smudge has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("RAM size {0:#x} is not a page multiple in 1 page ..= 1 TiB")]
+pub struct BadRamSize(pub u64);
+
+/// Checks a RAM size read from a snapshot or a migration stream: a
+/// non-zero multiple of the guest page size, at most [`MAX_MEM`].
+pub fn check_ram_size(size: u64) -> Result<(), BadRamSize> {
+    if size == 0 || !size.is_multiple_of(guest_abi::PAGE_SIZE) || size > MAX_MEM {
+        return Err(BadRamSize(size));
+    }
+    Ok(())
+}
+
 /// One contiguous piece of guest RAM and where it lives in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RamRegion {

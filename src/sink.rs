@@ -1,6 +1,13 @@
-//! Sinks: where written-back pages go. One trait, so the backing file,
-//! image files (snapshots, tests) and later the migration stream plug into
-//! the writeback engine the same way.
+//! Sinks: where written-back pages go. The writeback engine writes through
+//! the [`Sink`] trait, into the backing file itself or into an image file
+//! (the VMM's `--writeback-image`). The snapshot pre-copy's staging image
+//! and the tracking view's shadow image are [`ImageFile`]s too, written
+//! with [`Sink::write_set`] directly.
+//!
+//! Snapshots and migration do not go through a sink: a snapshot copies
+//! extents of the backing file (or of its staging image) into its own
+//! files, checksummed per chunk ([`crate::snapshot`]), and a migration
+//! frames pages onto a stream ([`crate::migration::frame`]).
 //!
 //! - [`BackingFileSink`]: the pages already live in the `MAP_SHARED` file's
 //!   page cache; writing them back is `sync_file_range(WAIT_BEFORE | WRITE

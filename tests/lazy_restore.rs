@@ -195,7 +195,7 @@ fn a_corrupt_chunk_stops_a_lazy_restore_and_a_disk_file_is_refused() {
     // A flipped byte in a data chunk: the guest started, then stops with
     // the file and offset named.
     let img = snap.join("memory.img");
-    let data = smudge::snapshot::data_ranges(&std::fs::File::open(&img).unwrap(), 64 << 20).unwrap();
+    let data = smudge::file_io::data_ranges(&std::fs::File::open(&img).unwrap(), 64 << 20).unwrap();
     let at = data.last().unwrap().0 + 100;
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     let mut b = [0u8; 1];

@@ -37,7 +37,7 @@ fn data_chunk_bytes(img: &Path) -> u64 {
     let f = std::fs::File::open(img).unwrap();
     let len = f.metadata().unwrap().len();
     let mut chunks = std::collections::BTreeSet::new();
-    for (off, n) in smudge::snapshot::data_ranges(&f, len).unwrap() {
+    for (off, n) in smudge::file_io::data_ranges(&f, len).unwrap() {
         chunks.extend(off / CHUNK..(off + n).div_ceil(CHUNK));
     }
     chunks.iter().map(|&c| (len - c * CHUNK).min(CHUNK)).sum()
@@ -91,7 +91,7 @@ fn a_sparse_4g_guest_is_checksummed_by_what_it_holds() {
     // A flipped byte in the last data range of the image: caught, chunk
     // named.
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
-    let ranges = smudge::snapshot::data_ranges(&f, 4 << 30).unwrap();
+    let ranges = smudge::file_io::data_ranges(&f, 4 << 30).unwrap();
     let &(off, len) = ranges.last().unwrap_or_else(|| panic!("memory.img holds no data: {s}"));
     let at = off + len / 2;
     let mut b = [0u8; 1];

@@ -16,9 +16,8 @@ use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_segment
 use smudge::guest_abi::Config;
 use smudge::kvm::vcpu_state::{FpuState, VcpuState};
 use smudge::migration::frame::{Ack, Frame, FrameWriter, Hello, PAGE};
-use smudge::snapshot::{
-    begin_diff, parse_extents, parse_manifest, parse_state, write_full, DeviceState, MachineState, Manifest, UartState,
-};
+use smudge::machine_state::{DeviceState, MachineState, UartState};
+use smudge::snapshot::{begin_diff, parse_extents, parse_manifest, parse_state, write_full, Manifest};
 
 /// Writes `TARGET/seed-NAME` files under the corpus directory.
 struct Out {

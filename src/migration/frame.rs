@@ -34,8 +34,8 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine_state::MachineState;
 use crate::memory::RamRegion;
-use crate::snapshot::MachineState;
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"SMIG";

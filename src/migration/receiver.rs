@@ -16,11 +16,9 @@ use std::path::{Path, PathBuf};
 use super::checksum::{digest, memory_crcs, CHUNK};
 use super::frame::{Frame, FrameError, Hello, PAGE};
 use super::postcopy::Owed;
-use crate::memory::ram_layout;
-use crate::snapshot::MachineState;
+use crate::machine_state::MachineState;
+use crate::memory::{check_ram_size, ram_layout};
 
-/// Largest RAM a stream may announce (the file is made sparse at that size).
-pub const MAX_MEM: u64 = 1 << 40;
 /// Most vCPUs a stream may announce.
 pub const MAX_VCPUS: usize = 64;
 /// Most page connections a migration may use.
@@ -105,8 +103,8 @@ pub fn check_hello(f: Frame) -> Result<Hello, ReceiveError> {
         other => return Err(ReceiveError::Protocol(format!("expected Hello first, got {:?}", other.kind()))),
     };
     let bad = |what: String| Err(ReceiveError::Protocol(format!("Hello: {what}")));
-    if h.mem_size == 0 || !h.mem_size.is_multiple_of(PAGE) || h.mem_size > MAX_MEM {
-        return bad(format!("RAM size {:#x} is not a page multiple in 1 page ..= 1 TiB", h.mem_size));
+    if let Err(e) = check_ram_size(h.mem_size) {
+        return bad(e.to_string());
     }
     if h.connections == 0 || h.connections > MAX_CONNECTIONS {
         return bad(format!("{} connections (1..={MAX_CONNECTIONS})", h.connections));

@@ -28,4 +28,4 @@ pub mod policy;
 pub use clock::{Clock, FakeClock, MonotonicClock};
 pub use engine::{DirtyLog, HarvesterLog, SyncMode, Writeback, WritebackControl, WritebackError, WritebackStats};
 pub use page_state::PageStates;
-pub use policy::{parse_bytes, Threshold, WritebackPolicy};
+pub use policy::{parse_bytes, ParseSizeError, Threshold, WritebackPolicy};

@@ -29,8 +29,25 @@ impl Threshold {
     }
 }
 
+/// Why a byte size or a threshold did not parse (each names the text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseSizeError {
+    /// Not a number with an optional binary unit.
+    #[error("'{0}' is not a size (examples: 256M, 1G, 65536)")]
+    NotASize(String),
+    /// More bytes than a `u64` holds.
+    #[error("'{0}' is too large")]
+    TooLarge(String),
+    /// A `%` after something that is not a whole number 0..=255.
+    #[error("'{0}' is not a percentage")]
+    NotAPercentage(String),
+    /// A percentage of RAM above 100.
+    #[error("'{0}' is more than 100%")]
+    OverHundredPercent(String),
+}
+
 /// Parses a byte size: `256M`, `1G`, `64k`, `4096` (binary units).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, ParseSizeError> {
     let s = s.trim();
     let (num, shift) = match s.chars().last() {
         Some('k' | 'K') => (&s[..s.len() - 1], 10),
@@ -38,20 +55,20 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         Some('g' | 'G') => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 65536)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| ParseSizeError::NotASize(s.into()))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| ParseSizeError::TooLarge(s.into()))
 }
 
 impl FromStr for Threshold {
-    type Err = String;
+    type Err = ParseSizeError;
 
     /// `10%`, `64M`, `1G`, `4096`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseSizeError> {
         let s = s.trim();
         if let Some(p) = s.strip_suffix('%') {
-            let v: u8 = p.parse().map_err(|_| format!("'{s}' is not a percentage"))?;
+            let v: u8 = p.parse().map_err(|_| ParseSizeError::NotAPercentage(s.into()))?;
             if v > 100 {
-                return Err(format!("'{s}' is more than 100%"));
+                return Err(ParseSizeError::OverHundredPercent(s.into()));
             }
             return Ok(Threshold::Percent(v));
         }
@@ -91,8 +108,10 @@ mod tests {
     fn thresholds_parse_and_scale() {
         assert_eq!("10%".parse(), Ok(Threshold::Percent(10)));
         assert_eq!("64M".parse(), Ok(Threshold::Bytes(64 << 20)));
-        assert!("101%".parse::<Threshold>().is_err());
-        assert!("lots".parse::<Threshold>().is_err());
+        assert_eq!("101%".parse::<Threshold>(), Err(ParseSizeError::OverHundredPercent("101%".into())));
+        assert_eq!("lots".parse::<Threshold>(), Err(ParseSizeError::NotASize("lots".into())));
+        assert_eq!("x%".parse::<Threshold>().unwrap_err().to_string(), "'x%' is not a percentage");
+        assert_eq!(parse_bytes("99999999999G"), Err(ParseSizeError::TooLarge("99999999999G".into())));
         assert_eq!(Threshold::Percent(10).pages(1 << 30, 4096), 26214);
         assert_eq!(Threshold::Bytes(1 << 20).pages(1 << 30, 4096), 256);
     }

@@ -427,7 +427,7 @@ fn parse_wait(s: &str) -> Result<f64, String> {
 }
 
 /// Parses `256M`, `1G`, `4096`, `64k` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, smudge::writeback::ParseSizeError> {
     smudge::writeback::parse_bytes(s)
 }
 

@@ -20,10 +20,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smudge::machine_state::MachineState;
 use smudge::memory::GuestRam;
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, ReceiveError, Receiver, Step};
-use smudge::snapshot::MachineState;
 use smudge::uffd::UffdError;
 
 use crate::control::signals::{self, shut_on_stop, OnStop};

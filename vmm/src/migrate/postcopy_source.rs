@@ -63,7 +63,7 @@ enum Upstream {
 fn owed_runs(src: &MigrationSource, s: &Sender, set: Option<&DirtySet>) -> Result<Vec<(u64, u32)>, MigrateError> {
     let ranges: Vec<(u64, u64)> = match set {
         Some(set) => crate::persist::precopy::file_extents(set, src.mem_size),
-        None => smudge::snapshot::data_ranges(&src.file, src.mem_size)
+        None => smudge::file_io::data_ranges(&src.file, src.mem_size)
             .map_err(|e| MigrateError::Stream(format!("SEEK_DATA on the memory file: {e}")))?,
     };
     let mut runs = Vec::new();

@@ -657,7 +657,7 @@ impl MigrationSource {
         // Round 0: everything with data.
         let r0 = Instant::now();
         let (b0, p0) = (s.bytes(), s.pages);
-        let data = smudge::snapshot::data_ranges(&self.file, self.mem_size)
+        let data = smudge::file_io::data_ranges(&self.file, self.mem_size)
             .map_err(|e| MigrateError::Stream(format!("SEEK_DATA on the memory file: {e}")))?;
         let mut pieces = Vec::new();
         for (off, len) in data {

@@ -23,8 +23,7 @@ use smudge::fill::{Answer, Feed, FillBehind, FillError, FillStats, Loaded, PageS
 use smudge::memory::{ram_layout, GuestRam};
 use smudge::migration::postcopy::Owed;
 use smudge::migration::receiver::ReceiveError;
-use smudge::snapshot::{parse_state, MachineState, Manifest, SnapshotError};
-use smudge::snapshot_pages::ChainPages;
+use smudge::snapshot::{parse_state, ChainPages, MachineState, Manifest, SnapshotError};
 use smudge::uffd::UffdError;
 
 use crate::migrate::incoming::IncomingError;

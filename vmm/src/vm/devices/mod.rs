@@ -1,6 +1,9 @@
 //! The guest's port I/O devices: COM1 (16550, vm-superio) and the exit port
 //! (QEMU's isa-debug-exit convention). Anything else is an unknown port.
+//! Each device saves and restores its own registers (its `persist`
+//! module); [`persist`] assembles them into the machine state's devices.
 
+pub mod persist;
 pub mod serial;
 
 use std::sync::Mutex;
@@ -66,19 +69,6 @@ impl PortBus {
             PortAction::Continue
         } else {
             PortAction::Unknown
-        }
-    }
-
-    /// The devices' state, for a snapshot.
-    pub fn state(&self) -> smudge::snapshot::DeviceState {
-        smudge::snapshot::DeviceState { com1: Some(self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()) }
-    }
-
-    /// Puts a snapshot's device state back.
-    pub fn set_state(&self, st: &smudge::snapshot::DeviceState) -> Result<(), String> {
-        match &st.com1 {
-            Some(u) => self.serial.lock().unwrap_or_else(|p| p.into_inner()).set_state(u),
-            None => Ok(()),
         }
     }
 

@@ -12,7 +12,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::snapshot::{self, parse_extents, Manifest, SnapshotError, CHUNK};
+use super::chain::chain_lazily;
+use super::format::{chunk_crc, parse_extents, Manifest, SnapshotError, CHUNK};
+use crate::file_io::data_ranges;
+use crate::memory::check_ram_size;
 
 const PAGE: u64 = 4096;
 
@@ -71,7 +74,7 @@ impl Layer {
         let n = (self.len - start).min(CHUNK) as usize;
         buf.resize(n, 0);
         // A chunk that is all hole is not read: its checksum is that of zeros.
-        let (crc, _) = snapshot::chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
+        let (crc, _) = chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
             path: self.path.clone(),
             op: "read",
             source,
@@ -99,7 +102,7 @@ impl ChainPages {
     /// checked in full, memory files by length (their chunks as they are
     /// read). Returns the pages and the last snapshot's manifest.
     pub fn open(dir: &Path) -> Result<(Self, Manifest), SnapshotError> {
-        let links = snapshot::chain_lazily(dir)?;
+        let links = chain_lazily(dir)?;
         let last = links.last().map(|(_, m)| m.clone()).ok_or_else(|| SnapshotError::Corrupt {
             path: dir.to_path_buf(),
             offset: 0,
@@ -108,13 +111,11 @@ impl ChainPages {
         let mem_size = last.mem_size;
         // One entry per page is kept: a forged size must not ask for more
         // than any VM smudge runs.
-        if mem_size == 0 || !mem_size.is_multiple_of(PAGE) || mem_size > crate::migration::receiver::MAX_MEM {
-            return Err(SnapshotError::Corrupt {
-                path: dir.join("manifest.json"),
-                offset: 0,
-                what: format!("RAM size {mem_size:#x} is not a page multiple in 1 page ..= 1 TiB"),
-            });
-        }
+        check_ram_size(mem_size).map_err(|e| SnapshotError::Corrupt {
+            path: dir.join("manifest.json"),
+            offset: 0,
+            what: e.to_string(),
+        })?;
         let pages = mem_size / PAGE;
         if links.len() >= usize::from(u16::MAX) {
             return Err(SnapshotError::Corrupt {
@@ -136,7 +137,7 @@ impl ChainPages {
             }
             if k == 0 {
                 let layer = Layer::open(d.join("memory.img"), m, "memory.img")?;
-                let data = snapshot::data_ranges(&layer.file, mem_size).map_err(|source| SnapshotError::Io {
+                let data = data_ranges(&layer.file, mem_size).map_err(|source| SnapshotError::Io {
                     path: layer.path.clone(),
                     op: "SEEK_DATA",
                     source,
@@ -262,14 +263,15 @@ impl ChainPages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{begin_diff, write_full, MachineState};
+    use crate::machine_state::MachineState;
+    use crate::snapshot::ram_file;
+    use crate::snapshot::{begin_diff, load, write_full};
     use std::fs::OpenOptions;
 
     /// A 4 MiB RAM file with data in a few pages.
     fn ram(dir: &Path, name: &str, pages: &[(u64, u8)]) -> (PathBuf, File) {
         let p = dir.join(name);
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
-        f.set_len(4 << 20).unwrap();
+        let f = ram_file(&p, 4 << 20);
         for &(pg, v) in pages {
             f.write_all_at(&[v; PAGE as usize], pg * PAGE).unwrap();
         }
@@ -285,7 +287,7 @@ mod tests {
         // A diff rewrites page 2 and adds page 5.
         f.write_all_at(&[0x44; PAGE as usize], 2 * PAGE).unwrap();
         f.write_all_at(&[0x55; PAGE as usize], 5 * PAGE).unwrap();
-        let (full_m, _) = snapshot::load(&d.path().join("full")).unwrap();
+        let (full_m, _) = load(&d.path().join("full")).unwrap();
         let ext = [(2 * PAGE, PAGE), (5 * PAGE, PAGE)];
         begin_diff(&d.path().join("diff"), &full_m, &d.path().join("full"), &f, &ext, &state)
             .unwrap()

@@ -1,47 +1,34 @@
-//! COM1: a vm-superio 16550 whose output goes to stdout or a file. Output is
-//! flushed after each guest `out`/`rep outsb`, not per byte.
+//! COM1's save and restore: its registers to and from the library's
+//! [`UartState`], the form a snapshot's `state.json` and a migration's
+//! `State` frame carry.
 
-use std::io::{self, Write};
+use std::io;
 
-use smudge::snapshot::UartState;
+use smudge::machine_state::UartState;
 use vm_superio::serial::SerialState;
-use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Serial;
 
-/// vm-superio's interrupt trigger, as an `EventFd` (wired to an irqfd when
-/// the VM has an in-kernel irqchip).
-#[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
-
-impl Trigger for IrqTrigger {
-    type E = io::Error;
-
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
+use super::{IrqTrigger, SerialConsole};
 
 /// A 16550's receive FIFO (vm-superio's size).
 const FIFO_SIZE: usize = 64;
 
-/// The serial port and its output.
-pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-    failed: bool,
-}
-
-impl std::fmt::Debug for SerialConsole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialConsole").field("failed", &self.failed).finish()
-    }
+/// Why saved COM1 registers could not be put back (the UART keeps its
+/// registers as they were).
+#[derive(Debug, thiserror::Error)]
+pub enum UartStateError {
+    /// More received bytes than the FIFO holds: a corrupt state file.
+    #[error("COM1 state: {0} bytes in a {FIFO_SIZE}-byte receive FIFO")]
+    FifoOverflow(usize),
+    /// The interrupt line could not be handed to the restored UART.
+    #[error("COM1 state: cloning the interrupt eventfd failed")]
+    Eventfd(#[source] io::Error),
+    /// vm-superio refused the registers.
+    #[error("COM1 state: vm-superio refused it: {0}")]
+    Refused(String),
 }
 
 impl SerialConsole {
-    /// A UART writing to `out`, raising `irq` on interrupts.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialConsole { uart: Serial::new(IrqTrigger(irq), out), failed: false }
-    }
-
     /// The registers, for a snapshot.
     pub fn state(&self) -> UartState {
         let s = self.uart.state();
@@ -62,9 +49,9 @@ impl SerialConsole {
     /// Puts the registers back (a restore), keeping the output and the
     /// interrupt line. Fails on a receive buffer larger than a 16550's FIFO
     /// (a corrupt state file).
-    pub fn set_state(&mut self, st: &UartState) -> Result<(), String> {
+    pub fn set_state(&mut self, st: &UartState) -> Result<(), UartStateError> {
         if st.in_buffer.len() > FIFO_SIZE {
-            return Err(format!("COM1 state: {} bytes in a {FIFO_SIZE}-byte receive FIFO", st.in_buffer.len()));
+            return Err(UartStateError::FifoOverflow(st.in_buffer.len()));
         }
         let state = SerialState {
             baud_divisor_low: st.baud_divisor_low,
@@ -78,50 +65,22 @@ impl SerialConsole {
             scratch: st.scratch,
             in_buffer: st.in_buffer.clone(),
         };
-        let trigger = IrqTrigger(self.uart.interrupt_evt().0.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.try_clone().map_err(UartStateError::Eventfd)?);
         let out = std::mem::replace(self.uart.writer_mut(), Box::new(io::sink()));
         match Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out) {
             Ok(u) => {
                 self.uart = u;
                 Ok(())
             }
-            Err(e) => Err(format!("COM1 state: {e:?}")),
-        }
-    }
-
-    /// Register write at `offset`; several bytes are several writes.
-    pub fn write(&mut self, offset: u8, data: &[u8]) {
-        for &b in data {
-            if let Err(e) = self.uart.write(offset, b) {
-                self.report(e);
-            }
-        }
-        self.flush();
-    }
-
-    /// Register read at `offset`.
-    pub fn read(&mut self, offset: u8) -> u8 {
-        self.uart.read(offset)
-    }
-
-    /// Flushes the output.
-    pub fn flush(&mut self) {
-        if let Err(e) = self.uart.writer_mut().flush() {
-            self.report(e);
-        }
-    }
-
-    fn report(&mut self, e: impl std::fmt::Debug) {
-        // Losing console output must not stop the guest; say it once.
-        if !self.failed {
-            tracing::warn!("serial output failed: {e:?}");
-            self.failed = true;
+            Err(e) => Err(UartStateError::Refused(e.to_string())),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use vmm_sys_util::eventfd::EventFd;
+
     use super::*;
 
     fn console() -> SerialConsole {
@@ -143,6 +102,9 @@ mod tests {
         assert_eq!((b.read(7), b.read(3), b.read(1)), (0x5a, 0x03, 0x01));
         let mut bad = st.clone();
         bad.in_buffer = vec![0; 65];
-        assert_eq!(b.set_state(&bad).unwrap_err(), "COM1 state: 65 bytes in a 64-byte receive FIFO");
+        let e = b.set_state(&bad).unwrap_err();
+        assert!(matches!(e, UartStateError::FifoOverflow(65)), "{e:?}");
+        assert_eq!(e.to_string(), "COM1 state: 65 bytes in a 64-byte receive FIFO");
+        assert_eq!(b.state(), st, "a refused state leaves the registers as they were");
     }
 }
