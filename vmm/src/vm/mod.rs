@@ -11,15 +11,15 @@
 //!              threads waiting                             or is stopped
 //! ```
 //!
-//! - **planned** ([`create::Planned`]): what can be checked before any file
+//! - **planned** (`Planned`, in `create.rs`): what can be checked before any file
 //!   is touched — RAM size, KVM, the guest image.
-//! - **created** ([`create::Created`]): the API socket bound, the memory
+//! - **created** (`Created`, `create.rs`): the API socket bound, the memory
 //!   file mapped; KVM is set up on a thread of its own while the guest's
 //!   RAM is loaded; the VMM seccomp filter goes on and the vCPU threads are
 //!   spawned, waiting ([`vcpu_threads`]).
-//! - **ready** ([`ready::Ready`]): the vCPUs hold their first state, the
+//! - **ready** (`Ready`, `ready.rs`): the vCPUs hold their first state, the
 //!   devices and the dirty log are set up, SIGTERM/SIGINT end the run.
-//! - **running** ([`running::Running`]): the vCPUs enter the guest; the
+//! - **running** (`Running`, `running.rs`): the vCPUs enter the guest; the
 //!   background tasks start — flusher, periodic dirty tracking, stats,
 //!   snapshot pre-copy, heatmap, timed snapshot, control API (which serves
 //!   snapshots and migrations) — each through the one interface of
@@ -38,13 +38,13 @@
 //! ([`seccomp`]) and how a run ended ([`outcome`]).
 
 pub mod boot;
-pub mod create;
+mod create;
 pub mod devices;
 pub mod event_loop;
 pub mod guest_image;
 pub mod outcome;
-pub mod ready;
-pub mod running;
+mod ready;
+mod running;
 pub mod seccomp;
 pub mod tasks;
 pub mod vcpu;

@@ -518,7 +518,7 @@ impl Filters {
 
     /// Adds the filter of `kind` (vCPU or flusher) to the calling thread,
     /// on top of the VMM filter it inherited (and the one that answers
-    /// [`DENIED_QUIETLY`] calls with `EACCES`).
+    /// `DENIED_QUIETLY` calls with `EACCES`).
     pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
         let err = |source| SeccompError::Install { kind: kind.name(), source };
         match kind {
