@@ -272,6 +272,62 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["stop c", "join c", "stop a", "join a"]);
     }
 
+    fn shared() -> Arc<Shared> {
+        use crate::vm::devices::{PortBus, SerialConsole};
+        use vmm_sys_util::eventfd::EventFd;
+        let fd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Arc::new(Shared::new(
+            fd(),
+            PortBus::new(SerialConsole::new(fd(), Box::new(std::io::sink()))),
+            None,
+            None,
+            false,
+        ))
+    }
+
+    /// A thread task that reports each round on `rounds` and then parks
+    /// for an hour: only a stop's unpark ends it in a test's time.
+    fn reporter(vm: &Arc<Shared>) -> (ThreadTask, std::sync::mpsc::Receiver<()>) {
+        let (tx, rounds) = std::sync::mpsc::channel();
+        let task = ThreadTask::spawn("reporter", "test-reporter", vm, move |stop| {
+            while !stop.is_set() {
+                let _ = tx.send(());
+                std::thread::park_timeout(std::time::Duration::from_secs(3600));
+            }
+        })
+        .unwrap();
+        (task, rounds)
+    }
+
+    #[test]
+    fn a_thread_task_ends_when_stopped_or_when_the_vm_stops() {
+        let limit = std::time::Duration::from_secs(30);
+        // Its own stop, through the registry: the park is cut short.
+        let vm = shared();
+        let (task, rounds) = reporter(&vm);
+        rounds.recv_timeout(limit).expect("the task's first round within 30 s");
+        let mut tasks = Tasks::default();
+        tasks.add(task);
+        let t0 = std::time::Instant::now();
+        assert!(tasks.stop_all().is_ok());
+        assert!(t0.elapsed() < limit, "the stop did not wake the parked task: {:?}", t0.elapsed());
+        // The VM's stop ends it too (woken as a stop would).
+        let vm = shared();
+        let (task, rounds) = reporter(&vm);
+        rounds.recv_timeout(limit).expect("the task's first round within 30 s");
+        vm.stop.store(true, Ordering::Release);
+        task.thread.thread().unpark();
+        let t0 = std::time::Instant::now();
+        assert!(Box::new(task).join().is_ok());
+        assert!(t0.elapsed() < limit, "the VM's stop did not end the task: {:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_panicked_thread_task_is_named_in_the_error() {
+        let task = ThreadTask::spawn("doomed", "test-doomed", &shared(), |_| panic!("on purpose")).unwrap();
+        assert_eq!(Box::new(task).join().unwrap_err().to_string(), "the doomed thread panicked");
+    }
+
     #[test]
     fn loop_parts_are_handed_over_once() {
         let mut tasks = Tasks::default();
