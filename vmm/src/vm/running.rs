@@ -23,7 +23,7 @@ use crate::control::signals::OnStop;
 use crate::migrate::source::MigrationSource;
 use crate::observe::heatmap::Heatmap;
 use crate::observe::tracking::Tracking;
-use crate::persist::flusher::Flusher;
+use crate::persist::flusher::{Flusher, WritebackOptions};
 use crate::persist::snapshotter::Snapshotter;
 use crate::vm::create::{Created, SocketFile};
 use crate::vm::event_loop::{self, LoopEnd, Watch};
@@ -88,9 +88,9 @@ impl Ready {
             inc.started(Ok(()), &shared.memory_loading);
             tracing::debug!("vCPUs started and the source told {:?} after the memory was in", t_received.elapsed());
         }
-        let flusher = match wb_log {
-            Some(log) => Some(new_flusher(&cfg, log, &backing, &ram, &kvm_side.slots)?),
-            None => None,
+        let flusher = match (wb_log, cfg.writeback.clone()) {
+            (Some(log), Some(opts)) => Some(new_flusher(&cfg, log, opts, &backing, &ram, &kvm_side.slots)?),
+            _ => None,
         };
         let parts = Parts {
             cfg: &cfg,
@@ -121,17 +121,15 @@ impl Ready {
 }
 
 /// The writeback engine over `log`, writing into the backing file (or the
-/// image the options name), in its flusher.
+/// image `opts` names), in its flusher.
 fn new_flusher(
     cfg: &VmConfig,
     log: HarvesterLog,
+    opts: WritebackOptions,
     backing: &BackingFile,
     ram: &GuestRam,
     slots: &[smudge::kvm::Slot],
 ) -> Result<Arc<Mutex<Flusher>>, VmError> {
-    let Some(opts) = cfg.writeback.clone() else {
-        return Err(VmError::Runtime("writeback's dirty log without its options".into()));
-    };
     let sink: Box<dyn Sink> = match &opts.image {
         Some(p) => Box::new(ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?),
         None => {
