@@ -134,7 +134,7 @@ impl Created {
         shared.pause_at_sync = cfg.pause_at_sync;
         let shared = Arc::new(shared);
         if let Some(state) = &restore {
-            shared.bus.set_state(&state.devices).map_err(VmError::Runtime)?;
+            shared.bus.set_state(&state.devices).map_err(|e| VmError::Runtime(e.to_string()))?;
         }
         // Writeback's dirty-log consumer exists before a vCPU runs (no page
         // dirtied from here on escapes it); the engine, whose page tables take
