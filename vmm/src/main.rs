@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::bench;
-use smudge_vmm::control::cli::{Cli, Command, CtlCommand, RunArgs, SnapshotCommand, SnapshotCtl};
+use smudge_vmm::control::cli::{
+    Cli, Command, CtlArgs, CtlCommand, MigrateRecvArgs, RestoreArgs, RunArgs, SnapshotCommand, SnapshotCtl,
+};
 use smudge_vmm::control::signals;
 use smudge_vmm::observe::tracking::DirtyOptions;
 use smudge_vmm::persist::flusher::WritebackOptions;
@@ -58,97 +60,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             take_stop_signals(&args)?;
             run(*args, Start::Boot)
         }
-        Command::Restore(r) => {
-            let r = *r;
-            let t0 = std::time::Instant::now();
-            take_stop_signals(&r.run)?;
-            if r.run.guest.is_some() || r.run.cmdline.is_some() {
-                anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
-            }
-            if r.lazy {
-                smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
-                if r.run.mem_file.exists() {
-                    anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
-                }
-                let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
-                let mem_file = r.run.mem_file.clone();
-                let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
-                return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
-            }
-            let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
-            let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
-            let mut bar = progress_bar("restoring memory");
-            smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
-            drop(restoring);
-            let mem_file = r.run.mem_file.clone();
-            let ran = match signals::requested() {
-                // Came while the memory was copied (the copy is not cut short).
-                Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
-                None => run(r.run, Start::Restore(Box::new((manifest, state, t0)))),
-            };
-            stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
-        }
-        Command::MigrateRecv(m) => {
-            let m = *m;
-            take_stop_signals(&m.run)?;
-            if m.run.guest.is_some() || m.run.cmdline.is_some() {
-                anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
-            }
-            if !(m.accept_timeout >= 0.0 && m.accept_timeout.is_finite()) {
-                anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
-            }
-            if m.local {
-                if !m.run.mem_file.is_file() {
-                    anyhow::bail!(
-                        "{}: --local takes over the source's memory file, and there is none here",
-                        m.run.mem_file.display()
-                    );
-                }
-            } else if m.run.mem_file.exists() {
-                anyhow::bail!(
-                    "{}: exists; migrate-recv makes a new memory file and will not overwrite one \
-                     (--local takes over a running guest's file on this host)",
-                    m.run.mem_file.display()
-                );
-            }
-            let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
-            let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout) {
-                Ok(i) => i,
-                Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
-            };
-            let ready = match (m.local, inc.hello().local.clone()) {
-                (true, Some(local)) => handover_file(&m.run.mem_file, &local, inc.hello().mem_size),
-                (true, None) => Err("this side waits for a same-host handover (--local); the source sends \
-                                     pages (run `ctl migrate --local` there)"
-                    .to_string()),
-                (false, Some(_)) => Err("the source hands over its RAM file (--local); start migrate-recv \
-                                      with --local and --mem-file naming that file"
-                    .to_string()),
-                (false, None) if inc.hello().postcopy => {
-                    smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
-                        .map_err(|e| e.to_string())
-                        .and_then(|_| creatable(&m.run.mem_file))
-                }
-                (false, None) => creatable(&m.run.mem_file),
-            };
-            if let Err(why) = ready {
-                inc.refuse(&why);
-                anyhow::bail!(why);
-            }
-            if let Err(e) = inc.welcome() {
-                return stopped_before_running(Err(e), None, "the source keeps its guest");
-            }
-            let mem_file = m.run.mem_file.clone();
-            let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
-            let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
-            if r.is_err() && !m.local {
-                // The guest never ran here: the partial memory file is no one's.
-                // (A handed-over file is the source's guest's RAM: kept.)
-                let _ = std::fs::remove_file(&mem_file);
-                return stopped_before_running(r, Some(&mem_file), "the source keeps its guest");
-            }
-            stopped_before_running(r, None, "the source keeps its guest")
-        }
+        Command::Restore(r) => restore(*r),
+        Command::MigrateRecv(m) => migrate_recv(*m),
         Command::Snapshot(SnapshotCommand::Verify { dir }) => {
             let links = smudge::snapshot::chain(&dir)?;
             for (d, m) in &links {
@@ -174,25 +87,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
         }
-        Command::Ctl(args) => {
-            let long_job = matches!(
-                args.cmd,
-                CtlCommand::Migrate(_) | CtlCommand::Snapshot(SnapshotCtl::Create { live: true, .. })
-            );
-            let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
-            let wait = Duration::from_secs_f64(args.wait_secs);
-            let answer = smudge_vmm::control::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
-            if let Some(stop) = watch {
-                stop();
-            }
-            let answer = answer?;
-            match smudge_vmm::control::ctl_view::render(&args.cmd, &answer).filter(|_| !args.json) {
-                Some(text) => println!("{text}"),
-                None => println!("{}", serde_json::to_string_pretty(&answer)?),
-            }
-            let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
-            Ok(if ok { 0 } else { 1 })
-        }
+        Command::Ctl(args) => ctl(&args),
         Command::Bench(args) => {
             let report = match args.name.as_str() {
                 "boot" => bench::boot::run(&args)?,
@@ -209,6 +104,190 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// `smudge restore`: the snapshot's memory materialized into the memory
+/// file (or, `--lazy`, loaded behind the running guest), then the run.
+fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
+    let t0 = std::time::Instant::now();
+    take_stop_signals(&r.run)?;
+    if r.run.guest.is_some() || r.run.cmdline.is_some() {
+        anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
+    }
+    if r.lazy {
+        smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
+        if r.run.mem_file.exists() {
+            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
+        }
+        let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
+        let mem_file = r.run.mem_file.clone();
+        let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
+        return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
+    }
+    let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
+    let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
+    let mut bar = progress_bar("restoring memory");
+    smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
+    drop(restoring);
+    let mem_file = r.run.mem_file.clone();
+    let ran = match signals::requested() {
+        // Came while the memory was copied (the copy is not cut short).
+        Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
+        None => run(r.run, Start::Restore(Box::new((manifest, state, t0)))),
+    };
+    stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
+}
+
+/// `smudge migrate-recv`: waits for a source, checks this side can take
+/// its guest (refusing it, saying why, if not), then the run.
+fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
+    take_stop_signals(&m.run)?;
+    if m.run.guest.is_some() || m.run.cmdline.is_some() {
+        anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
+    }
+    if !(m.accept_timeout >= 0.0 && m.accept_timeout.is_finite()) {
+        anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
+    }
+    if m.local {
+        if !m.run.mem_file.is_file() {
+            anyhow::bail!(
+                "{}: --local takes over the source's memory file, and there is none here",
+                m.run.mem_file.display()
+            );
+        }
+    } else if m.run.mem_file.exists() {
+        anyhow::bail!(
+            "{}: exists; migrate-recv makes a new memory file and will not overwrite one \
+             (--local takes over a running guest's file on this host)",
+            m.run.mem_file.display()
+        );
+    }
+    let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
+    let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout) {
+        Ok(i) => i,
+        Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
+    };
+    let hello = inc.hello();
+    if let Err(why) = destination_ready(&m, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
+        inc.refuse(&why.to_string());
+        // The message alone, as the source is told.
+        anyhow::bail!("{why}");
+    }
+    if let Err(e) = inc.welcome() {
+        return stopped_before_running(Err(e), None, "the source keeps its guest");
+    }
+    let mem_file = m.run.mem_file.clone();
+    let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
+    let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
+    if r.is_err() && !m.local {
+        // The guest never ran here: the partial memory file is no one's.
+        // (A handed-over file is the source's guest's RAM: kept.)
+        let _ = std::fs::remove_file(&mem_file);
+        return stopped_before_running(r, Some(&mem_file), "the source keeps its guest");
+    }
+    stopped_before_running(r, None, "the source keeps its guest")
+}
+
+/// Why this side cannot take the guest a source announced.
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    /// `--local` here, pages from the source.
+    #[error(
+        "this side waits for a same-host handover (--local); the source sends pages (run `ctl migrate --local` there)"
+    )]
+    WantsHandover,
+    /// A handover from the source, no `--local` here.
+    #[error(
+        "the source hands over its RAM file (--local); start migrate-recv with --local and --mem-file naming that file"
+    )]
+    WantsPages,
+    /// The memory file cannot be opened (a handover) or removed again
+    /// (the check that one can be made).
+    #[error("{}: {err}", path.display())]
+    Io {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// The handed-over file is not the source's RAM.
+    #[error(transparent)]
+    Handover(#[from] smudge::migration::local::LocalError),
+    /// A new memory file cannot be made here.
+    #[error("{}: cannot create the memory file: {err}", path.display())]
+    Create {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// Post-copy needs the memory file on tmpfs.
+    #[error("{0}")]
+    NotTmpfs(String),
+}
+
+/// Checks this side can take the guest a source announced: `local`, its
+/// same-host handover, if any; `mem_size` bytes of RAM; post-copy or not.
+fn destination_ready(
+    m: &MigrateRecvArgs,
+    local: Option<&smudge::migration::local::LocalRam>,
+    mem_size: u64,
+    postcopy: bool,
+) -> Result<(), NotReady> {
+    match (m.local, local) {
+        (true, Some(local)) => handover_file(&m.run.mem_file, local, mem_size),
+        (true, None) => Err(NotReady::WantsHandover),
+        (false, Some(_)) => Err(NotReady::WantsPages),
+        (false, None) if postcopy => {
+            smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
+                .map_err(|e| NotReady::NotTmpfs(e.to_string()))?;
+            creatable(&m.run.mem_file)
+        }
+        (false, None) => creatable(&m.run.mem_file),
+    }
+}
+
+/// Checks that a new memory file can be made at `path` before the source
+/// starts sending (`vm::run` then makes it afresh, sparse, at the
+/// announced size).
+fn creatable(path: &std::path::Path) -> Result<(), NotReady> {
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(_) => std::fs::remove_file(path).map_err(|err| NotReady::Io { path: path.to_path_buf(), err }),
+        Err(err) => Err(NotReady::Create { path: path.to_path_buf(), err }),
+    }
+}
+
+/// Checks that `path` is the RAM file a same-host source handed over.
+fn handover_file(
+    path: &std::path::Path,
+    local: &smudge::migration::local::LocalRam,
+    mem_size: u64,
+) -> Result<(), NotReady> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|err| NotReady::Io { path: path.to_path_buf(), err })?;
+    Ok(local.check(&f, mem_size)?)
+}
+
+/// `smudge ctl`: one request to a running smudge, its answer printed.
+fn ctl(args: &CtlArgs) -> anyhow::Result<u8> {
+    let long_job =
+        matches!(args.cmd, CtlCommand::Migrate(_) | CtlCommand::Snapshot(SnapshotCtl::Create { live: true, .. }));
+    let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
+    let wait = Duration::from_secs_f64(args.wait_secs);
+    let answer = smudge_vmm::control::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
+    if let Some(stop) = watch {
+        stop();
+    }
+    let answer = answer?;
+    match smudge_vmm::control::ctl_view::render(&args.cmd, &answer).filter(|_| !args.json) {
+        Some(text) => println!("{text}"),
+        None => println!("{}", serde_json::to_string_pretty(&answer)?),
+    }
+    let ok = answer.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+    Ok(if ok { 0 } else { 1 })
 }
 
 /// Takes SIGTERM and SIGINT over for a run (before any thread starts):
@@ -241,30 +320,6 @@ fn stopped_before_running(
         removed.map(|p| format!("; {} removed", p.display())).unwrap_or_default()
     );
     Ok(EXIT_SIGNALLED)
-}
-
-/// Checks that a new memory file can be made at `path` before the source
-/// starts sending (`vm::run` then makes it afresh, sparse, at the
-/// announced size).
-fn creatable(path: &std::path::Path) -> Result<(), String> {
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
-        Ok(_) => std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) => Err(format!("{}: cannot create the memory file: {e}", path.display())),
-    }
-}
-
-/// Checks that `path` is the RAM file a same-host source handed over.
-fn handover_file(
-    path: &std::path::Path,
-    local: &smudge::migration::local::LocalRam,
-    mem_size: u64,
-) -> Result<(), String> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    local.check(&f, mem_size).map_err(|e| e.to_string())
 }
 
 /// A progress bar on a terminal (bytes done of all), nothing otherwise.
@@ -350,7 +405,17 @@ enum Start {
     Incoming(u64, usize, Box<dyn vm::IncomingVm>),
 }
 
+/// Runs the VM `args` and `start` describe, prints what it did and
+/// returns the exit code.
 fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
+    let cfg = vm_config(&args, start)?;
+    let mem_size = cfg.mem_size;
+    let report = vm::run(cfg)?;
+    Ok(summarize(&report, mem_size, &args))
+}
+
+/// The run `args` ask for, beginning as `start` says.
+fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
     let (restore, incoming, announced) = match start {
         Start::Boot => (None, None, None),
         Start::Restore(r) => (Some(*r), None, None),
@@ -376,7 +441,7 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
-    let cfg = VmConfig {
+    Ok(VmConfig {
         mem_file: args.mem_file.clone(),
         mem_size,
         guest_elf,
@@ -434,8 +499,12 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
             None => None,
         },
         incoming,
-    };
-    let report = vm::run(cfg)?;
+    })
+}
+
+/// Prints the run's last line (and the heatmap's) to stderr; returns the
+/// exit code: the outcome's, or [`EXIT_WRITEBACK`] if the final sync failed.
+fn summarize(report: &vm::RunReport, mem_size: u64, args: &RunArgs) -> u8 {
     let dirty = match &report.dirty {
         Some(d) => format!(
             "dirty log {}: {} pages dirtied, {} harvests ({:.1} us each), {} ring-full exits{}",
@@ -494,5 +563,5 @@ fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
         args.mem_file.display(),
         if report.created_mem_file { " (created)" } else { "" },
     );
-    Ok(code)
+    code
 }

@@ -51,8 +51,9 @@ use smudge::harvest::Harvester;
 
 use crate::migrate::source::{MigrateOptions, MigrationSource, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
 use crate::persist::flusher::Flusher;
-use crate::persist::snapshotter::{Snapshotter, VcpuControl};
+use crate::persist::snapshotter::Snapshotter;
 use crate::vm::outcome::Outcome;
+use crate::vm::vcpu_control::VcpuControl;
 
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -260,36 +261,52 @@ fn answer(conn: &UnixStream, v: &Value) -> std::io::Result<()> {
     }
 }
 
+/// Why no request line was read (the answer's message).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// Nothing, or no whole line, within the deadline.
+    #[error("no request line within {0:?} of connecting")]
+    Late(Duration),
+    /// The client closed (or the server went) before sending anything.
+    #[error("no request: the connection was closed (or smudge stopped) before one came")]
+    Closed,
+    /// The socket failed.
+    #[error("cannot read the request: {0}")]
+    Read(std::io::Error),
+    /// The line is not text.
+    #[error("cannot read the request: it is not UTF-8")]
+    NotUtf8,
+}
+
 /// Reads one request line: up to its newline, the end of the stream or
 /// [`MAX_REQUEST`] bytes, whichever comes first, all within `deadline` of
-/// the call. The error is the answer's message.
-fn read_request(conn: &UnixStream, deadline: Duration) -> Result<String, String> {
+/// the call.
+fn read_request(conn: &UnixStream, deadline: Duration) -> Result<String, RequestError> {
     let end = Instant::now() + deadline;
-    let late = || format!("no request line within {deadline:?} of connecting");
     let mut line = Vec::new();
     let mut chunk = [0u8; 4096];
     while !line.contains(&b'\n') && (line.len() as u64) < MAX_REQUEST {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(late());
+            return Err(RequestError::Late(deadline));
         }
-        conn.set_read_timeout(Some(left)).map_err(|e| format!("cannot read the request: {e}"))?;
+        conn.set_read_timeout(Some(left)).map_err(RequestError::Read)?;
         match (&mut &*conn).read(&mut chunk) {
-            Ok(0) if line.is_empty() => {
-                return Err("no request: the connection was closed (or smudge stopped) before one came".into())
-            }
+            Ok(0) if line.is_empty() => return Err(RequestError::Closed),
             Ok(0) => break,
             Ok(n) => line.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(late()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(RequestError::Late(deadline))
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("cannot read the request: {e}")),
+            Err(e) => return Err(RequestError::Read(e)),
         }
     }
     line.truncate(MAX_REQUEST as usize);
     if let Some(n) = line.iter().position(|&b| b == b'\n') {
         line.truncate(n + 1);
     }
-    String::from_utf8(line).map_err(|_| "cannot read the request: it is not UTF-8".to_string())
+    String::from_utf8(line).map_err(|_| RequestError::NotUtf8)
 }
 
 impl Api {
@@ -298,7 +315,7 @@ impl Api {
         let line = read_request(&conn, REQUEST_DEADLINE);
         drop(waiting);
         let v = match line {
-            Err(e) => error(e),
+            Err(e) => error(e.to_string()),
             Ok(line) => match Place::take(&self.serving, MAX_SERVING) {
                 None => busy(&format!("{MAX_SERVING} requests are being served")),
                 // The place is given back before the answer goes out: a
@@ -643,13 +660,13 @@ mod tests {
         // Nothing sent: refused once the deadline passes, saying so.
         let (_client, server) = UnixStream::pair().unwrap();
         assert_eq!(
-            read_request(&server, Duration::from_millis(50)).unwrap_err(),
+            read_request(&server, Duration::from_millis(50)).unwrap_err().to_string(),
             "no request line within 50ms of connecting"
         );
         // Closed without a request.
         let (client, server) = UnixStream::pair().unwrap();
         drop(client);
-        assert!(read_request(&server, Duration::from_secs(30)).unwrap_err().starts_with("no request"));
+        assert!(matches!(read_request(&server, Duration::from_secs(30)), Err(RequestError::Closed)));
     }
 
     #[test]

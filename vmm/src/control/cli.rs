@@ -419,16 +419,27 @@ pub struct BenchArgs {
     pub dir: Option<PathBuf>,
 }
 
-fn parse_wait(s: &str) -> Result<f64, String> {
+/// A command-line value that does not parse (clap prints the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    /// `--wait`: not a number of seconds in range.
+    #[error("'{0}': a number of seconds in 0..=3600")]
+    Wait(String),
+    /// Not a size.
+    #[error("{0}")]
+    Size(String),
+}
+
+fn parse_wait(s: &str) -> Result<f64, ArgError> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=3600.0).contains(&v) => Ok(v),
-        _ => Err(format!("'{s}': a number of seconds in 0..=3600")),
+        _ => Err(ArgError::Wait(s.to_string())),
     }
 }
 
 /// Parses `256M`, `1G`, `4096`, `64k` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, smudge::writeback::ParseSizeError> {
-    smudge::writeback::parse_bytes(s)
+pub fn parse_size(s: &str) -> Result<u64, ArgError> {
+    smudge::writeback::parse_bytes(s).map_err(|e| ArgError::Size(e.to_string()))
 }
 
 #[cfg(test)]

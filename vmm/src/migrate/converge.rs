@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::persist::snapshotter::VcpuControl;
+use crate::vm::vcpu_control::VcpuControl;
 
 /// First step.
 pub const INITIAL_PCT: u32 = 20;

@@ -39,7 +39,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
 use crate::control::signals::{self, OnStop};
-use crate::persist::snapshotter::VcpuControl;
+use crate::vm::vcpu_control::VcpuControl;
 
 /// How to migrate.
 #[derive(Debug, Clone)]

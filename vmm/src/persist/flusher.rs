@@ -2,7 +2,8 @@
 //! passes every `dirty_writeback` period, optional periodic syncs, and
 //! `balance_dirty_pages`-style throttling of the vCPUs while dirty memory is
 //! above the hard limit. A thread of its own (the kernel's flusher is one
-//! too), so waiting on disk never stalls the event loop.
+//! too), so waiting on disk never stalls the event loop. One of a running
+//! VM's tasks (see `crate::vm::tasks`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -111,13 +112,19 @@ impl Flusher {
         self.engine.sync()
     }
 
-    /// Runs on its own thread until `shared.stop`, waking every tick;
+    /// Runs on its own thread until `stopped` says so, waking every tick;
     /// `kick` pushes the vCPUs out of KVM_RUN when they must be throttled.
     /// The flusher is shared so the control API can sync and read stats.
-    pub fn run(this: Arc<Mutex<Flusher>>, shared: Arc<Shared>, tick: Duration, kick: impl Fn()) {
-        while !shared.stop.load(Ordering::Acquire) {
+    pub fn run(
+        this: Arc<Mutex<Flusher>>,
+        shared: Arc<Shared>,
+        tick: Duration,
+        stopped: impl Fn() -> bool,
+        kick: impl Fn(),
+    ) {
+        while !stopped() {
             std::thread::park_timeout(tick);
-            if shared.stop.load(Ordering::Acquire) {
+            if stopped() {
                 break;
             }
             let mut f = this.lock().unwrap_or_else(|p| p.into_inner());

@@ -304,101 +304,107 @@ fn ioctls(l: &mut List, sets: &[Vec<u64>]) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// The VMM threads' allowlist: files, sockets, the event loop, threads,
+/// and the ioctls of KVM and userfaultfd.
+fn vmm_allowlist(l: &mut List, ctx: &Context) -> Result<(), SeccompError> {
+    use libc::*;
+    common(l, true)?;
+    allow_tgkill(l, ctx)?;
+    l.any(&[
+        SYS_close,
+        // files: memory file, snapshots, images, the heatmap
+        SYS_read,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_pwritev,
+        SYS_openat,
+        SYS_lseek,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_ftruncate,
+        SYS_fallocate,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_sync_file_range,
+        SYS_msync,
+        SYS_copy_file_range,
+        SYS_getdents64,
+        SYS_mkdir,
+        SYS_mkdirat,
+        SYS_rename,
+        SYS_renameat,
+        SYS_renameat2,
+        SYS_unlink,
+        SYS_unlinkat,
+        // an abandoned live snapshot's directory
+        SYS_rmdir,
+        SYS_getcwd,
+        // sockets: the API's connections, migration over TCP, and
+        // name lookups (nscd, /etc/hosts, DNS: FIONREAD, sendmmsg)
+        SYS_connect,
+        SYS_shutdown,
+        SYS_accept4,
+        SYS_setsockopt,
+        SYS_getsockopt,
+        SYS_getsockname,
+        SYS_getpeername,
+        SYS_sendto,
+        SYS_recvfrom,
+        SYS_sendmsg,
+        SYS_recvmsg,
+        SYS_sendmmsg,
+        SYS_poll,
+        SYS_uname,
+        // the event loop
+        SYS_epoll_create1,
+        SYS_epoll_ctl,
+        SYS_epoll_wait,
+        SYS_eventfd2,
+        SYS_timerfd_create,
+        SYS_timerfd_settime,
+        // threads (clone3 is answered ENOSYS: see `no_clone3`)
+        SYS_clone3,
+        SYS_set_robust_list,
+        SYS_rseq,
+        SYS_sched_getaffinity,
+        SYS_gettid,
+        SYS_getrandom,
+        SYS_rt_sigaction,
+    ]);
+    l.one_of(SYS_socket, 0, &[AF_UNIX as u64, AF_INET as u64, AF_INET6 as u64])?;
+    // Threads only: no fork, no new namespaces.
+    let thread = (CLONE_THREAD | CLONE_VM | CLONE_SIGHAND) as u64;
+    l.when(SYS_clone, &[&[Arg::Set(0, thread)]])?;
+    l.one_of(SYS_fcntl, 1, &[F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL].map(|c| c as u64))?;
+    // Thread names, the handler's PR_GET_NAME, and the vCPU and
+    // flusher threads adding their own filters.
+    l.one_of(SYS_prctl, 0, &[PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS].map(|c| c as u64))?;
+    l.when(SYS_seccomp, &[&[Arg::Eq(0, u64::from(SECCOMP_SET_MODE_FILTER)), Arg::Eq(1, 0)]])?;
+    // KVM_RUN first: a vCPU's every entry is checked against this list too.
+    // Post-copy's userfaultfd: created, registered and served on
+    // VMM threads.
+    l.any(&[libc::SYS_userfaultfd]);
+    ioctls(
+        l,
+        &[
+            nr::vcpu(),
+            nr::dirty_log(),
+            nr::load(),
+            smudge::uffd::ioctl_numbers(),
+            vec![FIONBIO, FIONREAD, FIOCLEX, FIONCLEX],
+        ],
+    )?;
+    Ok(())
+}
+
 /// The allowlist of `kind`: syscall numbers, each with the argument rules
 /// it must meet (none: any arguments).
 fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
     use libc::*;
     let mut l = List::new(kind);
     match kind {
-        ThreadKind::Vmm => {
-            common(&mut l, true)?;
-            allow_tgkill(&mut l, ctx)?;
-            l.any(&[
-                SYS_close,
-                // files: memory file, snapshots, images, the heatmap
-                SYS_read,
-                SYS_pread64,
-                SYS_pwrite64,
-                SYS_pwritev,
-                SYS_openat,
-                SYS_lseek,
-                SYS_fstat,
-                SYS_newfstatat,
-                SYS_statx,
-                SYS_ftruncate,
-                SYS_fallocate,
-                SYS_fsync,
-                SYS_fdatasync,
-                SYS_sync_file_range,
-                SYS_msync,
-                SYS_copy_file_range,
-                SYS_getdents64,
-                SYS_mkdir,
-                SYS_mkdirat,
-                SYS_rename,
-                SYS_renameat,
-                SYS_renameat2,
-                SYS_unlink,
-                SYS_unlinkat,
-                // an abandoned live snapshot's directory
-                SYS_rmdir,
-                SYS_getcwd,
-                // sockets: the API's connections, migration over TCP, and
-                // name lookups (nscd, /etc/hosts, DNS: FIONREAD, sendmmsg)
-                SYS_connect,
-                SYS_shutdown,
-                SYS_accept4,
-                SYS_setsockopt,
-                SYS_getsockopt,
-                SYS_getsockname,
-                SYS_getpeername,
-                SYS_sendto,
-                SYS_recvfrom,
-                SYS_sendmsg,
-                SYS_recvmsg,
-                SYS_sendmmsg,
-                SYS_poll,
-                SYS_uname,
-                // the event loop
-                SYS_epoll_create1,
-                SYS_epoll_ctl,
-                SYS_epoll_wait,
-                SYS_eventfd2,
-                SYS_timerfd_create,
-                SYS_timerfd_settime,
-                // threads (clone3 is answered ENOSYS: see `no_clone3`)
-                SYS_clone3,
-                SYS_set_robust_list,
-                SYS_rseq,
-                SYS_sched_getaffinity,
-                SYS_gettid,
-                SYS_getrandom,
-                SYS_rt_sigaction,
-            ]);
-            l.one_of(SYS_socket, 0, &[AF_UNIX as u64, AF_INET as u64, AF_INET6 as u64])?;
-            // Threads only: no fork, no new namespaces.
-            let thread = (CLONE_THREAD | CLONE_VM | CLONE_SIGHAND) as u64;
-            l.when(SYS_clone, &[&[Arg::Set(0, thread)]])?;
-            l.one_of(SYS_fcntl, 1, &[F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL].map(|c| c as u64))?;
-            // Thread names, the handler's PR_GET_NAME, and the vCPU and
-            // flusher threads adding their own filters.
-            l.one_of(SYS_prctl, 0, &[PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS].map(|c| c as u64))?;
-            l.when(SYS_seccomp, &[&[Arg::Eq(0, u64::from(SECCOMP_SET_MODE_FILTER)), Arg::Eq(1, 0)]])?;
-            // KVM_RUN first: a vCPU's every entry is checked against this list too.
-            // Post-copy's userfaultfd: created, registered and served on
-            // VMM threads.
-            l.any(&[libc::SYS_userfaultfd]);
-            ioctls(
-                &mut l,
-                &[
-                    nr::vcpu(),
-                    nr::dirty_log(),
-                    nr::load(),
-                    smudge::uffd::ioctl_numbers(),
-                    vec![FIONBIO, FIONREAD, FIOCLEX, FIONCLEX],
-                ],
-            )?;
-        }
+        ThreadKind::Vmm => vmm_allowlist(&mut l, ctx)?,
         ThreadKind::Vcpu => {
             common(&mut l, false)?;
             // Let through here, answered EACCES by the `quiet` filter.
@@ -512,7 +518,7 @@ impl Filters {
 
     /// Adds the filter of `kind` (vCPU or flusher) to the calling thread,
     /// on top of the VMM filter it inherited (and the one that answers
-    /// [`DENIED_QUIETLY`] calls with `EACCES`).
+    /// `DENIED_QUIETLY` calls with `EACCES`).
     pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
         let err = |source| SeccompError::Install { kind: kind.name(), source };
         match kind {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_segment, KVM_EXIT_DIRTY_RING_FULL, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use smudge::harvest::Harvester;
-use smudge::kvm::vcpu_state::{self, VcpuState};
+use smudge::kvm::vcpu_state::{self, VcpuState, VcpuStateError};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vm::boot::BootEntry;
@@ -134,8 +134,8 @@ pub struct Shared {
 }
 
 /// One vCPU's answer to a state request: nothing yet, or its state (or why
-/// it could not be read).
-pub type StateSlot = Option<Result<VcpuState, String>>;
+/// it could not be read; shared, as the slots are cloned).
+pub type StateSlot = Option<Result<VcpuState, Arc<VcpuStateError>>>;
 
 /// A callback for guest sync points: the pass number and the harvester.
 /// The vCPU that reached the sync point waits until it returns.
@@ -211,7 +211,7 @@ impl Shared {
                 let mut req = self.state_request.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(slot) = req.as_mut().and_then(|v| v.get_mut(usize::from(id))) {
                     if slot.is_none() {
-                        *slot = Some(vcpu_state::save(vcpu, id, self.irqchip).map_err(|e| e.to_string()));
+                        *slot = Some(vcpu_state::save(vcpu, id, self.irqchip).map_err(Arc::new));
                     }
                 }
             }
@@ -281,7 +281,7 @@ impl Shared {
             {
                 break;
             }
-            // Parked, not slept: `VcpuControl::pause` unparks at once.
+            // Parked, not slept: `VcpuControl::pause` (`vcpu_control`) unparks at once.
             std::thread::park_timeout(
                 Duration::from_nanos(until - now.as_nanos() as u64).min(Duration::from_millis(2)),
             );

@@ -19,6 +19,22 @@ use crate::vm::vcpu::{self, Shared};
 /// What a waiting thread needs to run its vCPU.
 type Go = (VcpuFd, Arc<Shared>);
 
+/// Why the waiting threads could not be handed their vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Not one vCPU per thread.
+    #[error("{vcpus} vCPUs for {threads} vCPU threads")]
+    Count {
+        /// vCPUs given.
+        vcpus: usize,
+        /// Threads waiting.
+        threads: usize,
+    },
+    /// A thread was gone when its vCPU came.
+    #[error("a vCPU thread ended before its vCPU was ready")]
+    ThreadEnded,
+}
+
 /// Threads waiting for their vCPU. Dropped without [`Waiting::start`], they
 /// end without running anything.
 #[derive(Debug)]
@@ -60,9 +76,9 @@ impl Waiting {
 
     /// Hands each thread its vCPU (in order) and `shared`; they run now.
     /// Returns the threads' handles.
-    pub fn start(mut self, vcpus: Vec<VcpuFd>, shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>, String> {
+    pub fn start(mut self, vcpus: Vec<VcpuFd>, shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>, StartError> {
         if vcpus.len() != self.threads.len() {
-            return Err(format!("{} vCPUs for {} vCPU threads", vcpus.len(), self.threads.len()));
+            return Err(StartError::Count { vcpus: vcpus.len(), threads: self.threads.len() });
         }
         // Out of `self` first: if a send fails, `drop` must not wait for
         // the threads already running a vCPU; they are told to stop.
@@ -70,7 +86,7 @@ impl Waiting {
         for (tx, v) in self.go.drain(..).zip(vcpus) {
             if tx.send((v, shared.clone())).is_err() {
                 shared.stop.store(true, std::sync::atomic::Ordering::Release);
-                return Err("a vCPU thread ended before its vCPU was ready".into());
+                return Err(StartError::ThreadEnded);
             }
         }
         Ok(threads)
