@@ -458,7 +458,12 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         restore: restore.as_ref().map(|(_, s, _)| s.clone()),
         started_at: restore.as_ref().map(|(_, _, t)| *t),
         snapshot_at: match (args.snapshot_at_ms, &args.snapshot_dir) {
-            (Some(ms), Some(d)) => Some((Duration::from_millis(ms), d.clone())),
+            (Some(ms), Some(d)) => {
+                // An output directory, made as `mkdir -p` would: before the
+                // guest runs, so a path that cannot be made fails at once.
+                std::fs::create_dir_all(d).with_context(|| format!("--snapshot-dir {}", d.display()))?;
+                Some((Duration::from_millis(ms), d.clone()))
+            }
             _ => None,
         },
         snapshot_precopy: (args.snapshot_precopy_ms > 0).then(|| Duration::from_millis(args.snapshot_precopy_ms)),

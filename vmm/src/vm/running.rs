@@ -335,12 +335,12 @@ fn stats_task(
 /// Takes one full snapshot into a new directory under `dir` once the run
 /// is `at` old (`smudge run --snapshot-at-ms`).
 fn timed_snapshot_task(sn: Arc<Mutex<Snapshotter>>, at: Duration, dir: PathBuf, sh: Arc<Shared>) -> LoopTask {
-    let mut done = false;
+    let mut due = SnapshotDue { at, taken: false };
     LoopTask::tick("timed snapshot", move |t| {
-        if done || t < at {
+        if due.taken || t < at {
             return;
         }
-        done = true;
+        due.taken = true;
         let mut s = sn.lock().unwrap_or_else(|p| p.into_inner());
         let target = dir.join(format!("snapshot-{}", std::process::id()));
         match s.take(&target, None, true) {
@@ -357,6 +357,26 @@ fn timed_snapshot_task(sn: Arc<Mutex<Snapshotter>>, at: Duration, dir: PathBuf, 
             Err(e) => sh.finish(Outcome::KvmFailure(format!("snapshot: {e}"))),
         }
     })
+}
+
+/// Whether the timed snapshot was taken; a run that ends before its time
+/// says so when the task goes, rather than leaving the user to find no
+/// snapshot.
+struct SnapshotDue {
+    at: Duration,
+    taken: bool,
+}
+
+impl Drop for SnapshotDue {
+    fn drop(&mut self) {
+        if !self.taken {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: the run ended before --snapshot-at-ms {}: no snapshot taken",
+                self.at.as_millis()
+            );
+        }
+    }
 }
 
 /// The control API: served on the event loop (each connection then on a
