@@ -6,8 +6,6 @@
 //! harness guide is Rust: it is compiled and run here as a module, and the
 //! README must show exactly that module's text.
 
-mod common;
-
 #[path = "guides/harness.rs"]
 mod harness_guide;
 
@@ -112,10 +110,10 @@ fn kill_group(pgid: u32) {
 /// Runs shell guide `name` in a fresh directory and checks it exited 0
 /// and left no process running.
 fn run_guide(name: &'static str) -> GuideRun {
-    common::require_kvm();
+    smudge_testkit::require_kvm();
     let (lang, script) = guide_block(name);
     assert_eq!(lang, "sh", "guide {name} should be a shell block");
-    let root = common::tmpdir();
+    let root = smudge_testkit::tmpdir();
     let work = root.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let smudge = Path::new(env!("CARGO_BIN_EXE_smudge"));

@@ -8,8 +8,6 @@
 //! the switchover line — then checks memory page by page against the
 //! guest's table and the table against a replay of the guest's PRNG.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,9 +15,9 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello};
+use smudge_testkit::*;
 
 /// Working-set pages of the source guests that use [`endless`].
 const PAGES: u64 = 4000;

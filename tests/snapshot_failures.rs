@@ -6,16 +6,14 @@
 //! holds every page written since it, and the chain restores to exactly the
 //! guest's memory.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 /// One request line sent as is (`smudge ctl` refuses an empty path itself).
 fn raw(sock: &Path, line: &str) -> Value {

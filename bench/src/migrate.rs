@@ -27,19 +27,18 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 use smudge::control::{MigrateRequest, Request};
 
-use super::boot::tempfile_dir;
-use super::qemu_migrate::{self, QemuMigrateConfig};
-use super::report::{median, Report};
-use crate::control::api;
-use crate::control::cli::BenchArgs;
-use crate::migrate::source::DEFAULT_DOWNTIME;
+use crate::qemu_migrate::{self, QemuMigrateConfig};
+use crate::report::{median, Report};
+use crate::setup::{smudge, start_vm, Scratch};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::migrate::source::DEFAULT_DOWNTIME;
 
 /// One migration's figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -81,8 +80,8 @@ enum Mode {
 }
 
 /// Starts `migrate-recv` on `dst_mem`; returns it and where it listens.
-fn start_dest(exe: &Path, dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
-    let mut dest = Command::new(exe)
+fn start_dest(dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
+    let mut dest = smudge()?
         .args(["migrate-recv", "--listen", "0", "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
         .arg(dst_mem)
         .args(if local { &["--local"][..] } else { &[] })
@@ -115,7 +114,6 @@ fn smudge_once(
     budget_ms: u64,
     mode: Mode,
 ) -> anyhow::Result<Figures> {
-    let exe = std::env::current_exe()?;
     let (src_mem, sock) = (dir.join("src.mem"), dir.join("src.sock"));
     let dst_mem = match mode {
         Mode::Precopy | Mode::Connections(_) => dir.join("dst.mem"),
@@ -128,30 +126,15 @@ fn smudge_once(
     }
     let mut dest = None;
     if mode != Mode::Local {
-        dest = Some(start_dest(&exe, &dst_mem, false)?);
+        dest = Some(start_dest(&dst_mem, false)?);
     }
-    let src = Command::new(&exe)
-        .args(["run", "--mem-size", mem, "--timeout", "600", "--serial", "/dev/null", "--cmdline", cmdline])
-        .arg("--mem-file")
-        .arg(&src_mem)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let (src, api) = start_vm(&src_mem, &sock, mem, cmdline, 600, &[], Stdio::null()).context("the source")?;
     let mut src = Reap(src);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("the source's API socket never appeared");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
     std::thread::sleep(warm);
     let (dest, addr) = match dest {
         Some(d) => d,
         // The handover's destination opens the source's file: start it now.
-        None => start_dest(&exe, &dst_mem, true)?,
+        None => start_dest(&dst_mem, true)?,
     };
     let mut req = MigrateRequest { downtime_ms: Some(budget_ms), ..MigrateRequest::new(addr) };
     match mode {
@@ -160,7 +143,7 @@ fn smudge_once(
         Mode::Postcopy => req.postcopy_after = Some(0),
         Mode::Local => req.local = true,
     }
-    let v: Value = api::call(&sock, &Request::Migrate(req))?;
+    let v: Value = api.call(&Request::Migrate(req))?;
     if v["ok"] != true {
         bail!("smudge migration failed: {v}");
     }
@@ -202,7 +185,8 @@ fn tsc_khz() -> anyhow::Result<u32> {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let (mem, mib, pages, warm, label) = if args.quick {
         ("64M", 64u64, 4000u64, Duration::from_millis(800), "64 MiB")
     } else {
@@ -212,7 +196,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let cases: &[(&str, u64)] =
         if args.quick { &[("~20 MB/s", 5000)] } else { &[("idle", 10), ("~20 MB/s", 5000), ("~200 MB/s", 50000)] };
     let elf: PathBuf = dir.join("guest.elf");
-    std::fs::write(&elf, crate::vm::guest_image::GUEST_ELF).with_context(|| format!("writing {}", elf.display()))?;
+    std::fs::write(&elf, smudge_vmm::vm::guest_image::GUEST_ELF)
+        .with_context(|| format!("writing {}", elf.display()))?;
     let khz = tsc_khz()?;
     let budget_ms = DEFAULT_DOWNTIME.as_millis() as u64;
     let mut rep = Report::new("migrate");
@@ -222,7 +207,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         let cmdline = format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            ours.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Precopy)?);
+            ours.push(smudge_once(dir, mem, &cmdline, warm, budget_ms, Mode::Precopy)?);
             let q = qemu_migrate::migrate(&QemuMigrateConfig {
                 elf: elf.clone(),
                 mem_mib: mib,
@@ -231,7 +216,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 warmup: warm,
                 max_bandwidth: None,
                 timeout: Duration::from_secs(300),
-                wait_dest_exit: false,
             })?;
             theirs.push(Figures {
                 total_ms: q.total_ms,
@@ -279,7 +263,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             for n in [2u32, 4] {
                 let mut multi = Vec::new();
                 for _ in 0..runs {
-                    multi.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Connections(n))?);
+                    multi.push(smudge_once(dir, mem, &cmdline, warm, budget_ms, Mode::Connections(n))?);
                 }
                 let c = format!("{label}, {case}: smudge --connections {n}");
                 rep.result(&c, "total_ms", med(&multi, |f| f.total_ms));
@@ -297,7 +281,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             // Post-copy against pre-copy, same guest, same run.
             let mut post = Vec::new();
             for _ in 0..runs {
-                post.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Postcopy)?);
+                post.push(smudge_once(dir, mem, &cmdline, warm, budget_ms, Mode::Postcopy)?);
             }
             let c = format!("{label}, {case}: smudge post-copy");
             rep.result(&c, "total_ms", med(&post, |f| f.total_ms));
@@ -322,7 +306,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let cmdline = format!("workload=rate rate={} pages={pages} seed=7 ms=600000 wipe=1", cases[0].1);
     let mut local = Vec::new();
     for _ in 0..runs {
-        local.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Local)?);
+        local.push(smudge_once(dir, mem, &cmdline, warm, budget_ms, Mode::Local)?);
     }
     let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     let c = format!("{label}, {}: smudge --local handover", cases[0].0);
@@ -336,8 +320,5 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         1.0 / 3.0,
         "lower",
     );
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
     Ok(rep)
 }

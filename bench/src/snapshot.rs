@@ -13,44 +13,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use smudge::control::{Request, SnapshotRequest};
+use smudge::control::{Client, Request, SnapshotRequest};
 
-use super::boot::tempfile_dir;
-use super::report::{median, Report};
-use crate::control::api;
-use crate::control::cli::BenchArgs;
+use crate::report::{median, Report};
+use crate::setup::{smudge, start_vm, Scratch};
+use smudge_vmm::control::cli::BenchArgs;
 
+/// A `smudge run` of the benchmark's guest, and its control API.
 struct Vm {
     child: Child,
-    sock: std::path::PathBuf,
+    api: Client,
 }
 
 impl Vm {
     fn start(dir: &Path, name: &str, mem: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Vm> {
-        let sock = dir.join(format!("{name}.sock"));
-        let mem_file = dir.join(format!("{name}.mem"));
+        let (sock, mem_file) = (dir.join(format!("{name}.sock")), dir.join(format!("{name}.mem")));
         std::fs::remove_file(&mem_file).ok();
-        let child = Command::new(std::env::current_exe()?)
-            .args(["run", "--mem-size", mem, "--timeout", "600", "--cmdline", cmdline, "--mem-file"])
-            .arg(&mem_file)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let t0 = Instant::now();
-        while !sock.exists() {
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("{name}: the API socket never appeared");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(Vm { child, sock })
+        let (child, api) = start_vm(&mem_file, &sock, mem, cmdline, 600, extra, Stdio::null())
+            .with_context(|| format!("{name}: starting smudge"))?;
+        Ok(Vm { child, api })
     }
 
     fn call(&self, req: Request) -> anyhow::Result<Value> {
-        let v = api::call(&self.sock, &req)?;
+        let v = self.api.call(&req)?;
         if v["ok"] != true {
             bail!("{req:?}: {v}");
         }
@@ -72,7 +57,8 @@ impl Vm {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let (mem, pages, warm, label) =
         if args.quick { ("64M", 15000u64, 1500u64, "64 MiB") } else { ("1G", 260000, 6000, "1 GiB") };
     // ~5 % of the pages per second, over a working set written once first.
@@ -88,7 +74,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ("background writeback off", &["--no-writeback", "--snapshot-precopy-ms", "0"][..]),
         ("background writeback on", &[][..]),
     ] {
-        let vm = Vm::start(&dir, "snap", mem, &cmdline, extra)?;
+        let vm = Vm::start(dir, "snap", mem, &cmdline, extra)?;
         std::thread::sleep(Duration::from_millis(warm));
         let full = dir.join(format!("full-{}", pauses.len()));
         std::fs::remove_dir_all(&full).ok();
@@ -151,7 +137,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         let mem_file = dir.join("restored.mem");
         std::fs::remove_file(&mem_file).ok();
         let t0 = Instant::now();
-        let out = Command::new(std::env::current_exe()?)
+        let out = smudge()?
             .args(["restore", "--timeout", "0.2", "--snapshot"])
             .arg(&chain)
             .arg("--mem-file")
@@ -186,12 +172,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let window = Duration::from_secs(if args.quick { 1 } else { 5 });
     for (case, extra) in [("background writeback on", &[][..]), ("background writeback off", &["--no-writeback"][..])] {
         drain_disk()?;
-        let (per_s, paused) = back_to_back(&dir, mem, &cmdline, warm, window, extra)?;
+        let (per_s, paused) = back_to_back(dir, mem, &cmdline, warm, window, extra)?;
         rep.result(&format!("{label}, {case}: diff snapshots back to back"), "snapshots_per_s", per_s);
         rep.result(&format!("{label}, {case}: share of time the guest was paused meanwhile"), "ratio", paused);
-    }
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
     }
     Ok(rep)
 }
@@ -257,7 +240,7 @@ fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
     use std::io::{BufRead, BufReader};
     let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
     std::fs::remove_file(&mem_file).ok();
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = smudge()?
         .args(["restore", "--lazy", "--timeout", "60", "--snapshot"])
         .arg(chain)
         .arg("--mem-file")
