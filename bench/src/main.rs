@@ -34,14 +34,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_SETUP } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
+    // `smudge bench` checked the arguments already.
+    let cli = Cli::parse();
     // Quiet, like every `smudge` command but `run` (SMUDGE_LOG overrides).
     tracing_subscriber::fmt()
         .with_env_filter(

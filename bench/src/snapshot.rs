@@ -94,23 +94,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         if !extra.is_empty() {
             full_paused.push(full_ms);
         } else {
-            // A live full snapshot of the same guest, in the same run.
-            let live = dir.join("live-full");
-            std::fs::remove_dir_all(&live).ok();
-            let t0 = Instant::now();
-            let v = vm.call(Request::Snapshot(SnapshotRequest::live(&live)))?;
-            let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
-            rep.result(&format!("{label}, {case}: live full snapshot"), "pause_ms", ms);
-            rep.result(&format!("{label}, {case}: live full snapshot"), "total_ms", total_ms);
-            rep.result(
-                &format!("{label}, {case}: live full snapshot"),
-                "pause_copied_mib",
-                v["pause_copied_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-            );
             full_paused.push(full_ms);
-            live_pause = Some(ms);
-            std::fs::remove_dir_all(&live).ok();
+            live_pause = Some(live_full(&vm, dir, &mut rep, &format!("{label}, {case}: live full snapshot"))?);
         }
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "diff_mib", median(&bytes));
@@ -132,34 +117,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // Restore: the chain of the second run into a new process, eager
     // (memory first) and lazy (guest first, memory behind it).
     if let Some(chain) = last {
-        drain_disk()?;
-        let case = format!("{label}: restore of a full + {diffs} diffs chain");
-        let mem_file = dir.join("restored.mem");
-        std::fs::remove_file(&mem_file).ok();
-        let t0 = Instant::now();
-        let out = smudge()?
-            .args(["restore", "--timeout", "0.2", "--snapshot"])
-            .arg(&chain)
-            .arg("--mem-file")
-            .arg(&mem_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()?;
-        let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
-        // Exit 103: the restored guest was still running at the timeout.
-        if out.status.code() != Some(103) {
-            bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
-        rep.result(&format!("{case}, eager"), "restore_ms", ms);
-        rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
-        std::fs::remove_file(&mem_file).ok();
-
-        let (lazy_ttfi, loaded) = lazy_restore(&chain)?;
-        rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
-        rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
-        rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
+        restore(dir, &mut rep, &format!("{label}: restore of a full + {diffs} diffs chain"), &chain)?;
     }
 
     // Moonshot: diff snapshots back to back; the guest runs between them,
@@ -177,6 +135,48 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         rep.result(&format!("{label}, {case}: share of time the guest was paused meanwhile"), "ratio", paused);
     }
     Ok(rep)
+}
+
+/// A live full snapshot of `vm` into `dir`: its figures go to `rep` as
+/// `case`; returns its pause (ms).
+fn live_full(vm: &Vm, dir: &Path, rep: &mut Report, case: &str) -> anyhow::Result<f64> {
+    let live = dir.join("live-full");
+    std::fs::remove_dir_all(&live).ok();
+    let t0 = Instant::now();
+    let v = vm.call(Request::Snapshot(SnapshotRequest::live(&live)))?;
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
+    rep.result(case, "pause_ms", ms);
+    rep.result(case, "total_ms", total_ms);
+    rep.result(case, "pause_copied_mib", v["pause_copied_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64);
+    std::fs::remove_dir_all(&live).ok();
+    Ok(ms)
+}
+
+/// Restores `chain` into a new process, eager then lazy: time to first
+/// instruction and to fully loaded, as `case` in `rep`.
+fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Result<()> {
+    drain_disk()?;
+    let mem_file = dir.join("restored.mem");
+    std::fs::remove_file(&mem_file).ok();
+    let t0 = Instant::now();
+    let out = restore_command(chain, &mem_file, &["--timeout", "0.2"])?.output()?;
+    let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
+    // Exit 103: the restored guest was still running at the timeout.
+    if out.status.code() != Some(103) {
+        bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
+    rep.result(&format!("{case}, eager"), "restore_ms", ms);
+    rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
+    std::fs::remove_file(&mem_file).ok();
+
+    let (lazy_ttfi, loaded) = lazy_restore(chain)?;
+    rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
+    rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
+    rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
+    Ok(())
 }
 
 /// Diffs taken after the full snapshot before the back-to-back window.
@@ -234,20 +234,22 @@ fn ms_before(err: &str, marker: &str) -> Option<f64> {
     rest.split(" ms").next()?.trim().parse().ok()
 }
 
+/// `smudge restore` of `chain` onto `mem_file` with `options`, its stderr
+/// piped (where it says when the guest runs).
+fn restore_command(chain: &Path, mem_file: &Path, options: &[&str]) -> anyhow::Result<Command> {
+    let mut c = smudge()?;
+    c.arg("restore").args(options).arg("--snapshot").arg(chain).arg("--mem-file").arg(mem_file);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    Ok(c)
+}
+
 /// A lazy restore of `chain` into tmpfs: (time to first instruction, time
 /// to fully loaded), in ms after the command started.
 fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
     use std::io::{BufRead, BufReader};
     let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
     std::fs::remove_file(&mem_file).ok();
-    let mut child = smudge()?
-        .args(["restore", "--lazy", "--timeout", "60", "--snapshot"])
-        .arg(chain)
-        .arg("--mem-file")
-        .arg(&mem_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = restore_command(chain, &mem_file, &["--lazy", "--timeout", "60"])?.spawn()?;
     let mut err = String::new();
     let stderr = child.stderr.take().context("lazy restore stderr")?;
     for line in BufReader::new(stderr).lines() {
