@@ -129,3 +129,62 @@ pub fn spawn_with_api(cmd: &mut Command, sock: &Path, limit: Duration) -> Result
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::Stdio;
+
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]).stdout(Stdio::null()).stderr(Stdio::piped());
+        c
+    }
+
+    #[test]
+    fn a_wait_ends_with_the_value_the_exit_or_the_limit() {
+        let mut n = 0;
+        let v = wait_until(
+            WAIT_FOR_TESTS,
+            || None,
+            || {
+                n += 1;
+                (n == 3).then_some(n)
+            },
+        );
+        assert_eq!(v, Ok(3));
+        let mut child = sh("exit 7").spawn().unwrap();
+        let e = wait_until(WAIT_FOR_TESTS, || child.try_wait().ok().flatten(), || None::<()>).unwrap_err();
+        assert!(matches!(e, WaitError::Exited(s) if s.code() == Some(7)), "{e:?}");
+        // What is ready when the process has just ended still counts.
+        assert_eq!(wait_until(WAIT_FOR_TESTS, || child.try_wait().ok().flatten(), || Some(1)), Ok(1));
+        let limit = Duration::from_millis(20);
+        assert_eq!(wait_until(limit, || None, || None::<()>), Err(WaitError::TimedOut(limit)));
+    }
+
+    #[test]
+    fn a_start_waits_for_the_socket_and_shows_why_there_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let script = format!("sleep 0.1; touch '{}'; exec sleep 60", sock.display());
+        let mut child = spawn_with_api(&mut sh(&script), &sock, WAIT_FOR_TESTS).unwrap();
+        assert!(sock.exists() && child.try_wait().unwrap().is_none());
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let other = dir.path().join("other.sock");
+        let e = spawn_with_api(&mut sh("echo cannot start >&2; exit 100"), &other, WAIT_FOR_TESTS).unwrap_err();
+        let StartError::NoSocket { why: WaitError::Exited(s), stderr, .. } = &e else { panic!("{e:?}") };
+        assert_eq!((s.code(), stderr.as_str()), (Some(100), "cannot start\n"));
+        assert!(e.to_string().ends_with("--- smudge stderr ---\ncannot start\n"), "{e}");
+
+        let limit = Duration::from_millis(50);
+        let e = spawn_with_api(&mut sh("exec sleep 60"), &other, limit).unwrap_err();
+        let StartError::NoSocket { why, stderr, .. } = &e else { panic!("{e:?}") };
+        assert_eq!((why, stderr.as_str()), (&WaitError::TimedOut(limit), ""));
+    }
+
+    /// Generous: these tests run beside others on a loaded machine.
+    const WAIT_FOR_TESTS: Duration = Duration::from_secs(60);
+}
