@@ -49,3 +49,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let e = Command::new(&bench).args(command_line(args)).exec();
     Err(anyhow::Error::new(e).context(format!("running {}", bench.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `smudge-bench` gets what `smudge bench` was given, in its own words.
+    #[test]
+    fn the_arguments_pass_through() {
+        let args = |json, quick, runs, dir: Option<&str>| BenchArgs {
+            name: "snapshot".into(),
+            json,
+            quick,
+            runs,
+            dir: dir.map(PathBuf::from),
+        };
+        let line = |a: &BenchArgs| command_line(a).into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>();
+        assert_eq!(line(&args(false, false, None, None)), ["snapshot"]);
+        assert_eq!(
+            line(&args(true, true, Some(3), Some("/tmp/b d"))),
+            ["snapshot", "--json", "--quick", "--runs", "3", "--dir", "/tmp/b d"]
+        );
+    }
+}
