@@ -9,11 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::vm::guest_image::GUEST_ELF;
 
 use crate::report::{median, Report};
 use crate::setup::Scratch;
-use smudge_vmm::control::cli::BenchArgs;
-use smudge_vmm::vm::guest_image::GUEST_ELF;
 
 /// The QEMU binary the comparisons run.
 pub const QEMU: &str = "qemu-system-x86_64";

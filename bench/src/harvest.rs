@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use smudge::harvest::{ConsumerId, DirtyLogMode};
-
-use crate::report::{median, Report};
-use crate::setup::Scratch;
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::vm::outcome::Outcome;
 use smudge_vmm::vm::vcpu::SyncHook;
 use smudge_vmm::vm::{self, VmConfig};
+
+use crate::report::{median, Report};
+use crate::setup::Scratch;
 
 /// One timed sync point.
 #[derive(Debug, Clone, Copy)]

@@ -33,12 +33,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 use smudge::control::{MigrateRequest, Request};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::migrate::source::DEFAULT_DOWNTIME;
 
 use crate::qemu_migrate::{self, QemuMigrateConfig};
 use crate::report::{median, Report};
 use crate::setup::{smudge, start_vm, Scratch};
-use smudge_vmm::control::cli::BenchArgs;
-use smudge_vmm::migrate::source::DEFAULT_DOWNTIME;
 
 /// One migration's figures.
 #[derive(Debug, Clone, Copy, Default)]

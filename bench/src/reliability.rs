@@ -29,10 +29,10 @@ use anyhow::{bail, Context};
 use smudge::control::{Client, Request, SnapshotRequest};
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
+use smudge_vmm::control::cli::BenchArgs;
 
 use crate::report::Report;
 use crate::setup::{run_args, smudge, start_vm, Scratch};
-use smudge_vmm::control::cli::BenchArgs;
 
 /// Counts for one kind of abuse.
 #[derive(Debug, Default, Clone, Copy)]

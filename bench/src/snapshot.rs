@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 use smudge::control::{Client, Request, SnapshotRequest};
+use smudge_vmm::control::cli::BenchArgs;
 
 use crate::report::{median, Report};
 use crate::setup::{smudge, start_vm, Scratch};
-use smudge_vmm::control::cli::BenchArgs;
 
 /// A `smudge run` of the benchmark's guest, and its control API.
 struct Vm {

@@ -24,14 +24,14 @@ use smudge::kvm::dirty_log::DirtyCaps;
 use smudge::memory::{host_page_size, BackingFile, GuestRam};
 use smudge::sink::{BackingFileSink, ImageFile, Sink};
 use smudge::writeback::{HarvesterLog, MonotonicClock, Threshold, Writeback, WritebackPolicy};
-use vm_memory::{Bytes, GuestAddress};
-
-use crate::report::{median, Report};
-use crate::setup::Scratch;
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::persist::flusher::WritebackOptions;
 use smudge_vmm::vm::outcome::Outcome;
 use smudge_vmm::vm::{self, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::report::{median, Report};
+use crate::setup::Scratch;
 
 /// Dirties every `stride`-th page of `ram` through vm-memory; returns the
 /// extents written (the raw loop's work list).

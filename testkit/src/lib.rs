@@ -189,7 +189,7 @@ pub fn start_with_api(
         .args(extra)
         .stdout(stdout)
         .stderr(if stderr { std::process::Stdio::piped() } else { std::process::Stdio::null() });
-    spawn_with_api(&mut cmd, sock, WAIT).unwrap_or_else(|e| panic!("{e}"))
+    spawn_with_api(&mut cmd, sock, WAIT).unwrap_or_else(|e| panic!("{}", vm::error_chain(&e)))
 }
 
 /// A tmpfs mounted at `dir` with mount options `opts` (`size=1m`,

@@ -79,7 +79,7 @@ pub fn wait_until<T>(
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The process did not start.
-    #[error("cannot start {command}: {source}")]
+    #[error("cannot start {command}")]
     Spawn {
         /// The command line.
         command: String,

@@ -5,11 +5,12 @@
 //! its failure shows what it waited for, the guest's serial output and
 //! smudge's stderr.
 
-use guest_abi::gen_table_addr;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Child;
+
+use guest_abi::gen_table_addr;
 
 use crate::process::{wait_until, WaitError};
 pub use crate::WAIT;
@@ -158,7 +159,8 @@ pub fn restore_carries_on(snap: &Path, mem: &Path, pages: u64) -> crate::Run {
         .args(["--api-sock", sock.to_str().unwrap(), "--timeout", "120"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut vm = crate::spawn_with_api(&mut cmd, &sock, WAIT).unwrap_or_else(|e| panic!("the restored VM: {e}"));
+    let mut vm = crate::spawn_with_api(&mut cmd, &sock, WAIT)
+        .unwrap_or_else(|e| panic!("the restored VM: {}", crate::vm::error_chain(&e)));
     // The memory is all in once the socket is up (an eager restore).
     let start = guest_writes(mem, pages);
     wait_for_writes(&mut vm, mem, pages, start + 100);

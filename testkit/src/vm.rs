@@ -71,6 +71,7 @@ use serde_json::Value;
 use smudge::control::{Client, ClientError, MigrateRequest, Request, SnapshotRequest};
 
 use crate::process::{find_binary, wait_until, WaitError};
+
 /// The default of every wait for smudge (socket, listening address,
 /// control answer, guest run): long enough for a host whose load average
 /// is well above its core count, where a process may not run for seconds.
@@ -176,15 +177,15 @@ pub enum HarnessError {
         logs: Box<Logs>,
     },
     /// The control API could not be reached, or did not answer.
-    #[error("{vm}: control request {request}: {}{logs}", error_chain(.source))]
+    #[error("{vm}: control request {request}: {}{logs}", error_chain(.error))]
     Client {
         /// Which VM.
         vm: String,
         /// The request sent.
         request: String,
-        /// What the client met.
-        #[source]
-        source: ClientError,
+        /// What the client met (shown whole in the message, its causes
+        /// included).
+        error: ClientError,
         /// What the guest and smudge printed.
         logs: Box<Logs>,
     },
@@ -237,7 +238,7 @@ impl HarnessError {
 }
 
 /// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {
@@ -773,7 +774,7 @@ impl TestVm {
         if let Some(s) = self.exit_status() {
             return self.exited_error(&format!("the answer to {shown}"), s);
         }
-        HarnessError::Client { vm: self.name.clone(), request: shown.to_string(), source: e, logs: self.boxed_logs() }
+        HarnessError::Client { vm: self.name.clone(), request: shown.to_string(), error: e, logs: self.boxed_logs() }
     }
 
     /// Sends one control request; an answer without `"ok": true` is an
