@@ -20,7 +20,7 @@ pub mod progress;
 pub mod vm;
 
 pub use process::{find_binary, spawn_with_api, StartError, WaitError};
-pub use vm::{scratch_dir, Exit, HarnessError, Logs, TestVm, TestVmBuilder};
+pub use vm::{error_chain, scratch_dir, Exit, HarnessError, Logs, TestVm, TestVmBuilder};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
