@@ -4,8 +4,6 @@
 //! idle connections cannot hold the API, and `smudge ctl` waits for a
 //! socket that is still to come.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -13,8 +11,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 fn raw(sock: &Path, line: &[u8]) -> Value {
     let mut s = UnixStream::connect(sock).unwrap();

@@ -1,9 +1,7 @@
 //! Booting the bundled guest for real: exit statuses, the backing
 //! file's contents, QEMU parity, and every bad input a user can give.
 
-mod common;
-
-use common::*;
+use smudge_testkit::*;
 
 #[test]
 fn default_boot_runs_workload_and_exits_zero() {

@@ -8,13 +8,11 @@
 //! before the measurement's last sample. So the comparison holds on a busy
 //! machine, where the guest writes fewer pages than its nominal rate.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Stdio;
 
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 /// One measurement at a time (two would only load the machine more).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());

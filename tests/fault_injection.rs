@@ -4,12 +4,10 @@
 //! page is lost, and a retry with room succeeds. The full disk is a small
 //! tmpfs mounted by the test (the suite runs as root).
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 
-use common::*;
+use smudge_testkit::*;
 
 fn snapshot(sock: &Path, dir: &Path, parent: Option<&Path>) -> serde_json::Value {
     let mut args = vec!["snapshot", "create", dir.to_str().unwrap()];

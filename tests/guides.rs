@@ -7,8 +7,6 @@
 //! README must show exactly that module's text. The command-line reference
 //! the README links to (`docs/cli.md`) is checked against `smudge --help`.
 
-mod common;
-
 #[path = "guides/harness.rs"]
 mod harness_guide;
 
@@ -123,8 +121,8 @@ fn run_guide(name: &'static str) -> GuideRun {
 /// Runs `script` as a guide runs: in a fresh directory, the `smudge` cargo
 /// built first on `PATH`; checks it exited 0 and left no process running.
 fn run_script(name: &'static str, script: String) -> GuideRun {
-    common::require_kvm();
-    let root = common::tmpdir();
+    smudge_testkit::require_kvm();
+    let root = smudge_testkit::tmpdir();
     let work = root.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let smudge = Path::new(env!("CARGO_BIN_EXE_smudge"));

@@ -1,4 +1,4 @@
-//! The test harness (`smudge_vmm::harness::TestVm`), used the way a test
+//! The test harness (`smudge_testkit::TestVm`), used the way a test
 //! author would: boot a random-writing guest, harvest its dirty pages,
 //! snapshot it (full, then a diff), restore the diff in a new process, and
 //! live-migrate the original to another one — through the control API
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use guest_abi::{StateHeader, STATE_BASE};
 use serde_json::json;
 use smudge::control::MigrateRequest;
-use smudge_vmm::harness::{HarnessError, TestVm, TestVmBuilder};
+use smudge_testkit::{HarnessError, TestVm, TestVmBuilder};
 
 /// Fails the test (never skips it) when /dev/kvm is not usable.
 fn require_kvm() {
@@ -31,7 +31,7 @@ const PAGES: u64 = 3000;
 
 /// The verify line of a guest that checked all its pages and found them
 /// as it wrote them.
-fn assert_verified(exit: &smudge_vmm::harness::Exit) {
+fn assert_verified(exit: &smudge_testkit::Exit) {
     let v = exit.line("verify: ").unwrap_or_else(|| panic!("no verify line\n{exit}"));
     assert!(v.starts_with(&format!("verify: pages={PAGES} ok={PAGES} ")) && v.ends_with(" mismatches=0"), "{exit}");
 }

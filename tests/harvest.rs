@@ -3,13 +3,11 @@
 //! VMM's own boot writes; a shadow kept by thousands of harvests during
 //! continuous writes equals guest memory byte for byte.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Stdio;
 
-use common::*;
 use guest_abi::{random_sequence, stride_pages, ws_base_for, IMAGE_BASE, PAGE_SIZE};
+use smudge_testkit::*;
 
 const MECHANISMS: [&str; 3] = ["bitmap", "manual", "ring"];
 /// Pages the VMM writes at boot (start_info, memory map, command line).

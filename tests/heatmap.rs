@@ -2,10 +2,8 @@
 //! an SVG of the requested size and writes the numbers behind it; a sweep
 //! and a hot/cold workload differ where they should, in the data.
 
-mod common;
-
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 /// Runs the bundled guest with a heatmap; returns the SVG text and its data.
 fn heatmap(workload: &str) -> (String, Value) {

@@ -6,15 +6,13 @@
 //! seeded writes predicts, and the guest's own `verify` passes. And a
 //! `verify` asked for another layout than memory holds refuses, naming both.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{assert_stamps_in, boot, path, random_generations, require_kvm, tmpdir};
 use guest_abi::{gen_table_addr, random_sequence, RamMap, WsLayout, PAGE_SIZE};
-use smudge_vmm::harness::{TestVm, TestVmBuilder};
+use smudge_testkit::{assert_stamps_in, boot, path, random_generations, require_kvm, tmpdir};
+use smudge_testkit::{TestVm, TestVmBuilder};
 
 /// Low RAM (3 GiB) and 64 MiB above the hole.
 const MEM: u64 = (3 << 30) + (64 << 20);

@@ -4,15 +4,13 @@
 //! page the guest did not write since is the snapshot's, the snapshot is
 //! never written, and a corrupt chunk stops the guest with a clear error.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Instant;
 
-use common::*;
+use smudge_testkit::*;
 
 /// A directory on tmpfs for the restored memory file.
 fn shm_dir() -> tempfile::TempDir {

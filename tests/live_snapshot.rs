@@ -3,11 +3,9 @@
 //! point in time, restores to a guest whose `verify` passes, and heads the
 //! run's chain like a paused full snapshot.
 
-mod common;
-
 use std::process::Stdio;
 
-use common::*;
+use smudge_testkit::*;
 
 #[test]
 fn a_live_full_snapshot_is_one_point_in_time_and_heads_a_chain() {
@@ -65,7 +63,7 @@ fn a_live_snapshot_takes_no_parent_and_needs_dirty_logging() {
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("live snapshots need dirty logging"), "{r}");
     let raw = smudge::control::parse_request(r#"{"cmd":"snapshot","dir":"/s","live":true,"parent":"/p"}"#);
-    assert!(raw.unwrap_err().contains("takes no \"parent\""));
+    assert!(raw.unwrap_err().to_string().contains("takes no \"parent\""));
     // The VM is unharmed.
     assert_eq!(ctl(&sock, &["stats"])["ok"], true);
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);

@@ -8,8 +8,6 @@
 //! the switchover line — then checks memory page by page against the
 //! guest's table and the table against a replay of the guest's PRNG.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,9 +15,9 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello};
+use smudge_testkit::*;
 
 /// Working-set pages of the source guests that use [`endless`].
 const PAGES: u64 = 4000;
@@ -599,15 +597,13 @@ fn losing_the_destination_during_post_copy_keeps_the_guest_paused_at_the_source(
     let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
     // Its migration log on: the switchover line below.
     let (mem, sock) = (src_mem(&dir), path(&dir, "src.sock"));
-    let mut src = smudge()
-        .env("SMUDGE_LOG", "warn,smudge_vmm::migrate=info")
+    let mut cmd = smudge();
+    cmd.env("SMUDGE_LOG", "warn,smudge_vmm::migrate=info")
         .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", &endless(6000, 0, 17)])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    progress::wait_for(&mut src, "the source's API socket", || sock.exists().then_some(()));
+        .stderr(Stdio::piped());
+    let mut src = spawn_with_api(&mut cmd, &sock, WAIT).unwrap_or_else(|e| panic!("the source: {}", error_chain(&e)));
     // Over 5000 stamped pages at 2 MiB/s: the post-copy phase lasts at
     // least ten seconds.
     progress::wait_for_writes(&mut src, &src_mem(&dir), 6000, 20000);

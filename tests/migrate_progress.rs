@@ -1,15 +1,13 @@
 //! A migration's progress shows round 0 while it is sent: over a capped
 //! link round 0 takes long, and `stats.progress` stayed null throughout.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 #[test]
 fn a_capped_round_0_shows_its_progress_as_it_goes() {

@@ -1,11 +1,9 @@
 //! The same guest ELF under QEMU: it must boot under
 //! `-machine microvm` and `-machine pc` and print what it prints under smudge.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use smudge_testkit::*;
 
 fn qemu(elf: &std::path::Path, machine: &str, cmdline: &str) -> Run {
     let qemu = "qemu-system-x86_64";

@@ -2,9 +2,7 @@
 //! --quick` must count no lost page, no panic, and a clear error for every
 //! bad input (`smudge bench reliability` runs the large-N campaign).
 
-mod common;
-
-use common::*;
+use smudge_testkit::*;
 
 #[test]
 fn the_small_campaign_loses_nothing_and_never_panics() {

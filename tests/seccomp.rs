@@ -2,9 +2,7 @@
 //! caught with a clear line and exit code 106, `--no-seccomp` turns them
 //! off. The rest of the suite runs every feature with the filters on.
 
-mod common;
-
-use common::*;
+use smudge_testkit::*;
 
 /// What `smudge_vmm::vm::seccomp::EXIT_SECCOMP` is (the tests check the
 /// number users see).

@@ -9,18 +9,16 @@
 //! `--test-hold` makes the run wait there for it, and a relay that stops
 //! forwarding holds a migration mid-way.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{assert_stamps, random_generations, require_kvm, smudge};
 use serde_json::Value;
 use smudge::control::{MigrateRequest, Request, SnapshotRequest};
-use smudge_vmm::harness::{ScratchDir, TestVm};
+use smudge_testkit::{assert_stamps, random_generations, require_kvm, smudge};
+use smudge_testkit::{scratch_dir, TestVm};
 
 /// Exit code of a clean stop on a signal (`outcome::EXIT_SIGNALLED`).
 const EXIT_SIGNALLED: i32 = 108;
@@ -95,14 +93,14 @@ fn assert_written_and_synced(mem: &Path, what: &str) {
 #[test]
 fn sigterm_after_a_snapshot_syncs_and_leaves_no_socket_or_staging_image() {
     require_kvm();
-    let snaps = ScratchDir::new("signals-snaps").unwrap();
+    let snaps = scratch_dir("signals-snaps").unwrap();
     let vm = TestVm::builder().workload(WRITING).args(["--snapshot-precopy-ms", "20"]).boot().unwrap();
     vm.wait_for_serial("layout:", LIMIT).unwrap();
-    let full = snaps.join("full");
+    let full = snaps.path().join("full");
     vm.snapshot(&full).unwrap();
     // The next diff's pages go to a staging image beside the snapshot as
     // the guest writes on.
-    let staging = snaps.join(".full.smudge-staging");
+    let staging = snaps.path().join(".full.smudge-staging");
     let t0 = Instant::now();
     while !staging.exists() {
         assert!(t0.elapsed() < LIMIT, "no staging image appeared:\n{}", vm.logs());
@@ -163,7 +161,7 @@ fn sigint_after_the_guest_wrote_leaves_every_page_in_the_memory_file() {
         .unwrap_or_else(|| panic!("no final sync figure:\n{exit}"));
     assert!(synced >= stamped, "the final sync wrote {synced} pages; the guest stamped {stamped}:\n{exit}");
     assert_written_and_synced(vm.mem_path(), "after SIGINT");
-    let again = common::boot(vm.mem_path(), "64M", "workload=verify pages=4000");
+    let again = smudge_testkit::boot(vm.mem_path(), "64M", "workload=verify pages=4000");
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(
         again.line("verify: "),
@@ -189,13 +187,13 @@ fn a_signal_before_the_guest_runs_stops_it_unstarted() {
     assert!(!vm.api_sock().exists(), "the API socket was left behind");
     assert_eq!(unsynced_pages(vm.mem_path()), (0, 0), "the memory file after the stop");
 
-    let snaps = ScratchDir::new("signals-unstarted").unwrap();
+    let snaps = scratch_dir("signals-unstarted").unwrap();
     let src = TestVm::builder().workload(WRITING).boot().unwrap();
     src.wait_for_serial("layout:", LIMIT).unwrap();
-    src.snapshot(&snaps.join("full")).unwrap();
+    src.snapshot(&snaps.path().join("full")).unwrap();
     src.stop().unwrap();
     assert_eq!(src.wait_exit(LIMIT).unwrap().code, Some(0));
-    let restored = TestVm::builder().args(["--test-hold", "start"]).restore(snaps.join("full")).unwrap();
+    let restored = TestVm::builder().args(["--test-hold", "start"]).restore(snaps.path().join("full")).unwrap();
     wait_for_stderr(&restored, "smudge: test hold: the vCPUs wait to start");
     assert!(restored.mem_path().exists(), "the restore made no memory file: the test proves nothing");
     send(&restored, libc::SIGTERM);
@@ -215,10 +213,10 @@ fn a_signal_before_the_guest_runs_stops_it_unstarted() {
 #[test]
 fn sigterm_mid_live_snapshot_abandons_it_and_stops_cleanly() {
     require_kvm();
-    let snaps = ScratchDir::new("signals-live").unwrap();
+    let snaps = scratch_dir("signals-live").unwrap();
     let vm = TestVm::builder().workload(WRITING).args(["--test-hold", "live-snapshot"]).boot().unwrap();
     vm.wait_for_serial("layout:", LIMIT).unwrap();
-    let live = snaps.join("live");
+    let live = snaps.path().join("live");
     std::thread::scope(|s| {
         let answer = s.spawn(|| vm.call_raw(&Request::Snapshot(SnapshotRequest::live(&live))).unwrap());
         wait_for_stderr(&vm, "smudge: test hold: the live snapshot waits after its first copy");
@@ -245,14 +243,14 @@ fn sigterm_mid_live_snapshot_abandons_it_and_stops_cleanly() {
 #[test]
 fn a_second_signal_exits_at_once_and_a_cut_snapshot_does_not_verify() {
     require_kvm();
-    let snaps = ScratchDir::new("signals-second").unwrap();
+    let snaps = scratch_dir("signals-second").unwrap();
     let vm = TestVm::builder()
         .workload(WRITING)
         .args(["--test-hold", "live-snapshot", "--test-hold", "stop"])
         .boot()
         .unwrap();
     vm.wait_for_serial("layout:", LIMIT).unwrap();
-    let live = snaps.join("live");
+    let live = snaps.path().join("live");
     std::thread::scope(|s| {
         let answer = s.spawn(|| vm.call_raw(&Request::Snapshot(SnapshotRequest::live(&live))));
         wait_for_stderr(&vm, "smudge: test hold: the live snapshot waits after its first copy");

@@ -3,12 +3,10 @@
 //! continues and its verify passes; corrupt snapshots are refused with the
 //! file and offset named, and nothing is overwritten.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Child, Stdio};
 
-use common::*;
+use smudge_testkit::*;
 
 fn start(mem: &Path, sock: &Path, cmdline: &str, extra: &[&str]) -> Child {
     start_with_api(mem, sock, "64M", cmdline, Stdio::piped(), true, extra)

@@ -6,16 +6,14 @@
 //! holds every page written since it, and the chain restores to exactly the
 //! guest's memory.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use smudge_testkit::*;
 
 /// One request line sent as is (`smudge ctl` refuses an empty path itself).
 fn raw(sock: &Path, line: &str) -> Value {
@@ -62,20 +60,16 @@ impl Vm {
         // A slow writer that runs far longer than the test: it is paused by
         // the last snapshot and stopped.
         let cmdline = "workload=rate rate=300 pages=4000 seed=31 ms=600000 wipe=1";
-        let child = smudge()
-            .current_dir(&cwd)
+        let mut cmd = smudge();
+        cmd.current_dir(&cwd)
             .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "300"])
             .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let child = spawn_with_api(&mut cmd, &sock, WAIT).unwrap_or_else(|e| {
             let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-            assert!(t0.elapsed() < Duration::from_secs(30), "the API socket never appeared; smudge said:\n{log}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            panic!("{}; smudge said:\n{log}", error_chain(&e))
+        });
         Vm { child, sock, mem, cwd, stderr }
     }
 

@@ -3,14 +3,12 @@
 //! last committed snapshot must always verify and restore; a damaged one
 //! must be refused with the file named, never restored as garbage.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::*;
 use guest_abi::Rng;
+use smudge_testkit::*;
 
 fn start(mem: &Path, sock: &Path, cmdline: &str) -> Child {
     start_with_api(mem, sock, "16M", cmdline, Stdio::null(), false, &[])

@@ -5,15 +5,13 @@
 //! the snapshot restores (eagerly and lazily) to a guest whose verify
 //! passes.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use smudge::snapshot::CHUNK;
+use smudge_testkit::*;
 
 /// Waits for the serial log `file` to hold a line starting with `prefix`.
 fn wait_line(file: &Path, prefix: &str, vm: &mut Child) -> String {

@@ -7,13 +7,11 @@
 //! wait and the deadline has passed when it resumes — the behaviour the
 //! README's restore guide documents.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use guest_abi::gen_table_addr;
-use smudge_vmm::harness::TestVm;
+use smudge_testkit::TestVm;
 
 const PAGES: u64 = 2000;
 /// The guest's deadline, and how long the test waits between the snapshot
@@ -29,7 +27,7 @@ fn table_sum(read: impl Fn(u64, usize) -> Vec<u8>) -> u64 {
 
 #[test]
 fn a_restored_guests_deadline_follows_what_the_tsc_controls_allow() {
-    common::require_kvm();
+    smudge_testkit::require_kvm();
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let probe = smudge::kvm::tsc::probe(&kvm).expect("the TSC probe VM runs");
     let builder = || {

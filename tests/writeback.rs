@@ -3,14 +3,12 @@
 //! sync that ends while the guest dirties faster than the disk, and
 //! throttling above the hard limit.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use smudge_testkit::*;
 
 /// `cachestat(2)` of a whole file: (pages cached, dirty, under writeback).
 fn cachestat(path: &std::path::Path) -> (u64, u64, u64) {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use smudge_vmm::harness::{HarnessError, TestVm};
+use smudge_testkit::{HarnessError, TestVm};
 
 #[test]
 fn my_guest_survives_a_migration() -> Result<(), HarnessError> {

@@ -8,7 +8,6 @@
 
 pub mod bench;
 pub mod control;
-pub mod harness;
 pub mod migrate;
 pub mod observe;
 pub mod persist;

@@ -88,21 +88,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Ctl(args) => ctl(&args),
-        Command::Bench(args) => {
-            let report = match args.name.as_str() {
-                "boot" => bench::boot::run(&args)?,
-                "harvest" => bench::harvest::run(&args)?,
-                "writeback" => bench::writeback::run(&args)?,
-                "snapshot" => bench::snapshot::run(&args)?,
-                "migrate" => bench::migrate::run(&args)?,
-                "reliability" => bench::reliability::run(&args)?,
-                other => anyhow::bail!(
-                    "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability)"
-                ),
-            };
-            report.print(args.json)?;
-            Ok(0)
-        }
+        Command::Bench(args) => bench::run(&args),
     }
 }
 
@@ -277,7 +263,7 @@ fn ctl(args: &CtlArgs) -> anyhow::Result<u8> {
         matches!(args.cmd, CtlCommand::Migrate(_) | CtlCommand::Snapshot(SnapshotCtl::Create { live: true, .. }));
     let watch = long_job.then(|| watch_progress(args.api_sock.clone()));
     let wait = Duration::from_secs_f64(args.wait_secs);
-    let answer = smudge_vmm::control::api::call_waiting(&args.api_sock, &args.cmd.request(), wait);
+    let answer = smudge::control::Client::new(&args.api_sock).connect_wait(wait).call(&args.cmd.request());
     if let Some(stop) = watch {
         stop();
     }
@@ -357,7 +343,9 @@ fn watch_progress(sock: std::path::PathBuf) -> impl FnOnce() {
             let bar = indicatif::ProgressBar::new_spinner();
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(200));
-                let Ok(v) = smudge_vmm::control::api::call(&sock, &smudge::control::Request::Stats) else { continue };
+                let Ok(v) = smudge::control::Client::new(&sock).call(&smudge::control::Request::Stats) else {
+                    continue;
+                };
                 if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
                     let n = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
                     bar.set_message(match p.get("bytes_sent") {

@@ -33,10 +33,10 @@
 //! A connection that sends nothing holds only a waiting place, for at most
 //! [`REQUEST_DEADLINE`], and never a serving one. A "busy" answer is given
 //! after reading what the client sent (at accept: what is there already),
-//! and the client ([`exchange`]) reads the answer even when its own write
-//! failed because the server had closed first.
+//! and the client (`smudge::control::Client`) reads the answer even when
+//! its own write failed because the server had closed first.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -227,7 +227,7 @@ fn busy(why: &str) -> Value {
 /// Answers `v` on the event loop without waiting on the client: reads what
 /// it already sent (so closing does not reset the connection under it),
 /// answers, closes. A client that writes after this gets EPIPE and reads
-/// the answer all the same ([`exchange`]).
+/// the answer all the same (`smudge::control::exchange`).
 fn turn_away(conn: &UnixStream, v: &Value) {
     if conn.set_nonblocking(true).is_err() {
         return;
@@ -351,7 +351,7 @@ impl Api {
     pub fn dispatch(&self, line: &str) -> Value {
         let req = match parse_request(line) {
             Ok(r) => r,
-            Err(e) => return error(e),
+            Err(e) => return error(e.to_string()),
         };
         match req {
             Request::Stats => self.stats(),
@@ -560,97 +560,13 @@ fn error(msg: String) -> Value {
 }
 
 /// How long `smudge ctl` waits, in seconds, for a socket that does not
-/// exist yet or refuses connections (a `smudge run` still starting).
+/// exist yet or refuses connections (a `smudge run` still starting). The
+/// client is `smudge::control::Client`.
 pub const CTL_WAIT_SECS: u64 = 5;
-
-/// Connects to the API socket at `path`, waiting up to `wait` while it does
-/// not exist yet or refuses connections.
-pub fn connect(path: &Path, wait: Duration) -> anyhow::Result<UnixStream> {
-    let t0 = Instant::now();
-    loop {
-        let e = match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
-            Err(e) => e,
-        };
-        let waiting = matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
-        if waiting && t0.elapsed() < wait {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let waited = if wait.is_zero() { String::new() } else { format!(" (waited {:.0} s)", wait.as_secs_f64()) };
-        return Err(match e.kind() {
-            ErrorKind::NotFound => anyhow::anyhow!(
-                "{}: no such socket{waited}: is `smudge run --api-sock {}` running?",
-                path.display(),
-                path.display()
-            ),
-            ErrorKind::ConnectionRefused => anyhow::anyhow!(
-                "{}: nothing serves this socket{waited} (left by a smudge that did not end cleanly?)",
-                path.display()
-            ),
-            _ => anyhow::Error::new(e).context(format!("connecting to {}", path.display())),
-        });
-    }
-}
-
-/// Longest answer a client reads.
-const MAX_ANSWER: u64 = 64 << 20;
-
-/// Sends one request line on `conn` and reads the answer line. A server
-/// that turns a connection away answers and closes without waiting for the
-/// request, so a failed write is not the end: the answer, if one came, is
-/// read and returned all the same.
-pub fn exchange(conn: &UnixStream, line: &[u8]) -> std::io::Result<String> {
-    let sent = (&mut &*conn).write_all(line);
-    let mut answer = String::new();
-    let read = BufReader::new(conn.take(MAX_ANSWER)).read_line(&mut answer);
-    match (sent, read) {
-        (_, Ok(_)) if !answer.is_empty() => Ok(answer),
-        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(_)) => Err(std::io::Error::new(ErrorKind::UnexpectedEof, "smudge closed without an answer")),
-    }
-}
-
-/// The client: sends `request` to the socket at `path` and returns the
-/// answer; waits up to `wait` for the socket (see [`connect`]).
-pub fn call_waiting(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Value> {
-    use anyhow::Context;
-    let s = connect(path, wait)?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let answer = exchange(&s, &request.to_line()?).with_context(|| format!("talking to {}", path.display()))?;
-    serde_json::from_str(answer.trim()).with_context(|| format!("bad answer from smudge: '{}'", answer.trim()))
-}
-
-/// [`call_waiting`] without waiting: the socket must be there.
-pub fn call(path: &Path, request: &Request) -> anyhow::Result<Value> {
-    call_waiting(path, request, Duration::ZERO)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The old server answered "busy" and closed before reading: the
-    /// client's write then failed (EPIPE) and `smudge ctl` printed "Broken
-    /// pipe" instead of the answer it had been sent.
-    #[test]
-    fn the_client_reads_the_answer_even_when_its_write_fails() {
-        let (client, server) = UnixStream::pair().unwrap();
-        (&server).write_all(b"{\"ok\":false,\"error\":\"busy: try again\"}\n").unwrap();
-        drop(server);
-        let write = (&client).write_all(b"{}\n");
-        assert_eq!(write.map_err(|e| e.kind()), Err(ErrorKind::BrokenPipe), "the write must fail for this test");
-        let (client, server) = UnixStream::pair().unwrap();
-        (&server).write_all(b"{\"ok\":false,\"error\":\"busy: try again\"}\n").unwrap();
-        drop(server);
-        let answer = exchange(&client, &Request::Stats.to_line().unwrap()).unwrap();
-        assert_eq!(answer, "{\"ok\":false,\"error\":\"busy: try again\"}\n");
-        // No answer at all is still an error.
-        let (client, server) = UnixStream::pair().unwrap();
-        drop(server);
-        assert_eq!(exchange(&client, b"{}\n").map_err(|e| e.kind()), Err(ErrorKind::BrokenPipe));
-    }
 
     #[test]
     fn a_request_line_is_read_within_its_deadline() {

@@ -13,44 +13,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use smudge::control::{Request, SnapshotRequest};
+use smudge::control::{Client, Request, SnapshotRequest};
+use smudge_vmm::control::cli::BenchArgs;
 
-use super::boot::tempfile_dir;
-use super::report::{median, Report};
-use crate::control::api;
-use crate::control::cli::BenchArgs;
+use crate::report::{median, Report};
+use crate::setup::{smudge, start_vm, Scratch};
 
+/// A `smudge run` of the benchmark's guest, and its control API.
 struct Vm {
     child: Child,
-    sock: std::path::PathBuf,
+    api: Client,
 }
 
 impl Vm {
     fn start(dir: &Path, name: &str, mem: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Vm> {
-        let sock = dir.join(format!("{name}.sock"));
-        let mem_file = dir.join(format!("{name}.mem"));
+        let (sock, mem_file) = (dir.join(format!("{name}.sock")), dir.join(format!("{name}.mem")));
         std::fs::remove_file(&mem_file).ok();
-        let child = Command::new(std::env::current_exe()?)
-            .args(["run", "--mem-size", mem, "--timeout", "600", "--cmdline", cmdline, "--mem-file"])
-            .arg(&mem_file)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let t0 = Instant::now();
-        while !sock.exists() {
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("{name}: the API socket never appeared");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(Vm { child, sock })
+        let (child, api) = start_vm(&mem_file, &sock, mem, cmdline, 600, extra, Stdio::null())
+            .with_context(|| format!("{name}: starting smudge"))?;
+        Ok(Vm { child, api })
     }
 
     fn call(&self, req: Request) -> anyhow::Result<Value> {
-        let v = api::call(&self.sock, &req)?;
+        let v = self.api.call(&req)?;
         if v["ok"] != true {
             bail!("{req:?}: {v}");
         }
@@ -72,7 +57,8 @@ impl Vm {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let (mem, pages, warm, label) =
         if args.quick { ("64M", 15000u64, 1500u64, "64 MiB") } else { ("1G", 260000, 6000, "1 GiB") };
     // ~5 % of the pages per second, over a working set written once first.
@@ -88,7 +74,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ("background writeback off", &["--no-writeback", "--snapshot-precopy-ms", "0"][..]),
         ("background writeback on", &[][..]),
     ] {
-        let vm = Vm::start(&dir, "snap", mem, &cmdline, extra)?;
+        let vm = Vm::start(dir, "snap", mem, &cmdline, extra)?;
         std::thread::sleep(Duration::from_millis(warm));
         let full = dir.join(format!("full-{}", pauses.len()));
         std::fs::remove_dir_all(&full).ok();
@@ -108,23 +94,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         if !extra.is_empty() {
             full_paused.push(full_ms);
         } else {
-            // A live full snapshot of the same guest, in the same run.
-            let live = dir.join("live-full");
-            std::fs::remove_dir_all(&live).ok();
-            let t0 = Instant::now();
-            let v = vm.call(Request::Snapshot(SnapshotRequest::live(&live)))?;
-            let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
-            rep.result(&format!("{label}, {case}: live full snapshot"), "pause_ms", ms);
-            rep.result(&format!("{label}, {case}: live full snapshot"), "total_ms", total_ms);
-            rep.result(
-                &format!("{label}, {case}: live full snapshot"),
-                "pause_copied_mib",
-                v["pause_copied_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-            );
             full_paused.push(full_ms);
-            live_pause = Some(ms);
-            std::fs::remove_dir_all(&live).ok();
+            live_pause = Some(live_full(&vm, dir, &mut rep, &format!("{label}, {case}: live full snapshot"))?);
         }
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "diff_mib", median(&bytes));
@@ -146,34 +117,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // Restore: the chain of the second run into a new process, eager
     // (memory first) and lazy (guest first, memory behind it).
     if let Some(chain) = last {
-        drain_disk()?;
-        let case = format!("{label}: restore of a full + {diffs} diffs chain");
-        let mem_file = dir.join("restored.mem");
-        std::fs::remove_file(&mem_file).ok();
-        let t0 = Instant::now();
-        let out = Command::new(std::env::current_exe()?)
-            .args(["restore", "--timeout", "0.2", "--snapshot"])
-            .arg(&chain)
-            .arg("--mem-file")
-            .arg(&mem_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()?;
-        let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
-        // Exit 103: the restored guest was still running at the timeout.
-        if out.status.code() != Some(103) {
-            bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
-        rep.result(&format!("{case}, eager"), "restore_ms", ms);
-        rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
-        std::fs::remove_file(&mem_file).ok();
-
-        let (lazy_ttfi, loaded) = lazy_restore(&chain)?;
-        rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
-        rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
-        rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
+        restore(dir, &mut rep, &format!("{label}: restore of a full + {diffs} diffs chain"), &chain)?;
     }
 
     // Moonshot: diff snapshots back to back; the guest runs between them,
@@ -186,14 +130,53 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let window = Duration::from_secs(if args.quick { 1 } else { 5 });
     for (case, extra) in [("background writeback on", &[][..]), ("background writeback off", &["--no-writeback"][..])] {
         drain_disk()?;
-        let (per_s, paused) = back_to_back(&dir, mem, &cmdline, warm, window, extra)?;
+        let (per_s, paused) = back_to_back(dir, mem, &cmdline, warm, window, extra)?;
         rep.result(&format!("{label}, {case}: diff snapshots back to back"), "snapshots_per_s", per_s);
         rep.result(&format!("{label}, {case}: share of time the guest was paused meanwhile"), "ratio", paused);
     }
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
     Ok(rep)
+}
+
+/// A live full snapshot of `vm` into `dir`: its figures go to `rep` as
+/// `case`; returns its pause (ms).
+fn live_full(vm: &Vm, dir: &Path, rep: &mut Report, case: &str) -> anyhow::Result<f64> {
+    let live = dir.join("live-full");
+    std::fs::remove_dir_all(&live).ok();
+    let t0 = Instant::now();
+    let v = vm.call(Request::Snapshot(SnapshotRequest::live(&live)))?;
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ms = v["pause_ms"].as_f64().context("no pause_ms")?;
+    rep.result(case, "pause_ms", ms);
+    rep.result(case, "total_ms", total_ms);
+    rep.result(case, "pause_copied_mib", v["pause_copied_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64);
+    std::fs::remove_dir_all(&live).ok();
+    Ok(ms)
+}
+
+/// Restores `chain` into a new process, eager then lazy: time to first
+/// instruction and to fully loaded, as `case` in `rep`.
+fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Result<()> {
+    drain_disk()?;
+    let mem_file = dir.join("restored.mem");
+    std::fs::remove_file(&mem_file).ok();
+    let t0 = Instant::now();
+    let out = restore_command(chain, &mem_file, &["--timeout", "0.2"])?.output()?;
+    let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
+    // Exit 103: the restored guest was still running at the timeout.
+    if out.status.code() != Some(103) {
+        bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
+    rep.result(&format!("{case}, eager"), "restore_ms", ms);
+    rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
+    std::fs::remove_file(&mem_file).ok();
+
+    let (lazy_ttfi, loaded) = lazy_restore(chain)?;
+    rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
+    rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
+    rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
+    Ok(())
 }
 
 /// Diffs taken after the full snapshot before the back-to-back window.
@@ -251,20 +234,22 @@ fn ms_before(err: &str, marker: &str) -> Option<f64> {
     rest.split(" ms").next()?.trim().parse().ok()
 }
 
+/// `smudge restore` of `chain` onto `mem_file` with `options`, its stderr
+/// piped (where it says when the guest runs).
+fn restore_command(chain: &Path, mem_file: &Path, options: &[&str]) -> anyhow::Result<Command> {
+    let mut c = smudge()?;
+    c.arg("restore").args(options).arg("--snapshot").arg(chain).arg("--mem-file").arg(mem_file);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    Ok(c)
+}
+
 /// A lazy restore of `chain` into tmpfs: (time to first instruction, time
 /// to fully loaded), in ms after the command started.
 fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
     use std::io::{BufRead, BufReader};
     let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
     std::fs::remove_file(&mem_file).ok();
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["restore", "--lazy", "--timeout", "60", "--snapshot"])
-        .arg(chain)
-        .arg("--mem-file")
-        .arg(&mem_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = restore_command(chain, &mem_file, &["--lazy", "--timeout", "60"])?.spawn()?;
     let mut err = String::new();
     let stderr = child.stderr.take().context("lazy restore stderr")?;
     for line in BufReader::new(stderr).lines() {

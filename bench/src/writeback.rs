@@ -24,14 +24,14 @@ use smudge::kvm::dirty_log::DirtyCaps;
 use smudge::memory::{host_page_size, BackingFile, GuestRam};
 use smudge::sink::{BackingFileSink, ImageFile, Sink};
 use smudge::writeback::{HarvesterLog, MonotonicClock, Threshold, Writeback, WritebackPolicy};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::persist::flusher::WritebackOptions;
+use smudge_vmm::vm::outcome::Outcome;
+use smudge_vmm::vm::{self, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::boot::tempfile_dir;
-use super::report::{median, Report};
-use crate::control::cli::BenchArgs;
-use crate::persist::flusher::WritebackOptions;
-use crate::vm::outcome::Outcome;
-use crate::vm::{self, VmConfig};
+use crate::report::{median, Report};
+use crate::setup::Scratch;
 
 /// Dirties every `stride`-th page of `ram` through vm-memory; returns the
 /// extents written (the raw loop's work list).
@@ -176,7 +176,8 @@ fn hotcold(
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let mut rep = Report::new("writeback");
     let size = if args.quick { 32u64 << 20 } else { 256u64 << 20 };
     for sink in ["image", "backing"] {
@@ -189,7 +190,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 (false, None, _) => 7,
             };
             let (engine, raw, bytes) =
-                bandwidth(&dir, size, stride, sink, reps).with_context(|| format!("bandwidth, {sink} sink, {name}"))?;
+                bandwidth(dir, size, stride, sink, reps).with_context(|| format!("bandwidth, {sink} sink, {name}"))?;
             let raw_name = if sink == "image" { "pwrite+fdatasync" } else { "msync+fdatasync" };
             let case = format!("{sink} sink, {name}, {} MiB dirty", bytes >> 20);
             rep.result(&case, "engine_MBps", engine);
@@ -219,15 +220,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     ];
     let mut rates = Vec::new();
     for (name, mode, expire, image) in cases {
-        let r = hotcold(&dir, mem, ms, mode, expire, image).with_context(|| format!("hot/cold guest, {name}"))?;
+        let r = hotcold(dir, mem, ms, mode, expire, image).with_context(|| format!("hot/cold guest, {name}"))?;
         rep.result(&format!("hot/cold guest {label}, 100 ms flusher, {name}"), "page_writes_per_s", r);
         rates.push(r);
     }
     rep.goal("guest throughput, dirty_expire 1 s / logging off", rates[2] / rates[0], 0.75, "higher");
     rep.goal("guest throughput, dirty_expire 5 s / logging off", rates[3] / rates[0], 0.9, "higher");
     rep.goal("guest throughput, dirty_expire 1 s / write everything each tick", rates[2] / rates[5], 3.0, "higher");
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
     Ok(rep)
 }

@@ -27,19 +27,18 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 use smudge::control::{MigrateRequest, Request};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::migrate::source::DEFAULT_DOWNTIME;
 
-use super::boot::tempfile_dir;
-use super::qemu_migrate::{self, QemuMigrateConfig};
-use super::report::{median, Report};
-use crate::control::api;
-use crate::control::cli::BenchArgs;
-use crate::migrate::source::DEFAULT_DOWNTIME;
+use crate::qemu_migrate::{self, QemuMigrateConfig};
+use crate::report::{median, Report};
+use crate::setup::{smudge, start_vm, Scratch};
 
 /// One migration's figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -81,8 +80,8 @@ enum Mode {
 }
 
 /// Starts `migrate-recv` on `dst_mem`; returns it and where it listens.
-fn start_dest(exe: &Path, dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
-    let mut dest = Command::new(exe)
+fn start_dest(dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
+    let mut dest = smudge()?
         .args(["migrate-recv", "--listen", "0", "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
         .arg(dst_mem)
         .args(if local { &["--local"][..] } else { &[] })
@@ -115,7 +114,6 @@ fn smudge_once(
     budget_ms: u64,
     mode: Mode,
 ) -> anyhow::Result<Figures> {
-    let exe = std::env::current_exe()?;
     let (src_mem, sock) = (dir.join("src.mem"), dir.join("src.sock"));
     let dst_mem = match mode {
         Mode::Precopy | Mode::Connections(_) => dir.join("dst.mem"),
@@ -128,30 +126,15 @@ fn smudge_once(
     }
     let mut dest = None;
     if mode != Mode::Local {
-        dest = Some(start_dest(&exe, &dst_mem, false)?);
+        dest = Some(start_dest(&dst_mem, false)?);
     }
-    let src = Command::new(&exe)
-        .args(["run", "--mem-size", mem, "--timeout", "600", "--serial", "/dev/null", "--cmdline", cmdline])
-        .arg("--mem-file")
-        .arg(&src_mem)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let (src, api) = start_vm(&src_mem, &sock, mem, cmdline, 600, &[], Stdio::null()).context("the source")?;
     let mut src = Reap(src);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("the source's API socket never appeared");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
     std::thread::sleep(warm);
     let (dest, addr) = match dest {
         Some(d) => d,
         // The handover's destination opens the source's file: start it now.
-        None => start_dest(&exe, &dst_mem, true)?,
+        None => start_dest(&dst_mem, true)?,
     };
     let mut req = MigrateRequest { downtime_ms: Some(budget_ms), ..MigrateRequest::new(addr) };
     match mode {
@@ -160,7 +143,7 @@ fn smudge_once(
         Mode::Postcopy => req.postcopy_after = Some(0),
         Mode::Local => req.local = true,
     }
-    let v: Value = api::call(&sock, &Request::Migrate(req))?;
+    let v: Value = api.call(&Request::Migrate(req))?;
     if v["ok"] != true {
         bail!("smudge migration failed: {v}");
     }
@@ -200,144 +183,202 @@ fn tsc_khz() -> anyhow::Result<u32> {
     vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")
 }
 
+/// What every migration of one run of the benchmark shares.
+struct Setup<'a> {
+    dir: &'a Path,
+    /// Guest RAM (`--mem-size`), and in MiB for QEMU.
+    mem: &'static str,
+    mib: u64,
+    warm: Duration,
+    budget_ms: u64,
+    runs: usize,
+    label: &'static str,
+    /// The guest ELF, for QEMU.
+    elf: PathBuf,
+    /// The TSC frequency, for QEMU's guest.
+    khz: u32,
+}
+
+impl Setup<'_> {
+    /// `runs` smudge migrations of a guest running `cmdline`, in `mode`.
+    fn smudge_runs(&self, cmdline: &str, mode: Mode) -> anyhow::Result<Vec<Figures>> {
+        (0..self.runs).map(|_| smudge_once(self.dir, self.mem, cmdline, self.warm, self.budget_ms, mode)).collect()
+    }
+
+    /// One QEMU migration of a guest running `cmdline`.
+    fn qemu_once(&self, cmdline: &str) -> anyhow::Result<Figures> {
+        let q = qemu_migrate::migrate(&QemuMigrateConfig {
+            elf: self.elf.clone(),
+            mem_mib: self.mib,
+            cmdline: format!("{cmdline} tsc_khz={}", self.khz),
+            downtime_limit_ms: self.budget_ms,
+            warmup: self.warm,
+            max_bandwidth: None,
+            timeout: Duration::from_secs(300),
+        })?;
+        Ok(Figures {
+            total_ms: q.total_ms,
+            downtime_ms: q.stop_to_resume_ms.context("QEMU's STOP/RESUME events were not seen")?,
+            reported_downtime_ms: q.downtime_ms,
+            rounds: q.rounds as f64,
+            mib: q.bytes as f64 / (1u64 << 20) as f64,
+            parts: [f64::NAN; 4],
+            on_demand: 0.0,
+            round0_mbps: f64::NAN,
+        })
+    }
+}
+
+/// The median of one figure.
+fn med(v: &[Figures], f: fn(&Figures) -> f64) -> f64 {
+    median(&v.iter().map(f).collect::<Vec<_>>())
+}
+
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let (mem, mib, pages, warm, label) = if args.quick {
         ("64M", 64u64, 4000u64, Duration::from_millis(800), "64 MiB")
     } else {
         ("1G", 1024, 65536, Duration::from_secs(3), "1 GiB")
     };
-    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 2 });
     let cases: &[(&str, u64)] =
         if args.quick { &[("~20 MB/s", 5000)] } else { &[("idle", 10), ("~20 MB/s", 5000), ("~200 MB/s", 50000)] };
     let elf: PathBuf = dir.join("guest.elf");
-    std::fs::write(&elf, crate::vm::guest_image::GUEST_ELF).with_context(|| format!("writing {}", elf.display()))?;
-    let khz = tsc_khz()?;
-    let budget_ms = DEFAULT_DOWNTIME.as_millis() as u64;
+    std::fs::write(&elf, smudge_vmm::vm::guest_image::GUEST_ELF)
+        .with_context(|| format!("writing {}", elf.display()))?;
+    let setup = Setup {
+        dir,
+        mem,
+        mib,
+        warm,
+        budget_ms: DEFAULT_DOWNTIME.as_millis() as u64,
+        runs: args.runs.unwrap_or(if args.quick { 1 } else { 2 }),
+        label,
+        elf,
+        khz: tsc_khz()?,
+    };
     let mut rep = Report::new("migrate");
     let fastest = cases.iter().map(|c| c.1).max().unwrap_or(0);
+    let cmdline = |rate: u64| format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
     let mut qemu_downtime = Vec::new();
     for &(case, rate) in cases {
-        let cmdline = format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            ours.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Precopy)?);
-            let q = qemu_migrate::migrate(&QemuMigrateConfig {
-                elf: elf.clone(),
-                mem_mib: mib,
-                cmdline: format!("{cmdline} tsc_khz={khz}"),
-                downtime_limit_ms: budget_ms,
-                warmup: warm,
-                max_bandwidth: None,
-                timeout: Duration::from_secs(300),
-                wait_dest_exit: false,
-            })?;
-            theirs.push(Figures {
-                total_ms: q.total_ms,
-                downtime_ms: q.stop_to_resume_ms.context("QEMU's STOP/RESUME events were not seen")?,
-                reported_downtime_ms: q.downtime_ms,
-                rounds: q.rounds as f64,
-                mib: q.bytes as f64 / (1u64 << 20) as f64,
-                parts: [f64::NAN; 4],
-                on_demand: 0.0,
-                round0_mbps: f64::NAN,
-            });
-        }
-        let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
-        for (who, v) in [("smudge", &ours), ("qemu", &theirs)] {
-            let c = format!("{label}, {case}, budget {budget_ms} ms: {who}");
-            rep.result(&c, "total_ms", med(v, |f| f.total_ms));
-            rep.result(&c, "downtime_ms", med(v, |f| f.downtime_ms));
-            if who == "qemu" {
-                rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
-            } else {
-                rep.result(&c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
-                for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
-                    let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
-                    rep.result(&c, &format!("downtime_{k}"), part);
-                }
-            }
-            rep.result(&c, "rounds", med(v, |f| f.rounds));
-            rep.result(&c, "sent_mib", med(v, |f| f.mib));
-        }
-        rep.goal(
-            &format!("{case}: downtime (stop to running) smudge / QEMU"),
-            med(&ours, |f| f.downtime_ms) / med(&theirs, |f| f.downtime_ms),
-            1.0 / 3.0,
-            "lower",
-        );
-        rep.goal(
-            &format!("{case}: total time smudge / QEMU"),
-            med(&ours, |f| f.total_ms) / med(&theirs, |f| f.total_ms),
-            1.0,
-            "lower",
-        );
-        qemu_downtime.push(med(&theirs, |f| f.downtime_ms));
+        let ours = against_qemu(&setup, &mut rep, case, &cmdline(rate), &mut qemu_downtime)?;
         if rate == fastest || rate == cases[0].1 {
-            // Parallel page streams against one, same guest, same run.
-            for n in [2u32, 4] {
-                let mut multi = Vec::new();
-                for _ in 0..runs {
-                    multi.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Connections(n))?);
-                }
-                let c = format!("{label}, {case}: smudge --connections {n}");
-                rep.result(&c, "total_ms", med(&multi, |f| f.total_ms));
-                rep.result(&c, "downtime_ms", med(&multi, |f| f.downtime_ms));
-                rep.result(&c, "round0_mb_per_s", med(&multi, |f| f.round0_mbps));
-                rep.result(&c, "total_vs_1_connection", med(&multi, |f| f.total_ms) / med(&ours, |f| f.total_ms));
-            }
-            rep.result(
-                &format!("{label}, {case}: smudge --connections 1"),
-                "round0_mb_per_s",
-                med(&ours, |f| f.round0_mbps),
-            );
+            connections(&setup, &mut rep, case, &cmdline(rate), &ours)?;
         }
         if rate == fastest {
-            // Post-copy against pre-copy, same guest, same run.
-            let mut post = Vec::new();
-            for _ in 0..runs {
-                post.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Postcopy)?);
-            }
-            let c = format!("{label}, {case}: smudge post-copy");
-            rep.result(&c, "total_ms", med(&post, |f| f.total_ms));
-            rep.result(&c, "downtime_ms", med(&post, |f| f.downtime_ms));
-            rep.result(&c, "downtime_to_ack_ms", med(&post, |f| f.reported_downtime_ms));
-            rep.result(&c, "pages_on_demand", med(&post, |f| f.on_demand));
-            rep.result(&c, "sent_mib", med(&post, |f| f.mib));
-            rep.goal(
-                &format!("{case}: post-copy downtime / pre-copy downtime"),
-                med(&post, |f| f.downtime_ms) / med(&ours, |f| f.downtime_ms),
-                0.5,
-                "lower",
-            );
-            rep.result(
-                &format!("{label}, {case}: post-copy total / pre-copy total"),
-                "ratio",
-                med(&post, |f| f.total_ms) / med(&ours, |f| f.total_ms),
-            );
+            postcopy(&setup, &mut rep, case, &cmdline(rate), &ours)?;
         }
     }
-    // Same-host handover: only vCPU/device state crosses.
-    let cmdline = format!("workload=rate rate={} pages={pages} seed=7 ms=600000 wipe=1", cases[0].1);
-    let mut local = Vec::new();
-    for _ in 0..runs {
-        local.push(smudge_once(&dir, mem, &cmdline, warm, budget_ms, Mode::Local)?);
+    local_handover(&setup, &mut rep, cases[0].0, &cmdline(cases[0].1), qemu_downtime[0])?;
+    Ok(rep)
+}
+
+/// smudge's pre-copy against QEMU on a guest running `cmdline`, runs
+/// alternating (drift on a shared machine hits both alike): their figures
+/// and goals. Returns smudge's figures; QEMU's median downtime goes to
+/// `qemu_downtime`.
+fn against_qemu(
+    s: &Setup,
+    rep: &mut Report,
+    case: &str,
+    cmdline: &str,
+    qemu_downtime: &mut Vec<f64>,
+) -> anyhow::Result<Vec<Figures>> {
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..s.runs {
+        ours.push(smudge_once(s.dir, s.mem, cmdline, s.warm, s.budget_ms, Mode::Precopy)?);
+        theirs.push(s.qemu_once(cmdline)?);
     }
-    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
-    let c = format!("{label}, {}: smudge --local handover", cases[0].0);
+    for (who, v) in [("smudge", &ours), ("qemu", &theirs)] {
+        let c = format!("{}, {case}, budget {} ms: {who}", s.label, s.budget_ms);
+        rep.result(&c, "total_ms", med(v, |f| f.total_ms));
+        rep.result(&c, "downtime_ms", med(v, |f| f.downtime_ms));
+        if who == "qemu" {
+            rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
+        } else {
+            rep.result(&c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
+            for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
+                let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
+                rep.result(&c, &format!("downtime_{k}"), part);
+            }
+        }
+        rep.result(&c, "rounds", med(v, |f| f.rounds));
+        rep.result(&c, "sent_mib", med(v, |f| f.mib));
+    }
+    rep.goal(
+        &format!("{case}: downtime (stop to running) smudge / QEMU"),
+        med(&ours, |f| f.downtime_ms) / med(&theirs, |f| f.downtime_ms),
+        1.0 / 3.0,
+        "lower",
+    );
+    rep.goal(
+        &format!("{case}: total time smudge / QEMU"),
+        med(&ours, |f| f.total_ms) / med(&theirs, |f| f.total_ms),
+        1.0,
+        "lower",
+    );
+    qemu_downtime.push(med(&theirs, |f| f.downtime_ms));
+    Ok(ours)
+}
+
+/// Parallel page streams against one (`ours`), same guest, same run.
+fn connections(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, ours: &[Figures]) -> anyhow::Result<()> {
+    for n in [2u32, 4] {
+        let multi = s.smudge_runs(cmdline, Mode::Connections(n))?;
+        let c = format!("{}, {case}: smudge --connections {n}", s.label);
+        rep.result(&c, "total_ms", med(&multi, |f| f.total_ms));
+        rep.result(&c, "downtime_ms", med(&multi, |f| f.downtime_ms));
+        rep.result(&c, "round0_mb_per_s", med(&multi, |f| f.round0_mbps));
+        rep.result(&c, "total_vs_1_connection", med(&multi, |f| f.total_ms) / med(ours, |f| f.total_ms));
+    }
+    rep.result(
+        &format!("{}, {case}: smudge --connections 1", s.label),
+        "round0_mb_per_s",
+        med(ours, |f| f.round0_mbps),
+    );
+    Ok(())
+}
+
+/// Post-copy against pre-copy (`ours`), same guest, same run.
+fn postcopy(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, ours: &[Figures]) -> anyhow::Result<()> {
+    let post = s.smudge_runs(cmdline, Mode::Postcopy)?;
+    let c = format!("{}, {case}: smudge post-copy", s.label);
+    rep.result(&c, "total_ms", med(&post, |f| f.total_ms));
+    rep.result(&c, "downtime_ms", med(&post, |f| f.downtime_ms));
+    rep.result(&c, "downtime_to_ack_ms", med(&post, |f| f.reported_downtime_ms));
+    rep.result(&c, "pages_on_demand", med(&post, |f| f.on_demand));
+    rep.result(&c, "sent_mib", med(&post, |f| f.mib));
+    rep.goal(
+        &format!("{case}: post-copy downtime / pre-copy downtime"),
+        med(&post, |f| f.downtime_ms) / med(ours, |f| f.downtime_ms),
+        0.5,
+        "lower",
+    );
+    rep.result(
+        &format!("{}, {case}: post-copy total / pre-copy total", s.label),
+        "ratio",
+        med(&post, |f| f.total_ms) / med(ours, |f| f.total_ms),
+    );
+    Ok(())
+}
+
+/// Same-host handover, where only vCPU/device state crosses, against
+/// QEMU's downtime on the same guest.
+fn local_handover(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, qemu_downtime: f64) -> anyhow::Result<()> {
+    let local = s.smudge_runs(cmdline, Mode::Local)?;
+    let c = format!("{}, {case}: smudge --local handover", s.label);
     rep.result(&c, "downtime_ms", med(&local, |f| f.downtime_ms));
     rep.result(&c, "downtime_to_ack_ms", med(&local, |f| f.reported_downtime_ms));
     rep.result(&c, "total_ms", med(&local, |f| f.total_ms));
     rep.result(&c, "sent_kib", med(&local, |f| f.mib) * 1024.0);
     rep.goal(
-        &format!("{}: --local downtime / QEMU downtime", cases[0].0),
-        med(&local, |f| f.downtime_ms) / qemu_downtime[0],
+        &format!("{case}: --local downtime / QEMU downtime"),
+        med(&local, |f| f.downtime_ms) / qemu_downtime,
         1.0 / 3.0,
         "lower",
     );
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
-    Ok(rep)
+    Ok(())
 }

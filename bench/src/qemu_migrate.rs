@@ -20,7 +20,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -56,16 +55,10 @@ pub struct QemuMigrateConfig {
     /// `migrate-set-parameters` `max-bandwidth` in bytes/s; `None` raises
     /// QEMU's default (128 MiB/s) to 100 GB/s so the link limits it instead.
     pub max_bandwidth: Option<u64>,
-    /// Give up with an error if starting the QEMUs, the migration and (with
-    /// `wait_dest_exit`) the destination's run to its exit together take
-    /// longer than this. The warmup is not counted.
+    /// Give up with an error if starting the QEMUs and the migration
+    /// together take longer than this. The warmup is not counted. The
+    /// destination is then checked to be running, and is killed.
     pub timeout: Duration,
-    /// After the migration, wait for the destination QEMU to exit by itself
-    /// (the guest's workload ends and it exits through `isa-debug-exit`) and
-    /// report its exit code in [`QemuMigration::dest_exit`]. Leave it off
-    /// for a workload with no end (e.g. `workload=idle ms=0`): then the
-    /// destination is only checked to be running, and is killed.
-    pub wait_dest_exit: bool,
 }
 
 /// QEMU's figures from `query-migrate` when its status is `completed`.
@@ -75,20 +68,10 @@ pub struct QemuMigration {
     pub total_ms: f64,
     /// `downtime`: how long the guest was stopped, in ms.
     pub downtime_ms: f64,
-    /// `setup-time`: the setup phase before the first RAM pass, in ms.
-    pub setup_ms: f64,
     /// `ram.dirty-sync-count`: dirty-log syncs, i.e. pre-copy rounds.
     pub rounds: u64,
     /// `ram.transferred`: RAM bytes sent over the link.
     pub bytes: u64,
-    /// The destination QEMU's exit code if [`QemuMigrateConfig::wait_dest_exit`]
-    /// was set (`1` means the guest exited with status 0: QEMU's
-    /// `isa-debug-exit` exits with `(status << 1) | 1`). Without it, `None`
-    /// unless the destination had already exited by itself when checked.
-    pub dest_exit: Option<i32>,
-    /// What the guest wrote on its serial port on the destination (the
-    /// source's output before the migration is not included).
-    pub dest_serial: String,
     /// From the source's `STOP` event to the destination's `RESUME` event
     /// (QMP timestamps, host realtime): the guest-visible downtime, which
     /// QEMU's own `downtime` figure (source side only) leaves out part of.
@@ -109,14 +92,14 @@ pub fn migrate(cfg: &QemuMigrateConfig) -> anyhow::Result<QemuMigration> {
         bail!("guest ELF {} does not exist", cfg.elf.display());
     }
     // Declared first, so dropped last: after both QEMUs are dead.
-    let dir = ScratchDir::new()?;
+    let dir = tempfile::Builder::new().prefix("smudge-qemu-mig-").tempdir().context("a scratch directory")?;
     let port = free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
     let mut deadline = Instant::now() + cfg.timeout;
 
-    let mut dest = Qemu::spawn("destination", cfg, &dir.0, Some(&uri))?;
+    let mut dest = Qemu::spawn("destination", cfg, dir.path(), Some(&uri))?;
     dest.connect(deadline)?;
-    let mut src = Qemu::spawn("source", cfg, &dir.0, None)?;
+    let mut src = Qemu::spawn("source", cfg, dir.path(), None)?;
     src.connect(deadline)?;
 
     // Let the guest run, watching that the source does not die meanwhile.
@@ -151,24 +134,16 @@ pub fn migrate(cfg: &QemuMigrateConfig) -> anyhow::Result<QemuMigration> {
         std::thread::sleep(POLL);
     };
 
-    let mut dest_exit = None;
-    if cfg.wait_dest_exit {
-        dest_exit = Some(dest.wait_exit(deadline)?);
-    } else if let Some(code) = dest.wait_running(deadline)? {
-        // The guest's workload ended by itself already.
-        dest_exit = Some(code);
-    }
+    // Running, or the guest's workload ended by itself already.
+    dest.wait_running(deadline)?;
 
     let f64_of = |v: &Value, what: &str| v.as_f64().ok_or_else(|| anyhow!("query-migrate has no {what}: {info}"));
     let u64_of = |v: &Value, what: &str| v.as_u64().ok_or_else(|| anyhow!("query-migrate has no {what}: {info}"));
     let out = QemuMigration {
         total_ms: f64_of(&info["total-time"], "total-time")?,
         downtime_ms: f64_of(&info["downtime"], "downtime")?,
-        setup_ms: f64_of(&info["setup-time"], "setup-time")?,
         rounds: u64_of(&info["ram"]["dirty-sync-count"], "ram.dirty-sync-count")?,
         bytes: u64_of(&info["ram"]["transferred"], "ram.transferred")?,
-        dest_exit,
-        dest_serial: String::from_utf8_lossy(&std::fs::read(&dest.serial).unwrap_or_default()).into_owned(),
         stop_to_resume_ms: match (src.event_time("STOP"), dest.event_time("RESUME")) {
             (Some(a), Some(b)) => Some((b - a) * 1e3),
             _ => None,
@@ -194,27 +169,6 @@ fn tail(path: &Path) -> String {
         "(empty)".into()
     } else {
         s
-    }
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-#[derive(Debug)]
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> anyhow::Result<Self> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let name = format!("smudge-qemu-mig-{}-{nanos}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let p = std::env::temp_dir().join(name);
-        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(ScratchDir(p))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -376,21 +330,6 @@ impl Qemu {
         })
     }
 
-    /// Waits for QEMU to exit by itself and returns its exit code.
-    fn wait_exit(&mut self, deadline: Instant) -> anyhow::Result<i32> {
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return st
-                    .code()
-                    .with_context(|| format!("the {} QEMU was killed ({st}): {}", self.name, self.stderr_tail()));
-            }
-            if Instant::now() >= deadline {
-                bail!("the {} QEMU did not exit by itself in time (the guest's workload did not end)", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     /// Waits for a migration destination to report `running`; returns
     /// QEMU's exit code instead if it has already exited by itself.
     fn wait_running(&mut self, deadline: Instant) -> anyhow::Result<Option<i32>> {
@@ -432,14 +371,14 @@ mod tests {
 
     #[test]
     fn scratch_dir_is_removed_and_tail_is_bounded() {
-        let dir = ScratchDir::new().unwrap();
-        let p = dir.0.join("f");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
         assert_eq!(tail(&p), "(empty)");
         std::fs::write(&p, format!("{}end\n", "x".repeat(3 * TAIL))).unwrap();
         let t = tail(&p);
         assert_eq!(t.len(), TAIL - 1);
         assert!(t.ends_with("xend"));
-        let path = dir.0.clone();
+        let path = dir.path().to_path_buf();
         drop(dir);
         assert!(!path.exists());
         assert_ne!(free_port().unwrap(), 0);

@@ -1,12 +1,14 @@
-//! A harness for integration tests that boot a tiny guest.
+//! [`TestVm`]: a guest in a `smudge` process of its own, for tests that
+//! boot a tiny guest.
 //!
 //! [`TestVm`] runs the `smudge` binary as a child process — `smudge run`,
 //! `smudge restore` or `smudge migrate-recv` — and drives it through its
 //! control API socket only, so every VM of a test lives in a process of its
 //! own and a crash, hang or `kill -9` of one cannot take the test or the
-//! other VMs down. Each VM gets a scratch directory (memory file, serial
-//! log, API socket) that is removed, with the process killed if it still
-//! runs, when the `TestVm` is dropped.
+//! other VMs down. Each VM gets a scratch directory (a [`tempfile::TempDir`]:
+//! memory file, serial log, API socket) that is removed, with the process
+//! killed if it still runs, when the `TestVm` is dropped. Requests go
+//! through the control API's one client, [`smudge::control::Client`].
 //!
 //! Everything waits with a time limit, and every error that concerns a VM
 //! ([`HarnessError`]) carries what the guest printed on its serial console
@@ -14,7 +16,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use smudge_vmm::harness::{HarnessError, ScratchDir, TestVm};
+//! use smudge_testkit::{scratch_dir, HarnessError, TestVm};
 //!
 //! fn main() -> Result<(), HarnessError> {
 //!     let vm = TestVm::builder()
@@ -25,9 +27,9 @@
 //!     let stats = vm.stats()?;
 //!     println!("dirty log: {}", stats["dirty_log"]);
 //!
-//!     let snaps = ScratchDir::new("snapshots")?;
-//!     vm.snapshot(&snaps.join("full"))?;
-//!     let restored = TestVm::restore(&snaps.join("full"))?;
+//!     let snaps = scratch_dir("snapshots")?;
+//!     vm.snapshot(&snaps.path().join("full"))?;
+//!     let restored = TestVm::restore(snaps.path().join("full"))?;
 //!
 //!     let dest = TestVm::incoming()?;
 //!     let report = vm.migrate_to(&dest)?;
@@ -42,35 +44,34 @@
 //! }
 //! ```
 //!
-//! A runnable version of this is `vmm/examples/harness.rs`
-//! (`cargo run --release -p smudge-vmm --example harness`), and
+//! A runnable version of this is `testkit/examples/harness.rs`
+//! (`cargo run --release -p smudge-testkit --example harness`), and
 //! `tests/harness.rs` is an integration test built on it.
 //!
-//! Finding the binary: [`TestVmBuilder::binary`], else the `SMUDGE_BIN`
-//! environment variable, else a `smudge` beside the running executable or
-//! in its parent directory (where cargo puts it for integration tests,
-//! examples and benches). Integration tests of this package should pass
-//! `env!("CARGO_BIN_EXE_smudge")`, which also makes cargo build it.
+//! Finding the binary: [`TestVmBuilder::binary`], else
+//! [`find_binary`](crate::find_binary) (`SMUDGE_BIN`, else a `smudge`
+//! beside the running executable or in its parent directory, where cargo
+//! puts it). Integration tests of the VMM package may pass
+//! `env!("CARGO_BIN_EXE_smudge")`: the same file, which cargo builds
+//! before them.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::{DirBuilderExt, FileExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use smudge::control::{MigrateRequest, Request, SnapshotRequest};
+use smudge::control::{Client, ClientError, MigrateRequest, Request, SnapshotRequest};
 
-/// How often the harness looks at files, sockets and the child process.
-const POLL: Duration = Duration::from_millis(5);
+use crate::process::{find_binary, wait_until, WaitError};
+
 /// The default of every wait for smudge (socket, listening address,
 /// control answer, guest run): long enough for a host whose load average
 /// is well above its core count, where a process may not run for seconds.
@@ -175,7 +176,20 @@ pub enum HarnessError {
         /// What the guest and smudge printed.
         logs: Box<Logs>,
     },
-    /// An I/O error talking to the VM or reading its files.
+    /// The control API could not be reached, or did not answer.
+    #[error("{vm}: control request {request}: {}{logs}", error_chain(.error))]
+    Client {
+        /// Which VM.
+        vm: String,
+        /// The request sent.
+        request: String,
+        /// What the client met (shown whole in the message, its causes
+        /// included).
+        error: ClientError,
+        /// What the guest and smudge printed.
+        logs: Box<Logs>,
+    },
+    /// An I/O error reading the VM's files.
     #[error("{vm}: {what}: {source}{logs}")]
     Io {
         /// Which VM.
@@ -217,9 +231,21 @@ impl HarnessError {
             | HarnessError::Exited { logs, .. }
             | HarnessError::Api { logs, .. }
             | HarnessError::Io { logs, .. }
+            | HarnessError::Client { logs, .. }
             | HarnessError::Usage { logs, .. } => Some(logs),
         }
     }
+}
+
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(&format!(": {cause}"));
+        next = cause.source();
+    }
+    s
 }
 
 fn describe_code(code: Option<i32>) -> String {
@@ -232,87 +258,13 @@ fn describe_code(code: Option<i32>) -> String {
 /// A result of the harness.
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
-/// The `smudge` binary to run: `SMUDGE_BIN`, else `smudge` beside the
-/// running executable or in its parent directory.
-pub fn find_binary() -> Result<PathBuf> {
-    let mut searched = Vec::new();
-    if let Some(p) = std::env::var_os("SMUDGE_BIN") {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
-        }
-        searched.push(p);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let p = dir.join("smudge");
-            // Not ourselves (`smudge` running a test of its own library).
-            if p.is_file() && p != exe {
-                return Ok(p);
-            }
-            searched.push(p);
-        }
-    }
-    Err(HarnessError::BinaryNotFound { searched })
-}
-
-/// A directory under [`std::env::temp_dir`] with a unique name, mode 0700,
-/// removed with everything in it when dropped (unless [`ScratchDir::keep`]).
-#[derive(Debug)]
-pub struct ScratchDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl ScratchDir {
-    /// Makes a new directory `smudge-harness-{label}-{pid}-{n}` in the
-    /// temporary directory.
-    pub fn new(label: &str) -> Result<ScratchDir> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let mut last = None;
-        for _ in 0..100 {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let name = format!("smudge-harness-{label}-{}-{n}-{nanos:x}", std::process::id());
-            let path = std::env::temp_dir().join(name);
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(ScratchDir { path, keep: false }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => {
-                    return Err(HarnessError::Spawn {
-                        what: format!("a scratch directory {}", path.display()),
-                        source: e,
-                    })
-                }
-            }
-        }
-        let source = last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AlreadyExists));
-        Err(HarnessError::Spawn { what: "a scratch directory".into(), source })
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// A path inside the directory.
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.path.join(name)
-    }
-
-    /// Leave the directory on disk when dropped (to look at after a
-    /// failure).
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
+/// A new scratch directory `smudge-harness-{label}-…` in the temporary
+/// directory (mode 0700), removed with everything in it when dropped.
+pub fn scratch_dir(label: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("smudge-harness-{label}-"))
+        .tempdir()
+        .map_err(|source| HarnessError::Spawn { what: "a scratch directory".into(), source })
 }
 
 /// How a VM's process starts.
@@ -483,11 +435,10 @@ impl TestVmBuilder {
             Start::Restore => "restore",
             Start::Incoming => "incoming",
         };
-        let mut scratch = ScratchDir::new(label)?;
-        if self.keep_scratch {
-            scratch.keep();
-        }
-        let (mem, serial, sock) = (scratch.join("mem"), scratch.join("serial.log"), scratch.join("api.sock"));
+        let mut scratch = scratch_dir(label)?;
+        scratch.disable_cleanup(self.keep_scratch);
+        let dir = scratch.path();
+        let (mem, serial, sock) = (dir.join("mem"), dir.join("serial.log"), dir.join("api.sock"));
         let secs = |d: Duration| format!("{:.3}", d.as_secs_f64().max(0.001));
         let mut cmd = Command::new(&binary);
         match start {
@@ -619,7 +570,7 @@ pub struct TestVm {
     addr: Mutex<Option<String>>,
     api_timeout: Duration,
     boot_timeout: Duration,
-    scratch: ScratchDir,
+    scratch: tempfile::TempDir,
 }
 
 impl TestVm {
@@ -730,30 +681,21 @@ impl TestVm {
 
     /// Waits for `f` to return something, at most `limit`; fails early if
     /// the process exits first (after a last look).
-    fn wait_until<T>(&self, limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-        let t0 = Instant::now();
-        loop {
-            let exited = self.exit_status();
-            if exited.is_some() {
+    fn wait_until<T>(&self, limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
+        let exited = || {
+            let s = self.exit_status();
+            if s.is_some() {
                 // Let the stderr reader catch up before the last look.
                 self.join_reader(STDERR_DRAIN);
             }
-            if let Some(v) = f() {
-                return Ok(v);
+            s
+        };
+        wait_until(limit, exited, f).map_err(|e| match e {
+            WaitError::Exited(s) => self.exited_error(what, s),
+            WaitError::TimedOut(after) => {
+                HarnessError::Timeout { vm: self.name.clone(), what: what.to_string(), after, logs: self.boxed_logs() }
             }
-            if let Some(s) = exited {
-                return Err(self.exited_error(what, s));
-            }
-            if t0.elapsed() >= limit {
-                return Err(HarnessError::Timeout {
-                    vm: self.name.clone(),
-                    what: what.to_string(),
-                    after: limit,
-                    logs: self.boxed_logs(),
-                });
-            }
-            std::thread::sleep(POLL);
-        }
+        })
     }
 
     fn exited_error(&self, what: &str, s: ExitStatus) -> HarnessError {
@@ -803,41 +745,36 @@ impl TestVm {
     /// smudge answers a bad one, any JSON (`json!({"cmd": "reboot"})`).
     pub fn call_raw(&self, request: &(impl Serialize + ?Sized)) -> Result<Value> {
         let shown = serde_json::to_string(request).unwrap_or_else(|e| format!("(unencodable request: {e})"));
-        let io = |what: &str, source: std::io::Error| {
-            if let Some(s) = self.exit_status() {
-                return self.exited_error(&format!("the answer to {shown}"), s);
-            }
-            HarnessError::Io {
-                vm: self.name.clone(),
-                what: format!("{what} ({shown})"),
-                source,
-                logs: self.boxed_logs(),
-            }
-        };
-        let s = UnixStream::connect(&self.sock).map_err(|e| io("connecting to the control API socket", e))?;
-        s.set_read_timeout(Some(self.api_timeout)).map_err(|e| io("setting a read timeout", e))?;
-        s.set_write_timeout(Some(self.api_timeout)).map_err(|e| io("setting a write timeout", e))?;
         let mut line = shown.clone().into_bytes();
         line.push(b'\n');
-        let answer = match crate::control::api::exchange(&s, &line) {
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(HarnessError::Timeout {
-                    vm: self.name.clone(),
-                    what: format!("the answer to {shown}"),
-                    after: self.api_timeout,
-                    logs: self.boxed_logs(),
-                })
-            }
-            Err(e) => return Err(io("sending a control request and reading its answer", e)),
-            Ok(a) => a,
-        };
-        serde_json::from_str(answer.trim()).map_err(|e| HarnessError::Api {
-            vm: self.name.clone(),
-            request: shown.clone(),
-            error: format!("the answer is not JSON ({e}): '{}'", answer.trim()),
-            answer: Value::Null,
-            logs: self.boxed_logs(),
-        })
+        let client = Client::new(&self.sock).timeouts(self.api_timeout, self.api_timeout);
+        client.call_line(&line).map_err(|e| self.client_error(&shown, e))
+    }
+
+    /// A client error as the harness reports it: the process's exit if it
+    /// has ended, a timeout, or what went wrong, with the VM's logs.
+    fn client_error(&self, shown: &str, e: ClientError) -> HarnessError {
+        if e.timed_out() {
+            return HarnessError::Timeout {
+                vm: self.name.clone(),
+                what: format!("the answer to {shown}"),
+                after: self.api_timeout,
+                logs: self.boxed_logs(),
+            };
+        }
+        if let ClientError::BadAnswer { answer, source } = &e {
+            return HarnessError::Api {
+                vm: self.name.clone(),
+                request: shown.to_string(),
+                error: format!("the answer is not JSON ({source}): '{answer}'"),
+                answer: Value::Null,
+                logs: self.boxed_logs(),
+            };
+        }
+        if let Some(s) = self.exit_status() {
+            return self.exited_error(&format!("the answer to {shown}"), s);
+        }
+        HarnessError::Client { vm: self.name.clone(), request: shown.to_string(), error: e, logs: self.boxed_logs() }
     }
 
     /// Sends one control request; an answer without `"ok": true` is an

@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use smudge::harvest::{ConsumerId, DirtyLogMode};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::vm::outcome::Outcome;
+use smudge_vmm::vm::vcpu::SyncHook;
+use smudge_vmm::vm::{self, VmConfig};
 
-use super::boot::tempfile_dir;
-use super::report::{median, Report};
-use crate::control::cli::BenchArgs;
-use crate::vm::outcome::Outcome;
-use crate::vm::vcpu::SyncHook;
-use crate::vm::{self, VmConfig};
+use crate::report::{median, Report};
+use crate::setup::Scratch;
 
 /// One timed sync point.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,8 @@ fn alternate(pass: u32, h: &mut smudge::harvest::Harvester, id: ConsumerId) -> a
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let (mem_size, label) = if args.quick { (64u64 << 20, "64MiB") } else { (1u64 << 30, "1GiB") };
     // Sparse passes are cheap, so they get more samples (the harvest itself
     // is ~0.1 ms there, where a shared machine's noise is largest).
@@ -145,7 +146,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         for (dname, stride, offset) in densities {
             let n = pairs_for(dname);
             let cmd = format!("workload=stride stride={stride} offset={offset} passes={} sync=1", 1 + 2 * n);
-            let s = run_with_syncs(&dir, mem_size, Some(mode), &cmd, alternate)
+            let s = run_with_syncs(dir, mem_size, Some(mode), &cmd, alternate)
                 .with_context(|| format!("{mname}, {dname} dirty"))?;
             let b: Vec<f64> = s.iter().filter(|x| x.pass % 2 == 0).map(|x| x.ms).collect();
             let p: Vec<f64> = s.iter().filter(|x| x.pass % 2 == 1).map(|x| x.ms).collect();
@@ -172,12 +173,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     for (case, mode) in
         [("logging off", None), ("logging on (manual), re-protected each pass", Some(DirtyLogMode::Manual))]
     {
-        let s = run_with_syncs(&dir, 256 << 20, mode, &cmd, pipeline)?;
+        let s = run_with_syncs(dir, 256 << 20, mode, &cmd, pipeline)?;
         let per_page: Vec<f64> = s.iter().filter(|x| x.pass > 1).map(|x| x.pass_ms * 1e3 / pages as f64).collect();
         rep.result(&format!("guest rewrite of 64 MiB, {case}"), "us_per_page_write", median(&per_page));
-    }
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
     }
     Ok(rep)
 }

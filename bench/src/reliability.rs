@@ -21,19 +21,18 @@
 //! A child process counts as panicked when its stderr says so.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use smudge::control::{Request, SnapshotRequest};
+use smudge::control::{Client, Request, SnapshotRequest};
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
+use smudge_vmm::control::cli::BenchArgs;
 
-use super::boot::tempfile_dir;
-use super::report::Report;
-use crate::control::api;
-use crate::control::cli::BenchArgs;
+use crate::report::Report;
+use crate::setup::{run_args, smudge, start_vm, Scratch};
 
 /// Counts for one kind of abuse.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,39 +56,14 @@ impl Rng {
     }
 }
 
-fn exe() -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?)
-}
-
 fn panicked(o: &Output) -> bool {
     String::from_utf8_lossy(&o.stderr).contains("panicked")
 }
 
-fn run_args(mem: &Path, size: &str, cmdline: &str) -> Vec<String> {
-    ["run", "--mem-size", size, "--timeout", "60", "--serial", "-", "--cmdline", cmdline, "--mem-file"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([mem.display().to_string()])
-        .collect()
-}
-
-fn spawn_with_api(mem: &Path, sock: &Path, size: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Child> {
-    let child = Command::new(exe()?)
-        .args(run_args(mem, size, cmdline))
-        .arg("--api-sock")
-        .arg(sock)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let t0 = Instant::now();
-    while !sock.exists() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("the API socket never appeared");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(child)
+/// `smudge run` of 64 MiB with a control socket, its stderr piped (to see
+/// a panic).
+fn spawn_with_api(mem: &Path, sock: &Path, cmdline: &str, extra: &[&str]) -> anyhow::Result<(Child, Client)> {
+    start_vm(mem, sock, "64M", cmdline, 60, extra, Stdio::piped())
 }
 
 /// Kills `child` with SIGKILL and reports whether its stderr shows a panic.
@@ -147,11 +121,11 @@ fn kill_during_writeback(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Ta
         let (mem, sock) = (dir.join(format!("wb{i}.mem")), dir.join(format!("wb{i}.sock")));
         let pages = 6000;
         let cmdline = format!("workload=rate pages={pages} rate=20000 ms=60000 seed=17");
-        let vm =
-            spawn_with_api(&mem, &sock, "64M", &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
+        let (vm, api) =
+            spawn_with_api(&mem, &sock, &cmdline, &["--dirty-expire-ms", "100", "--dirty-writeback-ms", "20"])?;
         std::thread::sleep(Duration::from_millis(150 + rng.below(500)));
         // The guest stops; the flusher may be mid-pass when the kill lands.
-        let paused = api::call(&sock, &Request::Pause)?;
+        let paused = api.call(&Request::Pause)?;
         if paused["ok"] != true {
             bail!("pause failed: {paused}");
         }
@@ -172,12 +146,12 @@ fn kill_during_snapshot(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tal
         let d = dir.join(format!("snapkill{i}"));
         std::fs::create_dir_all(&d)?;
         let (mem, sock, s0, s1) = (d.join("m"), d.join("sock"), d.join("s0"), d.join("s1"));
-        let vm = spawn_with_api(&mem, &sock, "64M", "workload=random pages=2500 seed=3 ms=100000 wipe=1", &[])?;
-        let r = api::call(&sock, &Request::Snapshot(SnapshotRequest::full(&s0)))?;
+        let (vm, api) = spawn_with_api(&mem, &sock, "workload=random pages=2500 seed=3 ms=100000 wipe=1", &[])?;
+        let r = api.call(&Request::Snapshot(SnapshotRequest::full(&s0)))?;
         if r["ok"] != true {
             bail!("snapshot failed: {r}");
         }
-        let mut client = Command::new(exe()?)
+        let mut client = smudge()?
             .args(["ctl", "--api-sock"])
             .arg(&sock)
             .args(["snapshot", "create"])
@@ -216,11 +190,11 @@ fn corrupt_snapshots(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally>
     let d = dir.join("corrupt");
     std::fs::create_dir_all(&d)?;
     let (mem, sock, s0, s1) = (d.join("m"), d.join("sock"), d.join("s0"), d.join("s1"));
-    let vm = spawn_with_api(&mem, &sock, "64M", "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1", &[])?;
+    let (vm, api) = spawn_with_api(&mem, &sock, "workload=rate rate=500 pages=2500 seed=9 ms=100000 wipe=1", &[])?;
     std::thread::sleep(Duration::from_millis(200));
     for (dir, parent) in [(&s0, None), (&s1, Some(&s0))] {
         let req = SnapshotRequest { parent: parent.cloned(), ..SnapshotRequest::full(dir) };
-        let r = api::call(&sock, &Request::Snapshot(req))?;
+        let r = api.call(&Request::Snapshot(req))?;
         if r["ok"] != true {
             bail!("snapshot failed: {r}");
         }
@@ -417,7 +391,7 @@ fn misbehaving_guests(dir: &Path, n: u64) -> anyhow::Result<Tally> {
     for i in 0..n {
         let (cmdline, extra, expect) = &cases[(i % cases.len() as u64) as usize];
         std::fs::remove_file(&mem).ok();
-        let out = Command::new(exe()?).args(run_args(&mem, "64M", cmdline)).args(*extra).output()?;
+        let out = smudge()?.args(run_args(&mem, "64M", cmdline, 60)).args(*extra).output()?;
         t.trials += 1;
         t.panics += u64::from(panicked(&out));
         let code = out.status.code().unwrap_or(-1);
@@ -444,15 +418,16 @@ fn misbehaving_guests(dir: &Path, n: u64) -> anyhow::Result<Tally> {
 
 /// Runs the campaign.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let dir = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let dir = scratch.path();
     let scale = args.runs.unwrap_or(if args.quick { 1 } else { 5 }) as u64;
     let mut rng = Rng(0x5eed);
     let kinds: Vec<(&str, Tally)> = vec![
-        ("kill -9 during writeback", kill_during_writeback(&dir, 2 * scale, &mut rng)?),
-        ("kill -9 during a snapshot", kill_during_snapshot(&dir, 10 * scale, &mut rng)?),
-        ("corrupted snapshots", corrupt_snapshots(&dir, 40 * scale, &mut rng)?),
-        ("bad migration streams", bad_streams(&dir, 100 * scale, &mut rng)?),
-        ("misbehaving guests", misbehaving_guests(&dir, 4 * scale)?),
+        ("kill -9 during writeback", kill_during_writeback(dir, 2 * scale, &mut rng)?),
+        ("kill -9 during a snapshot", kill_during_snapshot(dir, 10 * scale, &mut rng)?),
+        ("corrupted snapshots", corrupt_snapshots(dir, 40 * scale, &mut rng)?),
+        ("bad migration streams", bad_streams(dir, 100 * scale, &mut rng)?),
+        ("misbehaving guests", misbehaving_guests(dir, 4 * scale)?),
     ];
     let mut rep = Report::new("reliability");
     let mut total = Tally::default();
@@ -476,8 +451,5 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         1.0,
         "higher",
     );
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
     Ok(rep)
 }

@@ -9,12 +9,11 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Child;
-use std::time::{Duration, Instant};
 
 use guest_abi::gen_table_addr;
 
-/// How long any wait of a test may take.
-pub const WAIT: Duration = Duration::from_secs(60);
+use crate::process::{wait_until, WaitError};
+pub use crate::WAIT;
 
 /// The generation table of a working set of `pages` pages as the memory
 /// file holds it now (one `u32` per page: how often it was written).
@@ -62,19 +61,11 @@ pub fn fail(vm: &mut Child, what: &str) -> ! {
 
 /// Waits until `f` returns something (at most [`WAIT`]); fails with
 /// `what` and `vm`'s output otherwise, or if `vm` exits first.
-pub fn wait_for<T>(vm: &mut Child, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if let Ok(Some(s)) = vm.try_wait() {
-            fail(vm, &format!("smudge exited ({s}) while the test waited for {what}"));
-        }
-        if t0.elapsed() > WAIT {
-            fail(vm, &format!("timed out after {WAIT:?} waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
+pub fn wait_for<T>(vm: &mut Child, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    match wait_until(WAIT, || vm.try_wait().ok().flatten(), f) {
+        Ok(v) => v,
+        Err(WaitError::Exited(s)) => fail(vm, &format!("smudge exited ({s}) while the test waited for {what}")),
+        Err(WaitError::TimedOut(after)) => fail(vm, &format!("timed out after {after:?} waiting for {what}")),
     }
 }
 
@@ -95,7 +86,7 @@ pub fn wait_for_stats(
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     wait_for(vm, what, || {
-        let s = super::ctl(sock, &["stats"]);
+        let s = crate::ctl(sock, &["stats"]);
         ok(&s).then_some(s)
     })
 }
@@ -161,24 +152,23 @@ pub fn assert_pages_match_table(mem: &Path, pages: u64) -> u64 {
 /// it left against its generation table ([`assert_pages_match_table`]).
 /// For guests whose workload does not end by itself. Returns the restored
 /// run.
-pub fn restore_carries_on(snap: &Path, mem: &Path, pages: u64) -> super::Run {
+pub fn restore_carries_on(snap: &Path, mem: &Path, pages: u64) -> crate::Run {
     let sock = mem.with_extension("sock");
-    let mut vm = super::smudge()
-        .args(["restore", "--snapshot", snap.to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
+    let mut cmd = crate::smudge();
+    cmd.args(["restore", "--snapshot", snap.to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
         .args(["--api-sock", sock.to_str().unwrap(), "--timeout", "120"])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mut vm, "the restored VM's API socket", || sock.exists().then_some(()));
+        .stderr(std::process::Stdio::piped());
+    let mut vm = crate::spawn_with_api(&mut cmd, &sock, WAIT)
+        .unwrap_or_else(|e| panic!("the restored VM: {}", crate::vm::error_chain(&e)));
     // The memory is all in once the socket is up (an eager restore).
     let start = guest_writes(mem, pages);
     wait_for_writes(&mut vm, mem, pages, start + 100);
-    let stopped = super::ctl(&sock, &["stop"]);
+    let stopped = crate::ctl(&sock, &["stop"]);
     if stopped["ok"] != true {
         fail(&mut vm, &format!("stop: {stopped}"));
     }
-    let r = super::Run::from(vm.wait_with_output().unwrap());
+    let r = crate::Run::from(vm.wait_with_output().unwrap());
     assert_eq!(r.code, 0, "{r:?}");
     assert!(!r.stdout.contains(guest_abi::BANNER), "the restored guest booted again: {r:?}");
     assert_pages_match_table(mem, pages);

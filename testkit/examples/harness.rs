@@ -1,11 +1,11 @@
-//! The test harness (`smudge_vmm::harness`) at work: boots the bundled
+//! The test kit's `TestVm` at work: boots the bundled
 //! guest in a `smudge run` child process, reads its dirty-log counters,
 //! snapshots it (full, then a diff), continues the diff in a new process,
 //! live-migrates the original to a third one, and waits for both copies of
 //! the guest to verify their memory.
 //!
 //! ```sh
-//! cargo run --release -p smudge-vmm --example harness
+//! cargo run --release -p smudge-testkit --example harness
 //! ```
 //!
 //! It runs the `smudge` binary found beside it (`target/release/smudge`),
@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use smudge::control::MigrateRequest;
-use smudge_vmm::harness::{self, HarnessError, ScratchDir, TestVm};
+use smudge_testkit::{find_binary, scratch_dir, HarnessError, TestVm};
 
 fn main() -> ExitCode {
     match run() {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
 /// The `smudge` binary: found by the harness, or built with the cargo
 /// that runs this example (same profile).
 fn smudge_binary() -> Result<PathBuf, HarnessError> {
-    match harness::find_binary() {
+    match find_binary() {
         Ok(p) => return Ok(p),
         Err(e) if std::env::var_os("CARGO").is_none() => return Err(e),
         Err(_) => {}
@@ -50,7 +50,7 @@ fn smudge_binary() -> Result<PathBuf, HarnessError> {
     if !status.success() {
         eprintln!("{build:?} failed: {status}");
     }
-    harness::find_binary()
+    find_binary()
 }
 
 /// Runs the demonstration; `Ok(false)` if a guest did not verify.
@@ -58,7 +58,7 @@ fn run() -> Result<bool, HarnessError> {
     let t0 = Instant::now();
     let bin = smudge_binary()?;
     let builder = TestVm::builder().binary(&bin).timeout(Duration::from_secs(60));
-    let snaps = ScratchDir::new("example-snapshots")?;
+    let snaps = scratch_dir("example-snapshots")?;
 
     // A guest stamping 30000 random pages of 3000, 3000 a second (about
     // 10 s of running: it counts writes, so time spent paused is not
@@ -85,7 +85,7 @@ fn run() -> Result<bool, HarnessError> {
         s["dirty_log"]["guest_pages"],
         s["writeback"]["nr_written"]
     );
-    let full = vm.snapshot_with(&snaps.join("full"), None, false)?;
+    let full = vm.snapshot_with(&snaps.path().join("full"), None, false)?;
     println!(
         "full snapshot: {} bytes, guest paused {:.2} ms",
         full["memory_bytes"],
@@ -105,7 +105,7 @@ fn run() -> Result<bool, HarnessError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let diff = vm.snapshot_with(&snaps.join("d1"), Some(&snaps.join("full")), false)?;
+    let diff = vm.snapshot_with(&snaps.path().join("d1"), Some(&snaps.path().join("full")), false)?;
     println!(
         "diff snapshot: {} bytes, guest paused {:.2} ms",
         diff["memory_bytes"],
@@ -113,7 +113,7 @@ fn run() -> Result<bool, HarnessError> {
     );
 
     // The diff continues in a new process on a new memory file.
-    let restored = builder.clone().restore(snaps.join("d1"))?;
+    let restored = builder.clone().restore(snaps.path().join("d1"))?;
     println!("restored the diff in pid {}", restored.pid());
 
     // The original moves to a migrate-recv in another process, running.

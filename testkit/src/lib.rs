@@ -1,19 +1,46 @@
-//! Helpers shared by the integration tests: run the `smudge` binary, read
-//! the backing file, check that KVM is there (loudly, never a silent skip).
+//! smudge's test kit: one way to start a `smudge` process and talk to it,
+//! for the integration tests (`tests/`), the benchmarks (`bench/`) and the
+//! examples.
+//!
+//! - [`TestVm`] ([`vm`]): a guest in a `smudge` process of its own, driven
+//!   through its control API, every wait bounded, every error showing the
+//!   guest's serial output and smudge's stderr;
+//! - [`process`]: the `smudge` binary ([`find_binary`]), a wait that ends
+//!   when the process does, and [`spawn_with_api`] (start a VM, wait for
+//!   its control socket);
+//! - [`progress`]: where a running guest is, read from the guest itself
+//!   (its generation table in the memory file, `stats`), so a test waits
+//!   for a state instead of sleeping;
+//! - the helpers below: run `smudge` and `smudge ctl`, check the stamps
+//!   the guest leaves in its memory, mount a small tmpfs, check that KVM
+//!   is there (loudly, never a silent skip).
 
-#![allow(dead_code)]
-
+pub mod process;
 pub mod progress;
+pub mod vm;
+
+pub use process::{find_binary, spawn_with_api, StartError, WaitError};
+pub use vm::{error_chain, scratch_dir, Exit, HarnessError, Logs, TestVm, TestVmBuilder};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use guest_abi::{stamp_words, RamMap, WsLayout, PAGE_SIZE};
 
-/// The `smudge` binary cargo built for these tests.
+/// How long a test waits for smudge to start (its control socket) or for
+/// anything else: long enough for a host whose load is well above its
+/// core count.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A command running the `smudge` binary ([`find_binary`]; for the VMM's
+/// integration tests the one cargo built for them). Fails the test if
+/// there is none, or no KVM.
 pub fn smudge() -> Command {
     require_kvm();
-    Command::new(env!("CARGO_BIN_EXE_smudge"))
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    Command::new(BINARY.get_or_init(|| find_binary().unwrap_or_else(|e| panic!("{e}"))))
 }
 
 /// Fails the test (never skips it) when /dev/kvm is not usable.
@@ -38,6 +65,7 @@ pub struct Run {
 }
 
 impl Run {
+    /// The run `out` tells of.
     pub fn from(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
@@ -143,8 +171,9 @@ pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 /// Starts `smudge run` of the bundled guest with a control socket and waits
-/// for the socket. `stdout` takes the guest's serial output; smudge's own
-/// messages are piped only when `stderr` (read them, or the VMM may block).
+/// for the socket ([`spawn_with_api`]). `stdout` takes the guest's serial
+/// output; smudge's own messages are piped only when `stderr` (read them,
+/// or the VMM may block).
 pub fn start_with_api(
     mem: &Path,
     sock: &Path,
@@ -154,20 +183,13 @@ pub fn start_with_api(
     stderr: bool,
     extra: &[&str],
 ) -> std::process::Child {
-    let child = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
+    let mut cmd = smudge();
+    cmd.args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
         .args(extra)
         .stdout(stdout)
-        .stderr(if stderr { std::process::Stdio::piped() } else { std::process::Stdio::null() })
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "the API socket never appeared (60 s)");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child
+        .stderr(if stderr { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    spawn_with_api(&mut cmd, sock, WAIT).unwrap_or_else(|e| panic!("{}", vm::error_chain(&e)))
 }
 
 /// A tmpfs mounted at `dir` with mount options `opts` (`size=1m`,

@@ -9,10 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use smudge_vmm::control::cli::BenchArgs;
+use smudge_vmm::vm::guest_image::GUEST_ELF;
 
-use super::report::{median, Report};
-use crate::control::cli::BenchArgs;
-use crate::vm::guest_image::GUEST_ELF;
+use crate::report::{median, Report};
+use crate::setup::Scratch;
 
 /// The QEMU binary the comparisons run.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -63,7 +64,7 @@ pub fn qemu_command(elf: &Path, mem: &str, cmdline: &str, machine: &str) -> Comm
 }
 
 fn smudge_command(mem_file: &Path, mem: &str, cmdline: &str, extra: &[&str]) -> anyhow::Result<Command> {
-    let mut c = Command::new(std::env::current_exe()?);
+    let mut c = crate::setup::smudge()?;
     c.args(["run", "--mem-size", mem, "--cmdline", cmdline, "--mem-file"]).arg(mem_file).args(extra);
     Ok(c)
 }
@@ -75,7 +76,8 @@ fn guest_elapsed_us(output: &str) -> Option<f64> {
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let runs = args.runs.unwrap_or(if args.quick { 2 } else { 7 });
-    let tmp = tempfile_dir(args.dir.as_deref())?;
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let tmp = scratch.path();
     let elf = tmp.join("guest.elf");
     std::fs::write(&elf, GUEST_ELF)?;
     if which(QEMU).is_none() {
@@ -125,24 +127,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     rep.result(&format!("first touch of {touch_mem} RAM (MAP_SHARED file), 4 KiB host pages"), "guest_ms", p);
     rep.result(&format!("first touch of {touch_mem} RAM (MAP_SHARED file), MADV_HUGEPAGE"), "guest_ms", h);
     rep.result("first touch: MADV_HUGEPAGE / plain (informational)", "ratio", h / p);
-    if args.dir.is_none() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
     Ok(rep)
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// A scratch directory: `dir` if given, else a new one under the system temp dir.
-pub fn tempfile_dir(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let p = match dir {
-        Some(d) => d.to_path_buf(),
-        None => std::env::temp_dir().join(format!("smudge-bench-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-    Ok(p)
 }
 
 /// Finds `prog` on PATH.
