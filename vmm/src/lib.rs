@@ -6,7 +6,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod control;
 pub mod migrate;
 pub mod observe;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use smudge::writeback::WritebackPolicy;
-use smudge_vmm::bench;
+use smudge_vmm::control::bench;
 use smudge_vmm::control::cli::{
     Cli, Command, CtlArgs, CtlCommand, MigrateRecvArgs, RestoreArgs, RunArgs, SnapshotCommand, SnapshotCtl,
 };

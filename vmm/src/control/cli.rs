@@ -403,7 +403,7 @@ impl CtlCommand {
 /// `smudge bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: boot.
+    /// Which benchmark: boot, harvest, writeback, snapshot, migrate or reliability.
     pub name: String,
     /// Print one JSON object (results and goals) instead of a table.
     #[arg(long)]
