@@ -25,7 +25,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -161,6 +161,9 @@ pub enum HarvestError {
     /// Bitmap shape mismatch.
     #[error(transparent)]
     Set(#[from] DirtySetError),
+    /// A subscription used with a harvester it is not on.
+    #[error("this dirty-log subscription is not on this harvester")]
+    NotSubscribed,
 }
 
 /// Chooses the mechanism for `mode` given `caps`, and enables it on `vm`.
@@ -218,9 +221,95 @@ pub fn map_rings(mechanism: Mechanism, vcpus: &[VcpuFd], page_size: u64) -> Resu
         .collect()
 }
 
-/// A registered consumer of the dirty log.
+/// A registered consumer of the dirty log (the key a [`Subscription`]
+/// holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConsumerId(u64);
+struct ConsumerId(u64);
+
+/// One consumer of the dirty log — the flusher, a snapshot chain, a
+/// migration, a dirty-rate window, the heatmap: registered on the
+/// [`Harvester`] when made, unregistered when dropped, whichever way its
+/// user ends. It sees "dirty since my last look": every page a harvest
+/// reports after it was made, until it takes them.
+///
+/// Each call locks the harvester; to do several things under one lock
+/// (harvest for every consumer, then take two of them), lock it with
+/// [`Subscription::lock`] and pass the subscription to the `Harvester`'s
+/// methods. Never drop a subscription while holding that lock: its drop
+/// takes it.
+#[derive(Debug)]
+pub struct Subscription {
+    harvester: Arc<Mutex<Harvester>>,
+    id: ConsumerId,
+}
+
+impl Subscription {
+    /// Subscribes to `harvester`: the pages of its next harvest on (the
+    /// log may still hold pages written before now).
+    pub fn new(harvester: &Arc<Mutex<Harvester>>) -> Self {
+        let id = lock(harvester).add_consumer();
+        Subscription { harvester: harvester.clone(), id }
+    }
+
+    /// Subscribes from a clean start: everything dirty before now is
+    /// harvested (for the others) and re-protected first, so this one sees
+    /// exactly the pages written from now on — a copy made after this call
+    /// holds what was dirty before.
+    pub fn from_now(harvester: &Arc<Mutex<Harvester>>) -> Result<Self, HarvestError> {
+        let mut h = lock(harvester);
+        h.reprotect_all()?;
+        let id = h.add_consumer();
+        drop(h);
+        Ok(Subscription { harvester: harvester.clone(), id })
+    }
+
+    /// The harvester, locked (a poisoned lock is taken over: the harvester
+    /// holds no invariant a panic elsewhere can break halfway).
+    pub fn lock(&self) -> MutexGuard<'_, Harvester> {
+        lock(&self.harvester)
+    }
+
+    /// The harvester this subscription is on.
+    pub fn harvester(&self) -> &Arc<Mutex<Harvester>> {
+        &self.harvester
+    }
+
+    /// Harvest, take and re-protect ([`Harvester::collect`]): the caller
+    /// may copy exactly these pages without losing a concurrent write.
+    pub fn collect(&self) -> Result<DirtySet, HarvestError> {
+        self.lock().collect(self)
+    }
+
+    /// Harvest and take, not re-protected: the caller re-protects what it
+    /// copies with [`Subscription::clear_dirty_for_io`].
+    pub fn fetch(&self) -> Result<DirtySet, HarvestError> {
+        let mut h = self.lock();
+        h.harvest()?;
+        h.take(self)
+    }
+
+    /// Re-protects the pages of `set`, taken from this subscription, before
+    /// they are copied ([`Harvester::clear_dirty_for_io`]).
+    pub fn clear_dirty_for_io(&self, set: &DirtySet) -> Result<(), HarvestError> {
+        self.lock().clear_dirty_for_io(Some(self), set)
+    }
+
+    /// Hands a taken set back, so a later take needs no allocation.
+    pub fn recycle(&self, set: DirtySet) {
+        self.lock().recycle(set);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let id = self.id;
+        lock(&self.harvester).remove_consumer(id);
+    }
+}
+
+fn lock(h: &Mutex<Harvester>) -> MutexGuard<'_, Harvester> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Counters like `/proc/vmstat`'s, for the harvest side.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -331,7 +420,7 @@ impl Harvester {
     }
 
     /// Registers a consumer; it sees pages dirtied from its first harvest on.
-    pub fn add_consumer(&mut self) -> ConsumerId {
+    fn add_consumer(&mut self) -> ConsumerId {
         let id = ConsumerId(self.next_id);
         self.next_id += 1;
         self.consumers.push((id, DirtySet::new(&self.slots, self.page_size)));
@@ -339,7 +428,7 @@ impl Harvester {
     }
 
     /// Unregisters a consumer (its pending set is dropped).
-    pub fn remove_consumer(&mut self, id: ConsumerId) -> bool {
+    fn remove_consumer(&mut self, id: ConsumerId) -> bool {
         let before = self.consumers.len();
         self.consumers.retain(|(c, _)| *c != id);
         self.consumers.len() != before
@@ -433,12 +522,14 @@ impl Harvester {
         Ok(guest + vmm)
     }
 
-    /// The pages dirtied since `id` last took its set (as of the last
-    /// harvest); its set starts empty again. `None` for an unknown consumer.
-    pub fn take(&mut self, id: ConsumerId) -> Option<DirtySet> {
+    /// The pages dirtied since `sub` last took its set (as of the last
+    /// harvest); its set starts empty again.
+    pub fn take(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
         let mut spare = self.spares.pop();
-        let (_, set) = self.consumers.iter_mut().find(|(c, _)| *c == id)?;
-        Some(match spare.take() {
+        let Some((_, set)) = self.consumers.iter_mut().find(|(c, _)| *c == sub.id) else {
+            return Err(HarvestError::NotSubscribed);
+        };
+        Ok(match spare.take() {
             Some(mut s) => {
                 set.take_into(&mut s);
                 s
@@ -466,11 +557,11 @@ impl Harvester {
     /// consumer. So the log is harvested first, under the same lock, and
     /// only then cleared. `owner` (the consumer the set came from) does not
     /// get the set's own pages back: it copies them after this call.
-    pub fn clear_dirty_for_io(&mut self, owner: Option<ConsumerId>, set: &DirtySet) -> Result<(), HarvestError> {
+    pub fn clear_dirty_for_io(&mut self, owner: Option<&Subscription>, set: &DirtySet) -> Result<(), HarvestError> {
         if self.mechanism != Mechanism::Manual {
             return Ok(());
         }
-        self.harvest_with(owner.map(|o| (o, set)))?;
+        self.harvest_with(owner.map(|o| (o.id, set)))?;
         self.clear_harvested(set)
     }
 
@@ -529,11 +620,11 @@ impl Harvester {
         Ok(())
     }
 
-    /// Harvest, take `id`'s set and re-protect it: afterwards the caller may
-    /// copy exactly these pages without losing a concurrent write.
-    pub fn collect(&mut self, id: ConsumerId) -> Result<DirtySet, HarvestError> {
+    /// Harvest, take `sub`'s set and re-protect it: afterwards the caller
+    /// may copy exactly these pages without losing a concurrent write.
+    pub fn collect(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
         self.harvest()?;
-        let set = self.take(id).unwrap_or_else(|| DirtySet::new(&self.slots, self.page_size));
+        let set = self.take(sub)?;
         self.clear_harvested(&set)?;
         Ok(set)
     }
@@ -604,7 +695,7 @@ mod tests {
     }
 
     /// A VM with 1 MiB of file-backed RAM and dirty logging, no vCPU.
-    fn vm_with_ram(mode: DirtyLogMode) -> (tempfile::TempDir, Harvester) {
+    fn vm_with_ram(mode: DirtyLogMode) -> (tempfile::TempDir, GuestRam, Arc<Mutex<Harvester>>) {
         assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test needs KVM");
         let kvm = crate::kvm::open(std::path::Path::new("/dev/kvm")).unwrap();
         let vm = Arc::new(crate::kvm::create_vm(&kvm).unwrap());
@@ -613,28 +704,36 @@ mod tests {
         let b = BackingFile::open_or_create(&dir.path().join("mem"), 1 << 20).unwrap();
         let ram = b.map(false).unwrap();
         let slots = crate::kvm::register_ram(&vm, &ram, true).unwrap();
-        (dir, Harvester::new(vm, m, slots, ram, Vec::new(), host_page_size()))
+        let h = Harvester::new(vm, m, slots, ram.clone(), Vec::new(), host_page_size());
+        (dir, ram, Arc::new(Mutex::new(h)))
     }
 
     #[test]
     fn vmm_writes_reach_every_consumer_though_kvm_never_saw_them() {
         for mode in [DirtyLogMode::Bitmap, DirtyLogMode::Manual] {
-            let (_dir, mut h) = vm_with_ram(mode);
-            let a = h.add_consumer();
-            h.ram.write_obj(0x1234_u32, GuestAddress(0x3000)).unwrap();
-            h.ram.write_slice(&[1u8; 8192], GuestAddress(0x8000)).unwrap();
-            let b = h.add_consumer();
-            h.ram.write_obj(7u8, GuestAddress(0x5000)).unwrap();
-            let got_a = h.collect(a).unwrap();
+            let (_dir, ram, h) = vm_with_ram(mode);
+            let a = Subscription::new(&h);
+            ram.write_obj(0x1234_u32, GuestAddress(0x3000)).unwrap();
+            ram.write_slice(&[1u8; 8192], GuestAddress(0x8000)).unwrap();
+            let b = Subscription::new(&h);
+            ram.write_obj(7u8, GuestAddress(0x5000)).unwrap();
+            let got_a = a.collect().unwrap();
             assert_eq!(got_a.gpas().collect::<Vec<_>>(), vec![0x3000, 0x5000, 0x8000, 0x9000], "{mode:?}");
             // b registered later but the VMM bitmap was only read at the
             // harvest, so it sees the same pages; then both start empty.
-            let got_b = h.take(b).unwrap();
+            let got_b = h.lock().unwrap().take(&b).unwrap();
             assert_eq!(got_b, got_a);
-            assert!(h.collect(a).unwrap().is_empty());
-            assert!(h.remove_consumer(b) && !h.remove_consumer(b));
-            assert_eq!(h.stats().guest_pages, 0);
-            assert_eq!(h.stats().vmm_pages, 4);
+            assert!(a.collect().unwrap().is_empty());
+            assert_eq!(h.lock().unwrap().consumers.len(), 2);
+            drop(b);
+            assert_eq!(h.lock().unwrap().consumers.len(), 1, "a dropped subscription is unregistered");
+            assert_eq!(h.lock().unwrap().stats().guest_pages, 0);
+            assert_eq!(h.lock().unwrap().stats().vmm_pages, 4);
+            // A clean start sees nothing written before it.
+            ram.write_obj(9u8, GuestAddress(0x6000)).unwrap();
+            let c = Subscription::from_now(&h).unwrap();
+            assert!(c.collect().unwrap().is_empty());
+            assert_eq!(a.collect().unwrap().gpas().collect::<Vec<_>>(), vec![0x6000]);
         }
     }
 }

@@ -642,39 +642,12 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
     };
     let heatmap_thread = match (&harvester, &cfg.heatmap) {
         (Some(h), Some((_, period, buckets))) => {
-            let (h, sh, period) = (h.clone(), shared.clone(), *period);
-            let mut map = Heatmap::new(cfg.mem_size, *buckets, period);
-            let layout = smudge::memory::ram_layout(cfg.mem_size);
-            let consumer = h.lock().unwrap_or_else(|p| p.into_inner()).add_consumer();
+            let (sub, sh) = (smudge::harvest::Subscription::new(h), shared.clone());
+            let map = Heatmap::new(cfg.mem_size, *buckets, *period);
             Some(
                 std::thread::Builder::new()
                     .name("heatmap".into())
-                    .spawn(move || {
-                        let mut next = Instant::now() + period;
-                        while !sh.stop.load(Ordering::Acquire) {
-                            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
-                            if Instant::now() < next {
-                                continue;
-                            }
-                            next += period;
-                            // collect: re-protected, so the next write shows in the next period.
-                            let set = h.lock().unwrap_or_else(|p| p.into_inner()).collect(consumer);
-                            match set {
-                                Ok(set) => {
-                                    map.record_period(
-                                        set.gpas().filter_map(|gpa| smudge::memory::gpa_to_file_offset(&layout, gpa)),
-                                    );
-                                    h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
-                                }
-                                Err(e) => {
-                                    tracing::warn!("heatmap: {e}; stopped recording");
-                                    break;
-                                }
-                            }
-                        }
-                        h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(consumer);
-                        map
-                    })
+                    .spawn(move || crate::observe::heatmap::record(sub, map, &sh.stop))
                     .map_err(|e| VmError::Runtime(format!("spawning the heatmap thread: {e}")))?,
             )
         }
