@@ -118,7 +118,7 @@ impl Incoming {
         let channels = match super::multifd::accept_channels(&listener, &hello) {
             Ok(c) => c,
             Err(e) => {
-                let _ = writer.send(&Frame::Ack(Ack::refused(e.clone())));
+                let _ = writer.send(&Frame::Ack(Ack::refused(e.to_string())));
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };

@@ -40,7 +40,7 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_
 use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
+use super::converge::{Converger, Throttle};
 use crate::control::signals::{self, OnStop};
 use crate::persist::precopy::{run_rounds, Budget, End, Look, Round, RoundHooks};
 use crate::persist::snapshotter::VcpuControl;
@@ -501,91 +501,16 @@ struct MigrationRounds<'a> {
     progress: &'a dyn Fn(&Progress),
     s: &'a mut Sender,
     reader: &'a mut FrameReader<BufReader<TcpStream>>,
-    throttle: Option<Throttle>,
-    policy: ConvergePolicy,
-    /// With the ring the dirty log says which vCPU dirtied what: each is
-    /// held to its share of the link instead of slowing all of them.
-    dirty_limit: Option<DirtyLimit>,
+    converge: Converger,
     rounds: Vec<RoundReport>,
-    /// Throttles set at the last look, for the round sent next.
-    pct: u32,
-    vcpu_pct: Vec<u32>,
-    max_pct: u32,
-    max_vcpu_pct: u32,
-    limit_used: Option<f64>,
 }
 
-impl<'a> MigrationRounds<'a> {
-    fn new(
-        src: &'a MigrationSource,
-        progress: &'a dyn Fn(&Progress),
-        s: &'a mut Sender,
-        reader: &'a mut FrameReader<BufReader<TcpStream>>,
-        throttle: Option<Throttle>,
-        round_zero: RoundReport,
-    ) -> Self {
-        let dirty_limit = match (&throttle, src.vcpu_counts()) {
-            (Some(_), c) if !c.is_empty() => Some(DirtyLimit::new(f64::INFINITY, &c)),
-            _ => None,
-        };
-        MigrationRounds {
-            src,
-            progress,
-            s,
-            reader,
-            throttle,
-            policy: ConvergePolicy::default(),
-            dirty_limit,
-            rounds: vec![round_zero],
-            pct: 0,
-            vcpu_pct: Vec::new(),
-            max_pct: 0,
-            max_vcpu_pct: 0,
-            limit_used: None,
-        }
-    }
-
-    /// Sets the throttles for the next round from what the last one did.
-    fn converge(&mut self, look: &Look) {
-        let Some(t) = &self.throttle else {
-            self.pct = 0;
-            return;
-        };
-        self.pct = self.policy.after_round(look.last.bytes, look.pages * PAGE);
-        self.vcpu_pct = Vec::new();
-        if let Some(dl) = self.dirty_limit.as_mut() {
-            // Each vCPU may dirty a quarter of the link, shared out.
-            dl.limit = look.rate / PAGE as f64 / 4.0 / self.src.vcpus.threads.len().max(1) as f64;
-            let per_vcpu = dl.update(&self.src.vcpu_counts(), look.last.time.as_secs_f64()).to_vec();
-            if self.pct > 0 {
-                // Converging needs help: the dirty limit, not a global throttle.
-                self.pct = 0;
-                self.limit_used = Some(dl.limit);
-                self.max_vcpu_pct = self.max_vcpu_pct.max(per_vcpu.iter().copied().max().unwrap_or(0));
-                self.vcpu_pct = per_vcpu;
-            }
-        }
-        t.set(self.pct);
-        t.set_vcpus(&self.vcpu_pct);
-        self.max_pct = self.max_pct.max(self.pct);
-    }
-
+impl MigrationRounds<'_> {
     /// The rounds sent, and how convergence was reached: `none`, or what
     /// helped (`auto-converge N%`, a dirty limit, `max-rounds`,
     /// `post-copy`). Ends the throttle.
     fn finish(self, end: End) -> (Vec<RoundReport>, String) {
-        drop(self.throttle);
-        let mut how = Vec::new();
-        if self.max_pct > 0 {
-            how.push(format!("auto-converge {}%", self.max_pct));
-        }
-        if let Some(l) = self.limit_used {
-            how.push(format!(
-                "dirty-limit {:.1} MB/s per vCPU (throttle up to {}%)",
-                l * PAGE as f64 / 1e6,
-                self.max_vcpu_pct
-            ));
-        }
+        let mut how = self.converge.finish();
         match end {
             End::MaxRounds => how.push("max-rounds".into()),
             End::Switch => how.push("post-copy".into()),
@@ -604,8 +529,10 @@ impl RoundHooks for MigrationRounds<'_> {
     }
 
     fn looked(&mut self, look: &Look) {
-        self.converge(look);
-        let (pct, vcpu_pct) = (self.pct, &self.vcpu_pct);
+        let counts = if self.converge.limits_vcpus() { self.src.vcpu_counts() } else { Vec::new() };
+        let (sent, secs, vcpus) = (look.last.bytes, look.last.time.as_secs_f64(), self.src.vcpus.threads.len());
+        self.converge.after_round(sent, look.pages * PAGE, look.rate, secs, vcpus, &counts);
+        let (pct, vcpu_pct) = (self.converge.pct(), self.converge.vcpu_pct());
         (self.progress)(&Progress {
             round: look.round,
             sending: false,
@@ -633,7 +560,7 @@ impl RoundHooks for MigrationRounds<'_> {
     fn copy(&mut self, round: u32, set: &DirtySet) -> Result<Round, MigrateError> {
         let s = &mut *self.s;
         let (t, b, p, z) = (Instant::now(), s.bytes(), s.pages, s.zero_pages);
-        let mut tick = sending(self.progress, round, set.count(), t, b, self.pct);
+        let mut tick = sending(self.progress, round, set.count(), t, b, self.converge.pct());
         s.send_set(&self.src.ram, set, round, &mut tick)?;
         s.end_round(round, s.pages - p, self.reader)?;
         let time = t.elapsed();
@@ -643,8 +570,8 @@ impl RoundHooks for MigrationRounds<'_> {
             zero_pages: s.zero_pages - z,
             bytes: s.bytes() - b,
             ms: time.as_secs_f64() * 1e3,
-            throttle_pct: self.pct,
-            vcpu_throttle_pct: self.vcpu_pct.clone(),
+            throttle_pct: self.converge.pct(),
+            vcpu_throttle_pct: self.converge.vcpu_pct().to_vec(),
         });
         Ok(Round { bytes: s.bytes() - b, time })
     }
@@ -774,7 +701,8 @@ impl MigrationSource {
         };
         let time = Duration::from_secs_f64(first.ms / 1e3);
         let first_round = Round { bytes: first.bytes, time };
-        let mut hooks = MigrationRounds::new(self, progress, s, reader, throttle, first);
+        let converge = Converger::new(throttle, &self.vcpu_counts());
+        let mut hooks = MigrationRounds { src: self, progress, s, reader, converge, rounds: vec![first] };
         let residue = run_rounds(&sub, &budget, first_round, &mut hooks)?;
         let (rounds, converge) = hooks.finish(residue.end);
         s.abandon_point()?;
