@@ -70,16 +70,21 @@ pub enum DirtyLogMode {
     Ring,
 }
 
-impl FromStr for DirtyLogMode {
-    type Err = String;
+/// A dirty-log mechanism name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a dirty-log mechanism (auto, bitmap, manual, ring)")]
+pub struct UnknownMode(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for DirtyLogMode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         Ok(match s {
             "auto" => DirtyLogMode::Auto,
             "bitmap" => DirtyLogMode::Bitmap,
             "manual" => DirtyLogMode::Manual,
             "ring" => DirtyLogMode::Ring,
-            _ => return Err(format!("'{s}' is not a dirty-log mechanism (auto, bitmap, manual, ring)")),
+            _ => return Err(UnknownMode(s.into())),
         })
     }
 }
@@ -819,7 +824,10 @@ mod tests {
         assert!(choose(caps, DirtyLogMode::Ring, 2 << 20).is_err());
         assert_eq!(choose(caps, DirtyLogMode::Ring, 4096).unwrap(), Mechanism::Ring { bytes: 4096 });
         assert_eq!("ring".parse::<DirtyLogMode>(), Ok(DirtyLogMode::Ring));
-        assert!("rings".parse::<DirtyLogMode>().is_err());
+        assert_eq!(
+            "rings".parse::<DirtyLogMode>().unwrap_err().to_string(),
+            "'rings' is not a dirty-log mechanism (auto, bitmap, manual, ring)"
+        );
     }
 
     /// A VM with 1 MiB of file-backed RAM and dirty logging, no vCPU.
