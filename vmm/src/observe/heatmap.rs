@@ -11,7 +11,6 @@
 //! band at low addresses.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use plotters::coord::Shift;
@@ -51,13 +50,15 @@ pub enum HeatmapError {
     Plot(String),
 }
 
-/// Records `map` from `sub` until `stop` is set: every period, the pages
-/// dirtied in it (collected, so re-protected: the next write shows in the
-/// next period). A harvest error ends the recording early (logged).
-pub fn record(sub: Subscription, mut map: Heatmap, stop: &AtomicBool) -> Heatmap {
+/// Records `map` from `sub` until `stopped` says so (checked at least
+/// once a period; wake the thread with `unpark` to stop sooner): every
+/// period, the pages dirtied in it (collected, so re-protected: the next
+/// write shows in the next period). A harvest error ends the recording
+/// early (logged). The subscription ends with it.
+pub fn record(sub: Subscription, mut map: Heatmap, stopped: impl Fn() -> bool) -> Heatmap {
     let layout = smudge::memory::ram_layout(map.mem_size);
     let mut next = Instant::now() + map.period;
-    while !stop.load(Ordering::Acquire) {
+    while !stopped() {
         std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
         if Instant::now() < next {
             continue;

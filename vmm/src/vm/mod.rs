@@ -647,7 +647,7 @@ fn run_vm(cfg: VmConfig, incoming: &mut Option<Box<dyn IncomingVm>>) -> Result<R
             Some(
                 std::thread::Builder::new()
                     .name("heatmap".into())
-                    .spawn(move || crate::observe::heatmap::record(sub, map, &sh.stop))
+                    .spawn(move || crate::observe::heatmap::record(sub, map, || sh.stop.load(Ordering::Acquire)))
                     .map_err(|e| VmError::Runtime(format!("spawning the heatmap thread: {e}")))?,
             )
         }
