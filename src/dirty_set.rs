@@ -44,6 +44,9 @@ pub enum DirtySetError {
     },
 }
 
+/// One non-zero word of a dirty log: (slot index, word index, bits).
+pub type LogWord = (u32, u32, u64);
+
 /// One slot's dirty bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotBitmap {
@@ -210,6 +213,40 @@ impl DirtySet {
             s.widen(first, last + 1);
         }
         Ok((n, new))
+    }
+
+    /// ORs the words of a dirty log into the set, leaving out the bits of
+    /// `mask` (same slots) if given: one pass over the list, touching only
+    /// the words it names.
+    pub fn or_log(&mut self, log: &[LogWord], mask: Option<&DirtySet>) -> Result<(), DirtySetError> {
+        let mut rest = log;
+        // A log holds runs of words of one slot: look each slot up once.
+        while let Some(&(index, _, _)) = rest.first() {
+            let n = rest.iter().position(|e| e.0 != index).unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(n);
+            rest = tail;
+            let index = index as usize;
+            let slots = self.slots.len();
+            let s = self.slots.get_mut(index).ok_or(DirtySetError::NoSuchSlot { index, slots })?;
+            let m = mask.and_then(|m| m.slots.get(index)).map(|m| m.words.as_slice());
+            let (mut first, mut end) = (s.first, s.end);
+            for &(_, word, bits) in run {
+                let w = word as usize;
+                let want = s.words.len();
+                let d =
+                    s.words.get_mut(w).ok_or(DirtySetError::BitmapLength { slot: s.slot.slot, got: w + 1, want })?;
+                // A word whose bits are all masked widens the bounds
+                // harmlessly: they say where bits *may* be.
+                *d |= match m {
+                    Some(m) => bits & !m.get(w).copied().unwrap_or(0),
+                    None => bits,
+                };
+                first = first.min(w);
+                end = end.max(w + 1);
+            }
+            (s.first, s.end) = (first, end);
+        }
+        Ok(())
     }
 
     /// Marks page `page` of slot `index`; pages past the slot's end are

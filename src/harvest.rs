@@ -3,9 +3,21 @@
 //! one per registered consumer.
 //!
 //! Several consumers — the flusher, a snapshot chain, a migration — each
-//! need "dirty since *my* last look". One harvest reads the log once and
-//! ORs the new bits into every consumer's accumulated set (QEMU's dirty
-//! memory clients). Consumers come and go while the guest runs.
+//! need "dirty since *my* last look" (QEMU's dirty memory clients); each
+//! holds a [`Subscription`], which registers it and unregisters it when
+//! dropped. One harvest reads the log once and appends its non-zero words
+//! to one shared log; each consumer has a cursor into it and folds the
+//! words past its cursor into its own set when it takes them, so a harvest
+//! costs the same however many consumers there are, and a consumer that
+//! looks rarely pays one pass over a batch. Consumers come and go while
+//! the guest runs.
+//!
+//! ```text
+//! harvest:  GET / ring / VMM bitmap -> log: [(slot, word, bits)...]
+//! take(c):  c.set |= log[c.cursor..]; c.cursor = end; hand c.set over
+//! trim:     drop what every cursor passed; past a limit fold the log
+//!           into the consumers behind
+//! ```
 //!
 //! No lost write (invariant 1 in docs/architecture.md) needs *re-protect first, copy
 //! second*:
@@ -25,7 +37,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -58,16 +70,21 @@ pub enum DirtyLogMode {
     Ring,
 }
 
-impl FromStr for DirtyLogMode {
-    type Err = String;
+/// A dirty-log mechanism name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a dirty-log mechanism (auto, bitmap, manual, ring)")]
+pub struct UnknownMode(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for DirtyLogMode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         Ok(match s {
             "auto" => DirtyLogMode::Auto,
             "bitmap" => DirtyLogMode::Bitmap,
             "manual" => DirtyLogMode::Manual,
             "ring" => DirtyLogMode::Ring,
-            _ => return Err(format!("'{s}' is not a dirty-log mechanism (auto, bitmap, manual, ring)")),
+            _ => return Err(UnknownMode(s.into())),
         })
     }
 }
@@ -161,6 +178,9 @@ pub enum HarvestError {
     /// Bitmap shape mismatch.
     #[error(transparent)]
     Set(#[from] DirtySetError),
+    /// A subscription used with a harvester it is not on.
+    #[error("this dirty-log subscription is not on this harvester")]
+    NotSubscribed,
 }
 
 /// Chooses the mechanism for `mode` given `caps`, and enables it on `vm`.
@@ -218,9 +238,95 @@ pub fn map_rings(mechanism: Mechanism, vcpus: &[VcpuFd], page_size: u64) -> Resu
         .collect()
 }
 
-/// A registered consumer of the dirty log.
+/// A registered consumer of the dirty log (the key a [`Subscription`]
+/// holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConsumerId(u64);
+struct ConsumerId(u64);
+
+/// One consumer of the dirty log — the flusher, a snapshot chain, a
+/// migration, a dirty-rate window, the heatmap: registered on the
+/// [`Harvester`] when made, unregistered when dropped, whichever way its
+/// user ends. It sees "dirty since my last look": every page a harvest
+/// reports after it was made, until it takes them.
+///
+/// Each call locks the harvester; to do several things under one lock
+/// (harvest for every consumer, then take two of them), lock it with
+/// [`Subscription::lock`] and pass the subscription to the `Harvester`'s
+/// methods. Never drop a subscription while holding that lock: its drop
+/// takes it.
+#[derive(Debug)]
+pub struct Subscription {
+    harvester: Arc<Mutex<Harvester>>,
+    id: ConsumerId,
+}
+
+impl Subscription {
+    /// Subscribes to `harvester`: the pages of its next harvest on (the
+    /// log may still hold pages written before now).
+    pub fn new(harvester: &Arc<Mutex<Harvester>>) -> Self {
+        let id = lock(harvester).add_consumer();
+        Subscription { harvester: harvester.clone(), id }
+    }
+
+    /// Subscribes from a clean start: everything dirty before now is
+    /// harvested (for the others) and re-protected first, so this one sees
+    /// exactly the pages written from now on — a copy made after this call
+    /// holds what was dirty before.
+    pub fn from_now(harvester: &Arc<Mutex<Harvester>>) -> Result<Self, HarvestError> {
+        let mut h = lock(harvester);
+        h.reprotect_all()?;
+        let id = h.add_consumer();
+        drop(h);
+        Ok(Subscription { harvester: harvester.clone(), id })
+    }
+
+    /// The harvester, locked (a poisoned lock is taken over: the harvester
+    /// holds no invariant a panic elsewhere can break halfway).
+    pub fn lock(&self) -> MutexGuard<'_, Harvester> {
+        lock(&self.harvester)
+    }
+
+    /// The harvester this subscription is on.
+    pub fn harvester(&self) -> &Arc<Mutex<Harvester>> {
+        &self.harvester
+    }
+
+    /// Harvest, take and re-protect ([`Harvester::collect`]): the caller
+    /// may copy exactly these pages without losing a concurrent write.
+    pub fn collect(&self) -> Result<DirtySet, HarvestError> {
+        self.lock().collect(self)
+    }
+
+    /// Harvest and take, not re-protected: the caller re-protects what it
+    /// copies with [`Subscription::clear_dirty_for_io`].
+    pub fn fetch(&self) -> Result<DirtySet, HarvestError> {
+        let mut h = self.lock();
+        h.harvest()?;
+        h.take(self)
+    }
+
+    /// Re-protects the pages of `set`, taken from this subscription, before
+    /// they are copied ([`Harvester::clear_dirty_for_io`]).
+    pub fn clear_dirty_for_io(&self, set: &DirtySet) -> Result<(), HarvestError> {
+        self.lock().clear_dirty_for_io(Some(self), set)
+    }
+
+    /// Hands a taken set back, so a later take needs no allocation.
+    pub fn recycle(&self, set: DirtySet) {
+        self.lock().recycle(set);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let id = self.id;
+        lock(&self.harvester).remove_consumer(id);
+    }
+}
+
+fn lock(h: &Mutex<Harvester>) -> MutexGuard<'_, Harvester> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Counters like `/proc/vmstat`'s, for the harvest side.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -239,7 +345,32 @@ pub struct HarvestStats {
     pub clear_calls: u64,
 }
 
+/// One word of the shared log.
+type LogWord = crate::dirty_set::LogWord;
+
+/// Words the shared log holds before it is folded into every consumer
+/// that has not taken them (1 MiB): a consumer that takes rarely (the run's
+/// summary, a snapshot chain) costs one pass over a batch, not a scattered
+/// write into its bitmap at every harvest.
+const LOG_LIMIT: usize = 1 << 16;
+
+/// A consumer's place in the log.
+#[derive(Debug)]
+struct Consumer {
+    id: ConsumerId,
+    /// What it has not taken yet from log words before `cursor`.
+    set: DirtySet,
+    /// Absolute log position its `set` is up to.
+    cursor: u64,
+}
+
 /// The dirty log of one VM and its consumers.
+///
+/// A harvest appends the non-zero words it read to one shared log; each
+/// consumer keeps a cursor into it and folds the words past its cursor into
+/// its own set only when it takes them. The log is trimmed to the slowest
+/// cursor, and folded into every lagging consumer once it grows past
+/// `LOG_LIMIT`.
 #[derive(Debug)]
 pub struct Harvester {
     vm: Arc<VmFd>,
@@ -248,27 +379,31 @@ pub struct Harvester {
     ram: GuestRam,
     page_size: u64,
     rings: Vec<DirtyRing>,
-    consumers: Vec<(ConsumerId, DirtySet)>,
+    consumers: Vec<Consumer>,
     next_id: u64,
-    /// Ring entries gathered before they are ORed into the consumers.
-    fresh: DirtySet,
+    /// The shared log: harvested words some consumer has not taken.
+    log: Vec<LogWord>,
+    /// Absolute position of `log[0]`.
+    log_base: u64,
     /// Reused buffer for `KVM_GET_DIRTY_LOG`.
     buf: Vec<u64>,
-    /// Indices of its non-zero words.
-    nonzero: Vec<u32>,
+    /// Ring mode: this harvest's entries per slot as words, and which
+    /// words they touched.
+    ring_words: Vec<Vec<u64>>,
+    ring_touched: Vec<Vec<u32>>,
     /// Emptied sets handed back with [`Harvester::recycle`].
     spares: Vec<DirtySet>,
-    /// Manual mode: pages KVM reported that nobody has re-protected yet. KVM
-    /// reports them at every harvest; only the first report counts as newly
-    /// dirtied in the stats (consumers still get every report).
-    reported: DirtySet,
     stats: HarvestStats,
     /// Ring mode: ring entries harvested per vCPU so far (which vCPU
     /// dirtied how much: the dirty log's per-vCPU view).
     vcpu_pages: Vec<u64>,
     /// Manual mode: each slot's bitmap as the last `KVM_GET_DIRTY_LOG`
-    /// returned it. A clear re-protects only pages whose bit was set there,
-    /// i.e. pages every consumer has been told of (see `clear_harvested`).
+    /// returned it, less the pages re-protected since — the pages KVM
+    /// reported that nobody has re-protected yet. KVM reports them at every
+    /// harvest; only the first report counts as newly dirtied in the stats
+    /// (consumers still get every report). A clear re-protects only pages
+    /// set here, i.e. pages every consumer has been told of (see
+    /// `clear_harvested`).
     last_get: Vec<Vec<u64>>,
     /// Reused buffer for the mask a clear hands to KVM.
     clear_mask: Vec<u64>,
@@ -284,10 +419,14 @@ impl Harvester {
         rings: Vec<DirtyRing>,
         page_size: u64,
     ) -> Self {
-        let fresh = DirtySet::new(&slots, page_size);
-        let reported = DirtySet::new(&slots, page_size);
         let vcpu_pages = vec![0; rings.len()];
         let last_get = vec![Vec::new(); slots.len()];
+        let words = |s: &Slot| s.size.div_ceil(page_size).div_ceil(64) as usize;
+        let ring_words = match mechanism {
+            Mechanism::Ring { .. } => slots.iter().map(|s| vec![0; words(s)]).collect(),
+            _ => Vec::new(),
+        };
+        let ring_touched = vec![Vec::new(); ring_words.len()];
         Harvester {
             vm,
             mechanism,
@@ -297,14 +436,15 @@ impl Harvester {
             rings,
             consumers: Vec::new(),
             next_id: 0,
-            fresh,
+            log: Vec::new(),
+            log_base: 0,
             buf: Vec::new(),
-            nonzero: Vec::new(),
+            ring_words,
+            ring_touched,
             spares: Vec::new(),
             vcpu_pages,
             last_get,
             clear_mask: Vec::new(),
-            reported,
             stats: HarvestStats::default(),
         }
     }
@@ -330,24 +470,30 @@ impl Harvester {
         self.stats
     }
 
+    fn log_end(&self) -> u64 {
+        self.log_base + self.log.len() as u64
+    }
+
     /// Registers a consumer; it sees pages dirtied from its first harvest on.
-    pub fn add_consumer(&mut self) -> ConsumerId {
+    fn add_consumer(&mut self) -> ConsumerId {
         let id = ConsumerId(self.next_id);
         self.next_id += 1;
-        self.consumers.push((id, DirtySet::new(&self.slots, self.page_size)));
+        let cursor = self.log_end();
+        self.consumers.push(Consumer { id, set: DirtySet::new(&self.slots, self.page_size), cursor });
         id
     }
 
     /// Unregisters a consumer (its pending set is dropped).
-    pub fn remove_consumer(&mut self, id: ConsumerId) -> bool {
+    fn remove_consumer(&mut self, id: ConsumerId) -> bool {
         let before = self.consumers.len();
-        self.consumers.retain(|(c, _)| *c != id);
+        self.consumers.retain(|c| c.id != id);
+        // Its share of the log goes at the next trim.
         self.consumers.len() != before
     }
 
-    /// Reads the whole log once and ORs it into every consumer's set.
-    /// Returns the pages this harvest reported (guest + VMM; a page both
-    /// wrote is counted twice).
+    /// Reads the whole log once and appends it to the shared log for every
+    /// consumer. Returns the pages this harvest reported (guest + VMM; a
+    /// page both wrote is counted twice).
     pub fn harvest(&mut self) -> Result<u64, HarvestError> {
         self.harvest_with(None)
     }
@@ -356,76 +502,22 @@ impl Harvester {
     /// get the pages of `mask` (it is about to clear and copy them itself).
     fn harvest_with(&mut self, owner: Option<(ConsumerId, &DirtySet)>) -> Result<u64, HarvestError> {
         let t0 = Instant::now();
-        let mut guest = 0u64;
-        match self.mechanism {
-            Mechanism::Bitmap | Mechanism::Manual => {
-                for (i, s) in self.slots.iter().enumerate() {
-                    dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
-                        .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
-
-                    // One scan for the non-zero words, then each consumer
-                    // ORs only those.
-                    self.nonzero.clear();
-                    self.nonzero.extend(self.buf.iter().enumerate().filter(|(_, &w)| w != 0).map(|(j, _)| j as u32));
-                    for (c, set) in &mut self.consumers {
-                        let mask = owner.filter(|(o, _)| o == c).map(|(_, m)| m.slots()[i].words());
-                        set.or_sparse(i, &self.buf, &self.nonzero, mask)?;
-                    }
-                    guest += if self.mechanism == Mechanism::Manual {
-                        self.reported.or_sparse(i, &self.buf, &self.nonzero, None)?.1
-                    } else {
-                        self.nonzero.iter().map(|&j| u64::from(self.buf[j as usize].count_ones())).sum()
-                    };
-                    if self.mechanism == Mechanism::Manual {
-                        // Keep this GET's bitmap for the next clear (a swap,
-                        // not a copy: the next slot's GET resizes the buffer).
-                        if let Some(seen) = self.last_get.get_mut(i) {
-                            std::mem::swap(seen, &mut self.buf);
-                        }
-                    }
-                }
-            }
-            Mechanism::Ring { .. } => {
-                let mut bad = None;
-                let (slots, fresh) = (&self.slots, &mut self.fresh);
-                let per_vcpu = &mut self.vcpu_pages;
-                for (v, r) in self.rings.iter_mut().enumerate() {
-                    let n = r.harvest(|slot, offset| {
-                        let id = slot & 0xffff;
-                        let ok = slot >> 16 == 0
-                            && slots
-                                .iter()
-                                .position(|s| s.slot == id)
-                                .is_some_and(|i| fresh.set_page(i, offset).unwrap_or(false));
-                        if !ok && bad.is_none() {
-                            bad = Some(HarvestError::UnknownRingSlot { slot, offset });
-                        }
-                    });
-                    if let Some(c) = per_vcpu.get_mut(v) {
-                        *c += u64::from(n);
-                    }
-                }
-                // Re-protect before anyone reads the harvested pages.
-                dirty_log::reset_dirty_rings(&self.vm).map_err(HarvestError::ResetRings)?;
-                if let Some(e) = bad {
-                    return Err(e);
-                }
-                guest = self.fresh.count();
-                for (_, set) in &mut self.consumers {
-                    set.union_with(&self.fresh)?;
-                }
-                self.fresh.clear();
+        let start = self.log_end();
+        let guest = match self.mechanism {
+            Mechanism::Bitmap | Mechanism::Manual => self.log_bitmaps()?,
+            Mechanism::Ring { .. } => self.log_rings()?,
+        };
+        let vmm = self.log_vmm();
+        if let Some((id, mask)) = owner {
+            let base = self.log_base;
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) {
+                let (old, new) = self.log[(c.cursor - base) as usize..].split_at((start - c.cursor) as usize);
+                c.set.or_log(old, None)?;
+                c.set.or_log(new, Some(mask))?;
+                c.cursor = start + new.len() as u64;
             }
         }
-        let mut vmm = 0u64;
-        for (i, region) in self.ram.iter().enumerate() {
-            if let Some(words) = region_bitmap(region).take_words() {
-                for (_, set) in &mut self.consumers {
-                    set.or_words(i, &words)?;
-                }
-                vmm += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-            }
-        }
+        self.trim_log()?;
         self.stats.harvests += 1;
         self.stats.guest_pages += guest;
         self.stats.vmm_pages += vmm;
@@ -433,18 +525,133 @@ impl Harvester {
         Ok(guest + vmm)
     }
 
-    /// The pages dirtied since `id` last took its set (as of the last
-    /// harvest); its set starts empty again. `None` for an unknown consumer.
-    pub fn take(&mut self, id: ConsumerId) -> Option<DirtySet> {
-        let mut spare = self.spares.pop();
-        let (_, set) = self.consumers.iter_mut().find(|(c, _)| *c == id)?;
-        Some(match spare.take() {
+    /// Bitmap and manual mode: `KVM_GET_DIRTY_LOG` of every slot into the
+    /// log. Returns the pages newly reported.
+    fn log_bitmaps(&mut self) -> Result<u64, HarvestError> {
+        let manual = self.mechanism == Mechanism::Manual;
+        let mut guest = 0u64;
+        for (i, s) in self.slots.iter().enumerate() {
+            dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
+                .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
+            // Manual mode reports a page at every GET until it is cleared:
+            // only a page not reported before counts as new.
+            let seen = self.last_get.get(i).map_or(&[][..], Vec::as_slice);
+            for (j, &w) in self.buf.iter().enumerate() {
+                if w != 0 {
+                    self.log.push((i as u32, j as u32, w));
+                    guest += u64::from((w & !seen.get(j).copied().unwrap_or(0)).count_ones());
+                }
+            }
+            if manual {
+                // Keep this GET's bitmap for the next clear (a swap, not a
+                // copy: the next slot's GET resizes the buffer).
+                if let Some(seen) = self.last_get.get_mut(i) {
+                    std::mem::swap(seen, &mut self.buf);
+                }
+            }
+        }
+        Ok(guest)
+    }
+
+    /// Ring mode: every vCPU's ring entries into the log, then re-protect.
+    /// Returns the distinct pages reported.
+    fn log_rings(&mut self) -> Result<u64, HarvestError> {
+        let mut bad = None;
+        let (slots, words, touched) = (&self.slots, &mut self.ring_words, &mut self.ring_touched);
+        for (v, r) in self.rings.iter_mut().enumerate() {
+            let n = r.harvest(|slot, offset| {
+                let id = slot & 0xffff;
+                let i = if slot >> 16 == 0 { slots.iter().position(|s| s.slot == id) } else { None };
+                let w = (offset / 64) as usize;
+                match i.and_then(|i| words[i].get_mut(w).map(|x| (i, x))) {
+                    Some((i, x)) => {
+                        if *x == 0 {
+                            touched[i].push(w as u32);
+                        }
+                        *x |= 1 << (offset % 64);
+                    }
+                    None => {
+                        bad.get_or_insert(HarvestError::UnknownRingSlot { slot, offset });
+                    }
+                }
+            });
+            if let Some(c) = self.vcpu_pages.get_mut(v) {
+                *c += u64::from(n);
+            }
+        }
+        // Re-protect before anyone reads the harvested pages.
+        dirty_log::reset_dirty_rings(&self.vm).map_err(HarvestError::ResetRings)?;
+        let mut guest = 0u64;
+        for (i, (words, touched)) in self.ring_words.iter_mut().zip(&mut self.ring_touched).enumerate() {
+            touched.sort_unstable();
+            for &w in touched.iter() {
+                let bits = std::mem::take(&mut words[w as usize]);
+                guest += u64::from(bits.count_ones());
+                self.log.push((i as u32, w, bits));
+            }
+            touched.clear();
+        }
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(guest),
+        }
+    }
+
+    /// The VMM's own writes into the log. Returns the pages.
+    fn log_vmm(&mut self) -> u64 {
+        let mut vmm = 0u64;
+        for (i, region) in self.ram.iter().enumerate() {
+            if let Some(words) = region_bitmap(region).take_words() {
+                for (j, &w) in words.iter().enumerate().filter(|(_, &w)| w != 0) {
+                    self.log.push((i as u32, j as u32, w));
+                    vmm += u64::from(w.count_ones());
+                }
+            }
+        }
+        vmm
+    }
+
+    /// Drops the log words every consumer has taken (all of them at once,
+    /// or a prefix once it is most of the log: amortised); past
+    /// `LOG_LIMIT`, first folds the log into the consumers behind.
+    fn trim_log(&mut self) -> Result<(), HarvestError> {
+        let end = self.log_end();
+        if self.log.len() > LOG_LIMIT {
+            for c in &mut self.consumers {
+                c.set.or_log(&self.log[(c.cursor - self.log_base) as usize..], None)?;
+                c.cursor = end;
+            }
+        }
+        let slowest = self.consumers.iter().map(|c| c.cursor).min().unwrap_or(end);
+        let done = (slowest - self.log_base) as usize;
+        if done == self.log.len() {
+            self.log.clear();
+            self.log_base = end;
+        } else if done > self.log.len() / 2 {
+            self.log.drain(..done);
+            self.log_base = slowest;
+        }
+        Ok(())
+    }
+
+    /// The pages dirtied since `sub` last took its set (as of the last
+    /// harvest); its set starts empty again.
+    pub fn take(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
+        let end = self.log_end();
+        let Some(c) = self.consumers.iter_mut().find(|c| c.id == sub.id) else {
+            return Err(HarvestError::NotSubscribed);
+        };
+        let mut out = match self.spares.pop() {
             Some(mut s) => {
-                set.take_into(&mut s);
+                c.set.take_into(&mut s);
                 s
             }
-            None => set.take(),
-        })
+            None => c.set.take(),
+        };
+        out.or_log(&self.log[(c.cursor - self.log_base) as usize..], None)?;
+        c.cursor = end;
+        self.trim_log()?;
+        Ok(out)
     }
 
     /// Hands back a set the caller is done with, so the next `take` needs no
@@ -466,11 +673,11 @@ impl Harvester {
     /// consumer. So the log is harvested first, under the same lock, and
     /// only then cleared. `owner` (the consumer the set came from) does not
     /// get the set's own pages back: it copies them after this call.
-    pub fn clear_dirty_for_io(&mut self, owner: Option<ConsumerId>, set: &DirtySet) -> Result<(), HarvestError> {
+    pub fn clear_dirty_for_io(&mut self, owner: Option<&Subscription>, set: &DirtySet) -> Result<(), HarvestError> {
         if self.mechanism != Mechanism::Manual {
             return Ok(());
         }
-        self.harvest_with(owner.map(|o| (o, set)))?;
+        self.harvest_with(owner.map(|o| (o.id, set)))?;
         self.clear_harvested(set)
     }
 
@@ -481,37 +688,48 @@ impl Harvester {
             return Ok(());
         }
         // Only pages whose bit the last GET (made under this same borrow)
-        // saw set: every consumer was told of those. A page of `set` whose
-        // bit was clear then is already protected (someone cleared it, or it
-        // was never written); if the guest writes it between that GET and
-        // this CLEAR, the new bit must survive for the others to see — a
-        // CLEAR of it here would hide that write from every consumer.
+        // saw set and nobody cleared since: every consumer was told of
+        // those. A page of `set` whose bit was clear then is already
+        // protected (someone cleared it, or it was never written); if the
+        // guest writes it between that GET and this CLEAR, the new bit must
+        // survive for the others to see — a CLEAR of it here would hide
+        // that write from every consumer.
         let mut mask = std::mem::take(&mut self.clear_mask);
-        for (i, (s, bm)) in self.slots.iter().zip(set.slots()).enumerate() {
-            let words = bm.words();
+        let mut r = Ok(());
+        for (i, bm) in set.slots().iter().enumerate() {
             let b = bm.bounds();
-            if b.is_empty() {
-                continue;
-            }
-            let seen = self.last_get.get(i).map_or(&[][..], Vec::as_slice);
-            mask.clear();
-            mask.extend((b.start..b.end).map(|w| words[w] & seen.get(w).copied().unwrap_or(0)));
-            let (Some(lo), Some(hi)) = (mask.iter().position(|&w| w != 0), mask.iter().rposition(|&w| w != 0)) else {
+            let Some(seen) = self.last_get.get_mut(i).filter(|s| s.len() >= b.end && !b.is_empty()) else {
                 continue;
             };
-            let (first, last) = (b.start + lo, b.start + hi);
-            let slot_pages = s.size / self.page_size;
-            let first_page = first as u64 * 64;
-            let num_pages = (((last as u64 + 1) * 64).min(slot_pages) - first_page) as u32;
-            let r = dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi]);
-            if let Err(source) = r {
-                self.clear_mask = mask;
-                return Err(HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source });
+            mask.clear();
+            mask.extend(bm.words()[b.clone()].iter().zip(&mut seen[b.clone()]).map(|(&w, seen)| {
+                let m = w & *seen;
+                *seen &= !m;
+                m
+            }));
+            r = self.clear_words(i, b.start, &mask);
+            if r.is_err() {
+                break;
             }
-            self.stats.clear_calls += 1;
         }
         self.clear_mask = mask;
-        self.reported.subtract(set);
+        r
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the bits of `mask` (words of slot index
+    /// `i` from word `first`), over the 64-page chunks from its first to
+    /// its last non-zero word.
+    fn clear_words(&mut self, i: usize, first: usize, mask: &[u64]) -> Result<(), HarvestError> {
+        let (Some(lo), Some(hi)) = (mask.iter().position(|&w| w != 0), mask.iter().rposition(|&w| w != 0)) else {
+            return Ok(());
+        };
+        let Some(s) = self.slots.get(i) else { return Ok(()) };
+        let slot_pages = s.size / self.page_size;
+        let first_page = (first + lo) as u64 * 64;
+        let num_pages = (((first + hi) as u64 + 1) * 64).min(slot_pages).saturating_sub(first_page) as u32;
+        dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi])
+            .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
+        self.stats.clear_calls += 1;
         Ok(())
     }
 
@@ -523,17 +741,23 @@ impl Harvester {
     pub fn reprotect_all(&mut self) -> Result<(), HarvestError> {
         self.harvest()?;
         if self.mechanism == Mechanism::Manual {
-            let all = self.reported.clone();
-            self.clear_harvested(&all)?;
+            for i in 0..self.last_get.len() {
+                let seen = std::mem::take(&mut self.last_get[i]);
+                let r = self.clear_words(i, 0, &seen);
+                self.last_get[i] = seen;
+                r?;
+                // Nothing reported is left unprotected.
+                self.last_get[i].iter_mut().for_each(|w| *w = 0);
+            }
         }
         Ok(())
     }
 
-    /// Harvest, take `id`'s set and re-protect it: afterwards the caller may
-    /// copy exactly these pages without losing a concurrent write.
-    pub fn collect(&mut self, id: ConsumerId) -> Result<DirtySet, HarvestError> {
+    /// Harvest, take `sub`'s set and re-protect it: afterwards the caller
+    /// may copy exactly these pages without losing a concurrent write.
+    pub fn collect(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
         self.harvest()?;
-        let set = self.take(id).unwrap_or_else(|| DirtySet::new(&self.slots, self.page_size));
+        let set = self.take(sub)?;
         self.clear_harvested(&set)?;
         Ok(set)
     }
@@ -600,11 +824,14 @@ mod tests {
         assert!(choose(caps, DirtyLogMode::Ring, 2 << 20).is_err());
         assert_eq!(choose(caps, DirtyLogMode::Ring, 4096).unwrap(), Mechanism::Ring { bytes: 4096 });
         assert_eq!("ring".parse::<DirtyLogMode>(), Ok(DirtyLogMode::Ring));
-        assert!("rings".parse::<DirtyLogMode>().is_err());
+        assert_eq!(
+            "rings".parse::<DirtyLogMode>().unwrap_err().to_string(),
+            "'rings' is not a dirty-log mechanism (auto, bitmap, manual, ring)"
+        );
     }
 
     /// A VM with 1 MiB of file-backed RAM and dirty logging, no vCPU.
-    fn vm_with_ram(mode: DirtyLogMode) -> (tempfile::TempDir, Harvester) {
+    fn vm_with_ram(mode: DirtyLogMode) -> (tempfile::TempDir, GuestRam, Arc<Mutex<Harvester>>) {
         assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test needs KVM");
         let kvm = crate::kvm::open(std::path::Path::new("/dev/kvm")).unwrap();
         let vm = Arc::new(crate::kvm::create_vm(&kvm).unwrap());
@@ -613,28 +840,64 @@ mod tests {
         let b = BackingFile::open_or_create(&dir.path().join("mem"), 1 << 20).unwrap();
         let ram = b.map(false).unwrap();
         let slots = crate::kvm::register_ram(&vm, &ram, true).unwrap();
-        (dir, Harvester::new(vm, m, slots, ram, Vec::new(), host_page_size()))
+        let h = Harvester::new(vm, m, slots, ram.clone(), Vec::new(), host_page_size());
+        (dir, ram, Arc::new(Mutex::new(h)))
     }
 
     #[test]
     fn vmm_writes_reach_every_consumer_though_kvm_never_saw_them() {
         for mode in [DirtyLogMode::Bitmap, DirtyLogMode::Manual] {
-            let (_dir, mut h) = vm_with_ram(mode);
-            let a = h.add_consumer();
-            h.ram.write_obj(0x1234_u32, GuestAddress(0x3000)).unwrap();
-            h.ram.write_slice(&[1u8; 8192], GuestAddress(0x8000)).unwrap();
-            let b = h.add_consumer();
-            h.ram.write_obj(7u8, GuestAddress(0x5000)).unwrap();
-            let got_a = h.collect(a).unwrap();
+            let (_dir, ram, h) = vm_with_ram(mode);
+            let a = Subscription::new(&h);
+            ram.write_obj(0x1234_u32, GuestAddress(0x3000)).unwrap();
+            ram.write_slice(&[1u8; 8192], GuestAddress(0x8000)).unwrap();
+            let b = Subscription::new(&h);
+            ram.write_obj(7u8, GuestAddress(0x5000)).unwrap();
+            let got_a = a.collect().unwrap();
             assert_eq!(got_a.gpas().collect::<Vec<_>>(), vec![0x3000, 0x5000, 0x8000, 0x9000], "{mode:?}");
             // b registered later but the VMM bitmap was only read at the
             // harvest, so it sees the same pages; then both start empty.
-            let got_b = h.take(b).unwrap();
+            let got_b = h.lock().unwrap().take(&b).unwrap();
             assert_eq!(got_b, got_a);
-            assert!(h.collect(a).unwrap().is_empty());
-            assert!(h.remove_consumer(b) && !h.remove_consumer(b));
-            assert_eq!(h.stats().guest_pages, 0);
-            assert_eq!(h.stats().vmm_pages, 4);
+            assert!(a.collect().unwrap().is_empty());
+            assert_eq!(h.lock().unwrap().consumers.len(), 2);
+            drop(b);
+            assert_eq!(h.lock().unwrap().consumers.len(), 1, "a dropped subscription is unregistered");
+            assert_eq!(h.lock().unwrap().stats().guest_pages, 0);
+            assert_eq!(h.lock().unwrap().stats().vmm_pages, 4);
+            // A clean start sees nothing written before it.
+            ram.write_obj(9u8, GuestAddress(0x6000)).unwrap();
+            let c = Subscription::from_now(&h).unwrap();
+            assert!(c.collect().unwrap().is_empty());
+            assert_eq!(a.collect().unwrap().gpas().collect::<Vec<_>>(), vec![0x6000]);
         }
+    }
+
+    #[test]
+    fn a_lagging_consumer_gets_every_page_once_the_log_is_folded() {
+        let (_dir, ram, h) = vm_with_ram(DirtyLogMode::Manual);
+        let (fast, slow) = (Subscription::new(&h), Subscription::new(&h));
+        // Enough harvests of 4 VMM-written pages (one per log word) that
+        // the log passes its limit while `slow` never looks.
+        let rounds = LOG_LIMIT / 4 + 100;
+        for r in 0..rounds {
+            for p in 0..4u64 {
+                ram.write_obj(r as u8, GuestAddress((p * 64 + r as u64 % 64) * 0x1000)).unwrap();
+            }
+            let got = fast.collect().unwrap();
+            assert_eq!(got.count(), 4, "round {r}");
+            fast.recycle(got);
+            assert!(h.lock().unwrap().log.len() <= LOG_LIMIT + 4, "the log is bounded");
+        }
+        let all = h.lock().unwrap().take(&slow).unwrap();
+        assert_eq!(all.count(), 256, "every page written reached the consumer that never looked");
+        // A set being cleared for its owner does not come back to it; the
+        // other consumer still sees the pages.
+        ram.write_obj(1u8, GuestAddress(0x7000)).unwrap();
+        let set = fast.fetch().unwrap();
+        ram.write_obj(1u8, GuestAddress(0x7000)).unwrap();
+        fast.clear_dirty_for_io(&set).unwrap();
+        assert!(fast.collect().unwrap().is_empty());
+        assert_eq!(slow.collect().unwrap().gpas().collect::<Vec<_>>(), vec![0x7000]);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use smudge::harvest::{ConsumerId, DirtyLogMode};
+use smudge::harvest::{DirtyLogMode, Subscription};
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::vm::outcome::Outcome;
 use smudge_vmm::vm::vcpu::SyncHook;
@@ -43,7 +43,7 @@ fn run_with_syncs(
     measure: Measure,
 ) -> anyhow::Result<Vec<Sample>> {
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    let consumer: Arc<Mutex<Option<ConsumerId>>> = Arc::default();
+    let consumer: Arc<Mutex<Option<Subscription>>> = Arc::default();
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
     let last = Arc::new(Mutex::new(Instant::now()));
     let (s2, c2, f2, l2) = (samples.clone(), consumer.clone(), failure.clone(), last.clone());
@@ -55,9 +55,9 @@ fn run_with_syncs(
                 s2.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(Sample { pass, ms: 0.0, pages: 0, pass_ms });
                 return Ok(());
             };
-            let mut h = h.lock().map_err(|_| anyhow::anyhow!("harvester lock poisoned"))?;
             let mut c = c2.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-            let id = *c.get_or_insert_with(|| h.add_consumer());
+            let id = c.get_or_insert_with(|| Subscription::new(h));
+            let mut h = h.lock().map_err(|_| anyhow::anyhow!("harvester lock poisoned"))?;
             if pass == 1 {
                 // Warm-up: start every later pass from a clean, protected log.
                 h.collect(id)?;
@@ -97,9 +97,9 @@ fn run_with_syncs(
 }
 
 /// One measurement at a sync point: (pages, milliseconds).
-type Measure = fn(u32, &mut smudge::harvest::Harvester, ConsumerId) -> anyhow::Result<(u64, f64)>;
+type Measure = fn(u32, &mut smudge::harvest::Harvester, &Subscription) -> anyhow::Result<(u64, f64)>;
 
-fn bare(_: u32, h: &mut smudge::harvest::Harvester, _: ConsumerId) -> anyhow::Result<(u64, f64)> {
+fn bare(_: u32, h: &mut smudge::harvest::Harvester, _: &Subscription) -> anyhow::Result<(u64, f64)> {
     let t0 = Instant::now();
     let n = h.discard_log_for_benchmark()?;
     Ok((n, t0.elapsed().as_secs_f64() * 1e3))
@@ -107,7 +107,7 @@ fn bare(_: u32, h: &mut smudge::harvest::Harvester, _: ConsumerId) -> anyhow::Re
 
 /// Times `collect` (harvest, OR into consumers, take, re-protect) only;
 /// counting and recycling the set happen after the clock stops.
-fn pipeline(_: u32, h: &mut smudge::harvest::Harvester, id: ConsumerId) -> anyhow::Result<(u64, f64)> {
+fn pipeline(_: u32, h: &mut smudge::harvest::Harvester, id: &Subscription) -> anyhow::Result<(u64, f64)> {
     let t0 = Instant::now();
     let set = h.collect(id)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -116,7 +116,7 @@ fn pipeline(_: u32, h: &mut smudge::harvest::Harvester, id: ConsumerId) -> anyho
     Ok((n, ms))
 }
 
-fn alternate(pass: u32, h: &mut smudge::harvest::Harvester, id: ConsumerId) -> anyhow::Result<(u64, f64)> {
+fn alternate(pass: u32, h: &mut smudge::harvest::Harvester, id: &Subscription) -> anyhow::Result<(u64, f64)> {
     if pass.is_multiple_of(2) {
         bare(pass, h, id)
     } else {

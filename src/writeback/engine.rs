@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::dirty_set::DirtySet;
-use crate::harvest::{ConsumerId, HarvestError, Harvester};
+use crate::harvest::{HarvestError, Harvester, Subscription};
 use crate::kvm::Slot;
 use crate::memory::GuestRam;
 use crate::sink::{Sink, SinkError};
@@ -38,46 +38,28 @@ pub trait DirtyLog: Send + std::fmt::Debug {
     fn recycle(&mut self, _set: DirtySet) {}
 }
 
-/// The engine's view of a [`Harvester`]: its own consumer.
+/// The engine's view of a [`Harvester`]: its own subscription.
 #[derive(Debug)]
-pub struct HarvesterLog {
-    harvester: Arc<Mutex<Harvester>>,
-    id: ConsumerId,
-}
+pub struct HarvesterLog(Subscription);
 
 impl HarvesterLog {
-    /// Registers a consumer on `harvester`.
+    /// Subscribes to `harvester`.
     pub fn new(harvester: Arc<Mutex<Harvester>>) -> Self {
-        let id = harvester.lock().unwrap_or_else(|p| p.into_inner()).add_consumer();
-        HarvesterLog { harvester, id }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Harvester> {
-        self.harvester.lock().unwrap_or_else(|p| p.into_inner())
+        HarvesterLog(Subscription::new(&harvester))
     }
 }
 
 impl DirtyLog for HarvesterLog {
     fn fetch(&mut self) -> Result<DirtySet, HarvestError> {
-        let mut h = self.lock();
-        h.harvest()?;
-        Ok(h.take(self.id).unwrap_or_else(|| DirtySet::new(h.slots(), crate::memory::host_page_size())))
+        self.0.fetch()
     }
 
     fn clear_dirty_for_io(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
-        let id = self.id;
-        self.lock().clear_dirty_for_io(Some(id), set)
+        self.0.clear_dirty_for_io(set)
     }
 
     fn recycle(&mut self, set: DirtySet) {
-        self.lock().recycle(set);
-    }
-}
-
-impl Drop for HarvesterLog {
-    fn drop(&mut self) {
-        let id = self.id;
-        self.lock().remove_consumer(id);
+        self.0.recycle(set);
     }
 }
 

@@ -460,7 +460,7 @@ impl Api {
                 "live": live.is_some(),
                 "resumed": resume,
             }),
-            Err(e) => error(e),
+            Err(e) => error(e.to_string()),
         }
     }
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use smudge::migration::frame::PAGE;
+
 use crate::vm::vcpu_control::VcpuControl;
 
 /// First step.
@@ -92,6 +94,101 @@ impl DirtyLimit {
     /// The throttles now (percent per vCPU).
     pub fn pct(&self) -> &[u32] {
         &self.pct
+    }
+}
+
+/// One migration's convergence help, round after round: the throttle
+/// thread (None: auto-converge off) and what sets it — [`ConvergePolicy`],
+/// and with the ring a [`DirtyLimit`] in its place.
+#[derive(Debug)]
+pub struct Converger {
+    throttle: Option<Throttle>,
+    policy: ConvergePolicy,
+    dirty_limit: Option<DirtyLimit>,
+    pct: u32,
+    vcpu_pct: Vec<u32>,
+    max_pct: u32,
+    max_vcpu_pct: u32,
+    limit_used: Option<f64>,
+}
+
+impl Converger {
+    /// Helps with `throttle`; `counts` are the per-vCPU dirty page counters
+    /// now (empty without the ring: no dirty limit then).
+    pub fn new(throttle: Option<Throttle>, counts: &[u64]) -> Self {
+        let dirty_limit = match &throttle {
+            Some(_) if !counts.is_empty() => Some(DirtyLimit::new(f64::INFINITY, counts)),
+            _ => None,
+        };
+        Converger {
+            throttle,
+            policy: ConvergePolicy::default(),
+            dirty_limit,
+            pct: 0,
+            vcpu_pct: Vec::new(),
+            max_pct: 0,
+            max_vcpu_pct: 0,
+            limit_used: None,
+        }
+    }
+
+    /// Sets the throttles for the next round after one that sent `sent`
+    /// bytes at `rate` bytes/s in `secs` while the guest dirtied `dirtied`
+    /// bytes; `counts` are the per-vCPU dirty counters now, `vcpus` how
+    /// many vCPUs share the link.
+    pub fn after_round(&mut self, sent: u64, dirtied: u64, rate: f64, secs: f64, vcpus: usize, counts: &[u64]) {
+        let Some(t) = &self.throttle else { return };
+        self.pct = self.policy.after_round(sent, dirtied);
+        self.vcpu_pct = Vec::new();
+        if let Some(dl) = self.dirty_limit.as_mut() {
+            // Each vCPU may dirty a quarter of the link, shared out.
+            dl.limit = rate / PAGE as f64 / 4.0 / vcpus.max(1) as f64;
+            let per_vcpu = dl.update(counts, secs).to_vec();
+            if self.pct > 0 {
+                // Converging needs help: the dirty limit, not a global throttle.
+                self.pct = 0;
+                self.limit_used = Some(dl.limit);
+                self.max_vcpu_pct = self.max_vcpu_pct.max(per_vcpu.iter().copied().max().unwrap_or(0));
+                self.vcpu_pct = per_vcpu;
+            }
+        }
+        t.set(self.pct);
+        t.set_vcpus(&self.vcpu_pct);
+        self.max_pct = self.max_pct.max(self.pct);
+    }
+
+    /// Whether a dirty limit is in use (per-vCPU counters are needed).
+    pub fn limits_vcpus(&self) -> bool {
+        self.dirty_limit.is_some()
+    }
+
+    /// The throttle now (percent).
+    pub fn pct(&self) -> u32 {
+        self.pct
+    }
+
+    /// The per-vCPU throttles now (percent; empty unless a dirty limit is
+    /// needed).
+    pub fn vcpu_pct(&self) -> &[u32] {
+        &self.vcpu_pct
+    }
+
+    /// Ends the throttle; says what helped (`auto-converge N%`, the dirty
+    /// limit), if anything did.
+    pub fn finish(self) -> Vec<String> {
+        drop(self.throttle);
+        let mut how = Vec::new();
+        if self.max_pct > 0 {
+            how.push(format!("auto-converge {}%", self.max_pct));
+        }
+        if let Some(l) = self.limit_used {
+            how.push(format!(
+                "dirty-limit {:.1} MB/s per vCPU (throttle up to {}%)",
+                l * PAGE as f64 / 1e6,
+                self.max_vcpu_pct
+            ));
+        }
+        how
     }
 }
 

@@ -73,7 +73,7 @@ pub enum IncomingError {
         /// The source.
         peer: SocketAddr,
         /// What failed.
-        why: String,
+        why: crate::migrate::multifd::ChannelError,
     },
     /// A round could not be acknowledged.
     #[error("migration from {peer}: acknowledging round {round}: {source}")]
@@ -194,7 +194,7 @@ impl Incoming {
         let channels = match super::multifd::accept_channels(&listener, &hello) {
             Ok(c) => c,
             Err(e) => {
-                let _ = writer.send(&Frame::Ack(Ack::refused(e.clone())));
+                let _ = writer.send(&Frame::Ack(Ack::refused(e.to_string())));
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };

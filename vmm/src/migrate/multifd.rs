@@ -226,17 +226,59 @@ fn run_job(s: &mut Sender, ram: &GuestRam, job: Job, index: u32) -> Result<Optio
     }
 }
 
+/// Why the destination's extra page connections failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The listening socket could not be set up.
+    #[error("{0}")]
+    Listener(#[source] std::io::Error),
+    /// Accepting a connection failed.
+    #[error("accepting a page connection: {0}")]
+    Accept(#[source] std::io::Error),
+    /// Not every connection arrived in time.
+    #[error("only {arrived} of {want} extra page connections arrived within {secs} s")]
+    Missing {
+        /// Connections that arrived.
+        arrived: usize,
+        /// Connections the `Hello` announced.
+        want: usize,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The memory file could not be opened for a connection.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A receiving thread could not be started.
+    #[error("spawning a page connection's thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A connection's stream failed (the first failure, with its index).
+    #[error("{0}")]
+    Failed(String),
+    /// A round did not end on every connection in time.
+    #[error("a round never ended on every page connection")]
+    RoundTimeout,
+    /// A receiving thread panicked.
+    #[error("a page connection's thread panicked")]
+    Panicked,
+}
+
 /// Accepts the `connections - 1` extra connections of the migration whose
 /// `Hello` is `hello`, on `listener`: each must open with a `Channel`
 /// frame naming its session and a fresh index; anything else is closed.
 pub fn accept_channels(
     listener: &TcpListener,
     hello: &Hello,
-) -> Result<Vec<FrameReader<BufReader<TcpStream>>>, String> {
+) -> Result<Vec<FrameReader<BufReader<TcpStream>>>, ChannelError> {
     let want = hello.connections.saturating_sub(1) as usize;
     let mut got: Vec<Option<FrameReader<BufReader<TcpStream>>>> = (0..want).map(|_| None).collect();
     let t0 = Instant::now();
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(ChannelError::Listener)?;
     while got.iter().any(Option::is_none) {
         let conn = match listener.accept() {
             Ok((c, _)) => c,
@@ -245,13 +287,13 @@ pub fn accept_channels(
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(format!(
-                    "only {} of {want} extra page connections arrived within {} s",
-                    got.iter().filter(|g| g.is_some()).count(),
-                    CHANNEL_WAIT.as_secs()
-                ))
+                return Err(ChannelError::Missing {
+                    arrived: got.iter().filter(|g| g.is_some()).count(),
+                    want,
+                    secs: CHANNEL_WAIT.as_secs(),
+                })
             }
-            Err(e) => return Err(format!("accepting a page connection: {e}")),
+            Err(e) => return Err(ChannelError::Accept(e)),
         };
         let setup = conn
             .set_nonblocking(false)
@@ -304,11 +346,11 @@ impl Channels {
         file: &File,
         path: &Path,
         hello: &Hello,
-    ) -> Result<Channels, String> {
+    ) -> Result<Channels, ChannelError> {
         let shared = Arc::new((Mutex::new(Progress { rounds: vec![0; readers.len()], failed: None }), Condvar::new()));
         let mut handles = Vec::new();
         for (i, mut reader) in readers.into_iter().enumerate() {
-            let f = file.try_clone().map_err(|e| format!("{}: {e}", path.display()))?;
+            let f = file.try_clone().map_err(|source| ChannelError::File { path: path.to_path_buf(), source })?;
             let mut rx = Receiver::channel(f, path, hello.clone());
             let shared = shared.clone();
             let h = std::thread::Builder::new()
@@ -336,35 +378,35 @@ impl Channels {
                     }
                     r
                 })
-                .map_err(|e| format!("spawning a page connection's thread: {e}"))?;
+                .map_err(ChannelError::Spawn)?;
             handles.push(h);
         }
         Ok(Channels { shared, handles })
     }
 
     /// Waits until every connection delivered its `n`-th `RoundEnd`.
-    pub fn wait_round(&self, n: u64) -> Result<(), String> {
+    pub fn wait_round(&self, n: u64) -> Result<(), ChannelError> {
         let (m, cv) = &*self.shared;
         let t0 = Instant::now();
         let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(e) = &g.failed {
-                return Err(e.clone());
+                return Err(ChannelError::Failed(e.clone()));
             }
             if g.rounds.iter().all(|&r| r >= n) {
                 return Ok(());
             }
-            let left = CHANNEL_WAIT.checked_sub(t0.elapsed()).ok_or("a round never ended on every page connection")?;
+            let left = CHANNEL_WAIT.checked_sub(t0.elapsed()).ok_or(ChannelError::RoundTimeout)?;
             g = cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
     /// Waits for every connection's `Done`: their summed (data pages,
     /// zero pages).
-    pub fn finish(self) -> Result<(u64, u64), String> {
+    pub fn finish(self) -> Result<(u64, u64), ChannelError> {
         let mut sum = (0, 0);
         for h in self.handles {
-            let (p, z) = h.join().map_err(|_| "a page connection's thread panicked".to_string())??;
+            let (p, z) = h.join().map_err(|_| ChannelError::Panicked)?.map_err(ChannelError::Failed)?;
             sum = (sum.0 + p, sum.1 + z);
         }
         Ok(sum)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smudge::dirty_set::DirtySet;
-use smudge::harvest::ConsumerId;
+use smudge::harvest::Subscription;
 use smudge::memory::file_offset_to_gpa;
 use smudge::migration::frame::{Ack, Frame, FrameReader, PAGE};
 use smudge::migration::postcopy::Owed;
@@ -84,7 +84,7 @@ fn owed_runs(src: &MigrationSource, s: &Sender, set: Option<&DirtySet>) -> Resul
 
 impl MigrationSource {
     /// Post-copy switchover and phase (see the module doc). `residue`: the
-    /// pages dirty since the last pre-copy round and the consumer whose
+    /// pages dirty since the last pre-copy round and the subscription whose
     /// last harvest joins them; `None` for pure post-copy (all data owed).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn postcopy(
@@ -92,7 +92,7 @@ impl MigrationSource {
         opts: &MigrateOptions,
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<TcpStream>>,
-        residue: Option<(DirtySet, ConsumerId)>,
+        residue: Option<(DirtySet, &Subscription)>,
         mut rounds: Vec<RoundReport>,
         converge: String,
         bandwidth: f64,
@@ -106,7 +106,7 @@ impl MigrationSource {
             s.finish_channels()?;
             s.w.send(&Frame::Postcopy(runs.clone())).map_err(stream_err("sending the owed pages"))?;
             parts.residue_ms = ms_since(tp) - parts.pause_ms;
-            let state = self.vcpus.collect_state().map_err(MigrateError::Vcpus)?;
+            let state = self.vcpus.collect_state().map_err(|e| MigrateError::Vcpus(e.to_string()))?;
             s.w.send(&Frame::State(Box::new(state))).map_err(stream_err("sending the machine state"))?;
             s.w.flush().map_err(stream_err("sending the machine state"))?;
             parts.state_ms = ms_since(tp) - parts.pause_ms - parts.residue_ms;

@@ -2,17 +2,20 @@
 //!
 //! ```text
 //! connect, Hello -> Ack
-//! new dirty-log consumer (re-protect all)      pages written from here on are logged
+//! new dirty-log subscription (re-protect all)  pages written from here on are logged
 //! round 0: every page with data (SEEK_DATA), zero pages skipped
 //!          each round ends when the destination has stored it (RoundEnd -> Ack)
-//! round n: the pages the consumer collected during round n-1
+//! round n: the pages the subscription collected during round n-1
 //!          until sending what is dirty now fits the downtime budget
 //!          (bandwidth measured each round) or rounds run out;
 //!          auto-converge throttles the vCPUs when rounds do not shrink
 //! pause, final collect, residue, State, Done -> Ack (destination runs)
 //! ```
 //!
-//! Guest memory is only read, and the consumer is this migration's own, so
+//! Rounds after round 0 run on the pre-copy round driver
+//! (`persist::precopy::run_rounds`), this module's hooks sending each.
+//!
+//! Guest memory is only read, and the subscription is this migration's own, so
 //! a failure at any point (the destination dies, the stream breaks, a bad
 //! answer) resumes the guest with nothing lost.
 //!
@@ -30,15 +33,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use smudge::dirty_set::DirtySet;
-use smudge::harvest::{ConsumerId, Harvester};
+use smudge::harvest::{HarvestError, Harvester, Subscription};
 use smudge::memory::{file_offset_to_gpa, gpa_to_file_offset, ram_layout, GuestRam, RamRegion};
 use smudge::migration::checksum::{digest, memory_crcs};
 use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_PAGES, PAGE};
 use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::converge::{ConvergePolicy, DirtyLimit, Throttle};
+use super::converge::{Converger, Throttle};
 use crate::control::signals::{self, OnStop};
+use crate::persist::precopy::{run_rounds, Budget, End, Look, Round, RoundHooks};
 use crate::vm::vcpu_control::VcpuControl;
 
 /// How to migrate.
@@ -209,7 +213,7 @@ pub enum MigrateError {
     Stream(String),
     /// The dirty log failed.
     #[error("dirty log: {0}")]
-    DirtyLog(String),
+    DirtyLog(#[from] HarvestError),
     /// The stream broke after a post-copy switchover: the guest ran on the
     /// destination, and stays paused here at the switchover point.
     #[error("post-copy broke after the switchover: {0}")]
@@ -489,12 +493,87 @@ fn sending<'a>(
     }
 }
 
-/// Removes the migration's dirty-log consumer however the migration ends.
-struct ConsumerGuard<'a>(&'a Mutex<Harvester>, ConsumerId);
+/// A migration's pre-copy rounds after round 0: each sends what the
+/// guest dirtied during the last, with auto-converge or a dirty limit
+/// throttling the vCPUs when rounds do not shrink.
+struct MigrationRounds<'a> {
+    src: &'a MigrationSource,
+    progress: &'a dyn Fn(&Progress),
+    s: &'a mut Sender,
+    reader: &'a mut FrameReader<BufReader<TcpStream>>,
+    converge: Converger,
+    rounds: Vec<RoundReport>,
+}
 
-impl Drop for ConsumerGuard<'_> {
-    fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(self.1);
+impl MigrationRounds<'_> {
+    /// The rounds sent, and how convergence was reached: `none`, or what
+    /// helped (`auto-converge N%`, a dirty limit, `max-rounds`,
+    /// `post-copy`). Ends the throttle.
+    fn finish(self, end: End) -> (Vec<RoundReport>, String) {
+        let mut how = self.converge.finish();
+        match end {
+            End::MaxRounds => how.push("max-rounds".into()),
+            End::Switch => how.push("post-copy".into()),
+            End::Converged => {}
+        }
+        let converge = if how.is_empty() { "none".into() } else { how.join(", then ") };
+        (self.rounds, converge)
+    }
+}
+
+impl RoundHooks for MigrationRounds<'_> {
+    type Error = MigrateError;
+
+    fn check(&mut self) -> Result<(), MigrateError> {
+        self.s.abandon_point()
+    }
+
+    fn looked(&mut self, look: &Look) {
+        let counts = if self.converge.limits_vcpus() { self.src.vcpu_counts() } else { Vec::new() };
+        let (sent, secs, vcpus) = (look.last.bytes, look.last.time.as_secs_f64(), self.src.vcpus.threads.len());
+        self.converge.after_round(sent, look.pages * PAGE, look.rate, secs, vcpus, &counts);
+        let (pct, vcpu_pct) = (self.converge.pct(), self.converge.vcpu_pct());
+        (self.progress)(&Progress {
+            round: look.round,
+            sending: false,
+            remaining_pages: look.pages,
+            rate_mbps: look.rate / 1e6,
+            bytes_sent: self.s.bytes(),
+            throttle_pct: pct,
+        });
+        tracing::info!(
+            "migration round {} sent {} pages in {:.1} ms ({:.0} MB/s); {} pages dirty now, estimated final round {:.1} ms{}",
+            look.round,
+            self.rounds.last().map_or(0, |r| r.pages),
+            look.last.time.as_secs_f64() * 1e3,
+            look.rate / 1e6,
+            look.pages,
+            look.estimate.as_secs_f64() * 1e3,
+            match (pct, vcpu_pct.iter().max()) {
+                (0, Some(&v)) if v > 0 => format!(", dirty limit: vCPU throttles {vcpu_pct:?} %"),
+                (0, _) => String::new(),
+                (p, _) => format!(", auto-converge {p}%"),
+            }
+        );
+    }
+
+    fn copy(&mut self, round: u32, set: &DirtySet) -> Result<Round, MigrateError> {
+        let s = &mut *self.s;
+        let (t, b, p, z) = (Instant::now(), s.bytes(), s.pages, s.zero_pages);
+        let mut tick = sending(self.progress, round, set.count(), t, b, self.converge.pct());
+        s.send_set(&self.src.ram, set, round, &mut tick)?;
+        s.end_round(round, s.pages - p, self.reader)?;
+        let time = t.elapsed();
+        self.rounds.push(RoundReport {
+            round,
+            pages: s.pages - p,
+            zero_pages: s.zero_pages - z,
+            bytes: s.bytes() - b,
+            ms: time.as_secs_f64() * 1e3,
+            throttle_pct: self.converge.pct(),
+            vcpu_throttle_pct: self.converge.vcpu_pct().to_vec(),
+        });
+        Ok(Round { bytes: s.bytes() - b, time })
     }
 }
 
@@ -592,6 +671,58 @@ impl MigrationSource {
         reader: &mut FrameReader<BufReader<TcpStream>>,
         addr: std::net::SocketAddr,
     ) -> Result<MigrationReport, MigrateError> {
+        self.hello(opts, s, reader, addr)?;
+        if opts.local {
+            s.past_abandoning();
+            // The destination maps the same RAM file: no rounds, only the
+            // machine state crosses, with the guest paused.
+            return self.switchover(opts, s, reader, None, Vec::new(), "none (same-host handover)".into(), 0.0);
+        }
+        if opts.postcopy_after == Some(0) {
+            // Pure post-copy: every page follows the switchover.
+            s.past_abandoning();
+            return self.postcopy(opts, s, reader, None, Vec::new(), "post-copy".into(), 0.0);
+        }
+        // What was dirty before now is in round 0, read after this.
+        let sub = Subscription::from_now(&self.harvester)?;
+        let throttle = match opts.auto_converge {
+            true => Some(
+                Throttle::start(self.vcpus.clone()).map_err(|e| MigrateError::Vcpus(format!("auto-converge: {e}")))?,
+            ),
+            false => None,
+        };
+        let first = self.round_zero(progress, s, reader)?;
+        let budget = Budget {
+            pause: opts.downtime,
+            max_rounds: opts.max_rounds,
+            shrink: (3, 4),
+            worth_a_round: MIN_WORTH_A_ROUND,
+            switch_after: opts.postcopy_after,
+        };
+        let time = Duration::from_secs_f64(first.ms / 1e3);
+        let first_round = Round { bytes: first.bytes, time };
+        let converge = Converger::new(throttle, &self.vcpu_counts());
+        let mut hooks = MigrationRounds { src: self, progress, s, reader, converge, rounds: vec![first] };
+        let residue = run_rounds(&sub, &budget, first_round, &mut hooks)?;
+        let (rounds, converge) = hooks.finish(residue.end);
+        s.abandon_point()?;
+        s.past_abandoning();
+        let (set, bandwidth) = (Some((residue.set, &sub)), residue.rate);
+        if residue.end == End::Switch {
+            return self.postcopy(opts, s, reader, set, rounds, converge, bandwidth);
+        }
+        self.switchover(opts, s, reader, set, rounds, converge, bandwidth)
+    }
+
+    /// Sends `Hello` (opening the extra page connections, if any) and
+    /// waits for the destination's answer.
+    fn hello(
+        &self,
+        opts: &MigrateOptions,
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<TcpStream>>,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), MigrateError> {
         let local = match opts.local {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
             false => None,
@@ -621,40 +752,16 @@ impl MigrationSource {
                 self.mem_size,
             )?);
         }
-        read_ack(reader, "Hello")?;
-        if opts.local {
-            s.past_abandoning();
-            // The destination maps the same RAM file: no rounds, only the
-            // machine state crosses, with the guest paused.
-            return self.switchover(opts, s, reader, None, Vec::new(), "none (same-host handover)".into(), 0.0);
-        }
-        if opts.postcopy_after == Some(0) {
-            // Pure post-copy: every page follows the switchover.
-            s.past_abandoning();
-            return self.postcopy(opts, s, reader, None, Vec::new(), "post-copy".into(), 0.0);
-        }
+        read_ack(reader, "Hello").map(drop)
+    }
 
-        let consumer = {
-            let mut h = self.harvester.lock().unwrap_or_else(|p| p.into_inner());
-            let c = h.add_consumer();
-            h.reprotect_all().map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-            // What was dirty before now is in round 0, read after this.
-            if let Some(before) = h.take(c) {
-                h.recycle(before);
-            }
-            c
-        };
-        let _guard = ConsumerGuard(&self.harvester, consumer);
-        let throttle = if opts.auto_converge {
-            Some(Throttle::start(self.vcpus.clone()).map_err(|e| MigrateError::Vcpus(format!("auto-converge: {e}")))?)
-        } else {
-            None
-        };
-        let mut policy = ConvergePolicy::default();
-        let mut rounds: Vec<RoundReport> = Vec::new();
-        let mut max_pct = 0;
-
-        // Round 0: everything with data.
+    /// Round 0: every page with data (`SEEK_DATA`), zero pages skipped.
+    fn round_zero(
+        &self,
+        progress: &dyn Fn(&Progress),
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<TcpStream>>,
+    ) -> Result<RoundReport, MigrateError> {
         let r0 = Instant::now();
         let (b0, p0) = (s.bytes(), s.pages);
         let data = smudge::file_io::data_ranges(&self.file, self.mem_size)
@@ -673,7 +780,7 @@ impl MigrationSource {
         let mut tick = sending(progress, 0, pages0, r0, b0, 0);
         s.send_pieces(&self.ram, &pieces, true, 0, &mut tick)?;
         s.end_round(0, s.pages - p0, reader)?;
-        let mut last = RoundReport {
+        Ok(RoundReport {
             round: 0,
             pages: s.pages - p0,
             zero_pages: 0,
@@ -681,141 +788,7 @@ impl MigrationSource {
             ms: r0.elapsed().as_secs_f64() * 1e3,
             throttle_pct: 0,
             vcpu_throttle_pct: Vec::new(),
-        };
-        rounds.push(last.clone());
-
-        let collect = |h: &Mutex<Harvester>| {
-            h.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .collect(consumer)
-                .map_err(|e| MigrateError::DirtyLog(e.to_string()))
-        };
-        let mut round = 1;
-        let mut forced = false;
-        // With the ring the dirty log says which vCPU dirtied what: hold each
-        // to its share of the link instead of slowing all of them.
-        let vcpu_counts = || self.harvester.lock().unwrap_or_else(|p| p.into_inner()).vcpu_dirty_pages().to_vec();
-        let mut dirty_limit = match (&throttle, vcpu_counts()) {
-            (Some(_), c) if !c.is_empty() => Some(DirtyLimit::new(f64::INFINITY, &c)),
-            _ => None,
-        };
-        let mut max_vcpu_pct = 0;
-        let mut limit_used = None;
-        let mut to_postcopy = false;
-        let (residue, bandwidth) = loop {
-            s.abandon_point()?;
-            let set = collect(&self.harvester)?;
-            let dirty = set.count() * PAGE;
-            // Bytes per second the last round achieved (reading RAM included).
-            let bw = last.bytes as f64 / (last.ms / 1e3).max(1e-6);
-            let estimate = Duration::from_secs_f64(if last.bytes == 0 { 0.0 } else { dirty as f64 / bw });
-            let mut pct = if throttle.is_some() { policy.after_round(last.bytes, dirty) } else { 0 };
-            let mut vcpu_pct = Vec::new();
-            if let Some(dl) = dirty_limit.as_mut() {
-                // Each vCPU may dirty a quarter of the link, shared out.
-                dl.limit = bw / PAGE as f64 / 4.0 / self.vcpus.threads.len().max(1) as f64;
-                let counts = vcpu_counts();
-                let per_vcpu = dl.update(&counts, last.ms / 1e3).to_vec();
-                if pct > 0 {
-                    // Converging needs help: the dirty limit, not a global throttle.
-                    pct = 0;
-                    limit_used = Some(dl.limit);
-                    max_vcpu_pct = max_vcpu_pct.max(per_vcpu.iter().copied().max().unwrap_or(0));
-                    vcpu_pct = per_vcpu;
-                }
-            }
-            if let Some(t) = &throttle {
-                t.set(pct);
-                t.set_vcpus(&vcpu_pct);
-                max_pct = max_pct.max(pct);
-            }
-            progress(&Progress {
-                round: last.round,
-                sending: false,
-                remaining_pages: set.count(),
-                rate_mbps: bw / 1e6,
-                bytes_sent: s.bytes(),
-                throttle_pct: pct,
-            });
-            tracing::info!(
-                "migration round {} sent {} pages in {:.1} ms ({:.0} MB/s); {} pages dirty now, estimated final round {:.1} ms{}",
-                last.round,
-                last.pages,
-                last.ms,
-                bw / 1e6,
-                set.count(),
-                estimate.as_secs_f64() * 1e3,
-                match (pct, vcpu_pct.iter().max()) {
-                    (0, Some(&v)) if v > 0 => format!(", dirty limit: vCPU throttles {vcpu_pct:?} %"),
-                    (0, _) => String::new(),
-                    (p, _) => format!(", auto-converge {p}%"),
-                }
-            );
-            // Within budget: stop unless one more short round would shrink
-            // the residue (what is dirty now is under 3/4 of what the last
-            // round sent), so downtime ends up as small as the guest allows.
-            // The budget is a ceiling, not a target: at ~200 MB/s against
-            // a ~420 MB/s link each round halves the residue, and stopping
-            // at the first round that fit 20 ms left 11 ms of downtime
-            // where two or three more rounds of a few ms each leave ~2.
-            let shrinking = dirty.saturating_mul(4) < last.bytes.saturating_mul(3) && estimate > MIN_WORTH_A_ROUND;
-            if estimate <= opts.downtime && !shrinking {
-                break (set, bw);
-            }
-            if opts.postcopy_after.is_some_and(|n| round >= n) {
-                to_postcopy = true;
-                break (set, bw);
-            }
-            if round > opts.max_rounds {
-                forced = true;
-                break (set, bw);
-            }
-            let (t, b, p, z) = (Instant::now(), s.bytes(), s.pages, s.zero_pages);
-            let mut tick = sending(progress, round, set.count(), t, b, pct);
-            s.send_set(&self.ram, &set, round, &mut tick)?;
-            s.end_round(round, s.pages - p, reader)?;
-            last = RoundReport {
-                round,
-                pages: s.pages - p,
-                zero_pages: s.zero_pages - z,
-                bytes: s.bytes() - b,
-                ms: t.elapsed().as_secs_f64() * 1e3,
-                throttle_pct: pct,
-                vcpu_throttle_pct: vcpu_pct,
-            };
-            rounds.push(last.clone());
-            round += 1;
-        };
-        drop(throttle);
-        let converge = {
-            let mut how = Vec::new();
-            if max_pct > 0 {
-                how.push(format!("auto-converge {max_pct}%"));
-            }
-            if let Some(l) = limit_used {
-                how.push(format!(
-                    "dirty-limit {:.1} MB/s per vCPU (throttle up to {max_vcpu_pct}%)",
-                    l * PAGE as f64 / 1e6
-                ));
-            }
-            if forced {
-                how.push("max-rounds".into());
-            }
-            if to_postcopy {
-                how.push("post-copy".into());
-            }
-            if how.is_empty() {
-                "none".into()
-            } else {
-                how.join(", then ")
-            }
-        };
-        s.abandon_point()?;
-        s.past_abandoning();
-        if to_postcopy {
-            return self.postcopy(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth);
-        }
-        self.switchover(opts, s, reader, Some((residue, consumer)), rounds, converge, bandwidth)
+        })
     }
 
     /// Runs `f` with the vCPUs paused (a switchover), given when the pause
@@ -829,7 +802,7 @@ impl MigrationSource {
         let was_paused = self.vcpus.shared.is_paused();
         let tp = Instant::now();
         let mut parts = DowntimeParts::default();
-        let r = self.vcpus.pause().map_err(MigrateError::Vcpus).and_then(|_| {
+        let r = self.vcpus.pause().map_err(|e| MigrateError::Vcpus(e.to_string())).and_then(|_| {
             parts.pause_ms = ms_since(tp);
             f(tp, &mut parts)
         });
@@ -845,20 +818,22 @@ impl MigrationSource {
     }
 
     /// The pages still to send at the switchover: `residue` with the last
-    /// harvest of its consumer (None: no residue, e.g. pure post-copy).
-    pub(super) fn final_set(&self, residue: Option<(DirtySet, ConsumerId)>) -> Result<Option<DirtySet>, MigrateError> {
-        let Some((mut set, consumer)) = residue else { return Ok(None) };
-        let last = self
-            .harvester
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .collect(consumer)
-            .map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
-        set.union_with(&last).map_err(|e| MigrateError::DirtyLog(e.to_string()))?;
+    /// harvest of its subscription (None: no residue, e.g. pure post-copy).
+    pub(super) fn final_set(
+        &self,
+        residue: Option<(DirtySet, &Subscription)>,
+    ) -> Result<Option<DirtySet>, MigrateError> {
+        let Some((mut set, sub)) = residue else { return Ok(None) };
+        set.union_with(&sub.collect()?).map_err(HarvestError::from)?;
         Ok(Some(set))
     }
 
-    /// The final round, paused: the residue (with the consumer whose last
+    /// The per-vCPU dirty page counters (ring only; else empty).
+    fn vcpu_counts(&self) -> Vec<u64> {
+        self.harvester.lock().unwrap_or_else(|p| p.into_inner()).vcpu_dirty_pages().to_vec()
+    }
+
+    /// The final round, paused: the residue (with the subscription whose last
     /// harvest joins it; `None` for a same-host handover, which sends no
     /// pages), the machine state, the
     /// destination's answer. On failure the guest runs on here.
@@ -868,7 +843,7 @@ impl MigrationSource {
         opts: &MigrateOptions,
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<TcpStream>>,
-        residue: Option<(DirtySet, ConsumerId)>,
+        residue: Option<(DirtySet, &Subscription)>,
         mut rounds: Vec<RoundReport>,
         converge: String,
         bandwidth: f64,
@@ -895,7 +870,7 @@ impl MigrationSource {
             }
             s.w.flush().map_err(stream_err("sending the final round"))?;
             parts.residue_ms = ms_since(tp) - parts.pause_ms;
-            let state = self.vcpus.collect_state().map_err(MigrateError::Vcpus)?;
+            let state = self.vcpus.collect_state().map_err(|e| MigrateError::Vcpus(e.to_string()))?;
             s.w.send(&Frame::State(Box::new(state))).map_err(stream_err("sending the machine state"))?;
             s.w.send(&Frame::Done { pages: s.pages, zero_pages: s.zero_pages }).map_err(stream_err("sending Done"))?;
             s.w.flush().map_err(stream_err("sending the final round"))?;

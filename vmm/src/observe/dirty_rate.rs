@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smudge::dirty_set::DirtySet;
-use smudge::harvest::{HarvestError, Harvester};
+use smudge::harvest::{HarvestError, Harvester, Subscription};
 
 /// How often the window is sampled.
 pub const SAMPLE: Duration = Duration::from_millis(100);
@@ -50,44 +50,29 @@ pub struct DirtyRate {
 
 /// Measures for `window` (at least one sample).
 pub fn measure(h: &Arc<Mutex<Harvester>>, window: Duration, page_size: u64) -> Result<DirtyRate, HarvestError> {
-    let lock = || h.lock().unwrap_or_else(|p| p.into_inner());
-    let (consumer, counts0, mut union, mechanism) = {
-        let mut g = lock();
-        let c = g.add_consumer();
-        // From a clean start: pages dirtied before now do not count.
-        if let Err(e) = g.reprotect_all() {
-            g.remove_consumer(c);
-            return Err(e);
-        }
-        if let Some(before) = g.take(c) {
-            g.recycle(before);
-        }
-        let empty = DirtySet::new(g.slots(), page_size);
-        (c, g.vcpu_dirty_pages().to_vec(), empty, g.mechanism().to_string())
+    // From a clean start: pages dirtied before now do not count.
+    let sub = Subscription::from_now(h)?;
+    let (counts0, mut union, mechanism) = {
+        let g = sub.lock();
+        (g.vcpu_dirty_pages().to_vec(), DirtySet::new(g.slots(), page_size), g.mechanism().to_string())
     };
     let t0 = Instant::now();
     let (mut total, mut samples) = (0u64, 0u32);
-    let r = (|| -> Result<(), HarvestError> {
-        loop {
-            let left = window.saturating_sub(t0.elapsed());
-            std::thread::sleep(left.min(SAMPLE));
-            let set = lock().collect(consumer)?;
-            total += set.count();
-            union.union_with(&set).map_err(HarvestError::from)?;
-            lock().recycle(set);
-            samples += 1;
-            if t0.elapsed() >= window {
-                return Ok(());
-            }
+    loop {
+        let left = window.saturating_sub(t0.elapsed());
+        std::thread::sleep(left.min(SAMPLE));
+        let set = sub.collect()?;
+        total += set.count();
+        union.union_with(&set)?;
+        sub.recycle(set);
+        samples += 1;
+        if t0.elapsed() >= window {
+            break;
         }
-    })();
+    }
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
-    let counts1 = {
-        let mut g = lock();
-        g.remove_consumer(consumer);
-        g.vcpu_dirty_pages().to_vec()
-    };
-    r?;
+    let counts1 = sub.lock().vcpu_dirty_pages().to_vec();
+    drop(sub);
     let mb = |pages: f64| pages * page_size as f64 / 1e6;
     let per_vcpu = counts1
         .iter()

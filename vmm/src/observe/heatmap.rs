@@ -11,10 +11,11 @@
 //! band at low addresses.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use smudge::harvest::Subscription;
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Smallest picture `render_svg` draws: below this the axes do not fit.
@@ -47,6 +48,34 @@ pub enum HeatmapError {
     /// `plotters` failed to draw the picture (or the size was too small).
     #[error("cannot draw heatmap: {0}")]
     Plot(String),
+}
+
+/// Records `map` from `sub` until `stopped` says so (checked at least
+/// once a period; wake the thread with `unpark` to stop sooner): every
+/// period, the pages dirtied in it (collected, so re-protected: the next
+/// write shows in the next period). A harvest error ends the recording
+/// early (logged). The subscription ends with it.
+pub fn record(sub: Subscription, mut map: Heatmap, stopped: impl Fn() -> bool) -> Heatmap {
+    let layout = smudge::memory::ram_layout(map.mem_size);
+    let mut next = Instant::now() + map.period;
+    while !stopped() {
+        std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
+        if Instant::now() < next {
+            continue;
+        }
+        next += map.period;
+        match sub.collect() {
+            Ok(set) => {
+                map.record_period(set.gpas().filter_map(|gpa| smudge::memory::gpa_to_file_offset(&layout, gpa)));
+                sub.recycle(set);
+            }
+            Err(e) => {
+                tracing::warn!("heatmap: {e}; stopped recording");
+                break;
+            }
+        }
+    }
+    map
 }
 
 /// Dirty pages per (address bucket, period).
@@ -183,22 +212,32 @@ impl Heatmap {
         Ok(svg)
     }
 
-    fn draw(&self, root: &DrawingArea<SVGBackend<'_>, Shift>, title: &str) -> Result<(), Box<dyn std::error::Error>> {
+    fn draw(&self, root: &Area<'_>, title: &str) -> Result<(), PlotError> {
         root.fill(&WHITE)?;
         let root = root.titled(title, (FONT, 22))?;
         let (w, h) = root.dim_in_pixel();
         let (top, bottom) = root.split_vertically(h * 63 / 100);
         let (heat_area, legend_area) = top.split_horizontally(w - LEGEND_WIDTH);
         let (rate_area, _) = bottom.split_horizontally(w - LEGEND_WIDTH);
+        let (grid, scale, merged) = self.draw_heat(&heat_area)?;
+        self.draw_legend(&legend_area, &scale)?;
+        self.draw_rate(&rate_area, &grid, merged)
+    }
 
-        let period_s = self.period.as_secs_f64();
-        let t_of = |period_index: usize| period_index as f64 * period_s;
-        let t_end = t_of(self.periods().max(1));
+    /// Seconds from the start to the start of period `period_index`.
+    fn t_of(&self, period_index: usize) -> f64 {
+        period_index as f64 * self.period.as_secs_f64()
+    }
+
+    /// The heatmap proper; returns its grid, colour scale and how many
+    /// periods the widest column merges.
+    fn draw_heat<'s>(&'s self, heat_area: &Area<'_>) -> Result<(Grid<'s>, ColourScale, Option<usize>), PlotError> {
+        let t_end = self.t_of(self.periods().max(1));
         let mem_mib = self.mem_size.max(1) as f64 / MIB;
         let addr_of = |bucket_index: usize| (bucket_index as u64 * self.bucket_bytes).min(self.mem_size) as f64 / MIB;
-
+        let t_of = |i| self.t_of(i);
         // The heatmap: build the axes first to learn the plot's pixel size.
-        let mut heat = ChartBuilder::on(&heat_area)
+        let mut heat = ChartBuilder::on(heat_area)
             .margin(MARGIN)
             .x_label_area_size(X_LABEL_AREA)
             .y_label_area_size(Y_LABEL_AREA)
@@ -245,9 +284,13 @@ impl Heatmap {
         }
         heat.draw_series(rects)?;
 
-        // The colour-scale legend, its bar level with the heatmap's plot.
+        Ok((grid, scale, merged))
+    }
+
+    /// The colour-scale legend, its bar level with the heatmap's plot.
+    fn draw_legend(&self, legend_area: &Area<'_>, scale: &ColourScale) -> Result<(), PlotError> {
         let legend_w = legend_area.dim_in_pixel().0;
-        let mut legend = ChartBuilder::on(&legend_area)
+        let mut legend = ChartBuilder::on(legend_area)
             .margin(MARGIN)
             .margin_left(MARGIN + 4)
             .x_label_area_size(X_LABEL_AREA)
@@ -278,12 +321,18 @@ impl Heatmap {
         legend_area.draw(&Rectangle::new([(x0, y0), (x1, y0 + 12)], BLACK.filled()))?;
         legend_area.draw(&Text::new("0 (none)", (x1 + 4, y0 - 1), (FONT, 12).into_font()))?;
 
-        // The dirty rate below, on the same time axis, as steps per column.
+        Ok(())
+    }
+
+    /// The dirty rate below, on the same time axis, as steps per column.
+    fn draw_rate(&self, rate_area: &Area<'_>, grid: &Grid<'_>, merged: Option<usize>) -> Result<(), PlotError> {
+        let t_end = self.t_of(self.periods().max(1));
+        let t_of = |i| self.t_of(i);
         let rates = grid.col_rates();
         let peak = rates.iter().copied().fold(0.0, f64::max);
         let all = self.rates();
         let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
-        let mut rate = ChartBuilder::on(&rate_area)
+        let mut rate = ChartBuilder::on(rate_area)
             .margin(MARGIN)
             .caption(
                 format!(
@@ -319,6 +368,11 @@ impl Heatmap {
         Ok(())
     }
 }
+
+/// A drawing area of the SVG.
+type Area<'b> = DrawingArea<SVGBackend<'b>, Shift>;
+/// What drawing fails with.
+type PlotError = Box<dyn std::error::Error>;
 
 /// The counts aggregated to at most one cell per pixel: `cells[col][row]` is
 /// the mean dirty pages per bucket per period over the periods

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smudge::dirty_set::DirtySet;
-use smudge::harvest::{ConsumerId, HarvestError, HarvestStats, Harvester, Mechanism};
+use smudge::harvest::{HarvestError, HarvestStats, Harvester, Mechanism, Subscription};
 use smudge::memory::GuestRam;
 use smudge::sink::{ImageFile, Sink, SinkError};
 
@@ -73,21 +73,16 @@ pub struct DirtySummary {
 /// The run's dirty-log consumers.
 #[derive(Debug)]
 pub struct Tracking {
-    harvester: Arc<Mutex<Harvester>>,
     ram: GuestRam,
-    summary: ConsumerId,
+    summary: Subscription,
     run_total: DirtySet,
-    shadow: Option<(ConsumerId, ImageFile)>,
+    shadow: Option<(Subscription, ImageFile)>,
     shadow_bytes: u64,
     dump: Option<PathBuf>,
     hold_every: Option<u64>,
     ticks: u64,
     /// While held: the ring-full count the hold waits to see grow.
     held_at: Option<u64>,
-}
-
-fn lock(h: &Mutex<Harvester>) -> std::sync::MutexGuard<'_, Harvester> {
-    h.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tracking {
@@ -100,21 +95,23 @@ impl Tracking {
         opts: &DirtyOptions,
         shadow_from: Option<&Path>,
     ) -> Result<Self, TrackError> {
-        let mut h = lock(&harvester);
-        let ring = matches!(h.mechanism(), Mechanism::Ring { .. });
-        let summary = h.add_consumer();
-        let run_total = DirtySet::new(h.slots(), smudge::memory::host_page_size());
+        let summary = Subscription::new(&harvester);
+        let (ring, run_total) = {
+            let h = summary.lock();
+            (
+                matches!(h.mechanism(), Mechanism::Ring { .. }),
+                DirtySet::new(h.slots(), smudge::memory::host_page_size()),
+            )
+        };
         let shadow = match &opts.shadow {
             Some(p) => {
                 start_shadow(p, shadow_from)?;
-                Some((h.add_consumer(), ImageFile::open(p, mem_size)?))
+                Some((Subscription::new(&harvester), ImageFile::open(p, mem_size)?))
             }
             None => None,
         };
-        drop(h);
         let hold_every = opts.hold_harvests_every.filter(|_| ring);
         Ok(Tracking {
-            harvester,
             ram,
             summary,
             run_total,
@@ -131,7 +128,7 @@ impl Tracking {
     /// harvests until a dirty ring fills.
     pub fn periodic_tick(&mut self) -> Result<(), TrackError> {
         if let Some(every) = self.hold_every {
-            let full = lock(&self.harvester).stats().ring_full_exits;
+            let full = self.summary.lock().stats().ring_full_exits;
             match self.held_at {
                 Some(at) if full == at => return Ok(()),
                 Some(_) => self.held_at = None,
@@ -148,26 +145,24 @@ impl Tracking {
 
     /// One tick: harvest, bring the shadow up to date, print stats if due.
     pub fn tick(&mut self) -> Result<(), TrackError> {
-        let mut h = lock(&self.harvester);
+        let mut h = self.summary.lock();
         // collect() harvests for every consumer, so the summary's take
         // below sees the same pages.
         let shadow_set = match &self.shadow {
-            Some((id, _)) => Some(h.collect(*id)?),
+            Some((sub, _)) => Some(h.collect(sub)?),
             None => {
                 h.harvest()?;
                 None
             }
         };
-        let total = h.take(self.summary);
+        let total = h.take(&self.summary)?;
         drop(h);
-        if let Some(t) = &total {
-            self.run_total.union_with(t).map_err(HarvestError::from)?;
-        }
+        self.run_total.union_with(&total).map_err(HarvestError::from)?;
         if let (Some((_, img)), Some(set)) = (&mut self.shadow, &shadow_set) {
             self.shadow_bytes += img.write_set(&self.ram, set)?;
         }
-        let mut h = lock(&self.harvester);
-        total.into_iter().chain(shadow_set).for_each(|s| h.recycle(s));
+        let mut h = self.summary.lock();
+        std::iter::once(total).chain(shadow_set).for_each(|s| h.recycle(s));
         drop(h);
         Ok(())
     }
@@ -179,7 +174,7 @@ impl Tracking {
         if let Some(path) = &self.dump {
             write_dump(path, &self.run_total).map_err(|source| TrackError::Dump { path: path.clone(), source })?;
         }
-        let h = lock(&self.harvester);
+        let h = self.summary.lock();
         Ok(DirtySummary {
             mechanism: h.mechanism(),
             pages: self.run_total.count(),
@@ -209,8 +204,22 @@ fn write_dump(path: &Path, set: &DirtySet) -> std::io::Result<()> {
     out.flush()
 }
 
+/// A dump line [`read_dump`] cannot read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DumpError {
+    /// Not `address count`.
+    #[error("bad dump line '{0}'")]
+    Line(String),
+    /// The address is not hex.
+    #[error("bad address in '{0}'")]
+    Address(String),
+    /// The count is not a number.
+    #[error("bad count in '{0}'")]
+    Count(String),
+}
+
 /// Parses a dump written by [`write_dump`] into page addresses.
-pub fn read_dump(text: &str) -> Result<Vec<u64>, String> {
+pub fn read_dump(text: &str) -> Result<Vec<u64>, DumpError> {
     let mut pages = Vec::new();
     let mut page_size = 4096;
     for line in text.lines() {
@@ -222,11 +231,10 @@ pub fn read_dump(text: &str) -> Result<Vec<u64>, String> {
         }
         let mut it = line.split_whitespace();
         let (Some(a), Some(n), None) = (it.next(), it.next(), it.next()) else {
-            return Err(format!("bad dump line '{line}'"));
+            return Err(DumpError::Line(line.into()));
         };
-        let gpa =
-            u64::from_str_radix(a.trim_start_matches("0x"), 16).map_err(|_| format!("bad address in '{line}'"))?;
-        let n: u64 = n.parse().map_err(|_| format!("bad count in '{line}'"))?;
+        let gpa = u64::from_str_radix(a.trim_start_matches("0x"), 16).map_err(|_| DumpError::Address(line.into()))?;
+        let n: u64 = n.parse().map_err(|_| DumpError::Count(line.into()))?;
         pages.extend((0..n).map(|i| gpa + i * page_size));
     }
     Ok(pages)
@@ -249,6 +257,7 @@ mod tests {
         write_dump(&p, &set).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(read_dump(&text).unwrap(), vec![0x1000, 0x2000, 0x9000]);
-        assert!(read_dump("0x1000").is_err());
+        assert_eq!(read_dump("0x1000"), Err(DumpError::Line("0x1000".into())));
+        assert_eq!(read_dump("zz 1"), Err(DumpError::Address("zz 1".into())));
     }
 }

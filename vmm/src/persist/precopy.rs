@@ -1,4 +1,29 @@
-//! Snapshot pre-copy: while the guest runs, the pages the snapshot chain's
+//! Pre-copy: copying guest memory while the guest runs, so that only a
+//! small residue is copied with the vCPUs paused.
+//!
+//! [`run_rounds`] is the round driver under live snapshots and migration:
+//! after a first copy of everything, it collects what the guest dirtied
+//! meanwhile (through the caller's own [`Subscription`]) and copies it
+//! again, round after round, until the residue is estimated to copy within
+//! a [`Budget`] (from the last round's rate) and another round would not
+//! shrink it much, or the rounds run out. The caller's [`RoundHooks`] copy
+//! each round (to a file, over the network), report progress and throttle
+//! the vCPUs (migration's auto-converge).
+//!
+//! ```text
+//! first copy (everything)                         caller, timed -> Round
+//! loop: check (a stop signal gives up)            hooks.check
+//!       collect = harvest, take, re-protect       subscription
+//!       estimate = dirty bytes / last round's rate
+//!       looked (progress, throttles)              hooks.looked
+//!       within budget and not shrinking -> Converged
+//!       switch_after rounds done        -> Switch (post-copy)
+//!       max_rounds after the first      -> MaxRounds
+//!       copy the set                              hooks.copy -> Round
+//! -> Residue: the set the caller copies paused
+//! ```
+//!
+//! Diff-snapshot pre-copy: while the guest runs, the pages the snapshot chain's
 //! own dirty-log consumer collects are copied into a staging image (a
 //! sparse file holding RAM at its backing-file offsets), so the next diff
 //! snapshot only copies the residue — the pages dirtied since the last
@@ -12,10 +37,147 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use smudge::dirty_set::{DirtySet, DirtySetError};
+use smudge::harvest::{HarvestError, Subscription};
 use smudge::memory::{ram_layout, GuestRam};
+use smudge::migration::frame::PAGE;
 use smudge::sink::{ImageFile, Sink, SinkError};
+
+/// One copy round: the bytes it copied and how long that took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Round {
+    /// Bytes copied.
+    pub bytes: u64,
+    /// How long the copy took.
+    pub time: Duration,
+}
+
+impl Round {
+    /// Bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.bytes as f64 / self.time.as_secs_f64().max(1e-6)
+    }
+}
+
+/// When the rounds stop and the residue is copied paused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// The paused copy of the residue may take this long (estimated from
+    /// the last round's rate).
+    pub pause: Duration,
+    /// Copy rounds after the first before the pause is forced.
+    pub max_rounds: u32,
+    /// Within budget, one more round is still worth it while what is dirty
+    /// is under this fraction (numerator, denominator) of what the last
+    /// round copied — the residue shrinks, so the pause ends up as short as
+    /// the guest allows ...
+    pub shrink: (u64, u64),
+    /// ... and the residue is estimated above this.
+    pub worth_a_round: Duration,
+    /// Stop once this many rounds (the first included) are done, to hand
+    /// the rest over to post-copy.
+    pub switch_after: Option<u32>,
+}
+
+/// What a look at the log found, after round `round`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Look {
+    /// The round just finished (0: the first copy).
+    pub round: u32,
+    /// That round.
+    pub last: Round,
+    /// Its rate, bytes per second.
+    pub rate: f64,
+    /// Pages dirty now (the next round's work).
+    pub pages: u64,
+    /// How long copying them is estimated to take at that rate.
+    pub estimate: Duration,
+}
+
+/// Why the rounds ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The residue fits the budget and would not shrink much further.
+    Converged,
+    /// `switch_after` rounds were done: post-copy takes over.
+    Switch,
+    /// `max_rounds` rounds after the first were done.
+    MaxRounds,
+}
+
+/// The rounds' outcome: what is left to copy with the vCPUs paused.
+#[derive(Debug)]
+pub struct Residue {
+    /// Pages dirty since the last round (collected, re-protected).
+    pub set: DirtySet,
+    /// Why the rounds ended.
+    pub end: End,
+    /// The last round's rate, bytes per second.
+    pub rate: f64,
+}
+
+/// What a pre-copy does in each round.
+pub trait RoundHooks {
+    /// What the copy (or a stop) fails with.
+    type Error: From<HarvestError>;
+
+    /// Before each look at the log: an error gives up (a stop signal).
+    fn check(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// After each look, before the decision: progress, throttles.
+    fn looked(&mut self, _look: &Look) {}
+
+    /// Copies round `round`'s pages.
+    fn copy(&mut self, round: u32, set: &DirtySet) -> Result<Round, Self::Error>;
+}
+
+/// Runs the rounds after a `first` copy of everything, on `sub` (which
+/// must have been subscribed before that copy began); see the module doc.
+pub fn run_rounds<H: RoundHooks>(
+    sub: &Subscription,
+    budget: &Budget,
+    first: Round,
+    hooks: &mut H,
+) -> Result<Residue, H::Error> {
+    let (mut last, mut round) = (first, 0u32);
+    loop {
+        hooks.check()?;
+        let set = sub.collect()?;
+        let dirty = set.count() * PAGE;
+        let rate = last.rate();
+        let estimate =
+            if last.bytes == 0 { Duration::ZERO } else { Duration::from_secs_f64(dirty as f64 / rate.max(1.0)) };
+        hooks.looked(&Look { round, last, rate, pages: set.count(), estimate });
+        if let Some(end) = budget.end(round, last.bytes, dirty, estimate) {
+            return Ok(Residue { set, end, rate });
+        }
+        last = hooks.copy(round + 1, &set)?;
+        sub.recycle(set);
+        round += 1;
+    }
+}
+
+impl Budget {
+    /// Whether the rounds end after round `round`, which copied `copied`
+    /// bytes, with `dirty` bytes dirty now that copy in `estimate`.
+    fn end(&self, round: u32, copied: u64, dirty: u64, estimate: Duration) -> Option<End> {
+        let (num, den) = self.shrink;
+        let shrinking = dirty.saturating_mul(den) < copied.saturating_mul(num) && estimate > self.worth_a_round;
+        if estimate <= self.pause && !shrinking {
+            Some(End::Converged)
+        } else if self.switch_after.is_some_and(|n| round + 1 >= n) {
+            Some(End::Switch)
+        } else if round >= self.max_rounds {
+            Some(End::MaxRounds)
+        } else {
+            None
+        }
+    }
+}
 
 /// Why a pre-copy pass failed (its pages stay with the caller).
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +268,25 @@ mod tests {
     use super::*;
     use smudge::kvm::Slot;
     use smudge::memory::BackingFile;
+
+    #[test]
+    fn rounds_end_when_the_residue_fits_and_stops_shrinking() {
+        let ms = Duration::from_millis;
+        let b = Budget { pause: ms(20), max_rounds: 3, shrink: (3, 4), worth_a_round: ms(1), switch_after: None };
+        // Over budget: another round, until the rounds run out.
+        assert_eq!(b.end(0, 100, 90, ms(30)), None);
+        assert_eq!(b.end(3, 100, 90, ms(30)), Some(End::MaxRounds));
+        // Within budget but shrinking (90 -> under 3/4): one more.
+        assert_eq!(b.end(1, 100, 70, ms(10)), None);
+        // Within budget and not shrinking, or too small to be worth it.
+        assert_eq!(b.end(1, 100, 80, ms(10)), Some(End::Converged));
+        assert_eq!(b.end(1, 100, 10, ms(0)), Some(End::Converged));
+        // Post-copy after two rounds, the first included.
+        let p = Budget { switch_after: Some(2), ..b };
+        assert_eq!(p.end(0, 100, 90, ms(30)), None);
+        assert_eq!(p.end(1, 100, 90, ms(30)), Some(End::Switch));
+        assert_eq!(Round { bytes: 2_000_000, time: ms(2) }.rate(), 1e9);
+    }
 
     #[test]
     fn staged_pages_land_at_their_file_offsets_and_the_image_goes_away() {

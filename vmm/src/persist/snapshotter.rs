@@ -1,7 +1,9 @@
 //! Taking snapshots of the running VM: pause the vCPUs, have each vCPU
 //! thread hand over its own state, write memory (all of it for a full
-//! snapshot; for a diff, the pages the chain's own dirty-log consumer saw
-//! since the parent), commit, resume. Used by the control API and by
+//! snapshot; for a diff, the pages the chain's own dirty-log subscription
+//! saw since the parent), commit, resume. A live full snapshot copies RAM
+//! while the guest runs, in pre-copy rounds ([`run_rounds`]), and pauses
+//! only for the residue. Used by the control API and by
 //! `smudge run --snapshot-at-ms`.
 
 use std::fs::File;
@@ -9,14 +11,53 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smudge::dirty_set::DirtySet;
-use smudge::harvest::{ConsumerId, Harvester};
+use smudge::dirty_set::{DirtySet, DirtySetError};
+use smudge::harvest::{HarvestError, Harvester, Subscription};
 use smudge::memory::GuestRam;
-use smudge::migration::frame::PAGE;
 use smudge::snapshot::{self, MachineState, Manifest};
 
-use crate::persist::precopy::{file_extents, Staging};
+use crate::persist::precopy::{file_extents, run_rounds, Budget, Look, Round, RoundHooks, Staging, StagingError};
 use crate::vm::vcpu_control::VcpuControl;
+
+/// Why a snapshot failed; the chain stays as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// Pausing the vCPUs or collecting their state failed.
+    #[error("{0}")]
+    Vcpus(String),
+    /// Writing, syncing or committing the files failed (with every cause).
+    #[error("{0}")]
+    Files(String),
+    /// The dirty log failed.
+    #[error(transparent)]
+    DirtyLog(#[from] HarvestError),
+    /// A set of pages did not have the VM's slot shape.
+    #[error(transparent)]
+    Shape(#[from] DirtySetError),
+    /// A pre-copy pass failed (its pages are kept for the next).
+    #[error("pre-copy: {0}")]
+    Precopy(#[from] StagingError),
+    /// The request does not fit this run (its dirty logging or its chain).
+    #[error("{0}")]
+    Refused(String),
+    /// A live snapshot given up because smudge is stopping.
+    #[error("{0}")]
+    Abandoned(String),
+}
+
+impl TakeError {
+    fn files(e: &dyn std::error::Error) -> TakeError {
+        TakeError::Files(with_causes(e))
+    }
+
+    fn vcpus(e: impl std::fmt::Display) -> TakeError {
+        TakeError::Vcpus(e.to_string())
+    }
+
+    fn refused(why: impl Into<String>) -> TakeError {
+        TakeError::Refused(why.into())
+    }
+}
 
 /// What a snapshot produced.
 #[derive(Debug, Clone)]
@@ -50,10 +91,11 @@ impl Taken {
     }
 }
 
-/// The last snapshot of this run and the consumer collecting pages since.
+/// The last snapshot of this run and the subscription collecting pages
+/// since.
 #[derive(Debug)]
 struct Chain {
-    consumer: ConsumerId,
+    sub: Subscription,
     /// Set once that snapshot is committed.
     last: Option<(Manifest, PathBuf)>,
 }
@@ -79,7 +121,7 @@ pub struct Snapshotter {
 enum Paused {
     /// The files are written; sync and commit remain. A diff's pages (kept
     /// for the next diff if the commit fails), or a full snapshot's new
-    /// dirty-log consumer (it heads the chain once the commit succeeds).
+    /// subscription (it heads the chain once the commit succeeds).
     Written(snapshot::Pending, Written),
     /// A diff whose pages all sit in a frozen staging image: pack it. With
     /// the residue bytes copied in the pause.
@@ -90,9 +132,9 @@ enum Paused {
 enum Written {
     /// A diff, with its pages.
     Diff(DirtySet),
-    /// A full snapshot, with the consumer collecting pages since it (None:
-    /// no dirty logging).
-    Full(Option<ConsumerId>),
+    /// A full snapshot, with the subscription collecting pages since it
+    /// (None: no dirty logging).
+    Full(Option<Subscription>),
 }
 
 impl Snapshotter {
@@ -108,46 +150,41 @@ impl Snapshotter {
     }
 
     /// One pre-copy pass, while the guest runs: collect (harvest, take and
-    /// re-protect) the pages the chain's consumer saw since the last pass
-    /// and copy them into the next diff's staging image. Returns the bytes
-    /// copied (0 when there is no committed chain to build on). A failed
-    /// pass keeps its pages for the next pass or the pause.
-    pub fn precopy_pass(&mut self) -> Result<u64, String> {
-        let (Some(ram), Some(h), Some(chain)) = (&self.ram, &self.harvester, &self.chain) else {
+    /// re-protect) the pages the chain's subscription saw since the last
+    /// pass and copy them into the next diff's staging image. Returns the
+    /// bytes copied (0 when there is no committed chain to build on). A
+    /// failed pass keeps its pages for the next pass or the pause.
+    pub fn precopy_pass(&mut self) -> Result<u64, TakeError> {
+        let (Some(ram), Some(chain)) = (&self.ram, &self.chain) else {
             return Ok(0);
         };
         let Some((_, last_dir)) = &chain.last else {
             return Ok(0);
         };
-        let mut set = {
-            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-            h.collect(chain.consumer).map_err(|e| e.to_string())?
-        };
+        let mut set = chain.sub.collect()?;
         if let Some(p) = self.pending.take() {
-            set.union_with(&p).map_err(|e| e.to_string())?;
+            set.union_with(&p)?;
         }
         if set.is_empty() {
             return Ok(0);
         }
-        if self.staging.is_none() {
-            let mut empty = set.clone();
-            empty.clear();
-            match Staging::create(&Staging::path_after(last_dir), self.mem_size, empty) {
-                Ok(s) => self.staging = Some(s),
-                Err(e) => {
-                    self.pending = Some(set);
-                    return Err(format!("pre-copy: {e}"));
-                }
+        let staging = match self.staging.take() {
+            Some(s) => Ok(s),
+            None => {
+                let mut empty = set.clone();
+                empty.clear();
+                Staging::create(&Staging::path_after(last_dir), self.mem_size, empty)
             }
-        }
-        let staging = self.staging.as_mut().ok_or("pre-copy: no staging image")?;
-        match staging.copy_in(ram, &set) {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                self.pending = Some(set);
-                Err(format!("pre-copy: {e}"))
-            }
-        }
+        };
+        let copied = staging.map_err(StagingError::from).and_then(|mut staging| {
+            let r = staging.copy_in(ram, &set);
+            self.staging = Some(staging);
+            r
+        });
+        copied.map_err(|e| {
+            self.pending = Some(set);
+            TakeError::from(e)
+        })
     }
 
     /// Takes a snapshot into `dir`: full, or a diff on `parent` (which must
@@ -158,11 +195,11 @@ impl Snapshotter {
     ///
     /// A snapshot that fails, at any step, leaves the chain as it was (a
     /// diff's pages are kept for the next diff) and no files behind.
-    pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, String> {
-        snapshot::check_dir(dir).map_err(|e| with_causes(&e))?;
+    pub fn take(&mut self, dir: &Path, parent: Option<&Path>, resume: bool) -> Result<Taken, TakeError> {
+        snapshot::check_dir(dir).map_err(|e| TakeError::files(&e))?;
         let t0 = Instant::now();
         let was_paused = self.vcpus.shared.is_paused();
-        self.vcpus.pause()?;
+        self.vcpus.pause().map_err(TakeError::vcpus)?;
         let r = self.take_paused(dir, parent);
         let pause = t0.elapsed();
         if resume && !was_paused {
@@ -178,7 +215,7 @@ impl Snapshotter {
                     .chain
                     .as_ref()
                     .and_then(|c| c.last.as_ref())
-                    .ok_or("the chain ended while the snapshot was taken")?;
+                    .ok_or_else(|| TakeError::refused("the chain ended while the snapshot was taken"))?;
                 let extents = frozen.file_extents(self.mem_size);
                 let p = snapshot::begin_diff(dir, last, last_dir, frozen.file(), &extents, &state);
                 (p, Written::Diff(frozen.staged().clone()), residue)
@@ -199,124 +236,90 @@ impl Snapshotter {
                         }
                     }
                     // The new full snapshot heads the chain from now on.
-                    Written::Full(consumer) => self.start_chain(consumer, last),
+                    Written::Full(sub) => self.start_chain(sub, last),
                 }
                 Ok(Taken::new(c, dir, pause, in_pause))
             }
             Err(e) => {
-                match written {
-                    // A failed diff keeps its pages for the next one.
-                    Written::Diff(set) => self.keep_pending(set),
-                    // A failed full snapshot leaves the old chain as it was.
-                    Written::Full(consumer) => self.drop_consumer(consumer),
+                // A failed diff keeps its pages for the next one; a failed
+                // full snapshot's subscription goes (dropped), leaving the
+                // old chain as it was.
+                if let Written::Diff(set) = written {
+                    self.keep_pending(set);
                 }
-                Err(with_causes(&e))
+                Err(TakeError::files(&e))
             }
         }
     }
 
     /// Takes a full snapshot into `dir` while the guest runs: all RAM is
     /// copied, then the pages written meanwhile, round after round, by a
-    /// dirty-log consumer of its own, until what is left is estimated to
-    /// copy within `residue` (or `MAX_LIVE_ROUNDS` passed); only that last
-    /// residue is copied with the vCPUs paused. The snapshot then heads
-    /// this run's chain, its consumer collecting for the next diff.
+    /// dirty-log subscription of its own, until what is left is estimated
+    /// to copy within `residue` (or `MAX_LIVE_ROUNDS` passed); only that
+    /// last residue is copied with the vCPUs paused. The snapshot then
+    /// heads this run's chain, its subscription collecting for the next
+    /// diff.
     pub fn take_live(
         &mut self,
         dir: &Path,
         residue: Duration,
         resume: bool,
         progress: &dyn Fn(&LiveProgress),
-    ) -> Result<Taken, String> {
-        let h = self.harvester.clone().ok_or("live snapshots need dirty logging")?;
-        snapshot::check_dir(dir).map_err(|e| with_causes(&e))?;
-        let collect = |c| h.lock().unwrap_or_else(|p| p.into_inner()).collect(c).map_err(|e| e.to_string());
-        let consumer = {
-            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-            let c = h.add_consumer();
-            h.reprotect_all().map_err(|e| e.to_string())?;
-            // What was dirty before now is in the first copy, made after this.
-            if let Some(before) = h.take(c) {
-                h.recycle(before);
-            }
-            c
-        };
-        let mut guard = LiveConsumer { harvester: &h, consumer: Some(consumer) };
+    ) -> Result<Taken, TakeError> {
+        let h = self.harvester.clone().ok_or_else(|| TakeError::refused("live snapshots need dirty logging"))?;
+        snapshot::check_dir(dir).map_err(|e| TakeError::files(&e))?;
+        // What was dirty before now is in the first copy, made after this.
+        let sub = Subscription::from_now(&h)?;
         let t0 = Instant::now();
-        let mut live = snapshot::begin_live_full(dir, &self.file, self.mem_size).map_err(|e| with_causes(&e))?;
+        let mut live = snapshot::begin_live_full(dir, &self.file, self.mem_size).map_err(|e| TakeError::files(&e))?;
         crate::control::signals::test_hold(crate::control::signals::Hold::LiveSnapshot);
-        let mut last = (live.bytes(), t0.elapsed());
-        let mut round = 0;
-        let set = loop {
-            // A stop signal abandons it between rounds (the guest runs).
-            if let Some(sig) = crate::control::signals::requested_name() {
+        let first = Round { bytes: live.bytes(), time: t0.elapsed() };
+        let budget = Budget {
+            pause: residue,
+            max_rounds: MAX_LIVE_ROUNDS,
+            shrink: (1, 2),
+            worth_a_round: Duration::ZERO,
+            switch_after: None,
+        };
+        let mut hooks = LiveRounds { live: &mut live, file: &self.file, mem_size: self.mem_size, progress };
+        let set = match run_rounds(&sub, &budget, first, &mut hooks) {
+            Ok(r) => r.set,
+            Err(TakeError::Abandoned(sig)) => {
                 drop(live);
                 return Err(abandon_live(dir, &sig));
             }
-            let set = collect(consumer)?;
-            let dirty = set.count() * PAGE;
-            let rate = last.0 as f64 / last.1.as_secs_f64().max(1e-6);
-            let estimate = Duration::from_secs_f64(dirty as f64 / rate.max(1.0));
-            progress(&LiveProgress { round, remaining_pages: set.count(), rate_mbps: rate / 1e6, bytes: live.bytes() });
-            tracing::info!(
-                "live snapshot round {round}: {} MiB copied at {:.0} MB/s; {} pages dirty now, estimated pause {:.1} ms",
-                last.0 >> 20,
-                rate / 1e6,
-                set.count(),
-                estimate.as_secs_f64() * 1e3
-            );
-            // Another round only while it shrinks the residue.
-            let shrinking = dirty.saturating_mul(2) < last.0;
-            if (estimate <= residue && !shrinking) || estimate.is_zero() || round >= MAX_LIVE_ROUNDS {
-                break set;
-            }
-            let t = Instant::now();
-            let n = live.copy_extents(&self.file, &file_extents(&set, self.mem_size)).map_err(|e| with_causes(&e))?;
-            h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
-            last = (n, t.elapsed());
-            round += 1;
+            Err(e) => return Err(e),
         };
         let was_paused = self.vcpus.shared.is_paused();
         let tp = Instant::now();
-        self.vcpus.pause()?;
+        self.vcpus.pause().map_err(TakeError::vcpus)?;
         let paused = (|| {
             self.vcpus.request_state();
             let mut set = set;
-            set.union_with(&collect(consumer)?).map_err(|e| e.to_string())?;
-            let n = live.copy_extents(&self.file, &file_extents(&set, self.mem_size)).map_err(|e| with_causes(&e))?;
-            Ok::<_, String>((self.vcpus.collect_state()?, n))
+            set.union_with(&sub.collect()?)?;
+            let n =
+                live.copy_extents(&self.file, &file_extents(&set, self.mem_size)).map_err(|e| TakeError::files(&e))?;
+            Ok::<_, TakeError>((self.vcpus.collect_state().map_err(TakeError::vcpus)?, n))
         })();
         let pause = tp.elapsed();
         if resume && !was_paused {
             self.vcpus.resume();
         }
         let (state, in_pause) = paused?;
-        let c = live.finish(&state).and_then(snapshot::Pending::commit_counted).map_err(|e| with_causes(&e))?;
+        let c = live.finish(&state).and_then(snapshot::Pending::commit_counted).map_err(|e| TakeError::files(&e))?;
         // Pages written since the pause are the next diff's: this
-        // snapshot's consumer carries on as the chain's.
-        guard.consumer = None;
-        self.start_chain(Some(consumer), Some((c.manifest.clone(), dir.to_path_buf())));
+        // snapshot's subscription carries on as the chain's.
+        self.start_chain(Some(sub), Some((c.manifest.clone(), dir.to_path_buf())));
         Ok(Taken::new(c, dir, pause, in_pause))
     }
 
-    /// A committed full snapshot (`last`) heads a new chain, `consumer`
-    /// collecting for its next diff: the old chain's consumer, pages and
-    /// staging image go. Without dirty logging there is no chain.
-    fn start_chain(&mut self, consumer: Option<ConsumerId>, last: Option<(Manifest, PathBuf)>) {
-        let old = self.chain.take();
-        if let (Some(old), Some(h)) = (old, &self.harvester) {
-            h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(old.consumer);
-        }
-        self.chain = consumer.map(|consumer| Chain { consumer, last });
+    /// A committed full snapshot (`last`) heads a new chain, `sub`
+    /// collecting for its next diff: the old chain's subscription, pages
+    /// and staging image go. Without dirty logging there is no chain.
+    fn start_chain(&mut self, sub: Option<Subscription>, last: Option<(Manifest, PathBuf)>) {
+        self.chain = sub.map(|sub| Chain { sub, last });
         self.pending = None;
         self.staging = None;
-    }
-
-    /// Drops a failed full snapshot's consumer.
-    fn drop_consumer(&mut self, consumer: Option<ConsumerId>) {
-        if let (Some(c), Some(h)) = (consumer, &self.harvester) {
-            h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(c);
-        }
     }
 
     fn keep_pending(&mut self, set: DirtySet) {
@@ -330,72 +333,62 @@ impl Snapshotter {
         }
     }
 
-    fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<Paused, String> {
-        let state = self.vcpus.machine_state()?;
-        match parent {
-            None => {
-                let pending =
-                    snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| with_causes(&e))?;
-                // The chain's consumer stays until this snapshot commits: a
-                // failure at any step leaves the chain as it was.
-                let consumer = match &self.harvester {
-                    Some(h) => {
-                        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-                        // Pages dirtied from here on are the next diff's;
-                        // with manual protect, stale log bits are
-                        // re-protected first (every consumer harvested).
-                        h.reprotect_all().map_err(|e| e.to_string())?;
-                        Some(h.add_consumer())
-                    }
-                    None => None,
-                };
-                Ok(Paused::Written(pending, Written::Full(consumer)))
+    fn take_paused(&mut self, dir: &Path, parent: Option<&Path>) -> Result<Paused, TakeError> {
+        let state = self.vcpus.machine_state().map_err(TakeError::vcpus)?;
+        let Some(p) = parent else {
+            let pending =
+                snapshot::begin_full(dir, &self.file, self.mem_size, &state).map_err(|e| TakeError::files(&e))?;
+            // The chain's subscription stays until this snapshot commits: a
+            // failure at any step leaves the chain as it was. Pages dirtied
+            // from here on are the next diff's; with manual protect, stale
+            // log bits are re-protected first (every consumer harvested).
+            let sub = self.harvester.as_ref().map(Subscription::from_now).transpose()?;
+            return Ok(Paused::Written(pending, Written::Full(sub)));
+        };
+        let chain = self.chain.as_ref().ok_or_else(|| {
+            TakeError::refused("no earlier snapshot in this run to diff against (take a full one first)")
+        })?;
+        let (last, last_dir) =
+            chain.last.as_ref().ok_or_else(|| TakeError::refused("the last snapshot of this run was not committed"))?;
+        let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
+        if !same(p, last_dir) {
+            return Err(TakeError::Refused(format!(
+                "a diff must build on the last snapshot of this run ({}), not {}",
+                last_dir.display(),
+                p.display()
+            )));
+        }
+        if self.harvester.is_none() {
+            return Err(TakeError::refused("diff snapshots need dirty logging"));
+        }
+        let mut set = {
+            let mut h = chain.sub.lock();
+            h.reprotect_all()?;
+            h.take(&chain.sub)?
+        };
+        if let Some(p) = self.pending.take() {
+            set.union_with(&p)?;
+        }
+        // Pre-copied: only the residue is copied now, into the staging
+        // image, which is packed after the resume.
+        if let (Some(mut frozen), Some(ram)) = (self.staging.take(), &self.ram) {
+            match frozen.copy_in(ram, &set) {
+                Ok(n) => return Ok(Paused::Staged(frozen, state, n)),
+                Err(e) => {
+                    // RAM is still the point in time: copy every page of
+                    // the diff from it instead.
+                    tracing::warn!("snapshot: staging the residue failed ({e}); copying the diff from RAM");
+                    set.union_with(frozen.staged())?;
+                }
             }
-            Some(p) => {
-                let chain = self
-                    .chain
-                    .as_ref()
-                    .ok_or("no earlier snapshot in this run to diff against (take a full one first)")?;
-                let (last, last_dir) = chain.last.as_ref().ok_or("the last snapshot of this run was not committed")?;
-                let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
-                if !same(p, last_dir) {
-                    return Err(format!(
-                        "a diff must build on the last snapshot of this run ({}), not {}",
-                        last_dir.display(),
-                        p.display()
-                    ));
-                }
-                let h = self.harvester.as_ref().ok_or("diff snapshots need dirty logging")?;
-                let mut set = {
-                    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-                    h.reprotect_all().map_err(|e| e.to_string())?;
-                    h.take(chain.consumer).ok_or("the chain's dirty-log consumer is gone")?
-                };
-                if let Some(p) = self.pending.take() {
-                    set.union_with(&p).map_err(|e| e.to_string())?;
-                }
-                // Pre-copied: only the residue is copied now, into the
-                // staging image, which is packed after the resume.
-                if let (Some(mut frozen), Some(ram)) = (self.staging.take(), &self.ram) {
-                    match frozen.copy_in(ram, &set) {
-                        Ok(n) => return Ok(Paused::Staged(frozen, state, n)),
-                        Err(e) => {
-                            // RAM is still the point in time: copy every
-                            // page of the diff from it instead.
-                            tracing::warn!("snapshot: staging the residue failed ({e}); copying the diff from RAM");
-                            set.union_with(frozen.staged()).map_err(|e| e.to_string())?;
-                        }
-                    }
-                }
-                let extents = file_extents(&set, self.mem_size);
-                match snapshot::begin_diff(dir, last, last_dir, &self.file, &extents, &state) {
-                    Ok(p) => Ok(Paused::Written(p, Written::Diff(set))),
-                    Err(e) => {
-                        // Keep the pages for the next diff: nothing is lost.
-                        self.pending = Some(set);
-                        Err(with_causes(&e))
-                    }
-                }
+        }
+        let extents = file_extents(&set, self.mem_size);
+        match snapshot::begin_diff(dir, last, last_dir, &self.file, &extents, &state) {
+            Ok(p) => Ok(Paused::Written(p, Written::Diff(set))),
+            Err(e) => {
+                // Keep the pages for the next diff: nothing is lost.
+                self.pending = Some(set);
+                Err(TakeError::files(&e))
             }
         }
     }
@@ -418,30 +411,62 @@ pub struct LiveProgress {
     pub bytes: u64,
 }
 
-/// A live snapshot abandoned because smudge is stopping: its directory
-/// holds a partial `memory.img` and no manifest (no snapshot); both go.
-/// Says a live snapshot was given up; dropping its writer already removed
-/// what it wrote (and the directory, if the snapshot made it).
-fn abandon_live(dir: &Path, sig: &str) -> String {
+/// A live snapshot's rounds: copies into its memory file while the guest
+/// runs.
+struct LiveRounds<'a> {
+    live: &'a mut snapshot::LiveFull,
+    file: &'a File,
+    mem_size: u64,
+    progress: &'a dyn Fn(&LiveProgress),
+}
+
+impl RoundHooks for LiveRounds<'_> {
+    type Error = TakeError;
+
+    /// A stop signal abandons it between rounds (the guest runs).
+    fn check(&mut self) -> Result<(), TakeError> {
+        match crate::control::signals::requested_name() {
+            Some(sig) => Err(TakeError::Abandoned(sig)),
+            None => Ok(()),
+        }
+    }
+
+    fn looked(&mut self, look: &Look) {
+        let bytes = self.live.bytes();
+        (self.progress)(&LiveProgress {
+            round: look.round,
+            remaining_pages: look.pages,
+            rate_mbps: look.rate / 1e6,
+            bytes,
+        });
+        tracing::info!(
+            "live snapshot round {}: {} MiB copied at {:.0} MB/s; {} pages dirty now, estimated pause {:.1} ms",
+            look.round,
+            look.last.bytes >> 20,
+            look.rate / 1e6,
+            look.pages,
+            look.estimate.as_secs_f64() * 1e3
+        );
+    }
+
+    fn copy(&mut self, _round: u32, set: &DirtySet) -> Result<Round, TakeError> {
+        let t = Instant::now();
+        let bytes =
+            self.live.copy_extents(self.file, &file_extents(set, self.mem_size)).map_err(|e| TakeError::files(&e))?;
+        Ok(Round { bytes, time: t.elapsed() })
+    }
+}
+
+/// A live snapshot abandoned because smudge is stopping on `sig`: its
+/// directory holds a partial `memory.img` and no manifest (no snapshot);
+/// dropping its writer already removed what it wrote (and the directory,
+/// if the snapshot made it). Says so on stderr, and as the error.
+fn abandon_live(dir: &Path, sig: &str) -> TakeError {
     let gone = if dir.exists() { "left as it was before the snapshot" } else { "removed" };
     let msg =
         format!("live snapshot into {} abandoned: smudge is stopping on {sig}; its directory is {gone}", dir.display());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("smudge: {msg}\n").as_bytes());
-    msg
-}
-
-/// Removes a failed live snapshot's dirty-log consumer.
-struct LiveConsumer<'a> {
-    harvester: &'a Mutex<Harvester>,
-    consumer: Option<ConsumerId>,
-}
-
-impl Drop for LiveConsumer<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.consumer.take() {
-            self.harvester.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(c);
-        }
-    }
+    TakeError::Abandoned(msg)
 }
 
 /// An error and every cause under it, on one line ("…: No space left on

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use smudge::harvest::{HarvestStats, Harvester};
+use smudge::harvest::{HarvestStats, Harvester, Subscription};
 use smudge::memory::{host_page_size, BackingFile, GuestRam};
 use smudge::sink::{BackingFileSink, ImageFile, Sink};
 use smudge::writeback::{HarvesterLog, MonotonicClock, Writeback, WritebackStats};
@@ -178,7 +178,7 @@ impl Parts<'_> {
             (Some(h), Some((_, period, buckets))) => {
                 let slot = Arc::new(Mutex::new(None));
                 let map = Heatmap::new(cfg.mem_size, *buckets, *period);
-                tasks.add(heatmap_task(h.clone(), map, *period, cfg.mem_size, shared, slot.clone())?);
+                tasks.add(heatmap_task(h.clone(), map, shared, slot.clone())?);
                 Some(slot)
             }
             _ => None,
@@ -272,36 +272,13 @@ fn precopy_task(sn: Arc<Mutex<Snapshotter>>, every: Duration, shared: &Arc<Share
 /// dirty-log consumer of its own; leaves the map in `slot` when it stops.
 fn heatmap_task(
     h: Arc<Mutex<Harvester>>,
-    mut map: Heatmap,
-    period: Duration,
-    mem_size: u64,
+    map: Heatmap,
     shared: &Arc<Shared>,
     slot: HeatmapSlot,
 ) -> Result<ThreadTask, TaskError> {
-    let layout = smudge::memory::ram_layout(mem_size);
-    let consumer = h.lock().unwrap_or_else(|p| p.into_inner()).add_consumer();
+    let sub = Subscription::new(&h);
     ThreadTask::spawn("heatmap", "heatmap", shared, move |stop| {
-        let mut next = Instant::now() + period;
-        while !stop.is_set() {
-            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
-            if Instant::now() < next {
-                continue;
-            }
-            next += period;
-            // collect: re-protected, so the next write shows in the next period.
-            let set = h.lock().unwrap_or_else(|p| p.into_inner()).collect(consumer);
-            match set {
-                Ok(set) => {
-                    map.record_period(set.gpas().filter_map(|gpa| smudge::memory::gpa_to_file_offset(&layout, gpa)));
-                    h.lock().unwrap_or_else(|p| p.into_inner()).recycle(set);
-                }
-                Err(e) => {
-                    tracing::warn!("heatmap: {e}; stopped recording");
-                    break;
-                }
-            }
-        }
-        h.lock().unwrap_or_else(|p| p.into_inner()).remove_consumer(consumer);
+        let map = crate::observe::heatmap::record(sub, map, || stop.is_set());
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
     })
 }
