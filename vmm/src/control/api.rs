@@ -532,7 +532,7 @@ impl Api {
         let t0 = Instant::now();
         match self.vcpus.pause() {
             Ok(n) => json!({"ok": true, "paused": true, "vcpus": n, "ms": t0.elapsed().as_secs_f64() * 1e3}),
-            Err(e) => error(e),
+            Err(e) => error(e.to_string()),
         }
     }
 }

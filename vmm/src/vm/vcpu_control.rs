@@ -39,6 +39,28 @@ impl std::fmt::Debug for VcpuControl {
     }
 }
 
+/// How long paused vCPU threads have to hand over their state.
+pub const STATE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Why the vCPUs could not be paused or their state collected.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuControlError {
+    /// Some vCPUs did not park within [`PAUSE_LIMIT`].
+    #[error("only {paused} of {live} vCPUs paused within {} s", PAUSE_LIMIT.as_secs())]
+    NotPaused {
+        /// vCPUs parked.
+        paused: usize,
+        /// vCPUs that were running.
+        live: usize,
+    },
+    /// A vCPU thread could not read its state from KVM.
+    #[error("saving vCPU state: {0}")]
+    SaveState(std::sync::Arc<smudge::kvm::vcpu_state::VcpuStateError>),
+    /// The paused vCPU threads did not answer in time.
+    #[error("vCPUs did not hand over their state within {} s", .0.as_secs())]
+    StateTimeout(Duration),
+}
+
 impl VcpuControl {
     /// Control of the vCPUs running on `threads`, kicked with [`kick_all`].
     pub fn new(shared: Arc<Shared>, threads: Arc<Vec<JoinHandle<()>>>) -> Self {
@@ -48,7 +70,7 @@ impl VcpuControl {
     /// Asks every live vCPU to pause and kicks it out of KVM_RUN until all
     /// are parked ([`PAUSE_LIMIT`] at most: an error then, never a hang).
     /// Returns how many were paused.
-    pub fn pause(&self) -> Result<usize, String> {
+    pub fn pause(&self) -> Result<usize, VcpuControlError> {
         let live = self.threads.iter().filter(|t| !t.is_finished()).count();
         self.shared.request_pause();
         // Out of KVM_RUN (a signal) and out of a throttle's wait (unpark).
@@ -58,11 +80,7 @@ impl VcpuControl {
         let mut kicked = t0;
         while self.shared.paused_vcpus() < live {
             if t0.elapsed() > PAUSE_LIMIT {
-                return Err(format!(
-                    "only {} of {live} vCPUs paused within {} s",
-                    self.shared.paused_vcpus(),
-                    PAUSE_LIMIT.as_secs()
-                ));
+                return Err(VcpuControlError::NotPaused { paused: self.shared.paused_vcpus(), live });
             }
             // A kick that lands just before KVM_RUN is lost: kick again.
             if kicked.elapsed() > Duration::from_millis(1) {
@@ -89,7 +107,7 @@ impl VcpuControl {
 
     /// The state of every vCPU (each paused vCPU's own thread reads it)
     /// and of the devices. The vCPUs must be paused.
-    pub fn machine_state(&self) -> Result<MachineState, String> {
+    pub fn machine_state(&self) -> Result<MachineState, VcpuControlError> {
         self.request_state();
         self.collect_state()
     }
@@ -103,7 +121,7 @@ impl VcpuControl {
     }
 
     /// Waits for the state asked for with [`Self::request_state`].
-    pub fn collect_state(&self) -> Result<MachineState, String> {
+    pub fn collect_state(&self) -> Result<MachineState, VcpuControlError> {
         let t0 = Instant::now();
         loop {
             {
@@ -111,17 +129,14 @@ impl VcpuControl {
                 if req.as_ref().is_some_and(|v| v.iter().all(Option::is_some)) {
                     let v = req.take().unwrap_or_default();
                     // Every slot is filled (checked above).
-                    let vcpus = v
-                        .into_iter()
-                        .flatten()
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| format!("saving vCPU state: {e}"))?;
+                    let vcpus =
+                        v.into_iter().flatten().collect::<Result<Vec<_>, _>>().map_err(VcpuControlError::SaveState)?;
                     return Ok(MachineState { vcpus, devices: self.shared.bus.state() });
                 }
             }
-            if t0.elapsed() > Duration::from_secs(5) {
+            if t0.elapsed() > STATE_LIMIT {
                 *self.shared.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return Err("vCPUs did not hand over their state within 5 s".into());
+                return Err(VcpuControlError::StateTimeout(STATE_LIMIT));
             }
             std::thread::sleep(Duration::from_micros(20));
         }
