@@ -37,6 +37,28 @@ fn backing_file_holds_exactly_the_guest_stamps() {
 }
 
 #[test]
+fn with_dirty_logging_off_the_guest_runs_and_its_memory_stays_mapped() {
+    // Nothing holds guest RAM for a harvester then: the VM itself must keep
+    // the mapping KVM's slots point into until its vCPUs are gone.
+    let dir = tmpdir();
+    let mem = path(&dir, "guest.mem");
+    let (pages, seed, writes) = (4096u64, 3u64, 3000usize);
+    let r = run_smudge(&[
+        "--mem-file",
+        mem.to_str().unwrap(),
+        "--mem-size",
+        "64M",
+        "--no-dirty-log",
+        "--cmdline",
+        &format!("workload=random pages={pages} seed={seed} writes={writes} verify=1"),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.line("verify: pages=").unwrap().ends_with("mismatches=0"), "{r:?}");
+    assert!(r.stderr.contains("dirty logging off"), "{r:?}");
+    assert_stamps(&std::fs::read(&mem).unwrap(), pages, &random_generations(seed, pages, writes));
+}
+
+#[test]
 fn failing_verify_gives_nonzero_status_and_names_the_page() {
     let dir = tmpdir();
     let mem = path(&dir, "guest.mem");

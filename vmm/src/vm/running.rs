@@ -43,6 +43,10 @@ pub(super) struct Running {
     cfg: VmConfig,
     /// KVM, the VM and the memory file: held until the run is over.
     _kvm: (kvm_ioctls::Kvm, Arc<kvm_ioctls::VmFd>),
+    /// Guest RAM's mapping: KVM's memory slots point into it, so it lives
+    /// until the vCPUs are joined (with dirty logging on the harvester
+    /// holds it too; with it off, nothing else does).
+    ram: GuestRam,
     backing: BackingFile,
     tsc_khz: Option<u32>,
     shared: Arc<Shared>,
@@ -104,6 +108,7 @@ impl Ready {
             parts.start_tasks(filters, flusher.as_ref(), tracking.as_ref(), api_listener, socket_file)?;
         Ok(Running {
             _kvm: (kvm, kvm_side.vm),
+            ram,
             tsc_khz: kvm_side.tsc_khz,
             cfg,
             backing,
@@ -409,8 +414,21 @@ impl Running {
     /// last), the vCPUs stopped and joined, guest RAM still filling in
     /// awaited, writeback's final sync, and what the run did.
     fn shutdown(self, end: std::io::Result<LoopEnd>) -> Result<RunReport, VmError> {
-        let Running { cfg, _kvm, backing, tsc_khz, shared, tracking, flusher, threads, tasks, heatmap, start, .. } =
-            self;
+        let Running {
+            cfg,
+            _kvm,
+            ram: _ram,
+            backing,
+            tsc_khz,
+            shared,
+            tracking,
+            flusher,
+            threads,
+            tasks,
+            heatmap,
+            start,
+            ..
+        } = self;
         tasks.stop_all()?;
         let heatmap = match (heatmap, &cfg.heatmap) {
             (Some(slot), Some((path, _, _))) => {
