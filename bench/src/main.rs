@@ -11,6 +11,7 @@
 mod boot;
 mod harvest;
 mod migrate;
+mod peers;
 mod qemu_migrate;
 mod reliability;
 mod report;
