@@ -17,6 +17,7 @@ mod reliability;
 mod report;
 mod setup;
 mod snapshot;
+mod snapshot_peers;
 mod writeback;
 
 use std::io::Write;
