@@ -11,6 +11,7 @@
 mod boot;
 mod harvest;
 mod migrate;
+mod migrate_peers;
 mod peers;
 mod qemu_migrate;
 mod reliability;

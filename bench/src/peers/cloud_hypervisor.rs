@@ -32,7 +32,39 @@ impl CloudHypervisor {
     /// (`--seccomp log`: its migration thread's filter lacks a call it
     /// makes).
     pub fn boot(bin: &Path, dir: &Path, name: &str, elf: &Path, cmdline: &str, mem_mib: u64) -> anyhow::Result<Self> {
+        Self::boot_with(Self::command(bin, dir, name), dir, name, elf, cmdline, mem_mib)
+    }
+
+    /// [`boot`](Self::boot), logging at `info` (its events, with the
+    /// seconds since it started, go to its log).
+    pub fn boot_logged(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        elf: &Path,
+        cmdline: &str,
+        mem_mib: u64,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Self::command(bin, dir, name);
+        cmd.arg("-v");
+        Self::boot_with(cmd, dir, name, elf, cmdline, mem_mib)
+    }
+
+    /// [`bare`](Self::bare), logging at `info`.
+    pub fn bare_logged(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        let mut cmd = Self::command(bin, dir, name);
+        cmd.arg("-v");
+        Self::spawn(cmd, dir, name)
+    }
+
+    fn boot_with(
+        mut cmd: Command,
+        dir: &Path,
+        name: &str,
+        elf: &Path,
+        cmdline: &str,
+        mem_mib: u64,
+    ) -> anyhow::Result<Self> {
         cmd.arg("--kernel").arg(elf).args(["--cmdline", cmdline, "--cpus", "boot=1"]);
         cmd.args(["--memory", &format!("size={mem_mib}M"), "--serial", "tty", "--console", "off"]);
         Self::spawn(cmd, dir, name)
@@ -77,6 +109,20 @@ impl CloudHypervisor {
         self.call("vm.snapshot", Some(&body))
     }
 
+    /// Sends the guest to the destination listening at `port` on this
+    /// host, with its downtime goal `downtime_ms`; answered at once (the
+    /// migration runs behind).
+    pub fn send_migration(&self, port: u16, downtime_ms: u64) -> anyhow::Result<()> {
+        let body = json!({"destination_url": format!("tcp:127.0.0.1:{port}"), "downtime_ms": downtime_ms});
+        self.call("vm.send-migration", Some(&body.to_string()))
+    }
+
+    /// The seconds since it started at which its log first says `event`
+    /// (e.g. `pausing`, `resumed`); `None` if it has not.
+    pub fn event_secs(&self, event: &str) -> Option<f64> {
+        event_secs(&self.proc.log(), event)
+    }
+
     /// Restores the snapshot in `dir` into this bare process (paused).
     pub fn restore(&self, dir: &Path, mode: MemoryRestore) -> anyhow::Result<()> {
         let url = format!("file://{}", dir.display());
@@ -85,5 +131,30 @@ impl CloudHypervisor {
             MemoryRestore::OnDemand => json!({"source_url": url, "memory_restore_mode": "OnDemand"}),
         };
         self.call("vm.restore", Some(&body.to_string()))
+    }
+}
+
+/// The seconds (since the process started) of the first log line of
+/// `log` announcing `event`: "cloud-hypervisor:   4.203916s: <t> INFO:… --
+/// Event: source = vm event = pausing ".
+pub fn event_secs(log: &str, event: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.trim_end().ends_with(&format!("-- Event: source = vm event = {event}")))?;
+    let secs = line.strip_prefix("cloud-hypervisor:")?.trim_start().split_once("s:")?.0;
+    secs.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_read_from_its_log() {
+        let log = "cloud-hypervisor:   4.203916s: <migration-worker> INFO:event_monitor/src/lib.rs:113 -- Event: \
+                   source = vm event = pausing \n\
+                   cloud-hypervisor:   4.205099s: <migration-worker> INFO:event_monitor/src/lib.rs:113 -- Event: \
+                   source = vm event = paused \n";
+        assert_eq!(event_secs(log, "pausing"), Some(4.203916));
+        assert_eq!(event_secs(log, "paused"), Some(4.205099));
+        assert_eq!(event_secs(log, "resumed"), None);
     }
 }

@@ -169,14 +169,22 @@ impl PeerProcess {
         self.wait_until(|| serial.first.get().copied(), "its first serial byte")
     }
 
-    /// Waits until its serial output holds `text`; returns when it was seen.
-    pub fn wait_serial(&mut self, text: &str) -> anyhow::Result<Instant> {
+    /// Waits until its serial output holds a whole line starting with
+    /// `prefix` (the guest writes a byte at a time); returns the rest of it.
+    pub fn wait_serial_line(&mut self, prefix: &str) -> anyhow::Result<String> {
         let serial = Arc::clone(&self.serial);
-        let seen = move || {
+        let mut rest = String::new();
+        let seen = |rest: &mut String| {
             let b = serial.bytes.lock().ok()?;
-            b.windows(text.len()).any(|w| w == text.as_bytes()).then(Instant::now)
+            let text = String::from_utf8_lossy(&b);
+            let start = text.match_indices(prefix).map(|(i, _)| i).find(|&i| i == 0 || text[..i].ends_with('\n'))?;
+            // Complete once its newline came.
+            let line = text[start + prefix.len()..].split_inclusive('\n').next().filter(|l| l.ends_with('\n'))?;
+            *rest = line.trim().to_string();
+            Some(Instant::now())
         };
-        self.wait_until(seen, &format!("{text:?} on its serial output"))
+        self.wait_until(|| seen(&mut rest), &format!("a line {prefix:?}… on its serial output"))?;
+        Ok(rest)
     }
 
     fn wait_until(&mut self, mut got: impl FnMut() -> Option<Instant>, what: &str) -> anyhow::Result<Instant> {
@@ -207,9 +215,9 @@ impl Drop for PeerProcess {
 /// Checks that a peer's guest ended with status 0 (its serial output says
 /// `exit status=0`).
 pub fn check_exit_ok(p: &mut PeerProcess) -> anyhow::Result<()> {
-    p.wait_serial("exit status=")?;
-    if !p.serial().contains("exit status=0") {
-        bail!(p.fail("the guest did not end with exit status=0"));
+    let status = p.wait_serial_line("exit status=")?;
+    if status.trim() != "0" {
+        bail!(p.fail(&format!("the guest ended with exit status={status}")));
     }
     Ok(())
 }
