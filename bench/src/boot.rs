@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::vm::guest_image::GUEST_ELF;
 
-use crate::peers::cloud_hypervisor::CloudHypervisor;
+use crate::peers::cloud_hypervisor::{CloudHypervisor, Guest, Log};
 use crate::peers::firecracker::Firecracker;
 use crate::peers::{check_exit_ok, tsc_khz, Peer, NOT_FOUND};
 use crate::report::{median, Report};
@@ -182,7 +182,10 @@ fn peer_boot(peer: Peer, bin: &Path, elf: &Path, dir: &Path, cmdline: &str) -> a
             fc.boot(elf, cmdline, MEM_MIB)?;
             fc.proc
         }
-        Peer::CloudHypervisor => CloudHypervisor::boot(bin, dir, "boot", elf, cmdline, MEM_MIB)?.proc,
+        Peer::CloudHypervisor => {
+            let guest = Guest { elf, cmdline, mem_mib: MEM_MIB };
+            CloudHypervisor::boot(bin, dir, "boot", &guest, Log::Quiet)?.proc
+        }
     };
     let first = proc.first_byte()?;
     check_exit_ok(&mut proc)?;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use serde_json::json;
 
-use crate::peers::cloud_hypervisor::CloudHypervisor;
-use crate::peers::{http, WAIT};
+use crate::peers::cloud_hypervisor::{CloudHypervisor, Guest, Log};
+use crate::peers::http;
 
 /// What the downtime figure brackets.
 pub const DOWNTIME_BRACKETS: &str = "the source's 'pausing' event to the destination's 'resumed' event (each from its \
@@ -64,8 +64,9 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// One Cloud Hypervisor migration over loopback TCP.
 pub fn migrate_once(case: &Case) -> anyhow::Result<Figures> {
-    let dst = CloudHypervisor::bare_logged(case.bin, case.dir, "ch-dst")?;
-    let mut src = CloudHypervisor::boot_logged(case.bin, case.dir, "ch-src", case.elf, case.cmdline, case.mem_mib)?;
+    let mut dst = CloudHypervisor::bare(case.bin, case.dir, "ch-dst", Log::Events)?;
+    let guest = Guest { elf: case.elf, cmdline: case.cmdline, mem_mib: case.mem_mib };
+    let mut src = CloudHypervisor::boot(case.bin, case.dir, "ch-src", &guest, Log::Events)?;
     src.proc.first_byte()?;
     std::thread::sleep(case.warm);
     let port = free_port()?;
@@ -74,8 +75,7 @@ pub fn migrate_once(case: &Case) -> anyhow::Result<Figures> {
     let limit = Duration::from_secs(600);
     let receiver =
         std::thread::spawn(move || http::request(&sock, "PUT", "/api/v1/vm.receive-migration", Some(&body), limit));
-    wait_for(|| dst.proc.log().contains("migration-receive-ready"), "its destination to listen")
-        .map_err(|e| dst.proc.fail(&e))?;
+    dst.proc.wait_log("migration-receive-ready")?;
     let t0 = Instant::now();
     src.send_migration(port, case.downtime_ms)?;
     let answer = receiver.join().map_err(|_| anyhow!("the receiving thread panicked"))?;
@@ -83,9 +83,8 @@ pub fn migrate_once(case: &Case) -> anyhow::Result<Figures> {
     if !answer.is_success() {
         return Err(dst.proc.fail(&format!("vm.receive-migration answered {} {}", answer.status, answer.body)));
     }
-    let reported = wait_for(|| reported_downtime(&src.proc.log()).is_some(), "the source to report its downtime")
-        .map_err(|e| src.proc.fail(&e))
-        .and_then(|()| reported_downtime(&src.proc.log()).context("no downtime in the source's log"))?;
+    src.proc.wait_log("Migration completed")?;
+    let reported = reported_downtime(&src.proc.log()).ok_or_else(|| src.proc.fail("no downtime in its log"))?;
     let pausing = src.event_secs("pausing").ok_or_else(|| src.proc.fail("no 'pausing' event in its log"))?;
     let resumed = dst.event_secs("resumed").ok_or_else(|| dst.proc.fail("no 'resumed' event in its log"))?;
     // On this process' clock, in seconds after t0.
@@ -111,18 +110,6 @@ fn secs_between(a: Instant, b: Instant) -> f64 {
 pub fn reported_downtime(log: &str) -> Option<f64> {
     let rest = log.split("with a downtime of ").nth(1)?;
     rest.split("ms").next()?.trim().parse().ok()
-}
-
-/// Polls `done` until it holds, for at most [`WAIT`].
-fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<(), String> {
-    let t0 = Instant::now();
-    while !done() {
-        if t0.elapsed() > WAIT {
-            return Err(format!("waited {WAIT:?} for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use smudge_vmm::vm::guest_image::GUEST_ELF;
 
-use crate::peers::cloud_hypervisor::{CloudHypervisor, MemoryRestore};
+use crate::peers::cloud_hypervisor::{CloudHypervisor, Guest, Log, MemoryRestore};
 use crate::peers::firecracker::Firecracker;
 use crate::peers::{tsc_khz, Peer, NOT_FOUND};
 use crate::report::{median, Report};
@@ -147,7 +147,8 @@ fn cloud_hypervisor(bin: &Path, elf: &Path, case: &Case, smudge: Smudge, rep: &m
     std::fs::remove_dir_all(&snapshot).ok();
     std::fs::create_dir_all(&snapshot)?;
     let full = {
-        let mut vm = CloudHypervisor::boot(bin, dir, "ch-snap", elf, case.cmdline, case.mem_mib)?;
+        let guest = Guest { elf, cmdline: case.cmdline, mem_mib: case.mem_mib };
+        let mut vm = CloudHypervisor::boot(bin, dir, "ch-snap", &guest, Log::Quiet)?;
         vm.proc.first_byte()?;
         std::thread::sleep(case.warm);
         let t0 = Instant::now();
@@ -162,7 +163,7 @@ fn cloud_hypervisor(bin: &Path, elf: &Path, case: &Case, smudge: Smudge, rep: &m
     for (mode, name) in [(MemoryRestore::Copy, "memory copied"), (MemoryRestore::OnDemand, "OnDemand")] {
         let mut restores = Vec::new();
         for _ in 0..case.restores {
-            let vm = CloudHypervisor::bare(bin, dir, "ch-restore")?;
+            let vm = CloudHypervisor::bare(bin, dir, "ch-restore", Log::Quiet)?;
             vm.restore(&snapshot, mode)?;
             vm.resume()?;
             restores.push(ms_since(vm.proc.spawned));

@@ -17,6 +17,26 @@ pub struct CloudHypervisor {
     pub proc: PeerProcess,
 }
 
+/// The guest a process boots.
+#[derive(Debug, Clone, Copy)]
+pub struct Guest<'a> {
+    /// The kernel: the bundled guest ELF.
+    pub elf: &'a Path,
+    /// Its command line, `tsc_khz=` included.
+    pub cmdline: &'a str,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+}
+
+/// What its log holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// Warnings and errors.
+    Quiet,
+    /// Also `info`: its events, with the seconds since it started.
+    Events,
+}
+
 /// How `vm.restore` brings the memory back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryRestore {
@@ -27,56 +47,26 @@ pub enum MemoryRestore {
 }
 
 impl CloudHypervisor {
-    /// Spawns `bin` booting `elf` with `cmdline` on one vCPU and `mem_mib`
-    /// of RAM, serial on stdout, API socket in `dir` under `name`
-    /// (`--seccomp log`: its migration thread's filter lacks a call it
-    /// makes).
-    pub fn boot(bin: &Path, dir: &Path, name: &str, elf: &Path, cmdline: &str, mem_mib: u64) -> anyhow::Result<Self> {
-        Self::boot_with(Self::command(bin, dir, name), dir, name, elf, cmdline, mem_mib)
-    }
-
-    /// [`boot`](Self::boot), logging at `info` (its events, with the
-    /// seconds since it started, go to its log).
-    pub fn boot_logged(
-        bin: &Path,
-        dir: &Path,
-        name: &str,
-        elf: &Path,
-        cmdline: &str,
-        mem_mib: u64,
-    ) -> anyhow::Result<Self> {
-        let mut cmd = Self::command(bin, dir, name);
-        cmd.arg("-v");
-        Self::boot_with(cmd, dir, name, elf, cmdline, mem_mib)
-    }
-
-    /// [`bare`](Self::bare), logging at `info`.
-    pub fn bare_logged(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<Self> {
-        let mut cmd = Self::command(bin, dir, name);
-        cmd.arg("-v");
+    /// Spawns `bin` booting `guest`, serial on stdout, API socket in
+    /// `dir` under `name` (`--seccomp log`: its migration thread's filter
+    /// lacks a call it makes).
+    pub fn boot(bin: &Path, dir: &Path, name: &str, guest: &Guest, log: Log) -> anyhow::Result<Self> {
+        let mut cmd = Self::command(bin, dir, name, log);
+        cmd.arg("--kernel").arg(guest.elf).args(["--cmdline", guest.cmdline, "--cpus", "boot=1"]);
+        cmd.args(["--memory", &format!("size={}M", guest.mem_mib), "--serial", "tty", "--console", "off"]);
         Self::spawn(cmd, dir, name)
     }
 
-    fn boot_with(
-        mut cmd: Command,
-        dir: &Path,
-        name: &str,
-        elf: &Path,
-        cmdline: &str,
-        mem_mib: u64,
-    ) -> anyhow::Result<Self> {
-        cmd.arg("--kernel").arg(elf).args(["--cmdline", cmdline, "--cpus", "boot=1"]);
-        cmd.args(["--memory", &format!("size={mem_mib}M"), "--serial", "tty", "--console", "off"]);
-        Self::spawn(cmd, dir, name)
+    /// Spawns `bin` with no VM, to restore or receive one into.
+    pub fn bare(bin: &Path, dir: &Path, name: &str, log: Log) -> anyhow::Result<Self> {
+        Self::spawn(Self::command(bin, dir, name, log), dir, name)
     }
 
-    /// Spawns `bin` with no VM, to restore one into.
-    pub fn bare(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<Self> {
-        Self::spawn(Self::command(bin, dir, name), dir, name)
-    }
-
-    fn command(bin: &Path, dir: &Path, name: &str) -> Command {
+    fn command(bin: &Path, dir: &Path, name: &str, log: Log) -> Command {
         let mut cmd = Command::new(bin);
+        if log == Log::Events {
+            cmd.arg("-v");
+        }
         let sock = dir.join(format!("{name}.ch.sock"));
         cmd.arg("--api-socket").arg(format!("path={}", sock.display())).args(["--seccomp", "log"]);
         cmd

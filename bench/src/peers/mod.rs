@@ -187,6 +187,13 @@ impl PeerProcess {
         Ok(rest)
     }
 
+    /// Waits until its log (stderr) holds `text`.
+    pub fn wait_log(&mut self, text: &str) -> anyhow::Result<()> {
+        let log = self.log.clone();
+        let seen = || std::fs::read_to_string(&log).ok()?.contains(text).then(Instant::now);
+        self.wait_until(seen, &format!("{text:?} in its log")).map(drop)
+    }
+
     fn wait_until(&mut self, mut got: impl FnMut() -> Option<Instant>, what: &str) -> anyhow::Result<Instant> {
         let t0 = Instant::now();
         loop {
