@@ -139,7 +139,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         restores: if args.quick { 1 } else { 3 },
         label,
     };
-    snapshot_peers::run(&case, snapshot_peers::Smudge { full_pause, diff_pause, restore_runs }, &mut rep)?;
+    snapshot_peers::run(&case, snapshot_peers::Smudge { full_pause, live_pause, diff_pause, restore_runs }, &mut rep)?;
 
     // Moonshot: diff snapshots back to back; the guest runs between them,
     // so the share of time it spends paused bounds its slowdown. The disk

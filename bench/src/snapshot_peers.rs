@@ -47,6 +47,8 @@ pub struct Case<'a> {
 pub struct Smudge {
     /// Full snapshot pause (ms).
     pub full_pause: f64,
+    /// Live full snapshot pause (ms), if one was taken.
+    pub live_pause: Option<f64>,
     /// Diff snapshot pause (ms), median.
     pub diff_pause: f64,
     /// Default (eager) restore, until the guest runs (ms).
@@ -76,6 +78,14 @@ pub fn run(case: &Case, smudge: Smudge, rep: &mut Report) -> anyhow::Result<()> 
         None => rep.missing(&format!("Cloud Hypervisor, {}", case.label), "pause_ms, restore_ms", NOT_FOUND),
     }
     Ok(())
+}
+
+/// smudge's live full snapshot pause against `peer`'s full pause `full`
+/// (informational: the goal is on the default, paused one).
+fn live_ratio(rep: &mut Report, smudge: Smudge, peer: &str, full: f64) {
+    if let Some(live) = smudge.live_pause {
+        rep.result(&format!("full snapshot pause: smudge live / {peer} (informational)"), "ratio", live / full);
+    }
 }
 
 fn ms_since(t0: Instant) -> f64 {
@@ -129,6 +139,7 @@ fn firecracker(bin: &Path, elf: &Path, case: &Case, smudge: Smudge, rep: &mut Re
     rep.bracketed(&format!("{label}: diff snapshot after 1 s"), "pause_ms", diffs, FC_PAUSE);
     rep.bracketed(&format!("{label}: restore of the full snapshot"), "running_ms", restore, FC_RESTORE);
     rep.goal("full snapshot pause: smudge / Firecracker", smudge.full_pause / full, 0.05, "lower");
+    live_ratio(rep, smudge, "Firecracker", full);
     rep.goal("diff snapshot pause: smudge / Firecracker", smudge.diff_pause / diffs, 0.05, "lower");
     rep.goal(
         "restore until the guest runs: smudge (default) / Firecracker",
@@ -160,6 +171,7 @@ fn cloud_hypervisor(bin: &Path, elf: &Path, case: &Case, smudge: Smudge, rep: &m
     let label = format!("Cloud Hypervisor, {}", case.label);
     rep.bracketed(&format!("{label}: full snapshot"), "pause_ms", full, CH_PAUSE);
     rep.goal("full snapshot pause: smudge / Cloud Hypervisor", smudge.full_pause / full, 0.05, "lower");
+    live_ratio(rep, smudge, "Cloud Hypervisor", full);
     for (mode, name) in [(MemoryRestore::Copy, "memory copied"), (MemoryRestore::OnDemand, "OnDemand")] {
         let mut restores = Vec::new();
         for _ in 0..case.restores {
