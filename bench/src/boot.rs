@@ -1,7 +1,9 @@
 //! `smudge bench boot`: process start to the guest's first serial byte and
 //! to its exit, for smudge and for QEMU (`-machine microvm`, its fastest
-//! here) on the same guest ELF, medians of several runs in one invocation;
-//! plus the guest's first touch of its RAM with and without host huge pages.
+//! here) and for the peers Firecracker and Cloud Hypervisor when their
+//! binaries are found, on the same guest ELF, medians of alternating runs
+//! in one invocation; plus the guest's first touch of its RAM with and
+//! without host huge pages.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,9 @@ use anyhow::{bail, Context};
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::vm::guest_image::GUEST_ELF;
 
+use crate::peers::cloud_hypervisor::{CloudHypervisor, Guest, Log};
+use crate::peers::firecracker::Firecracker;
+use crate::peers::{check_exit_ok, tsc_khz, Peer, NOT_FOUND};
 use crate::report::{median, Report};
 use crate::setup::Scratch;
 
@@ -20,6 +25,15 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// A guest workload that exits at once: the boot path is what is timed.
 const QUICK_CMDLINE: &str = "workload=seq pages=16";
 const MEM: &str = "256M";
+const MEM_MIB: u64 = 256;
+/// What smudge's and QEMU's boot figure brackets.
+const SMUDGE_BRACKETS: &str = "process spawn to the first byte on its stdout (the guest's serial port)";
+/// What Firecracker's boot figure brackets.
+const FC_BRACKETS: &str = "process spawn to the first serial byte on its stdout, through its API socket's first \
+                           accept and the 3 calls boot-source, machine-config, InstanceStart";
+/// What Cloud Hypervisor's boot figure brackets.
+const CH_BRACKETS: &str =
+    "process spawn (guest given on its command line, --serial tty) to the first serial byte on its stdout";
 
 /// Times of one boot.
 #[derive(Debug, Clone)]
@@ -84,6 +98,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         bail!("{QEMU} not found: install Debian's qemu-system-x86 (the test command does)");
     }
 
+    let mut peers = [Peer::Firecracker, Peer::CloudHypervisor].map(|p| (p, p.find(), Vec::new()));
+    let tsc_khz = if peers.iter().any(|p| p.1.is_some()) { tsc_khz()? } else { 0 };
+
     let mut rep = Report::new("boot");
     let (mut s_first, mut s_exit, mut q_first, mut q_exit) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
@@ -102,14 +119,39 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         s_exit.push(ms(s.exit));
         q_first.push(ms(q.first_byte));
         q_exit.push(ms(q.exit));
+        for (peer, found, acc) in peers.iter_mut() {
+            if let Some(bin) = found {
+                acc.push(peer_boot(*peer, bin, &elf, tmp, &format!("{QUICK_CMDLINE} tsc_khz={tsc_khz}"))?);
+            }
+        }
     }
     let (sf, se, qf, qe) = (median(&s_first), median(&s_exit), median(&q_first), median(&q_exit));
-    rep.result("smudge, 256 MiB file-backed, dirty logging on", "first_byte_ms", sf);
+    rep.bracketed("smudge, 256 MiB file-backed, dirty logging on", "first_byte_ms", sf, SMUDGE_BRACKETS);
     rep.result("smudge, 256 MiB file-backed, dirty logging on", "exit_ms", se);
     rep.result("qemu -machine microvm, 256 MiB", "first_byte_ms", qf);
     rep.result("qemu -machine microvm, 256 MiB", "exit_ms", qe);
     rep.goal("smudge / qemu microvm: process start to first serial byte", sf / qf, 0.1, "lower");
     rep.goal("smudge / qemu microvm: process start to exit (informational)", se / qe, 1.0, "lower");
+    for (peer, found, acc) in &peers {
+        let case = format!("{}, 256 MiB", peer.label());
+        if found.is_none() {
+            rep.missing(&case, "first_byte_ms", NOT_FOUND);
+            continue;
+        }
+        let brackets = if *peer == Peer::Firecracker { FC_BRACKETS } else { CH_BRACKETS };
+        let m = median(acc);
+        rep.bracketed(&case, "first_byte_ms", m, brackets);
+        if *peer == Peer::Firecracker {
+            rep.goal("smudge / Firecracker: process start to first serial byte", sf / m, 0.5, "lower");
+        } else {
+            rep.goal(
+                "smudge / Cloud Hypervisor: process start to first serial byte (informational)",
+                sf / m,
+                1.0,
+                "lower",
+            );
+        }
+    }
 
     // First touch of all RAM: one sequential pass over a fresh file.
     let touch_mem = if args.quick { "64M" } else { "256M" };
@@ -128,6 +170,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     rep.result(&format!("first touch of {touch_mem} RAM (MAP_SHARED file), MADV_HUGEPAGE"), "guest_ms", h);
     rep.result("first touch: MADV_HUGEPAGE / plain (informational)", "ratio", h / p);
     Ok(rep)
+}
+
+/// One boot of the bundled guest under `peer` (binary `bin`): process
+/// spawn to its first serial byte, in ms; the guest must then end with
+/// status 0.
+fn peer_boot(peer: Peer, bin: &Path, elf: &Path, dir: &Path, cmdline: &str) -> anyhow::Result<f64> {
+    let mut proc = match peer {
+        Peer::Firecracker => {
+            let fc = Firecracker::spawn(bin, dir, "boot")?;
+            fc.boot(elf, cmdline, MEM_MIB)?;
+            fc.proc
+        }
+        Peer::CloudHypervisor => {
+            let guest = Guest { elf, cmdline, mem_mib: MEM_MIB };
+            CloudHypervisor::boot(bin, dir, "boot", &guest, Log::Quiet)?.proc
+        }
+    };
+    let first = proc.first_byte()?;
+    check_exit_ok(&mut proc)?;
+    Ok(ms(first - proc.spawned))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -11,11 +11,14 @@
 mod boot;
 mod harvest;
 mod migrate;
+mod migrate_peers;
+mod peers;
 mod qemu_migrate;
 mod reliability;
 mod report;
 mod setup;
 mod snapshot;
+mod snapshot_peers;
 mod writeback;
 
 use std::io::Write;

@@ -10,8 +10,16 @@ pub struct BenchResult {
     pub case: String,
     /// Metric with unit, e.g. `first_byte_ms`.
     pub metric: String,
-    /// The value (a median where runs repeat).
+    /// The value (a median where runs repeat); `null` in JSON (NaN here)
+    /// when the case could not run, `note` saying why.
     pub value: f64,
+    /// Between which two moments the figure is taken, where a peer's and
+    /// smudge's figures are set side by side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brackets: Option<String>,
+    /// Why there is no value (e.g. "not found": a peer's binary is absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A goal: a ratio and its target.
@@ -59,7 +67,23 @@ impl Report {
 
     /// Adds a raw figure.
     pub fn result(&mut self, case: &str, metric: &str, value: f64) {
-        self.results.push(BenchResult { case: case.into(), metric: metric.into(), value });
+        self.results.push(BenchResult { case: case.into(), metric: metric.into(), value, brackets: None, note: None });
+    }
+
+    /// Adds a raw figure taken between the moments `brackets` names.
+    pub fn bracketed(&mut self, case: &str, metric: &str, value: f64, brackets: &str) {
+        self.result(case, metric, value);
+        if let Some(r) = self.results.last_mut() {
+            r.brackets = Some(brackets.into());
+        }
+    }
+
+    /// Adds a row that has no figure, `note` saying why.
+    pub fn missing(&mut self, case: &str, metric: &str, note: &str) {
+        self.result(case, metric, f64::NAN);
+        if let Some(r) = self.results.last_mut() {
+            r.note = Some(note.into());
+        }
     }
 
     /// Adds a goal.
@@ -76,7 +100,13 @@ impl Report {
         println!("bench {} on {}", self.bench, self.machine);
         println!("{:<52} {:<22} {:>12}", "case", "metric", "value");
         for r in &self.results {
-            println!("{:<52} {:<22} {:>12.3}", r.case, r.metric, r.value);
+            match &r.note {
+                Some(note) => println!("{:<52} {:<22} {:>12}", r.case, r.metric, note),
+                None => println!("{:<52} {:<22} {:>12.3}", r.case, r.metric, r.value),
+            }
+            if let Some(b) = &r.brackets {
+                println!("    brackets: {b}");
+            }
         }
         println!();
         println!("{:<60} {:>9} {:>9} {:>6} {:>5}", "goal", "value", "target", "better", "met");
@@ -130,5 +160,20 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(Goal { name: "x".into(), value: 0.05, target: 0.1, better: "lower" }.met());
         assert!(!Goal { name: "x".into(), value: 0.5, target: 0.75, better: "higher" }.met());
+    }
+
+    #[test]
+    fn a_missing_row_is_null_with_its_note() {
+        let mut rep = Report::new("x");
+        rep.missing("firecracker", "first_byte_ms", "not found");
+        rep.bracketed("smudge", "first_byte_ms", 1.5, "spawn to first serial byte");
+        let v = serde_json::to_value(&rep).unwrap();
+        assert_eq!(
+            v["results"],
+            serde_json::json!([
+                {"case": "firecracker", "metric": "first_byte_ms", "value": null, "note": "not found"},
+                {"case": "smudge", "metric": "first_byte_ms", "value": 1.5, "brackets": "spawn to first serial byte"}
+            ])
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! snapshot's pause against the paused one's; eager and lazy restore (time
 //! to first instruction, time to fully loaded);
 //! and how many diff snapshots per second can be sustained, with the share
-//! of time the guest spends paused (its slowdown bound).
+//! of time the guest spends paused (its slowdown bound). Then the peers
+//! (Firecracker, Cloud Hypervisor) on the same guest, workload and RAM,
+//! when their binaries are found ([`crate::snapshot_peers`]).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -18,6 +20,13 @@ use smudge_vmm::control::cli::BenchArgs;
 
 use crate::report::{median, Report};
 use crate::setup::{smudge, start_vm, Scratch};
+use crate::snapshot_peers;
+
+/// What smudge's pause figures bracket.
+const SMUDGE_PAUSE: &str = "smudge's own pause_ms: its vCPUs stopped to its vCPUs running again";
+/// What smudge's restore figure brackets.
+const SMUDGE_RESTORE: &str = "smudge restore's process start to its vCPU entering the guest (its stderr line \
+                              \"the guest runs N ms after smudge started\")";
 
 /// A `smudge run` of the benchmark's guest, and its control API.
 struct Vm {
@@ -59,8 +68,8 @@ impl Vm {
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let scratch = Scratch::new(args.dir.as_deref())?;
     let dir = scratch.path();
-    let (mem, pages, warm, label) =
-        if args.quick { ("64M", 15000u64, 1500u64, "64 MiB") } else { ("1G", 260000, 6000, "1 GiB") };
+    let (mem, mem_mib, pages, warm, label) =
+        if args.quick { ("64M", 64, 15000u64, 1500u64, "64 MiB") } else { ("1G", 1024, 260000, 6000, "1 GiB") };
     // ~5 % of the pages per second, over a working set written once first.
     let rate = pages / 20;
     let cmdline = format!("workload=rate rate={rate} pages={pages} seed=11 ms=600000 wipe=1");
@@ -90,14 +99,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             bytes.push(b / (1 << 20) as f64);
             parent = next;
         }
-        rep.result(&format!("{label}, {case}: full snapshot"), "pause_ms", full_ms);
+        rep.bracketed(&format!("{label}, {case}: full snapshot"), "pause_ms", full_ms, SMUDGE_PAUSE);
         if !extra.is_empty() {
             full_paused.push(full_ms);
         } else {
             full_paused.push(full_ms);
             live_pause = Some(live_full(&vm, dir, &mut rep, &format!("{label}, {case}: live full snapshot"))?);
         }
-        rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d));
+        rep.bracketed(&format!("{label}, {case}: diff snapshot after 1 s"), "pause_ms", median(&d), SMUDGE_PAUSE);
         rep.result(&format!("{label}, {case}: diff snapshot after 1 s"), "diff_mib", median(&bytes));
         pauses.push((full_ms, median(&d)));
         last = Some(parent);
@@ -116,9 +125,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
 
     // Restore: the chain of the second run into a new process, eager
     // (memory first) and lazy (guest first, memory behind it).
-    if let Some(chain) = last {
-        restore(dir, &mut rep, &format!("{label}: restore of a full + {diffs} diffs chain"), &chain)?;
-    }
+    let chain = last.context("no snapshot chain")?;
+    let restore_runs = restore(dir, &mut rep, &format!("{label}: restore of a full + {diffs} diffs chain"), &chain)?;
+
+    // The peers, on the same guest, workload and RAM.
+    let (full_pause, diff_pause) = pauses[1];
+    let case = snapshot_peers::Case {
+        dir,
+        mem_mib,
+        cmdline: &cmdline,
+        warm: Duration::from_millis(warm),
+        diffs,
+        restores: if args.quick { 1 } else { 3 },
+        label,
+    };
+    snapshot_peers::run(&case, snapshot_peers::Smudge { full_pause, live_pause, diff_pause, restore_runs }, &mut rep)?;
 
     // Moonshot: diff snapshots back to back; the guest runs between them,
     // so the share of time it spends paused bounds its slowdown. The disk
@@ -154,8 +175,9 @@ fn live_full(vm: &Vm, dir: &Path, rep: &mut Report, case: &str) -> anyhow::Resul
 }
 
 /// Restores `chain` into a new process, eager then lazy: time to first
-/// instruction and to fully loaded, as `case` in `rep`.
-fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Result<()> {
+/// instruction and to fully loaded, as `case` in `rep`. Returns the eager
+/// (default) restore's time to first instruction (ms).
+fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Result<f64> {
     drain_disk()?;
     let mem_file = dir.join("restored.mem");
     std::fs::remove_file(&mem_file).ok();
@@ -169,14 +191,14 @@ fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Re
     let err = String::from_utf8_lossy(&out.stderr);
     let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
     rep.result(&format!("{case}, eager"), "restore_ms", ms);
-    rep.result(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi);
+    rep.bracketed(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi, SMUDGE_RESTORE);
     std::fs::remove_file(&mem_file).ok();
 
     let (lazy_ttfi, loaded) = lazy_restore(chain)?;
     rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
     rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
     rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
-    Ok(())
+    Ok(eager_ttfi)
 }
 
 /// Diffs taken after the full snapshot before the back-to-back window.
