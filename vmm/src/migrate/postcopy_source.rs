@@ -168,21 +168,10 @@ impl MigrationSource {
             vcpu_throttle_pct: Vec::new(),
         });
         Ok(MigrationReport {
-            to: opts.to.clone(),
-            total_ms: 0.0,
-            downtime_ms: downtime.as_secs_f64() * 1e3,
-            downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
-            rounds,
-            bytes_sent: s.bytes(),
-            connection_pages: s.connection_pages(),
-            pages_sent: s.pages,
-            zero_pages_sent: s.zero_pages,
-            converge,
-            bandwidth_mbps: bandwidth / 1e6,
-            memory_crc32: None,
             downtime_parts: parts,
             stop_to_running_ms,
             postcopy: Some(pc),
+            ..MigrationReport::switched(opts, s, rounds, converge, bandwidth, downtime)
         })
     }
 

@@ -148,6 +148,38 @@ pub struct MigrationReport {
     pub postcopy: Option<super::postcopy_source::PostcopyReport>,
 }
 
+impl MigrationReport {
+    /// What a migration that switched over reports, from the sender's
+    /// counts; the caller adds the checksum, the downtime's parts and the
+    /// post-copy phase where it has them (`total_ms` is set last).
+    pub(super) fn switched(
+        opts: &MigrateOptions,
+        s: &Sender,
+        rounds: Vec<RoundReport>,
+        converge: String,
+        bandwidth: f64,
+        downtime: Duration,
+    ) -> MigrationReport {
+        MigrationReport {
+            to: opts.to.clone(),
+            total_ms: 0.0,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
+            rounds,
+            bytes_sent: s.bytes(),
+            connection_pages: s.connection_pages(),
+            pages_sent: s.pages,
+            zero_pages_sent: s.zero_pages,
+            converge,
+            bandwidth_mbps: bandwidth / 1e6,
+            memory_crc32: None,
+            downtime_parts: DowntimeParts::default(),
+            stop_to_running_ms: None,
+            postcopy: None,
+        }
+    }
+}
+
 /// The downtime, phase by phase (ms).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DowntimeParts {
@@ -892,21 +924,10 @@ impl MigrationSource {
         let downtime = tp.elapsed();
         rounds.push(fin);
         Ok(MigrationReport {
-            to: opts.to.clone(),
-            total_ms: 0.0,
-            downtime_ms: downtime.as_secs_f64() * 1e3,
-            downtime_budget_ms: opts.downtime.as_secs_f64() * 1e3,
-            rounds,
-            bytes_sent: s.bytes(),
-            connection_pages: s.connection_pages(),
-            pages_sent: s.pages,
-            zero_pages_sent: s.zero_pages,
-            converge,
-            bandwidth_mbps: bandwidth / 1e6,
             memory_crc32: digest_sent,
             downtime_parts: parts,
             stop_to_running_ms,
-            postcopy: None,
+            ..MigrationReport::switched(opts, s, rounds, converge, bandwidth, downtime)
         })
     }
 }
