@@ -26,12 +26,11 @@ pub fn map_high(end: u64) {
     let first = (HIGH_RAM_BASE / GIB) as usize;
     for d in 0..dirs as usize {
         let at = HIGH_RAM_BASE + d as u64 * GIB;
-        // SAFETY: `pd_high` and `pdpt` are the guest's own page tables in
-        // its image, identity-mapped writable at CPL3. Directory `d` is not
-        // linked yet (this boot's `pdpt` comes fresh from the image with
-        // entries 4 and up empty), so filling it changes no live mapping;
-        // only then is it linked (stores are ordered on x86), and a
-        // not-present entry becoming present needs no TLB flush.
+        // `pd_high` and `pdpt` are the guest's own page tables in its image,
+        // identity-mapped writable at CPL3. This boot's `pdpt` comes fresh
+        // from the image with entries 4 and up empty; stores are ordered on
+        // x86, and a not-present entry becoming present needs no TLB flush.
+        // SAFETY: directory `d` of the guest's own page tables is filled while unlinked (no live mapping changes), then linked.
         unsafe {
             let pd = addr_of_mut!(pd_high).cast::<u64>().add(d * ENTRIES);
             for k in 0..ENTRIES {
