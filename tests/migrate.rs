@@ -559,6 +559,41 @@ fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
 }
 
 #[test]
+fn post_copy_moves_a_guest_dirtying_faster_than_the_link_without_throttling_it() {
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    // 4000 pages/s over 500 pages against a 2 MiB/s link (512 pages/s):
+    // pre-copy alone converges only by throttling the guest (see
+    // `a_guest_dirtying_faster_than_the_link_converges_by_throttling`).
+    // With post-copy asked for, auto-converge (on by default) stays off:
+    // three rounds, the third unthrottled, then the switch.
+    let (mut src, sock, src_serial) = source(&dir, &endless(500, 4000, 21));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), 500, 500);
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy-after", "3", "--bandwidth-limit", "2M"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["converge"], "post-copy", "no auto-converge, no dirty limit: {r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 4, "rounds 0, 1 and 2, then the post-copy phase: {r}");
+    for round in rounds {
+        assert_eq!(round["throttle_pct"], 0, "round {round}: {r}");
+        assert!(round.get("vcpu_throttle_pct").is_none(), "round {round}: {r}");
+    }
+    let pc = &r["postcopy"];
+    let n = |k: &str| pc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    assert_eq!(n("pages_on_demand") + n("pages_streamed") + n("zero_pages"), n("owed_pages"), "{r}");
+    assert!(n("owed_pages") > 0 && n("owed_pages") <= 500 + 64, "only what was dirtied since round 2 is owed: {r}");
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
+    dest.carries_on_then_stops(500);
+    let dst_mem = dest.mem.clone();
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert_replayed(&dst_mem, 500, 21);
+}
+
+#[test]
 fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());

@@ -24,6 +24,14 @@
 //! crosses) against QEMU's downtime. At the slowest and fastest rates, 2
 //! and 4 parallel page connections against one (informational: where it
 //! stops helping on this machine).
+//!
+//! Faster than the link: a guest dirtying ~4x what `--bandwidth-limit`
+//! lets through, moved by pre-copy (auto-converge throttles it until the
+//! rounds converge) and by post-copy (never throttled); the guest's own
+//! write rate, read from its generation table (the memory file is guest
+//! RAM) over a second before the migration and over the migration (the
+//! request to the destination's table read back after it), gives its
+//! slowdown in each.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -56,6 +64,14 @@ struct Figures {
     round0_mbps: f64,
     /// smudge's downtime phases: pause, residue, state, destination.
     parts: [f64; 4],
+    /// Post-copy, ms after the destination's guest ran: the first page
+    /// request, every page sent, every page placed.
+    postcopy_steps: [f64; 3],
+    /// The guest's own page writes per second before the migration and
+    /// during it (capped-link cases only).
+    guest_rate: [f64; 2],
+    /// The highest auto-converge throttle of any round (percent).
+    max_throttle_pct: f64,
 }
 
 /// Kills a child process however the run ends.
@@ -79,6 +95,22 @@ enum Mode {
     Postcopy,
     /// Same-host handover of the RAM file.
     Local,
+    /// A link capped at `limit` bytes/s; post-copy (at once) or pre-copy
+    /// with auto-converge; the guest's own write rate (over its
+    /// `pages`-page working set) is measured before and during.
+    Capped { postcopy: bool, limit: u64, pages: u64 },
+}
+
+/// Page writes the bundled guest made so far over its `pages`-page
+/// working set: the sum of its generation table in the memory file.
+fn guest_writes(mem: &Path, pages: u64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(mem).with_context(|| format!("opening {}", mem.display()))?;
+    let mut buf = vec![0u8; pages as usize * 4];
+    // Below 3 GiB a guest address is its file offset.
+    f.read_exact_at(&mut buf, guest_abi::gen_table_addr(0))
+        .with_context(|| format!("the guest's generation table in {}", mem.display()))?;
+    Ok(buf.chunks_exact(4).map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).sum())
 }
 
 /// Starts `migrate-recv` on `dst_mem`; returns it and where it listens.
@@ -118,9 +150,11 @@ fn smudge_once(
 ) -> anyhow::Result<Figures> {
     let (src_mem, sock) = (dir.join("src.mem"), dir.join("src.sock"));
     let dst_mem = match mode {
-        Mode::Precopy | Mode::Connections(_) => dir.join("dst.mem"),
+        Mode::Precopy | Mode::Connections(_) | Mode::Capped { postcopy: false, .. } => dir.join("dst.mem"),
         // userfaultfd needs shmem on the destination.
-        Mode::Postcopy => PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id())),
+        Mode::Postcopy | Mode::Capped { postcopy: true, .. } => {
+            PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id()))
+        }
         Mode::Local => src_mem.clone(),
     };
     for f in [&src_mem, &dst_mem, &sock] {
@@ -144,8 +178,34 @@ fn smudge_once(
         Mode::Connections(n) => req.connections = n,
         Mode::Postcopy => req.postcopy_after = Some(0),
         Mode::Local => req.local = true,
+        Mode::Capped { postcopy, limit, .. } => {
+            req.bandwidth_limit = Some(limit);
+            req.postcopy_after = postcopy.then_some(0);
+        }
     }
+    // The guest's own rate over a second before the migration.
+    let pages = match mode {
+        Mode::Capped { pages, .. } => Some(pages),
+        _ => None,
+    };
+    let before = match pages {
+        Some(p) => {
+            let (t0, w0) = (std::time::Instant::now(), guest_writes(&src_mem, p)?);
+            std::thread::sleep(Duration::from_secs(1));
+            let (t1, w1) = (std::time::Instant::now(), guest_writes(&src_mem, p)?);
+            Some(((w1 - w0) as f64 / (t1 - t0).as_secs_f64(), t1, w1))
+        }
+        None => None,
+    };
     let v: Value = api.call(&Request::Migrate(req))?;
+    // ... and over the migration, to its table on the destination.
+    let guest_rate = match (before, pages, v["ok"] == true) {
+        (Some((rate, t1, w1)), Some(p), true) => {
+            let w2 = guest_writes(&dst_mem, p)?;
+            [rate, w2.saturating_sub(w1) as f64 / t1.elapsed().as_secs_f64()]
+        }
+        _ => [f64::NAN; 2],
+    };
     if v["ok"] != true {
         bail!("smudge migration failed: {v}");
     }
@@ -168,6 +228,12 @@ fn smudge_once(
         mib: n("bytes_sent") / (1u64 << 20) as f64,
         parts: ["pause_ms", "residue_ms", "state_ms", "destination_ms"]
             .map(|k| v["downtime_parts"][k].as_f64().unwrap_or(f64::NAN)),
+        postcopy_steps: ["first_request_ms", "sent_ms", "acked_ms"]
+            .map(|k| v["postcopy"][k].as_f64().unwrap_or(f64::NAN)),
+        guest_rate,
+        max_throttle_pct: v["rounds"]
+            .as_array()
+            .map_or(f64::NAN, |r| r.iter().filter_map(|x| x["throttle_pct"].as_f64()).fold(0.0, f64::max)),
         on_demand: v["postcopy"]["pages_on_demand"].as_f64().unwrap_or(0.0),
         round0_mbps: match (v["rounds"][0]["bytes"].as_f64(), v["rounds"][0]["ms"].as_f64()) {
             (Some(b), Some(ms)) if ms > 0.0 => b / ms / 1e3,
@@ -218,6 +284,9 @@ impl Setup<'_> {
             parts: [f64::NAN; 4],
             on_demand: 0.0,
             round0_mbps: f64::NAN,
+            postcopy_steps: [f64::NAN; 3],
+            guest_rate: [f64::NAN; 2],
+            max_throttle_pct: f64::NAN,
         })
     }
 }
@@ -267,6 +336,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         }
     }
     local_handover(&setup, &mut rep, cases[0].0, &cmdline(cases[0].1), qemu_downtime[0])?;
+    faster_than_the_link(&setup, &mut rep, args.quick)?;
     Ok(rep)
 }
 
@@ -392,6 +462,14 @@ fn postcopy(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, ours: &[Figu
     rep.result(&c, "downtime_to_ack_ms", med(&post, |f| f.reported_downtime_ms));
     rep.result(&c, "pages_on_demand", med(&post, |f| f.on_demand));
     rep.result(&c, "sent_mib", med(&post, |f| f.mib));
+    // Where its time goes: the switchover's parts, then the phase.
+    for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
+        rep.result(&c, &format!("downtime_{k}"), median(&post.iter().map(|f| f.parts[i]).collect::<Vec<_>>()));
+    }
+    for (i, k) in ["first_request_ms", "all_sent_ms", "all_placed_ms"].iter().enumerate() {
+        let step = median(&post.iter().map(|f| f.postcopy_steps[i]).collect::<Vec<_>>());
+        rep.bracketed(&c, &format!("after_running_{k}"), step, "from the destination's guest running");
+    }
     // What post-copy is for: done sooner than pre-copy on a guest that
     // dirties fast, its switch-over as short. (Its downtime against
     // pre-copy's is no goal: pre-copy's residue is already ~1 ms.)
@@ -425,5 +503,36 @@ fn local_handover(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, qemu_d
         1.0 / 3.0,
         "lower",
     );
+    Ok(())
+}
+
+/// A guest dirtying ~4x what `--bandwidth-limit` lets through, moved by
+/// pre-copy with auto-converge and by post-copy, same run: each one's
+/// time, downtime, throttle and the guest's own slowdown.
+fn faster_than_the_link(s: &Setup, rep: &mut Report, quick: bool) -> anyhow::Result<()> {
+    // Random writes over a working set the link carries in about a second.
+    let (pages, rate, limit) = if quick { (2048u64, 10_000u64, 10u64 << 20) } else { (4096, 20_000, 20 << 20) };
+    let cmdline = format!("workload=rate rate={rate} pages={pages} seed=9 ms=600000 wipe=1");
+    let case = format!(
+        "{}, guest dirtying {rate} pages/s (~{:.0} MB/s) over {} MiB, --bandwidth-limit {} MiB/s",
+        s.label,
+        rate as f64 * 4096.0 / 1e6,
+        (pages * 4096) >> 20,
+        limit >> 20
+    );
+    for postcopy in [false, true] {
+        let runs = s.smudge_runs(&cmdline, Mode::Capped { postcopy, limit, pages })?;
+        let how = if postcopy { "smudge post-copy" } else { "smudge pre-copy with auto-converge" };
+        let c = format!("{case}: {how}");
+        rep.result(&c, "total_ms", med(&runs, |f| f.total_ms));
+        rep.result(&c, "downtime_ms", med(&runs, |f| f.downtime_ms));
+        rep.result(&c, "rounds", med(&runs, |f| f.rounds));
+        rep.result(&c, "max_throttle_pct", med(&runs, |f| f.max_throttle_pct));
+        let brackets = "the guest's own writes (its generation table): a second before the request, and from \
+                        the request to the destination's table read after the answer";
+        rep.bracketed(&c, "guest_writes_per_s_before", med(&runs, |f| f.guest_rate[0]), brackets);
+        rep.bracketed(&c, "guest_writes_per_s_during", med(&runs, |f| f.guest_rate[1]), brackets);
+        rep.result(&c, "guest_slowdown_pct", med(&runs, |f| (1.0 - f.guest_rate[1] / f.guest_rate[0]) * 100.0));
+    }
     Ok(())
 }

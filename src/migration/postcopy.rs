@@ -45,13 +45,13 @@ impl Owed {
     pub fn add(&mut self, runs: &[(u64, u32)]) -> Result<(), ReceiveError> {
         for &(offset, count) in runs {
             let (first, end) = self.check(offset, u64::from(count))?;
-            if (first..end).any(|p| self.has(p)) {
+            if masks(first, end).any(|(w, m)| self.bits[w] & m != 0) {
                 return Err(ReceiveError::Protocol(format!(
                     "post-copy: pages at {offset:#x} (+{count}) are owed twice"
                 )));
             }
-            for p in first..end {
-                self.bits[(p / 64) as usize] |= 1 << (p % 64);
+            for (w, m) in masks(first, end) {
+                self.bits[w] |= m;
             }
             self.remaining += end - first;
         }
@@ -78,18 +78,31 @@ impl Owed {
     /// and nothing is taken).
     pub fn deliver(&mut self, offset: u64, count: u64) -> Result<(), ReceiveError> {
         let (first, end) = self.check(offset, count)?;
-        if let Some(p) = (first..end).find(|&p| !self.has(p)) {
+        if let Some((w, m)) = masks(first, end).find(|&(w, m)| self.bits[w] & m != m) {
+            let missing = (m & !self.bits[w]).trailing_zeros() as u64;
             return Err(ReceiveError::Protocol(format!(
                 "post-copy: page at {:#x} is not owed (never announced, or delivered before)",
-                p * PAGE
+                (w as u64 * 64 + missing) * PAGE
             )));
         }
-        for p in first..end {
-            self.bits[(p / 64) as usize] &= !(1 << (p % 64));
+        for (w, m) in masks(first, end) {
+            self.bits[w] &= !m;
         }
         self.remaining -= end - first;
         Ok(())
     }
+}
+
+/// The words of a page bitmap that pages `first..end` fall in, each with
+/// the mask of those pages' bits (a word at a time: a run of a whole
+/// working set is announced and checked in the switchover's pause).
+fn masks(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
+    let words = if first < end { first / 64..end.div_ceil(64) } else { 0..0 };
+    words.map(move |w| {
+        let (lo, hi) = (first.max(w * 64) - w * 64, end.min(w * 64 + 64) - w * 64);
+        let m = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        (w as usize, m)
+    })
 }
 
 /// What the VMM does with a checked post-copy frame.
@@ -210,5 +223,24 @@ mod tests {
         assert!(matches!(rx.apply(Frame::Done { pages: 2, zero_pages: 3 }), Err(ReceiveError::Totals { .. })));
         assert_eq!(rx.apply(Frame::Done { pages: 3, zero_pages: 3 }).unwrap(), Placement::Done);
         assert!(rx.apply(Frame::State(Box::default())).is_err());
+    }
+
+    #[test]
+    fn runs_across_words_are_owed_and_delivered_page_by_page() {
+        let mut owed = Owed::new(256 * PAGE);
+        // 60..200: the tail of word 0, words 1 and 2 whole, the head of word 3.
+        owed.add(&[(60 * PAGE, 140)]).unwrap();
+        assert_eq!(owed.remaining(), 140);
+        assert!(!owed.owes(59 * PAGE) && owed.owes(60 * PAGE) && owed.owes(199 * PAGE) && !owed.owes(200 * PAGE));
+        assert!(owed.add(&[(199 * PAGE, 2)]).unwrap_err().to_string().contains("owed twice"));
+        owed.add(&[(200 * PAGE, 1), (0, 60)]).unwrap();
+        owed.deliver(64 * PAGE, 64).unwrap();
+        let e = owed.deliver(100 * PAGE, 40).unwrap_err().to_string();
+        assert!(e.contains(&format!("{:#x}", 100 * PAGE)), "{e}");
+        assert!(owed.owes(128 * PAGE) && !owed.owes(127 * PAGE));
+        owed.deliver(0, 64).unwrap();
+        owed.deliver(128 * PAGE, 73).unwrap();
+        assert_eq!(owed.remaining(), 0);
+        assert!(owed.deliver(0, 0).is_ok());
     }
 }

@@ -160,6 +160,8 @@ pub struct Receiver {
     owed: Option<Owed>,
     /// An extra page connection: pages, zero runs and round ends only.
     channel: bool,
+    /// Round ends seen.
+    rounds: u64,
 }
 
 impl Receiver {
@@ -178,6 +180,7 @@ impl Receiver {
             zeros: Vec::new(),
             owed: None,
             channel: false,
+            rounds: 0,
         }
     }
 
@@ -336,7 +339,10 @@ impl Receiver {
                 }
                 Ok(Step::Continue)
             }
-            Frame::RoundEnd { round, pages } => Ok(Step::Round { round, pages }),
+            Frame::RoundEnd { round, pages } => {
+                self.rounds += 1;
+                Ok(Step::Round { round, pages })
+            }
             Frame::State(s) => {
                 if s.vcpus.len() != self.hello.vcpus {
                     return Err(ReceiveError::Protocol(format!(
@@ -372,6 +378,12 @@ impl Receiver {
             Frame::Postcopy(runs) if self.hello.postcopy => {
                 let owed = self.owed.get_or_insert_with(|| Owed::new(self.hello.mem_size));
                 owed.add(&runs)?;
+                // Nothing was received yet (post-copy from the start): the
+                // new file is a hole everywhere, nothing to drop (in the
+                // pause).
+                if self.rounds == 0 && self.pages == 0 && self.zero_pages == 0 {
+                    return Ok(Step::Continue);
+                }
                 // What the file holds there is stale: make it missing, so
                 // the guest's first touch waits for the source's copy.
                 for (offset, count) in runs {

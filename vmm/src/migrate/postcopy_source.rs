@@ -49,6 +49,14 @@ pub struct PostcopyReport {
     pub requests: u64,
     /// Switchover to the destination's last acknowledgement.
     pub ms: f64,
+    /// The phase step by step (ms from the destination's "it runs"):
+    /// the first page request in, …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_request_ms: Option<f64>,
+    /// … every owed page on the wire (`Done` sent), …
+    pub sent_ms: f64,
+    /// … and the destination's acknowledgement that all are placed.
+    pub acked_ms: f64,
 }
 
 /// What the destination says during the phase.
@@ -138,7 +146,7 @@ impl MigrationSource {
                     break;
                 }
             });
-            let r = self.stream_owed(s, &runs, &rx);
+            let r = self.stream_owed(s, &runs, &rx, Instant::now());
             if r.is_err() {
                 // Unblock the reader so the scope can end.
                 let _ = sock.shutdown(std::net::Shutdown::Read);
@@ -151,12 +159,15 @@ impl MigrationSource {
         })?;
         pc.ms = ms_since(tp);
         tracing::info!(
-            "post-copy done: {} pages owed, {} on demand, {} streamed, {} zero, in {:.0} ms",
+            "post-copy done: {} pages owed, {} on demand, {} streamed, {} zero, in {:.0} ms (all sent {:.0} ms, \
+             placed {:.0} ms after the guest ran here)",
             pc.owed_pages,
             pc.pages_on_demand,
             pc.pages_streamed,
             pc.zero_pages,
-            pc.ms
+            pc.ms,
+            pc.sent_ms,
+            pc.acked_ms
         );
         rounds.push(RoundReport {
             round: rounds.len() as u32,
@@ -181,6 +192,7 @@ impl MigrationSource {
         s: &mut Sender,
         runs: &[(u64, u32)],
         rx: &mpsc::Receiver<Upstream>,
+        running: Instant,
     ) -> Result<PostcopyReport, MigrateError> {
         let broke = MigrateError::Postcopy;
         let mut unsent = Owed::new(self.mem_size);
@@ -200,6 +212,7 @@ impl MigrationSource {
                 match up {
                     Ok(Upstream::Request(req)) => {
                         report.requests += 1;
+                        report.first_request_ms.get_or_insert_with(|| ms_since(running));
                         let before = s.pages;
                         for (off, count) in req {
                             for p in 0..u64::from(count) {
@@ -250,12 +263,16 @@ impl MigrationSource {
         s.w.send(&Frame::Done { pages: s.pages - p0, zero_pages: s.zero_pages - z0 })
             .and_then(|_| s.w.flush())
             .map_err(|e| broke(format!("sending Done: {e}")))?;
+        report.sent_ms = ms_since(running);
         let t0 = Instant::now();
         loop {
             match rx.recv_timeout(END_ACK_TIMEOUT.saturating_sub(t0.elapsed())) {
                 // Asked for before it arrived there: already on its way.
                 Ok(Upstream::Request(_)) => report.requests += 1,
-                Ok(Upstream::Ack(Ack { ok: true, .. })) => return Ok(report),
+                Ok(Upstream::Ack(Ack { ok: true, .. })) => {
+                    report.acked_ms = ms_since(running);
+                    return Ok(report);
+                }
                 Ok(Upstream::Ack(Ack { error, .. })) => {
                     return Err(broke(format!("the destination refused the end: {}", error.unwrap_or_default())))
                 }

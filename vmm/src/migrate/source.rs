@@ -717,7 +717,9 @@ impl MigrationSource {
         }
         // What was dirty before now is in round 0, read after this.
         let sub = Subscription::from_now(&self.harvester)?;
-        let throttle = match opts.auto_converge {
+        // Post-copy is how a migration that asks for it converges: the
+        // rounds before the switch never slow the guest down.
+        let throttle = match opts.auto_converge && opts.postcopy_after.is_none() {
             true => Some(
                 Throttle::start(self.vcpus.clone()).map_err(|e| MigrateError::Vcpus(format!("auto-converge: {e}")))?,
             ),
