@@ -216,6 +216,16 @@ impl Placer<'_> {
         }
     }
 
+    /// Leaves `[offset, offset + len)` missing, where the file has a hole
+    /// (reads zero): nothing is allocated; whoever waits there is woken,
+    /// faults again and — the pages no longer owed — gets a zero page then.
+    pub fn holes<E: std::error::Error>(&self, offset: u64, len: u64) -> Result<(), FillError<E>> {
+        for (h, n) in self.map.host_runs(offset, len)? {
+            self.uffd.wake(h, n)?;
+        }
+        Ok(())
+    }
+
     /// Places zero pages over `[offset, offset + len)`; each page must
     /// still be missing.
     pub fn zeros<E: std::error::Error>(&self, offset: u64, len: u64) -> Result<(), FillError<E>> {

@@ -594,6 +594,38 @@ fn post_copy_moves_a_guest_dirtying_faster_than_the_link_without_throttling_it()
 }
 
 #[test]
+fn post_copy_leaves_owed_zero_pages_as_holes_that_read_zero() {
+    use std::os::unix::fs::MetadataExt;
+    require_kvm();
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    // The working set zeroed first (`wipe=1`: 6000 pages of data that are
+    // zero), then a few hundred stamped before the switch: thousands of
+    // owed pages are zero.
+    let cmdline = "workload=rate rate=1000 pages=6000 writes=1000000000 seed=22 wipe=1";
+    let (mut src, sock, src_serial) = source(&dir, cmdline);
+    progress::wait_for_writes(&mut src, &src_mem(&dir), 6000, 300);
+    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let zero = r["postcopy"]["zero_pages"].as_u64().unwrap_or_else(|| panic!("no zero_pages in {r}"));
+    assert!(zero >= 3000, "most of the wiped working set is owed as zero pages: {r}");
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
+    dest.carries_on_then_stops(6000);
+    let dst_mem = dest.mem.clone();
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    // Every page the guest never wrote reads zero, every stamp matches.
+    assert_replayed(&dst_mem, 6000, 22);
+    // Zero pages the guest did not touch here took no memory: the file
+    // holds little beyond the stamped pages.
+    let stamped = progress::stamped_pages(&dst_mem, 6000);
+    let allocated = std::fs::metadata(&dst_mem).unwrap().blocks() * 512 / 4096;
+    assert!(allocated < stamped + 1024, "{allocated} pages allocated for {stamped} stamped ({zero} owed zero): {err}");
+}
+
+#[test]
 fn losing_the_source_during_post_copy_stops_the_destination_with_a_clear_error() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());

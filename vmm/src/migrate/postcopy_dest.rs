@@ -6,7 +6,8 @@
 //! source for an owed page (`PageRequest`, once per page) or places a zero
 //! page where nothing is owed (the source has zeros there), and the
 //! receive thread places each arriving page with `UFFDIO_COPY`, which
-//! wakes whoever waits for it.
+//! wakes whoever waits for it. An owed page that turns out zero is only
+//! taken off the debt (its waiters woken): its slot in the file is a hole.
 //!
 //! RAM must be shmem for this (userfaultfd's missing-page mode does not
 //! work on disk files): the destination's memory file lives on tmpfs
@@ -152,8 +153,12 @@ impl PageSource for StreamSource {
                 Ok(Loaded::Pages(data.len() as u64 / PAGE))
             }
             Placement::Zero(runs) => {
+                // An owed page's slot in the file is a hole (a new file, or
+                // punched at the switchover): it reads zero already. Nothing
+                // is placed — the guest's first touch gets a zero page from
+                // the fault thread, and an untouched one costs nothing.
                 for &(offset, count) in &runs {
-                    place.zeros(offset, u64::from(count) * PAGE)?;
+                    place.holes(offset, u64::from(count) * PAGE)?;
                 }
                 Ok(Loaded::Pages(runs.iter().map(|&(_, n)| u64::from(n)).sum()))
             }
