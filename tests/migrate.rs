@@ -528,11 +528,27 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
     assert_replayed(&dst_mem, PAGES, 14);
 }
 
+/// After a post-copy migration of an [`endless`]-style guest (`pages`,
+/// `seed`): the source exited 0, the destination's post-copy phase ended
+/// and its guest carries on until stopped; its memory replays the guest's
+/// writes. Returns the destination's memory file and stderr.
+fn post_copy_landed(src: Child, src_serial: &Path, mut dest: Dest, pages: u64, seed: u64) -> (PathBuf, String) {
+    let (code, err, _) = finish(src, src_serial);
+    assert_eq!(code, 0, "{err}");
+    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
+    dest.carries_on_then_stops(pages);
+    let dst_mem = dest.mem.clone();
+    let (code, err, serial) = dest.wait();
+    assert_eq!(code, 0, "{err}\n{serial}");
+    assert_replayed(&dst_mem, pages, seed);
+    (dst_mem, err)
+}
+
 #[test]
 fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
     // 4000 pages/s over 500 pages against a 4 MiB/s link: pre-copy alone
     // would need throttling; two rounds, then post-copy.
     let (mut src, sock, src_serial) = source(&dir, &endless(500, 4000, 15));
@@ -548,21 +564,14 @@ fn post_copy_after_pre_copy_rounds_carries_a_fast_writer_over_a_slow_link() {
     let pc = &r["postcopy"];
     let owed = pc["owed_pages"].as_u64().unwrap();
     assert!(owed > 0 && owed <= 500 + 64, "only the pages dirtied since the last round are owed: {r}");
-    let (code, err, _) = finish(src, &src_serial);
-    assert_eq!(code, 0, "{err}");
-    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
-    dest.carries_on_then_stops(500);
-    let dst_mem = dest.mem.clone();
-    let (code, err, serial) = dest.wait();
-    assert_eq!(code, 0, "{err}\n{serial}");
-    assert_replayed(&dst_mem, 500, 15);
+    post_copy_landed(src, &src_serial, dest, 500, 15);
 }
 
 #[test]
 fn post_copy_moves_a_guest_dirtying_faster_than_the_link_without_throttling_it() {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
     // 4000 pages/s over 500 pages against a 2 MiB/s link (512 pages/s):
     // pre-copy alone converges only by throttling the guest (see
     // `a_guest_dirtying_faster_than_the_link_converges_by_throttling`).
@@ -583,14 +592,7 @@ fn post_copy_moves_a_guest_dirtying_faster_than_the_link_without_throttling_it()
     let n = |k: &str| pc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
     assert_eq!(n("pages_on_demand") + n("pages_streamed") + n("zero_pages"), n("owed_pages"), "{r}");
     assert!(n("owed_pages") > 0 && n("owed_pages") <= 500 + 64, "only what was dirtied since round 2 is owed: {r}");
-    let (code, err, _) = finish(src, &src_serial);
-    assert_eq!(code, 0, "{err}");
-    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
-    dest.carries_on_then_stops(500);
-    let dst_mem = dest.mem.clone();
-    let (code, err, serial) = dest.wait();
-    assert_eq!(code, 0, "{err}\n{serial}");
-    assert_replayed(&dst_mem, 500, 21);
+    post_copy_landed(src, &src_serial, dest, 500, 21);
 }
 
 #[test]
@@ -598,7 +600,7 @@ fn post_copy_leaves_owed_zero_pages_as_holes_that_read_zero() {
     use std::os::unix::fs::MetadataExt;
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
+    let dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
     // The working set zeroed first (`wipe=1`: 6000 pages of data that are
     // zero), then a few hundred stamped before the switch: thousands of
     // owed pages are zero.
@@ -609,15 +611,8 @@ fn post_copy_leaves_owed_zero_pages_as_holes_that_read_zero() {
     assert_eq!(r["ok"], true, "{r}");
     let zero = r["postcopy"]["zero_pages"].as_u64().unwrap_or_else(|| panic!("no zero_pages in {r}"));
     assert!(zero >= 3000, "most of the wiped working set is owed as zero pages: {r}");
-    let (code, err, _) = finish(src, &src_serial);
-    assert_eq!(code, 0, "{err}");
-    dest.wait_for("the post-copy phase to end", |d| d.said("post-copy from"));
-    dest.carries_on_then_stops(6000);
-    let dst_mem = dest.mem.clone();
-    let (code, err, serial) = dest.wait();
-    assert_eq!(code, 0, "{err}\n{serial}");
     // Every page the guest never wrote reads zero, every stamp matches.
-    assert_replayed(&dst_mem, 6000, 22);
+    let (dst_mem, err) = post_copy_landed(src, &src_serial, dest, 6000, 22);
     // Zero pages the guest did not touch here took no memory: the file
     // holds little beyond the stamped pages.
     let stamped = progress::stamped_pages(&dst_mem, 6000);
