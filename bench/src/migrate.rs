@@ -106,9 +106,10 @@ enum Mode {
 }
 
 impl Mode {
-    /// Whether the destination's RAM takes post-copy (on /dev/shm).
-    fn postcopy(self) -> bool {
-        matches!(self, Mode::Settled { postcopy: true, .. } | Mode::Capped { postcopy: true, .. })
+    /// Whether the destination's RAM is on /dev/shm: post-copy needs it,
+    /// and the pre-copy it is set against gets the same.
+    fn dest_on_tmpfs(self) -> bool {
+        matches!(self, Mode::Settled { .. } | Mode::Capped { .. })
     }
 
     /// The working set to wait for the guest to have written through.
@@ -187,7 +188,7 @@ fn smudge_once(
     let dst_mem = match mode {
         Mode::Local => src_mem.clone(),
         // userfaultfd needs shmem on the destination.
-        m if m.postcopy() => PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id())),
+        m if m.dest_on_tmpfs() => PathBuf::from(format!("/dev/shm/smudge-bench-{}-dst.mem", std::process::id())),
         _ => dir.join("dst.mem"),
     };
     for f in [&src_mem, &dst_mem, &sock] {
@@ -491,7 +492,8 @@ fn connections(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, ours: &[F
 
 /// Post-copy against pre-copy, runs alternating, each once the guest
 /// wrote through its `pages`-page working set (both move the same data:
-/// the stamped working set, not a guest still zeroing it).
+/// the stamped working set, not a guest still zeroing it), both into a
+/// destination memory file on /dev/shm.
 fn postcopy(s: &Setup, rep: &mut Report, case: &str, cmdline: &str, pages: u64) -> anyhow::Result<()> {
     let (mut ours, mut post) = (Vec::new(), Vec::new());
     for _ in 0..s.runs {

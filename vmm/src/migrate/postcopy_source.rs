@@ -199,16 +199,24 @@ impl MigrationSource {
         unsent.add(runs).map_err(|e| broke(e.to_string()))?;
         let mut report = PostcopyReport { owed_pages: unsent.remaining(), ..Default::default() };
         let (p0, z0) = (s.pages, s.zero_pages);
+        // Sent without waiting for the bandwidth cap: the wait comes after
+        // each background piece, and a page request ends it early.
         let send = |s: &mut Sender, unsent: &mut Owed, off: u64, n: u64| -> Result<(), MigrateError> {
             unsent.deliver(off, n).map_err(|e| broke(e.to_string()))?;
             let gpa = file_offset_to_gpa(&s.layout, off).ok_or_else(|| broke(format!("{off:#x} is not RAM")))?;
-            s.send_range(&self.ram, gpa, n * PAGE, false)
+            s.unpaced(|s| s.send_range(&self.ram, gpa, n * PAGE, false))
         };
         let (mut run, mut at) = (0usize, 0u64);
+        // What came in while the stream waited for the cap.
+        let mut early = None;
         loop {
             // Pages a vCPU waits for go first.
             loop {
-                let up = if unsent.remaining() == 0 { break } else { rx.try_recv() };
+                let up = match early.take() {
+                    Some(up) => Ok(up),
+                    None if unsent.remaining() == 0 => break,
+                    None => rx.try_recv(),
+                };
                 match up {
                     Ok(Upstream::Request(req)) => {
                         report.requests += 1;
@@ -255,7 +263,16 @@ impl MigrationSource {
             send(s, &mut unsent, o, n)?;
             report.pages_streamed += s.pages - before;
             at += n;
-            s.pace();
+            // The cap's wait, cut short by a page request.
+            let wait = s.pace_due();
+            if !wait.is_zero() {
+                s.w.flush().map_err(|e| broke(format!("sending owed pages: {e}")))?;
+                match rx.recv_timeout(wait) {
+                    Ok(up) => early = Some(up),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Err(broke("the stream reader ended".into())),
+                }
+            }
         }
         s.flush_zero()?;
         report.zero_pages = s.zero_pages - z0;

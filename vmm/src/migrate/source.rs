@@ -389,16 +389,32 @@ impl Sender {
 
     /// Holds the stream to the bandwidth cap.
     pub(super) fn pace(&mut self) {
-        let Some(limit) = self.limit else { return };
+        let wait = self.pace_due();
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// How long the stream must wait to keep to the bandwidth cap (zero
+    /// without one).
+    pub(super) fn pace_due(&mut self) -> Duration {
+        let Some(limit) = self.limit else { return Duration::ZERO };
         let sent = self.w.bytes() - self.window.1;
         let due = Duration::from_secs_f64(sent as f64 / limit as f64);
         let spent = self.window.0.elapsed();
-        if due > spent {
-            std::thread::sleep(due - spent);
-        }
         if spent > Duration::from_secs(1) {
             self.window = (Instant::now(), self.w.bytes());
         }
+        due.saturating_sub(spent)
+    }
+
+    /// Runs `f` without waiting for the bandwidth cap (the caller waits,
+    /// see [`Self::pace_due`]); what it sends still counts against it.
+    pub(super) fn unpaced<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let limit = self.limit.take();
+        let r = f(self);
+        self.limit = limit;
+        r
     }
 
     /// Sends `[gpa, gpa + len)` from RAM: runs of data pages as `Pages`
