@@ -8,7 +8,7 @@
 //! ```text
 //! {"cmd":"stats"} {"cmd":"sync"} {"cmd":"pause"} {"cmd":"resume"} {"cmd":"stop"}
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?,"live":false?,"pause_budget_ms":10?}
-//! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
+//! {"cmd":"migrate","to":"HOST:PORT"|"unix:PATH","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
 //!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
 //!  "postcopy_after":N?,"connections":1?}
 //! {"cmd":"dirty-rate","seconds":1.0?}
@@ -237,7 +237,7 @@ pub enum Compression {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// Destination `host:port`.
+    /// Destination, `HOST:PORT` or `unix:PATH`.
     pub to: String,
     /// Downtime budget, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -50,9 +50,14 @@ impl Dest {
 
     /// A destination on `mem` with extra options (`--local`).
     fn start_with(dir: &tempfile::TempDir, mem: PathBuf, extra: &[&str]) -> Dest {
+        Dest::listening(dir, "0", mem, extra)
+    }
+
+    /// A destination listening on `listen` (a port, `unix:PATH`).
+    fn listening(dir: &tempfile::TempDir, listen: &str, mem: PathBuf, extra: &[&str]) -> Dest {
         let (serial, sock) = (path(dir, "dst.serial"), path(dir, "dst.sock"));
         let mut child = smudge()
-            .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "120"])
+            .args(["migrate-recv", "--listen", listen, "--accept-timeout", "60", "--timeout", "120"])
             .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
             .args(["--api-sock", sock.to_str().unwrap()])
             .args(extra)
@@ -176,11 +181,35 @@ fn finish(mut child: Child, serial: &Path) -> (i32, String, String) {
 fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     require_kvm();
     let dir = tmpdir();
-    let mut dest = Dest::start(&dir);
-    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 11));
+    let dest = Dest::start(&dir);
+    moves_with_the_same_memory(&dir, dest, &[], 11);
+}
+
+#[test]
+fn over_a_unix_socket_with_two_connections_the_guest_moves_with_the_same_memory() {
+    require_kvm();
+    let dir = tmpdir();
+    let at = path(&dir, "migrate.sock");
+    let dest = Dest::listening(&dir, &format!("unix:{}", at.display()), path(&dir, "dst.mem"), &[]);
+    assert_eq!(dest.addr, format!("unix:{}", at.display()));
+    let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2"], 21);
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(per.len() == 2 && per.iter().all(|&p| p > 0), "both connections carried pages: {r}");
+    // The destination removed its socket once the source was in.
+    assert!(!at.exists(), "{} outlived the migration", at.display());
+}
+
+/// Migrates a random-writing guest (seed `seed`) to `dest` with `extra`
+/// `ctl migrate` options; checks the report, that both ends say the same
+/// memory checksum, and the destination's memory against the guest's
+/// PRNG. Returns the report.
+fn moves_with_the_same_memory(dir: &tempfile::TempDir, mut dest: Dest, extra: &[&str], seed: u64) -> Value {
+    let (mut src, sock, src_serial) = source(dir, &endless(PAGES, 20000, seed));
     // Round 0 has stamped pages to send, and the guest dirties more meanwhile.
-    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
-    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"]);
+    progress::wait_for_writes(&mut src, &src_mem(dir), PAGES, 2000);
+    let mut args = vec!["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"];
+    args.extend(extra);
+    let r = ctl(&sock, &args);
     assert_eq!(r["ok"], true, "{r}");
     let crc = r["memory_crc32"].as_u64().expect("memory checksum");
     let rounds = r["rounds"].as_array().unwrap();
@@ -206,7 +235,8 @@ fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     assert_eq!(code, 0, "{err}\n{serial}");
     // The same checksum both sides computed at switchover.
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
-    assert_replayed(&mem, PAGES, 11);
+    assert_replayed(&mem, PAGES, seed);
+    r
 }
 
 /// A guest dirtying 4000 pages/s over 500 pages against a 4 MiB/s link
@@ -486,10 +516,25 @@ fn shm_dir() -> tempfile::TempDir {
 
 #[test]
 fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
+    post_copy_moves_every_owed_page_once("0", 14);
+}
+
+#[test]
+fn post_copy_over_a_unix_socket_sends_every_owed_page_exactly_once() {
+    let dir = tmpdir();
+    let at = path(&dir, "migrate.sock");
+    post_copy_moves_every_owed_page_once(&format!("unix:{}", at.display()), 22);
+    assert!(!at.exists(), "{} outlived the migration", at.display());
+}
+
+/// Pure post-copy of a random-writing guest (seed `seed`) to a destination
+/// listening on `listen`: every owed page goes exactly once, both ends
+/// count the same, and the destination's memory is the guest's PRNG's.
+fn post_copy_moves_every_owed_page_once(listen: &str, seed: u64) {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
-    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, 14));
+    let mut dest = Dest::listening(&dir, listen, shm.path().join("dst.mem"), &[]);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, seed));
     let mem = src_mem(&dir);
     progress::wait_for(&mut src, "every working-set page stamped", || {
         (progress::stamped_pages(&mem, PAGES) == PAGES).then_some(())
@@ -525,7 +570,7 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
         n("zero_pages")
     );
     assert!(line.contains(&want), "{line}\nwant: {want}");
-    assert_replayed(&dst_mem, PAGES, 14);
+    assert_replayed(&dst_mem, PAGES, seed);
 }
 
 #[test]
@@ -744,4 +789,65 @@ fn a_page_connection_cut_mid_stream_resumes_the_source() {
     let (code, err, _) = dest.wait();
     assert_eq!(code, 100, "{err}");
     assert!(err.contains("page connection 2"), "destination: {err}");
+}
+
+#[test]
+fn a_destination_refuses_to_listen_where_a_unix_socket_cannot_go() {
+    let dir = tmpdir();
+    let listen = |at: &str| {
+        let mem = path(&dir, "dst.mem");
+        let out = smudge()
+            .args(["migrate-recv", "--listen", at, "--accept-timeout", "30", "--mem-file", mem.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!mem.exists(), "a memory file was made for {at}");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A regular file in the way is refused and left as it was.
+    let file = path(&dir, "not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (code, err) = listen(&format!("unix:{}", file.display()));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("{}: exists and is not a socket; refusing to replace it", file.display())), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // No path, or neither form.
+    let (code, err) = listen("unix:");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("\"unix:\" needs the socket's path after it (unix:PATH)"), "{err}");
+    let (code, err) = listen("m.sock");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("\"m.sock\" is not a migration address: expected HOST:PORT, PORT or unix:PATH"), "{err}");
+}
+
+#[test]
+fn a_source_told_an_unusable_unix_address_keeps_its_guest_and_says_why() {
+    require_kvm();
+    let dir = tmpdir();
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 23));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
+    // A socket left behind by a listener that is gone, and a regular file.
+    let stale = path(&dir, "stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let file = path(&dir, "plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let missing = path(&dir, "nobody.sock");
+    let unix = |p: &Path| format!("unix:{}", p.display());
+    let cases = [
+        ("m.sock".to_string(), "\"m.sock\" is not a migration address: expected HOST:PORT or unix:PATH".to_string()),
+        ("unix:".into(), "\"unix:\" needs the socket's path after it (unix:PATH)".into()),
+        (unix(&missing), format!("cannot connect to {}: No such file or directory", unix(&missing))),
+        (unix(&stale), format!("cannot connect to {}: Connection refused", unix(&stale))),
+        (unix(&file), format!("cannot connect to {}: Connection refused", unix(&file))),
+    ];
+    for (to, want) in &cases {
+        let r = ctl(&sock, &["migrate", "--to", to, "--connections", "2"]);
+        assert_eq!(r["ok"], false, "{to}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(want.as_str()), "{to}: {e}\nwant: {want}");
+        assert_eq!(ctl(&sock, &["stats"])["paused"], false, "after {to}");
+    }
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_replayed(&src_mem(&dir), PAGES, 23);
 }

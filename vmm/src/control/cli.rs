@@ -215,9 +215,10 @@ pub struct RestoreArgs {
 /// `smudge migrate-recv`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateRecvArgs {
-    /// Where to listen: HOST:PORT, or a PORT alone for 127.0.0.1 (loopback
-    /// unless told otherwise). Port 0 picks a free one; the address is
-    /// printed on stderr.
+    /// Where to listen: HOST:PORT, a PORT alone for 127.0.0.1 (loopback
+    /// unless told otherwise), or unix:PATH for a unix socket (mode 0600,
+    /// removed once the source is in). Port 0 picks a free one; the address
+    /// is printed on stderr.
     #[arg(long)]
     pub listen: String,
     /// Give up if no source connects within this many seconds (0: wait
@@ -283,7 +284,7 @@ pub enum CtlCommand {
 /// `smudge ctl migrate`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateCtl {
-    /// The destination, HOST:PORT.
+    /// The destination, HOST:PORT or unix:PATH.
     #[arg(long)]
     pub to: String,
     /// Downtime budget in milliseconds: the final, paused round starts once

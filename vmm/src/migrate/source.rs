@@ -1,4 +1,5 @@
-//! The source side of a live migration: iterative pre-copy over TCP.
+//! The source side of a live migration: iterative pre-copy over TCP or a
+//! unix socket ([`super::transport`]).
 //!
 //! ```text
 //! connect, Hello -> Ack
@@ -27,7 +28,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +41,7 @@ use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{Converger, Throttle};
+use super::transport::{Address, AddressError, Stream};
 use crate::control::signals::{self, OnStop};
 use crate::persist::precopy::{run_rounds, Budget, End, Look, Round, RoundHooks};
 use crate::vm::vcpu_control::VcpuControl;
@@ -48,7 +49,7 @@ use crate::vm::vcpu_control::VcpuControl;
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Destination `host:port`.
+    /// Destination, `HOST:PORT` or `unix:PATH`.
     pub to: String,
     /// Longest pause the final round may take (estimated from bandwidth).
     pub downtime: Duration,
@@ -231,6 +232,9 @@ pub struct Progress {
 /// Why a migration failed; the guest runs on here.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    /// The destination's address is not one.
+    #[error(transparent)]
+    Address(#[from] AddressError),
     /// Could not reach the destination.
     #[error("cannot connect to {to}: {source}")]
     Connect {
@@ -274,7 +278,7 @@ pub struct MigrationSource {
 
 /// The sending half: frames, counters and the bandwidth cap.
 pub(super) struct Sender {
-    pub(super) w: FrameWriter<BufWriter<TcpStream>>,
+    pub(super) w: FrameWriter<BufWriter<Stream>>,
     pub(super) layout: Vec<RamRegion>,
     buf: Vec<u8>,
     zero_runs: Vec<(u64, u32)>,
@@ -302,7 +306,7 @@ pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateEr
 
 impl Sender {
     /// A sender on `conn` for RAM of `mem_size` bytes.
-    pub(super) fn new(conn: TcpStream, lz4: bool, mem_size: u64, limit: Option<u64>) -> Self {
+    pub(super) fn new(conn: Stream, lz4: bool, mem_size: u64, limit: Option<u64>) -> Self {
         Sender {
             w: FrameWriter::new(BufWriter::with_capacity(1 << 20, conn), lz4),
             layout: ram_layout(mem_size),
@@ -494,7 +498,7 @@ impl Sender {
         &mut self,
         round: u32,
         pages: u64,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
     ) -> Result<(), MigrateError> {
         self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
         self.w.flush().map_err(stream_err("sending a round end"))?;
@@ -532,7 +536,7 @@ struct MigrationRounds<'a> {
     src: &'a MigrationSource,
     progress: &'a dyn Fn(&Progress),
     s: &'a mut Sender,
-    reader: &'a mut FrameReader<BufReader<TcpStream>>,
+    reader: &'a mut FrameReader<BufReader<Stream>>,
     converge: Converger,
     rounds: Vec<RoundReport>,
 }
@@ -610,7 +614,7 @@ impl RoundHooks for MigrationRounds<'_> {
 }
 
 /// Reads the destination's `Ack`; a refusal carries its reason.
-pub(super) fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<Ack, MigrateError> {
+pub(super) fn read_ack(r: &mut FrameReader<BufReader<Stream>>, after: &str) -> Result<Ack, MigrateError> {
     match r.next_frame() {
         Ok(Frame::Ack(a)) if a.ok => Ok(a),
         Ok(Frame::Ack(Ack { error, .. })) => Err(MigrateError::Stream(format!(
@@ -632,34 +636,20 @@ impl MigrationSource {
         progress: &dyn Fn(&Progress),
     ) -> Result<MigrationReport, MigrateError> {
         let t0 = Instant::now();
-        let addr = opts
-            .to
-            .to_socket_addrs()
-            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?
-            .next()
-            .ok_or_else(|| MigrateError::Connect {
-                to: opts.to.clone(),
-                source: std::io::ErrorKind::NotFound.into(),
-            })?;
-        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        let addr = Address::connect_to(&opts.to)?;
+        let conn = Stream::connect(&addr, Duration::from_secs(5))
             .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?;
-        let setup = |c: &TcpStream| -> std::io::Result<()> {
-            c.set_nodelay(true)?;
-            c.set_write_timeout(Some(Duration::from_secs(30)))?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))
-        };
-        setup(&conn).map_err(stream_err("socket options"))?;
+        let limit = Some(Duration::from_secs(30));
+        conn.set_timeouts(limit, limit).map_err(stream_err("socket options"))?;
         let rd = conn.try_clone().map_err(stream_err("socket"))?;
         let mut reader = FrameReader::new(BufReader::new(rd));
         let n = opts.connections.max(1);
-        let interrupt = signals::shut_on_stop(
-            &conn,
-            format!("the migration to {} is abandoned (the guest stays here and stops)", opts.to),
-        )
-        .map_err(stream_err("socket"))?;
+        let interrupt = conn
+            .shut_on_stop(format!("the migration to {} is abandoned (the guest stays here and stops)", opts.to))
+            .map_err(stream_err("socket"))?;
         let mut s = Sender::new(conn, opts.lz4, self.mem_size, opts.bandwidth.map(|b| b / u64::from(n)));
         s.interrupt = Some(interrupt);
-        match self.precopy(opts, progress, &mut s, &mut reader, addr) {
+        match self.precopy(opts, progress, &mut s, &mut reader, &addr) {
             Ok(mut r) => {
                 r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 Ok(r)
@@ -700,8 +690,8 @@ impl MigrationSource {
         opts: &MigrateOptions,
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
-        addr: std::net::SocketAddr,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        addr: &Address,
     ) -> Result<MigrationReport, MigrateError> {
         self.hello(opts, s, reader, addr)?;
         if opts.local {
@@ -752,8 +742,8 @@ impl MigrationSource {
         &self,
         opts: &MigrateOptions,
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
-        addr: std::net::SocketAddr,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        addr: &Address,
     ) -> Result<(), MigrateError> {
         let local = match opts.local {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
@@ -792,7 +782,7 @@ impl MigrationSource {
         &self,
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
     ) -> Result<RoundReport, MigrateError> {
         let r0 = Instant::now();
         let (b0, p0) = (s.bytes(), s.pages);
@@ -874,7 +864,7 @@ impl MigrationSource {
         &self,
         opts: &MigrateOptions,
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
         residue: Option<(DirtySet, &Subscription)>,
         mut rounds: Vec<RoundReport>,
         converge: String,
