@@ -298,27 +298,14 @@ fn against_qemu(
         ours.push(smudge_once(s.dir, s.mem, cmdline, s.warm, s.budget_ms, Mode::Precopy)?);
         theirs.push(s.qemu_once(cmdline)?);
     }
-    for (who, v) in [("smudge", &ours), ("qemu", &theirs)] {
-        let c = format!("{}, {case}, budget {} ms: {who}", s.label, s.budget_ms);
-        rep.result(&c, "total_ms", med(v, |f| f.total_ms));
-        let brackets = if who == "qemu" {
-            "the source's STOP event to the destination's RESUME event (QMP timestamps)"
-        } else {
-            "the source's pause start to its destination's running_at (stop_to_running_ms, realtime clock)"
-        };
-        rep.bracketed(&c, "downtime_ms", med(v, |f| f.downtime_ms), brackets);
-        if who == "qemu" {
-            rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
-        } else {
-            rep.result(&c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
-            for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
-                let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
-                rep.result(&c, &format!("downtime_{k}"), part);
-            }
-        }
-        rep.result(&c, "rounds", med(v, |f| f.rounds));
-        rep.result(&c, "sent_mib", med(v, |f| f.mib));
-    }
+    smudge_rows(rep, &format!("{}, {case}, budget {} ms: smudge", s.label, s.budget_ms), &ours);
+    let c = format!("{}, {case}, budget {} ms: qemu", s.label, s.budget_ms);
+    rep.result(&c, "total_ms", med(&theirs, |f| f.total_ms));
+    let brackets = "the source's STOP event to the destination's RESUME event (QMP timestamps)";
+    rep.bracketed(&c, "downtime_ms", med(&theirs, |f| f.downtime_ms), brackets);
+    rep.result(&c, "qemu_reported_downtime_ms", med(&theirs, |f| f.reported_downtime_ms));
+    rep.result(&c, "rounds", med(&theirs, |f| f.rounds));
+    rep.result(&c, "sent_mib", med(&theirs, |f| f.mib));
     rep.goal(
         &format!("{case}: downtime (stop to running) smudge / QEMU"),
         med(&ours, |f| f.downtime_ms) / med(&theirs, |f| f.downtime_ms),
@@ -335,21 +322,26 @@ fn against_qemu(
     Ok(ours)
 }
 
+/// smudge's pre-copy figures (`v`) under case `c`: times, the downtime's
+/// parts, rounds and data sent.
+fn smudge_rows(rep: &mut Report, c: &str, v: &[Figures]) {
+    rep.result(c, "total_ms", med(v, |f| f.total_ms));
+    let brackets = "the source's pause start to its destination's running_at (stop_to_running_ms, realtime clock)";
+    rep.bracketed(c, "downtime_ms", med(v, |f| f.downtime_ms), brackets);
+    rep.result(c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
+    for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
+        let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
+        rep.result(c, &format!("downtime_{k}"), part);
+    }
+    rep.result(c, "rounds", med(v, |f| f.rounds));
+    rep.result(c, "sent_mib", med(v, |f| f.mib));
+}
+
 /// smudge's pre-copy over a unix socket: its figures, then against Cloud
 /// Hypervisor's over one.
 fn over_unix_sockets(s: &Setup, rep: &mut Report, case: &str, cmdline: &str) -> anyhow::Result<()> {
     let ours = s.smudge_runs(cmdline, Mode::Unix)?;
-    let c = format!("{}, {case}, budget {} ms: smudge, unix socket", s.label, s.budget_ms);
-    rep.result(&c, "total_ms", med(&ours, |f| f.total_ms));
-    rep.bracketed(
-        &c,
-        "downtime_ms",
-        med(&ours, |f| f.downtime_ms),
-        "the source's pause start to its destination's running_at (stop_to_running_ms, realtime clock)",
-    );
-    rep.result(&c, "downtime_to_ack_ms", med(&ours, |f| f.reported_downtime_ms));
-    rep.result(&c, "round0_mb_per_s", med(&ours, |f| f.round0_mbps));
-    rep.result(&c, "sent_mib", med(&ours, |f| f.mib));
+    smudge_rows(rep, &format!("{}, {case}, budget {} ms: smudge, unix socket", s.label, s.budget_ms), &ours);
     against_cloud_hypervisor(s, rep, case, cmdline, &ours, Link::Unix)
 }
 
