@@ -516,31 +516,35 @@ fn shm_dir() -> tempfile::TempDir {
 
 #[test]
 fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
-    post_copy_moves_every_owed_page_once("0", 14);
+    post_copy_moves_every_owed_page_once("0", 14, None);
 }
 
 #[test]
 fn post_copy_over_a_unix_socket_sends_every_owed_page_exactly_once() {
     let dir = tmpdir();
     let at = path(&dir, "migrate.sock");
-    post_copy_moves_every_owed_page_once(&format!("unix:{}", at.display()), 22);
+    post_copy_moves_every_owed_page_once(&format!("unix:{}", at.display()), 22, None);
     assert!(!at.exists(), "{} outlived the migration", at.display());
 }
 
 /// Pure post-copy of a random-writing guest (seed `seed`) to a destination
-/// listening on `listen`: every owed page goes exactly once, both ends
-/// count the same, and the destination's memory is the guest's PRNG's.
-fn post_copy_moves_every_owed_page_once(listen: &str, seed: u64) {
+/// listening on `listen`, both ends with `--tls-creds` if `tls` names a
+/// directory: every owed page goes exactly once, both ends count the same,
+/// and the destination's memory is the guest's PRNG's.
+fn post_copy_moves_every_owed_page_once(listen: &str, seed: u64, tls: Option<&str>) {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::listening(&dir, listen, shm.path().join("dst.mem"), &[]);
+    let creds: Vec<&str> = tls.iter().flat_map(|c| ["--tls-creds", *c]).collect();
+    let mut dest = Dest::listening(&dir, listen, shm.path().join("dst.mem"), &creds);
     let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, seed));
     let mem = src_mem(&dir);
     progress::wait_for(&mut src, "every working-set page stamped", || {
         (progress::stamped_pages(&mem, PAGES) == PAGES).then_some(())
     });
     // 16 MiB at 8 MiB/s: the guest runs there long before its pages are all in.
-    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy", "--bandwidth-limit", "8M"]);
+    let mut args = vec!["migrate", "--to", &dest.addr, "--postcopy", "--bandwidth-limit", "8M"];
+    args.extend(&creds);
+    let r = ctl(&sock, &args);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["converge"], "post-copy", "{r}");
     let pc = &r["postcopy"];
@@ -850,4 +854,116 @@ fn a_source_told_an_unusable_unix_address_keeps_its_guest_and_says_why() {
     let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
     assert_replayed(&src_mem(&dir), PAGES, 23);
+}
+
+/// A test PKI: a CA and what signs with it.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Ca { cert: p.self_signed(&key).unwrap(), key }
+    }
+
+    /// A credentials directory in QEMU's layout trusting `self`, with a
+    /// server certificate for `names` and a client one, both signed by
+    /// `signer`.
+    fn creds(&self, dir: &Path, names: &[&str], signer: &Ca) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+        for (who, names) in [("server", names), ("client", &["source"][..])] {
+            let k = rcgen::KeyPair::generate().unwrap();
+            let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+            let c = p.signed_by(&k, &signer.cert, &signer.key).unwrap();
+            std::fs::write(dir.join(format!("{who}-cert.pem")), c.pem()).unwrap();
+            std::fs::write(dir.join(format!("{who}-key.pem")), k.serialize_pem()).unwrap();
+        }
+        dir.to_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn with_tls_both_ends_verify_each_other_and_the_guest_moves_over_two_connections() {
+    require_kvm();
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &["--tls-creds", &creds]);
+    let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2", "--tls-creds", &creds], 24);
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(per.len() == 2 && per.iter().all(|&p| p > 0), "both connections carried pages: {r}");
+}
+
+#[test]
+fn post_copy_over_tls_sends_every_owed_page_exactly_once() {
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    post_copy_moves_every_owed_page_once("0", 26, Some(&creds));
+}
+
+#[test]
+fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_its_guest() {
+    require_kvm();
+    let dir = tmpdir();
+    let (ca, rogue) = (Ca::new("smudge test CA"), Ca::new("rogue CA"));
+    let good = ca.creds(&path(&dir, "good"), &["127.0.0.1"], &ca);
+    let other_ca = ca.creds(&path(&dir, "rogue"), &["127.0.0.1"], &rogue);
+    let wrong_name = ca.creds(&path(&dir, "wrong-name"), &["elsewhere.example"], &ca);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 25));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
+    let requires = "this destination requires TLS: migrate with --tls-creds";
+    let refused = "refused before anything was read: TLS handshake:";
+    // (destination's credentials, source's, what the source says, what the destination says)
+    let cases: [(Option<&str>, Option<&str>, String, String); 4] = [
+        (
+            Some(&good),
+            None,
+            format!("the destination refused after Hello: {requires}"),
+            format!("{refused} the source sent a plain migration stream: {requires}"),
+        ),
+        (
+            Some(&good),
+            Some(&other_ca),
+            "received fatal alert: UnknownCA".into(),
+            format!("{refused} invalid peer certificate: UnknownIssuer"),
+        ),
+        (
+            Some(&wrong_name),
+            Some(&good),
+            "TLS handshake: invalid peer certificate: certificate not valid for name \"127.0.0.1\"".into(),
+            format!("{refused} received fatal alert: BadCertificate"),
+        ),
+        (
+            None,
+            Some(&good),
+            "TLS handshake: the destination sent a plain migration stream: it was started without --tls-creds".into(),
+            "bad magic [16, 03".into(),
+        ),
+    ];
+    for (dest_creds, src_creds, src_says, dest_says) in &cases {
+        let creds: Vec<&str> = dest_creds.iter().flat_map(|c| ["--tls-creds", *c]).collect();
+        let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &creds);
+        let mut args = vec!["migrate", "--to", &dest.addr];
+        args.extend(src_creds.iter().flat_map(|c| ["--tls-creds", *c]));
+        let r = ctl(&sock, &args);
+        assert_eq!(r["ok"], false, "{src_creds:?}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(src_says.as_str()), "{src_creds:?}: {r}\nwant: {src_says}");
+        let mem = dest.mem.clone();
+        let (code, err, _) = dest.wait();
+        assert_ne!(code, 0, "{err}");
+        assert!(err.contains(dest_says.as_str()), "{err}\nwant: {dest_says}");
+        assert!(!mem.exists(), "the refused destination made a memory file");
+        assert_eq!(ctl(&sock, &["stats"])["paused"], false);
+    }
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_replayed(&src_mem(&dir), PAGES, 25);
 }

@@ -230,6 +230,11 @@ pub struct MigrateRecvArgs {
     /// source's memory file, which must exist; no page data is sent.
     #[arg(long)]
     pub local: bool,
+    /// Require TLS 1.3 of every connection: DIR holds ca-cert.pem,
+    /// server-cert.pem and server-key.pem (QEMU's layout); the source must
+    /// show a certificate the CA signed.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -332,6 +337,11 @@ pub struct MigrateCtl {
     /// the first.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "local")]
     pub connections: u32,
+    /// TLS 1.3 on every connection: DIR holds ca-cert.pem, client-cert.pem
+    /// and client-key.pem (QEMU's layout); the destination's certificate
+    /// must be the CA's and name the host of --to (localhost for unix:).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -394,6 +404,7 @@ impl CtlCommand {
                 local: m.local,
                 postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
                 connections: m.connections,
+                tls_creds: m.tls_creds.as_ref().map(abs),
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,

@@ -28,6 +28,7 @@ use smudge::uffd::UffdError;
 use crate::control::signals::{self, OnStop};
 use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::migrate::tls::TlsServer;
 use crate::migrate::transport::{Address, Listener, Stream};
 use crate::persist::lazy::LazyError;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
@@ -134,11 +135,21 @@ impl Incoming {
     /// on stderr, accepts one source and checks its `Hello` (a refusal is
     /// sent back to the source too). The listener is closed (a unix
     /// socket's file removed) once the source's connections are in.
-    pub fn accept(addr: &str, accept_timeout: Option<Duration>) -> anyhow::Result<Incoming> {
+    /// With `tls` every connection must pass its TLS handshake (each end
+    /// verifying the other) before a byte of it is read.
+    pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<&Path>) -> anyhow::Result<Incoming> {
         use anyhow::Context;
         let addr = Address::listen_on(addr).context("--listen")?;
-        let listener = Listener::bind(&addr).context("--listen")?;
+        let tls = tls.map(TlsServer::load).transpose().context("--tls-creds")?;
+        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls);
         let local = listener.local().clone();
+        if listener.open_to_others() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: warning: {local} is reachable from other hosts and the stream is neither authenticated nor \
+                 encrypted: whoever connects first sends the guest that runs here (--tls-creds DIR requires TLS)"
+            );
+        }
         let _ = writeln!(std::io::stderr(), "smudge: waiting for a migration on {local}");
         let waiting = signals::on_stop("the wait for a migration ends; nothing was received", |_| {});
         // Polled: a stop signal ends the wait.
@@ -159,6 +170,9 @@ impl Incoming {
             }
         };
         drop(waiting);
+        let conn = listener
+            .admit(conn, Duration::from_secs(10))
+            .with_context(|| format!("migration from {peer} refused before anything was read"))?;
         conn.set_timeouts(Some(IDLE_LIMIT), Some(Duration::from_secs(10)))?;
         let interrupt = vec![conn.shut_on_stop(format!(
             "the migration from {peer} is abandoned (the source keeps its guest) and the memory file removed"

@@ -10,4 +10,5 @@ pub mod multifd;
 pub mod postcopy_dest;
 pub mod postcopy_source;
 pub mod source;
+pub mod tls;
 pub mod transport;

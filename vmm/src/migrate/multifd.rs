@@ -27,7 +27,7 @@ use smudge::migration::frame::{Frame, FrameReader, Hello, MAX_FRAME_PAGES, PAGE}
 use smudge::migration::receiver::{Receiver, Step};
 
 use super::source::{MigrateError, Sender};
-use super::transport::{Address, Listener, Stream};
+use super::transport::{Dialer, Listener, Stream};
 
 /// Longest wait for the extra connections and for a round on all of them.
 const CHANNEL_WAIT: Duration = Duration::from_secs(30);
@@ -86,10 +86,10 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Opens `extra` more connections to `addr` for the migration of
+    /// Opens `extra` more connections through `dialer` for the migration of
     /// `session`, each with a sending thread reading `ram`.
     pub fn connect(
-        addr: &Address,
+        dialer: &Dialer,
         session: u64,
         extra: u32,
         lz4: bool,
@@ -99,10 +99,9 @@ impl Workers {
     ) -> Result<Workers, MigrateError> {
         let mut workers = Vec::new();
         for index in 1..=extra {
-            let conn = Stream::connect(addr, Duration::from_secs(5))
+            let conn = dialer
+                .dial(Duration::from_secs(30))
                 .map_err(|e| MigrateError::Stream(format!("opening page connection {index}: {e}")))?;
-            conn.set_write_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| MigrateError::Stream(format!("page connection {index}: {e}")))?;
             let mut s = Sender::new(conn, lz4, mem_size, limit);
             s.w.send(&Frame::Channel { session, index })
                 .and_then(|_| s.w.flush())
@@ -290,10 +289,13 @@ pub fn accept_channels(
             }
             Err(e) => return Err(ChannelError::Accept(e)),
         };
-        if let Err(e) = conn.set_read_timeout(Some(Duration::from_secs(60))) {
-            tracing::warn!("page connection: {e}");
-            continue;
-        }
+        let conn = match listener.admit(conn, Duration::from_secs(60)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("a page connection was refused: {e}");
+                continue;
+            }
+        };
         let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, conn));
         match r.next_frame() {
             Ok(Frame::Channel { session, index })

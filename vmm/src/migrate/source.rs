@@ -41,7 +41,8 @@ use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{Converger, Throttle};
-use super::transport::{Address, AddressError, Stream};
+use super::tls::TlsClient;
+use super::transport::{AddressError, DialError, Dialer, Stream};
 use crate::control::signals::{self, OnStop};
 use crate::persist::precopy::{run_rounds, Budget, End, Look, Round, RoundHooks};
 use crate::vm::vcpu_control::VcpuControl;
@@ -69,6 +70,8 @@ pub struct MigrateOptions {
     pub local: bool,
     /// Page connections (1: the main one only).
     pub connections: u32,
+    /// TLS on every connection (`--tls-creds`), each end verifying the other.
+    pub tls: Option<TlsClient>,
     /// Switch to post-copy after this many pre-copy rounds (0: at once,
     /// no round at all): the guest then runs on the destination while the
     /// pages still here follow, streamed and fetched on demand.
@@ -235,15 +238,9 @@ pub enum MigrateError {
     /// The destination's address is not one.
     #[error(transparent)]
     Address(#[from] AddressError),
-    /// Could not reach the destination.
-    #[error("cannot connect to {to}: {source}")]
-    Connect {
-        /// Address.
-        to: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Could not reach the destination, or TLS refused it.
+    #[error(transparent)]
+    Dial(#[from] DialError),
     /// The stream broke or the destination refused.
     #[error("{0}")]
     Stream(String),
@@ -636,11 +633,8 @@ impl MigrationSource {
         progress: &dyn Fn(&Progress),
     ) -> Result<MigrationReport, MigrateError> {
         let t0 = Instant::now();
-        let addr = Address::connect_to(&opts.to)?;
-        let conn = Stream::connect(&addr, Duration::from_secs(5))
-            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?;
-        let limit = Some(Duration::from_secs(30));
-        conn.set_timeouts(limit, limit).map_err(stream_err("socket options"))?;
+        let dialer = Dialer::new(&opts.to, opts.tls.clone())?;
+        let conn = dialer.dial(Duration::from_secs(30))?;
         let rd = conn.try_clone().map_err(stream_err("socket"))?;
         let mut reader = FrameReader::new(BufReader::new(rd));
         let n = opts.connections.max(1);
@@ -649,7 +643,7 @@ impl MigrationSource {
             .map_err(stream_err("socket"))?;
         let mut s = Sender::new(conn, opts.lz4, self.mem_size, opts.bandwidth.map(|b| b / u64::from(n)));
         s.interrupt = Some(interrupt);
-        match self.precopy(opts, progress, &mut s, &mut reader, &addr) {
+        match self.precopy(opts, progress, &mut s, &mut reader, &dialer) {
             Ok(mut r) => {
                 r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 Ok(r)
@@ -691,9 +685,9 @@ impl MigrationSource {
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<Stream>>,
-        addr: &Address,
+        dialer: &Dialer,
     ) -> Result<MigrationReport, MigrateError> {
-        self.hello(opts, s, reader, addr)?;
+        self.hello(opts, s, reader, dialer)?;
         if opts.local {
             s.past_abandoning();
             // The destination maps the same RAM file: no rounds, only the
@@ -743,7 +737,7 @@ impl MigrationSource {
         opts: &MigrateOptions,
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<Stream>>,
-        addr: &Address,
+        dialer: &Dialer,
     ) -> Result<(), MigrateError> {
         let local = match opts.local {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
@@ -765,7 +759,7 @@ impl MigrationSource {
             // before it accepts the migration.
             let limit = opts.bandwidth.map(|b| b / u64::from(connections));
             s.channels = Some(super::multifd::Workers::connect(
-                addr,
+                dialer,
                 session,
                 connections - 1,
                 opts.lz4,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::control::api::{self, ApiError};
 use crate::control::signals::{self, OnStop};
+use crate::migrate::tls::{server_name, Secure, TlsClient, TlsError, TlsServer};
 
 /// Where a migration connects or listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,60 +93,103 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// One migration connection, over either transport.
+/// A connected socket of either kind.
 #[derive(Debug)]
-pub enum Stream {
+enum Socket {
     /// TCP (Nagle off).
     Tcp(TcpStream),
     /// A unix stream socket.
     Unix(UnixStream),
 }
 
-/// Calls the same method on whichever stream `$s` holds.
+/// Calls the same method on whichever socket `$s` holds.
 macro_rules! either {
     ($s:expr, $c:ident => $e:expr) => {
         match $s {
-            Stream::Tcp($c) => $e,
-            Stream::Unix($c) => $e,
+            Socket::Tcp($c) => $e,
+            Socket::Unix($c) => $e,
         }
     };
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        either!(*self, s => (&*s).read(buf))
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        either!(*self, s => (&*s).write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        either!(*self, s => (&*s).write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        either!(*self, s => (&*s).flush())
+    }
+}
+
+/// One migration connection, over either transport, plain or with TLS.
+#[derive(Debug)]
+pub struct Stream {
+    sock: Socket,
+    tls: Option<Secure>,
 }
 
 impl Stream {
     /// Connects to `addr` (a TCP connect waits at most `limit`; a unix
     /// one fails at once when nobody listens).
     pub fn connect(addr: &Address, limit: Duration) -> std::io::Result<Stream> {
-        match addr {
+        let sock = match addr {
             Address::Tcp(a) => {
                 let s = TcpStream::connect_timeout(a, limit)?;
                 s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+                Socket::Tcp(s)
             }
-            Address::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
-        }
+            Address::Unix(p) => Socket::Unix(UnixStream::connect(p)?),
+        };
+        Ok(Stream { sock, tls: None })
+    }
+
+    /// This connection with TLS, as the source: the destination's
+    /// certificate is checked against `tls`' CA and `name`.
+    pub fn secure_client(self, tls: &TlsClient, name: &str) -> Result<Stream, TlsError> {
+        let secure = Secure::handshake(tls.start(name)?, &self.sock)?;
+        Ok(Stream { sock: self.sock, tls: Some(secure) })
+    }
+
+    /// This connection with TLS, as the destination: the source must show
+    /// a certificate `tls`' CA signed.
+    pub fn secure_server(self, tls: &TlsServer) -> Result<Stream, TlsError> {
+        let secure = Secure::handshake(tls.start()?, &self.sock)?;
+        Ok(Stream { sock: self.sock, tls: Some(secure) })
     }
 
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> std::io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
+        let sock = match &self.sock {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+        };
+        Ok(Stream { sock, tls: self.tls.as_ref().map(Secure::handle) })
     }
 
     /// Shuts the connection down (every handle on it).
     pub fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
-        either!(self, s => s.shutdown(how))
+        either!(&self.sock, s => s.shutdown(how))
     }
 
     /// Longest a read blocks (`None`: for ever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        either!(self, s => s.set_read_timeout(t))
+        either!(&self.sock, s => s.set_read_timeout(t))
     }
 
     /// Longest a write blocks (`None`: for ever).
     pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        either!(self, s => s.set_write_timeout(t))
+        either!(&self.sock, s => s.set_write_timeout(t))
     }
 
     /// Both timeouts at once.
@@ -167,21 +211,95 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        either!(self, s => s.read(buf))
+        match &mut self.tls {
+            Some(t) => t.read(&self.sock, &self.sock, buf),
+            None => (&self.sock).read(buf),
+        }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        either!(self, s => s.write(buf))
+        match &self.tls {
+            Some(t) => t.write(&self.sock, buf),
+            None => (&self.sock).write(buf),
+        }
     }
 
     fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        either!(self, s => s.write_vectored(bufs))
+        match &self.tls {
+            Some(t) => {
+                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
+                t.write(&self.sock, first)
+            }
+            None => (&self.sock).write_vectored(bufs),
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        either!(self, s => s.flush())
+        (&self.sock).flush()
+    }
+}
+
+/// Where and how a source connects: the address, and TLS when it has
+/// credentials.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    addr: Address,
+    /// The credentials and the name the destination's certificate must hold.
+    tls: Option<(TlsClient, String)>,
+}
+
+/// Why a source could not open a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The address is not one.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// Connecting failed.
+    #[error("cannot connect to {to}: {source}")]
+    Connect {
+        /// The address.
+        to: Address,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS refused the destination or was refused.
+    #[error("{to}: {source}")]
+    Tls {
+        /// The address.
+        to: Address,
+        /// Why.
+        #[source]
+        source: TlsError,
+    },
+}
+
+impl Dialer {
+    /// Connects to `to` (`HOST:PORT`, `unix:PATH`), with TLS if `tls`.
+    pub fn new(to: &str, tls: Option<TlsClient>) -> Result<Dialer, AddressError> {
+        let addr = Address::connect_to(to)?;
+        Ok(Dialer { addr, tls: tls.map(|t| (t, server_name(to).to_string())) })
+    }
+
+    /// Where it connects.
+    pub fn addr(&self) -> &Address {
+        &self.addr
+    }
+
+    /// Opens a connection, its reads and writes limited to `io` (the TLS
+    /// handshake too).
+    pub fn dial(&self, io: Duration) -> Result<Stream, DialError> {
+        let connect = |source| DialError::Connect { to: self.addr.clone(), source };
+        let s = Stream::connect(&self.addr, Duration::from_secs(5)).map_err(connect)?;
+        s.set_timeouts(Some(io), Some(io)).map_err(connect)?;
+        match &self.tls {
+            Some((t, name)) => {
+                s.secure_client(t, name).map_err(|source| DialError::Tls { to: self.addr.clone(), source })
+            }
+            None => Ok(s),
+        }
     }
 }
 
@@ -210,6 +328,8 @@ pub enum ListenError {
 #[derive(Debug)]
 pub struct Listener {
     bound: Bound,
+    /// Every accepted connection's TLS, if set.
+    tls: Option<TlsServer>,
     /// Where it listens (a TCP port 0 resolved to the port picked).
     local: Address,
 }
@@ -231,7 +351,7 @@ impl Listener {
                 let l = TcpListener::bind(a).map_err(bind_err)?;
                 let local = Address::Tcp(l.local_addr().map_err(bind_err)?);
                 l.set_nonblocking(true).map_err(bind_err)?;
-                Ok(Listener { bound: Bound::Tcp(l), local })
+                Ok(Listener { bound: Bound::Tcp(l), local, tls: None })
             }
             Address::Unix(p) => {
                 let l = api::bind(p).map_err(|e| match e {
@@ -240,8 +360,29 @@ impl Listener {
                     ApiError::Bind { source, .. } => bind_err(source),
                 })?;
                 let meta = std::fs::symlink_metadata(p).map_err(bind_err)?;
-                Ok(Listener { bound: Bound::Unix(l, (meta.dev(), meta.ino())), local: addr.clone() })
+                Ok(Listener { bound: Bound::Unix(l, (meta.dev(), meta.ino())), local: addr.clone(), tls: None })
             }
+        }
+    }
+
+    /// Requires TLS of every connection ([`Listener::admit`]).
+    pub fn with_tls(mut self, tls: Option<TlsServer>) -> Listener {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether connections are plain TCP on an address other hosts reach.
+    pub fn open_to_others(&self) -> bool {
+        self.tls.is_none() && matches!(&self.local, Address::Tcp(a) if !a.ip().is_loopback())
+    }
+
+    /// An accepted connection, after the TLS handshake if the listener
+    /// requires TLS (limited to `io`, as its reads and writes are).
+    pub fn admit(&self, s: Stream, io: Duration) -> Result<Stream, TlsError> {
+        s.set_timeouts(Some(io), Some(io)).map_err(TlsError::Handshake)?;
+        match &self.tls {
+            Some(t) => s.secure_server(t),
+            None => Ok(s),
         }
     }
 
@@ -255,13 +396,13 @@ impl Listener {
     pub fn accept(&self) -> std::io::Result<(Stream, String)> {
         let (s, peer) = match &self.bound {
             Bound::Tcp(l) => {
-                l.accept().and_then(|(s, a)| s.set_nodelay(true).map(|_| (Stream::Tcp(s), a.to_string())))?
+                l.accept().and_then(|(s, a)| s.set_nodelay(true).map(|_| (Socket::Tcp(s), a.to_string())))?
             }
             // A connecting unix socket has no name of its own.
-            Bound::Unix(l, _) => (Stream::Unix(l.accept()?.0), self.local.to_string()),
+            Bound::Unix(l, _) => (Socket::Unix(l.accept()?.0), self.local.to_string()),
         };
         either!(&s, c => c.set_nonblocking(false))?;
-        Ok((s, peer))
+        Ok((Stream { sock: s, tls: None }, peer))
     }
 }
 
