@@ -967,3 +967,23 @@ fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_i
     assert_eq!(code, 0, "{err}");
     assert_replayed(&src_mem(&dir), PAGES, 25);
 }
+
+#[test]
+fn a_plain_listener_other_hosts_can_reach_warns_and_a_loopback_or_tls_one_does_not() {
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let warning = "is reachable from other hosts and the stream is neither authenticated nor encrypted";
+    for (listen, tls, warns) in [("0.0.0.0:0", None, true), ("0", None, false), ("0.0.0.0:0", Some(&creds), false)] {
+        let mem = path(&dir, "dst.mem");
+        let out = smudge()
+            .args(["migrate-recv", "--listen", listen, "--accept-timeout", "1", "--mem-file", mem.to_str().unwrap()])
+            .args(tls.iter().flat_map(|c| ["--tls-creds", c.as_str()]))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Nobody connects: it gives up after its second.
+        assert!(err.contains("no source connected to"), "{listen} {tls:?}: {err}");
+        assert_eq!(err.contains(warning), warns, "{listen} {tls:?}: {err}");
+    }
+}
