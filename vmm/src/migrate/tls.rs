@@ -285,8 +285,8 @@ impl Secure {
         Secure { shared: self.shared.clone(), scratch: vec![0; 1 << 15] }
     }
 
-    /// Reads plaintext, reading the socket (`read_sock`, without the lock)
-    /// when rustls has none; `write_sock` sends what rustls must answer.
+    /// Reads plaintext, reading the socket (`sock`, without the lock) when
+    /// rustls has none; `out` sends what rustls must answer.
     pub(super) fn read<R: Read, W: Write>(
         &mut self,
         mut sock: R,

@@ -8,6 +8,11 @@
 //! (a regular file, a live socket) is refused, and the socket appears only
 //! once it listens, mode 0600. It is removed when the listener is dropped
 //! (if the path still names the socket it made).
+//!
+//! With credentials, TLS wraps the stream ([`super::tls`]): the source's
+//! [`Dialer`] runs the handshake as it connects, the destination's
+//! [`Listener::admit`] as it takes a connection; what reads and writes the
+//! stream stays the same.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
