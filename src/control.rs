@@ -8,9 +8,9 @@
 //! ```text
 //! {"cmd":"stats"} {"cmd":"sync"} {"cmd":"pause"} {"cmd":"resume"} {"cmd":"stop"}
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?,"live":false?,"pause_budget_ms":10?}
-//! {"cmd":"migrate","to":"HOST:PORT","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
+//! {"cmd":"migrate","to":"HOST:PORT"|"unix:PATH","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
 //!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
-//!  "postcopy_after":N?,"connections":1?}
+//!  "postcopy_after":N?,"connections":1?,"tls_creds":DIR?}
 //! {"cmd":"dirty-rate","seconds":1.0?}
 //! ```
 //!
@@ -237,7 +237,7 @@ pub enum Compression {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// Destination `host:port`.
+    /// Destination, `HOST:PORT` or `unix:PATH`.
     pub to: String,
     /// Downtime budget, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -266,6 +266,9 @@ pub struct MigrateRequest {
     /// Page connections, 1..=[`MAX_CONNECTIONS`] (default 1).
     #[serde(default = "one_connection")]
     pub connections: u32,
+    /// TLS credentials directory (QEMU's layout; none: plain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 fn one_connection() -> u32 {
@@ -286,6 +289,7 @@ impl MigrateRequest {
             local: false,
             postcopy_after: None,
             connections: 1,
+            tls_creds: None,
         }
     }
 

@@ -50,9 +50,14 @@ impl Dest {
 
     /// A destination on `mem` with extra options (`--local`).
     fn start_with(dir: &tempfile::TempDir, mem: PathBuf, extra: &[&str]) -> Dest {
+        Dest::listening(dir, "0", mem, extra)
+    }
+
+    /// A destination listening on `listen` (a port, `unix:PATH`).
+    fn listening(dir: &tempfile::TempDir, listen: &str, mem: PathBuf, extra: &[&str]) -> Dest {
         let (serial, sock) = (path(dir, "dst.serial"), path(dir, "dst.sock"));
         let mut child = smudge()
-            .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "120"])
+            .args(["migrate-recv", "--listen", listen, "--accept-timeout", "60", "--timeout", "120"])
             .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
             .args(["--api-sock", sock.to_str().unwrap()])
             .args(extra)
@@ -176,11 +181,35 @@ fn finish(mut child: Child, serial: &Path) -> (i32, String, String) {
 fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     require_kvm();
     let dir = tmpdir();
-    let mut dest = Dest::start(&dir);
-    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 11));
+    let dest = Dest::start(&dir);
+    moves_with_the_same_memory(&dir, dest, &[], 11);
+}
+
+#[test]
+fn over_a_unix_socket_with_two_connections_the_guest_moves_with_the_same_memory() {
+    require_kvm();
+    let dir = tmpdir();
+    let at = path(&dir, "migrate.sock");
+    let dest = Dest::listening(&dir, &format!("unix:{}", at.display()), path(&dir, "dst.mem"), &[]);
+    assert_eq!(dest.addr, format!("unix:{}", at.display()));
+    let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2"], 21);
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(per.len() == 2 && per.iter().all(|&p| p > 0), "both connections carried pages: {r}");
+    // The destination removed its socket once the source was in.
+    assert!(!at.exists(), "{} outlived the migration", at.display());
+}
+
+/// Migrates a random-writing guest (seed `seed`) to `dest` with `extra`
+/// `ctl migrate` options; checks the report, that both ends say the same
+/// memory checksum, and the destination's memory against the guest's
+/// PRNG. Returns the report.
+fn moves_with_the_same_memory(dir: &tempfile::TempDir, mut dest: Dest, extra: &[&str], seed: u64) -> Value {
+    let (mut src, sock, src_serial) = source(dir, &endless(PAGES, 20000, seed));
     // Round 0 has stamped pages to send, and the guest dirties more meanwhile.
-    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 2000);
-    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"]);
+    progress::wait_for_writes(&mut src, &src_mem(dir), PAGES, 2000);
+    let mut args = vec!["migrate", "--to", &dest.addr, "--verify-memory", "--compress", "lz4"];
+    args.extend(extra);
+    let r = ctl(&sock, &args);
     assert_eq!(r["ok"], true, "{r}");
     let crc = r["memory_crc32"].as_u64().expect("memory checksum");
     let rounds = r["rounds"].as_array().unwrap();
@@ -206,7 +235,8 @@ fn a_random_writing_guest_moves_and_carries_on_with_the_same_memory() {
     assert_eq!(code, 0, "{err}\n{serial}");
     // The same checksum both sides computed at switchover.
     assert!(err.contains(&format!("memory checksum {crc:#010x} matches the source's")), "{err}");
-    assert_replayed(&mem, PAGES, 11);
+    assert_replayed(&mem, PAGES, seed);
+    r
 }
 
 /// A guest dirtying 4000 pages/s over 500 pages against a 4 MiB/s link
@@ -486,16 +516,35 @@ fn shm_dir() -> tempfile::TempDir {
 
 #[test]
 fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
+    post_copy_moves_every_owed_page_once("0", 14, None);
+}
+
+#[test]
+fn post_copy_over_a_unix_socket_sends_every_owed_page_exactly_once() {
+    let dir = tmpdir();
+    let at = path(&dir, "migrate.sock");
+    post_copy_moves_every_owed_page_once(&format!("unix:{}", at.display()), 22, None);
+    assert!(!at.exists(), "{} outlived the migration", at.display());
+}
+
+/// Pure post-copy of a random-writing guest (seed `seed`) to a destination
+/// listening on `listen`, both ends with `--tls-creds` if `tls` names a
+/// directory: every owed page goes exactly once, both ends count the same,
+/// and the destination's memory is the guest's PRNG's.
+fn post_copy_moves_every_owed_page_once(listen: &str, seed: u64, tls: Option<&str>) {
     require_kvm();
     let (dir, shm) = (tmpdir(), shm_dir());
-    let mut dest = Dest::start_with(&dir, shm.path().join("dst.mem"), &[]);
-    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, 14));
+    let creds: Vec<&str> = tls.iter().flat_map(|c| ["--tls-creds", *c]).collect();
+    let mut dest = Dest::listening(&dir, listen, shm.path().join("dst.mem"), &creds);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 0, seed));
     let mem = src_mem(&dir);
     progress::wait_for(&mut src, "every working-set page stamped", || {
         (progress::stamped_pages(&mem, PAGES) == PAGES).then_some(())
     });
     // 16 MiB at 8 MiB/s: the guest runs there long before its pages are all in.
-    let r = ctl(&sock, &["migrate", "--to", &dest.addr, "--postcopy", "--bandwidth-limit", "8M"]);
+    let mut args = vec!["migrate", "--to", &dest.addr, "--postcopy", "--bandwidth-limit", "8M"];
+    args.extend(&creds);
+    let r = ctl(&sock, &args);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["converge"], "post-copy", "{r}");
     let pc = &r["postcopy"];
@@ -525,7 +574,7 @@ fn post_copy_sends_every_owed_page_exactly_once_and_the_guest_carries_on() {
         n("zero_pages")
     );
     assert!(line.contains(&want), "{line}\nwant: {want}");
-    assert_replayed(&dst_mem, PAGES, 14);
+    assert_replayed(&dst_mem, PAGES, seed);
 }
 
 /// After a post-copy migration of an [`endless`]-style guest (`pages`,
@@ -806,4 +855,197 @@ fn a_page_connection_cut_mid_stream_resumes_the_source() {
     let (code, err, _) = dest.wait();
     assert_eq!(code, 100, "{err}");
     assert!(err.contains("page connection 2"), "destination: {err}");
+}
+
+#[test]
+fn a_destination_refuses_to_listen_where_a_unix_socket_cannot_go() {
+    let dir = tmpdir();
+    let listen = |at: &str| {
+        let mem = path(&dir, "dst.mem");
+        let out = smudge()
+            .args(["migrate-recv", "--listen", at, "--accept-timeout", "30", "--mem-file", mem.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!mem.exists(), "a memory file was made for {at}");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A regular file in the way is refused and left as it was.
+    let file = path(&dir, "not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (code, err) = listen(&format!("unix:{}", file.display()));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("{}: exists and is not a socket; refusing to replace it", file.display())), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // No path, or neither form.
+    let (code, err) = listen("unix:");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("\"unix:\" needs the socket's path after it (unix:PATH)"), "{err}");
+    let (code, err) = listen("m.sock");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("\"m.sock\" is not a migration address: expected HOST:PORT, PORT or unix:PATH"), "{err}");
+}
+
+#[test]
+fn a_source_told_an_unusable_unix_address_keeps_its_guest_and_says_why() {
+    require_kvm();
+    let dir = tmpdir();
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 23));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
+    // A socket left behind by a listener that is gone, and a regular file.
+    let stale = path(&dir, "stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let file = path(&dir, "plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let missing = path(&dir, "nobody.sock");
+    let unix = |p: &Path| format!("unix:{}", p.display());
+    let cases = [
+        ("m.sock".to_string(), "\"m.sock\" is not a migration address: expected HOST:PORT or unix:PATH".to_string()),
+        ("unix:".into(), "\"unix:\" needs the socket's path after it (unix:PATH)".into()),
+        (unix(&missing), format!("cannot connect to {}: No such file or directory", unix(&missing))),
+        (unix(&stale), format!("cannot connect to {}: Connection refused", unix(&stale))),
+        (unix(&file), format!("cannot connect to {}: Connection refused", unix(&file))),
+    ];
+    for (to, want) in &cases {
+        let r = ctl(&sock, &["migrate", "--to", to, "--connections", "2"]);
+        assert_eq!(r["ok"], false, "{to}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(want.as_str()), "{to}: {e}\nwant: {want}");
+        assert_eq!(ctl(&sock, &["stats"])["paused"], false, "after {to}");
+    }
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_replayed(&src_mem(&dir), PAGES, 23);
+}
+
+/// A test PKI: a CA and what signs with it.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Ca { cert: p.self_signed(&key).unwrap(), key }
+    }
+
+    /// A credentials directory in QEMU's layout trusting `self`, with a
+    /// server certificate for `names` and a client one, both signed by
+    /// `signer`.
+    fn creds(&self, dir: &Path, names: &[&str], signer: &Ca) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+        for (who, names) in [("server", names), ("client", &["source"][..])] {
+            let k = rcgen::KeyPair::generate().unwrap();
+            let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+            let c = p.signed_by(&k, &signer.cert, &signer.key).unwrap();
+            std::fs::write(dir.join(format!("{who}-cert.pem")), c.pem()).unwrap();
+            std::fs::write(dir.join(format!("{who}-key.pem")), k.serialize_pem()).unwrap();
+        }
+        dir.to_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn with_tls_both_ends_verify_each_other_and_the_guest_moves_over_two_connections() {
+    require_kvm();
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &["--tls-creds", &creds]);
+    let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2", "--tls-creds", &creds], 24);
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(per.len() == 2 && per.iter().all(|&p| p > 0), "both connections carried pages: {r}");
+}
+
+#[test]
+fn post_copy_over_tls_sends_every_owed_page_exactly_once() {
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    post_copy_moves_every_owed_page_once("0", 26, Some(&creds));
+}
+
+#[test]
+fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_its_guest() {
+    require_kvm();
+    let dir = tmpdir();
+    let (ca, rogue) = (Ca::new("smudge test CA"), Ca::new("rogue CA"));
+    let good = ca.creds(&path(&dir, "good"), &["127.0.0.1"], &ca);
+    let other_ca = ca.creds(&path(&dir, "rogue"), &["127.0.0.1"], &rogue);
+    let wrong_name = ca.creds(&path(&dir, "wrong-name"), &["elsewhere.example"], &ca);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 25));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
+    let requires = "this destination requires TLS: migrate with --tls-creds";
+    let refused = "refused before anything was read: TLS handshake:";
+    // (destination's credentials, source's, what the source says, what the destination says)
+    let cases: [(Option<&str>, Option<&str>, String, String); 4] = [
+        (
+            Some(&good),
+            None,
+            format!("the destination refused after Hello: {requires}"),
+            format!("{refused} the source sent a plain migration stream: {requires}"),
+        ),
+        (
+            Some(&good),
+            Some(&other_ca),
+            "received fatal alert: UnknownCA".into(),
+            format!("{refused} invalid peer certificate: UnknownIssuer"),
+        ),
+        (
+            Some(&wrong_name),
+            Some(&good),
+            "TLS handshake: invalid peer certificate: certificate not valid for name \"127.0.0.1\"".into(),
+            format!("{refused} received fatal alert: BadCertificate"),
+        ),
+        (
+            None,
+            Some(&good),
+            "TLS handshake: the destination sent a plain migration stream: it was started without --tls-creds".into(),
+            "bad magic [16, 03".into(),
+        ),
+    ];
+    for (dest_creds, src_creds, src_says, dest_says) in &cases {
+        let creds: Vec<&str> = dest_creds.iter().flat_map(|c| ["--tls-creds", *c]).collect();
+        let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &creds);
+        let mut args = vec!["migrate", "--to", &dest.addr];
+        args.extend(src_creds.iter().flat_map(|c| ["--tls-creds", *c]));
+        let r = ctl(&sock, &args);
+        assert_eq!(r["ok"], false, "{src_creds:?}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(src_says.as_str()), "{src_creds:?}: {r}\nwant: {src_says}");
+        let mem = dest.mem.clone();
+        let (code, err, _) = dest.wait();
+        assert_ne!(code, 0, "{err}");
+        assert!(err.contains(dest_says.as_str()), "{err}\nwant: {dest_says}");
+        assert!(!mem.exists(), "the refused destination made a memory file");
+        assert_eq!(ctl(&sock, &["stats"])["paused"], false);
+    }
+    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_replayed(&src_mem(&dir), PAGES, 25);
+}
+
+#[test]
+fn a_plain_listener_other_hosts_can_reach_warns_and_a_loopback_or_tls_one_does_not() {
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let warning = "is reachable from other hosts and the stream is neither authenticated nor encrypted";
+    for (listen, tls, warns) in [("0.0.0.0:0", None, true), ("0", None, false), ("0.0.0.0:0", Some(&creds), false)] {
+        let mem = path(&dir, "dst.mem");
+        let out = smudge()
+            .args(["migrate-recv", "--listen", listen, "--accept-timeout", "1", "--mem-file", mem.to_str().unwrap()])
+            .args(tls.iter().flat_map(|c| ["--tls-creds", c.as_str()]))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Nobody connects: it gives up after its second.
+        assert!(err.contains("no source connected to"), "{listen} {tls:?}: {err}");
+        assert_eq!(err.contains(warning), warns, "{listen} {tls:?}: {err}");
+    }
 }

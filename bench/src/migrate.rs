@@ -18,6 +18,10 @@
 //! (source side only, whole milliseconds, leaving out the destination's
 //! load and start) as `qemu_reported_downtime_ms`.
 //!
+//! Over a unix socket (`--listen unix:PATH`), smudge's pre-copy against
+//! Cloud Hypervisor's (`unix:PATH` receiver and destination URLs), same
+//! guest and goals as over TCP, at every rate.
+//!
 //! At the fastest rate smudge also migrates with post-copy (switch over at
 //! once, destination RAM on /dev/shm) against its own pre-copy; and at the
 //! slowest, a same-host `--local` handover (only vCPU/device state
@@ -44,7 +48,7 @@ use smudge::control::{MigrateRequest, Request};
 use smudge_vmm::control::cli::BenchArgs;
 use smudge_vmm::migrate::source::DEFAULT_DOWNTIME;
 
-use crate::migrate_peers;
+use crate::migrate_peers::{self, Link};
 use crate::peers::{tsc_khz, Peer, NOT_FOUND};
 use crate::qemu_migrate::{self, QemuMigrateConfig};
 use crate::report::{median, Report};
@@ -96,6 +100,8 @@ enum Mode {
     /// workload's, not its first touches'): pre-copy, or post-copy (switch
     /// over at once; pages follow, destination RAM on /dev/shm).
     Settled { postcopy: bool, pages: u64 },
+    /// Pre-copy over a unix socket.
+    Unix,
     /// Same-host handover of the RAM file.
     Local,
     /// A link capped at `limit` bytes/s; post-copy (at once) or pre-copy
@@ -149,10 +155,11 @@ fn guest_writes(mem: &Path, pages: u64) -> anyhow::Result<u64> {
     Ok(buf.chunks_exact(4).map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).sum())
 }
 
-/// Starts `migrate-recv` on `dst_mem`; returns it and where it listens.
-fn start_dest(dst_mem: &Path, local: bool) -> anyhow::Result<(Reap, String)> {
+/// Starts `migrate-recv` on `dst_mem` listening on `listen`; returns it
+/// and where it listens.
+fn start_dest(dst_mem: &Path, local: bool, listen: &str) -> anyhow::Result<(Reap, String)> {
     let mut dest = smudge()?
-        .args(["migrate-recv", "--listen", "0", "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
+        .args(["migrate-recv", "--listen", listen, "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
         .arg(dst_mem)
         .args(if local { &["--local"][..] } else { &[] })
         .stdout(Stdio::null())
@@ -194,9 +201,13 @@ fn smudge_once(
     for f in [&src_mem, &dst_mem, &sock] {
         std::fs::remove_file(f).ok();
     }
+    let listen = match mode {
+        Mode::Unix => Link::Unix.url(dir, "smudge-migration")?,
+        _ => "0".to_string(),
+    };
     let mut dest = None;
     if mode != Mode::Local {
-        dest = Some(start_dest(&dst_mem, false)?);
+        dest = Some(start_dest(&dst_mem, false, &listen)?);
     }
     let (src, api) = start_vm(&src_mem, &sock, mem, cmdline, 600, &[], Stdio::null()).context("the source")?;
     let mut src = Reap(src);
@@ -207,11 +218,11 @@ fn smudge_once(
     let (dest, addr) = match dest {
         Some(d) => d,
         // The handover's destination opens the source's file: start it now.
-        None => start_dest(&dst_mem, true)?,
+        None => start_dest(&dst_mem, true, &listen)?,
     };
     let mut req = MigrateRequest { downtime_ms: Some(budget_ms), ..MigrateRequest::new(addr) };
     match mode {
-        Mode::Precopy => {}
+        Mode::Precopy | Mode::Unix => {}
         Mode::Connections(n) => req.connections = n,
         Mode::Settled { postcopy, .. } => req.postcopy_after = postcopy.then_some(0),
         Mode::Local => req.local = true,
@@ -364,7 +375,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut qemu_downtime = Vec::new();
     for &(case, rate) in cases {
         let ours = against_qemu(&setup, &mut rep, case, &cmdline(rate), &mut qemu_downtime)?;
-        against_cloud_hypervisor(&setup, &mut rep, case, &cmdline(rate), &ours)?;
+        against_cloud_hypervisor(&setup, &mut rep, case, &cmdline(rate), &ours, Link::Tcp)?;
+        over_unix_sockets(&setup, &mut rep, case, &cmdline(rate))?;
         if rate == fastest || rate == cases[0].1 {
             connections(&setup, &mut rep, case, &cmdline(rate), &ours)?;
         }
@@ -393,27 +405,14 @@ fn against_qemu(
         ours.push(smudge_once(s.dir, s.mem, cmdline, s.warm, s.budget_ms, Mode::Precopy)?);
         theirs.push(s.qemu_once(cmdline)?);
     }
-    for (who, v) in [("smudge", &ours), ("qemu", &theirs)] {
-        let c = format!("{}, {case}, budget {} ms: {who}", s.label, s.budget_ms);
-        rep.result(&c, "total_ms", med(v, |f| f.total_ms));
-        let brackets = if who == "qemu" {
-            "the source's STOP event to the destination's RESUME event (QMP timestamps)"
-        } else {
-            "the source's pause start to its destination's running_at (stop_to_running_ms, realtime clock)"
-        };
-        rep.bracketed(&c, "downtime_ms", med(v, |f| f.downtime_ms), brackets);
-        if who == "qemu" {
-            rep.result(&c, "qemu_reported_downtime_ms", med(v, |f| f.reported_downtime_ms));
-        } else {
-            rep.result(&c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
-            for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
-                let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
-                rep.result(&c, &format!("downtime_{k}"), part);
-            }
-        }
-        rep.result(&c, "rounds", med(v, |f| f.rounds));
-        rep.result(&c, "sent_mib", med(v, |f| f.mib));
-    }
+    smudge_rows(rep, &format!("{}, {case}, budget {} ms: smudge", s.label, s.budget_ms), &ours);
+    let c = format!("{}, {case}, budget {} ms: qemu", s.label, s.budget_ms);
+    rep.result(&c, "total_ms", med(&theirs, |f| f.total_ms));
+    let brackets = "the source's STOP event to the destination's RESUME event (QMP timestamps)";
+    rep.bracketed(&c, "downtime_ms", med(&theirs, |f| f.downtime_ms), brackets);
+    rep.result(&c, "qemu_reported_downtime_ms", med(&theirs, |f| f.reported_downtime_ms));
+    rep.result(&c, "rounds", med(&theirs, |f| f.rounds));
+    rep.result(&c, "sent_mib", med(&theirs, |f| f.mib));
     rep.goal(
         &format!("{case}: downtime (stop to running) smudge / QEMU"),
         med(&ours, |f| f.downtime_ms) / med(&theirs, |f| f.downtime_ms),
@@ -430,17 +429,41 @@ fn against_qemu(
     Ok(ours)
 }
 
-/// smudge's pre-copy (`ours`) against Cloud Hypervisor's over TCP, same
-/// guest and downtime goal, same run: its figures and the goals, or a row
-/// saying it is not found.
+/// smudge's pre-copy figures (`v`) under case `c`: times, the downtime's
+/// parts, rounds and data sent.
+fn smudge_rows(rep: &mut Report, c: &str, v: &[Figures]) {
+    rep.result(c, "total_ms", med(v, |f| f.total_ms));
+    let brackets = "the source's pause start to its destination's running_at (stop_to_running_ms, realtime clock)";
+    rep.bracketed(c, "downtime_ms", med(v, |f| f.downtime_ms), brackets);
+    rep.result(c, "downtime_to_ack_ms", med(v, |f| f.reported_downtime_ms));
+    for (i, k) in ["pause_ms", "residue_ms", "state_ms", "destination_ms"].iter().enumerate() {
+        let part = median(&v.iter().map(|f| f.parts[i]).collect::<Vec<_>>());
+        rep.result(c, &format!("downtime_{k}"), part);
+    }
+    rep.result(c, "rounds", med(v, |f| f.rounds));
+    rep.result(c, "sent_mib", med(v, |f| f.mib));
+}
+
+/// smudge's pre-copy over a unix socket: its figures, then against Cloud
+/// Hypervisor's over one.
+fn over_unix_sockets(s: &Setup, rep: &mut Report, case: &str, cmdline: &str) -> anyhow::Result<()> {
+    let ours = s.smudge_runs(cmdline, Mode::Unix)?;
+    smudge_rows(rep, &format!("{}, {case}, budget {} ms: smudge, unix socket", s.label, s.budget_ms), &ours);
+    against_cloud_hypervisor(s, rep, case, cmdline, &ours, Link::Unix)
+}
+
+/// smudge's pre-copy (`ours`) against Cloud Hypervisor's over `link`,
+/// same guest and downtime goal, same run: its figures and the goals, or
+/// a row saying it is not found.
 fn against_cloud_hypervisor(
     s: &Setup,
     rep: &mut Report,
     case: &str,
     cmdline: &str,
     ours: &[Figures],
+    link: Link,
 ) -> anyhow::Result<()> {
-    let c = format!("{}, {case}, budget {} ms: Cloud Hypervisor, TCP", s.label, s.budget_ms);
+    let c = format!("{}, {case}, budget {} ms: Cloud Hypervisor, {link}", s.label, s.budget_ms);
     let Some(bin) = Peer::CloudHypervisor.find() else {
         rep.missing(&c, "downtime_ms, total_ms", NOT_FOUND);
         return Ok(());
@@ -454,6 +477,7 @@ fn against_cloud_hypervisor(
         mem_mib: s.mib,
         warm: s.warm,
         downtime_ms: s.budget_ms,
+        link,
     };
     let theirs = (0..s.runs).map(|_| migrate_peers::migrate_once(&peer)).collect::<anyhow::Result<Vec<_>>>()?;
     let m = |f: fn(&migrate_peers::Figures) -> f64| median(&theirs.iter().map(f).collect::<Vec<_>>());
@@ -462,9 +486,9 @@ fn against_cloud_hypervisor(
     rep.bracketed(&c, "downtime_ms", downtime, migrate_peers::DOWNTIME_BRACKETS);
     rep.result(&c, "reported_downtime_ms", m(|f| f.reported_downtime_ms));
     let ours_down = med(ours, |f| f.downtime_ms);
-    rep.goal(&format!("{case}: TCP downtime smudge / Cloud Hypervisor"), ours_down / downtime, 0.1, "lower");
+    rep.goal(&format!("{case}: {link} downtime smudge / Cloud Hypervisor"), ours_down / downtime, 0.1, "lower");
     rep.goal(
-        &format!("{case}: TCP total time smudge / Cloud Hypervisor"),
+        &format!("{case}: {link} total time smudge / Cloud Hypervisor"),
         med(ours, |f| f.total_ms) / total,
         0.5,
         "lower",

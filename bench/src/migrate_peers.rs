@@ -1,7 +1,8 @@
 //! The peer's side of `smudge bench migrate`: Cloud Hypervisor migrating
-//! the same guest ELF and workload over loopback TCP (`vm.send-migration`
-//! to a second process in `vm.receive-migration`), with the same downtime
-//! goal as smudge's. Firecracker offers no live migration.
+//! the same guest ELF and workload over loopback TCP or a unix socket
+//! (`vm.send-migration` to a second process in `vm.receive-migration`),
+//! with the same downtime goal as smudge's. Firecracker offers no live
+//! migration.
 //!
 //! Its downtime is taken between the same kind of moments as smudge's
 //! `stop_to_running_ms`: the source's `pausing` event to the destination's
@@ -38,6 +39,39 @@ pub struct Figures {
     pub reported_downtime_ms: f64,
 }
 
+/// How the two ends of a migration are linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Loopback TCP.
+    Tcp,
+    /// A unix stream socket in the scratch directory.
+    Unix,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Tcp => "TCP",
+            Link::Unix => "unix socket",
+        })
+    }
+}
+
+impl Link {
+    /// Where a destination listens over this link (`tcp:`/`unix:` URLs
+    /// as Cloud Hypervisor takes them; smudge's `unix:PATH` is the same).
+    pub fn url(self, dir: &Path, name: &str) -> anyhow::Result<String> {
+        Ok(match self {
+            Link::Tcp => format!("tcp:127.0.0.1:{}", free_port()?),
+            Link::Unix => {
+                let p = dir.join(format!("{name}.sock"));
+                std::fs::remove_file(&p).ok();
+                format!("unix:{}", p.display())
+            }
+        })
+    }
+}
+
 /// The migration's setting.
 #[derive(Debug, Clone)]
 pub struct Case<'a> {
@@ -55,6 +89,8 @@ pub struct Case<'a> {
     pub warm: Duration,
     /// The downtime goal given to it (ms).
     pub downtime_ms: u64,
+    /// TCP or a unix socket.
+    pub link: Link,
 }
 
 /// A loopback TCP port free a moment ago.
@@ -62,22 +98,22 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?.local_addr()?.port())
 }
 
-/// One Cloud Hypervisor migration over loopback TCP.
+/// One Cloud Hypervisor migration over `case.link`.
 pub fn migrate_once(case: &Case) -> anyhow::Result<Figures> {
     let mut dst = CloudHypervisor::bare(case.bin, case.dir, "ch-dst", Log::Events)?;
     let guest = Guest { elf: case.elf, cmdline: case.cmdline, mem_mib: case.mem_mib };
     let mut src = CloudHypervisor::boot(case.bin, case.dir, "ch-src", &guest, Log::Events)?;
     src.proc.first_byte()?;
     std::thread::sleep(case.warm);
-    let port = free_port()?;
+    let url = case.link.url(case.dir, "ch-migration")?;
     // The receiving call is answered once the guest arrived.
-    let (sock, body) = (dst.proc.sock.clone(), json!({"receiver_url": format!("tcp:127.0.0.1:{port}")}).to_string());
+    let (sock, body) = (dst.proc.sock.clone(), json!({"receiver_url": url}).to_string());
     let limit = Duration::from_secs(600);
     let receiver =
         std::thread::spawn(move || http::request(&sock, "PUT", "/api/v1/vm.receive-migration", Some(&body), limit));
     dst.proc.wait_log("migration-receive-ready")?;
     let t0 = Instant::now();
-    src.send_migration(port, case.downtime_ms)?;
+    src.send_migration(&url, case.downtime_ms)?;
     let answer = receiver.join().map_err(|_| anyhow!("the receiving thread panicked"))?;
     let answer = answer.map_err(|e| dst.proc.fail(&format!("vm.receive-migration: {e:#}")))?;
     if !answer.is_success() {

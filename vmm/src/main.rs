@@ -149,7 +149,7 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         );
     }
     let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
-    let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout) {
+    let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout, m.tls_creds.as_deref()) {
         Ok(i) => i,
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };

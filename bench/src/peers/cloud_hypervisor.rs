@@ -99,11 +99,11 @@ impl CloudHypervisor {
         self.call("vm.snapshot", Some(&body))
     }
 
-    /// Sends the guest to the destination listening at `port` on this
-    /// host, with its downtime goal `downtime_ms`; answered at once (the
-    /// migration runs behind).
-    pub fn send_migration(&self, port: u16, downtime_ms: u64) -> anyhow::Result<()> {
-        let body = json!({"destination_url": format!("tcp:127.0.0.1:{port}"), "downtime_ms": downtime_ms});
+    /// Sends the guest to the destination listening at `url`
+    /// (`tcp:HOST:PORT` or `unix:PATH`), with its downtime goal
+    /// `downtime_ms`; answered at once (the migration runs behind).
+    pub fn send_migration(&self, url: &str, downtime_ms: u64) -> anyhow::Result<()> {
+        let body = json!({"destination_url": url, "downtime_ms": downtime_ms});
         self.call("vm.send-migration", Some(&body.to_string()))
     }
 

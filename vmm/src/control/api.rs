@@ -50,6 +50,7 @@ use smudge::control::{parse_request, Request, SnapshotRequest};
 use smudge::harvest::Harvester;
 
 use crate::migrate::source::{MigrateOptions, MigrationSource, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
+use crate::migrate::tls::TlsClient;
 use crate::persist::flusher::Flusher;
 use crate::persist::snapshotter::Snapshotter;
 use crate::vm::outcome::Outcome;
@@ -363,6 +364,10 @@ impl Api {
             }
             Request::Snapshot(s) => self.job(format!("a snapshot into {}", s.dir.display()), || self.snapshot(&s)),
             Request::Migrate(m) => {
+                let tls = match m.tls_creds.as_deref().map(TlsClient::load).transpose() {
+                    Ok(t) => t,
+                    Err(e) => return error(format!("\"tls_creds\": {e}")),
+                };
                 let opts = MigrateOptions {
                     to: m.to,
                     downtime: m.downtime_ms.map_or(DEFAULT_DOWNTIME, Duration::from_millis),
@@ -374,6 +379,7 @@ impl Api {
                     local: m.local,
                     postcopy_after: m.postcopy_after,
                     connections: m.connections,
+                    tls,
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }

@@ -215,9 +215,10 @@ pub struct RestoreArgs {
 /// `smudge migrate-recv`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateRecvArgs {
-    /// Where to listen: HOST:PORT, or a PORT alone for 127.0.0.1 (loopback
-    /// unless told otherwise). Port 0 picks a free one; the address is
-    /// printed on stderr.
+    /// Where to listen: HOST:PORT, a PORT alone for 127.0.0.1 (loopback
+    /// unless told otherwise), or unix:PATH for a unix socket (mode 0600,
+    /// removed once the source is in). Port 0 picks a free one; the address
+    /// is printed on stderr.
     #[arg(long)]
     pub listen: String,
     /// Give up if no source connects within this many seconds (0: wait
@@ -229,6 +230,11 @@ pub struct MigrateRecvArgs {
     /// source's memory file, which must exist; no page data is sent.
     #[arg(long)]
     pub local: bool,
+    /// Require TLS 1.3 of every connection: DIR holds ca-cert.pem,
+    /// server-cert.pem and server-key.pem (QEMU's layout); the source must
+    /// show a certificate the CA signed.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -283,7 +289,7 @@ pub enum CtlCommand {
 /// `smudge ctl migrate`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateCtl {
-    /// The destination, HOST:PORT.
+    /// The destination, HOST:PORT or unix:PATH.
     #[arg(long)]
     pub to: String,
     /// Downtime budget in milliseconds: the final, paused round starts once
@@ -331,6 +337,11 @@ pub struct MigrateCtl {
     /// the first.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "local")]
     pub connections: u32,
+    /// TLS 1.3 on every connection: DIR holds ca-cert.pem, client-cert.pem
+    /// and client-key.pem (QEMU's layout); the destination's certificate
+    /// must be the CA's and name the host of --to (localhost for unix:).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -393,6 +404,7 @@ impl CtlCommand {
                 local: m.local,
                 postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
                 connections: m.connections,
+                tls_creds: m.tls_creds.as_ref().map(abs),
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,

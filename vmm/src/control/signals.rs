@@ -221,16 +221,6 @@ pub fn on_stop(what: impl Into<String>, run: impl Fn(c_int) + Send + 'static) ->
     OnStop { id }
 }
 
-/// Shuts `conn` (a clone of it) down when the first stop signal comes,
-/// so a read or write blocked on it ends at once; `what` as for
-/// [`on_stop`].
-pub fn shut_on_stop(conn: &std::net::TcpStream, what: String) -> std::io::Result<OnStop> {
-    let conn = conn.try_clone()?;
-    Ok(on_stop(what, move |_| {
-        let _ = conn.shutdown(std::net::Shutdown::Both);
-    }))
-}
-
 fn held(h: Hold) -> bool {
     STATE.holds.load(Ordering::Acquire) & h.bit() != 0
 }

@@ -14,7 +14,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,9 +25,11 @@ use smudge::migration::frame::{Ack, Frame, FrameReader, FrameWriter, Hello};
 use smudge::migration::receiver::{check_hello, ReceiveError, Receiver, Step};
 use smudge::uffd::UffdError;
 
-use crate::control::signals::{self, shut_on_stop, OnStop};
+use crate::control::signals::{self, OnStop};
 use crate::migrate::multifd::Channels;
 use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::migrate::tls::TlsServer;
+use crate::migrate::transport::{Address, Listener, Stream};
 use crate::persist::lazy::LazyError;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::{IncomingVm, VmError};
@@ -55,7 +56,7 @@ pub enum IncomingError {
     #[error("{peer}: {source}")]
     Watch {
         /// The source.
-        peer: SocketAddr,
+        peer: String,
         /// The OS error.
         source: std::io::Error,
     },
@@ -63,7 +64,7 @@ pub enum IncomingError {
     #[error("migration from {peer}: {source}")]
     Stream {
         /// The source.
-        peer: SocketAddr,
+        peer: String,
         /// What was wrong.
         source: ReceiveError,
     },
@@ -71,7 +72,7 @@ pub enum IncomingError {
     #[error("migration from {peer}: {why}")]
     Channels {
         /// The source.
-        peer: SocketAddr,
+        peer: String,
         /// What failed.
         why: crate::migrate::multifd::ChannelError,
     },
@@ -79,7 +80,7 @@ pub enum IncomingError {
     #[error("migration from {peer}: acknowledging round {round}: {source}")]
     Ack {
         /// The source.
-        peer: SocketAddr,
+        peer: String,
         /// The round.
         round: u32,
         /// The connection's error.
@@ -92,7 +93,7 @@ pub enum IncomingError {
     #[error("the migration from {peer} was abandoned on {signal} after {mib} MiB ({source})")]
     Abandoned {
         /// The source.
-        peer: SocketAddr,
+        peer: String,
         /// The signal's name.
         signal: String,
         /// MiB received.
@@ -110,27 +111,18 @@ impl From<IncomingError> for VmError {
     }
 }
 
-/// `PORT` alone means loopback.
-pub fn listen_addr(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_digit()) {
-        format!("127.0.0.1:{s}")
-    } else {
-        s.to_string()
-    }
-}
-
 /// An accepted source whose `Hello` was checked and acknowledged.
 #[derive(Debug)]
 pub struct Incoming {
-    reader: FrameReader<BufReader<TcpStream>>,
-    writer: FrameWriter<TcpStream>,
+    reader: FrameReader<BufReader<Stream>>,
+    writer: FrameWriter<Stream>,
     hello: Hello,
-    peer: SocketAddr,
+    peer: String,
     answered: bool,
     /// Post-copy: set up at the switchover, run once the guest runs.
     postcopy: Option<PostcopyDest>,
     /// The extra page connections (`Hello.connections - 1`), accepted.
-    channels: Vec<FrameReader<BufReader<TcpStream>>>,
+    channels: Vec<FrameReader<BufReader<Stream>>>,
     /// What to say on stderr once the guest runs (not before: a write to
     /// stderr costs 20-40 µs of downtime).
     received: Option<String>,
@@ -139,24 +131,35 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Listens on `addr`, says where on stderr, accepts one source and
-    /// checks its `Hello` (a refusal is sent back to the source too).
-    pub fn accept(addr: &str, accept_timeout: Option<Duration>) -> anyhow::Result<Incoming> {
+    /// Listens on `addr` (`HOST:PORT`, `PORT`, `unix:PATH`), says where
+    /// on stderr, accepts one source and checks its `Hello` (a refusal is
+    /// sent back to the source too). The listener is closed (a unix
+    /// socket's file removed) once the source's connections are in.
+    /// With `tls` every connection must pass its TLS handshake (each end
+    /// verifying the other) before a byte of it is read.
+    pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<&Path>) -> anyhow::Result<Incoming> {
         use anyhow::Context;
-        let addr = listen_addr(addr);
-        let listener = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-        let local = listener.local_addr()?;
+        let addr = Address::listen_on(addr).context("--listen")?;
+        let tls = tls.map(TlsServer::load).transpose().context("--tls-creds")?;
+        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls);
+        let local = listener.local().clone();
+        if listener.open_to_others() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: warning: {local} is reachable from other hosts and the stream is neither authenticated nor \
+                 encrypted: whoever connects first sends the guest that runs here (--tls-creds DIR requires TLS)"
+            );
+        }
         let _ = writeln!(std::io::stderr(), "smudge: waiting for a migration on {local}");
         let waiting = signals::on_stop("the wait for a migration ends; nothing was received", |_| {});
         // Polled: a stop signal ends the wait.
-        listener.set_nonblocking(true)?;
         let t0 = Instant::now();
-        let conn = loop {
+        let (conn, peer) = loop {
             if let Some(sig) = signals::requested_name() {
                 anyhow::bail!("stopped by {sig} while waiting for a migration on {local}: nothing was received");
             }
             match listener.accept() {
-                Ok((c, _)) => break c,
+                Ok(c) => break c,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match accept_timeout {
                     Some(t) if t0.elapsed() >= t => {
                         anyhow::bail!("no source connected to {local} within {:.0} s", t.as_secs_f64())
@@ -167,15 +170,13 @@ impl Incoming {
             }
         };
         drop(waiting);
-        conn.set_nonblocking(false)?;
-        conn.set_nodelay(true)?;
-        conn.set_read_timeout(Some(IDLE_LIMIT))?;
-        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let peer = conn.peer_addr()?;
-        let interrupt = vec![shut_on_stop(
-            &conn,
-            format!("the migration from {peer} is abandoned (the source keeps its guest) and the memory file removed"),
-        )?];
+        let conn = listener
+            .admit(conn, Duration::from_secs(10))
+            .with_context(|| format!("migration from {peer} refused before anything was read"))?;
+        conn.set_timeouts(Some(IDLE_LIMIT), Some(Duration::from_secs(10)))?;
+        let interrupt = vec![conn.shut_on_stop(format!(
+            "the migration from {peer} is abandoned (the source keeps its guest) and the memory file removed"
+        ))?];
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, conn.try_clone()?));
         let mut writer = FrameWriter::new(conn, false);
         let hello = match reader.next_frame().map_err(Into::into).and_then(check_hello) {
@@ -242,13 +243,15 @@ impl Incoming {
 impl IncomingVm for Incoming {
     fn receive(&mut self, file: &File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
         let file = file.try_clone().map_err(|source| IncomingError::File { path: path.to_path_buf(), source })?;
-        let peer = self.peer;
+        let peer = self.peer.clone();
         let channels = std::mem::take(&mut self.channels);
         for c in &channels {
             // Said once, by the main connection's hook.
             self.interrupt.push(
-                shut_on_stop(c.get_ref().get_ref(), String::new())
-                    .map_err(|source| IncomingError::Watch { peer, source })?,
+                c.get_ref()
+                    .get_ref()
+                    .shut_on_stop(String::new())
+                    .map_err(|source| IncomingError::Watch { peer: peer.clone(), source })?,
             );
         }
         let r = self.receive_frames(file, path, ram, channels);
@@ -274,11 +277,11 @@ impl Incoming {
         file: File,
         path: &Path,
         ram: &GuestRam,
-        channels: Vec<FrameReader<BufReader<TcpStream>>>,
+        channels: Vec<FrameReader<BufReader<Stream>>>,
     ) -> Result<MachineState, IncomingError> {
-        let peer = self.peer;
-        let channels_failed = |why| IncomingError::Channels { peer, why };
-        let stream = |source| IncomingError::Stream { peer, source };
+        let peer = self.peer.clone();
+        let channels_failed = |why| IncomingError::Channels { peer: peer.clone(), why };
+        let stream = |source| IncomingError::Stream { peer: peer.clone(), source };
         let mut channels = match channels.is_empty() {
             true => None,
             false => Some(Channels::start(channels, &file, path, &self.hello).map_err(channels_failed)?),
@@ -310,7 +313,7 @@ impl Incoming {
                     );
                     // The round is stored: the source may count it done.
                     self.writer.send(&Frame::Ack(Ack::ok())).map_err(|source| IncomingError::Ack {
-                        peer,
+                        peer: peer.clone(),
                         round,
                         source,
                     })?;
@@ -368,7 +371,7 @@ impl Incoming {
                 )
             });
             match taken {
-                Ok((r, w)) => pc.run(r, w, self.peer, loading.clone()),
+                Ok((r, w)) => pc.run(r, w, self.peer.clone(), loading.clone()),
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "smudge: post-copy: {e}; the guest cannot continue");
                     std::process::exit(i32::from(EXIT_MEMORY_LOST));

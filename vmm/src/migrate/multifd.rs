@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -28,6 +27,7 @@ use smudge::migration::frame::{Frame, FrameReader, Hello, MAX_FRAME_PAGES, PAGE}
 use smudge::migration::receiver::{Receiver, Step};
 
 use super::source::{MigrateError, Sender};
+use super::transport::{Dialer, Listener, Stream};
 
 /// Longest wait for the extra connections and for a round on all of them.
 const CHANNEL_WAIT: Duration = Duration::from_secs(30);
@@ -86,10 +86,10 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Opens `extra` more connections to `addr` for the migration of
+    /// Opens `extra` more connections through `dialer` for the migration of
     /// `session`, each with a sending thread reading `ram`.
     pub fn connect(
-        addr: SocketAddr,
+        dialer: &Dialer,
         session: u64,
         extra: u32,
         lz4: bool,
@@ -99,11 +99,9 @@ impl Workers {
     ) -> Result<Workers, MigrateError> {
         let mut workers = Vec::new();
         for index in 1..=extra {
-            let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            let conn = dialer
+                .dial(Duration::from_secs(30))
                 .map_err(|e| MigrateError::Stream(format!("opening page connection {index}: {e}")))?;
-            conn.set_nodelay(true)
-                .and_then(|_| conn.set_write_timeout(Some(Duration::from_secs(30))))
-                .map_err(|e| MigrateError::Stream(format!("page connection {index}: {e}")))?;
             let mut s = Sender::new(conn, lz4, mem_size, limit);
             s.w.send(&Frame::Channel { session, index })
                 .and_then(|_| s.w.flush())
@@ -229,9 +227,6 @@ fn run_job(s: &mut Sender, ram: &GuestRam, job: Job, index: u32) -> Result<Optio
 /// Why the destination's extra page connections failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
-    /// The listening socket could not be set up.
-    #[error("{0}")]
-    Listener(#[source] std::io::Error),
     /// Accepting a connection failed.
     #[error("accepting a page connection: {0}")]
     Accept(#[source] std::io::Error),
@@ -272,13 +267,12 @@ pub enum ChannelError {
 /// `Hello` is `hello`, on `listener`: each must open with a `Channel`
 /// frame naming its session and a fresh index; anything else is closed.
 pub fn accept_channels(
-    listener: &TcpListener,
+    listener: &Listener,
     hello: &Hello,
-) -> Result<Vec<FrameReader<BufReader<TcpStream>>>, ChannelError> {
+) -> Result<Vec<FrameReader<BufReader<Stream>>>, ChannelError> {
     let want = hello.connections.saturating_sub(1) as usize;
-    let mut got: Vec<Option<FrameReader<BufReader<TcpStream>>>> = (0..want).map(|_| None).collect();
+    let mut got: Vec<Option<FrameReader<BufReader<Stream>>>> = (0..want).map(|_| None).collect();
     let t0 = Instant::now();
-    listener.set_nonblocking(true).map_err(ChannelError::Listener)?;
     while got.iter().any(Option::is_none) {
         let conn = match listener.accept() {
             Ok((c, _)) => c,
@@ -295,14 +289,13 @@ pub fn accept_channels(
             }
             Err(e) => return Err(ChannelError::Accept(e)),
         };
-        let setup = conn
-            .set_nonblocking(false)
-            .and_then(|_| conn.set_read_timeout(Some(Duration::from_secs(60))))
-            .and_then(|_| conn.set_nodelay(true));
-        if let Err(e) = setup {
-            tracing::warn!("page connection: {e}");
-            continue;
-        }
+        let conn = match listener.admit(conn, Duration::from_secs(60)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("a page connection was refused: {e}");
+                continue;
+            }
+        };
         let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, conn));
         match r.next_frame() {
             Ok(Frame::Channel { session, index })
@@ -342,7 +335,7 @@ impl std::fmt::Debug for Channels {
 impl Channels {
     /// Starts a receiving thread per connection, writing into `file`.
     pub fn start(
-        readers: Vec<FrameReader<BufReader<TcpStream>>>,
+        readers: Vec<FrameReader<BufReader<Stream>>>,
         file: &File,
         path: &Path,
         hello: &Hello,

@@ -19,7 +19,6 @@
 //! says so and exits [`EXIT_MEMORY_LOST`] at once — no vCPU is left hanging.
 
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -32,6 +31,7 @@ use smudge::migration::postcopy::{Owed, Placement, PostcopyReceiver};
 use smudge::migration::receiver::ReceiveError;
 use smudge::uffd::UffdError;
 
+use crate::migrate::transport::Stream as Conn;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 
 /// Checks that the memory file at `path` (existing or to be created in its
@@ -86,9 +86,9 @@ impl PostcopyDest {
     /// stream breaks first, the process exits [`EXIT_MEMORY_LOST`].
     pub fn run(
         self,
-        reader: FrameReader<BufReader<TcpStream>>,
-        writer: FrameWriter<TcpStream>,
-        peer: SocketAddr,
+        reader: FrameReader<BufReader<Conn>>,
+        writer: FrameWriter<Conn>,
+        peer: String,
         loading: Arc<AtomicBool>,
     ) {
         let source = StreamSource {
@@ -104,16 +104,16 @@ impl PostcopyDest {
 
 /// The migration stream as the fill-behind engine's page source.
 struct StreamSource {
-    peer: SocketAddr,
+    peer: String,
     started_at: Instant,
     receiver: PostcopyReceiver,
     /// One bit per page of RAM: asked of the source already.
     requested: Vec<u64>,
-    writer: FrameWriter<TcpStream>,
+    writer: FrameWriter<Conn>,
 }
 
 /// The receive thread's feed: frames off the main connection.
-struct Stream(FrameReader<BufReader<TcpStream>>);
+struct Stream(FrameReader<BufReader<Conn>>);
 
 impl Feed for Stream {
     type Item = Frame;
@@ -179,7 +179,7 @@ impl PageSource for StreamSource {
     }
 
     fn filled(&mut self, stats: &FillStats) {
-        let peer = self.peer;
+        let peer = &self.peer;
         let w = &mut self.writer;
         if let Err(e) = w.send(&Frame::Ack(Ack::ok())).and_then(|_| w.flush()) {
             tracing::warn!("post-copy from {peer}: cannot acknowledge the end: {e}");

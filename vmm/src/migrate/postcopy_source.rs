@@ -12,7 +12,6 @@
 //! point, losing what ran on the destination.
 
 use std::io::BufReader;
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use super::source::{
     ms_since, read_ack, stop_to_running, stream_err, MigrateError, MigrateOptions, MigrationReport, MigrationSource,
     RoundReport, Sender,
 };
+use super::transport::Stream;
 
 /// Most pages in one background send (small, so a page asked for by a
 /// faulting vCPU waits behind little).
@@ -99,7 +99,7 @@ impl MigrationSource {
         &self,
         opts: &MigrateOptions,
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
         residue: Option<(DirtySet, &Subscription)>,
         mut rounds: Vec<RoundReport>,
         converge: String,

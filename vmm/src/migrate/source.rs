@@ -1,4 +1,5 @@
-//! The source side of a live migration: iterative pre-copy over TCP.
+//! The source side of a live migration: iterative pre-copy over TCP or a
+//! unix socket ([`super::transport`]).
 //!
 //! ```text
 //! connect, Hello -> Ack
@@ -27,7 +28,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +41,8 @@ use smudge::migration::local::LocalRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::converge::{Converger, Throttle};
+use super::tls::TlsClient;
+use super::transport::{AddressError, DialError, Dialer, Stream};
 use crate::control::signals::{self, OnStop};
 use crate::persist::precopy::{run_rounds, Budget, End, Look, Round, RoundHooks};
 use crate::vm::vcpu_control::VcpuControl;
@@ -48,7 +50,7 @@ use crate::vm::vcpu_control::VcpuControl;
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Destination `host:port`.
+    /// Destination, `HOST:PORT` or `unix:PATH`.
     pub to: String,
     /// Longest pause the final round may take (estimated from bandwidth).
     pub downtime: Duration,
@@ -68,6 +70,8 @@ pub struct MigrateOptions {
     pub local: bool,
     /// Page connections (1: the main one only).
     pub connections: u32,
+    /// TLS on every connection (`--tls-creds`), each end verifying the other.
+    pub tls: Option<TlsClient>,
     /// Switch to post-copy after this many pre-copy rounds (0: at once,
     /// no round at all): the guest then runs on the destination while the
     /// pages still here follow, streamed and fetched on demand.
@@ -231,15 +235,12 @@ pub struct Progress {
 /// Why a migration failed; the guest runs on here.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// Could not reach the destination.
-    #[error("cannot connect to {to}: {source}")]
-    Connect {
-        /// Address.
-        to: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The destination's address is not one.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// Could not reach the destination, or TLS refused it.
+    #[error(transparent)]
+    Dial(#[from] DialError),
     /// The stream broke or the destination refused.
     #[error("{0}")]
     Stream(String),
@@ -274,7 +275,7 @@ pub struct MigrationSource {
 
 /// The sending half: frames, counters and the bandwidth cap.
 pub(super) struct Sender {
-    pub(super) w: FrameWriter<BufWriter<TcpStream>>,
+    pub(super) w: FrameWriter<BufWriter<Stream>>,
     pub(super) layout: Vec<RamRegion>,
     buf: Vec<u8>,
     zero_runs: Vec<(u64, u32)>,
@@ -302,7 +303,7 @@ pub(super) fn stream_err(what: &str) -> impl FnOnce(std::io::Error) -> MigrateEr
 
 impl Sender {
     /// A sender on `conn` for RAM of `mem_size` bytes.
-    pub(super) fn new(conn: TcpStream, lz4: bool, mem_size: u64, limit: Option<u64>) -> Self {
+    pub(super) fn new(conn: Stream, lz4: bool, mem_size: u64, limit: Option<u64>) -> Self {
         Sender {
             w: FrameWriter::new(BufWriter::with_capacity(1 << 20, conn), lz4),
             layout: ram_layout(mem_size),
@@ -510,7 +511,7 @@ impl Sender {
         &mut self,
         round: u32,
         pages: u64,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
     ) -> Result<(), MigrateError> {
         self.w.send(&Frame::RoundEnd { round, pages }).map_err(stream_err("sending a round end"))?;
         self.w.flush().map_err(stream_err("sending a round end"))?;
@@ -548,7 +549,7 @@ struct MigrationRounds<'a> {
     src: &'a MigrationSource,
     progress: &'a dyn Fn(&Progress),
     s: &'a mut Sender,
-    reader: &'a mut FrameReader<BufReader<TcpStream>>,
+    reader: &'a mut FrameReader<BufReader<Stream>>,
     converge: Converger,
     rounds: Vec<RoundReport>,
 }
@@ -626,7 +627,7 @@ impl RoundHooks for MigrationRounds<'_> {
 }
 
 /// Reads the destination's `Ack`; a refusal carries its reason.
-pub(super) fn read_ack(r: &mut FrameReader<BufReader<TcpStream>>, after: &str) -> Result<Ack, MigrateError> {
+pub(super) fn read_ack(r: &mut FrameReader<BufReader<Stream>>, after: &str) -> Result<Ack, MigrateError> {
     match r.next_frame() {
         Ok(Frame::Ack(a)) if a.ok => Ok(a),
         Ok(Frame::Ack(Ack { error, .. })) => Err(MigrateError::Stream(format!(
@@ -648,34 +649,17 @@ impl MigrationSource {
         progress: &dyn Fn(&Progress),
     ) -> Result<MigrationReport, MigrateError> {
         let t0 = Instant::now();
-        let addr = opts
-            .to
-            .to_socket_addrs()
-            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?
-            .next()
-            .ok_or_else(|| MigrateError::Connect {
-                to: opts.to.clone(),
-                source: std::io::ErrorKind::NotFound.into(),
-            })?;
-        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|source| MigrateError::Connect { to: opts.to.clone(), source })?;
-        let setup = |c: &TcpStream| -> std::io::Result<()> {
-            c.set_nodelay(true)?;
-            c.set_write_timeout(Some(Duration::from_secs(30)))?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))
-        };
-        setup(&conn).map_err(stream_err("socket options"))?;
+        let dialer = Dialer::new(&opts.to, opts.tls.clone())?;
+        let conn = dialer.dial(Duration::from_secs(30))?;
         let rd = conn.try_clone().map_err(stream_err("socket"))?;
         let mut reader = FrameReader::new(BufReader::new(rd));
         let n = opts.connections.max(1);
-        let interrupt = signals::shut_on_stop(
-            &conn,
-            format!("the migration to {} is abandoned (the guest stays here and stops)", opts.to),
-        )
-        .map_err(stream_err("socket"))?;
+        let interrupt = conn
+            .shut_on_stop(format!("the migration to {} is abandoned (the guest stays here and stops)", opts.to))
+            .map_err(stream_err("socket"))?;
         let mut s = Sender::new(conn, opts.lz4, self.mem_size, opts.bandwidth.map(|b| b / u64::from(n)));
         s.interrupt = Some(interrupt);
-        match self.precopy(opts, progress, &mut s, &mut reader, addr) {
+        match self.precopy(opts, progress, &mut s, &mut reader, &dialer) {
             Ok(mut r) => {
                 r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 Ok(r)
@@ -716,10 +700,10 @@ impl MigrationSource {
         opts: &MigrateOptions,
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
-        addr: std::net::SocketAddr,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        dialer: &Dialer,
     ) -> Result<MigrationReport, MigrateError> {
-        self.hello(opts, s, reader, addr)?;
+        self.hello(opts, s, reader, dialer)?;
         if opts.local {
             s.past_abandoning();
             // The destination maps the same RAM file: no rounds, only the
@@ -770,8 +754,8 @@ impl MigrationSource {
         &self,
         opts: &MigrateOptions,
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
-        addr: std::net::SocketAddr,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        dialer: &Dialer,
     ) -> Result<(), MigrateError> {
         let local = match opts.local {
             true => Some(LocalRam::describe(&self.path, &self.file).map_err(|e| MigrateError::Stream(e.to_string()))?),
@@ -793,7 +777,7 @@ impl MigrationSource {
             // before it accepts the migration.
             let limit = opts.bandwidth.map(|b| b / u64::from(connections));
             s.channels = Some(super::multifd::Workers::connect(
-                addr,
+                dialer,
                 session,
                 connections - 1,
                 opts.lz4,
@@ -810,7 +794,7 @@ impl MigrationSource {
         &self,
         progress: &dyn Fn(&Progress),
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
     ) -> Result<RoundReport, MigrateError> {
         let r0 = Instant::now();
         let (b0, p0) = (s.bytes(), s.pages);
@@ -892,7 +876,7 @@ impl MigrationSource {
         &self,
         opts: &MigrateOptions,
         s: &mut Sender,
-        reader: &mut FrameReader<BufReader<TcpStream>>,
+        reader: &mut FrameReader<BufReader<Stream>>,
         residue: Option<(DirtySet, &Subscription)>,
         mut rounds: Vec<RoundReport>,
         converge: String,
@@ -961,11 +945,15 @@ mod tests {
     #[test]
     fn stop_to_running_is_taken_only_when_it_lies_within_the_pause() {
         let tp = Instant::now();
+        // At least 20 ms pass (more on a busy machine: measured below).
         std::thread::sleep(Duration::from_millis(20));
-        // Running 10 ms before now: ~10 ms after the pause began.
+        // Running 10 ms before now: 10 ms less than the pause so far.
         let at = |us: u64| Ack { running_at_unix_us: Some(us), ..Ack::ok() };
+        let before = ms_since(tp);
         let ms = stop_to_running(tp, &at(now_us() - 10_000)).expect("within the pause");
-        assert!((5.0..=15.0).contains(&ms), "{ms}");
+        let after = ms_since(tp);
+        // (1 ms for the two clocks' reads.)
+        assert!(ms >= before - 11.0 && ms <= after - 9.0, "{before} <= {ms} + 10 <= {after}");
         // Before the pause, after the answer, or not said: no figure.
         assert_eq!(stop_to_running(tp, &at(now_us() - 60_000)), None);
         assert_eq!(stop_to_running(tp, &at(now_us() + 60_000)), None);

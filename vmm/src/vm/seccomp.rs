@@ -356,6 +356,8 @@ fn vmm_allowlist(l: &mut List, ctx: &Context) -> Result<(), SeccompError> {
         SYS_sendmmsg,
         SYS_poll,
         SYS_uname,
+        // migration's TLS handshakes (key shares, nonces)
+        SYS_getrandom,
         // the event loop
         SYS_epoll_create1,
         SYS_epoll_ctl,
