@@ -151,6 +151,7 @@ fn hotcold(
         },
         sync_every: None,
         image: image.then(|| dir.join("hotcold.img")),
+        image_ready: None,
     });
     let cfg = VmConfig {
         serial: Box::new(cap.clone()),

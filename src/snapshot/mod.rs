@@ -17,7 +17,9 @@ pub mod pages;
 pub mod read;
 pub mod write;
 
-pub use chain::{chain, chain_lazily, materialize, materialize_with, merge, merge_with, restore_memory};
+pub use chain::{
+    build_image, chain, chain_lazily, materialize, materialize_with, merge, merge_with, restore_memory, BuildTimes,
+};
 pub use format::{
     chunk_crc, parse_extents, parse_manifest, parse_state, FileSum, Manifest, SnapshotError, CHUNK, FORMAT, VERSION,
 };

@@ -202,39 +202,66 @@ impl ChainPages {
     }
 
     /// Reads `buf.len() / 4096` pages at RAM file offset `off` from the
-    /// snapshots that hold them, each chunk checked the first time.
+    /// snapshots that hold them, each chunk checked the first time; pages
+    /// that lie back to back in one file are read with one `pread`.
     pub fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
         let mut scratch = std::mem::take(&mut self.buf);
-        let r = (|| {
-            for (i, page) in buf.chunks_mut(PAGE as usize).enumerate() {
-                let o = off + i as u64 * PAGE;
-                let s = self.source.get((o / PAGE) as usize).copied().unwrap_or(0);
-                if s == 0 {
-                    // A hole of the full image: its chunk's checksum says
-                    // whether it was a hole when the snapshot was taken.
-                    if let Some(full) = self.layers.first_mut() {
-                        full.check_chunk(o, &mut scratch)?;
+        let r = self.read_runs(off, buf, &mut scratch);
+        self.buf = scratch;
+        r
+    }
+
+    /// Where the page at RAM file offset `o` is: (layer number, 0 for a
+    /// zero page; position in that layer's file).
+    fn locate(&self, o: u64) -> Result<(u16, u64), SnapshotError> {
+        let s = self.source.get((o / PAGE) as usize).copied().unwrap_or(0);
+        if s == 0 {
+            return Ok((0, o));
+        }
+        let layer = &self.layers[usize::from(s) - 1];
+        let pos = layer.position(o).ok_or_else(|| SnapshotError::Corrupt {
+            path: layer.path.clone(),
+            offset: 0,
+            what: format!("page {o:#x} is not in this file's extents"),
+        })?;
+        Ok((s, pos))
+    }
+
+    fn read_runs(&mut self, off: u64, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
+        let pages = buf.len() / PAGE as usize;
+        let mut i = 0;
+        while i < pages {
+            let o = off + i as u64 * PAGE;
+            let (s, pos) = self.locate(o)?;
+            // The run of pages from the same file, back to back there.
+            let mut j = i + 1;
+            while j < pages && self.locate(off + j as u64 * PAGE)? == (s, pos + (j - i) as u64 * PAGE) {
+                j += 1;
+            }
+            let run = &mut buf[i * PAGE as usize..j * PAGE as usize];
+            if s == 0 {
+                // Holes of the full image: their chunks' checksums say
+                // whether they were holes when the snapshot was taken.
+                if let Some(full) = self.layers.first_mut() {
+                    for k in 0..(j - i) as u64 {
+                        full.check_chunk(pos + k * PAGE, scratch)?;
                     }
-                    page.fill(0);
-                    continue;
                 }
+                run.fill(0);
+            } else {
                 let layer = &mut self.layers[usize::from(s) - 1];
-                let pos = layer.position(o).ok_or_else(|| SnapshotError::Corrupt {
-                    path: layer.path.clone(),
-                    offset: 0,
-                    what: format!("page {o:#x} is not in this file's extents"),
-                })?;
-                layer.check_chunk(pos, &mut scratch)?;
-                layer.file.read_exact_at(page, pos).map_err(|source| SnapshotError::Io {
+                for k in 0..(j - i) as u64 {
+                    layer.check_chunk(pos + k * PAGE, scratch)?;
+                }
+                layer.file.read_exact_at(run, pos).map_err(|source| SnapshotError::Io {
                     path: layer.path.clone(),
                     op: "read",
                     source,
                 })?;
             }
-            Ok(())
-        })();
-        self.buf = scratch;
-        r
+            i = j;
+        }
+        Ok(())
     }
 
     /// Whether the page at RAM file offset `off` is a zero page (a hole of

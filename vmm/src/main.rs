@@ -92,13 +92,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// `smudge restore`: the snapshot's memory materialized into the memory
-/// file (or, `--lazy`, loaded behind the running guest), then the run.
+/// `smudge restore`: the guest runs at once and its memory loads behind it
+/// while the new memory file is built beside it (see
+/// `smudge_vmm::persist::restore`); without userfaultfd, the snapshot's
+/// memory is copied into the memory file first. `--lazy`: the guest runs
+/// on a tmpfs memory file loaded behind it.
 fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     let t0 = std::time::Instant::now();
     take_stop_signals(&r.run)?;
     if r.run.guest.is_some() || r.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
+    }
+    if r.run.backing_file.is_some() || r.run.mem_file.as_os_str().is_empty() {
+        anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
     }
     if r.lazy {
         smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
@@ -110,12 +116,22 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
         let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
         return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
     }
+    let mem_file = r.run.mem_file.clone();
+    match smudge_vmm::persist::restore::why_not_behind(&r) {
+        None => return restore_behind(r, t0),
+        Some(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: restore: {why}; copying the snapshot into {} before the guest runs",
+                mem_file.display()
+            );
+        }
+    }
     let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
     let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
     let mut bar = progress_bar("restoring memory");
-    smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
+    smudge::snapshot::materialize_with(&r.snapshot, &mem_file, &mut bar)?;
     drop(restoring);
-    let mem_file = r.run.mem_file.clone();
     let ran = match signals::requested() {
         // Came while the memory was copied (the copy is not cut short).
         Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
@@ -124,10 +140,35 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
 }
 
+/// The default restore with userfaultfd: RAM in a memfd filled behind the
+/// running guest, the memory file built in the background and kept by
+/// writeback once built.
+fn restore_behind(r: RestoreArgs, t0: std::time::Instant) -> anyhow::Result<u8> {
+    let mem_file = r.run.mem_file.clone();
+    if mem_file.exists() {
+        anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
+    }
+    let (fill, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
+    let made = smudge_vmm::persist::restore::NewMemoryFile::create(&mem_file, m.mem_size, t0)?;
+    let ready = made.ready();
+    let fill = Box::new(fill.behind(made));
+    let ran = vm_config(&r.run, Start::Incoming(m.mem_size, m.vcpus, fill)).and_then(|mut cfg| {
+        cfg.ram_in_memfd = true;
+        let w = cfg.writeback.as_mut().context("the default restore needs writeback")?;
+        w.image = Some(mem_file.clone());
+        w.image_ready = Some(ready);
+        run_config(cfg)
+    });
+    stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
+}
+
 /// `smudge migrate-recv`: waits for a source, checks this side can take
 /// its guest (refusing it, saying why, if not), then the run.
 fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     take_stop_signals(&m.run)?;
+    if m.run.backing_file.is_some() || m.run.mem_file.as_os_str().is_empty() {
+        anyhow::bail!("migrate-recv takes --mem-file");
+    }
     if m.run.guest.is_some() || m.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
     }
@@ -397,9 +438,19 @@ enum Start {
 /// returns the exit code.
 fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
     let cfg = vm_config(&args, start)?;
+    run_config(cfg)
+}
+
+/// Runs the VM `cfg` describes, prints what it did and
+/// returns the exit code.
+fn run_config(cfg: VmConfig) -> anyhow::Result<u8> {
     let mem_size = cfg.mem_size;
+    let ram = match cfg.ram_in_memfd {
+        true => format!("shared memory, persisted to {}", cfg.mem_file.display()),
+        false => cfg.mem_file.display().to_string(),
+    };
     let report = vm::run(cfg)?;
-    Ok(summarize(&report, mem_size, &args))
+    Ok(summarize(&report, mem_size, &ram))
 }
 
 /// The run `args` ask for, beginning as `start` says.
@@ -429,8 +480,14 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
+    let mem_file = match (&args.backing_file, args.mem_file.as_os_str().is_empty()) {
+        (Some(p), _) => p.clone(),
+        (None, false) => args.mem_file.clone(),
+        (None, true) => anyhow::bail!("--mem-file or --backing-file is needed"),
+    };
     Ok(VmConfig {
-        mem_file: args.mem_file.clone(),
+        mem_file,
+        ram_in_memfd: args.backing_file.is_some(),
         mem_size,
         guest_elf,
         cmdline,
@@ -463,7 +520,8 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
                 limit: args.dirty_limit,
             },
             sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
-            image: args.writeback_image.clone(),
+            image: args.backing_file.clone().or_else(|| args.writeback_image.clone()),
+            image_ready: None,
         }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {
@@ -497,7 +555,7 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
 
 /// Prints the run's last line (and the heatmap's) to stderr; returns the
 /// exit code: the outcome's, or [`EXIT_WRITEBACK`] if the final sync failed.
-fn summarize(report: &vm::RunReport, mem_size: u64, args: &RunArgs) -> u8 {
+fn summarize(report: &vm::RunReport, mem_size: u64, ram: &str) -> u8 {
     let dirty = match &report.dirty {
         Some(d) => format!(
             "dirty log {}: {} pages dirtied, {} harvests ({:.1} us each), {} ring-full exits{}",
@@ -553,7 +611,7 @@ fn summarize(report: &vm::RunReport, mem_size: u64, args: &RunArgs) -> u8 {
         report.outcome,
         report.elapsed.as_secs_f64(),
         mem_size >> 20,
-        args.mem_file.display(),
+        ram,
         if report.created_mem_file { " (created)" } else { "" },
     );
     code
