@@ -103,22 +103,20 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     if r.run.guest.is_some() || r.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
     }
-    if r.run.backing_file.is_some() || r.run.mem_file.as_os_str().is_empty() {
+    let Some(mem_file) = r.run.mem_file.clone().filter(|_| r.run.backing_file.is_none()) else {
         anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
-    }
+    };
     if r.lazy {
-        smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
-        if r.run.mem_file.exists() {
-            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
+        smudge_vmm::persist::lazy::check_tmpfs(&mem_file)?;
+        if mem_file.exists() {
+            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
         }
         let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
-        let mem_file = r.run.mem_file.clone();
         let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
         return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
     }
-    let mem_file = r.run.mem_file.clone();
     match smudge_vmm::persist::restore::why_not_behind(&r) {
-        None => return restore_behind(r, t0),
+        None => return restore_behind(r, mem_file, t0),
         Some(why) => {
             let _ = writeln!(
                 std::io::stderr(),
@@ -143,8 +141,7 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
 /// The default restore with userfaultfd: RAM in a memfd filled behind the
 /// running guest, the memory file built in the background and kept by
 /// writeback once built.
-fn restore_behind(r: RestoreArgs, t0: std::time::Instant) -> anyhow::Result<u8> {
-    let mem_file = r.run.mem_file.clone();
+fn restore_behind(r: RestoreArgs, mem_file: std::path::PathBuf, t0: std::time::Instant) -> anyhow::Result<u8> {
     if mem_file.exists() {
         anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
     }
@@ -166,9 +163,9 @@ fn restore_behind(r: RestoreArgs, t0: std::time::Instant) -> anyhow::Result<u8> 
 /// its guest (refusing it, saying why, if not), then the run.
 fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     take_stop_signals(&m.run)?;
-    if m.run.backing_file.is_some() || m.run.mem_file.as_os_str().is_empty() {
+    let Some(mem_file) = m.run.mem_file.clone().filter(|_| m.run.backing_file.is_none()) else {
         anyhow::bail!("migrate-recv takes --mem-file");
-    }
+    };
     if m.run.guest.is_some() || m.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
     }
@@ -176,17 +173,17 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
     }
     if m.local {
-        if !m.run.mem_file.is_file() {
+        if !mem_file.is_file() {
             anyhow::bail!(
                 "{}: --local takes over the source's memory file, and there is none here",
-                m.run.mem_file.display()
+                mem_file.display()
             );
         }
-    } else if m.run.mem_file.exists() {
+    } else if mem_file.exists() {
         anyhow::bail!(
             "{}: exists; migrate-recv makes a new memory file and will not overwrite one \
              (--local takes over a running guest's file on this host)",
-            m.run.mem_file.display()
+            mem_file.display()
         );
     }
     let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
@@ -195,7 +192,7 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };
     let hello = inc.hello();
-    if let Err(why) = destination_ready(&m, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
+    if let Err(why) = destination_ready(&m, &mem_file, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
         inc.refuse(&why.to_string());
         // The message alone, as the source is told.
         anyhow::bail!("{why}");
@@ -203,7 +200,6 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     if let Err(e) = inc.welcome() {
         return stopped_before_running(Err(e), None, "the source keeps its guest");
     }
-    let mem_file = m.run.mem_file.clone();
     let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
     let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
     if r.is_err() && !m.local {
@@ -257,20 +253,20 @@ enum NotReady {
 /// same-host handover, if any; `mem_size` bytes of RAM; post-copy or not.
 fn destination_ready(
     m: &MigrateRecvArgs,
+    mem_file: &std::path::Path,
     local: Option<&smudge::migration::local::LocalRam>,
     mem_size: u64,
     postcopy: bool,
 ) -> Result<(), NotReady> {
     match (m.local, local) {
-        (true, Some(local)) => handover_file(&m.run.mem_file, local, mem_size),
+        (true, Some(local)) => handover_file(mem_file, local, mem_size),
         (true, None) => Err(NotReady::WantsHandover),
         (false, Some(_)) => Err(NotReady::WantsPages),
         (false, None) if postcopy => {
-            smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
-                .map_err(|e| NotReady::NotTmpfs(e.to_string()))?;
-            creatable(&m.run.mem_file)
+            smudge_vmm::migrate::postcopy_dest::check_tmpfs(mem_file).map_err(|e| NotReady::NotTmpfs(e.to_string()))?;
+            creatable(mem_file)
         }
-        (false, None) => creatable(&m.run.mem_file),
+        (false, None) => creatable(mem_file),
     }
 }
 
@@ -480,10 +476,9 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
-    let mem_file = match (&args.backing_file, args.mem_file.as_os_str().is_empty()) {
-        (Some(p), _) => p.clone(),
-        (None, false) => args.mem_file.clone(),
-        (None, true) => anyhow::bail!("--mem-file or --backing-file is needed"),
+    let mem_file = match (&args.backing_file, &args.mem_file) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) => anyhow::bail!("--mem-file or --backing-file is needed"),
     };
     Ok(VmConfig {
         mem_file,

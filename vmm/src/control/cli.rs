@@ -45,8 +45,8 @@ pub struct RunArgs {
     /// Guest RAM backing file, mapped in place: created (sparse) if
     /// missing; an existing file must already have exactly --mem-size
     /// bytes. Needed unless --backing-file is given.
-    #[arg(long, default_value = "", hide_default_value = true)]
-    pub mem_file: PathBuf,
+    #[arg(long, required_unless_present = "backing_file")]
+    pub mem_file: Option<PathBuf>,
     /// Keep guest RAM in shared memory (a memfd) and persist it to this
     /// disk file through the writeback engine (only smudge writes it): no
     /// host writeback faults, no block allocation on a first touch. The
