@@ -62,11 +62,13 @@ impl Layer {
         }
     }
 
-    /// Checks the chunk holding file position `pos` (once).
-    fn check_chunk(&mut self, pos: u64, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
+    /// Checks the chunk holding file position `pos` (once). Returns
+    /// whether `buf` now holds that chunk's bytes (it was read to be
+    /// checked, and was no hole).
+    fn check_chunk(&mut self, pos: u64, buf: &mut Vec<u8>) -> Result<bool, SnapshotError> {
         let i = (pos / CHUNK) as usize;
         if self.verified.get(i).copied().unwrap_or(false) {
-            return Ok(());
+            return Ok(false);
         }
         let corrupt = |what: String| SnapshotError::Corrupt { path: self.path.clone(), offset: i as u64 * CHUNK, what };
         let want = *self.crc32.get(i).ok_or_else(|| corrupt("past the end of the file".into()))?;
@@ -74,7 +76,7 @@ impl Layer {
         let n = (self.len - start).min(CHUNK) as usize;
         buf.resize(n, 0);
         // A chunk that is all hole is not read: its checksum is that of zeros.
-        let (crc, _) = chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
+        let (crc, read) = chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
             path: self.path.clone(),
             op: "read",
             source,
@@ -83,7 +85,7 @@ impl Layer {
             return Err(corrupt(format!("checksum mismatch in the {} KiB chunk at this offset", CHUNK >> 10)));
         }
         self.verified[i] = true;
-        Ok(())
+        Ok(read > 0)
     }
 }
 
@@ -95,6 +97,9 @@ pub struct ChainPages {
     /// Per page: 0 = zero page, k = `layers[k - 1]`.
     source: Vec<u16>,
     buf: Vec<u8>,
+    /// (layer, chunk) whose bytes `buf` holds, from checking it: pages of
+    /// that chunk are copied from there instead of read again.
+    cached: Option<(usize, u64)>,
 }
 
 impl ChainPages {
@@ -176,7 +181,7 @@ impl ChainPages {
                 layers.push(layer);
             }
         }
-        Ok((ChainPages { mem_size, layers, source, buf: Vec::new() }, last))
+        Ok((ChainPages { mem_size, layers, source, buf: Vec::new(), cached: None }, last))
     }
 
     /// RAM bytes.
@@ -227,6 +232,21 @@ impl ChainPages {
         Ok((s, pos))
     }
 
+    /// Checks the chunk of layer `l` holding file position `pos` (once),
+    /// keeping track of which chunk `scratch` holds.
+    fn check(&mut self, l: usize, pos: u64, scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
+        let layer = &mut self.layers[l];
+        if layer.verified.get((pos / CHUNK) as usize).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        // Whatever happens next, `scratch` no longer holds the chunk it did.
+        self.cached = None;
+        if layer.check_chunk(pos, scratch)? {
+            self.cached = Some((l, pos / CHUNK));
+        }
+        Ok(())
+    }
+
     fn read_runs(&mut self, off: u64, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
         let pages = buf.len() / PAGE as usize;
         let mut i = 0;
@@ -242,22 +262,29 @@ impl ChainPages {
             if s == 0 {
                 // Holes of the full image: their chunks' checksums say
                 // whether they were holes when the snapshot was taken.
-                if let Some(full) = self.layers.first_mut() {
+                if !self.layers.is_empty() {
                     for k in 0..(j - i) as u64 {
-                        full.check_chunk(pos + k * PAGE, scratch)?;
+                        self.check(0, pos + k * PAGE, scratch)?;
                     }
                 }
                 run.fill(0);
             } else {
-                let layer = &mut self.layers[usize::from(s) - 1];
+                let l = usize::from(s) - 1;
                 for k in 0..(j - i) as u64 {
-                    layer.check_chunk(pos + k * PAGE, scratch)?;
+                    self.check(l, pos + k * PAGE, scratch)?;
                 }
-                layer.file.read_exact_at(run, pos).map_err(|source| SnapshotError::Io {
-                    path: layer.path.clone(),
-                    op: "read",
-                    source,
-                })?;
+                let layer = &self.layers[l];
+                let (chunk, last) = (pos / CHUNK, (pos + run.len() as u64 - 1) / CHUNK);
+                let from = (pos - chunk * CHUNK) as usize;
+                if chunk == last && self.cached == Some((l, chunk)) && from + run.len() <= scratch.len() {
+                    run.copy_from_slice(&scratch[from..from + run.len()]);
+                } else {
+                    layer.file.read_exact_at(run, pos).map_err(|source| SnapshotError::Io {
+                        path: layer.path.clone(),
+                        op: "read",
+                        source,
+                    })?;
+                }
             }
             i = j;
         }
@@ -275,9 +302,9 @@ impl ChainPages {
     pub fn check_all(&mut self) -> Result<(), SnapshotError> {
         let mut scratch = std::mem::take(&mut self.buf);
         let r = (|| {
-            for layer in &mut self.layers {
-                for i in 0..layer.crc32.len() as u64 {
-                    layer.check_chunk(i * CHUNK, &mut scratch)?;
+            for l in 0..self.layers.len() {
+                for i in 0..self.layers[l].crc32.len() as u64 {
+                    self.check(l, i * CHUNK, &mut scratch)?;
                 }
             }
             Ok(())

@@ -34,7 +34,7 @@ use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::{IncomingVm, VmError};
 
 /// Pages the prefetch loads per turn of the lock.
-const PREFETCH_PAGES: u64 = 64;
+const PREFETCH_PAGES: u64 = 256;
 
 /// Checks that the memory file at `path` (to be created in its directory)
 /// is on tmpfs, as a lazy restore needs.
@@ -59,6 +59,15 @@ pub enum LazyError {
         /// What userfaultfd said.
         source: UffdError,
     },
+    /// Guest RAM's file could not be shared with the new memory file's
+    /// build.
+    #[error("{}: dup: {source}", path.display())]
+    Dup {
+        /// Guest RAM's file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// [`IncomingVm::receive`] was called twice.
     #[error("lazy restore: already started")]
     AlreadyStarted,
@@ -68,8 +77,8 @@ pub enum LazyError {
 struct ChainSource {
     /// What the messages call this restore ("lazy restore", "restore").
     label: &'static str,
-    /// The new memory file the placed pages also go to (the default
-    /// restore), removed if the guest's memory is lost.
+    /// The new memory file built from guest RAM once every page is in
+    /// (the default restore), removed if the guest's memory is lost.
     made: Option<NewMemoryFile>,
     dir: PathBuf,
     started_at: Instant,
@@ -114,10 +123,10 @@ impl LazyRestore {
         Ok((LazyRestore { state, source: Some(source), armed: None }, m))
     }
 
-    /// The default restore's fill: its messages say "restore", every page
-    /// placed also goes into `made` (the new memory file), which is synced
-    /// and let to writeback once every page is in, or removed if a chunk
-    /// fails its checksum after the guest started.
+    /// The default restore's fill: its messages say "restore"; once every
+    /// page is in, `made` (the new memory file) is built from guest RAM,
+    /// synced and let to writeback; it is removed if a chunk fails its
+    /// checksum after the guest started.
     pub fn behind(mut self, made: NewMemoryFile) -> Self {
         if let Some(s) = self.source.as_mut() {
             s.label = "restore";
@@ -128,8 +137,11 @@ impl LazyRestore {
 }
 
 impl IncomingVm for LazyRestore {
-    fn receive(&mut self, _file: &std::fs::File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
-        let source = self.source.as_ref().ok_or(LazyError::AlreadyStarted)?;
+    fn receive(&mut self, file: &std::fs::File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
+        let source = self.source.as_mut().ok_or(LazyError::AlreadyStarted)?;
+        if let Some(made) = source.made.as_mut() {
+            made.copy_from(file).map_err(|source| LazyError::Dup { path: path.to_path_buf(), source })?;
+        }
         let armed = FillBehind::register(ram, &ram_layout(source.pages.mem_size()))
             .map_err(|source| LazyError::Register { path: path.to_path_buf(), source })?;
         self.armed = Some(armed);
@@ -166,9 +178,6 @@ impl ChainSource {
     fn place(&mut self, offset: u64, count: u64, place: &Placer<'_>) -> Result<(), FillError<LazyError>> {
         self.read(offset, count).map_err(FillError::Source)?;
         place.pages(offset, &self.buf)?;
-        if let Some(made) = self.made.as_mut() {
-            made.write(offset, &self.buf);
-        }
         self.owed.deliver(offset, count).map_err(|e| FillError::Source(e.into()))
     }
 }

@@ -3,25 +3,23 @@
 //!
 //! ```text
 //!  snapshot chain ──(fault thread, prefetch: fill-behind)──▶ guest RAM (memfd, MAP_SHARED)
-//!        │                                                       │ dirty log on from the
-//!        │                                                       │ guest's first instruction
-//!                   └── the same pages, as placed ──▶ NEW ◀──┘ writeback (image sink),
-//!                                                                  only once NEW is built
+//!                                                                │ dirty log on from the
+//!                                                                │ guest's first instruction
+//!  NEW ◀──(every page in: RAM copied, synced; then writeback of the guest's pages)──┘
 //! ```
 //!
 //! - Guest RAM is a memfd registered with userfaultfd
 //!   ([`crate::persist::lazy`]): the guest starts as soon as KVM is set
 //!   up and its pages load behind it, on first touch or by the prefetch,
 //!   each 1 MiB chunk checked before any of its bytes is placed.
-//! - NEW, on any filesystem, becomes the run's backing file: every page
-//!   the fill places goes into it too ([`NewMemoryFile`]; the chain is
-//!   read once), so once the fill is done and NEW synced it holds the
-//!   snapshot's memory; only then does the writeback engine write the
-//!   guest's pages into it ([`smudge::sink::ImageReady`]). The
+//! - NEW, on any filesystem, becomes the run's backing file: once the fill
+//!   is done, guest RAM is copied into it and synced ([`NewMemoryFile`];
+//!   the chain is read once, by the fill); only then does the writeback
+//!   engine write the guest's pages into it ([`smudge::sink::ImageReady`]). The
 //!   dirty log runs from the guest's first instruction and nothing else
 //!   clears the engine's pages, so every page the guest wrote reaches NEW
-//!   after the build, never before it: older chain data can never
-//!   overwrite a newer page.
+//!   after the copy, never before it: older data can never overwrite a
+//!   newer page.
 //!
 //! Userfaultfd must catch KVM's faults: root or `CAP_SYS_PTRACE`, or
 //! `sysctl vm.unprivileged_userfaultfd=1`. Without it (or without the
@@ -31,7 +29,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -60,19 +58,19 @@ pub fn why_not_behind(r: &RestoreArgs) -> Option<String> {
     }
 }
 
-/// The new memory file of a default restore, built from the pages the
-/// fill places (each chunk checked before), then synced; until then the
-/// run's image sink waits ([`ImageReady`]).
+/// The new memory file of a default restore: once the fill has placed
+/// every page, built from guest RAM (each chunk was checked before it was
+/// placed; the guest's writes since are in the dirty log too), then
+/// synced; until then the run's image sink waits ([`ImageReady`]).
 #[derive(Debug)]
 pub struct NewMemoryFile {
     file: File,
     path: PathBuf,
+    size: u64,
+    /// Guest RAM's file (the memfd), to copy from.
+    ram: Option<File>,
     ready: ImageReady,
     started_at: Instant,
-    /// Bytes written.
-    bytes: u64,
-    /// The first write that failed (the file is then never ready).
-    error: Option<std::io::Error>,
 }
 
 impl NewMemoryFile {
@@ -91,14 +89,7 @@ impl NewMemoryFile {
             let _ = std::fs::remove_file(path);
             return Err(io("size")(e));
         }
-        Ok(NewMemoryFile {
-            file,
-            path: path.to_path_buf(),
-            ready: ImageReady::new(),
-            started_at,
-            bytes: 0,
-            error: None,
-        })
+        Ok(NewMemoryFile { file, path: path.to_path_buf(), size, ram: None, ready: ImageReady::new(), started_at })
     }
 
     /// The file's path.
@@ -112,42 +103,48 @@ impl NewMemoryFile {
         self.ready.clone()
     }
 
-    /// Writes pages placed in guest RAM at their offset. After a failed
-    /// write nothing more is written: the file will never be ready, and
-    /// the run's final sync says why.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if self.error.is_some() {
-            return;
-        }
-        match self.file.write_all_at(data, offset) {
-            Ok(()) => self.bytes += data.len() as u64,
-            Err(e) => self.error = Some(e),
-        }
+    /// The file guest RAM lives in, to build this one from.
+    pub fn copy_from(&mut self, ram: &File) -> std::io::Result<()> {
+        self.ram = Some(ram.try_clone()?);
+        Ok(())
     }
 
-    /// Every page is in: syncs the file and lets writeback in.
+    /// Every page is in: copies guest RAM's data ranges into the file,
+    /// syncs it and lets writeback in. A page the guest writes meanwhile
+    /// may be copied torn; it is dirty in the log, and writeback writes it
+    /// again once the file is ready.
     pub fn finish(&mut self) {
-        let r = match self.error.take() {
-            Some(e) => Err(("write", e)),
-            None => self.file.sync_data().map_err(|e| ("fdatasync", e)),
-        };
+        let r = self.build();
         let line = match r {
-            Ok(()) => {
+            Ok(bytes) => {
                 self.ready.built();
                 format!(
                     "smudge: restore: {} holds the snapshot's memory ({} MiB written, synced) {:.1} ms after \
                      smudge started; the guest's writes reach it through writeback from now on",
                     self.path.display(),
-                    self.bytes >> 20,
+                    bytes >> 20,
                     self.started_at.elapsed().as_secs_f64() * 1e3
                 )
             }
-            Err((op, e)) => {
-                let why = format!("{op}: {e}");
+            Err(why) => {
                 self.ready.failed(&why);
                 format!("smudge: restore: building {} failed: {why}", self.path.display())
             }
         };
         let _ = writeln!(std::io::stderr(), "{line}");
+    }
+
+    /// Copies and syncs; returns the bytes copied.
+    fn build(&self) -> Result<u64, String> {
+        let ram = self.ram.as_ref().ok_or("guest RAM's file was never given")?;
+        let ranges =
+            smudge::file_io::data_ranges(ram, self.size).map_err(|e| format!("SEEK_DATA in guest RAM: {e}"))?;
+        let mut bytes = 0;
+        for (off, len) in ranges {
+            smudge::file_io::copy_range(ram, &self.file, off, len).map_err(|e| format!("copy: {e}"))?;
+            bytes += len;
+        }
+        self.file.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+        Ok(bytes)
     }
 }
