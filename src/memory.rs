@@ -417,6 +417,34 @@ mod tests {
         assert!(matches!(b.write_at_gpa(&ram, (1 << 20) - 2, &[0; 4]), Err(MemoryError::OutOfRange { .. })));
     }
 
+    /// RAM in a memfd: mapped shared like a file (writes through the
+    /// mapping are in the file), loaded from an image of its size, an
+    /// image of another size refused.
+    #[test]
+    fn memfd_ram_is_shared_and_loads_an_image() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let f = File::create(&img).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[5u8; 4096], 0x7000).unwrap();
+        let b = BackingFile::memfd("memory-test", 1 << 20).unwrap();
+        assert_eq!(b.path(), Path::new("memfd:memory-test"));
+        b.load_image(&img).unwrap();
+        let ram = b.map(false).unwrap();
+        let mut got = [0u8; 4096];
+        ram.read_slice(&mut got, GuestAddress(0x7000)).unwrap();
+        assert_eq!(got, [5u8; 4096]);
+        ram.write_obj(0xabu8, GuestAddress(0x3000)).unwrap();
+        let mut byte = [0u8; 1];
+        b.file().read_exact_at(&mut byte, 0x3000).unwrap();
+        assert_eq!(byte, [0xab]);
+        f.set_len(1 << 21).unwrap();
+        let e = b.load_image(&img).unwrap_err();
+        assert!(matches!(e, MemoryError::WrongSize { have: 2097152, want: 1048576, .. }), "{e}");
+    }
+
     #[test]
     fn vmm_writes_are_logged() {
         use vm_memory::bitmap::Bitmap;
