@@ -125,7 +125,8 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
             );
         }
     }
-    let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
+    // Its memory chunks are checked as they are copied.
+    let (manifest, state) = smudge::snapshot::load_lazily(&r.snapshot)?;
     let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
     let mut bar = progress_bar("restoring memory");
     smudge::snapshot::materialize_with(&r.snapshot, &mem_file, &mut bar)?;
