@@ -16,7 +16,7 @@
 //!   offsets (the backing file's layout); `sync` is `fdatasync`. With RAM
 //!   in shared memory (`smudge run --backing-file`, a restore), the image
 //!   is the only copy on disk. An image still being built in the
-//!   background (a restore writing the snapshot's memory into it) takes
+//!   background (a restore copying the restored RAM into it) takes
 //!   no page before its [`ImageReady`] says it is built: the build would
 //!   otherwise overwrite the guest's newer pages with older ones.
 
