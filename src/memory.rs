@@ -89,6 +89,15 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// Copying a RAM image into guest memory failed.
+    #[error("{path}: loading it into guest memory failed")]
+    Load {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// vm-memory refused the region layout.
     #[error("cannot build guest memory")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
@@ -228,6 +237,48 @@ impl BackingFile {
         }
     }
 
+    /// Guest RAM in shared memory: a new memfd of `size` bytes (sparse,
+    /// reads as zeros), mapped `MAP_SHARED` like any backing file, so the
+    /// dirty log, snapshots and userfaultfd's missing-page mode work on it
+    /// unchanged. `name` shows in `/proc/PID/maps` and stands for the file
+    /// in messages. Nothing persists it by itself: the writeback engine's
+    /// image sink writes it to a disk file (`smudge run --backing-file`).
+    pub fn memfd(name: &str, size: u64) -> Result<Self, MemoryError> {
+        let page = host_page_size();
+        if size == 0 || !size.is_multiple_of(page) {
+            return Err(MemoryError::BadSize { size, page });
+        }
+        let path = PathBuf::from(format!("memfd:{name}"));
+        let open_err = |source| MemoryError::Open { path: path.clone(), source };
+        let c = std::ffi::CString::new(name).map_err(|_| open_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: memfd_create reads the NUL-terminated name (`c` outlives
+        // the call) and returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned to us and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(size).map_err(|source| MemoryError::Resize { path: path.clone(), size, source })?;
+        Ok(BackingFile { file, path, size, created: true })
+    }
+
+    /// Copies the data ranges of the RAM image at `image` (exactly this
+    /// RAM's size; holes stay holes) into this file: a `--backing-file`
+    /// run starting where the last one left its RAM.
+    pub fn load_image(&self, image: &Path) -> Result<(), MemoryError> {
+        let src = File::open(image).map_err(|source| MemoryError::Open { path: image.to_path_buf(), source })?;
+        let have = src.metadata().map_err(|source| MemoryError::Open { path: image.to_path_buf(), source })?.len();
+        if have != self.size {
+            return Err(MemoryError::WrongSize { path: image.to_path_buf(), have, want: self.size });
+        }
+        let write = |source| MemoryError::Load { path: image.to_path_buf(), source };
+        for (off, len) in crate::file_io::data_ranges(&src, self.size).map_err(write)? {
+            crate::file_io::copy_range(&src, &self.file, off, len).map_err(write)?;
+        }
+        Ok(())
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -364,6 +415,34 @@ mod tests {
         assert!(bm.dirty_at(0x5000) && bm.dirty_at(0x6000));
         assert!(!bm.dirty_at(0x4000) && !bm.dirty_at(0x7000));
         assert!(matches!(b.write_at_gpa(&ram, (1 << 20) - 2, &[0; 4]), Err(MemoryError::OutOfRange { .. })));
+    }
+
+    /// RAM in a memfd: mapped shared like a file (writes through the
+    /// mapping are in the file), loaded from an image of its size, an
+    /// image of another size refused.
+    #[test]
+    fn memfd_ram_is_shared_and_loads_an_image() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let f = File::create(&img).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[5u8; 4096], 0x7000).unwrap();
+        let b = BackingFile::memfd("memory-test", 1 << 20).unwrap();
+        assert_eq!(b.path(), Path::new("memfd:memory-test"));
+        b.load_image(&img).unwrap();
+        let ram = b.map(false).unwrap();
+        let mut got = [0u8; 4096];
+        ram.read_slice(&mut got, GuestAddress(0x7000)).unwrap();
+        assert_eq!(got, [5u8; 4096]);
+        ram.write_obj(0xabu8, GuestAddress(0x3000)).unwrap();
+        let mut byte = [0u8; 1];
+        b.file().read_exact_at(&mut byte, 0x3000).unwrap();
+        assert_eq!(byte, [0xab]);
+        f.set_len(1 << 21).unwrap();
+        let e = b.load_image(&img).unwrap_err();
+        assert!(matches!(e, MemoryError::WrongSize { have: 2097152, want: 1048576, .. }), "{e}");
     }
 
     #[test]

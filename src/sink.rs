@@ -13,12 +13,18 @@
 //!   page cache; writing them back is `sync_file_range(WAIT_BEFORE | WRITE
 //!   | WAIT_AFTER)` per coalesced extent, and `sync` is `fdatasync`.
 //! - [`ImageFile`]: `pwrite`s pages into another file at their guest RAM
-//!   offsets (the backing file's layout); `sync` is `fdatasync`.
+//!   offsets (the backing file's layout); `sync` is `fdatasync`. With RAM
+//!   in shared memory (`smudge run --backing-file`, a restore), the image
+//!   is the only copy on disk. An image still being built in the
+//!   background (a restore copying the restored RAM into it) takes
+//!   no page before its [`ImageReady`] says it is built: the build would
+//!   otherwise overwrite the guest's newer pages with older ones.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -70,6 +76,14 @@ pub enum SinkError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The image was to be built first, and its build failed.
+    #[error("{path}: not built: {why}")]
+    NotBuilt {
+        /// The image.
+        path: PathBuf,
+        /// Why the build failed.
+        why: String,
     },
     /// A page outside guest RAM.
     #[error("guest address {gpa:#x} is not in RAM")]
@@ -159,6 +173,62 @@ impl Sink for BackingFileSink {
     }
 }
 
+/// Whether an image being built in the background is done: shared by
+/// the builder, which says so once ([`ImageReady::built`] or
+/// [`ImageReady::failed`]), and the [`ImageFile`] sink, which waits for it
+/// before its first write.
+#[derive(Debug, Clone, Default)]
+pub struct ImageReady {
+    state: Arc<(Mutex<BuildState>, Condvar)>,
+}
+
+/// None while the build runs; then built, or why it failed.
+type BuildState = Option<Result<(), String>>;
+
+impl ImageReady {
+    /// Not built yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The image holds what it was built from: writes may go in.
+    pub fn built(&self) {
+        self.set(Ok(()));
+    }
+
+    /// The build failed: every write fails with `why`.
+    pub fn failed(&self, why: &dyn std::fmt::Display) {
+        self.set(Err(why.to_string()));
+    }
+
+    fn set(&self, r: Result<(), String>) {
+        let (m, cv) = &*self.state;
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        if s.is_none() {
+            *s = Some(r);
+        }
+        cv.notify_all();
+    }
+
+    /// Whether the build is over (built or failed).
+    pub fn is_over(&self) -> bool {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Waits until the build is over; its error names `path`.
+    pub fn wait(&self, path: &Path) -> Result<(), SinkError> {
+        let (m, cv) = &*self.state;
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*s {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(why)) => return Err(SinkError::NotBuilt { path: path.to_path_buf(), why: why.clone() }),
+                None => s = cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
 /// A file holding guest RAM at its backing-file offsets.
 #[derive(Debug)]
 pub struct ImageFile {
@@ -166,6 +236,8 @@ pub struct ImageFile {
     path: PathBuf,
     layout: Vec<RamRegion>,
     buf: Vec<u8>,
+    /// A build to wait for before the first write.
+    ready: Option<ImageReady>,
 }
 
 impl ImageFile {
@@ -174,7 +246,23 @@ impl ImageFile {
         let create = |source| SinkError::Create { path: path.to_path_buf(), source };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(create)?;
         file.set_len(size).map_err(create)?;
-        Ok(ImageFile { file, path: path.to_path_buf(), layout: ram_layout(size), buf: Vec::new() })
+        Ok(ImageFile { file, path: path.to_path_buf(), layout: ram_layout(size), buf: Vec::new(), ready: None })
+    }
+
+    /// This image, taking no page before `ready` says its build is over
+    /// (a failed build fails every write and sync).
+    pub fn after(mut self, ready: ImageReady) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// Waits for the build this image was made [`after`](Self::after).
+    fn wait_built(&mut self) -> Result<(), SinkError> {
+        if let Some(r) = &self.ready {
+            r.wait(&self.path)?;
+            self.ready = None;
+        }
+        Ok(())
     }
 
     /// The image's path.
@@ -192,6 +280,7 @@ impl Sink for ImageFile {
     /// Copies every page of `set` from `ram` into the image, one `pwrite`
     /// per coalesced extent.
     fn write_set(&mut self, ram: &GuestRam, set: &DirtySet) -> Result<u64, SinkError> {
+        self.wait_built()?;
         let mut total = 0;
         for e in set.extents() {
             let offset = file_offset(&self.layout, e.gpa)?;
@@ -213,10 +302,45 @@ impl Sink for ImageFile {
     }
 
     fn sync(&mut self) -> Result<(), SinkError> {
+        self.wait_built()?;
         fdatasync(&self.file, &self.path)
     }
 
     fn name(&self) -> String {
         format!("image {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::BackingFile;
+
+    /// An image made `after` a build takes no page until the build is
+    /// over; a failed build fails every write with its reason.
+    #[test]
+    fn an_image_waits_for_its_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = BackingFile::memfd("sink-test", 1 << 20).unwrap();
+        let ram = backing.map(false).unwrap();
+        ram.write_slice(&[7u8; 4096], GuestAddress(0x3000)).unwrap();
+        let mut set = DirtySet::new(&[crate::kvm::Slot { slot: 0, gpa: 0, size: 1 << 20 }], 4096);
+        assert!(set.set_gpa(0x3000));
+        let ready = ImageReady::new();
+        let mut image = ImageFile::open(&dir.path().join("img"), 1 << 20).unwrap().after(ready.clone());
+        let writer = std::thread::spawn(move || image.write_set(&ram, &set).map(|n| (n, image)));
+        // The build "runs": nothing reached the image.
+        assert!(!ready.is_over());
+        assert_eq!(std::fs::read(dir.path().join("img")).unwrap()[0x3000], 0);
+        ready.built();
+        let (n, _) = writer.join().unwrap().unwrap();
+        assert_eq!(n, 4096);
+        assert_eq!(std::fs::read(dir.path().join("img")).unwrap()[0x3000..0x4000], [7u8; 4096]);
+
+        let failed = ImageReady::new();
+        failed.failed(&"disk full");
+        let mut image = ImageFile::open(&dir.path().join("img2"), 1 << 20).unwrap().after(failed);
+        let e = image.sync().unwrap_err().to_string();
+        assert_eq!(e, format!("{}: not built: disk full", dir.path().join("img2").display()));
     }
 }

@@ -1,8 +1,11 @@
-//! Lazy restore: `smudge restore --lazy` starts the guest at
-//! once on tmpfs RAM and loads its memory behind it, on first touch and by
-//! a background prefetch, each chunk checked; the guest carries on, every
-//! page the guest did not write since is the snapshot's, the snapshot is
-//! never written, and a corrupt chunk stops the guest with a clear error.
+//! Restores that start the guest at once and load its memory behind it, on
+//! first touch and by a background prefetch, each chunk checked: the
+//! default `smudge restore` (RAM in shared memory, the new memory file on
+//! any filesystem built beside it and kept by writeback) and `smudge
+//! restore --lazy` (RAM in a tmpfs file). The guest carries on, every page
+//! the guest did not write since is the snapshot's, the snapshot is never
+//! written, and a corrupt chunk stops the guest with a clear error. Without
+//! userfaultfd the default restore copies the snapshot first and says why.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
@@ -70,7 +73,14 @@ fn compare_unwritten(dir: &tempfile::TempDir, snap: &Path, mem: &Path, dump: &Pa
     for (i, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
         let gpa = smudge::memory::file_offset_to_gpa(&layout, i as u64 * 4096).unwrap();
         if !written.contains(&gpa) {
-            assert!(g == w, "page {gpa:#x}, not written since the restore, differs from the snapshot");
+            let at = g.iter().zip(w).position(|(a, b)| a != b).unwrap_or(0);
+            assert!(
+                g == w,
+                "page {gpa:#x}, not written since the restore, differs from the snapshot at byte {at}: {:02x?} in \
+                 the memory file, {:02x?} in the snapshot",
+                &g[at..(at + 16).min(4096)],
+                &w[at..(at + 16).min(4096)]
+            );
             data += usize::from(w.iter().any(|&b| b != 0));
         }
     }
@@ -103,6 +113,118 @@ fn load_counts(r: &Run) -> (u64, u64, u64) {
         full[..i].trim_end().rsplit(' ').next().unwrap().parse().unwrap()
     };
     (owed, num("pages on first touch"), num("prefetched"))
+}
+
+/// Flips a byte in the last data range of `snap`'s `memory.img` (RAM of
+/// `size` bytes).
+fn corrupt_a_data_chunk(snap: &Path, size: u64) {
+    let img = snap.join("memory.img");
+    let data = smudge::file_io::data_ranges(&std::fs::File::open(&img).unwrap(), size).unwrap();
+    let at = data.last().unwrap().0 + 100;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&img).unwrap(), &mut b, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0x40], at).unwrap();
+}
+
+/// The default `smudge restore` of `snap` onto `mem`, run to its end.
+fn restore(snap: &Path, mem: &Path, extra: &[&str]) -> Run {
+    let out = smudge()
+        .args(["restore", "--snapshot", snap.to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    Run::from(out)
+}
+
+/// The generations the guest keeps in its table in `mem` (a memory file
+/// of the bundled guest), for its first `pages` working-set pages.
+fn generation_table(mem: &[u8], pages: u64) -> Vec<u32> {
+    let file = smudge::memory::ram_layout(mem.len() as u64);
+    (0..pages)
+        .map(|i| {
+            let off = smudge::memory::gpa_to_file_offset(&file, guest_abi::gen_table_addr(i)).unwrap() as usize;
+            u32::from_le_bytes(mem[off..off + 4].try_into().unwrap())
+        })
+        .collect()
+}
+
+/// Checks that the memory file `mem` holds the guest a `workload=seq
+/// pages=PAGES passes=3` run left, restored after its first pass: every
+/// page stamped with generation 3 and the guest's table saying so (the
+/// snapshot held generation 1), and a guest booted on it verifies it (the
+/// boot writes its own command line and stack into the file).
+fn assert_three_passes(mem: &Path, pages: u64) {
+    let bytes = std::fs::read(mem).unwrap();
+    assert_eq!(generation_table(&bytes, pages), vec![3; pages as usize], "the guest's generation table in the file");
+    assert_stamps(&bytes, pages, &vec![3; pages as usize]);
+    let v = boot(mem, "64M", &format!("workload=verify pages={pages}"));
+    assert_eq!(v.code, 0, "{v:?}");
+    assert!(v.line(&format!("verify: pages={pages} ok={pages} stamped={pages} mismatches=0")).is_some(), "{v:?}");
+}
+
+#[test]
+fn the_default_restore_runs_the_guest_first_on_a_disk_memory_file_that_ends_equal_to_its_ram() {
+    require_kvm();
+    let dir = tmpdir();
+    assert!(!smudge::uffd::on_tmpfs(dir.path()).unwrap(), "the test needs a directory on a disk filesystem");
+    // Held after pass 1 of 3: all 8000 pages stamped, two passes to go.
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "64M", "workload=seq pages=8000 passes=3 sync=1 verify=1");
+    let (mem, dump) = (path(&dir, "new.mem"), path(&dir, "dirty.txt"));
+    let r = restore(&snap, &mem, &["--timeout", "60", "--dump-dirty", dump.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("copying the snapshot"), "the restore fell back to copying first: {r:?}");
+    assert!(r.line("workload seq done: writes=24000 ").is_some(), "{r:?}");
+    assert!(r.line("verify: pages=8000 ok=8000 stamped=8000 mismatches=0").is_some(), "{r:?}");
+    // The guest ran before its memory was in; the file was built after.
+    let at = |what: &str| r.stderr.find(what).unwrap_or_else(|| panic!("no {what:?}: {r:?}"));
+    assert!(at("smudge: restore: the guest runs ") < at("smudge: restore fully loaded "), "{r:?}");
+    assert!(at("smudge: restore fully loaded ") < at("holds the snapshot's memory"), "{r:?}");
+    assert!(r.stderr.contains("RAM 64 MiB in shared memory, persisted to"), "{r:?}");
+    // The file equals the guest's RAM at the end: the pages it wrote at
+    // their last generation, every other page the snapshot's.
+    let (written, _) = compare_unwritten(&dir, &snap, &mem, &dump);
+    assert!(written >= 8000, "{written} pages written");
+    assert_three_passes(&mem, 8000);
+}
+
+#[test]
+fn a_corrupt_chunk_stops_the_default_restore_and_removes_its_memory_file() {
+    require_kvm();
+    let dir = tmpdir();
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "64M", "workload=seq pages=4000 passes=3 sync=1");
+    corrupt_a_data_chunk(&snap, 64 << 20);
+    let mem = path(&dir, "new.mem");
+    let r = restore(&snap, &mem, &["--timeout", "60"]);
+    assert_eq!(r.code, 107, "{r:?}");
+    assert!(r.stderr.contains("memory.img") && r.stderr.contains("checksum mismatch"), "{r:?}");
+    assert!(r.stderr.contains("the guest cannot continue"), "{r:?}");
+    assert!(r.stderr.contains(&format!("{} removed", mem.display())), "{r:?}");
+    assert!(!mem.exists(), "a memory file with unchecked bytes was left behind");
+    // Copying first (no userfaultfd) refuses it before the guest runs.
+    let r = restore(&snap, &mem, &["--timeout", "60", "--test-no-userfaultfd"]);
+    assert_eq!(r.code, 100, "{r:?}");
+    assert!(r.stderr.contains("checksum mismatch") && !r.stderr.contains("restore: the guest runs "), "{r:?}");
+    assert!(!mem.exists(), "a failed restore left its memory file");
+}
+
+#[test]
+fn without_userfaultfd_the_default_restore_copies_the_snapshot_first_and_says_why() {
+    require_kvm();
+    let dir = tmpdir();
+    let snap = snapshot_held(&dir, &path(&dir, "m"), "64M", "workload=seq pages=8000 passes=3 sync=1 verify=1");
+    let mem = path(&dir, "new.mem");
+    let r = restore(&snap, &mem, &["--timeout", "60", "--test-no-userfaultfd"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let why = format!(
+        "smudge: restore: no userfaultfd (refused by --test-no-userfaultfd); copying the snapshot into {} before \
+         the guest runs\n",
+        mem.display()
+    );
+    assert!(r.stderr.starts_with(&why), "{r:?}");
+    assert!(r.stderr.contains("smudge: restore: the guest runs ") && !r.stderr.contains("fully loaded"), "{r:?}");
+    assert!(r.line("verify: pages=8000 ok=8000 stamped=8000 mismatches=0").is_some(), "{r:?}");
+    assert_three_passes(&mem, 8000);
 }
 
 #[test]
@@ -192,13 +314,7 @@ fn a_corrupt_chunk_stops_a_lazy_restore_and_a_disk_file_is_refused() {
 
     // A flipped byte in a data chunk: the guest started, then stops with
     // the file and offset named.
-    let img = snap.join("memory.img");
-    let data = smudge::file_io::data_ranges(&std::fs::File::open(&img).unwrap(), 64 << 20).unwrap();
-    let at = data.last().unwrap().0 + 100;
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    let mut b = [0u8; 1];
-    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&img).unwrap(), &mut b, at).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0x40], at).unwrap();
+    corrupt_a_data_chunk(&snap, 64 << 20);
     let out = lazy(&snap, &shm.path().join("lazy.mem"), &["--timeout", "60"]).wait_with_output().unwrap();
     let r = Run::from(out);
     assert_eq!(r.code, 107, "{r:?}");

@@ -2,8 +2,10 @@
 //! 1 GiB (64 MiB with --quick), snapshotted through the control API of a
 //! real `smudge run`, in one invocation: the full-snapshot pause; the
 //! diff-snapshot pause with background writeback off and on; a live full
-//! snapshot's pause against the paused one's; eager and lazy restore (time
-//! to first instruction, time to fully loaded);
+//! snapshot's pause against the paused one's; restore (time to first
+//! instruction, time to fully loaded against a sequential read of the
+//! chain's data, time until the new memory file is complete; copying first
+//! as without userfaultfd; `--lazy`);
 //! and how many diff snapshots per second can be sustained, with the share
 //! of time the guest spends paused (its slowdown bound). Then the peers
 //! (Firecracker, Cloud Hypervisor) on the same guest, workload and RAM,
@@ -126,7 +128,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // Restore: the chain of the second run into a new process, eager
     // (memory first) and lazy (guest first, memory behind it).
     let chain = last.context("no snapshot chain")?;
-    let restore_runs = restore(dir, &mut rep, &format!("{label}: restore of a full + {diffs} diffs chain"), &chain)?;
+    let restores = if args.quick { 1 } else { 3 };
+    let case = format!("{label}: restore of a full + {diffs} diffs chain");
+    let restore_runs = restore(dir, &mut rep, &case, &chain, restores)?;
 
     // The peers, on the same guest, workload and RAM.
     let (full_pause, diff_pause) = pauses[1];
@@ -136,7 +140,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         cmdline: &cmdline,
         warm: Duration::from_millis(warm),
         diffs,
-        restores: if args.quick { 1 } else { 3 },
+        restores,
         label,
     };
     snapshot_peers::run(&case, snapshot_peers::Smudge { full_pause, live_pause, diff_pause, restore_runs }, &mut rep)?;
@@ -174,31 +178,79 @@ fn live_full(vm: &Vm, dir: &Path, rep: &mut Report, case: &str) -> anyhow::Resul
     Ok(ms)
 }
 
-/// Restores `chain` into a new process, eager then lazy: time to first
-/// instruction and to fully loaded, as `case` in `rep`. Returns the eager
-/// (default) restore's time to first instruction (ms).
-fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path) -> anyhow::Result<f64> {
+/// Restores `chain` into a new process `runs` times by default (the guest
+/// first, RAM filled behind it, the new memory file on disk built beside
+/// it), against a sequential read of the chain's data in the same run;
+/// then once copying first (what smudge does without userfaultfd) and
+/// once `--lazy` (tmpfs). Figures go to `rep` as `case`. Returns the
+/// default restore's median time to first instruction (ms).
+fn restore(dir: &Path, rep: &mut Report, case: &str, chain: &Path, runs: u32) -> anyhow::Result<f64> {
     drain_disk()?;
+    let read_ms = sequential_read(chain)?;
+    rep.bracketed(
+        &format!("{case}: sequential read of the snapshot's data"),
+        "read_ms",
+        read_ms,
+        "1 MiB preads of the full image's data ranges and every diff's memory.diff",
+    );
+    let (mut ttfi, mut loaded, mut complete) = (Vec::new(), Vec::new(), Vec::new());
     let mem_file = dir.join("restored.mem");
+    for _ in 0..runs {
+        std::fs::remove_file(&mem_file).ok();
+        let err = restore_until(chain, &mem_file, &["--timeout", "60"], "holds the snapshot's memory")?;
+        let ms = |marker: &str| ms_before(&err, marker).with_context(|| format!("no {marker:?} in: {err}"));
+        ttfi.push(ms("restore: the guest runs ")?);
+        loaded.push(ms("restore fully loaded ")?);
+        complete.push(ms("synced) ")?);
+    }
     std::fs::remove_file(&mem_file).ok();
-    let t0 = Instant::now();
-    let out = restore_command(chain, &mem_file, &["--timeout", "0.2"])?.output()?;
-    let ms = (t0.elapsed().as_secs_f64() - 0.2) * 1e3;
+    let (ttfi, loaded) = (median(&ttfi), median(&loaded));
+    rep.bracketed(&format!("{case}, default"), "first_instruction_ms", ttfi, SMUDGE_RESTORE);
+    rep.result(&format!("{case}, default"), "fully_loaded_ms", loaded);
+    rep.result(&format!("{case}, default"), "memory_file_complete_ms", median(&complete));
+    rep.goal("restore: fully loaded / sequential read of the snapshot's data", loaded / read_ms, 2.0, "lower");
+
+    // Copying first (no userfaultfd): the guest runs once the memory file
+    // holds the chain.
+    let out = restore_command(chain, &mem_file, &["--test-no-userfaultfd", "--timeout", "0.2"])?.output()?;
     // Exit 103: the restored guest was still running at the timeout.
     if out.status.code() != Some(103) {
         bail!("restore ended with {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    let eager_ttfi = ms_before(&err, "restore: the guest runs ").context("no eager time to first instruction")?;
-    rep.result(&format!("{case}, eager"), "restore_ms", ms);
-    rep.bracketed(&format!("{case}, eager"), "first_instruction_ms", eager_ttfi, SMUDGE_RESTORE);
+    let copied = ms_before(&err, "restore: the guest runs ").context("no copy-first time to first instruction")?;
+    rep.bracketed(&format!("{case}, copy first (no userfaultfd)"), "first_instruction_ms", copied, SMUDGE_RESTORE);
     std::fs::remove_file(&mem_file).ok();
+    rep.goal("restore: time to first instruction, default / copy first", ttfi / copied, 0.1, "lower");
 
-    let (lazy_ttfi, loaded) = lazy_restore(chain)?;
-    rep.result(&format!("{case}, lazy"), "first_instruction_ms", lazy_ttfi);
-    rep.result(&format!("{case}, lazy"), "fully_loaded_ms", loaded);
-    rep.goal("restore: time to first instruction, lazy / eager", lazy_ttfi / eager_ttfi, 0.1, "lower");
-    Ok(eager_ttfi)
+    let (lazy_ttfi, lazy_loaded) = lazy_restore(chain)?;
+    rep.result(&format!("{case}, --lazy (tmpfs)"), "first_instruction_ms", lazy_ttfi);
+    rep.result(&format!("{case}, --lazy (tmpfs)"), "fully_loaded_ms", lazy_loaded);
+    Ok(ttfi)
+}
+
+/// Reads the data of the chain ending at `chain` once, as a restore must:
+/// the full image's data ranges and every diff's pages. Returns ms.
+fn sequential_read(chain: &Path) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let links = smudge::snapshot::chain_lazily(chain)?;
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    for (i, (d, m)) in links.iter().enumerate() {
+        let name = if i == 0 { "memory.img" } else { "memory.diff" };
+        let f = std::fs::File::open(d.join(name)).with_context(|| format!("{}", d.join(name).display()))?;
+        let len = f.metadata()?.len();
+        let ranges = if i == 0 { smudge::file_io::data_ranges(&f, m.mem_size)? } else { vec![(0, len)] };
+        for (off, len) in ranges {
+            let mut o = off;
+            while o < off + len {
+                let n = (off + len - o).min(1 << 20) as usize;
+                f.read_exact_at(&mut buf[..n], o)?;
+                o += n as u64;
+            }
+        }
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Diffs taken after the full snapshot before the back-to-back window.
@@ -265,26 +317,35 @@ fn restore_command(chain: &Path, mem_file: &Path, options: &[&str]) -> anyhow::R
     Ok(c)
 }
 
-/// A lazy restore of `chain` into tmpfs: (time to first instruction, time
-/// to fully loaded), in ms after the command started.
-fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
+/// Runs `smudge restore` of `chain` onto `mem_file` with `options` until
+/// its stderr has a line holding `until` (or a failure), then ends it;
+/// returns its stderr so far.
+fn restore_until(chain: &Path, mem_file: &Path, options: &[&str], until: &str) -> anyhow::Result<String> {
     use std::io::{BufRead, BufReader};
-    let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
-    std::fs::remove_file(&mem_file).ok();
-    let mut child = restore_command(chain, &mem_file, &["--lazy", "--timeout", "60"])?.spawn()?;
+    let mut child = restore_command(chain, mem_file, options)?.spawn()?;
     let mut err = String::new();
-    let stderr = child.stderr.take().context("lazy restore stderr")?;
+    let stderr = child.stderr.take().context("restore's stderr")?;
     for line in BufReader::new(stderr).lines() {
         let line = line?;
         err.push_str(&line);
         err.push('\n');
-        if line.contains("fully loaded") || line.contains("failed") {
+        if line.contains(until) || line.contains("failed") || line.contains("error") {
             break;
         }
     }
     let _ = child.kill();
     let _ = child.wait();
+    Ok(err)
+}
+
+/// A lazy restore of `chain` into tmpfs: (time to first instruction, time
+/// to fully loaded), in ms after the command started.
+fn lazy_restore(chain: &Path) -> anyhow::Result<(f64, f64)> {
+    let mem_file = std::path::PathBuf::from(format!("/dev/shm/smudge-bench-{}-lazy.mem", std::process::id()));
     std::fs::remove_file(&mem_file).ok();
+    let err = restore_until(chain, &mem_file, &["--lazy", "--timeout", "60"], "fully loaded");
+    std::fs::remove_file(&mem_file).ok();
+    let err = err?;
     let ttfi = ms_before(&err, "lazy restore: the guest runs ").with_context(|| format!("lazy restore: {err}"))?;
     let loaded = ms_before(&err, "fully loaded ").with_context(|| format!("lazy restore: {err}"))?;
     Ok((ttfi, loaded))

@@ -3,13 +3,18 @@
 //! 1. Write-out bandwidth of the engine (`Writeback::sync`) for sequential,
 //!    1/16 and 1/512 scattered dirty sets, against a raw loop over the same
 //!    extents: `pwrite` + `fdatasync` for the image sink, `msync(MS_SYNC)` +
-//!    `fdatasync` for the backing file. Pages are dirtied by the VMM through
-//!    vm-memory (logged in its bitmap), so no guest is needed.
+//!    `fdatasync` for the backing file; and RAM in shared memory written to
+//!    its `--backing-file` (the image sink from a memfd). Pages are dirtied
+//!    by the VMM through vm-memory (logged in its bitmap), so no guest is
+//!    needed.
 //! 2. A hot/cold guest (10 % of pages take 99 % of the writes) under
 //!    continuous writeback with a 100 ms flusher: its write throughput with
 //!    logging off, with manual protect and `dirty_expire` 100 ms, 1 s, 5 s,
 //!    30 s, and with the bitmap harvested and everything dirty written at
-//!    each tick (Firecracker's way).
+//!    each tick (Firecracker's way); and with RAM in shared memory persisted
+//!    to a `--backing-file`, logging off and at 1 s and 5 s expiry.
+//! 3. First touch: a fresh guest's first writes to never-touched pages, in
+//!    place on a disk file and in shared memory (`--backing-file`).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -58,14 +63,17 @@ fn bandwidth(dir: &Path, size: u64, stride: u64, sink_kind: &str, reps: usize) -
     let mech = harvest::prepare(&vm, DirtyCaps::probe(&vm), DirtyLogMode::Manual, 4096)?;
     let mem_path = dir.join(format!("wb-{sink_kind}-{stride}.mem"));
     std::fs::remove_file(&mem_path).ok();
-    let backing = BackingFile::open_or_create(&mem_path, size)?;
+    let backing = match sink_kind {
+        "backing-file" => BackingFile::memfd("wb-bench", size)?,
+        _ => BackingFile::open_or_create(&mem_path, size)?,
+    };
     let ram = backing.map(false)?;
     let slots = smudge::kvm::register_ram(&vm, &ram, true)?;
     let h = Arc::new(Mutex::new(Harvester::new(vm, mech, slots.clone(), ram.clone(), Vec::new(), host_page_size())));
     let img_path = dir.join(format!("wb-{sink_kind}-{stride}.img"));
     std::fs::remove_file(&img_path).ok();
     let sink: Box<dyn Sink> = match sink_kind {
-        "image" => Box::new(ImageFile::open(&img_path, size)?),
+        "image" | "backing-file" => Box::new(ImageFile::open(&img_path, size)?),
         _ => Box::new(BackingFileSink::new(backing.file().try_clone()?, &mem_path, size)),
     };
     let mut engine = Writeback::new(
@@ -92,7 +100,7 @@ fn bandwidth(dir: &Path, size: u64, stride: u64, sink_kind: &str, reps: usize) -
 
         let extents = dirty_pattern(&ram, size, stride, round + 1)?;
         let t0 = Instant::now();
-        if sink_kind == "image" {
+        if sink_kind != "backing" {
             let mut buf = Vec::new();
             for e in &extents {
                 buf.resize(e.len as usize, 0);
@@ -130,6 +138,17 @@ impl Write for Capture {
     }
 }
 
+/// Where a bench guest's RAM lives and where writeback persists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ram {
+    /// The memory file itself (ext4 here), persisted in place.
+    InPlace,
+    /// The memory file, its pages written into an image file.
+    ToImage,
+    /// Shared memory, persisted to a disk file (`run --backing-file`).
+    Memfd,
+}
+
 /// Runs the hot/cold guest once; returns page writes per second.
 fn hotcold(
     dir: &Path,
@@ -137,11 +156,28 @@ fn hotcold(
     ms: u64,
     mode: Option<DirtyLogMode>,
     expire: Option<Duration>,
-    image: bool,
+    ram: Ram,
 ) -> anyhow::Result<f64> {
+    let cmdline = format!("workload=hotcold hot_pct=10 hot_share=99 ms={ms}");
+    let (writes, us) = guest_writes(dir, mem, &cmdline, mode, expire, ram)?;
+    Ok(writes / (us / 1e6))
+}
+
+/// Runs the bundled guest with `cmdline` on `mem` bytes of fresh RAM
+/// placed as `ram` says, writeback with a 100 ms flusher and `expire`
+/// (None: off); returns (writes, elapsed µs) as the guest reports them.
+fn guest_writes(
+    dir: &Path,
+    mem: u64,
+    cmdline: &str,
+    mode: Option<DirtyLogMode>,
+    expire: Option<Duration>,
+    ram: Ram,
+) -> anyhow::Result<(f64, f64)> {
     let cap = Capture::default();
-    let mem_file = dir.join("hotcold.mem");
+    let (mem_file, image) = (dir.join("bench-guest.mem"), dir.join("bench-guest.img"));
     std::fs::remove_file(&mem_file).ok();
+    std::fs::remove_file(&image).ok();
     let writeback = expire.map(|e| WritebackOptions {
         policy: WritebackPolicy {
             writeback_interval: Duration::from_millis(100),
@@ -150,20 +186,23 @@ fn hotcold(
             limit: Threshold::Percent(100),
         },
         sync_every: None,
-        image: image.then(|| dir.join("hotcold.img")),
+        image: (ram != Ram::InPlace).then(|| image.clone()),
+        image_ready: None,
     });
     let cfg = VmConfig {
         serial: Box::new(cap.clone()),
         timeout: Some(Duration::from_secs(120)),
         dirty_log: mode,
         writeback,
-        ..VmConfig::bundled(mem_file.clone(), mem, &format!("workload=hotcold hot_pct=10 hot_share=99 ms={ms}"))
+        ram_in_memfd: ram == Ram::Memfd,
+        ..VmConfig::bundled(if ram == Ram::Memfd { image.clone() } else { mem_file.clone() }, mem, cmdline)
     };
     let report = vm::run(cfg)?;
     std::fs::remove_file(&mem_file).ok();
+    std::fs::remove_file(&image).ok();
     let out = String::from_utf8_lossy(&cap.0.lock().map_err(|_| anyhow::anyhow!("lock"))?).into_owned();
     if report.outcome != Outcome::GuestExit(0) {
-        bail!("hot/cold guest ended: {}\n{out}", report.outcome);
+        bail!("bench guest ended: {}\n{out}", report.outcome);
     }
     let field = |k: &str| -> anyhow::Result<f64> {
         out.split_whitespace()
@@ -171,7 +210,25 @@ fn hotcold(
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {k} in guest output:\n{out}"))
     };
-    Ok(field("writes=")? / (field("elapsed_us=")? / 1e6))
+    Ok((field("writes=")?, field("elapsed_us=")?))
+}
+
+/// The guest's first writes to never-touched pages (2000 random pages of
+/// the whole RAM, each its first touch), in place on a fresh disk file and
+/// in shared memory persisted to one, with writeback on (5 s expiry):
+/// microseconds per write as the guest measures them.
+fn first_touch(dir: &Path, quick: bool, rep: &mut Report) -> anyhow::Result<()> {
+    let (mem, label) = if quick { (64u64 << 20, "64 MiB") } else { (256u64 << 20, "256 MiB") };
+    // Half of RAM: the working set and its table fit beside the guest.
+    let pages = mem / host_page_size() / 2;
+    let cmdline = format!("workload=random pages={pages} writes=2000 seed=5");
+    let expire = Some(Duration::from_secs(5));
+    for (name, ram) in [("in place (--mem-file)", Ram::InPlace), ("--backing-file", Ram::Memfd)] {
+        let (writes, us) = guest_writes(dir, mem, &cmdline, Some(DirtyLogMode::Manual), expire, ram)
+            .with_context(|| format!("first touch, {name}"))?;
+        rep.result(&format!("first touch of 2000 pages of a fresh {label} guest, {name}"), "us_per_write", us / writes);
+    }
+    Ok(())
 }
 
 /// Runs the benchmark.
@@ -180,7 +237,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let dir = scratch.path();
     let mut rep = Report::new("writeback");
     let size = if args.quick { 32u64 << 20 } else { 256u64 << 20 };
-    for sink in ["image", "backing"] {
+    for sink in ["image", "backing", "backing-file"] {
         for (name, stride) in [("sequential", 1u64), ("1/16 scattered", 16), ("1/512 scattered", 512)] {
             // Small sets are quick and noisy (fdatasync dominates): more runs.
             let reps = match (args.quick, args.runs, stride) {
@@ -191,7 +248,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             };
             let (engine, raw, bytes) =
                 bandwidth(dir, size, stride, sink, reps).with_context(|| format!("bandwidth, {sink} sink, {name}"))?;
-            let raw_name = if sink == "image" { "pwrite+fdatasync" } else { "msync+fdatasync" };
+            let raw_name = if sink == "backing" { "msync+fdatasync" } else { "pwrite+fdatasync" };
             let case = format!("{sink} sink, {name}, {} MiB dirty", bytes >> 20);
             rep.result(&case, "engine_MBps", engine);
             rep.result(&case, &format!("raw_{raw_name}_MBps"), raw);
@@ -206,24 +263,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let (mem, ms) = if args.quick { (64u64 << 20, 1000) } else { (1u64 << 30, 8000) };
     let label = if args.quick { "64 MiB" } else { "1 GiB" };
     let manual = Some(DirtyLogMode::Manual);
-    let cases: [(&str, Option<DirtyLogMode>, Option<Duration>, bool); 8] = [
-        ("logging off", None, None, false),
-        ("manual, dirty_expire 100 ms", manual, Some(Duration::from_millis(100)), false),
-        ("manual, dirty_expire 1 s", manual, Some(Duration::from_secs(1)), false),
-        ("manual, dirty_expire 5 s", manual, Some(Duration::from_secs(5)), false),
-        ("manual, dirty_expire 30 s", manual, Some(Duration::from_secs(30)), false),
-        ("bitmap, write everything each tick", Some(DirtyLogMode::Bitmap), Some(Duration::ZERO), false),
+    let cases: [(&str, Option<DirtyLogMode>, Option<Duration>, Ram); 11] = [
+        ("logging off", None, None, Ram::InPlace),
+        ("manual, dirty_expire 100 ms", manual, Some(Duration::from_millis(100)), Ram::InPlace),
+        ("manual, dirty_expire 1 s", manual, Some(Duration::from_secs(1)), Ram::InPlace),
+        ("manual, dirty_expire 5 s", manual, Some(Duration::from_secs(5)), Ram::InPlace),
+        ("manual, dirty_expire 30 s", manual, Some(Duration::from_secs(30)), Ram::InPlace),
+        ("bitmap, write everything each tick", Some(DirtyLogMode::Bitmap), Some(Duration::ZERO), Ram::InPlace),
         // Informational: the same to an image file, where no host writeback
         // write-protects the guest's pages (one fault per cycle, not two).
-        ("manual, dirty_expire 1 s, to an image file", manual, Some(Duration::from_secs(1)), true),
-        ("manual, dirty_expire 5 s, to an image file", manual, Some(Duration::from_secs(5)), true),
+        ("manual, dirty_expire 1 s, to an image file", manual, Some(Duration::from_secs(1)), Ram::ToImage),
+        ("manual, dirty_expire 5 s, to an image file", manual, Some(Duration::from_secs(5)), Ram::ToImage),
+        // RAM in shared memory persisted to a disk file (--backing-file),
+        // beside the in-place rows above.
+        ("logging off, RAM in shared memory", None, None, Ram::Memfd),
+        ("manual, dirty_expire 1 s, --backing-file", manual, Some(Duration::from_secs(1)), Ram::Memfd),
+        ("manual, dirty_expire 5 s, --backing-file", manual, Some(Duration::from_secs(5)), Ram::Memfd),
     ];
     let mut rates = Vec::new();
-    for (name, mode, expire, image) in cases {
-        let r = hotcold(dir, mem, ms, mode, expire, image).with_context(|| format!("hot/cold guest, {name}"))?;
+    for (name, mode, expire, ram) in cases {
+        let r = hotcold(dir, mem, ms, mode, expire, ram).with_context(|| format!("hot/cold guest, {name}"))?;
         rep.result(&format!("hot/cold guest {label}, 100 ms flusher, {name}"), "page_writes_per_s", r);
         rates.push(r);
     }
+    for (i, expire) in [(9, "1 s"), (10, "5 s")] {
+        let case = format!("hot/cold, --backing-file at dirty_expire {expire}");
+        rep.result(&case, "vs_logging_off_in_shared_memory", rates[i] / rates[8]);
+        rep.result(&case, "vs_logging_off_in_place", rates[i] / rates[0]);
+        rep.result(&case, "vs_in_place_same_expiry", rates[i] / rates[i - 7]);
+    }
+    first_touch(dir, args.quick, &mut rep)?;
     rep.goal("guest throughput, dirty_expire 1 s / logging off", rates[2] / rates[0], 0.75, "higher");
     rep.goal("guest throughput, dirty_expire 5 s / logging off", rates[3] / rates[0], 0.9, "higher");
     rep.goal("guest throughput, dirty_expire 1 s / write everything each tick", rates[2] / rates[5], 3.0, "higher");

@@ -7,10 +7,12 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{io_err, manifest, parse_extents, Manifest, SnapshotError, CHUNK};
+use super::format::{io_err, manifest, Manifest, SnapshotError};
+use super::pages::ChainPages;
 use super::read::{load, verify, verify_lazily};
 use super::write::{commit, prepare_dir, to_json, write_synced};
-use crate::file_io::{copy_range, data_ranges};
+
+const PAGE: u64 = 4096;
 
 /// The chain ending at `dir`, oldest (the full snapshot) first, every link
 /// checked.
@@ -64,33 +66,10 @@ fn chain_checked(
     Ok(out)
 }
 
-/// Writes the diff in `dir` (`data_len` bytes of `memory.diff`, as its
-/// verified manifest says) into `dst`, RAM of `mem_size` bytes.
-fn apply_diff(dir: &Path, mem_size: u64, data_len: u64, dst: &File, dst_path: &Path) -> Result<(), SnapshotError> {
-    let ext_path = dir.join("extents.json");
-    let text = std::fs::read(&ext_path).map_err(io_err(&ext_path, "read"))?;
-    let extents = parse_extents(&text, mem_size, data_len, &ext_path)?;
-    let data_path = dir.join("memory.diff");
-    let data = File::open(&data_path).map_err(io_err(&data_path, "open"))?;
-    let mut pos = 0u64;
-    // At most a chunk at a time, whatever an extent's length.
-    let mut buf = vec![0u8; CHUNK as usize];
-    for (off, len) in extents {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            data.read_exact_at(&mut buf[..n], pos + done).map_err(io_err(&data_path, "read"))?;
-            dst.write_all_at(&buf[..n], off + done).map_err(io_err(dst_path, "write"))?;
-            done += n as u64;
-        }
-        pos += len;
-    }
-    Ok(())
-}
-
-/// Writes the RAM of the chain ending at `dir` into the new file `mem`:
-/// the full snapshot's data ranges (holes stay holes), then every diff in
-/// order.
+/// Writes the RAM of the chain ending at `dir` into the new file `mem`,
+/// every memory chunk checked against its manifest as it is read (one
+/// pass: see [`build_image`]). The file is not synced: the snapshot stays
+/// the durable copy, and whoever runs on `mem` persists it.
 pub fn materialize(dir: &Path, mem: &Path) -> Result<Manifest, SnapshotError> {
     materialize_with(dir, mem, &mut |_, _| {})
 }
@@ -100,41 +79,72 @@ pub fn materialize_with(dir: &Path, mem: &Path, progress: &mut dyn FnMut(u64, u6
     if mem.exists() {
         return Err(SnapshotError::MemExists(mem.to_path_buf()));
     }
-    let links = chain(dir)?;
-    let (full_dir, full) = &links[0];
-    let src_path = full_dir.join("memory.img");
-    let src = File::open(&src_path).map_err(io_err(&src_path, "open"))?;
+    let (mut pages, last) = ChainPages::open(dir)?;
     let dst = OpenOptions::new().read(true).write(true).create_new(true).open(mem).map_err(io_err(mem, "create"))?;
-    let r = (|| {
-        dst.set_len(full.mem_size).map_err(io_err(mem, "size"))?;
-        let ranges = data_ranges(&src, full.mem_size).map_err(io_err(&src_path, "SEEK_DATA"))?;
-        let diffs: u64 = links[1..].iter().filter_map(|(_, m)| m.files.get("memory.diff").map(|f| f.len)).sum();
-        let total = ranges.iter().map(|r| r.1).sum::<u64>() + diffs;
-        let mut done = 0;
-        for (off, len) in ranges {
-            // Copy in 64 MiB steps so progress moves on big images.
-            let mut o = off;
-            while o < off + len {
-                let n = (off + len - o).min(64 << 20);
-                copy_range(&src, &dst, o, n).map_err(io_err(mem, "copy_file_range"))?;
-                o += n;
-                done += n;
-                progress(done, total);
-            }
-        }
-        for (d, m) in &links[1..] {
-            let data_len = m.files.get("memory.diff").map_or(0, |f| f.len);
-            apply_diff(d, full.mem_size, data_len, &dst, mem)?;
-            done += data_len;
-            progress(done, total);
-        }
-        dst.sync_data().map_err(io_err(mem, "fdatasync"))
-    })();
+    let r = dst
+        .set_len(pages.mem_size())
+        .map_err(io_err(mem, "size"))
+        .and_then(|_| build_image(&mut pages, &dst, mem, progress).map(|_| ()));
     if let Err(e) = r {
         let _ = std::fs::remove_file(mem);
         return Err(e);
     }
-    Ok(links.last().map(|(_, m)| m.clone()).unwrap_or_else(|| full.clone()))
+    Ok(last)
+}
+
+/// How long each step of building a memory file took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BuildTimes {
+    /// Reading the pages (each chunk checked the first time) and writing
+    /// them into the file.
+    pub copy: std::time::Duration,
+    /// Checking the chunks no page was read from (zeros, pages a later
+    /// diff overwrote).
+    pub check_rest: std::time::Duration,
+    /// Bytes of page data written.
+    pub bytes: u64,
+}
+
+/// Pages read and written per step of [`build_image`].
+const BUILD_BLOCK: u64 = 256;
+
+/// Writes the RAM `pages` holds into `dst` (at `dst_path`, already sized,
+/// empty): each page with data read once from the snapshot holding its
+/// newest copy, its 1 MiB chunk checked first, and written at its RAM
+/// offset (zero pages stay holes); then every chunk no page came from is
+/// checked too. A chunk that fails its checksum stops the build with the
+/// file and offset named: `dst` then holds only checked bytes.
+pub fn build_image(
+    pages: &mut ChainPages,
+    dst: &File,
+    dst_path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<BuildTimes, SnapshotError> {
+    let t0 = std::time::Instant::now();
+    let runs = pages.data_runs();
+    let total: u64 = runs.iter().map(|&(_, n)| u64::from(n) * PAGE).sum();
+    let mut buf = vec![0u8; (BUILD_BLOCK * PAGE) as usize];
+    let mut done = 0;
+    for (off, count) in runs {
+        let end = off + u64::from(count) * PAGE;
+        let mut o = off;
+        while o < end {
+            let n = ((end - o) / PAGE).min(BUILD_BLOCK);
+            let b = &mut buf[..(n * PAGE) as usize];
+            pages.read(o, b)?;
+            dst.write_all_at(b, o).map_err(io_err(dst_path, "write"))?;
+            o += n * PAGE;
+            done += n * PAGE;
+            if done % (64 << 20) < n * PAGE || done == total {
+                progress(done, total);
+            }
+        }
+    }
+    let copy = t0.elapsed();
+    pages.check_all()?;
+    let times = BuildTimes { copy, check_rest: t0.elapsed() - copy, bytes: total };
+    tracing::debug!("memory file {} built: {times:?}", dst_path.display());
+    Ok(times)
 }
 
 /// Makes a new memory file at `mem` holding the snapshot's RAM.

@@ -17,12 +17,14 @@ pub mod pages;
 pub mod read;
 pub mod write;
 
-pub use chain::{chain, chain_lazily, materialize, materialize_with, merge, merge_with, restore_memory};
+pub use chain::{
+    build_image, chain, chain_lazily, materialize, materialize_with, merge, merge_with, restore_memory, BuildTimes,
+};
 pub use format::{
     chunk_crc, parse_extents, parse_manifest, parse_state, FileSum, Manifest, SnapshotError, CHUNK, FORMAT, VERSION,
 };
 pub use pages::ChainPages;
-pub use read::{load, verify, verify_lazily};
+pub use read::{load, load_lazily, verify, verify_lazily};
 pub use write::{begin_diff, begin_full, begin_live_full, check_dir, write_full, Committed, LiveFull, Pending};
 
 /// A snapshot's `state.json` holds a [`MachineState`]; re-exported for the

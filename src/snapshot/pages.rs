@@ -62,11 +62,13 @@ impl Layer {
         }
     }
 
-    /// Checks the chunk holding file position `pos` (once).
-    fn check_chunk(&mut self, pos: u64, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
+    /// Checks the chunk holding file position `pos` (once). Returns
+    /// whether `buf` now holds that chunk's bytes (it was read to be
+    /// checked, and was no hole).
+    fn check_chunk(&mut self, pos: u64, buf: &mut Vec<u8>) -> Result<bool, SnapshotError> {
         let i = (pos / CHUNK) as usize;
         if self.verified.get(i).copied().unwrap_or(false) {
-            return Ok(());
+            return Ok(false);
         }
         let corrupt = |what: String| SnapshotError::Corrupt { path: self.path.clone(), offset: i as u64 * CHUNK, what };
         let want = *self.crc32.get(i).ok_or_else(|| corrupt("past the end of the file".into()))?;
@@ -74,7 +76,7 @@ impl Layer {
         let n = (self.len - start).min(CHUNK) as usize;
         buf.resize(n, 0);
         // A chunk that is all hole is not read: its checksum is that of zeros.
-        let (crc, _) = chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
+        let (crc, read) = chunk_crc(&self.file, start, buf).map_err(|source| SnapshotError::Io {
             path: self.path.clone(),
             op: "read",
             source,
@@ -83,7 +85,7 @@ impl Layer {
             return Err(corrupt(format!("checksum mismatch in the {} KiB chunk at this offset", CHUNK >> 10)));
         }
         self.verified[i] = true;
-        Ok(())
+        Ok(read > 0)
     }
 }
 
@@ -95,6 +97,9 @@ pub struct ChainPages {
     /// Per page: 0 = zero page, k = `layers[k - 1]`.
     source: Vec<u16>,
     buf: Vec<u8>,
+    /// (layer, chunk) whose bytes `buf` holds, from checking it: pages of
+    /// that chunk are copied from there instead of read again.
+    cached: Option<(usize, u64)>,
 }
 
 impl ChainPages {
@@ -176,7 +181,7 @@ impl ChainPages {
                 layers.push(layer);
             }
         }
-        Ok((ChainPages { mem_size, layers, source, buf: Vec::new() }, last))
+        Ok((ChainPages { mem_size, layers, source, buf: Vec::new(), cached: None }, last))
     }
 
     /// RAM bytes.
@@ -202,39 +207,88 @@ impl ChainPages {
     }
 
     /// Reads `buf.len() / 4096` pages at RAM file offset `off` from the
-    /// snapshots that hold them, each chunk checked the first time.
+    /// snapshots that hold them, each chunk checked the first time; pages
+    /// that lie back to back in one file are read with one `pread`.
     pub fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
         let mut scratch = std::mem::take(&mut self.buf);
-        let r = (|| {
-            for (i, page) in buf.chunks_mut(PAGE as usize).enumerate() {
-                let o = off + i as u64 * PAGE;
-                let s = self.source.get((o / PAGE) as usize).copied().unwrap_or(0);
-                if s == 0 {
-                    // A hole of the full image: its chunk's checksum says
-                    // whether it was a hole when the snapshot was taken.
-                    if let Some(full) = self.layers.first_mut() {
-                        full.check_chunk(o, &mut scratch)?;
-                    }
-                    page.fill(0);
-                    continue;
-                }
-                let layer = &mut self.layers[usize::from(s) - 1];
-                let pos = layer.position(o).ok_or_else(|| SnapshotError::Corrupt {
-                    path: layer.path.clone(),
-                    offset: 0,
-                    what: format!("page {o:#x} is not in this file's extents"),
-                })?;
-                layer.check_chunk(pos, &mut scratch)?;
-                layer.file.read_exact_at(page, pos).map_err(|source| SnapshotError::Io {
-                    path: layer.path.clone(),
-                    op: "read",
-                    source,
-                })?;
-            }
-            Ok(())
-        })();
+        let r = self.read_runs(off, buf, &mut scratch);
         self.buf = scratch;
         r
+    }
+
+    /// Where the page at RAM file offset `o` is: (layer number, 0 for a
+    /// zero page; position in that layer's file).
+    fn locate(&self, o: u64) -> Result<(u16, u64), SnapshotError> {
+        let s = self.source.get((o / PAGE) as usize).copied().unwrap_or(0);
+        if s == 0 {
+            return Ok((0, o));
+        }
+        let layer = &self.layers[usize::from(s) - 1];
+        let pos = layer.position(o).ok_or_else(|| SnapshotError::Corrupt {
+            path: layer.path.clone(),
+            offset: 0,
+            what: format!("page {o:#x} is not in this file's extents"),
+        })?;
+        Ok((s, pos))
+    }
+
+    /// Checks the chunk of layer `l` holding file position `pos` (once),
+    /// keeping track of which chunk `scratch` holds.
+    fn check(&mut self, l: usize, pos: u64, scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
+        let layer = &mut self.layers[l];
+        if layer.verified.get((pos / CHUNK) as usize).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        // Whatever happens next, `scratch` no longer holds the chunk it did.
+        self.cached = None;
+        if layer.check_chunk(pos, scratch)? {
+            self.cached = Some((l, pos / CHUNK));
+        }
+        Ok(())
+    }
+
+    fn read_runs(&mut self, off: u64, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
+        let pages = buf.len() / PAGE as usize;
+        let mut i = 0;
+        while i < pages {
+            let o = off + i as u64 * PAGE;
+            let (s, pos) = self.locate(o)?;
+            // The run of pages from the same file, back to back there.
+            let mut j = i + 1;
+            while j < pages && self.locate(off + j as u64 * PAGE)? == (s, pos + (j - i) as u64 * PAGE) {
+                j += 1;
+            }
+            let run = &mut buf[i * PAGE as usize..j * PAGE as usize];
+            if s == 0 {
+                // Holes of the full image: their chunks' checksums say
+                // whether they were holes when the snapshot was taken.
+                if !self.layers.is_empty() {
+                    for k in 0..(j - i) as u64 {
+                        self.check(0, pos + k * PAGE, scratch)?;
+                    }
+                }
+                run.fill(0);
+            } else {
+                let l = usize::from(s) - 1;
+                for k in 0..(j - i) as u64 {
+                    self.check(l, pos + k * PAGE, scratch)?;
+                }
+                let layer = &self.layers[l];
+                let (chunk, last) = (pos / CHUNK, (pos + run.len() as u64 - 1) / CHUNK);
+                let from = (pos - chunk * CHUNK) as usize;
+                if chunk == last && self.cached == Some((l, chunk)) && from + run.len() <= scratch.len() {
+                    run.copy_from_slice(&scratch[from..from + run.len()]);
+                } else {
+                    layer.file.read_exact_at(run, pos).map_err(|source| SnapshotError::Io {
+                        path: layer.path.clone(),
+                        op: "read",
+                        source,
+                    })?;
+                }
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Whether the page at RAM file offset `off` is a zero page (a hole of
@@ -248,9 +302,9 @@ impl ChainPages {
     pub fn check_all(&mut self) -> Result<(), SnapshotError> {
         let mut scratch = std::mem::take(&mut self.buf);
         let r = (|| {
-            for layer in &mut self.layers {
-                for i in 0..layer.crc32.len() as u64 {
-                    layer.check_chunk(i * CHUNK, &mut scratch)?;
+            for l in 0..self.layers.len() {
+                for i in 0..self.layers[l].crc32.len() as u64 {
+                    self.check(l, i * CHUNK, &mut scratch)?;
                 }
             }
             Ok(())

@@ -92,30 +92,45 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// `smudge restore`: the snapshot's memory materialized into the memory
-/// file (or, `--lazy`, loaded behind the running guest), then the run.
+/// `smudge restore`: the guest runs at once and its memory loads behind it
+/// while the new memory file is built beside it (see
+/// `smudge_vmm::persist::restore`); without userfaultfd, the snapshot's
+/// memory is copied into the memory file first. `--lazy`: the guest runs
+/// on a tmpfs memory file loaded behind it.
 fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     let t0 = std::time::Instant::now();
     take_stop_signals(&r.run)?;
     if r.run.guest.is_some() || r.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to a restore: the guest continues where it was");
     }
+    let Some(mem_file) = r.run.mem_file.clone().filter(|_| r.run.backing_file.is_none()) else {
+        anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
+    };
     if r.lazy {
-        smudge_vmm::persist::lazy::check_tmpfs(&r.run.mem_file)?;
-        if r.run.mem_file.exists() {
-            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(r.run.mem_file.clone()));
+        smudge_vmm::persist::lazy::check_tmpfs(&mem_file)?;
+        if mem_file.exists() {
+            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
         }
         let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
-        let mem_file = r.run.mem_file.clone();
         let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
         return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
     }
-    let (manifest, state) = smudge::snapshot::load(&r.snapshot)?;
+    match smudge_vmm::persist::restore::why_not_behind(&r) {
+        None => return restore_behind(r, mem_file, t0),
+        Some(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "smudge: restore: {why}; copying the snapshot into {} before the guest runs",
+                mem_file.display()
+            );
+        }
+    }
+    // Its memory chunks are checked as they are copied.
+    let (manifest, state) = smudge::snapshot::load_lazily(&r.snapshot)?;
     let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
     let mut bar = progress_bar("restoring memory");
-    smudge::snapshot::materialize_with(&r.snapshot, &r.run.mem_file, &mut bar)?;
+    smudge::snapshot::materialize_with(&r.snapshot, &mem_file, &mut bar)?;
     drop(restoring);
-    let mem_file = r.run.mem_file.clone();
     let ran = match signals::requested() {
         // Came while the memory was copied (the copy is not cut short).
         Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
@@ -124,10 +139,34 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
 }
 
+/// The default restore with userfaultfd: RAM in a memfd filled behind the
+/// running guest, the memory file built in the background and kept by
+/// writeback once built.
+fn restore_behind(r: RestoreArgs, mem_file: std::path::PathBuf, t0: std::time::Instant) -> anyhow::Result<u8> {
+    if mem_file.exists() {
+        anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
+    }
+    let (fill, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
+    let made = smudge_vmm::persist::restore::NewMemoryFile::create(&mem_file, m.mem_size, t0)?;
+    let ready = made.ready();
+    let fill = Box::new(fill.behind(made));
+    let ran = vm_config(&r.run, Start::Incoming(m.mem_size, m.vcpus, fill)).and_then(|mut cfg| {
+        cfg.ram_in_memfd = true;
+        let w = cfg.writeback.as_mut().context("the default restore needs writeback")?;
+        w.image = Some(mem_file.clone());
+        w.image_ready = Some(ready);
+        run_config(cfg)
+    });
+    stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
+}
+
 /// `smudge migrate-recv`: waits for a source, checks this side can take
 /// its guest (refusing it, saying why, if not), then the run.
 fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     take_stop_signals(&m.run)?;
+    let Some(mem_file) = m.run.mem_file.clone().filter(|_| m.run.backing_file.is_none()) else {
+        anyhow::bail!("migrate-recv takes --mem-file");
+    };
     if m.run.guest.is_some() || m.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
     }
@@ -135,17 +174,17 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         anyhow::bail!("--accept-timeout must be a number of seconds >= 0");
     }
     if m.local {
-        if !m.run.mem_file.is_file() {
+        if !mem_file.is_file() {
             anyhow::bail!(
                 "{}: --local takes over the source's memory file, and there is none here",
-                m.run.mem_file.display()
+                mem_file.display()
             );
         }
-    } else if m.run.mem_file.exists() {
+    } else if mem_file.exists() {
         anyhow::bail!(
             "{}: exists; migrate-recv makes a new memory file and will not overwrite one \
              (--local takes over a running guest's file on this host)",
-            m.run.mem_file.display()
+            mem_file.display()
         );
     }
     let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
@@ -154,7 +193,7 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };
     let hello = inc.hello();
-    if let Err(why) = destination_ready(&m, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
+    if let Err(why) = destination_ready(&m, &mem_file, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
         inc.refuse(&why.to_string());
         // The message alone, as the source is told.
         anyhow::bail!("{why}");
@@ -162,7 +201,6 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     if let Err(e) = inc.welcome() {
         return stopped_before_running(Err(e), None, "the source keeps its guest");
     }
-    let mem_file = m.run.mem_file.clone();
     let (size, vcpus) = (inc.hello().mem_size, inc.hello().vcpus);
     let r = run(m.run, Start::Incoming(size, vcpus, Box::new(inc)));
     if r.is_err() && !m.local {
@@ -216,20 +254,20 @@ enum NotReady {
 /// same-host handover, if any; `mem_size` bytes of RAM; post-copy or not.
 fn destination_ready(
     m: &MigrateRecvArgs,
+    mem_file: &std::path::Path,
     local: Option<&smudge::migration::local::LocalRam>,
     mem_size: u64,
     postcopy: bool,
 ) -> Result<(), NotReady> {
     match (m.local, local) {
-        (true, Some(local)) => handover_file(&m.run.mem_file, local, mem_size),
+        (true, Some(local)) => handover_file(mem_file, local, mem_size),
         (true, None) => Err(NotReady::WantsHandover),
         (false, Some(_)) => Err(NotReady::WantsPages),
         (false, None) if postcopy => {
-            smudge_vmm::migrate::postcopy_dest::check_tmpfs(&m.run.mem_file)
-                .map_err(|e| NotReady::NotTmpfs(e.to_string()))?;
-            creatable(&m.run.mem_file)
+            smudge_vmm::migrate::postcopy_dest::check_tmpfs(mem_file).map_err(|e| NotReady::NotTmpfs(e.to_string()))?;
+            creatable(mem_file)
         }
-        (false, None) => creatable(&m.run.mem_file),
+        (false, None) => creatable(mem_file),
     }
 }
 
@@ -397,9 +435,19 @@ enum Start {
 /// returns the exit code.
 fn run(args: RunArgs, start: Start) -> anyhow::Result<u8> {
     let cfg = vm_config(&args, start)?;
+    run_config(cfg)
+}
+
+/// Runs the VM `cfg` describes, prints what it did and
+/// returns the exit code.
+fn run_config(cfg: VmConfig) -> anyhow::Result<u8> {
     let mem_size = cfg.mem_size;
+    let ram = match cfg.ram_in_memfd {
+        true => format!("shared memory, persisted to {}", cfg.mem_file.display()),
+        false => cfg.mem_file.display().to_string(),
+    };
     let report = vm::run(cfg)?;
-    Ok(summarize(&report, mem_size, &args))
+    Ok(summarize(&report, mem_size, &ram))
 }
 
 /// The run `args` ask for, beginning as `start` says.
@@ -429,8 +477,13 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
+    let mem_file = match (&args.backing_file, &args.mem_file) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) => anyhow::bail!("--mem-file or --backing-file is needed"),
+    };
     Ok(VmConfig {
-        mem_file: args.mem_file.clone(),
+        mem_file,
+        ram_in_memfd: args.backing_file.is_some(),
         mem_size,
         guest_elf,
         cmdline,
@@ -463,7 +516,8 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
                 limit: args.dirty_limit,
             },
             sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
-            image: args.writeback_image.clone(),
+            image: args.backing_file.clone().or_else(|| args.writeback_image.clone()),
+            image_ready: None,
         }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {
@@ -497,7 +551,7 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
 
 /// Prints the run's last line (and the heatmap's) to stderr; returns the
 /// exit code: the outcome's, or [`EXIT_WRITEBACK`] if the final sync failed.
-fn summarize(report: &vm::RunReport, mem_size: u64, args: &RunArgs) -> u8 {
+fn summarize(report: &vm::RunReport, mem_size: u64, ram: &str) -> u8 {
     let dirty = match &report.dirty {
         Some(d) => format!(
             "dirty log {}: {} pages dirtied, {} harvests ({:.1} us each), {} ring-full exits{}",
@@ -553,7 +607,7 @@ fn summarize(report: &vm::RunReport, mem_size: u64, args: &RunArgs) -> u8 {
         report.outcome,
         report.elapsed.as_secs_f64(),
         mem_size >> 20,
-        args.mem_file.display(),
+        ram,
         if report.created_mem_file { " (created)" } else { "" },
     );
     code

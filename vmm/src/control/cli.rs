@@ -42,10 +42,18 @@ pub enum Command {
 /// `smudge run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// Guest RAM backing file: created (sparse) if missing; an existing file
-    /// must already have exactly --mem-size bytes.
-    #[arg(long)]
-    pub mem_file: PathBuf,
+    /// Guest RAM backing file, mapped in place: created (sparse) if
+    /// missing; an existing file must already have exactly --mem-size
+    /// bytes. Needed unless --backing-file is given.
+    #[arg(long, required_unless_present = "backing_file")]
+    pub mem_file: Option<PathBuf>,
+    /// Keep guest RAM in shared memory (a memfd) and persist it to this
+    /// disk file through the writeback engine (only smudge writes it): no
+    /// host writeback faults, no block allocation on a first touch. The
+    /// file is created if missing; an existing one (exactly --mem-size
+    /// bytes) is loaded first. Instead of --mem-file.
+    #[arg(long, conflicts_with_all = ["mem_file", "writeback_image", "no_writeback", "no_dirty_log"])]
+    pub backing_file: Option<PathBuf>,
     /// Guest RAM size, with an optional K/M/G suffix (binary units).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem_size: u64,
@@ -200,12 +208,16 @@ pub struct RestoreArgs {
     /// The snapshot directory.
     #[arg(long)]
     pub snapshot: PathBuf,
-    /// Start the guest at once and load its memory behind it: on first
-    /// touch (userfaultfd) and by a background prefetch; each 1 MiB chunk
-    /// is checked against the manifest when first used. The memory file
-    /// must be on tmpfs (/dev/shm).
+    /// Run the guest on the memory file itself, loaded behind it (the
+    /// default restore keeps RAM in shared memory and builds the memory
+    /// file in the background instead): the memory file must be on tmpfs
+    /// (/dev/shm).
     #[arg(long)]
     pub lazy: bool,
+    /// Test hook: act as if userfaultfd were refused (the default restore
+    /// then copies the snapshot first, saying why).
+    #[arg(long, hide = true)]
+    pub test_no_userfaultfd: bool,
     /// Run options (the memory file must not exist; size and vCPUs come
     /// from the snapshot; --guest and --cmdline do not apply).
     #[command(flatten)]

@@ -23,6 +23,9 @@ pub struct WritebackOptions {
     /// Write pages into this image file instead of persisting the backing
     /// file itself.
     pub image: Option<std::path::PathBuf>,
+    /// The image is being built in the background: no page goes into it
+    /// before this says the build is over.
+    pub image_ready: Option<smudge::sink::ImageReady>,
 }
 
 /// Longest a single throttle may hold the vCPUs (the flusher releases them

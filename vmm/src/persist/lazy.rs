@@ -1,5 +1,7 @@
-//! `smudge restore --lazy`: the guest starts as soon as KVM is set up and
-//! its memory fills in behind it, through the library's fill-behind
+//! A restore whose guest starts as soon as KVM is set up while its memory
+//! fills in behind it (`smudge restore`, RAM in shared memory, see
+//! [`crate::persist::restore`]; `smudge restore --lazy`, RAM in a tmpfs
+//! file), through the library's fill-behind
 //! engine ([`smudge::fill`]) with the snapshot chain as its page source.
 //! Guest RAM (a new file on tmpfs) is registered with userfaultfd before a
 //! vCPU runs; a vCPU's first touch of a page not loaded yet blocks it
@@ -27,11 +29,12 @@ use smudge::snapshot::{parse_state, ChainPages, MachineState, Manifest, Snapshot
 use smudge::uffd::UffdError;
 
 use crate::migrate::incoming::IncomingError;
+use crate::persist::restore::NewMemoryFile;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::{IncomingVm, VmError};
 
 /// Pages the prefetch loads per turn of the lock.
-const PREFETCH_PAGES: u64 = 64;
+const PREFETCH_PAGES: u64 = 256;
 
 /// Checks that the memory file at `path` (to be created in its directory)
 /// is on tmpfs, as a lazy restore needs.
@@ -56,6 +59,15 @@ pub enum LazyError {
         /// What userfaultfd said.
         source: UffdError,
     },
+    /// Guest RAM's file could not be shared with the new memory file's
+    /// build.
+    #[error("{}: dup: {source}", path.display())]
+    Dup {
+        /// Guest RAM's file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// [`IncomingVm::receive`] was called twice.
     #[error("lazy restore: already started")]
     AlreadyStarted,
@@ -63,6 +75,11 @@ pub enum LazyError {
 
 /// The snapshot chain as the fill-behind engine's page source.
 struct ChainSource {
+    /// What the messages call this restore ("lazy restore", "restore").
+    label: &'static str,
+    /// The new memory file built from guest RAM once every page is in
+    /// (the default restore), removed if the guest's memory is lost.
+    made: Option<NewMemoryFile>,
     dir: PathBuf,
     started_at: Instant,
     pages: ChainPages,
@@ -94,14 +111,37 @@ impl LazyRestore {
         let state = parse_state(&text, m.vcpus, &p)?;
         let mut owed = Owed::new(m.mem_size);
         owed.add(&pages.data_runs()).map_err(|e| SnapshotError::Corrupt { path: p, offset: 0, what: e.to_string() })?;
-        let source = ChainSource { dir: dir.to_path_buf(), started_at, pages, owed, buf: Vec::new() };
+        let source = ChainSource {
+            label: "lazy restore",
+            made: None,
+            dir: dir.to_path_buf(),
+            started_at,
+            pages,
+            owed,
+            buf: Vec::new(),
+        };
         Ok((LazyRestore { state, source: Some(source), armed: None }, m))
+    }
+
+    /// The default restore's fill: its messages say "restore"; once every
+    /// page is in, `made` (the new memory file) is built from guest RAM,
+    /// synced and let to writeback; it is removed if a chunk fails its
+    /// checksum after the guest started.
+    pub fn behind(mut self, made: NewMemoryFile) -> Self {
+        if let Some(s) = self.source.as_mut() {
+            s.label = "restore";
+            s.made = Some(made);
+        }
+        self
     }
 }
 
 impl IncomingVm for LazyRestore {
-    fn receive(&mut self, _file: &std::fs::File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
-        let source = self.source.as_ref().ok_or(LazyError::AlreadyStarted)?;
+    fn receive(&mut self, file: &std::fs::File, path: &Path, ram: &GuestRam) -> Result<MachineState, IncomingError> {
+        let source = self.source.as_mut().ok_or(LazyError::AlreadyStarted)?;
+        if let Some(made) = source.made.as_mut() {
+            made.copy_from(file).map_err(|source| LazyError::Dup { path: path.to_path_buf(), source })?;
+        }
         let armed = FillBehind::register(ram, &ram_layout(source.pages.mem_size()))
             .map_err(|source| LazyError::Register { path: path.to_path_buf(), source })?;
         self.armed = Some(armed);
@@ -114,8 +154,9 @@ impl IncomingVm for LazyRestore {
         };
         let _ = writeln!(
             std::io::stderr(),
-            "smudge: lazy restore: the guest runs {:.1} ms after smudge started; {} pages load on first touch \
-             or in the background",
+            "smudge: {}: the guest runs {:.1} ms after smudge started; {} pages load on first touch or in the \
+             background",
+            source.label,
             source.started_at.elapsed().as_secs_f64() * 1e3,
             source.owed.remaining()
         );
@@ -135,8 +176,8 @@ impl ChainSource {
     /// Reads and places the `count` pages at `offset`, taking them off
     /// the debt.
     fn place(&mut self, offset: u64, count: u64, place: &Placer<'_>) -> Result<(), FillError<LazyError>> {
-        let data = self.read(offset, count).map_err(FillError::Source)?;
-        place.pages(offset, data)?;
+        self.read(offset, count).map_err(FillError::Source)?;
+        place.pages(offset, &self.buf)?;
         self.owed.deliver(offset, count).map_err(|e| FillError::Source(e.into()))
     }
 }
@@ -188,11 +229,16 @@ impl PageSource for ChainSource {
     }
 
     fn lost(&self, why: &FillError<LazyError>) -> ! {
+        if let Some(made) = &self.made {
+            let _ = std::fs::remove_file(made.path());
+        }
         let _ = writeln!(
             std::io::stderr(),
-            "smudge: lazy restore of {} failed after the guest started: {why}; the guest cannot continue (the \
-             snapshot is untouched)",
-            self.dir.display()
+            "smudge: {} of {} failed after the guest started: {why}; the guest cannot continue (the snapshot is \
+             untouched{})",
+            self.label,
+            self.dir.display(),
+            self.made.as_ref().map(|m| format!("; {} removed", m.path().display())).unwrap_or_default()
         );
         std::process::exit(i32::from(EXIT_MEMORY_LOST));
     }
@@ -200,13 +246,17 @@ impl PageSource for ChainSource {
     fn filled(&mut self, stats: &FillStats) {
         let _ = writeln!(
             std::io::stderr(),
-            "smudge: lazy restore fully loaded {:.1} ms after smudge started: {} pages on first touch, {} \
-             prefetched, {} zero pages filled on touch; every chunk checked",
+            "smudge: {} fully loaded {:.1} ms after smudge started: {} pages on first touch, {} prefetched, {} \
+             zero pages filled on touch; every chunk checked",
+            self.label,
             self.started_at.elapsed().as_secs_f64() * 1e3,
             stats.on_fault,
             stats.loaded,
             stats.zero_filled,
         );
+        if let Some(made) = self.made.as_mut() {
+            made.finish();
+        }
     }
 }
 

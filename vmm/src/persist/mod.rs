@@ -1,9 +1,11 @@
 //! Where dirty pages go to last: the flusher that writes them back to the
 //! backing file ([`flusher`]), snapshots of the running VM ([`snapshotter`])
 //! with their pre-copy staging ([`precopy`]), and restore that loads a
-//! snapshot chain behind a running guest ([`lazy`]).
+//! snapshot chain behind a running guest ([`lazy`]) while it builds the
+//! new memory file beside it ([`restore`]).
 
 pub mod flusher;
 pub mod lazy;
 pub mod precopy;
+pub mod restore;
 pub mod snapshotter;

@@ -122,7 +122,7 @@ impl Planned {
         let api_listener = cfg.api_sock.as_deref().map(api::bind).transpose()?;
         // Removed if the run ends before the API server owns it.
         let socket_file = SocketFile(cfg.api_sock.clone().filter(|_| api_listener.is_some()));
-        let backing = BackingFile::open_or_create(&cfg.mem_file, cfg.mem_size)?;
+        let backing = open_memory(&cfg, boot.is_some())?;
         let ram = backing.map(cfg.hugepages)?;
         tracing::debug!("mapped");
         // KVM_SET_USER_MEMORY_REGION costs ~6 ms here whatever the size (a
@@ -157,6 +157,20 @@ impl Planned {
             t_received: Instant::now(),
         })
     }
+}
+
+/// The file guest RAM lives in: the memory file itself, or a memfd
+/// (`ram_in_memfd`), which a boot fills from the memory file, if there is
+/// one (the RAM the last run left in it).
+fn open_memory(cfg: &VmConfig, boots: bool) -> Result<BackingFile, VmError> {
+    if !cfg.ram_in_memfd {
+        return Ok(BackingFile::open_or_create(&cfg.mem_file, cfg.mem_size)?);
+    }
+    let memfd = BackingFile::memfd("smudge-guest-ram", cfg.mem_size)?;
+    if boots && cfg.mem_file.exists() {
+        memfd.load_image(&cfg.mem_file)?;
+    }
+    Ok(memfd)
 }
 
 /// The guest-loading side of [`Planned::create`], beside the KVM setup.

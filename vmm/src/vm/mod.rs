@@ -78,8 +78,15 @@ pub const MIN_MEM: u64 = 8 << 20;
 
 /// Everything a run needs.
 pub struct VmConfig {
-    /// Backing file path.
+    /// Backing file path: guest RAM itself (mapped in place), or, with
+    /// `ram_in_memfd`, the disk file the writeback engine's image sink
+    /// keeps equal to RAM.
     pub mem_file: PathBuf,
+    /// Guest RAM in shared memory (a memfd), persisted to `mem_file` only
+    /// by writeback (which must be on, writing into that image). A boot
+    /// starts from `mem_file`'s contents if it exists; an incoming guest
+    /// brings its own.
+    pub ram_in_memfd: bool,
     /// RAM size in bytes.
     pub mem_size: u64,
     /// The PVH ELF image.
@@ -165,6 +172,7 @@ impl VmConfig {
     pub fn bundled(mem_file: PathBuf, mem_size: u64, cmdline: &str) -> Self {
         VmConfig {
             mem_file,
+            ram_in_memfd: false,
             mem_size,
             guest_elf: crate::vm::guest_image::GUEST_ELF.to_vec(),
             cmdline: cmdline.to_string(),

@@ -136,7 +136,13 @@ fn new_flusher(
     slots: &[smudge::kvm::Slot],
 ) -> Result<Arc<Mutex<Flusher>>, VmError> {
     let sink: Box<dyn Sink> = match &opts.image {
-        Some(p) => Box::new(ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?),
+        Some(p) => {
+            let image = ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?;
+            Box::new(match &opts.image_ready {
+                Some(ready) => image.after(ready.clone()),
+                None => image,
+            })
+        }
         None => {
             let file = backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
             Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
