@@ -30,6 +30,7 @@ pub mod dirty_set;
 pub mod file_io;
 pub mod fill;
 pub mod harvest;
+pub mod journal;
 pub mod kvm;
 pub mod machine_state;
 pub mod memory;
