@@ -16,7 +16,8 @@
 //! - written back: [`writeback`] (the page-cache-style engine) through a
 //!   [`sink`];
 //! - saved: [`snapshot`] (format, write, read, chains), with the
-//!   [`machine_state`] beside memory;
+//!   [`machine_state`] beside memory; and continuously, as consistent
+//!   epochs any crash resumes from: [`journal`];
 //! - sent: [`migration`] (the stream, the receiver's checks, post-copy),
 //!   filled in behind the guest through [`uffd`].
 //!

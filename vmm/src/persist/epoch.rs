@@ -105,6 +105,9 @@ struct Counters {
     checkpointed_segments: u64,
     forced_checkpoints: u64,
     pauses_us: VecDeque<u32>,
+    /// Summed over every boundary: stopping the vCPUs, the harvest, the
+    /// residue's copy, the wait for the state (ns).
+    parts_ns: [u64; 4],
     error: Option<String>,
 }
 
@@ -143,6 +146,12 @@ impl EpochStats {
             "pause_us_p50": pct(0.5),
             "pause_us_p99": pct(0.99),
             "pause_us_max": p.last().copied().unwrap_or(0),
+            "pause_parts_us_avg": {
+                "stop_vcpus": c.parts_ns[0] as f64 / 1e3 / c.sealed.max(1) as f64,
+                "harvest": c.parts_ns[1] as f64 / 1e3 / c.sealed.max(1) as f64,
+                "copy_residue": c.parts_ns[2] as f64 / 1e3 / c.sealed.max(1) as f64,
+                "state": c.parts_ns[3] as f64 / 1e3 / c.sealed.max(1) as f64,
+            },
             "error": c.error,
         })
     }
@@ -381,12 +390,18 @@ impl Epochs {
         let time_ns = now_ns();
         let was_paused = self.vcpus.shared.is_paused();
         self.vcpus.pause().map_err(|e| format!("pausing the vCPUs: {e}"))?;
+        let mut marks = [t0; 5];
+        marks[1] = Instant::now();
         let paused = (|| {
             self.vcpus.request_state();
             let set = self.sub.collect().map_err(|e| format!("harvest: {e}"))?;
+            marks[2] = Instant::now();
             self.pages.copy_set(&self.ram, &set, self.mem_size).map_err(|e| e.to_string())?;
+            marks[3] = Instant::now();
             self.sub.recycle(set);
-            self.vcpus.collect_state().map_err(|e| e.to_string())
+            let state = self.vcpus.collect_state().map_err(|e| e.to_string());
+            marks[4] = Instant::now();
+            state
         })();
         if !was_paused {
             self.vcpus.resume();
@@ -406,6 +421,9 @@ impl Epochs {
                 c.pauses_us.pop_front();
             }
             c.pauses_us.push_back(pause.as_micros().min(u32::MAX as u128) as u32);
+            for (i, part) in c.parts_ns.iter_mut().enumerate() {
+                *part += marks[i + 1].saturating_duration_since(marks[i]).as_nanos() as u64;
+            }
         });
         Ok(())
     }
