@@ -59,18 +59,30 @@ fn opts(segment_bytes: u64) -> JournalOptions {
     JournalOptions { segment_bytes, max_bytes: None }
 }
 
+/// A journal in a new directory holding `n` epochs of `per` pages each
+/// (epoch i fills page `(i * a + k * b) % PAGES` with `i + 1`), synced
+/// every `group` epochs; with the model RAM after each epoch.
+fn written(n: u64, per: u64, (a, b): (u64, u64), o: JournalOptions, group: usize) -> Written {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    let mut j = Journal::create(&dir, RAM, PS, 7, o).unwrap();
+    let epochs: Vec<Writes> =
+        (0..n).map(|i| (0..per).map(|k| ((i * a + k * b) % PAGES, (i + 1) as u8)).collect()).collect();
+    let models = write_journal(&mut j, &epochs, group);
+    (tmp, dir, j, models)
+}
+
+/// What [`written`] made: the temporary directory (removed on drop), the
+/// journal's directory, the journal, the models.
+type Written = (tempfile::TempDir, std::path::PathBuf, Journal, Vec<Vec<u8>>);
+
 fn writes() -> impl Strategy<Value = Vec<Writes>> {
     prop::collection::vec(prop::collection::vec((0..PAGES, 1..=255u8), 0..12), 1..8)
 }
 
 #[test]
 fn every_committed_epoch_recovers_bit_exact_across_segments() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("j");
-    let mut j = Journal::create(&dir, RAM, PS, 7, opts(4096)).unwrap();
-    let epochs: Vec<Writes> =
-        (0..20u64).map(|i| (0..5).map(|k| ((i * 7 + k * 13) % PAGES, (i + 1) as u8)).collect()).collect();
-    let models = write_journal(&mut j, &epochs, 3);
+    let (_tmp, dir, mut j, models) = written(20, 5, (7, 13), opts(4096), 3);
     assert_eq!(j.sync().unwrap(), 20);
     let s = scan(&dir).unwrap();
     assert!(s.segments.len() > 3, "small segments roll: {}", s.segments.len());
@@ -90,12 +102,7 @@ fn every_committed_epoch_recovers_bit_exact_across_segments() {
 
 #[test]
 fn checkpoints_move_old_epochs_into_the_base_and_a_crash_mid_checkpoint_is_harmless() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("j");
-    let mut j = Journal::create(&dir, RAM, PS, 7, opts(4096)).unwrap();
-    let epochs: Vec<Writes> =
-        (0..30u64).map(|i| (0..6).map(|k| ((i * 5 + k * 11) % PAGES, (i + 1) as u8)).collect()).collect();
-    let models = write_journal(&mut j, &epochs, 1);
+    let (_tmp, dir, mut j, models) = written(30, 6, (5, 11), opts(4096), 1);
     let before = segment_files(&dir).len();
     // Keep the segments, to put back the last one checkpointed, as if the
     // crash came before its removal (the ones before it were removed).
@@ -129,13 +136,8 @@ fn checkpoints_move_old_epochs_into_the_base_and_a_crash_mid_checkpoint_is_harml
 
 #[test]
 fn the_size_bound_forces_checkpoints_and_keeps_the_newest_epoch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("j");
     let o = JournalOptions { segment_bytes: 4096, max_bytes: Some(12 << 10) };
-    let mut j = Journal::create(&dir, RAM, PS, 7, o).unwrap();
-    let epochs: Vec<Writes> =
-        (0..25u64).map(|i| (0..6).map(|k| ((i + k * 9) % PAGES, (i + 1) as u8)).collect()).collect();
-    let models = write_journal(&mut j, &epochs, 1);
+    let (_tmp, dir, mut j, models) = written(25, 6, (1, 9), o, 1);
     let r = j.checkpoint(0).unwrap();
     assert!(r.forced > 0 && r.forced == r.segments, "{r:?}");
     assert!(j.bytes() <= 12 << 10 || segment_files(&dir).len() == 1, "{} bytes left", j.bytes());
