@@ -507,3 +507,34 @@ fn commit(j: &mut Journal, batch: &[Sealed], stats: &EpochStats, retain: Duratio
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_show_the_pause_percentiles_and_the_newest_commit() {
+        let s = EpochStats::default();
+        assert_eq!(s.json()["committed_age_ms"], Value::Null, "no epoch committed yet");
+        s.update(|c| {
+            c.pauses_us.extend(1..=100);
+            c.sealed = 100;
+            c.committed = 7;
+            c.committed_time_ns = now_ns();
+            c.parts_ns = [100_000, 200_000, 300_000, 400_000];
+        });
+        let j = s.json();
+        assert_eq!((j["pause_us_p50"].as_u64(), j["pause_us_p99"].as_u64()), (Some(51), Some(99)));
+        assert_eq!((j["pause_us_max"].as_u64(), j["newest_committed"].as_u64()), (Some(100), Some(7)));
+        assert!(j["committed_age_ms"].as_u64().is_some_and(|ms| ms < 60_000), "{j}");
+        assert_eq!(j["pause_parts_us_avg"]["state"].as_f64(), Some(4.0));
+    }
+
+    #[test]
+    fn segments_are_a_sixteenth_of_the_bound_within_1_to_64_mib() {
+        assert_eq!(segment_bytes(None), 64 << 20);
+        assert_eq!(segment_bytes(Some(32 << 20)), 2 << 20);
+        assert_eq!(segment_bytes(Some(1 << 20)), 1 << 20);
+        assert_eq!(segment_bytes(Some(1 << 40)), 64 << 20);
+    }
+}
