@@ -210,3 +210,41 @@ fn a_full_journal_disk_ends_the_run_clearly_and_loses_no_committed_epoch() {
     // records reached the disk (a failed sync, not a failed write).
     recovered_epoch(&j, &path(&dir, "check"), said);
 }
+
+#[test]
+fn epochs_stay_consistent_while_the_vcpus_are_paused_and_resumed_by_hand() {
+    require_kvm();
+    let dir = tmpdir();
+    let j = path(&dir, "journal");
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "s"));
+    let args = ["--journal", j.to_str().unwrap(), "--epoch-ms", "5"];
+    let mut vm = start_with_api(&mem, &sock, "64M", CMDLINE, Stdio::null(), true, &args);
+    progress::wait_for_writes(&mut vm, &mem, PAGES, 400);
+    // Held by hand, the guest is still cut into epochs (boundaries on a
+    // paused guest leave it paused).
+    assert_eq!(ctl(&sock, &["pause"])["ok"], true);
+    let held = wait_committed(&mut vm, &sock, 1);
+    wait_committed(&mut vm, &sock, held + 3);
+    assert_eq!(ctl(&sock, &["stats"])["paused"], true, "a boundary resumed a guest paused by hand");
+    // Pause and resume against the boundaries, 40 times.
+    for _ in 0..40 {
+        assert_eq!(ctl(&sock, &["resume"])["ok"], true);
+        assert_eq!(ctl(&sock, &["pause"])["ok"], true);
+    }
+    assert_eq!(ctl(&sock, &["resume"])["ok"], true);
+    let w = progress::guest_writes(&mem, PAGES);
+    progress::wait_for_writes(&mut vm, &mem, PAGES, w + 100);
+    let seen = wait_committed(&mut vm, &sock, held + 10);
+    let s = ctl(&sock, &["stats"]);
+    crash(vm);
+    assert_eq!(s["journal"]["error"], serde_json::Value::Null, "{s}");
+    // Every retained epoch, not just the newest, is a state the guest was in.
+    let scan = journal::scan(&j).unwrap();
+    assert!(scan.newest().unwrap().epoch >= seen);
+    for e in scan.recoverable().filter(|e| e.epoch % 7 == 0 || e.epoch >= seen) {
+        let out = path(&dir, &format!("e{}", e.epoch));
+        journal::recover(&j, Target::Epoch(e.epoch), &out).unwrap();
+        progress::assert_pages_match_table(&out, PAGES);
+        std::fs::remove_file(&out).unwrap();
+    }
+}

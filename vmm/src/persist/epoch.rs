@@ -41,7 +41,7 @@ use smudge::memory::{file_offset_to_gpa, host_page_size, ram_layout, GuestRam};
 use crate::vm::outcome::Outcome;
 use crate::vm::tasks::{LoopPart, Task, TaskError, ThreadTask};
 use crate::vm::vcpu::Shared;
-use crate::vm::vcpu_control::{self, VcpuControl};
+use crate::vm::vcpu_control::{self, VcpuControl, VcpuControlError};
 
 /// Sealed epochs waiting for the writer before a boundary is put off.
 pub const QUEUE_MAX: usize = 2;
@@ -99,6 +99,8 @@ struct Counters {
     committed_time_ns: u64,
     lengthened: u64,
     throttled: u64,
+    /// Boundaries not sealed because the vCPUs ran during them.
+    retried: u64,
     groups: u64,
     pages_written: u64,
     journal_bytes: u64,
@@ -138,6 +140,7 @@ impl EpochStats {
             "sealed": c.sealed,
             "lengthened": c.lengthened,
             "throttled": c.throttled,
+            "retried": c.retried,
             "group_commits": c.groups,
             "pages_written": c.pages_written,
             "journal_bytes": c.journal_bytes,
@@ -388,8 +391,11 @@ impl Epochs {
     fn boundary(&mut self) -> Result<(), String> {
         let t0 = Instant::now();
         let time_ns = now_ns();
-        let was_paused = self.vcpus.shared.is_paused();
-        self.vcpus.pause().map_err(|e| format!("pausing the vCPUs: {e}"))?;
+        let held = self.vcpus.hold_for_boundary();
+        if let Err(e) = held {
+            self.vcpus.release_boundary();
+            return Err(format!("pausing the vCPUs: {e}"));
+        }
         let mut marks = [t0; 5];
         marks[1] = Instant::now();
         let paused = (|| {
@@ -399,15 +405,32 @@ impl Epochs {
             self.pages.copy_set(&self.ram, &set, self.mem_size).map_err(|e| e.to_string())?;
             marks[3] = Instant::now();
             self.sub.recycle(set);
-            let state = self.vcpus.collect_state().map_err(|e| e.to_string());
+            let state = match self.vcpus.collect_state() {
+                Ok(s) => s,
+                // A snapshot asked for their state at the same time and
+                // took it: try the boundary again.
+                Err(VcpuControlError::StateTimeout(_)) => return Ok((MachineState::default(), true)),
+                Err(e) => return Err(e.to_string()),
+            };
             marks[4] = Instant::now();
-            state
+            // Still held, nothing can have written since the collect. Were
+            // anything written, pages could be newer than the state: keep
+            // them in the open epoch, unsealed, and try the boundary again.
+            let late = self.sub.collect().map_err(|e| format!("harvest: {e}"))?;
+            let ran = !late.is_empty();
+            if ran {
+                self.pages.copy_set(&self.ram, &late, self.mem_size).map_err(|e| e.to_string())?;
+            }
+            self.sub.recycle(late);
+            Ok((state, ran))
         })();
-        if !was_paused {
-            self.vcpus.resume();
-        }
+        self.vcpus.release_boundary();
         let pause = t0.elapsed();
-        let state = paused?;
+        let (state, ran) = paused?;
+        if ran {
+            self.stats.update(|c| c.retried += 1);
+            return Ok(());
+        }
         let mut q = self.queue.lock();
         let next = q.spare.pop().unwrap_or_else(|| EpochPages::new(self.pages.page_size()));
         let pages = std::mem::replace(&mut self.pages, next);
