@@ -248,3 +248,28 @@ fn epochs_stay_consistent_while_the_vcpus_are_paused_and_resumed_by_hand() {
         std::fs::remove_file(&out).unwrap();
     }
 }
+
+#[test]
+fn a_run_refuses_a_directory_that_holds_a_journal_and_restore_checks_its_inputs() {
+    require_kvm();
+    let dir = tmpdir();
+    let j = path(&dir, "journal");
+    let opts = journal::JournalOptions::default();
+    drop(journal::Journal::create(&j, 64 << 20, 4096, 1, opts).unwrap());
+    let before = std::fs::read(j.join(journal::CHECKPOINT)).unwrap();
+    let mem = path(&dir, "m");
+    let r = run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--journal", j.to_str().unwrap()]);
+    assert_eq!(r.code, 100, "{r:?}");
+    assert!(r.stderr.contains("already holds a journal"), "{r:?}");
+    assert_eq!(std::fs::read(j.join(journal::CHECKPOINT)).unwrap(), before, "the journal was touched");
+    // Nothing committed yet: a restore says so and makes no memory file.
+    let out = smudge()
+        .args(["restore", "--journal", j.to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let r = Run::from(out);
+    assert!(r.code == 100 && r.stderr.contains("no committed epoch to recover"), "{r:?}");
+    assert!(!mem.exists(), "a failed recovery left {}", mem.display());
+    let v = journal_cmd(&["verify", j.to_str().unwrap()]);
+    assert!(v.code == 1 && v.stdout.contains("no committed epoch to recover"), "{v:?}");
+}

@@ -455,11 +455,31 @@ pub fn recover(dir: &Path, target: Target, out: &Path) -> Result<Recovered, Jour
         .create_new(true)
         .open(out)
         .map_err(JournalError::io(out, "create"))?;
+    let built = build(dir, &scan, &epoch, &f, out);
+    if built.is_err() {
+        // A partial memory file is no one's.
+        let _ = std::fs::remove_file(out);
+    }
+    let (applied, bytes, state) = built?;
+    Ok(Recovered { epoch, state, ram_size: cp.ram_size, epochs_applied: applied, bytes_applied: bytes })
+}
+
+/// Writes the base and the epochs up to `epoch` into `f` (at `out`);
+/// returns the epochs applied, the bytes written over the base and the
+/// epoch's state.
+fn build(
+    dir: &Path,
+    scan: &Scan,
+    epoch: &EpochInfo,
+    f: &File,
+    out: &Path,
+) -> Result<(u64, u64, MachineState), JournalError> {
+    let cp = &scan.checkpoint;
     f.set_len(cp.ram_size).map_err(JournalError::io(out, "set length"))?;
     let base_path = dir.join(BASE);
     let base = File::open(&base_path).map_err(JournalError::io(&base_path, "open"))?;
     for (off, len) in data_ranges(&base, cp.ram_size).map_err(JournalError::io(&base_path, "find data"))? {
-        copy_range(&base, &f, off, len).map_err(JournalError::io(out, "copy the base"))?;
+        copy_range(&base, f, off, len).map_err(JournalError::io(out, "copy the base"))?;
     }
     let (mut applied, mut bytes, mut state) = (0, 0, None);
     for e in scan.epochs.iter().take_while(|e| e.epoch <= epoch.epoch) {
@@ -474,5 +494,5 @@ pub fn recover(dir: &Path, target: Target, out: &Path) -> Result<Recovered, Jour
     }
     f.sync_all().map_err(JournalError::io(out, "fsync"))?;
     let state = state.ok_or_else(|| JournalError::NoEpoch(dir.into()))?;
-    Ok(Recovered { epoch, state, ram_size: cp.ram_size, epochs_applied: applied, bytes_applied: bytes })
+    Ok((applied, bytes, state))
 }

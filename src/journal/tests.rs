@@ -269,3 +269,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_recovery_that_fails_leaves_no_memory_file() {
+    let (tmp, dir, _j, _) = written(3, 2, (1, 2), opts(4096), 1);
+    std::fs::remove_file(dir.join(BASE)).unwrap();
+    let out = tmp.path().join("out");
+    let e = recover(&dir, Target::Newest, &out).unwrap_err();
+    assert!(matches!(&e, JournalError::Io { op: "open", .. }), "{e}");
+    assert!(!out.exists(), "a partial memory file was left");
+}

@@ -24,6 +24,9 @@ pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Resu
         }
         return Ok(None);
     };
+    if args.no_dirty_log {
+        anyhow::bail!("--journal needs dirty logging: drop --no-dirty-log");
+    }
     let after = match after {
         None => {
             // Fail before the guest runs, not once it does.
