@@ -217,7 +217,9 @@ fn epochs_stay_consistent_while_the_vcpus_are_paused_and_resumed_by_hand() {
     let dir = tmpdir();
     let j = path(&dir, "journal");
     let (mem, sock) = (path(&dir, "m"), path(&dir, "s"));
-    let args = ["--journal", j.to_str().unwrap(), "--epoch-ms", "5"];
+    // Small segments, checkpointed once 300 ms old: recovery then starts
+    // from the base image.
+    let args = ["--journal", j.to_str().unwrap(), "--epoch-ms", "5", "--retain", "300ms", "--journal-max-bytes", "32M"];
     let mut vm = start_with_api(&mem, &sock, "64M", CMDLINE, Stdio::null(), true, &args);
     progress::wait_for_writes(&mut vm, &mem, PAGES, 400);
     // Held by hand, the guest is still cut into epochs (boundaries on a
@@ -235,8 +237,12 @@ fn epochs_stay_consistent_while_the_vcpus_are_paused_and_resumed_by_hand() {
     let w = progress::guest_writes(&mem, PAGES);
     progress::wait_for_writes(&mut vm, &mem, PAGES, w + 100);
     let seen = wait_committed(&mut vm, &sock, held + 10);
-    let s = ctl(&sock, &["stats"]);
+    let s = progress::wait_for_stats(&mut vm, &sock, "a checkpoint into the base image", |s| {
+        s["journal"]["checkpointed_segments"].as_u64().is_some_and(|n| n > 0)
+    });
     crash(vm);
+    let base = journal::scan(&j).unwrap().checkpoint.base_epoch;
+    assert!(base > 0, "the base holds no epoch after a checkpoint: {s}");
     assert_eq!(s["journal"]["error"], serde_json::Value::Null, "{s}");
     // Every retained epoch, not just the newest, is a state the guest was in.
     let scan = journal::scan(&j).unwrap();
