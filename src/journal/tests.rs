@@ -182,6 +182,29 @@ fn an_append_that_fails_leaves_nothing_behind() {
     assert!(e == 2 && ram == models[2]);
 }
 
+/// Checks that recovering `dir`'s newest epoch gives epoch `want` (0:
+/// none) with its model RAM and state, bit-exact.
+fn lands_on(dir: &Path, models: &[Vec<u8>], want: u64) -> Result<(), TestCaseError> {
+    match recovered(dir, Target::Newest) {
+        Ok((e, ram, st)) => {
+            prop_assert_eq!(e, want);
+            prop_assert!(ram == models[e as usize]);
+            prop_assert_eq!(st, state(e));
+        }
+        Err(JournalError::NoEpoch(_)) => prop_assert_eq!(want, 0),
+        Err(e) => prop_assert!(false, "{}", e),
+    }
+    Ok(())
+}
+
+/// Flips bit `bit` of the byte at `off` of `f`.
+fn flip(f: &std::fs::File, off: u64, bit: u8) {
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 1 << (bit % 8);
+    f.write_all_at(&b, off).unwrap();
+}
+
 /// The journal's segment files, in order.
 fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     recover::segment_files(dir).unwrap().into_iter().map(|(_, p)| p).collect()
@@ -216,24 +239,12 @@ proptest! {
         let mut flipped = false;
         for &(at, bit) in &flips {
             if cut > committed_end {
-                let off = committed_end + at % (cut - committed_end);
-                let mut b = [0u8];
-                f.read_exact_at(&mut b, off).unwrap();
-                b[0] ^= 1 << (bit % 8);
-                f.write_all_at(&b, off).unwrap();
+                flip(&f, committed_end + at % (cut - committed_end), bit);
                 flipped = true;
             }
         }
         let want = if cut == len && !flipped { k + 1 } else { k };
-        match recovered(&dir, Target::Newest) {
-            Ok((e, ram, st)) => {
-                prop_assert_eq!(e, want);
-                prop_assert!(ram == models[e as usize]);
-                prop_assert_eq!(st, state(e));
-            }
-            Err(JournalError::NoEpoch(_)) => prop_assert_eq!(want, 0),
-            Err(e) => prop_assert!(false, "{}", e),
-        }
+        lands_on(&dir, &models, want)?;
     }
 
     /// One bit flipped anywhere in any segment: recovery lands on the
@@ -253,20 +264,9 @@ proptest! {
         let seg = &s.segments[seg_pick % s.segments.len()];
         let off = at % seg.file_len;
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&seg.path).unwrap();
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, off).unwrap();
-        b[0] ^= 1 << bit;
-        f.write_all_at(&b, off).unwrap();
+        flip(&f, off, bit);
         let want = s.epochs.iter().filter(|e| e.segment < seg.path || (e.segment == seg.path && e.end <= off)).map(|e| e.epoch).max().unwrap_or(0);
-        match recovered(&dir, Target::Newest) {
-            Ok((e, ram, st)) => {
-                prop_assert_eq!(e, want);
-                prop_assert!(ram == models[e as usize]);
-                prop_assert_eq!(st, state(e));
-            }
-            Err(JournalError::NoEpoch(_)) => prop_assert_eq!(want, 0),
-            Err(e) => prop_assert!(false, "{}", e),
-        }
+        lands_on(&dir, &models, want)?;
     }
 }
 
