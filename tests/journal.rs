@@ -279,3 +279,28 @@ fn a_run_refuses_a_directory_that_holds_a_journal_and_restore_checks_its_inputs(
     let v = journal_cmd(&["verify", j.to_str().unwrap()]);
     assert!(v.code == 1 && v.stdout.contains("no committed epoch to recover"), "{v:?}");
 }
+
+#[test]
+fn a_disk_that_falls_behind_lengthens_epochs_then_throttles_and_drops_none() {
+    require_kvm();
+    let dir = tmpdir();
+    let j = path(&dir, "journal");
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "s"));
+    // 5 ms epochs; the writer takes 60 ms per batch: boundaries find the
+    // queue full, the open epoch runs past 8 epoch lengths.
+    let args = ["--journal", j.to_str().unwrap(), "--epoch-ms", "5", "--test-journal-write-delay-ms", "60"];
+    let mut vm = start_with_api(&mem, &sock, "64M", CMDLINE, Stdio::null(), true, &args);
+    progress::wait_for_writes(&mut vm, &mem, PAGES, 400);
+    let s = progress::wait_for_stats(&mut vm, &sock, "a lengthened epoch and a throttle", |s| {
+        s["journal"]["lengthened"].as_u64().is_some_and(|n| n > 0)
+            && s["journal"]["throttled"].as_u64().is_some_and(|n| n > 0)
+    });
+    let seen = wait_committed(&mut vm, &sock, newest_committed(&s) + 5);
+    crash(vm);
+    // Nothing dropped: the epochs are numbered without a gap from 1, and
+    // the newest is a state the guest was in.
+    let scan = journal::scan(&j).unwrap();
+    let numbers: Vec<u64> = scan.epochs.iter().map(|e| e.epoch).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+    recovered_epoch(&j, &path(&dir, "check"), seen);
+}

@@ -190,6 +190,10 @@ pub struct RunArgs {
     /// acts on a guest held at a known point instead of waiting for it.
     #[arg(long, hide = true, value_name = "N")]
     pub test_pause_at_sync: Option<u32>,
+    /// Test hook: the journal's writer waits this long before each batch
+    /// of epochs, as a disk that cannot keep up would.
+    #[arg(long, hide = true, value_name = "MS")]
+    pub test_journal_write_delay_ms: Option<u64>,
     /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
     /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
     /// path runs because the harvester is held, not because the guest

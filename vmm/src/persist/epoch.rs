@@ -63,6 +63,9 @@ pub struct EpochOptions {
     pub max_bytes: Option<u64>,
     /// Go on in an existing journal after this epoch (a recovered guest).
     pub after: Option<u64>,
+    /// Test hook: the writer waits this long before each batch (a slow
+    /// disk).
+    pub write_delay: Duration,
 }
 
 /// Why the epochs could not start.
@@ -263,9 +266,10 @@ pub fn start(src: EpochSource, opts: &EpochOptions) -> Result<(EpochTask, Arc<Ep
     let sub = Subscription::from_now(&h)?;
     let first = first_epoch(&sub, &src)?;
     let writer = {
-        let (q, st, sh, retain) = (queue.clone(), stats.clone(), src.shared.clone(), opts.retain);
+        let (q, st, sh) = (queue.clone(), stats.clone(), src.shared.clone());
+        let (retain, delay) = (opts.retain, opts.write_delay);
         ThreadTask::spawn("journal writer", "journal-writer", &src.shared, move |_| {
-            write_epochs(journal, &q, &st, &sh, retain)
+            write_epochs(journal, &q, &st, &sh, (retain, delay))
         })?
     };
     let mut ep = Epochs {
@@ -461,7 +465,7 @@ impl Epochs {
 /// The writer thread: appends what is sealed, one sync per batch (group
 /// commit), then checkpoints what is older than `retain`. Ends once the
 /// queue is closed and empty, or at the first error (which ends the run).
-fn write_epochs(mut j: Journal, q: &Queue, stats: &EpochStats, shared: &Shared, retain: Duration) {
+fn write_epochs(mut j: Journal, q: &Queue, stats: &EpochStats, shared: &Shared, (retain, delay): (Duration, Duration)) {
     loop {
         let batch: Vec<Sealed> = {
             let mut g = q.lock();
@@ -476,6 +480,9 @@ fn write_epochs(mut j: Journal, q: &Queue, stats: &EpochStats, shared: &Shared, 
             g.in_flight = g.sealed.len();
             std::mem::take(&mut g.sealed).into()
         };
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         match commit(&mut j, &batch, stats, retain) {
             Ok(()) => {
                 let mut g = q.lock();

@@ -44,6 +44,7 @@ pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Resu
         retain: args.retain,
         max_bytes: args.journal_max_bytes,
         after,
+        write_delay: Duration::from_millis(args.test_journal_write_delay_ms.unwrap_or(0)),
     }))
 }
 
