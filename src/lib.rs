@@ -16,7 +16,8 @@
 //! - written back: [`writeback`] (the page-cache-style engine) through a
 //!   [`sink`];
 //! - saved: [`snapshot`] (format, write, read, chains), with the
-//!   [`machine_state`] beside memory;
+//!   [`machine_state`] beside memory; and continuously, as consistent
+//!   epochs any crash resumes from: [`journal`];
 //! - sent: [`migration`] (the stream, the receiver's checks, post-copy),
 //!   filled in behind the guest through [`uffd`].
 //!
@@ -30,6 +31,7 @@ pub mod dirty_set;
 pub mod file_io;
 pub mod fill;
 pub mod harvest;
+pub mod journal;
 pub mod kvm;
 pub mod machine_state;
 pub mod memory;

@@ -21,7 +21,8 @@ const CLI_REFERENCE: &str = include_str!("../docs/cli.md");
 const HARNESS_GUIDE: &str = include_str!("guides/harness.rs");
 
 /// Every guide the README has, and the language of its block.
-const GUIDES: [(&str, &str); 4] = [("snapshot", "sh"), ("migrate", "sh"), ("harness", "rust"), ("watch", "sh")];
+const GUIDES: [(&str, &str); 5] =
+    [("snapshot", "sh"), ("durable", "sh"), ("migrate", "sh"), ("harness", "rust"), ("watch", "sh")];
 
 /// How long a guide may run before the test gives up on it: the slowest
 /// takes about 25 s on an idle machine and 2 minutes at a load of 16 on 2
@@ -201,7 +202,7 @@ fn the_readme_has_these_guides_each_once() {
 
 #[test]
 fn each_shell_guide_names_its_files_its_own_way() {
-    for (name, prefix) in [("snapshot", "snap"), ("migrate", "mig-"), ("watch", "watch")] {
+    for (name, prefix) in [("snapshot", "snap"), ("durable", "dur"), ("migrate", "mig-"), ("watch", "watch")] {
         let (_, script) = guide_block(name);
         let files: Vec<&str> = script
             .split(|c: char| c.is_whitespace() || "\"'(),;:".contains(c))
@@ -240,6 +241,21 @@ fn snapshot_guide_runs_as_written() {
         assert!(run.stdout.lines().any(|l| l == shown), "the guide's grep shows {shown:?}\n{run}");
     }
     assert!(run.stderr.contains("smudge: lazy restore: the guest runs "), "{run}");
+}
+
+#[test]
+fn durable_guide_runs_as_written() {
+    let run = run_guide("durable");
+    // Killed mid-workload: the source's guest never verified; both
+    // recovered copies did, from two different epochs.
+    assert!(!run.file("dur.serial").contains("verify:"), "{run}");
+    for serial in ["dur-restored.serial", "dur-rewound.serial"] {
+        assert_verified(&run, serial);
+    }
+    assert!(run.stdout.contains("recoverable: epochs 1..="), "{run}");
+    let epochs: Vec<u64> =
+        run.stderr.lines().filter_map(|l| l.split(": epoch ").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    assert!(epochs.len() == 2 && epochs[0] >= 100 && epochs[1] < epochs[0], "recovered {epochs:?}\n{run}");
 }
 
 #[test]

@@ -14,6 +14,10 @@
 //! - bad migration streams (bit flips, truncations, repeated and dropped
 //!   frames) fed to the destination's receiver: refused, or the memory
 //!   built is exactly the source's;
+//! - `kill -9` of a durable guest (`--journal`) at a random instant after a
+//!   random number of committed epochs: recovery must land on an epoch no
+//!   older than the newest the VMM had reported committed (no lost epoch),
+//!   and its RAM must pass the same page check (no wrong recovery);
 //! - a misbehaving guest: an unknown port, a CPU exception, a triple fault
 //!   right after writing (every page it wrote must be in the file), a write
 //!   storm against a tiny hard dirty limit (it must finish and verify).
@@ -44,6 +48,10 @@ struct Tally {
     bad_inputs: u64,
     lost_pages: u64,
     panics: u64,
+    /// Committed epochs a recovery did not reach.
+    lost_epochs: u64,
+    /// Recoveries whose RAM failed the page check.
+    wrong_recoveries: u64,
 }
 
 /// A small deterministic PRNG (the campaign is reproducible by seed).
@@ -181,6 +189,80 @@ fn kill_during_snapshot(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tal
         }
         t.trials += 1;
         std::fs::remove_dir_all(&d).ok();
+    }
+    Ok(t)
+}
+
+/// The page writes the guest's generation table in `mem` counts (0 while
+/// the file is still short).
+fn guest_writes(mem: &Path, pages: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; pages as usize * 4];
+    let read = std::fs::File::open(mem).and_then(|f| f.read_exact_at(&mut buf, guest_abi::gen_table_addr(0)));
+    if read.is_err() {
+        return 0;
+    }
+    buf.chunks_exact(4).map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).sum()
+}
+
+/// The newest committed epoch a `stats` answer reports.
+fn committed(api: &Client) -> anyhow::Result<u64> {
+    let s = api.call(&Request::Stats)?;
+    s["journal"]["newest_committed"].as_u64().with_context(|| format!("no journal.newest_committed in {s}"))
+}
+
+fn kill_durable_guests(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    let pages = 4000;
+    for i in 0..n {
+        let (mem, sock, j, out) = (
+            dir.join(format!("dur{i}.mem")),
+            dir.join(format!("dur{i}.sock")),
+            dir.join(format!("dur{i}.j")),
+            dir.join(format!("dur{i}.rec")),
+        );
+        let cmdline = format!("workload=rate pages={pages} rate=4000 writes=1000000000 seed={} wipe=1", 40 + i);
+        let epoch_ms = ["5", "10", "20"][(i % 3) as usize];
+        let (vm, api) =
+            spawn_with_api(&mem, &sock, &cmdline, &["--journal", &j.to_string_lossy(), "--epoch-ms", epoch_ms])?;
+        // The guest stamps pages; then a random number of committed
+        // epochs after that, then a random instant.
+        let t0 = std::time::Instant::now();
+        while guest_writes(&mem, pages) < 100 {
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = kill9(vm);
+                bail!("trial {i}: the guest made no 100 page writes in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let want = committed(&api)? + 1 + rng.below(30);
+        let mut seen = committed(&api)?;
+        while seen < want {
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = kill9(vm);
+                bail!("trial {i}: the journal committed only {seen} epochs in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            seen = committed(&api)?;
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(30_000)));
+        t.panics += u64::from(kill9(vm)?);
+        match smudge::journal::recover(&j, smudge::journal::Target::Newest, &out) {
+            Ok(r) => {
+                t.lost_epochs += seen.saturating_sub(r.epoch.epoch);
+                let (stale, _in_flight) = stale_pages(&out, pages)?;
+                t.lost_pages += stale;
+                t.wrong_recoveries += u64::from(stale > 0);
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "reliability: journal {} not recovered: {e}", j.display());
+                t.lost_epochs += seen;
+            }
+        }
+        t.trials += 1;
+        std::fs::remove_file(&mem).ok();
+        std::fs::remove_file(&out).ok();
+        std::fs::remove_dir_all(&j).ok();
     }
     Ok(t)
 }
@@ -425,6 +507,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let kinds: Vec<(&str, Tally)> = vec![
         ("kill -9 during writeback", kill_during_writeback(dir, 2 * scale, &mut rng)?),
         ("kill -9 during a snapshot", kill_during_snapshot(dir, 10 * scale, &mut rng)?),
+        ("kill -9 of a durable guest", kill_durable_guests(dir, 20 * scale, &mut rng)?),
         ("corrupted snapshots", corrupt_snapshots(dir, 40 * scale, &mut rng)?),
         ("bad migration streams", bad_streams(dir, 100 * scale, &mut rng)?),
         ("misbehaving guests", misbehaving_guests(dir, 4 * scale)?),
@@ -441,10 +524,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         total.bad_inputs += t.bad_inputs;
         total.lost_pages += t.lost_pages;
         total.panics += t.panics;
+        total.lost_epochs += t.lost_epochs;
+        total.wrong_recoveries += t.wrong_recoveries;
     }
+    rep.result("kill -9 of a durable guest", "lost_epochs", total.lost_epochs as f64);
+    rep.result("kill -9 of a durable guest", "wrong_recoveries", total.wrong_recoveries as f64);
     rep.result("all", "trials", total.trials as f64);
     rep.goal("lost pages", total.lost_pages as f64, 0.0, "lower");
     rep.goal("panics", total.panics as f64, 0.0, "lower");
+    rep.goal("committed epochs lost by a kill -9", total.lost_epochs as f64, 0.0, "lower");
+    rep.goal("recoveries to a wrong state", total.wrong_recoveries as f64, 0.0, "lower");
     rep.goal(
         "bad inputs answered with a clear error (share)",
         total.clear_errors as f64 / total.bad_inputs.max(1) as f64,

@@ -12,7 +12,8 @@ use clap::Parser;
 use smudge::writeback::WritebackPolicy;
 use smudge_vmm::control::bench;
 use smudge_vmm::control::cli::{
-    Cli, Command, CtlArgs, CtlCommand, MigrateRecvArgs, RestoreArgs, RunArgs, SnapshotCommand, SnapshotCtl,
+    Cli, Command, CtlArgs, CtlCommand, JournalCommand, MigrateRecvArgs, RestoreArgs, RunArgs, SnapshotCommand,
+    SnapshotCtl,
 };
 use smudge_vmm::control::signals;
 use smudge_vmm::observe::tracking::DirtyOptions;
@@ -83,6 +84,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             println!("{}: full snapshot {} merged from the chain ending at {}", out.display(), m.id, dir.display());
             Ok(0)
         }
+        Command::Journal(JournalCommand::List { dir }) => smudge_vmm::persist::journal_cli::list(&dir),
+        Command::Journal(JournalCommand::Verify { dir }) => smudge_vmm::persist::journal_cli::verify(&dir),
         Command::ExportGuest { path } => {
             std::fs::write(&path, GUEST_ELF).with_context(|| format!("writing {}", path.display()))?;
             Ok(0)
@@ -106,17 +109,21 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     let Some(mem_file) = r.run.mem_file.clone().filter(|_| r.run.backing_file.is_none()) else {
         anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
     };
+    if let Some(dir) = r.run.journal.clone() {
+        return journal_restore(r, &dir, mem_file, t0);
+    }
+    let snapshot = r.snapshot.clone().context("--snapshot or --journal names what to restore")?;
     if r.lazy {
         smudge_vmm::persist::lazy::check_tmpfs(&mem_file)?;
         if mem_file.exists() {
             anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
         }
-        let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
+        let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&snapshot, t0)?;
         let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
         return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
     }
     match smudge_vmm::persist::restore::why_not_behind(&r) {
-        None => return restore_behind(r, mem_file, t0),
+        None => return restore_behind(r, &snapshot, mem_file, t0),
         Some(why) => {
             let _ = writeln!(
                 std::io::stderr(),
@@ -126,10 +133,10 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
         }
     }
     // Its memory chunks are checked as they are copied.
-    let (manifest, state) = smudge::snapshot::load_lazily(&r.snapshot)?;
+    let (manifest, state) = smudge::snapshot::load_lazily(&snapshot)?;
     let restoring = signals::on_stop("the restore ends before the guest runs", |_| {});
     let mut bar = progress_bar("restoring memory");
-    smudge::snapshot::materialize_with(&r.snapshot, &mem_file, &mut bar)?;
+    smudge::snapshot::materialize_with(&snapshot, &mem_file, &mut bar)?;
     drop(restoring);
     let ran = match signals::requested() {
         // Came while the memory was copied (the copy is not cut short).
@@ -142,11 +149,16 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
 /// The default restore with userfaultfd: RAM in a memfd filled behind the
 /// running guest, the memory file built in the background and kept by
 /// writeback once built.
-fn restore_behind(r: RestoreArgs, mem_file: std::path::PathBuf, t0: std::time::Instant) -> anyhow::Result<u8> {
+fn restore_behind(
+    r: RestoreArgs,
+    snapshot: &std::path::Path,
+    mem_file: std::path::PathBuf,
+    t0: std::time::Instant,
+) -> anyhow::Result<u8> {
     if mem_file.exists() {
         anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
     }
-    let (fill, m) = smudge_vmm::persist::lazy::LazyRestore::open(&r.snapshot, t0)?;
+    let (fill, m) = smudge_vmm::persist::lazy::LazyRestore::open(snapshot, t0)?;
     let made = smudge_vmm::persist::restore::NewMemoryFile::create(&mem_file, m.mem_size, t0)?;
     let ready = made.ready();
     let fill = Box::new(fill.behind(made));
@@ -158,6 +170,30 @@ fn restore_behind(r: RestoreArgs, mem_file: std::path::PathBuf, t0: std::time::I
         run_config(cfg)
     });
     stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot")
+}
+
+/// `smudge restore --journal DIR`: the chosen committed epoch's RAM built
+/// into the memory file (base image plus the epochs up to it), then the
+/// run from its machine state; with `--epoch-ms` journalled on into DIR.
+fn journal_restore(
+    r: RestoreArgs,
+    dir: &std::path::Path,
+    mem_file: std::path::PathBuf,
+    t0: std::time::Instant,
+) -> anyhow::Result<u8> {
+    if r.lazy {
+        anyhow::bail!("--lazy does not apply to --journal: a journal restore builds the memory file first");
+    }
+    let target = smudge_vmm::persist::journal_cli::target(r.epoch, r.at);
+    let rec = smudge_vmm::persist::journal_cli::recover(dir, target, &mem_file)?;
+    let ran = match signals::requested() {
+        Some(sig) => Err(smudge_vmm::vm::VmError::Stopped(sig).into()),
+        None => {
+            let after = r.run.epoch_ms.map(|_| rec.epoch.epoch);
+            run(r.run, Start::Recovered(Box::new((rec.ram_size, rec.state, t0, after))))
+        }
+    };
+    stopped_before_running(ran, Some(&mem_file), "the guest stays in its journal")
 }
 
 /// `smudge migrate-recv`: waits for a source, checks this side can take
@@ -426,6 +462,10 @@ enum Start {
     /// Continue a snapshot (its memory file is materialized).
     /// With when the command started (for the time to first instruction).
     Restore(Box<(smudge::snapshot::Manifest, smudge::snapshot::MachineState, std::time::Instant)>),
+    /// Continue a journal's epoch (its memory file is built): RAM size,
+    /// state, when the command started, and the epoch to journal on after
+    /// (None: no journal for this run).
+    Recovered(Box<(u64, smudge::snapshot::MachineState, std::time::Instant, Option<u64>)>),
     /// Receive a guest (a migration, or a lazy restore) whose RAM size and
     /// vCPU count are known.
     Incoming(u64, usize, Box<dyn vm::IncomingVm>),
@@ -452,11 +492,21 @@ fn run_config(cfg: VmConfig) -> anyhow::Result<u8> {
 
 /// The run `args` ask for, beginning as `start` says.
 fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
+    let mut journal_after = None;
     let (restore, incoming, announced) = match start {
         Start::Boot => (None, None, None),
-        Start::Restore(r) => (Some(*r), None, None),
+        Start::Restore(r) => {
+            let (m, state, t0) = *r;
+            (Some((m.mem_size, m.vcpus, state, t0)), None, None)
+        }
         Start::Incoming(size, vcpus, i) => (None, Some(i), Some((size, vcpus))),
+        Start::Recovered(r) => {
+            let (size, state, t0, after) = *r;
+            journal_after = Some(after);
+            (Some((size, state.vcpus.len(), state, t0)), None, None)
+        }
     };
+    let journal = smudge_vmm::persist::journal_cli::epoch_options(args, journal_after)?;
     let (guest_elf, cmdline) = match &args.guest {
         Some(p) => (
             std::fs::read(p).with_context(|| format!("reading guest kernel {}", p.display()))?,
@@ -473,7 +523,7 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         anyhow::bail!("--timeout must be a number of seconds >= 0");
     }
     let (mem_size, vcpus) = match (&restore, announced) {
-        (Some((m, _, _)), _) => (m.mem_size, u8::try_from(m.vcpus)?),
+        (Some((size, vcpus, _, _)), _) => (*size, u8::try_from(*vcpus)?),
         (None, Some((size, vcpus))) => (size, u8::try_from(vcpus)?),
         (None, None) => (args.mem_size, args.vcpus),
     };
@@ -496,8 +546,8 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         ring_entries: args.ring_entries,
         on_sync: None,
         api_sock: args.api_sock.clone(),
-        restore: restore.as_ref().map(|(_, s, _)| s.clone()),
-        started_at: restore.as_ref().map(|(_, _, t)| *t),
+        restore: restore.as_ref().map(|(_, _, s, _)| s.clone()),
+        started_at: restore.as_ref().map(|(_, _, _, t)| *t),
         snapshot_at: match (args.snapshot_at_ms, &args.snapshot_dir) {
             (Some(ms), Some(d)) => {
                 // An output directory, made as `mkdir -p` would: before the
@@ -508,6 +558,7 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
             _ => None,
         },
         snapshot_precopy: (args.snapshot_precopy_ms > 0).then(|| Duration::from_millis(args.snapshot_precopy_ms)),
+        journal,
         writeback: (!args.no_writeback && !args.no_dirty_log).then_some(WritebackOptions {
             policy: WritebackPolicy {
                 writeback_interval: Duration::from_millis(args.dirty_writeback_ms.max(1)),

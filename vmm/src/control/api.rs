@@ -155,6 +155,8 @@ pub struct Api {
     flusher: Option<Arc<Mutex<Flusher>>>,
     snapshotter: Option<Arc<Mutex<Snapshotter>>>,
     migration: Option<MigrationSource>,
+    /// The durable mode's epoch counters (`--journal`).
+    journal: Option<Arc<crate::persist::epoch::EpochStats>>,
     /// The long request running now (held while it runs).
     job: Mutex<()>,
     /// What it is, for `stats` and "busy" answers.
@@ -184,6 +186,7 @@ impl ApiServer {
             flusher,
             snapshotter,
             migration,
+            journal: None,
             job: Mutex::new(()),
             job_name: Mutex::new(None),
             progress: Mutex::new(None),
@@ -191,6 +194,15 @@ impl ApiServer {
             serving: Arc::new(AtomicUsize::new(0)),
         };
         ApiServer { listener, path, api: Arc::new(api), conns: Vec::new() }
+    }
+
+    /// Shows the durable mode's epoch counters in `stats` (before the
+    /// first connection).
+    pub fn with_journal(mut self, stats: Option<Arc<crate::persist::epoch::EpochStats>>) -> Self {
+        if let Some(api) = Arc::get_mut(&mut self.api) {
+            api.journal = stats;
+        }
+        self
     }
 
     /// The listening socket (for the event loop).
@@ -422,6 +434,9 @@ impl Api {
                 "write_errors": w.write_errors,
                 "throttle_ms": self.vcpus.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
             });
+        }
+        if let Some(j) = &self.journal {
+            v["journal"] = j.json();
         }
         v
     }

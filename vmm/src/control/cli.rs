@@ -26,6 +26,9 @@ pub enum Command {
         /// Where to write the ELF.
         path: PathBuf,
     },
+    /// Work with a durable-mode journal on disk.
+    #[command(subcommand)]
+    Journal(JournalCommand),
     /// Run a benchmark (goals are ratios measured in one run): `smudge bench boot [--json]`.
     Bench(BenchArgs),
     /// Talk to a running smudge over its control socket.
@@ -139,6 +142,26 @@ pub struct RunArgs {
     /// Serve the control API (JSON over this unix socket, mode 0600).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Durable mode: every --epoch-ms, append a consistent epoch (the
+    /// pages dirtied since the last, vCPU and device state) to the journal
+    /// in this directory and commit it with fdatasync; `smudge restore
+    /// --journal` continues the guest from the newest committed one. With
+    /// `restore`: the journal to recover from.
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Epoch length in milliseconds (default 20). With `restore
+    /// --journal`: journal the recovered guest on into the same directory
+    /// (epochs after the recovered one are cut off first).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub epoch_ms: Option<u64>,
+    /// Keep committed epochs in the journal this long (rewind window:
+    /// 500ms, 10s, 2m); older ones are checkpointed into its base image.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub retain: std::time::Duration,
+    /// Bound on the journal's segments (K/M/G suffixes): beyond it the
+    /// oldest epochs are checkpointed even within --retain.
+    #[arg(long, value_parser = parse_size)]
+    pub journal_max_bytes: Option<u64>,
     /// Draw a dirty-page heatmap of the run into this SVG file: guest
     /// address against time, coloured by pages dirtied per period, with the
     /// dirty rate below; the numbers behind it go to FILE.json. Re-protects
@@ -175,6 +198,10 @@ pub struct RunArgs {
     /// acts on a guest held at a known point instead of waiting for it.
     #[arg(long, hide = true, value_name = "N")]
     pub test_pause_at_sync: Option<u32>,
+    /// Test hook: the journal's writer waits this long before each batch
+    /// of epochs, as a disk that cannot keep up would.
+    #[arg(long, hide = true, value_name = "MS")]
+    pub test_journal_write_delay_ms: Option<u64>,
     /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
     /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
     /// path runs because the harvester is held, not because the guest
@@ -205,9 +232,17 @@ pub struct CtlArgs {
 /// `smudge restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The snapshot directory.
-    #[arg(long)]
-    pub snapshot: PathBuf,
+    /// The snapshot directory (or --journal DIR: continue from a journal).
+    #[arg(long, required_unless_present = "journal", conflicts_with = "journal")]
+    pub snapshot: Option<PathBuf>,
+    /// With --journal: continue from this committed epoch (default: the
+    /// newest).
+    #[arg(long, requires = "journal", conflicts_with = "at")]
+    pub epoch: Option<u64>,
+    /// With --journal: continue from the newest epoch at least this much
+    /// older than the newest one (-2s, -500ms).
+    #[arg(long, requires = "journal", allow_hyphen_values = true, value_parser = parse_ago)]
+    pub at: Option<std::time::Duration>,
     /// Run the guest on the memory file itself, loaded behind it (the
     /// default restore keeps RAM in shared memory and builds the memory
     /// file in the background instead): the memory file must be on tmpfs
@@ -267,6 +302,21 @@ pub enum SnapshotCommand {
         dir: PathBuf,
         /// The new full snapshot's directory (must not exist or be empty).
         out: PathBuf,
+    },
+}
+
+/// `smudge journal …`.
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// The committed epochs a journal holds, and where its scan stopped.
+    List {
+        /// The journal directory.
+        dir: PathBuf,
+    },
+    /// Read every record and check it; exit 1 if no epoch is recoverable.
+    Verify {
+        /// The journal directory.
+        dir: PathBuf,
     },
 }
 
@@ -452,6 +502,29 @@ pub enum ArgError {
     /// Not a size.
     #[error("{0}")]
     Size(String),
+    /// Not a duration.
+    #[error("'{0}': a duration such as 500ms, 10s or 2m")]
+    Duration(String),
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, ArgError> {
+    let bad = || ArgError::Duration(s.to_string());
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?);
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(bad()),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// Parses `-2s` (or `2s`): how far back from the newest epoch.
+fn parse_ago(s: &str) -> Result<std::time::Duration, ArgError> {
+    parse_duration(s.strip_prefix('-').unwrap_or(s))
 }
 
 fn parse_wait(s: &str) -> Result<f64, ArgError> {
@@ -479,5 +552,17 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_ago("-2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5x").is_err());
     }
 }

@@ -71,6 +71,20 @@ fn stats(v: &Value) -> String {
             num(w, "throttle_ms"),
         );
     }
+    if let Some(j) = v.get("journal").filter(|j| j.is_object()) {
+        out += &format!(
+            "journal     epoch {:.0} committed {} ago, {:.0} sealed, pause p50 {:.0} us p99 {:.0} us, {:.0} lengthened, {:.0} throttled, {:.1} MiB in segments{}\n",
+            num(j, "newest_committed"),
+            j["committed_age_ms"].as_u64().map_or("(none yet)".to_string(), |ms| format!("{ms} ms")),
+            num(j, "sealed"),
+            num(j, "pause_us_p50"),
+            num(j, "pause_us_p99"),
+            num(j, "lengthened"),
+            num(j, "throttled"),
+            num(j, "journal_bytes") / 1048576.0,
+            j["error"].as_str().map(|e| format!("; FAILED: {e}")).unwrap_or_default(),
+        );
+    }
     if let Some(p) = v.get("progress").filter(|p| p.is_object()) {
         let sending = p.get("sending").and_then(Value::as_bool).unwrap_or(false);
         out += &format!(

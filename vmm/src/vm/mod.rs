@@ -124,6 +124,8 @@ pub struct VmConfig {
     /// Copy the next diff snapshot's pages into a staging image this often
     /// while the guest runs (None: the pause copies them all).
     pub snapshot_precopy: Option<Duration>,
+    /// Durable mode: append an epoch to this journal every so often.
+    pub journal: Option<crate::persist::epoch::EpochOptions>,
     /// Continue from a snapshot's machine state instead of booting (the
     /// memory file already holds its RAM).
     pub restore: Option<smudge::snapshot::MachineState>,
@@ -193,6 +195,7 @@ impl VmConfig {
             started_at: None,
             snapshot_at: None,
             snapshot_precopy: None,
+            journal: None,
             heatmap: None,
             incoming: None,
             seccomp: false,

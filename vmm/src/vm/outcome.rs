@@ -79,6 +79,9 @@ pub enum Outcome {
     Migrated(String),
     /// SIGTERM or SIGINT (the signal number) stopped the run.
     Signalled(i32),
+    /// The journal could not be written (`--journal`); its committed
+    /// epochs are intact.
+    JournalFailed(String),
 }
 
 impl Outcome {
@@ -93,6 +96,7 @@ impl Outcome {
             Outcome::KvmFailure(_) => EXIT_KVM,
             Outcome::Stopped | Outcome::Migrated(_) => 0,
             Outcome::Signalled(_) => EXIT_SIGNALLED,
+            Outcome::JournalFailed(_) => EXIT_WRITEBACK,
         }
     }
 }
@@ -121,6 +125,7 @@ impl fmt::Display for Outcome {
             Outcome::Stopped => write!(f, "stopped by the control API"),
             Outcome::Migrated(to) => write!(f, "guest migrated to {to}; it runs there now"),
             Outcome::Signalled(s) => write!(f, "stopped by {}", smudge::stop_signal::name(*s)),
+            Outcome::JournalFailed(m) => write!(f, "journal failed: {m}; stopped"),
         }
     }
 }

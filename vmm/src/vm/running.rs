@@ -197,6 +197,14 @@ impl Parts<'_> {
         if let (Some(sn), Some((at, dir))) = (&snapshotter, cfg.snapshot_at.clone()) {
             tasks.add(timed_snapshot_task(sn.clone(), at, dir, shared.clone()));
         }
+        let journal = match &cfg.journal {
+            Some(opts) => {
+                let (task, stats) = self.epoch_task(opts)?;
+                tasks.add(task);
+                Some(stats)
+            }
+            None => None,
+        };
         if let Some(listener) = api_listener {
             // The server removes the socket from here on.
             socket_file.0 = None;
@@ -208,7 +216,8 @@ impl Parts<'_> {
                 flusher.cloned(),
                 snapshotter,
                 self.migration_source(&control),
-            );
+            )
+            .with_journal(journal);
             tasks.add(ApiTask::new(server));
         }
         Ok((tasks, heatmap))
@@ -228,6 +237,25 @@ impl Parts<'_> {
             }
             Flusher::run(f, sh, tick, || stop.is_set(), || vcpu_control::kick_all(&th))
         })
+    }
+
+    /// The durable mode's epochs into the journal `opts` names.
+    fn epoch_task(
+        &self,
+        opts: &crate::persist::epoch::EpochOptions,
+    ) -> Result<(crate::persist::epoch::EpochTask, Arc<crate::persist::epoch::EpochStats>), VmError> {
+        use crate::persist::epoch;
+        let mem_file =
+            self.backing.file().try_clone().map_err(|e| VmError::Runtime(format!("dup memory file: {e}")))?;
+        let src = epoch::EpochSource {
+            harvester: self.harvester.clone(),
+            ram: self.ram.clone(),
+            mem_file,
+            mem_size: self.cfg.mem_size,
+            shared: self.shared.clone(),
+            threads: self.threads.clone(),
+        };
+        epoch::start(src, opts).map_err(|e| VmError::Runtime(e.to_string()))
     }
 
     /// Snapshots of this VM; none if the memory file cannot be shared.

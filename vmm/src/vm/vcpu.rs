@@ -118,6 +118,9 @@ pub struct Shared {
     pub throttled_ns: AtomicU64,
     /// The control API asked the vCPUs to pause.
     pause_requested: AtomicBool,
+    /// An epoch boundary of the durable mode holds them: a flag of its
+    /// own, so that neither it nor a pause by anyone else ends the other.
+    boundary_requested: AtomicBool,
     /// vCPU threads waiting in the pause now.
     paused: AtomicUsize,
     /// A snapshot asks each paused vCPU for its state: slot `i` is filled
@@ -173,6 +176,7 @@ impl Shared {
             vcpu_limit_until_ns: (0..MAX_VCPUS).map(|_| AtomicU64::new(0)).collect(),
             throttled_ns: AtomicU64::new(0),
             pause_requested: AtomicBool::new(false),
+            boundary_requested: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
             state_request: Mutex::new(None),
             irqchip,
@@ -201,12 +205,28 @@ impl Shared {
         self.paused.load(Ordering::Acquire)
     }
 
+    /// Holds the vCPUs for an epoch boundary at their next exit (the
+    /// caller kicks them), whoever else pauses or resumes them meanwhile.
+    pub fn request_boundary(&self) {
+        self.boundary_requested.store(true, Ordering::Release);
+    }
+
+    /// Ends the boundary's hold (a pause asked for by anyone else stays).
+    pub fn end_boundary(&self) {
+        self.boundary_requested.store(false, Ordering::Release);
+    }
+
+    /// Whether the vCPUs must stay parked: a pause or a boundary.
+    fn held(&self) -> bool {
+        self.pause_requested.load(Ordering::Acquire) || self.boundary_requested.load(Ordering::Acquire)
+    }
+
     fn wait_while_paused(&self, id: u8, vcpu: &VcpuFd) {
-        if !self.pause_requested.load(Ordering::Acquire) {
+        if !self.held() {
             return;
         }
         self.paused.fetch_add(1, Ordering::AcqRel);
-        while self.pause_requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+        while self.held() && !self.stop.load(Ordering::Acquire) {
             {
                 let mut req = self.state_request.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(slot) = req.as_mut().and_then(|v| v.get_mut(usize::from(id))) {
@@ -275,10 +295,7 @@ impl Shared {
             // A pause (a snapshot's or a migration's switchover) does not
             // wait for the throttle: the vCPU parks now, and throttles
             // again, if still asked to, once it resumes.
-            if until <= now.as_nanos() as u64
-                || self.stop.load(Ordering::Acquire)
-                || self.pause_requested.load(Ordering::Acquire)
-            {
+            if until <= now.as_nanos() as u64 || self.stop.load(Ordering::Acquire) || self.held() {
                 break;
             }
             // Parked, not slept: `VcpuControl::pause` (`vcpu_control`) unparks at once.

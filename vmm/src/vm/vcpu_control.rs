@@ -73,6 +73,26 @@ impl VcpuControl {
     pub fn pause(&self) -> Result<usize, VcpuControlError> {
         let live = self.threads.iter().filter(|t| !t.is_finished()).count();
         self.shared.request_pause();
+        self.wait_parked(live)
+    }
+
+    /// Holds the vCPUs for an epoch boundary as [`Self::pause`] does, on a
+    /// flag of its own: a `ctl pause`, `resume` or snapshot meanwhile
+    /// neither ends the hold nor is ended by [`Self::release_boundary`].
+    pub fn hold_for_boundary(&self) -> Result<usize, VcpuControlError> {
+        let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+        self.shared.request_boundary();
+        self.wait_parked(live)
+    }
+
+    /// Ends an epoch boundary's hold.
+    pub fn release_boundary(&self) {
+        self.shared.end_boundary();
+        self.wake();
+    }
+
+    /// Kicks the vCPUs until `live` of them are parked.
+    fn wait_parked(&self, live: usize) -> Result<usize, VcpuControlError> {
         // Out of KVM_RUN (a signal) and out of a throttle's wait (unpark).
         (self.kick)(&self.threads);
         self.wake();

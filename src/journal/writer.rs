@@ -1,0 +1,435 @@
+//! Writing a journal: epochs appended to the current segment, committed
+//! by `fdatasync` (several at once: group commit), segments rolled at a
+//! size, and old segments checkpointed into the base image.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{self, Begin, Commit, Header, Kind, SegmentHead, HEADER};
+use super::image::EpochPages;
+use super::recover::{read_epoch, scan, segment_files, Checkpoint, EpochInfo, CHECKPOINT_FORMAT};
+use super::{segment_name, sync_dir, JournalError, BASE, CHECKPOINT};
+use crate::machine_state::MachineState;
+
+/// Pages per pages record (a record is checked and read whole).
+const PAGES_PER_RECORD: usize = 256;
+/// Bytes gathered before one `pwrite`.
+const WRITE_BATCH: usize = 4 << 20;
+
+/// Sizes of a journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// A segment is closed (and a new one begun) once it holds this much.
+    pub segment_bytes: u64,
+    /// Checkpoint the oldest segments, retained or not, while the journal
+    /// holds more than this (None: no bound).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions { segment_bytes: 64 << 20, max_bytes: None }
+    }
+}
+
+/// A closed segment: every epoch in it committed.
+#[derive(Debug)]
+struct Closed {
+    path: PathBuf,
+    len: u64,
+    epochs: Vec<EpochInfo>,
+}
+
+/// The segment epochs go into.
+#[derive(Debug)]
+struct Current {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    epochs: Vec<EpochInfo>,
+}
+
+/// What a checkpoint did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Segments written into the base and removed.
+    pub segments: u64,
+    /// Epochs they held.
+    pub epochs: u64,
+    /// Of those, segments checkpointed before their time because the
+    /// journal was over its size bound.
+    pub forced: u64,
+}
+
+/// A journal open for appending.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    id: u128,
+    vm: u128,
+    cp: Checkpoint,
+    opts: JournalOptions,
+    base: File,
+    closed: VecDeque<Closed>,
+    current: Option<Current>,
+    next_seq: u64,
+    next_epoch: u64,
+    committed: u64,
+}
+
+/// A number no other journal or VM has (the std hasher's random keys and
+/// the time).
+pub fn new_id() -> u128 {
+    let word = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    (u128::from(word()) << 64) | u128::from(word())
+}
+
+impl Journal {
+    /// A new journal in `dir` (made if missing; it must hold no journal)
+    /// for the VM `vm` with `ram_size` bytes of RAM in pages of
+    /// `page_size`. Its first epoch must hold every page with data.
+    pub fn create(
+        dir: &Path,
+        ram_size: u64,
+        page_size: u64,
+        vm: u128,
+        opts: JournalOptions,
+    ) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(JournalError::io(dir, "create directory"))?;
+        if dir.join(CHECKPOINT).exists() || !segment_files(dir)?.is_empty() {
+            return Err(JournalError::Exists(dir.into()));
+        }
+        let base_path = dir.join(BASE);
+        let base = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&base_path)
+            .map_err(JournalError::io(&base_path, "create"))?;
+        base.set_len(ram_size).map_err(JournalError::io(&base_path, "set length"))?;
+        base.sync_all().map_err(JournalError::io(&base_path, "fsync"))?;
+        let id = new_id();
+        let cp = Checkpoint {
+            format: CHECKPOINT_FORMAT.into(),
+            journal: format!("{id:032x}"),
+            ram_size,
+            page_size,
+            base_epoch: 0,
+            complete: true,
+            checksum: 0,
+        };
+        cp.store(dir)?;
+        Ok(Journal {
+            dir: dir.into(),
+            id,
+            vm,
+            cp,
+            opts,
+            base,
+            closed: VecDeque::new(),
+            current: None,
+            next_seq: 0,
+            next_epoch: 1,
+            committed: 0,
+        })
+    }
+
+    /// Opens the journal in `dir` to go on after its committed epoch
+    /// `keep` (a recovered guest journalling on): every epoch after it —
+    /// newer committed ones (a rewind) and an uncommitted tail — is cut
+    /// off first. The next epoch must hold every page with data.
+    pub fn reopen(dir: &Path, keep: u64, vm: u128, opts: JournalOptions) -> Result<Journal, JournalError> {
+        let s = scan(dir)?;
+        let at = s.recoverable().find(|e| e.epoch == keep).cloned().ok_or(JournalError::NotRetained {
+            want: keep,
+            oldest: s.recoverable().next().map_or(0, |e| e.epoch),
+            newest: s.newest().map_or(0, |e| e.epoch),
+        })?;
+        let id = s.checkpoint.journal_id().ok_or_else(|| JournalError::NotAJournal(dir.into()))?;
+        // Later segments go, newest first; the one holding `keep` ends
+        // right after it.
+        let files = segment_files(dir)?;
+        let seq_of = |p: &Path| files.iter().find(|(_, f)| f == p).map(|(s, _)| *s);
+        let keep_seq = seq_of(&at.segment).ok_or_else(|| JournalError::NotAJournal(dir.into()))?;
+        for (_, p) in files.iter().rev().filter(|(s, _)| *s > keep_seq) {
+            std::fs::remove_file(p).map_err(JournalError::io(p, "remove"))?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&at.segment)
+            .map_err(JournalError::io(&at.segment, "open"))?;
+        file.set_len(at.end).map_err(JournalError::io(&at.segment, "truncate"))?;
+        file.sync_all().map_err(JournalError::io(&at.segment, "fsync"))?;
+        sync_dir(dir)?;
+        let mut closed = VecDeque::new();
+        let mut current = None;
+        for (seq, p) in files.iter().filter(|(s, _)| *s <= keep_seq) {
+            let epochs: Vec<EpochInfo> =
+                s.epochs.iter().filter(|e| &e.segment == p && e.epoch <= keep).cloned().collect();
+            let len = s.segments.iter().find(|g| &g.path == p).map_or(0, |g| g.committed_len);
+            if *seq == keep_seq {
+                current = Some(Current {
+                    file: file.try_clone().map_err(JournalError::io(p, "dup"))?,
+                    path: p.clone(),
+                    len: at.end,
+                    epochs,
+                });
+            } else {
+                closed.push_back(Closed { path: p.clone(), len, epochs });
+            }
+        }
+        let base_path = dir.join(BASE);
+        let base =
+            OpenOptions::new().read(true).write(true).open(&base_path).map_err(JournalError::io(&base_path, "open"))?;
+        Ok(Journal {
+            dir: dir.into(),
+            id,
+            vm,
+            cp: s.checkpoint.clone(),
+            opts,
+            base,
+            closed,
+            current,
+            next_seq: keep_seq + 1,
+            next_epoch: keep + 1,
+            committed: keep,
+        })
+    }
+
+    /// The journal's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The newest committed epoch (0: none yet).
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// The number the next appended epoch gets.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Bytes the segments hold.
+    pub fn bytes(&self) -> u64 {
+        self.closed.iter().map(|c| c.len).sum::<u64>() + self.current.as_ref().map_or(0, |c| c.len)
+    }
+
+    /// Appends the next epoch — its boundary at `time_ns`, `pages`, the
+    /// machine `state` — without syncing: it is committed by the next
+    /// [`Self::sync`]. Returns its number. On error nothing of it stays
+    /// in the journal (the segment is cut back) and the number is unused.
+    pub fn append(&mut self, time_ns: u64, pages: &EpochPages, state: &MachineState) -> Result<u64, JournalError> {
+        let epoch = self.next_epoch;
+        if pages.page_size() != self.cp.page_size {
+            return Err(JournalError::Shape { epoch, why: format!("pages of {} bytes", pages.page_size()) });
+        }
+        self.roll_if_full()?;
+        let seg = self.current.as_mut().ok_or_else(|| JournalError::NotAJournal(self.dir.clone()))?;
+        let start = seg.len;
+        let begin = Begin { vm: self.vm, time_ns, ram_size: self.cp.ram_size, page_size: self.cp.page_size };
+        match write_epoch(&seg.file, start, epoch, &begin, pages, state) {
+            Ok(end) => {
+                seg.len = end;
+                seg.epochs.push(EpochInfo {
+                    epoch,
+                    vm: self.vm,
+                    time_ns,
+                    pages: pages.len() as u64,
+                    bytes: end - start,
+                    segment: seg.path.clone(),
+                    start,
+                    end,
+                });
+                self.next_epoch += 1;
+                Ok(epoch)
+            }
+            Err(e) => {
+                // A partial epoch must not stay in front of the next one.
+                let _ = seg.file.set_len(start);
+                Err(JournalError::io(&seg.path, "append an epoch")(e))
+            }
+        }
+    }
+
+    /// Commits every epoch appended so far: `fdatasync`, then they count.
+    /// Returns the newest committed epoch.
+    pub fn sync(&mut self) -> Result<u64, JournalError> {
+        let appended = self.next_epoch - 1;
+        if appended > self.committed {
+            if let Some(seg) = &self.current {
+                seg.file.sync_data().map_err(JournalError::io(&seg.path, "fdatasync"))?;
+            }
+            self.committed = appended;
+        }
+        Ok(self.committed)
+    }
+
+    /// The boundary time of committed epoch `n`, if the journal holds it.
+    pub fn epoch_time_ns(&self, n: u64) -> Option<u64> {
+        let cur = self.current.iter().flat_map(|c| c.epochs.iter());
+        self.closed.iter().flat_map(|c| c.epochs.iter()).chain(cur).find(|e| e.epoch == n).map(|e| e.time_ns)
+    }
+
+    /// Closes the current segment once it is full (syncing it: its epochs
+    /// are committed) and begins the next, whose directory entry is
+    /// synced before any epoch goes in.
+    fn roll_if_full(&mut self) -> Result<(), JournalError> {
+        if let Some(seg) = &self.current {
+            if seg.len < self.opts.segment_bytes || seg.epochs.is_empty() {
+                return Ok(());
+            }
+            self.sync()?;
+        }
+        if let Some(seg) = self.current.take() {
+            self.closed.push_back(Closed { path: seg.path, len: seg.len, epochs: seg.epochs });
+        }
+        let path = self.dir.join(segment_name(self.next_seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(JournalError::io(&path, "create a segment"))?;
+        let head = SegmentHead { journal: self.id, sequence: self.next_seq }.encode();
+        let made = (|| {
+            file.write_all_at(&Header::of(Kind::Segment, self.next_epoch, &head).encode(), 0)?;
+            file.write_all_at(&head, HEADER as u64)?;
+            file.sync_all()
+        })();
+        if let Err(e) =
+            made.map_err(JournalError::io(&path, "write a segment header")).and_then(|()| sync_dir(&self.dir))
+        {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.next_seq += 1;
+        self.current = Some(Current { file, path, len: (HEADER + head.len()) as u64, epochs: Vec::new() });
+        Ok(())
+    }
+
+    /// Writes into the base image every closed segment whose epochs all
+    /// began before `cutoff_ns`, oldest first — and, while the journal
+    /// holds more than its bound, older segments still — then removes
+    /// them. The newest committed epoch always stays in the journal.
+    pub fn checkpoint(&mut self, cutoff_ns: u64) -> Result<CheckpointReport, JournalError> {
+        let mut r = CheckpointReport::default();
+        while let Some(front) = self.closed.front() {
+            let newest = front.epochs.last().map_or(0, |e| e.epoch);
+            let old = front.epochs.last().is_none_or(|e| e.time_ns < cutoff_ns);
+            let over = self.opts.max_bytes.is_some_and(|m| self.bytes() > m);
+            if newest >= self.committed || !(old || over) {
+                break;
+            }
+            let seg = self.checkpoint_front()?;
+            r.segments += 1;
+            r.epochs += seg as u64;
+            r.forced += u64::from(!old);
+        }
+        Ok(r)
+    }
+
+    /// Applies the oldest closed segment to the base and removes it;
+    /// returns how many epochs it held.
+    fn checkpoint_front(&mut self) -> Result<usize, JournalError> {
+        let Some(front) = self.closed.front() else { return Ok(0) };
+        let Some(last) = front.epochs.last().map(|e| e.epoch) else {
+            return self.remove_front().map(|()| 0);
+        };
+        // The base may hold pages of epochs up to `last` from now on.
+        self.cp.base_epoch = self.cp.base_epoch.max(last);
+        self.cp.complete = false;
+        self.cp.store(&self.dir)?;
+        let base_path = self.dir.join(BASE);
+        for e in &front.epochs {
+            read_epoch(e, &self.cp, |off, data| self.base.write_all_at(data, off))?;
+        }
+        self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
+        self.cp.complete = true;
+        self.cp.store(&self.dir)?;
+        let n = front.epochs.len();
+        self.remove_front()?;
+        Ok(n)
+    }
+
+    fn remove_front(&mut self) -> Result<(), JournalError> {
+        if let Some(c) = self.closed.pop_front() {
+            std::fs::remove_file(&c.path).map_err(JournalError::io(&c.path, "remove"))?;
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Gathers records into large positioned writes.
+struct Out<'a> {
+    file: &'a File,
+    off: u64,
+    buf: Vec<u8>,
+}
+
+impl Out<'_> {
+    fn push(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= WRITE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, kind: Kind, epoch: u64, pieces: &[&[u8]]) -> std::io::Result<u64> {
+        let h = format::header_of(kind, epoch, pieces);
+        self.push(&h.encode())?;
+        for p in pieces {
+            self.push(p)?;
+        }
+        Ok(h.len)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.write_all_at(&self.buf, self.off)?;
+        self.off += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// Writes epoch `epoch`'s records at `start`; returns where they end.
+fn write_epoch(
+    file: &File,
+    start: u64,
+    epoch: u64,
+    begin: &Begin,
+    pages: &EpochPages,
+    state: &MachineState,
+) -> std::io::Result<u64> {
+    let mut out = Out { file, off: start, buf: Vec::with_capacity(WRITE_BATCH + (1 << 20)) };
+    let mut c = Commit::default();
+    c.bytes += out.record(Kind::Begin, epoch, &[&begin.encode()])?;
+    let all: Vec<(u64, &[u8])> = pages.iter().collect();
+    for chunk in all.chunks(PAGES_PER_RECORD) {
+        let offsets: Vec<u64> = chunk.iter().map(|(o, _)| *o).collect();
+        let head = format::encode_page_offsets(&offsets);
+        let mut pieces: Vec<&[u8]> = vec![&head];
+        pieces.extend(chunk.iter().map(|(_, d)| *d));
+        c.bytes += out.record(Kind::Pages, epoch, &pieces)?;
+        c.pages += chunk.len() as u64;
+        c.page_records += 1;
+    }
+    let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    c.bytes += out.record(Kind::State, epoch, &[&json])?;
+    out.record(Kind::Commit, epoch, &[&c.encode()])?;
+    out.flush()?;
+    Ok(out.off)
+}
