@@ -249,6 +249,44 @@ impl DirtySet {
         Ok(())
     }
 
+    /// Replaces the pages of slot `index` with the bits of `words` placed
+    /// from word `first` on, the rest of the slot clean: one sequential copy
+    /// of a bitmap's non-zero range rather than an OR per word.
+    pub fn assign_words(&mut self, index: usize, first: usize, words: &[u64]) -> Result<(), DirtySetError> {
+        let s = self.slot_mut(index)?;
+        let end = first.saturating_add(words.len());
+        if end > s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: end, want: s.words.len() });
+        }
+        s.clear();
+        s.words[first..end].copy_from_slice(words);
+        if !words.is_empty() {
+            (s.first, s.end) = (first, end);
+        }
+        Ok(())
+    }
+
+    /// Replaces the pages of slot `index` with the bitmap `words` (all of
+    /// the slot's words, its bits within `bounds`), handing back the slot's
+    /// old words, cleared: a take of a whole bitmap without copying it.
+    pub fn swap_words(
+        &mut self,
+        index: usize,
+        words: &mut Vec<u64>,
+        bounds: std::ops::Range<usize>,
+    ) -> Result<(), DirtySetError> {
+        let s = self.slot_mut(index)?;
+        if words.len() != s.words.len() {
+            return Err(DirtySetError::BitmapLength { slot: s.slot.slot, got: words.len(), want: s.words.len() });
+        }
+        s.clear();
+        std::mem::swap(&mut s.words, words);
+        if !bounds.is_empty() {
+            (s.first, s.end) = (bounds.start, bounds.end);
+        }
+        Ok(())
+    }
+
     /// Marks page `page` of slot `index`; pages past the slot's end are
     /// refused (false), never silently dropped.
     pub fn set_page(&mut self, index: usize, page: u64) -> Result<bool, DirtySetError> {
@@ -417,6 +455,11 @@ mod tests {
         assert_eq!(e, DirtySetError::BitmapLength { slot: 0, got: 2, want: 4 });
         assert_eq!(e.to_string(), "slot 0: dirty bitmap has 2 words, expected 4");
         assert!(matches!(d.or_words(5, &[]), Err(DirtySetError::NoSuchSlot { index: 5, slots: 2 })));
+        assert_eq!(d.assign_words(0, 3, &[1, 2]), Err(DirtySetError::BitmapLength { slot: 0, got: 5, want: 4 }));
+        assert_eq!(
+            d.swap_words(0, &mut vec![0; 3], 0..1),
+            Err(DirtySetError::BitmapLength { slot: 0, got: 3, want: 4 })
+        );
     }
 
     #[test]
@@ -467,6 +510,20 @@ mod tests {
             prop_assert_eq!(f.or_sparse(0, w, &nz, None).unwrap(), (pages.len() as u64, pages.len() as u64));
             prop_assert_eq!(f.or_sparse(0, w, &nz, None).unwrap(), (pages.len() as u64, 0));
             prop_assert_eq!(&f, &e);
+            // Assigning the non-zero range, or swapping the whole bitmap in,
+            // over a set holding other pages gives the same set again, and
+            // the swap hands back the old words cleared.
+            let (lo, hi) = (nz.first().map_or(0, |&i| i as usize), nz.last().map_or(0, |&i| i as usize + 1));
+            let mut g = DirtySet::new(&slots(), PS);
+            g.set_page(0, 5).unwrap();
+            g.assign_words(0, lo, &w[lo..hi]).unwrap();
+            prop_assert_eq!(g.slots()[0].pages().collect::<Vec<_>>(), pages.iter().copied().collect::<Vec<_>>());
+            let mut h = DirtySet::new(&slots(), PS);
+            h.set_page(0, 199).unwrap();
+            let mut words = w.to_vec();
+            h.swap_words(0, &mut words, lo..hi).unwrap();
+            prop_assert_eq!(&h, &g);
+            prop_assert!(words.iter().all(|&x| x == 0));
         }
     }
 }

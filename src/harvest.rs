@@ -15,9 +15,17 @@
 //! ```text
 //! harvest:  GET / ring / VMM bitmap -> log: [(slot, word, bits)...]
 //! take(c):  c.set |= log[c.cursor..]; c.cursor = end; hand c.set over
+//!           (c up to date before this harvest: the GET's bitmaps
+//!           themselves, or a copy, then the VMM's words)
 //! trim:     drop what every cursor passed; past a limit fold the log
 //!           into the consumers behind
 //! ```
+//!
+//! A sparse harvest costs little more than its ioctls only if it touches
+//! little memory besides the buffer KVM just wrote: the log grows into
+//! memory touched in advance (a page fault per 256 words would cost more
+//! than the rest), and a consumer that takes after every harvest gets the
+//! GET buffer rather than a set of its own written word by word.
 //!
 //! No lost write (invariant 1 in docs/architecture.md) needs *re-protect first, copy
 //! second*:
@@ -354,6 +362,49 @@ type LogWord = crate::dirty_set::LogWord;
 /// write into its bitmap at every harvest.
 const LOG_LIMIT: usize = 1 << 16;
 
+/// One slot's bitmap from the last `KVM_GET_DIRTY_LOG` (see
+/// `Harvester::last_get`). Only the words of `first..end` hold bits; the
+/// others are stale and never read, so forgetting every bit is O(1).
+#[derive(Debug, Default)]
+struct LastGet {
+    words: Vec<u64>,
+    /// First word that may hold a bit.
+    first: usize,
+    /// One past the last word that may hold a bit (`first >= end`: none).
+    end: usize,
+}
+
+impl LastGet {
+    fn bounds(&self) -> std::ops::Range<usize> {
+        self.first.min(self.end)..self.end
+    }
+
+    fn forget(&mut self) {
+        (self.first, self.end) = (0, 0);
+    }
+}
+
+/// The log positions of one harvest's KVM words (`start..vmm_start`; the
+/// VMM's words follow) while `Harvester::last_get` still holds exactly
+/// those words as bitmaps. A consumer whose cursor is at `start` and whose
+/// set is empty gets those bitmaps themselves (or a sequential copy)
+/// instead of OR-ing the words one by one into a set whose memory nothing
+/// has touched since its last take: at 1/512 dirty that is one cache miss
+/// per word, about as long as the rest of the harvest.
+#[derive(Debug, Clone, Copy)]
+struct FreshGet {
+    start: u64,
+    vmm_start: u64,
+}
+
+impl FreshGet {
+    /// Whether `c` has taken everything before this harvest and holds
+    /// nothing pending.
+    fn is_next_for(&self, c: &Consumer) -> bool {
+        c.cursor == self.start && c.set.slots().iter().all(|s| s.bounds().is_empty())
+    }
+}
+
 /// A consumer's place in the log.
 #[derive(Debug)]
 struct Consumer {
@@ -397,16 +448,22 @@ pub struct Harvester {
     /// Ring mode: ring entries harvested per vCPU so far (which vCPU
     /// dirtied how much: the dirty log's per-vCPU view).
     vcpu_pages: Vec<u64>,
-    /// Manual mode: each slot's bitmap as the last `KVM_GET_DIRTY_LOG`
-    /// returned it, less the pages re-protected since — the pages KVM
+    /// Each slot's bitmap as the last `KVM_GET_DIRTY_LOG` returned it. In
+    /// manual mode less the pages re-protected since — the pages KVM
     /// reported that nobody has re-protected yet. KVM reports them at every
     /// harvest; only the first report counts as newly dirtied in the stats
     /// (consumers still get every report). A clear re-protects only pages
     /// set here, i.e. pages every consumer has been told of (see
     /// `clear_harvested`).
-    last_get: Vec<Vec<u64>>,
+    last_get: Vec<LastGet>,
+    /// Where the last harvest's KVM words are in the log, while `last_get`
+    /// still holds exactly them.
+    fresh: Option<FreshGet>,
     /// Reused buffer for the mask a clear hands to KVM.
     clear_mask: Vec<u64>,
+    /// Words of all slots together: the most one source (KVM, the VMM)
+    /// can add to the log in one harvest.
+    slot_words: usize,
 }
 
 impl Harvester {
@@ -420,13 +477,14 @@ impl Harvester {
         page_size: u64,
     ) -> Self {
         let vcpu_pages = vec![0; rings.len()];
-        let last_get = vec![Vec::new(); slots.len()];
+        let last_get = slots.iter().map(|_| LastGet::default()).collect();
         let words = |s: &Slot| s.size.div_ceil(page_size).div_ceil(64) as usize;
         let ring_words = match mechanism {
             Mechanism::Ring { .. } => slots.iter().map(|s| vec![0; words(s)]).collect(),
             _ => Vec::new(),
         };
         let ring_touched = vec![Vec::new(); ring_words.len()];
+        let slot_words = slots.iter().map(words).sum();
         Harvester {
             vm,
             mechanism,
@@ -444,7 +502,9 @@ impl Harvester {
             spares: Vec::new(),
             vcpu_pages,
             last_get,
+            fresh: None,
             clear_mask: Vec::new(),
+            slot_words,
             stats: HarvestStats::default(),
         }
     }
@@ -503,8 +563,14 @@ impl Harvester {
     fn harvest_with(&mut self, owner: Option<(ConsumerId, &DirtySet)>) -> Result<u64, HarvestError> {
         let t0 = Instant::now();
         let start = self.log_end();
+        self.reserve_log();
+        self.fresh = None;
         let guest = match self.mechanism {
-            Mechanism::Bitmap | Mechanism::Manual => self.log_bitmaps()?,
+            Mechanism::Bitmap | Mechanism::Manual => {
+                let guest = self.log_bitmaps()?;
+                self.fresh = Some(FreshGet { start, vmm_start: self.log_end() });
+                guest
+            }
             Mechanism::Ring { .. } => self.log_rings()?,
         };
         let vmm = self.log_vmm();
@@ -525,6 +591,23 @@ impl Harvester {
         Ok(guest + vmm)
     }
 
+    /// Makes room in the log for one more harvest's worst case (every word
+    /// of every slot, from KVM and again from the VMM) before it starts,
+    /// touching the new memory in one go: appending into memory never
+    /// touched costs a page fault every 256 words, more than the rest of a
+    /// sparse harvest.
+    fn reserve_log(&mut self) {
+        let need = 2 * self.slot_words;
+        let len = self.log.len();
+        if self.log.capacity() - len >= need {
+            return;
+        }
+        let cap = (self.log.capacity() * 2).min(LOG_LIMIT + need).max(len + need);
+        self.log.reserve_exact(cap - len);
+        self.log.resize(self.log.capacity(), (0, 0, 0));
+        self.log.truncate(len);
+    }
+
     /// Bitmap and manual mode: `KVM_GET_DIRTY_LOG` of every slot into the
     /// log. Returns the pages newly reported.
     fn log_bitmaps(&mut self) -> Result<u64, HarvestError> {
@@ -533,22 +616,27 @@ impl Harvester {
         for (i, s) in self.slots.iter().enumerate() {
             dirty_log::get_dirty_log_into(&self.vm, s, self.page_size, &mut self.buf)
                 .map_err(|source| HarvestError::GetLog { slot: s.slot, source })?;
+            let Some(last) = self.last_get.get_mut(i) else { continue };
             // Manual mode reports a page at every GET until it is cleared:
             // only a page not reported before counts as new.
-            let seen = self.last_get.get(i).map_or(&[][..], Vec::as_slice);
+            let (lo, seen) = match manual {
+                true => (last.first, &last.words[last.bounds()]),
+                false => (0, &[][..]),
+            };
+            let (mut first, mut end) = (self.buf.len(), 0);
             for (j, &w) in self.buf.iter().enumerate() {
                 if w != 0 {
                     self.log.push((i as u32, j as u32, w));
-                    guest += u64::from((w & !seen.get(j).copied().unwrap_or(0)).count_ones());
+                    let old = j.checked_sub(lo).and_then(|k| seen.get(k)).copied().unwrap_or(0);
+                    guest += u64::from((w & !old).count_ones());
+                    first = first.min(j);
+                    end = j + 1;
                 }
             }
-            if manual {
-                // Keep this GET's bitmap for the next clear (a swap, not a
-                // copy: the next slot's GET resizes the buffer).
-                if let Some(seen) = self.last_get.get_mut(i) {
-                    std::mem::swap(seen, &mut self.buf);
-                }
-            }
+            // Keep this GET's bitmap (a swap, not a copy: the next slot's
+            // GET resizes the buffer).
+            std::mem::swap(&mut last.words, &mut self.buf);
+            (last.first, last.end) = (first, end);
         }
         Ok(guest)
     }
@@ -637,21 +725,60 @@ impl Harvester {
     /// The pages dirtied since `sub` last took its set (as of the last
     /// harvest); its set starts empty again.
     pub fn take(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
+        // Bitmap mode keeps the last GET only to hand it over.
+        self.take_from(sub, self.mechanism == Mechanism::Bitmap)
+    }
+
+    /// [`take`](Self::take). With `hand_over`, a consumer up to date
+    /// before the last harvest gets the GET's bitmaps themselves rather
+    /// than a copy (no page of its set needs touching); `last_get` then
+    /// forgets them, so only a caller that needs them no more (bitmap mode,
+    /// or manual mode once they are re-protected) may ask.
+    fn take_from(&mut self, sub: &Subscription, hand_over: bool) -> Result<DirtySet, HarvestError> {
         let end = self.log_end();
         let Some(c) = self.consumers.iter_mut().find(|c| c.id == sub.id) else {
             return Err(HarvestError::NotSubscribed);
         };
-        let mut out = match self.spares.pop() {
-            Some(mut s) => {
+        // Up to date before the last harvest and nothing pending: its set
+        // is that GET's bitmaps, copied whole, plus the VMM's words.
+        let fresh = self.fresh.filter(|f| f.is_next_for(c));
+        let mut out = match (fresh, self.spares.pop()) {
+            (Some(_), Some(s)) => s,
+            (Some(_), None) => DirtySet::new(&self.slots, self.page_size),
+            (None, Some(mut s)) => {
                 c.set.take_into(&mut s);
                 s
             }
-            None => c.set.take(),
+            (None, None) => c.set.take(),
         };
-        out.or_log(&self.log[(c.cursor - self.log_base) as usize..], None)?;
+        let from = match fresh {
+            Some(f) => {
+                for (i, last) in self.last_get.iter_mut().enumerate() {
+                    let b = last.bounds();
+                    if hand_over {
+                        out.swap_words(i, &mut last.words, b)?;
+                        last.forget();
+                    } else {
+                        out.assign_words(i, b.start, &last.words[b])?;
+                    }
+                }
+                if hand_over {
+                    self.fresh = None;
+                }
+                f.vmm_start
+            }
+            None => c.cursor,
+        };
+        out.or_log(&self.log[(from - self.log_base) as usize..], None)?;
         c.cursor = end;
         self.trim_log()?;
         Ok(out)
+    }
+
+    /// Whether `sub` is up to date before the last harvest, with nothing
+    /// pending, while `last_get` holds that harvest's bitmaps.
+    fn is_fresh_for(&self, sub: &Subscription) -> bool {
+        self.fresh.is_some_and(|f| self.consumers.iter().any(|c| c.id == sub.id && f.is_next_for(c)))
     }
 
     /// Hands back a set the caller is done with, so the next `take` needs no
@@ -694,42 +821,38 @@ impl Harvester {
         // guest writes it between that GET and this CLEAR, the new bit must
         // survive for the others to see — a CLEAR of it here would hide
         // that write from every consumer.
-        let mut mask = std::mem::take(&mut self.clear_mask);
-        let mut r = Ok(());
+        self.fresh = None;
         for (i, bm) in set.slots().iter().enumerate() {
-            let b = bm.bounds();
-            let Some(seen) = self.last_get.get_mut(i).filter(|s| s.len() >= b.end && !b.is_empty()) else {
+            let (Some(last), Some(s)) = (self.last_get.get_mut(i), self.slots.get(i)) else { continue };
+            let (b, seen) = (bm.bounds(), last.bounds());
+            if b.start.max(seen.start) >= b.end.min(seen.end) {
                 continue;
-            };
-            mask.clear();
-            mask.extend(bm.words()[b.clone()].iter().zip(&mut seen[b.clone()]).map(|(&w, seen)| {
-                let m = w & *seen;
-                *seen &= !m;
-                m
-            }));
-            r = self.clear_words(i, b.start, &mask);
-            if r.is_err() {
-                break;
             }
+            let words = bm.words();
+            let (Some(ws), Some(ss)) = (words.get(seen.clone()), last.words.get(seen.clone())) else { continue };
+            let made = if b.start <= seen.start
+                && seen.end <= b.end
+                && ws.iter().zip(ss).fold(0, |acc, (&w, &s)| acc | (s & !w)) == 0
+            {
+                // Every page still unprotected is in `set` (the usual case:
+                // the set is what this very GET reported): the mask is the
+                // bitmap itself, and afterwards nothing is left unprotected.
+                let made = clear_words(&self.vm, s, self.page_size, seen.start, ss);
+                last.forget();
+                made?
+            } else {
+                let r = b.start.max(seen.start)..b.end.min(seen.end);
+                let mask = &mut self.clear_mask;
+                mask.clear();
+                mask.resize(r.len(), 0);
+                for ((m, &w), seen) in mask.iter_mut().zip(&words[r.clone()]).zip(&mut last.words[r.clone()]) {
+                    *m = w & *seen;
+                    *seen &= !w;
+                }
+                clear_words(&self.vm, s, self.page_size, r.start, mask)?
+            };
+            self.stats.clear_calls += u64::from(made);
         }
-        self.clear_mask = mask;
-        r
-    }
-
-    /// `KVM_CLEAR_DIRTY_LOG` of the bits of `mask` (words of slot index
-    /// `i` from word `first`), over the 64-page chunks from its first to
-    /// its last non-zero word.
-    fn clear_words(&mut self, i: usize, first: usize, mask: &[u64]) -> Result<(), HarvestError> {
-        let (Some(lo), Some(hi)) = (mask.iter().position(|&w| w != 0), mask.iter().rposition(|&w| w != 0)) else {
-            return Ok(());
-        };
-        let Some(s) = self.slots.get(i) else { return Ok(()) };
-        let slot_pages = s.size / self.page_size;
-        let first_page = (first + lo) as u64 * 64;
-        let num_pages = (((first + hi) as u64 + 1) * 64).min(slot_pages).saturating_sub(first_page) as u32;
-        dirty_log::clear_dirty_log(&self.vm, s, first_page, num_pages, &mask[lo..=hi])
-            .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
-        self.stats.clear_calls += 1;
         Ok(())
     }
 
@@ -741,13 +864,29 @@ impl Harvester {
     pub fn reprotect_all(&mut self) -> Result<(), HarvestError> {
         self.harvest()?;
         if self.mechanism == Mechanism::Manual {
-            for i in 0..self.last_get.len() {
-                let seen = std::mem::take(&mut self.last_get[i]);
-                let r = self.clear_words(i, 0, &seen);
-                self.last_get[i] = seen;
-                r?;
-                // Nothing reported is left unprotected.
-                self.last_get[i].iter_mut().for_each(|w| *w = 0);
+            self.clear_seen()?;
+            // Nothing reported is left unprotected.
+            self.last_get.iter_mut().for_each(LastGet::forget);
+            self.fresh = None;
+        }
+        Ok(())
+    }
+
+    /// Manual mode: `KVM_CLEAR_DIRTY_LOG` of every page of `last_get`,
+    /// which keeps them (for a hand-over); the caller forgets them after.
+    /// On failure they are forgotten at once: a page wrongly thought
+    /// unprotected could have a later write cleared away, while one
+    /// wrongly thought protected is only reported again.
+    fn clear_seen(&mut self) -> Result<(), HarvestError> {
+        for (last, s) in self.last_get.iter().zip(&self.slots) {
+            let b = last.bounds();
+            match clear_words(&self.vm, s, self.page_size, b.start, &last.words[b]) {
+                Ok(made) => self.stats.clear_calls += u64::from(made),
+                Err(e) => {
+                    self.last_get.iter_mut().for_each(LastGet::forget);
+                    self.fresh = None;
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -757,6 +896,15 @@ impl Harvester {
     /// may copy exactly these pages without losing a concurrent write.
     pub fn collect(&mut self, sub: &Subscription) -> Result<DirtySet, HarvestError> {
         self.harvest()?;
+        if self.mechanism == Mechanism::Manual && self.is_fresh_for(sub) {
+            // Its set is this GET's bitmaps plus the VMM's words: it holds
+            // every page KVM reported and nobody re-protected, so the
+            // clear below would re-protect exactly those. Re-protect them
+            // first, then hand the bitmaps over whole.
+            self.clear_seen()?;
+            let set = self.take_from(sub, true)?;
+            return Ok(set);
+        }
         let set = self.take(sub)?;
         self.clear_harvested(&set)?;
         Ok(set)
@@ -798,6 +946,21 @@ impl Harvester {
         self.stats.ring_full_exits += 1;
         self.harvest().map(|_| ())
     }
+}
+
+/// `KVM_CLEAR_DIRTY_LOG` of the bits of `mask` (words of slot `s` from
+/// word `first`), over the 64-page chunks from its first to its last
+/// non-zero word. Returns whether there was anything to clear.
+fn clear_words(vm: &VmFd, s: &Slot, page_size: u64, first: usize, mask: &[u64]) -> Result<bool, HarvestError> {
+    let (Some(lo), Some(hi)) = (mask.iter().position(|&w| w != 0), mask.iter().rposition(|&w| w != 0)) else {
+        return Ok(false);
+    };
+    let slot_pages = s.size / page_size;
+    let first_page = (first + lo) as u64 * 64;
+    let num_pages = (((first + hi) as u64 + 1) * 64).min(slot_pages).saturating_sub(first_page) as u32;
+    dirty_log::clear_dirty_log(vm, s, first_page, num_pages, &mask[lo..=hi])
+        .map_err(|source| HarvestError::ClearLog { slot: s.slot, first_page, num_pages, source })?;
+    Ok(true)
 }
 
 #[cfg(test)]
