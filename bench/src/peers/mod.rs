@@ -287,6 +287,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_serial_line_counts_once_whole_and_only_at_a_line_start() {
+        let ready = "layout: x\nworkload: working set ready pages=65536\n";
+        assert_eq!(complete_line(ready, WORKING_SET_READY), Some("pages=65536"));
+        assert_eq!(complete_line("layout: x\nworkload: working set ready pa", WORKING_SET_READY), None);
+        assert_eq!(complete_line("x workload: working set ready pages=1\n", WORKING_SET_READY), None);
+    }
+
+    #[test]
+    fn waiting_for_a_file_line_ends_when_the_vmm_ends_and_quotes_the_log() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "workload: working set ready pages=4\n").expect("writing the log");
+        assert!(wait_file_line(&log, WORKING_SET_READY, READY_WAIT, || Ok(())).is_ok());
+        std::fs::write(&log, "layout: half a line").expect("writing the log");
+        let e = wait_file_line(&log, WORKING_SET_READY, READY_WAIT, || bail!("the VMM ended")).expect_err("it ended");
+        let e = format!("{e:#}");
+        assert!(e.starts_with("the VMM ended before a line \"workload: working set ready\""), "{e}");
+        assert!(e.ends_with("its tail:\nlayout: half a line"), "{e}");
+    }
+
+    #[test]
     fn a_peer_is_found_from_its_variable_else_on_path_else_not() {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("firecracker");
