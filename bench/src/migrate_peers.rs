@@ -1,8 +1,9 @@
 //! The peer's side of `smudge bench migrate`: Cloud Hypervisor migrating
 //! the same guest ELF and workload over loopback TCP or a unix socket
 //! (`vm.send-migration` to a second process in `vm.receive-migration`),
-//! with the same downtime goal as smudge's. Firecracker offers no live
-//! migration.
+//! with the same downtime goal as smudge's, sent once the guest's serial
+//! output says its working set is ready and the warm-up has passed after
+//! that. Firecracker offers no live migration.
 //!
 //! Its downtime is taken between the same kind of moments as smudge's
 //! `stop_to_running_ms`: the source's `pausing` event to the destination's
@@ -19,7 +20,7 @@ use anyhow::{anyhow, Context};
 use serde_json::json;
 
 use crate::peers::cloud_hypervisor::{CloudHypervisor, Guest, Log};
-use crate::peers::http;
+use crate::peers::{http, WORKING_SET_READY};
 
 /// What the downtime figure brackets.
 pub const DOWNTIME_BRACKETS: &str = "the source's 'pausing' event to the destination's 'resumed' event (each from its \
@@ -85,7 +86,8 @@ pub struct Case<'a> {
     pub cmdline: &'a str,
     /// RAM in MiB.
     pub mem_mib: u64,
-    /// How long the guest runs before the migration.
+    /// How long the guest's workload runs before the migration, counted
+    /// from its serial line saying its working set is ready.
     pub warm: Duration,
     /// The downtime goal given to it (ms).
     pub downtime_ms: u64,
@@ -103,7 +105,7 @@ pub fn migrate_once(case: &Case) -> anyhow::Result<Figures> {
     let mut dst = CloudHypervisor::bare(case.bin, case.dir, "ch-dst", Log::Events)?;
     let guest = Guest { elf: case.elf, cmdline: case.cmdline, mem_mib: case.mem_mib };
     let mut src = CloudHypervisor::boot(case.bin, case.dir, "ch-src", &guest, Log::Events)?;
-    src.proc.first_byte()?;
+    src.proc.wait_serial_line(WORKING_SET_READY)?;
     std::thread::sleep(case.warm);
     let url = case.link.url(case.dir, "ch-migration")?;
     // The receiving call is answered once the guest arrived.

@@ -3,7 +3,9 @@
 //! (`-machine microvm`, the flags `tests/qemu.rs` boots the guest with), the
 //! destination started with `-incoming tcp:127.0.0.1:PORT`, the source told
 //! to `migrate` over QMP, and QEMU's own figures read back from
-//! `query-migrate` once it reports `completed`.
+//! `query-migrate` once it reports `completed`. `migrate` is sent once the
+//! source's serial output (`-serial file:`) says the guest's working set is
+//! ready and the warm-up has passed after that.
 //!
 //! `-machine microvm` migrates fine with QEMU 7.2 here (no migration
 //! blocker; the bundled guest's `verify=1` finds no mismatch on the
@@ -24,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+
+use crate::peers::{wait_file_line, READY_WAIT, WORKING_SET_READY};
 
 /// The QEMU binary.
 const QEMU: &str = "qemu-system-x86_64";
@@ -50,13 +54,16 @@ pub struct QemuMigrateConfig {
     pub cmdline: String,
     /// `migrate-set-parameters` `downtime-limit`, in milliseconds.
     pub downtime_limit_ms: u64,
-    /// How long the guest runs on the source before `migrate` is sent.
+    /// How long the guest's workload runs on the source before `migrate`
+    /// is sent, counted from its serial line saying its working set is
+    /// ready (it must print one: the bundled guest does).
     pub warmup: Duration,
     /// `migrate-set-parameters` `max-bandwidth` in bytes/s; `None` raises
     /// QEMU's default (128 MiB/s) to 100 GB/s so the link limits it instead.
     pub max_bandwidth: Option<u64>,
     /// Give up with an error if starting the QEMUs and the migration
-    /// together take longer than this. The warmup is not counted. The
+    /// together take longer than this. The warmup and the wait for the
+    /// working set are not counted. The
     /// destination is then checked to be running, and is killed.
     pub timeout: Duration,
 }
@@ -102,7 +109,11 @@ pub fn migrate(cfg: &QemuMigrateConfig) -> anyhow::Result<QemuMigration> {
     let mut src = Qemu::spawn("source", cfg, dir.path(), None)?;
     src.connect(deadline)?;
 
-    // Let the guest run, watching that the source does not die meanwhile.
+    // Let the guest prepare its working set, then run its workload for the
+    // warm-up, watching that the source does not die meanwhile.
+    let (t0, serial) = (Instant::now(), src.serial.clone());
+    wait_file_line(&serial, WORKING_SET_READY, READY_WAIT, || src.check_alive()).context("the source QEMU's guest")?;
+    deadline += t0.elapsed();
     let warm_end = Instant::now() + cfg.warmup;
     while Instant::now() < warm_end {
         src.check_alive()?;
@@ -163,13 +174,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The last [`TAIL`] bytes of the file at `path`, or a note that it is empty.
 fn tail(path: &Path) -> String {
-    let s = std::fs::read(path).unwrap_or_default();
-    let s = String::from_utf8_lossy(&s[s.len().saturating_sub(TAIL)..]).trim().to_string();
-    if s.is_empty() {
-        "(empty)".into()
-    } else {
-        s
-    }
+    crate::peers::tail(path, TAIL)
 }
 
 /// One QEMU process and its QMP connection; killed on drop.

@@ -26,6 +26,63 @@ pub const NOT_FOUND: &str = "not found";
 /// How long any wait on a peer may take: generous, for a loaded host.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// The start of the line the bundled guest prints once its working set
+/// is laid out (and zeroed, with `wipe=1`), right before its workload's
+/// clock starts.
+pub const WORKING_SET_READY: &str = "workload: working set ready";
+
+/// How long a guest may take to prepare its working set: generous, as
+/// first touches of a file-backed RAM on a loaded host are slow.
+pub const READY_WAIT: Duration = Duration::from_secs(180);
+
+/// The rest of the first whole line of `text` that starts with `prefix`
+/// (its newline already written), trimmed.
+fn complete_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let start = text.match_indices(prefix).map(|(i, _)| i).find(|&i| i == 0 || text[..i].ends_with('\n'))?;
+    let line = text[start + prefix.len()..].split_inclusive('\n').next().filter(|l| l.ends_with('\n'))?;
+    Some(line.trim())
+}
+
+/// The last `bytes` bytes of the file at `path`, trimmed, or "(empty)".
+pub fn tail(path: &Path, bytes: usize) -> String {
+    let s = std::fs::read(path).unwrap_or_default();
+    let s = String::from_utf8_lossy(&s[s.len().saturating_sub(bytes)..]).trim().to_string();
+    if s.is_empty() {
+        "(empty)".into()
+    } else {
+        s
+    }
+}
+
+/// Waits (at most `limit`) until the serial log file `serial` holds a
+/// whole line starting with `prefix`, calling `alive` between looks (its
+/// error, say that the VMM exited, ends the wait); a failure quotes the
+/// log's tail.
+pub fn wait_file_line(
+    serial: &Path,
+    prefix: &str,
+    limit: Duration,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read(serial).unwrap_or_default();
+        if complete_line(&String::from_utf8_lossy(&text), prefix).is_some() {
+            return Ok(());
+        }
+        let fail = |what: String| {
+            format!("{what} before a line {prefix:?}… on the serial output; its tail:\n{}", tail(serial, 2000))
+        };
+        if let Err(e) = alive() {
+            bail!("{}", fail(format!("{e:#}")));
+        }
+        if t0.elapsed() > limit {
+            bail!("{}", fail(format!("{limit:?} passed")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A peer VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -176,11 +233,7 @@ impl PeerProcess {
         let mut rest = String::new();
         let seen = |rest: &mut String| {
             let b = serial.bytes.lock().ok()?;
-            let text = String::from_utf8_lossy(&b);
-            let start = text.match_indices(prefix).map(|(i, _)| i).find(|&i| i == 0 || text[..i].ends_with('\n'))?;
-            // Complete once its newline came.
-            let line = text[start + prefix.len()..].split_inclusive('\n').next().filter(|l| l.ends_with('\n'))?;
-            *rest = line.trim().to_string();
+            *rest = complete_line(&String::from_utf8_lossy(&b), prefix)?.to_string();
             Some(Instant::now())
         };
         self.wait_until(|| seen(&mut rest), &format!("a line {prefix:?}… on its serial output"))?;
@@ -232,6 +285,27 @@ pub fn check_exit_ok(p: &mut PeerProcess) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_serial_line_counts_once_whole_and_only_at_a_line_start() {
+        let ready = "layout: x\nworkload: working set ready pages=65536\n";
+        assert_eq!(complete_line(ready, WORKING_SET_READY), Some("pages=65536"));
+        assert_eq!(complete_line("layout: x\nworkload: working set ready pa", WORKING_SET_READY), None);
+        assert_eq!(complete_line("x workload: working set ready pages=1\n", WORKING_SET_READY), None);
+    }
+
+    #[test]
+    fn waiting_for_a_file_line_ends_when_the_vmm_ends_and_quotes_the_log() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let log = dir.path().join("serial");
+        std::fs::write(&log, "workload: working set ready pages=4\n").expect("writing the log");
+        assert!(wait_file_line(&log, WORKING_SET_READY, READY_WAIT, || Ok(())).is_ok());
+        std::fs::write(&log, "layout: half a line").expect("writing the log");
+        let e = wait_file_line(&log, WORKING_SET_READY, READY_WAIT, || bail!("the VMM ended")).expect_err("it ended");
+        let e = format!("{e:#}");
+        assert!(e.starts_with("the VMM ended before a line \"workload: working set ready\""), "{e}");
+        assert!(e.ends_with("its tail:\nlayout: half a line"), "{e}");
+    }
 
     #[test]
     fn a_peer_is_found_from_its_variable_else_on_path_else_not() {
