@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod boot;
+mod durable;
 mod harvest;
 mod migrate;
 mod migrate_peers;
@@ -68,8 +69,9 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "snapshot" => snapshot::run(args)?,
         "migrate" => migrate::run(args)?,
         "reliability" => reliability::run(args)?,
+        "durable" => durable::run(args)?,
         other => anyhow::bail!(
-            "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability)"
+            "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability, durable)"
         ),
     };
     report.print(args.json)

@@ -381,6 +381,9 @@ pub enum Workload {
     HotCold,
     /// Seeded random pages at a target `rate` (pages per second).
     Rate,
+    /// As `Rate`, the time between writes spent in a compute loop whose
+    /// iterations the guest counts and reports (its own slowdown meter).
+    Mixed,
     /// Every `stride`-th page from `offset`, `run` consecutive pages each
     /// time (chunk-boundary patterns), `passes` times.
     Stride,
@@ -398,6 +401,7 @@ impl Workload {
             "random" => Workload::Random,
             "hotcold" => Workload::HotCold,
             "rate" => Workload::Rate,
+            "mixed" => Workload::Mixed,
             "stride" => Workload::Stride,
             "idle" => Workload::Idle,
             "verify" => Workload::Verify,
@@ -412,6 +416,7 @@ impl Workload {
             Workload::Random => "random",
             Workload::HotCold => "hotcold",
             Workload::Rate => "rate",
+            Workload::Mixed => "mixed",
             Workload::Stride => "stride",
             Workload::Idle => "idle",
             Workload::Verify => "verify",

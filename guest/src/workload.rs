@@ -123,8 +123,9 @@ pub fn run(c: &Config, ram: &RamMap, con: &mut Console) -> u8 {
         ws.pages,
         layout.low_pages()
     );
-    if (c.ms > 0 || c.workload == Workload::Rate) && c.tsc_khz == 0 {
-        let _ = writeln!(con, "error: ms= and workload=rate need tsc_khz= (the VMM adds it)");
+    let paced = matches!(c.workload, Workload::Rate | Workload::Mixed);
+    if (c.ms > 0 || paced) && c.tsc_khz == 0 {
+        let _ = writeln!(con, "error: ms=, workload=rate and workload=mixed need tsc_khz= (the VMM adds it)");
         return status::BAD_CMDLINE;
     }
     let mut header = match read_header() {
@@ -168,6 +169,7 @@ pub fn run(c: &Config, ram: &RamMap, con: &mut Console) -> u8 {
     let _ = writeln!(con, "workload: working set ready pages={}", ws.pages);
     let start = rdtsc();
     let clock = Clock { khz: c.tsc_khz, start, deadline: (c.ms > 0).then(|| start + c.ms * c.tsc_khz) };
+    let mut iterations = 0;
     let written = match c.workload {
         Workload::Verify => 0,
         Workload::Idle => {
@@ -178,7 +180,9 @@ pub fn run(c: &Config, ram: &RamMap, con: &mut Console) -> u8 {
         }
         Workload::Seq => seq(&ws, c, &clock),
         Workload::Stride => stride(&ws, c, &clock),
-        Workload::Random | Workload::HotCold | Workload::Rate => random(&ws, c, &clock),
+        Workload::Random | Workload::HotCold | Workload::Rate | Workload::Mixed => {
+            random(&ws, c, &clock, &mut iterations)
+        }
     };
     header.writes += written;
     write_header(&header);
@@ -192,6 +196,11 @@ pub fn run(c: &Config, ram: &RamMap, con: &mut Console) -> u8 {
         (us * 1000).checked_div(written).unwrap_or(0),
         header.writes
     );
+    if c.workload == Workload::Mixed {
+        // Hosts compare this count per second of the guest's own clock
+        // across runs: the guest's compute slowdown.
+        let _ = writeln!(con, "compute: iterations={iterations} elapsed_us={us}");
+    }
     let st = if c.workload == Workload::Verify || c.verify { verify(&ws, con) } else { status::OK };
     if c.linger > 0 {
         let _ = writeln!(con, "lingering {} ms", c.linger);
@@ -238,11 +247,27 @@ fn stride(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
     n
 }
 
-fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
+/// One step of the mixed workload's compute loop (a few dozen dependent
+/// multiplies the compiler cannot fold away).
+#[inline(never)]
+fn compute_step(x: u64) -> u64 {
+    let mut x = core::hint::black_box(x);
+    for _ in 0..32 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    }
+    x
+}
+
+/// Random writes (seeded; at `rate` per second for the paced workloads);
+/// for `mixed`, the time between writes goes to [`compute_step`], counted
+/// in `iterations`.
+fn random(ws: &Ws, c: &Config, clock: &Clock, iterations: &mut u64) -> u64 {
     let mut rng = Rng::new(c.seed);
     let limit = c.writes.unwrap_or(if c.ms > 0 { u64::MAX } else { ws.pages });
     let hot = (ws.pages * c.hot_pct / 100).clamp(1, ws.pages);
-    let interval = if c.workload == Workload::Rate && c.rate > 0 { c.tsc_khz * 1000 / c.rate } else { 0 };
+    let paced = matches!(c.workload, Workload::Rate | Workload::Mixed);
+    let interval = if paced && c.rate > 0 { c.tsc_khz * 1000 / c.rate } else { 0 };
+    let mut x = c.seed;
     let mut due = rdtsc();
     let mut n = 0;
     while n < limit {
@@ -252,7 +277,12 @@ fn random(ws: &Ws, c: &Config, clock: &Clock) -> u64 {
         if interval > 0 {
             let mut now = rdtsc();
             while now < due {
-                core::hint::spin_loop();
+                if c.workload == Workload::Mixed {
+                    x = compute_step(x);
+                    *iterations += 1;
+                } else {
+                    core::hint::spin_loop();
+                }
                 now = rdtsc();
             }
             // A steady rate: writes missed while paused (a snapshot, a

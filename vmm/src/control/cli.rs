@@ -477,7 +477,7 @@ impl CtlCommand {
 /// `smudge bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: boot, harvest, writeback, snapshot, migrate or reliability.
+    /// Which benchmark: boot, harvest, writeback, snapshot, migrate, reliability or durable.
     pub name: String,
     /// Print one JSON object (results and goals) instead of a table.
     #[arg(long)]
