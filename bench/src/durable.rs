@@ -30,6 +30,8 @@ struct Measured {
     iterations_per_s: f64,
     /// Distinct pages the workload stamped.
     stamped: u64,
+    /// Page writes the workload made.
+    writes: f64,
     /// Bytes the process wrote through system calls (`wchar`).
     wchar: u64,
     /// Committed epochs per second over the window.
@@ -149,6 +151,7 @@ fn measure(vm: &mut Child, api: &Client, serial: &Path, window: Duration, journa
     let (iterations, us) = (field(&out, "iterations="), field(&out, "elapsed_us="));
     let (Some(iterations), Some(us)) = (iterations, us) else { bail!("no compute count in:\n{out}") };
     m.iterations_per_s = iterations / (us / 1e6);
+    m.writes = field(&out, "writes=").context("no writes= count")?;
     let out = wait_line(vm, serial, "mismatches=", Duration::ZERO, || Ok(()))?;
     if field(&out, "mismatches=") != Some(0.0) {
         bail!("the guest's pages do not match its table:\n{out}");
@@ -244,6 +247,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             per_dirtied,
             "bytes smudge wrote through system calls (/proc/PID/io wchar: journal, checkpoints, serial, API) \
              beyond logging off's, over the distinct pages the guest stamped",
+        );
+        rep.bracketed(
+            &c,
+            "guest_written_per_dirtied_byte",
+            m.writes / m.stamped as f64,
+            "the guest's page writes over the distinct pages among them: what a journal holding every epoch's \
+             pages writes at most",
         );
         rep.bracketed(
             &c,
