@@ -660,6 +660,16 @@ mod tests {
     }
 
     #[test]
+    fn every_workload_name_parses_back() {
+        use Workload::*;
+        for w in [Seq, Random, HotCold, Rate, Mixed, Stride, Idle, Verify] {
+            assert_eq!(Workload::parse(w.name()), Some(w));
+        }
+        let c = Config::parse("workload=mixed rate=12800 pages=13107").unwrap();
+        assert_eq!((c.workload, c.rate, c.pages), (Mixed, 12800, Some(13107)));
+    }
+
+    #[test]
     fn fault_kinds() {
         assert_eq!(Config::parse("").unwrap().fault, Fault::None);
         assert_eq!(Config::parse("fault=0").unwrap().fault, Fault::None);
