@@ -23,6 +23,27 @@ use crate::setup::{smudge, Scratch};
 /// Page writes per second (50 MB/s of 4 KiB pages).
 const RATE: u64 = 12_800;
 
+/// How a case runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `--no-dirty-log`: the baseline.
+    Off,
+    /// `smudge run`'s default: dirty logging and writeback, no journal.
+    Default,
+    /// `--journal --epoch-ms N`.
+    Journal(u64),
+}
+
+impl Mode {
+    fn name(self) -> String {
+        match self {
+            Mode::Off => "logging off (--no-dirty-log)".into(),
+            Mode::Default => "default mode (dirty logging, writeback), no journal".into(),
+            Mode::Journal(e) => format!("--journal --epoch-ms {e}"),
+        }
+    }
+}
+
 /// What one case measured.
 #[derive(Debug, Default)]
 struct Measured {
@@ -82,9 +103,17 @@ fn wchar(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Runs the mixed guest on `mem` RAM for `window`, journalling at
-/// `epoch_ms` (None: logging off), in `dir`.
-fn case(dir: &Path, mem: u64, window: Duration, epoch_ms: Option<u64>) -> anyhow::Result<Measured> {
-    let name = epoch_ms.map_or("off".to_string(), |e| format!("e{e}"));
+/// as `mode` says, in `dir`.
+fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Measured> {
+    let name = match mode {
+        Mode::Off => "off".to_string(),
+        Mode::Default => "default".to_string(),
+        Mode::Journal(e) => format!("e{e}"),
+    };
+    let epoch_ms = match mode {
+        Mode::Journal(e) => Some(e),
+        _ => None,
+    };
     let p = |s: &str| dir.join(format!("durable-{name}.{s}"));
     let (mem_file, sock, serial, journal) = (p("mem"), p("sock"), p("serial"), p("journal"));
     for f in [&mem_file, &sock, &serial] {
@@ -102,8 +131,10 @@ fn case(dir: &Path, mem: u64, window: Duration, epoch_ms: Option<u64>) -> anyhow
         .arg(&mem_file)
         .arg("--api-sock")
         .arg(&sock);
-    if let Some(e) = epoch_ms {
-        cmd.arg("--journal").arg(&journal).args(["--epoch-ms", &e.to_string()]);
+    match mode {
+        Mode::Off => _ = cmd.args(["--no-dirty-log", "--no-writeback"]),
+        Mode::Default => {}
+        Mode::Journal(e) => _ = cmd.arg("--journal").arg(&journal).args(["--epoch-ms", &e.to_string()]),
     }
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut vm = smudge_testkit::spawn_with_api(&mut cmd, &sock, smudge_testkit::WAIT)?;
@@ -210,18 +241,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // Logging off first and last: the baseline is their mean, the host's
     // drift over the run shows as the difference between the two.
     let mut runs = Vec::new();
-    for epoch_ms in [None, Some(10u64), Some(20), Some(50), None] {
-        let what = epoch_ms.map_or("logging off".to_string(), |e| format!("epoch {e} ms"));
-        runs.push((epoch_ms, case(&dir, mem, window, epoch_ms).with_context(|| what)?));
+    for mode in [Mode::Off, Mode::Default, Mode::Journal(10), Mode::Journal(20), Mode::Journal(50), Mode::Off] {
+        runs.push((mode, case(&dir, mem, window, mode).with_context(|| mode.name())?));
     }
-    let offs: Vec<&Measured> = runs.iter().filter(|(e, _)| e.is_none()).map(|(_, m)| m).collect();
+    let offs: Vec<&Measured> = runs.iter().filter(|(e, _)| *e == Mode::Off).map(|(_, m)| m).collect();
     for (i, o) in offs.iter().enumerate() {
         let when = if i == 0 { "first" } else { "last" };
-        rep.result(&format!("{base}, logging off ({when})"), "compute_iter_per_s", o.iterations_per_s);
+        rep.result(&format!("{base}, {} ({when})", Mode::Off.name()), "compute_iter_per_s", o.iterations_per_s);
     }
     let off_rate = offs.iter().map(|o| o.iterations_per_s).sum::<f64>() / offs.len() as f64;
     let off_wchar = offs.iter().map(|o| o.wchar).min().unwrap_or(0);
-    for (epoch_ms, m) in runs.iter().filter_map(|(e, m)| e.map(|e| (e, m))) {
+    if let Some((mode, m)) = runs.iter().find(|(e, _)| *e == Mode::Default) {
+        // Where the slowdown goes: the dirty log's write faults alone.
+        let c = format!("{base}, {}", mode.name());
+        rep.result(&c, "compute_iter_per_s", m.iterations_per_s);
+        rep.result(&c, "slowdown", 1.0 - m.iterations_per_s / off_rate);
+    }
+    let journals = runs.iter().filter_map(|(e, m)| match e {
+        Mode::Journal(ms) => Some((*ms, m)),
+        _ => None,
+    });
+    for (epoch_ms, m) in journals {
         let c = format!("{base}, --journal --epoch-ms {epoch_ms}");
         let slowdown = 1.0 - m.iterations_per_s / off_rate;
         let j = &m.journal;
