@@ -1049,3 +1049,114 @@ fn a_plain_listener_other_hosts_can_reach_warns_and_a_loopback_or_tls_one_does_n
         assert_eq!(err.contains(warning), warns, "{listen} {tls:?}: {err}");
     }
 }
+
+/// The bytes of `frames` as a source sends them.
+fn encoded(frames: &[Frame]) -> Vec<u8> {
+    let mut w = FrameWriter::new(Vec::new(), false);
+    for f in frames {
+        w.send(f).unwrap();
+    }
+    w.flush().unwrap();
+    std::mem::take(w.get_mut())
+}
+
+/// Waits (at most two minutes) for the destination to exit by itself;
+/// its exit code and stderr.
+fn gives_up(mut dest: Dest, what: &str) -> (i32, String) {
+    let t0 = Instant::now();
+    while dest.child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = dest.child.kill();
+            panic!("the destination still waited on {what} after two minutes\n{}", dest.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, err, _) = dest.wait();
+    (code, err)
+}
+
+/// A peer that connects and stalls: the destination's options, what the
+/// peer sends (and, once its Hello is answered, sends next), and what the
+/// destination says as it gives up.
+struct Stall<'a> {
+    case: &'static str,
+    opts: Vec<&'a str>,
+    first: Vec<u8>,
+    after_ack: Option<Vec<u8>>,
+    says: &'static str,
+}
+
+#[test]
+fn a_peer_that_connects_and_stalls_is_given_up_on_and_the_destination_exits() {
+    require_kvm();
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let hello = encoded(&[Frame::Hello(Hello::new(64 << 20, 1))]);
+    let pages = encoded(&[Frame::Pages { offset: 0, data: vec![7; 4096] }]);
+    let no_hello = "the source connected but sent no Hello within 10 s; giving up on it";
+    let cases = [
+        Stall { case: "nothing", opts: vec![], first: vec![], after_ack: None, says: no_hello },
+        Stall {
+            case: "half a Hello",
+            opts: vec![],
+            first: hello[..hello.len() / 2].to_vec(),
+            after_ack: None,
+            says: no_hello,
+        },
+        Stall {
+            case: "nothing, TLS required",
+            opts: vec!["--tls-creds", &creds],
+            first: vec![],
+            after_ack: None,
+            says: "refused before anything was read: TLS handshake: the peer sent nothing for 10 s; giving up on it",
+        },
+        Stall {
+            case: "a Hello, then half a frame",
+            opts: vec![],
+            first: hello.clone(),
+            after_ack: Some(pages[..pages.len() / 2].to_vec()),
+            says: "the source sent nothing for 60 s after 0 MiB; giving up on it",
+        },
+    ];
+    // All at once: the stalls overlap, the test lasts the longest one.
+    let runs: Vec<_> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, Stall { case, opts, first, after_ack, says })| {
+            let sub = path(&dir, &format!("case{i}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let sub = tempfile::TempDir::new_in(sub).unwrap();
+            let dest = Dest::listening(&sub, "0", path(&sub, "dst.mem"), &opts);
+            let mut peer = TcpStream::connect(&dest.addr).unwrap();
+            peer.write_all(&first).unwrap();
+            if let Some(rest) = after_ack {
+                peer.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                match FrameReader::new(peer.try_clone().unwrap()).next_frame() {
+                    Ok(Frame::Ack(a)) if a.ok => {}
+                    other => panic!("{case}: the Hello was answered {other:?}\n{}", dest.log()),
+                }
+                peer.write_all(&rest).unwrap();
+            }
+            std::thread::spawn(move || {
+                let (_dir, mem) = (sub, dest.mem.clone());
+                let (code, err) = gives_up(dest, case);
+                // It hung up on the peer, which still held its end open.
+                peer.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut rest = Vec::new();
+                let end = peer.read_to_end(&mut rest);
+                (case, says, code, err, end.map_err(|e| e.kind()), mem.exists())
+            })
+        })
+        .collect();
+    for run in runs {
+        let (case, says, code, err, end, mem_left) = run.join().unwrap();
+        assert!(err.contains(says), "{case}: {err}\nwant: {says}");
+        assert_eq!(code, 100, "{case}: {err}");
+        assert!(
+            matches!(end, Ok(_) | Err(std::io::ErrorKind::ConnectionReset)),
+            "{case}: the peer's connection was not closed: {end:?}"
+        );
+        assert!(!mem_left, "{case}: a memory file was left behind");
+    }
+}

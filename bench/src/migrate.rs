@@ -39,6 +39,12 @@
 //! RAM) over a second before the migration and over the migration (the
 //! request to the destination's table read back after it), gives its
 //! slowdown in each.
+//!
+//! At the slowest and fastest rates, pre-copy with TLS 1.3 (`--tls-creds`,
+//! both ends verified, credentials made for the run in its scratch
+//! directory) against plain TCP, runs alternating: total time, downtime
+//! and the handshake (`handshake_ms`, before the first round: it is in the
+//! total time, none of it in the downtime).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -79,6 +85,8 @@ struct Figures {
     guest_rate: [f64; 2],
     /// The highest auto-converge throttle of any round (percent).
     max_throttle_pct: f64,
+    /// Connecting the main connection (and its TLS handshake).
+    handshake_ms: f64,
 }
 
 /// Kills a child process however the run ends.
@@ -105,6 +113,9 @@ enum Mode {
     Settled { postcopy: bool, pages: u64 },
     /// Pre-copy over a unix socket.
     Unix,
+    /// Pre-copy over TCP with TLS, both ends using the credentials in
+    /// the scratch directory's [`TLS_CREDS`].
+    Tls,
     /// Same-host handover of the RAM file.
     Local,
     /// A link capped at `limit` bytes/s; post-copy (at once) or pre-copy
@@ -160,11 +171,12 @@ fn guest_writes(mem: &Path, pages: u64) -> anyhow::Result<u64> {
 
 /// Starts `migrate-recv` on `dst_mem` listening on `listen`; returns it
 /// and where it listens.
-fn start_dest(dst_mem: &Path, local: bool, listen: &str) -> anyhow::Result<(Reap, String)> {
+fn start_dest(dst_mem: &Path, local: bool, listen: &str, tls: Option<&Path>) -> anyhow::Result<(Reap, String)> {
     let mut dest = smudge()?
         .args(["migrate-recv", "--listen", listen, "--accept-timeout", "120", "--serial", "/dev/null", "--mem-file"])
         .arg(dst_mem)
         .args(if local { &["--local"][..] } else { &[] })
+        .args(tls.map(|d| [std::ffi::OsStr::new("--tls-creds"), d.as_os_str()]).into_iter().flatten())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -228,9 +240,10 @@ fn smudge_once(
         Mode::Unix => Link::Unix.url(dir, "smudge-migration")?,
         _ => "0".to_string(),
     };
+    let tls = (mode == Mode::Tls).then(|| dir.join(TLS_CREDS));
     let mut dest = None;
     if mode != Mode::Local {
-        dest = Some(start_dest(&dst_mem, false, &listen)?);
+        dest = Some(start_dest(&dst_mem, false, &listen, tls.as_deref())?);
     }
     let serial = dir.join("src.serial");
     let (mut src, api) = start_source(&src_mem, &sock, &serial, mem, cmdline)?;
@@ -246,11 +259,11 @@ fn smudge_once(
     let (dest, addr) = match dest {
         Some(d) => d,
         // The handover's destination opens the source's file: start it now.
-        None => start_dest(&dst_mem, true, &listen)?,
+        None => start_dest(&dst_mem, true, &listen, None)?,
     };
-    let mut req = MigrateRequest { downtime_ms: Some(budget_ms), ..MigrateRequest::new(addr) };
+    let mut req = MigrateRequest { downtime_ms: Some(budget_ms), tls_creds: tls, ..MigrateRequest::new(addr) };
     match mode {
-        Mode::Precopy | Mode::Unix => {}
+        Mode::Precopy | Mode::Unix | Mode::Tls => {}
         Mode::Connections(n) => req.connections = n,
         Mode::Settled { postcopy, .. } => req.postcopy_after = postcopy.then_some(0),
         Mode::Local => req.local = true,
@@ -310,6 +323,7 @@ fn smudge_once(
         max_throttle_pct: v["rounds"]
             .as_array()
             .map_or(f64::NAN, |r| r.iter().filter_map(|x| x["throttle_pct"].as_f64()).fold(0.0, f64::max)),
+        handshake_ms: n("handshake_ms"),
         on_demand: v["postcopy"]["pages_on_demand"].as_f64().unwrap_or(0.0),
         round0_mbps: match (v["rounds"][0]["bytes"].as_f64(), v["rounds"][0]["ms"].as_f64()) {
             (Some(b), Some(ms)) if ms > 0.0 => b / ms / 1e3,
@@ -363,6 +377,7 @@ impl Setup<'_> {
             postcopy_steps: [f64::NAN; 3],
             guest_rate: [f64::NAN; 2],
             max_throttle_pct: f64::NAN,
+            handshake_ms: f64::NAN,
         })
     }
 }
@@ -414,6 +429,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         over_unix_sockets(&setup, &mut rep, case, &cmdline(rate))?;
         if rate == fastest || rate == cases[0].1 {
             connections(&setup, &mut rep, case, &cmdline(rate), &ours)?;
+            tls_beside_plain(&setup, &mut rep, case, &cmdline(rate))?;
         }
         if rate == fastest {
             postcopy(&setup, &mut rep, case, &cmdline(rate), pages)?;
@@ -644,5 +660,73 @@ fn faster_than_the_link(s: &Setup, rep: &mut Report, quick: bool) -> anyhow::Res
         rep.bracketed(&c, "guest_writes_per_s_during", med(&runs, |f| f.guest_rate[1]), brackets);
         rep.result(&c, "guest_slowdown_pct", med(&runs, |f| (1.0 - f.guest_rate[1] / f.guest_rate[0]) * 100.0));
     }
+    Ok(())
+}
+
+/// Where a run's throwaway TLS credentials are, in its scratch directory.
+const TLS_CREDS: &str = "tls-creds";
+
+/// Writes throwaway credentials laid out as `--tls-creds` wants them into
+/// `dir`: a CA, the destination's certificate for loopback (`localhost`,
+/// `127.0.0.1`), the source's, both signed by the CA.
+fn throwaway_creds(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use smudge_vmm::migrate::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).with_context(|| format!("writing {}", p.display()))
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "smudge bench CA");
+    let ca = ca.self_signed(&ca_key)?;
+    write(CA_CERT, ca.pem())?;
+    for (cert, key, names) in [
+        (SERVER_CERT, SERVER_KEY, vec!["localhost".to_string(), "127.0.0.1".to_string()]),
+        (CLIENT_CERT, CLIENT_KEY, vec!["source".to_string()]),
+    ] {
+        let k = KeyPair::generate()?;
+        write(cert, CertificateParams::new(names)?.signed_by(&k, &ca, &ca_key)?.pem())?;
+        write(key, k.serialize_pem())?;
+    }
+    Ok(())
+}
+
+/// Pre-copy with TLS against plain TCP, runs alternating, same guest:
+/// each one's figures, the goals (TLS total time within 1.25x plain's,
+/// TLS downtime within plain's + 0.5 ms) and the handshake's time.
+fn tls_beside_plain(s: &Setup, rep: &mut Report, case: &str, cmdline: &str) -> anyhow::Result<()> {
+    let creds = s.dir.join(TLS_CREDS);
+    if !creds.join(smudge_vmm::migrate::tls::CA_CERT).exists() {
+        throwaway_creds(&creds)?;
+    }
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    for _ in 0..s.runs {
+        plain.push(smudge_once(s.dir, s.mem, cmdline, s.warm, s.budget_ms, Mode::Precopy)?);
+        tls.push(smudge_once(s.dir, s.mem, cmdline, s.warm, s.budget_ms, Mode::Tls)?);
+    }
+    for (how, v) in [("plain TCP", &plain), ("TLS 1.3", &tls)] {
+        let c = format!("{}, {case}, budget {} ms: smudge, {how}", s.label, s.budget_ms);
+        smudge_rows(rep, &c, v);
+        let brackets = "connect (and TLS handshake), before round 0: in the total time, not in the downtime";
+        rep.bracketed(&c, "handshake_ms", med(v, |f| f.handshake_ms), brackets);
+        rep.result(&c, "handshake_share_of_total", med(v, |f| f.handshake_ms / f.total_ms));
+    }
+    let (plain_down, tls_down) = (med(&plain, |f| f.downtime_ms), med(&tls, |f| f.downtime_ms));
+    rep.result(&format!("{}, {case}: TLS 1.3 - plain TCP", s.label), "downtime_ms", tls_down - plain_down);
+    rep.goal(
+        &format!("{case}: TLS total time / plain TCP total time"),
+        med(&tls, |f| f.total_ms) / med(&plain, |f| f.total_ms),
+        1.25,
+        "lower",
+    );
+    rep.goal(
+        &format!("{case}: TLS downtime / (plain TCP downtime + 0.5 ms)"),
+        tls_down / (plain_down + 0.5),
+        1.0,
+        "lower",
+    );
     Ok(())
 }

@@ -85,6 +85,16 @@ pub enum ReceiveError {
     },
 }
 
+impl ReceiveError {
+    /// Whether a read ran into the connection's read timeout: the peer is
+    /// connected but sent nothing for that long (it stalled), which is
+    /// neither a closed nor a damaged stream.
+    pub fn is_stall(&self) -> bool {
+        matches!(self, ReceiveError::Frame(FrameError::Io(e))
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
 /// Checks the (data, zero) page totals a `Done` announces against what
 /// arrived.
 pub(crate) fn check_totals(sent: (u64, u64), got: (u64, u64)) -> Result<(), ReceiveError> {

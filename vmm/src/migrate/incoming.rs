@@ -34,8 +34,12 @@ use crate::persist::lazy::LazyError;
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 use crate::vm::{IncomingVm, VmError};
 
-/// Longest silence from the source before the destination gives up.
+/// Longest silence from the source between or inside frames before the
+/// destination gives up on it.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// How long a source that connected has for its TLS handshake and its
+/// `Hello`: a peer that connects and stalls is dropped after this.
+const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a guest arriving here (a migration, a lazy restore) could not be
 /// received.
@@ -59,6 +63,16 @@ pub enum IncomingError {
         peer: String,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The source stayed connected but sent nothing for `secs` seconds.
+    #[error("migration from {peer}: the source sent nothing for {secs} s after {mib} MiB; giving up on it")]
+    Stalled {
+        /// The source.
+        peer: String,
+        /// The read timeout it ran into.
+        secs: u64,
+        /// MiB received before.
+        mib: u64,
     },
     /// A frame failed its checks, or the stream broke.
     #[error("migration from {peer}: {source}")]
@@ -171,16 +185,19 @@ impl Incoming {
         };
         drop(waiting);
         let conn = listener
-            .admit(conn, Duration::from_secs(10))
+            .admit(conn, HELLO_LIMIT)
             .with_context(|| format!("migration from {peer} refused before anything was read"))?;
-        conn.set_timeouts(Some(IDLE_LIMIT), Some(Duration::from_secs(10)))?;
         let interrupt = vec![conn.shut_on_stop(format!(
             "the migration from {peer} is abandoned (the source keeps its guest) and the memory file removed"
         ))?];
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, conn.try_clone()?));
         let mut writer = FrameWriter::new(conn, false);
-        let hello = match reader.next_frame().map_err(Into::into).and_then(check_hello) {
+        let hello = match reader.next_frame().map_err(ReceiveError::from).and_then(check_hello) {
             Ok(h) => h,
+            Err(e) if e.is_stall() => anyhow::bail!(
+                "migration from {peer}: the source connected but sent no Hello within {} s; giving up on it",
+                HELLO_LIMIT.as_secs()
+            ),
             Err(e) => {
                 let _ = writer.send(&Frame::Ack(Ack::refused(e.to_string())));
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
@@ -192,6 +209,7 @@ impl Incoming {
             hello.vcpus,
             hello.connections
         );
+        writer.get_mut().set_timeouts(Some(IDLE_LIMIT), Some(HELLO_LIMIT))?;
         let channels = match super::multifd::accept_channels(&listener, &hello) {
             Ok(c) => c,
             Err(e) => {
@@ -281,7 +299,10 @@ impl Incoming {
     ) -> Result<MachineState, IncomingError> {
         let peer = self.peer.clone();
         let channels_failed = |why| IncomingError::Channels { peer: peer.clone(), why };
-        let stream = |source| IncomingError::Stream { peer: peer.clone(), source };
+        let stream = |source: ReceiveError, bytes: u64| match source.is_stall() {
+            true => IncomingError::Stalled { peer: peer.clone(), secs: IDLE_LIMIT.as_secs(), mib: bytes >> 20 },
+            false => IncomingError::Stream { peer: peer.clone(), source },
+        };
         let mut channels = match channels.is_empty() {
             true => None,
             false => Some(Channels::start(channels, &file, path, &self.hello).map_err(channels_failed)?),
@@ -290,7 +311,7 @@ impl Incoming {
         let t0 = Instant::now();
         let mut rounds = 0u64;
         loop {
-            let f = self.reader.next_frame().map_err(|e| stream(e.into()))?;
+            let f = self.reader.next_frame().map_err(|e| stream(e.into(), self.reader.bytes()))?;
             if matches!(f, Frame::State(_)) {
                 // Every page connection ended before the state: their
                 // pages count towards the totals `Done` is checked against.
@@ -299,7 +320,7 @@ impl Incoming {
                     rx.add_received(p, z);
                 }
             }
-            match rx.apply(f).map_err(stream)? {
+            match rx.apply(f).map_err(|e| stream(e, self.reader.bytes()))? {
                 Step::Continue | Step::ChannelDone { .. } => {}
                 Step::Round { round, pages } => {
                     rounds += 1;

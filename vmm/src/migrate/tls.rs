@@ -58,6 +58,9 @@ pub enum TlsError {
     /// The handshake failed (the peer's certificate, its alert, the stream).
     #[error("TLS handshake: {0}")]
     Handshake(#[source] std::io::Error),
+    /// The peer connected and then sent nothing for this many seconds.
+    #[error("TLS handshake: the peer sent nothing for {0} s; giving up on it")]
+    Stalled(u64),
     /// The peer sent a plain migration stream instead of a TLS handshake.
     #[error("TLS handshake: the {0} sent a plain migration stream: {1}")]
     Plain(&'static str, &'static str),

@@ -386,7 +386,14 @@ impl Listener {
     pub fn admit(&self, s: Stream, io: Duration) -> Result<Stream, TlsError> {
         s.set_timeouts(Some(io), Some(io)).map_err(TlsError::Handshake)?;
         match &self.tls {
-            Some(t) => s.secure_server(t),
+            Some(t) => s.secure_server(t).map_err(|e| match e {
+                TlsError::Handshake(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    TlsError::Stalled(io.as_secs())
+                }
+                e => e,
+            }),
             None => Ok(s),
         }
     }
