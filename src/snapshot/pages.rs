@@ -395,6 +395,38 @@ mod tests {
         pages.read(0, &mut buf).unwrap();
         let at = |p: usize| buf[p * PAGE as usize];
         assert_eq!([at(0), at(1), at(2), at(3), at(4), at(5)], [0, 0x11, 0x44, 0, 0, 0x55]);
+        // Pieces never straddle a chunk and come in order, with the
+        // bytes of their pages (254..258: holes across the first 1 MiB
+        // boundary, then nothing but zeros).
+        let mut pieces = Vec::new();
+        pages
+            .read_each(
+                253 * PAGE,
+                4,
+                |e| e,
+                |o, b: &[u8]| {
+                    pieces.push((o / PAGE, b.len() as u64 / PAGE, b.iter().all(|&x| x == 0)));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(pieces, vec![(253, 3, true), (256, 1, true)]);
+        let mut pieces = Vec::new();
+        pages
+            .read_each(
+                0,
+                3,
+                |e| e,
+                |o, b: &[u8]| {
+                    pieces.push((o / PAGE, b.to_vec()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let want: Vec<u8> = [0u8, 0x11, 0x44].iter().flat_map(|&v| vec![v; PAGE as usize]).collect();
+        // A zero page, one of the full image, one of the diff: three pieces.
+        assert_eq!(pieces.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(pieces.into_iter().flat_map(|(_, b)| b).collect::<Vec<_>>(), want);
         pages.check_all().unwrap();
 
         // A flipped byte in the full image is found when its chunk is used.
