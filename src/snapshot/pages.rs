@@ -98,8 +98,10 @@ pub struct ChainPages {
     source: Vec<u16>,
     buf: Vec<u8>,
     /// (layer, chunk) whose bytes `buf` holds, from checking it: pages of
-    /// that chunk are copied from there instead of read again.
+    /// that chunk are handed over from there instead of read again.
     cached: Option<(usize, u64)>,
+    /// Pages of a chunk checked earlier, read again; zero pages.
+    piece: Vec<u8>,
 }
 
 impl ChainPages {
@@ -181,7 +183,7 @@ impl ChainPages {
                 layers.push(layer);
             }
         }
-        Ok((ChainPages { mem_size, layers, source, buf: Vec::new(), cached: None }, last))
+        Ok((ChainPages { mem_size, layers, source, buf: Vec::new(), cached: None, piece: Vec::new() }, last))
     }
 
     /// RAM bytes.
@@ -207,12 +209,40 @@ impl ChainPages {
     }
 
     /// Reads `buf.len() / 4096` pages at RAM file offset `off` from the
-    /// snapshots that hold them, each chunk checked the first time; pages
-    /// that lie back to back in one file are read with one `pread`.
+    /// snapshots that hold them, each chunk checked the first time.
     pub fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        let count = (buf.len() as u64) / PAGE;
+        self.read_each(
+            off,
+            count,
+            |e| e,
+            |o, bytes| {
+                let at = (o - off) as usize;
+                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            },
+        )
+    }
+
+    /// Hands the `count` pages at RAM file offset `off` to `take` as
+    /// (RAM file offset, bytes) pieces, in order, each chunk checked
+    /// before any of its bytes is handed over. A piece of a chunk checked
+    /// just now comes straight from the buffer it was checked in (the
+    /// checked bytes are the ones handed over: no second read, no copy);
+    /// a piece of a chunk checked earlier is read again; zero pages come
+    /// as zeros. `lift` turns the chain's errors into `take`'s.
+    pub fn read_each<E>(
+        &mut self,
+        off: u64,
+        count: u64,
+        lift: fn(SnapshotError) -> E,
+        mut take: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut scratch = std::mem::take(&mut self.buf);
-        let r = self.read_runs(off, buf, &mut scratch);
+        let mut piece = std::mem::take(&mut self.piece);
+        let r = self.each_piece(off, count, &mut scratch, &mut piece, lift, &mut take);
         self.buf = scratch;
+        self.piece = piece;
         r
     }
 
@@ -247,43 +277,52 @@ impl ChainPages {
         Ok(())
     }
 
-    fn read_runs(&mut self, off: u64, buf: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), SnapshotError> {
-        let pages = buf.len() / PAGE as usize;
+    fn each_piece<E>(
+        &mut self,
+        off: u64,
+        count: u64,
+        scratch: &mut Vec<u8>,
+        piece: &mut Vec<u8>,
+        lift: fn(SnapshotError) -> E,
+        take: &mut impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut i = 0;
-        while i < pages {
-            let o = off + i as u64 * PAGE;
-            let (s, pos) = self.locate(o)?;
-            // The run of pages from the same file, back to back there.
+        while i < count {
+            let o = off + i * PAGE;
+            let (s, pos) = self.locate(o).map_err(lift)?;
+            // The run of pages from the same file, back to back there and
+            // in one chunk of it.
             let mut j = i + 1;
-            while j < pages && self.locate(off + j as u64 * PAGE)? == (s, pos + (j - i) as u64 * PAGE) {
+            while j < count
+                && !(pos + (j - i) * PAGE).is_multiple_of(CHUNK)
+                && self.locate(off + j * PAGE).map_err(lift)? == (s, pos + (j - i) * PAGE)
+            {
                 j += 1;
             }
-            let run = &mut buf[i * PAGE as usize..j * PAGE as usize];
+            let len = ((j - i) * PAGE) as usize;
             if s == 0 {
                 // Holes of the full image: their chunks' checksums say
                 // whether they were holes when the snapshot was taken.
                 if !self.layers.is_empty() {
-                    for k in 0..(j - i) as u64 {
-                        self.check(0, pos + k * PAGE, scratch)?;
-                    }
+                    self.check(0, pos, scratch).map_err(lift)?;
                 }
-                run.fill(0);
+                piece.clear();
+                piece.resize(len, 0);
+                take(o, piece)?;
             } else {
                 let l = usize::from(s) - 1;
-                for k in 0..(j - i) as u64 {
-                    self.check(l, pos + k * PAGE, scratch)?;
-                }
-                let layer = &self.layers[l];
-                let (chunk, last) = (pos / CHUNK, (pos + run.len() as u64 - 1) / CHUNK);
-                let from = (pos - chunk * CHUNK) as usize;
-                if chunk == last && self.cached == Some((l, chunk)) && from + run.len() <= scratch.len() {
-                    run.copy_from_slice(&scratch[from..from + run.len()]);
+                self.check(l, pos, scratch).map_err(lift)?;
+                let from = (pos % CHUNK) as usize;
+                if self.cached == Some((l, pos / CHUNK)) && from + len <= scratch.len() {
+                    take(o, &scratch[from..from + len])?;
                 } else {
-                    layer.file.read_exact_at(run, pos).map_err(|source| SnapshotError::Io {
-                        path: layer.path.clone(),
-                        op: "read",
-                        source,
-                    })?;
+                    let layer = &self.layers[l];
+                    piece.resize(len, 0);
+                    layer
+                        .file
+                        .read_exact_at(piece, pos)
+                        .map_err(|source| lift(SnapshotError::Io { path: layer.path.clone(), op: "read", source }))?;
+                    take(o, piece)?;
                 }
             }
             i = j;
@@ -356,6 +395,38 @@ mod tests {
         pages.read(0, &mut buf).unwrap();
         let at = |p: usize| buf[p * PAGE as usize];
         assert_eq!([at(0), at(1), at(2), at(3), at(4), at(5)], [0, 0x11, 0x44, 0, 0, 0x55]);
+        // Pieces never straddle a chunk and come in order, with the
+        // bytes of their pages (254..258: holes across the first 1 MiB
+        // boundary, then nothing but zeros).
+        let mut pieces = Vec::new();
+        pages
+            .read_each(
+                253 * PAGE,
+                4,
+                |e| e,
+                |o, b: &[u8]| {
+                    pieces.push((o / PAGE, b.len() as u64 / PAGE, b.iter().all(|&x| x == 0)));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(pieces, vec![(253, 3, true), (256, 1, true)]);
+        let mut pieces = Vec::new();
+        pages
+            .read_each(
+                0,
+                3,
+                |e| e,
+                |o, b: &[u8]| {
+                    pieces.push((o / PAGE, b.to_vec()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let want: Vec<u8> = [0u8, 0x11, 0x44].iter().flat_map(|&v| vec![v; PAGE as usize]).collect();
+        // A zero page, one of the full image, one of the diff: three pieces.
+        assert_eq!(pieces.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(pieces.into_iter().flat_map(|(_, b)| b).collect::<Vec<_>>(), want);
         pages.check_all().unwrap();
 
         // A flipped byte in the full image is found when its chunk is used.

@@ -174,10 +174,11 @@ impl ChainSource {
     }
 
     /// Reads and places the `count` pages at `offset`, taking them off
-    /// the debt.
+    /// the debt: each piece is placed from the buffer its chunk was
+    /// checked in, once the check passed.
     fn place(&mut self, offset: u64, count: u64, place: &Placer<'_>) -> Result<(), FillError<LazyError>> {
-        self.read(offset, count).map_err(FillError::Source)?;
-        place.pages(offset, &self.buf)?;
+        let lift = |e: SnapshotError| FillError::Source(LazyError::Snapshot(e));
+        self.pages.read_each(offset, count, lift, |o, bytes| place.pages(o, bytes))?;
         self.owed.deliver(offset, count).map_err(|e| FillError::Source(e.into()))
     }
 }
