@@ -75,7 +75,7 @@ pub fn recover(dir: &Path, target: Target, mem_file: &Path) -> anyhow::Result<Re
     Ok(rec)
 }
 
-/// A boundary time as seconds since the Unix epoch.
+/// How long ago a boundary was (its time is in ns since the Unix epoch).
 fn when(time_ns: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_nanos(time_ns);
     let ago = std::time::SystemTime::now().duration_since(t).unwrap_or_default();
