@@ -109,15 +109,16 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     let Some(mem_file) = r.run.mem_file.clone().filter(|_| r.run.backing_file.is_none()) else {
         anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
     };
+    // Every restore builds a new memory file: never one over an existing file.
+    if mem_file.exists() {
+        anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
+    }
     if let Some(dir) = r.run.journal.clone() {
         return journal_restore(r, &dir, mem_file, t0);
     }
     let snapshot = r.snapshot.clone().context("--snapshot or --journal names what to restore")?;
     if r.lazy {
         smudge_vmm::persist::lazy::check_tmpfs(&mem_file)?;
-        if mem_file.exists() {
-            anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
-        }
         let (lazy, m) = smudge_vmm::persist::lazy::LazyRestore::open(&snapshot, t0)?;
         let ran = run(r.run, Start::Incoming(m.mem_size, m.vcpus, Box::new(lazy)));
         return stopped_before_running(ran, Some(&mem_file), "the guest stays in its snapshot");
@@ -155,9 +156,6 @@ fn restore_behind(
     mem_file: std::path::PathBuf,
     t0: std::time::Instant,
 ) -> anyhow::Result<u8> {
-    if mem_file.exists() {
-        anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
-    }
     let (fill, m) = smudge_vmm::persist::lazy::LazyRestore::open(snapshot, t0)?;
     let made = smudge_vmm::persist::restore::NewMemoryFile::create(&mem_file, m.mem_size, t0)?;
     let ready = made.ready();

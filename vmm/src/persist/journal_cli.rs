@@ -57,12 +57,9 @@ pub fn target(epoch: Option<u64>, at: Option<Duration>) -> Target {
     }
 }
 
-/// Builds the target epoch's RAM in `mem_file` (which must not exist)
-/// and says what was recovered.
+/// Builds the target epoch's RAM in `mem_file` (which must not exist:
+/// `smudge restore` checks that first) and says what was recovered.
 pub fn recover(dir: &Path, target: Target, mem_file: &Path) -> anyhow::Result<Recovered> {
-    if mem_file.exists() {
-        anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file.to_path_buf()));
-    }
     let rec = journal::recover(dir, target, mem_file).with_context(|| format!("recovering {}", dir.display()))?;
     eprintln!(
         "smudge: journal {}: epoch {} recovered ({}; {} epochs applied on the base, {} MiB)",
