@@ -10,7 +10,7 @@
 //! {"cmd":"snapshot","dir":D,"parent":P?,"resume":true?,"live":false?,"pause_budget_ms":10?}
 //! {"cmd":"migrate","to":"HOST:PORT"|"unix:PATH","downtime_ms":N?,"max_rounds":N?,"bandwidth_limit":N?,
 //!  "compress":"none"|"lz4"?,"auto_converge":true?,"verify_memory":false?,"local":false?,
-//!  "postcopy_after":N?,"connections":1?,"tls_creds":DIR?}
+//!  "postcopy_after":N?,"connections":1?,"tls_creds":DIR?,"tls_psk":FILE?,"tls_psk_identity":NAME?}
 //! {"cmd":"dirty-rate","seconds":1.0?}
 //! ```
 //!
@@ -269,6 +269,12 @@ pub struct MigrateRequest {
     /// TLS credentials directory (QEMU's layout; none: plain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<PathBuf>,
+    /// A pre-shared key file (QEMU's keys.psk) instead of credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_psk: Option<PathBuf>,
+    /// The identity of `tls_psk` to use (none: its first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_psk_identity: Option<String>,
 }
 
 fn one_connection() -> u32 {
@@ -290,6 +296,8 @@ impl MigrateRequest {
             postcopy_after: None,
             connections: 1,
             tls_creds: None,
+            tls_psk: None,
+            tls_psk_identity: None,
         }
     }
 
@@ -299,6 +307,12 @@ impl MigrateRequest {
         }
         if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
             return Err(format!("\"connections\" must be 1..={MAX_CONNECTIONS}, not {}", self.connections));
+        }
+        if self.tls_creds.is_some() && self.tls_psk.is_some() {
+            return Err("\"tls_creds\" and \"tls_psk\" exclude each other".into());
+        }
+        if self.tls_psk_identity.is_some() && self.tls_psk.is_none() {
+            return Err("\"tls_psk_identity\" needs \"tls_psk\"".into());
         }
         Ok(())
     }

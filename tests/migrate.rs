@@ -982,6 +982,9 @@ fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_i
     progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
     let requires = "this destination requires TLS: migrate with --tls-creds";
     let refused = "refused before anything was read: TLS handshake:";
+    let opts = |flag: &'static str, c: &Option<&str>| -> Vec<String> {
+        c.iter().flat_map(|c| [flag.to_string(), c.to_string()]).collect()
+    };
     // (destination's credentials, source's, what the source says, what the destination says)
     let cases: [(Option<&str>, Option<&str>, String, String); 4] = [
         (
@@ -1009,25 +1012,158 @@ fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_i
             "bad magic [16, 03".into(),
         ),
     ];
-    for (dest_creds, src_creds, src_says, dest_says) in &cases {
-        let creds: Vec<&str> = dest_creds.iter().flat_map(|c| ["--tls-creds", *c]).collect();
-        let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &creds);
+    let cases = cases.map(|(d, s, src_says, dest_says)| Refusal {
+        dest: opts("--tls-creds", &d),
+        src: opts("--tls-creds", &s),
+        src_says,
+        dest_says,
+    });
+    each_refused_before_memory(&dir, &mut src, &sock, &cases);
+    let (code, err, _) = finish(src, &src_serial);
+    assert_eq!(code, 0, "{err}");
+    assert_replayed(&src_mem(&dir), PAGES, 25);
+}
+
+/// A migration that must be refused: the destination's and the source's
+/// options, and what each says of it.
+struct Refusal {
+    dest: Vec<String>,
+    src: Vec<String>,
+    src_says: String,
+    dest_says: String,
+}
+
+/// Runs each case against a fresh destination: the source (API at
+/// `sock`) is refused and says why, the destination exits saying why
+/// without making a memory file, and the source's guest runs on; then
+/// the source's guest carries on and is stopped.
+fn each_refused_before_memory(dir: &tempfile::TempDir, src: &mut Child, sock: &Path, cases: &[Refusal]) {
+    for Refusal { dest, src: src_opts, src_says, dest_says } in cases {
+        let opts: Vec<&str> = dest.iter().map(String::as_str).collect();
+        let dest = Dest::listening(dir, "0", path(dir, "dst.mem"), &opts);
         let mut args = vec!["migrate", "--to", &dest.addr];
-        args.extend(src_creds.iter().flat_map(|c| ["--tls-creds", *c]));
-        let r = ctl(&sock, &args);
-        assert_eq!(r["ok"], false, "{src_creds:?}: {r}");
-        assert!(r["error"].as_str().unwrap().contains(src_says.as_str()), "{src_creds:?}: {r}\nwant: {src_says}");
+        args.extend(src_opts.iter().map(String::as_str));
+        let r = ctl(sock, &args);
+        assert_eq!(r["ok"], false, "{src_opts:?}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(src_says.as_str()), "{src_opts:?}: {r}\nwant: {src_says}");
         let mem = dest.mem.clone();
         let (code, err, _) = dest.wait();
         assert_ne!(code, 0, "{err}");
         assert!(err.contains(dest_says.as_str()), "{err}\nwant: {dest_says}");
         assert!(!mem.exists(), "the refused destination made a memory file");
-        assert_eq!(ctl(&sock, &["stats"])["paused"], false);
+        assert_eq!(ctl(sock, &["stats"])["paused"], false);
     }
-    carries_on_then_stops(&mut src, &sock, &src_mem(&dir), PAGES);
+    carries_on_then_stops(src, sock, &src_mem(dir), PAGES);
+}
+
+/// Writes a keys.psk file of `lines` into `dir`; its path.
+fn key_file(dir: &tempfile::TempDir, name: &str, lines: &[&str]) -> String {
+    let p = path(dir, name);
+    std::fs::write(&p, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// A 32-byte key, as QEMU's keys.psk writes it.
+const PSK: &str = "qemu:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+#[test]
+fn with_a_pre_shared_key_the_guest_moves_over_two_connections_with_the_same_memory() {
+    require_kvm();
+    let dir = tmpdir();
+    let key = key_file(&dir, "keys.psk", &[PSK]);
+    let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &["--tls-psk", &key]);
+    let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2", "--tls-psk", &key], 27);
+    let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(per.len() == 2 && per.iter().all(|&p| p > 0), "both connections carried pages: {r}");
+}
+
+#[test]
+fn a_peer_without_the_pre_shared_key_is_refused_before_memory_and_the_source_keeps_its_guest() {
+    require_kvm();
+    let dir = tmpdir();
+    let ca = Ca::new("smudge test CA");
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let key = key_file(&dir, "keys.psk", &[PSK, "lab:000102030405060708090a0b0c0d0e0f"]);
+    let other = key_file(&dir, "other.psk", &["qemu:ffeeddccbbaa99887766554433221100"]);
+    let stranger = key_file(&dir, "stranger.psk", &["stranger:ffeeddccbbaa99887766554433221100"]);
+    let short = key_file(&dir, "short.psk", &["qemu:0011223344556677"]);
+    let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 28));
+    progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
+
+    // A short key is refused before anything connects, by either end.
+    let too_short =
+        format!("{short}: the key of \"qemu\" is 8 bytes; a pre-shared key needs at least 16 (32 hex digits)");
+    let r = ctl(&sock, &["migrate", "--to", "127.0.0.1:1", "--tls-psk", &short]);
+    assert_eq!(r["error"], format!("\"tls_psk\": {too_short}"), "{r}");
+    let out = smudge()
+        .args(["migrate-recv", "--listen", "0", "--mem-file", path(&dir, "dst.mem").to_str().unwrap()])
+        .args(["--tls-psk", &short])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("--tls-psk: {too_short}")), "{err}");
+
+    let refused = "refused before anything was read:";
+    let flags = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    let cases = [
+        Refusal {
+            dest: flags(&["--tls-psk", &key]),
+            src: flags(&["--tls-psk", &other]),
+            src_says: "TLS pre-shared key: the destination holds another key for identity \"qemu\"".into(),
+            dest_says: format!(
+                "{refused} TLS pre-shared key: the source's proof for identity \"qemu\" is wrong: it holds another key"
+            ),
+        },
+        Refusal {
+            dest: flags(&["--tls-psk", &key]),
+            src: flags(&["--tls-psk", &stranger]),
+            src_says: "TLS pre-shared key: the destination holds no key for identity \"stranger\"".into(),
+            dest_says: format!("{refused} TLS pre-shared key: the source's identity \"stranger\" has no key here"),
+        },
+        Refusal {
+            dest: flags(&["--tls-psk", &key]),
+            src: vec![],
+            src_says: "the destination refused after Hello: this destination requires TLS: migrate with --tls-psk"
+                .into(),
+            dest_says: format!(
+                "{refused} TLS handshake: the source sent a plain migration stream: \
+                 this destination requires TLS: migrate with --tls-psk"
+            ),
+        },
+        Refusal {
+            dest: vec![],
+            src: flags(&["--tls-psk", &key]),
+            src_says: "TLS handshake: the destination sent a plain migration stream: it was started without --tls-psk"
+                .into(),
+            dest_says: "bad magic [16, 03".into(),
+        },
+        Refusal {
+            dest: flags(&["--tls-psk", &key]),
+            src: flags(&["--tls-creds", &creds]),
+            src_says: "TLS handshake: the destination uses a pre-shared key (--tls-psk), this source certificates \
+                       (--tls-creds)"
+                .into(),
+            dest_says: format!(
+                "{refused} TLS handshake: the source uses certificates (--tls-creds), this destination a pre-shared \
+                 key (--tls-psk)"
+            ),
+        },
+        Refusal {
+            dest: flags(&["--tls-creds", &creds]),
+            src: flags(&["--tls-psk", &key]),
+            src_says: "TLS handshake: the destination uses certificates (--tls-creds), this source a pre-shared key \
+                       (--tls-psk)"
+                .into(),
+            dest_says: format!(
+                "{refused} TLS handshake: the source uses a pre-shared key (--tls-psk), this destination \
+                 certificates (--tls-creds)"
+            ),
+        },
+    ];
+    each_refused_before_memory(&dir, &mut src, &sock, &cases);
     let (code, err, _) = finish(src, &src_serial);
     assert_eq!(code, 0, "{err}");
-    assert_replayed(&src_mem(&dir), PAGES, 25);
+    assert_replayed(&src_mem(&dir), PAGES, 28);
 }
 
 #[test]

@@ -222,7 +222,12 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         );
     }
     let timeout = (m.accept_timeout > 0.0).then(|| Duration::from_secs_f64(m.accept_timeout));
-    let mut inc = match smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout, m.tls_creds.as_deref()) {
+    let tls = smudge_vmm::migrate::tls::TlsServer::from_flags(
+        m.tls_creds.as_deref(),
+        m.tls_psk.as_deref(),
+        m.tls_psk_identity.as_deref(),
+    );
+    let mut inc = match tls.and_then(|tls| smudge_vmm::migrate::incoming::Incoming::accept(&m.listen, timeout, tls)) {
         Ok(i) => i,
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };

@@ -376,9 +376,16 @@ impl Api {
             }
             Request::Snapshot(s) => self.job(format!("a snapshot into {}", s.dir.display()), || self.snapshot(&s)),
             Request::Migrate(m) => {
-                let tls = match m.tls_creds.as_deref().map(TlsClient::load).transpose() {
+                let tls = match (m.tls_creds.as_deref(), m.tls_psk.as_deref()) {
+                    (Some(dir), _) => TlsClient::load(dir).map(Some).map_err(|e| format!("\"tls_creds\": {e}")),
+                    (_, Some(file)) => TlsClient::psk(file, m.tls_psk_identity.as_deref())
+                        .map(Some)
+                        .map_err(|e| format!("\"tls_psk\": {e}")),
+                    (None, None) => Ok(None),
+                };
+                let tls = match tls {
                     Ok(t) => t,
-                    Err(e) => return error(format!("\"tls_creds\": {e}")),
+                    Err(e) => return error(e),
                 };
                 let opts = MigrateOptions {
                     to: m.to,

@@ -282,6 +282,14 @@ pub struct MigrateRecvArgs {
     /// show a certificate the CA signed.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// TLS 1.3 with a pre-shared key instead (tests, labs): FILE is
+    /// QEMU's keys.psk (IDENTITY:HEXKEY lines, keys of 16 bytes or more);
+    /// the source must prove the key of the identity it presents.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_creds")]
+    pub tls_psk: Option<PathBuf>,
+    /// With --tls-psk: take only this identity's key.
+    #[arg(long, value_name = "NAME", requires = "tls_psk")]
+    pub tls_psk_identity: Option<String>,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -404,6 +412,14 @@ pub struct MigrateCtl {
     /// must be the CA's and name the host of --to (localhost for unix:).
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// TLS 1.3 with a pre-shared key instead (tests, labs): FILE is
+    /// QEMU's keys.psk (IDENTITY:HEXKEY lines); each end proves the key.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_creds")]
+    pub tls_psk: Option<PathBuf>,
+    /// With --tls-psk: the identity whose key is used (default: the
+    /// file's first line).
+    #[arg(long, value_name = "NAME", requires = "tls_psk")]
+    pub tls_psk_identity: Option<String>,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -467,6 +483,8 @@ impl CtlCommand {
                 postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
                 connections: m.connections,
                 tls_creds: m.tls_creds.as_ref().map(abs),
+                tls_psk: m.tls_psk.as_ref().map(abs),
+                tls_psk_identity: m.tls_psk_identity.clone(),
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,

@@ -151,10 +151,9 @@ impl Incoming {
     /// socket's file removed) once the source's connections are in.
     /// With `tls` every connection must pass its TLS handshake (each end
     /// verifying the other) before a byte of it is read.
-    pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<&Path>) -> anyhow::Result<Incoming> {
+    pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<TlsServer>) -> anyhow::Result<Incoming> {
         use anyhow::Context;
         let addr = Address::listen_on(addr).context("--listen")?;
-        let tls = tls.map(TlsServer::load).transpose().context("--tls-creds")?;
         let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls);
         let local = listener.local().clone();
         if listener.open_to_others() {

@@ -9,6 +9,7 @@ pub mod incoming;
 pub mod multifd;
 pub mod postcopy_dest;
 pub mod postcopy_source;
+pub mod psk;
 pub mod source;
 pub mod tls;
 pub mod transport;

@@ -6,6 +6,11 @@
 //! certificate the CA signed; the source (client) checks the destination's
 //! certificate against the CA and the name it connected to.
 //!
+//! With a pre-shared key instead ([`super::psk`]) each end runs TLS 1.3
+//! with an ephemeral certificate nobody checks, and then proves the key
+//! bound to the session. ALPN names which of the two a peer speaks, so a
+//! certificate end and a key end refuse each other by name.
+//!
 //! A connection's handles ([`super::transport::Stream::try_clone`]) share
 //! one rustls state behind a mutex, held only to move bytes through it:
 //! a reader waits for the socket without it, so one thread can block
@@ -15,12 +20,18 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{
+    AlertDescription, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, ServerConfig,
+    ServerConnection, SignatureScheme,
+};
 use smudge::migration::frame::{Ack, Frame, FrameWriter, MAGIC};
+
+use super::psk::{self, Binding, DestinationKeys, PskError, SourceKey};
 
 /// The CA both ends trust.
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -64,12 +75,69 @@ pub enum TlsError {
     /// The peer sent a plain migration stream instead of a TLS handshake.
     #[error("TLS handshake: the {0} sent a plain migration stream: {1}")]
     Plain(&'static str, &'static str),
+    /// The peer authenticates the other way (certificates against a key).
+    #[error("TLS handshake: the {peer} uses {}, this {us} {}", theirs.says(), theirs.other().says())]
+    Mode {
+        /// Which end the peer is.
+        peer: &'static str,
+        /// Which end this is.
+        us: &'static str,
+        /// What the peer uses.
+        theirs: Mode,
+    },
+    /// The pre-shared key could not be loaded, or a peer did not prove it.
+    #[error(transparent)]
+    Psk(#[from] PskError),
 }
 
-/// What a destination tells a plain source (in a plain `Ack`).
-const PLAIN_SOURCE: &str = "this destination requires TLS: migrate with --tls-creds";
-/// What a source says of a plain destination.
-const PLAIN_DESTINATION: &str = "it was started without --tls-creds";
+/// How the two ends authenticate each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Certificates a CA signed (`--tls-creds`).
+    Certs,
+    /// A pre-shared key (`--tls-psk`).
+    Psk,
+}
+
+impl Mode {
+    fn says(self) -> &'static str {
+        match self {
+            Mode::Certs => "certificates (--tls-creds)",
+            Mode::Psk => "a pre-shared key (--tls-psk)",
+        }
+    }
+
+    fn other(self) -> Mode {
+        match self {
+            Mode::Certs => Mode::Psk,
+            Mode::Psk => Mode::Certs,
+        }
+    }
+
+    /// The ALPN protocol a peer of this mode offers.
+    fn alpn(self) -> Vec<u8> {
+        match self {
+            Mode::Certs => b"smudge-migration/x509".to_vec(),
+            Mode::Psk => b"smudge-migration/psk".to_vec(),
+        }
+    }
+
+    /// What a destination tells a plain source (in a plain `Ack`).
+    fn plain_source(self) -> &'static str {
+        match self {
+            Mode::Certs => "this destination requires TLS: migrate with --tls-creds",
+            Mode::Psk => "this destination requires TLS: migrate with --tls-psk",
+        }
+    }
+
+    /// What a source says of a plain destination.
+    fn plain_destination(self) -> &'static str {
+        match self {
+            Mode::Certs => "it was started without --tls-creds",
+            Mode::Psk => "it was started without --tls-psk",
+        }
+    }
+}
 
 /// The socket during a handshake, keeping the first bytes read: a peer
 /// that speaks the plain stream is told apart from a broken handshake.
@@ -132,19 +200,50 @@ fn roots(dir: &Path) -> Result<RootCertStore, TlsError> {
 #[derive(Debug, Clone)]
 pub struct TlsClient {
     config: Arc<ClientConfig>,
+    /// With a pre-shared key: the key it proves.
+    psk: Option<Arc<SourceKey>>,
 }
 
 impl TlsClient {
     /// Loads `ca-cert.pem`, `client-cert.pem` and `client-key.pem` from `dir`.
     pub fn load(dir: &Path) -> Result<TlsClient, TlsError> {
         let cfg = |source| TlsError::Config { dir: dir.to_path_buf(), source };
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg)?
             .with_root_certificates(roots(dir)?)
             .with_client_auth_cert(certs(dir, CLIENT_CERT)?, key(dir, CLIENT_KEY)?)
             .map_err(cfg)?;
-        Ok(TlsClient { config: Arc::new(config) })
+        config.alpn_protocols = vec![Mode::Certs.alpn()];
+        Ok(TlsClient { config: Arc::new(config), psk: None })
+    }
+
+    /// With the pre-shared key of `identity` (or the first) in the
+    /// `keys.psk` file `path`; the destination's certificate is not
+    /// checked, its proof of the key is.
+    pub fn psk(path: &Path, identity: Option<&str>) -> Result<TlsClient, TlsError> {
+        let key = SourceKey::load(path, identity)?;
+        let cfg = |source| TlsError::Config { dir: path.to_path_buf(), source };
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(KeyProvesIt(provider())))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![Mode::Psk.alpn()];
+        Ok(TlsClient { config: Arc::new(config), psk: Some(Arc::new(key)) })
+    }
+
+    pub(super) fn mode(&self) -> Mode {
+        if self.psk.is_some() {
+            Mode::Psk
+        } else {
+            Mode::Certs
+        }
+    }
+
+    pub(super) fn key(&self) -> Option<&SourceKey> {
+        self.psk.as_deref()
     }
 
     /// A connection's client state for a destination known as `name`
@@ -162,6 +261,8 @@ impl TlsClient {
 #[derive(Debug, Clone)]
 pub struct TlsServer {
     config: Arc<ServerConfig>,
+    /// With a pre-shared key: the keys a source may prove.
+    psk: Option<Arc<DestinationKeys>>,
 }
 
 impl TlsServer {
@@ -179,13 +280,101 @@ impl TlsServer {
             .map_err(cfg)?;
         // Nothing resumes a migration connection.
         config.send_tls13_tickets = 0;
-        Ok(TlsServer { config: Arc::new(config) })
+        config.alpn_protocols = vec![Mode::Certs.alpn()];
+        Ok(TlsServer { config: Arc::new(config), psk: None })
+    }
+
+    /// With the pre-shared keys of the `keys.psk` file `path` (only
+    /// `identity`'s if given), behind a certificate made for this run.
+    pub fn psk(path: &Path, identity: Option<&str>) -> Result<TlsServer, TlsError> {
+        let keys = DestinationKeys::load(path, identity)?;
+        let cfg = |source| TlsError::Config { dir: path.to_path_buf(), source };
+        let made = rcgen::generate_simple_self_signed(vec!["smudge-migration".to_string()])
+            .map_err(|e| cfg(rustls::Error::General(format!("an ephemeral certificate: {e}"))))?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.key_pair.serialize_der()));
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg)?
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key)
+            .map_err(cfg)?;
+        config.send_tls13_tickets = 0;
+        config.alpn_protocols = vec![Mode::Psk.alpn()];
+        Ok(TlsServer { config: Arc::new(config), psk: Some(Arc::new(keys)) })
+    }
+
+    /// What `migrate-recv`'s flags ask for: certificates from `creds`, a
+    /// key from `psk` (`identity`'s only, if given), or nothing.
+    pub fn from_flags(
+        creds: Option<&Path>,
+        psk: Option<&Path>,
+        identity: Option<&str>,
+    ) -> anyhow::Result<Option<TlsServer>> {
+        use anyhow::Context;
+        match (creds, psk) {
+            (Some(dir), _) => TlsServer::load(dir).map(Some).context("--tls-creds"),
+            (_, Some(file)) => TlsServer::psk(file, identity).map(Some).context("--tls-psk"),
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub(super) fn mode(&self) -> Mode {
+        if self.psk.is_some() {
+            Mode::Psk
+        } else {
+            Mode::Certs
+        }
+    }
+
+    pub(super) fn keys(&self) -> Option<&DestinationKeys> {
+        self.psk.as_deref()
     }
 
     pub(super) fn start(&self) -> Result<rustls::Connection, TlsError> {
         ServerConnection::new(self.config.clone())
             .map(Into::into)
             .map_err(|e| TlsError::Handshake(std::io::Error::other(e)))
+    }
+}
+
+/// A pre-shared-key source's check of the destination's certificate:
+/// none (it was made for the run), only that the handshake is signed by
+/// its key. The key proof after the handshake authenticates.
+#[derive(Debug)]
+struct KeyProvesIt(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for KeyProvesIt {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -228,6 +417,32 @@ fn invalid(e: rustls::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
+/// Why a handshake failed, in the words each end should see: a plain
+/// peer, a peer of the other mode (ALPN told them apart), or rustls'.
+fn refusal<S: Write>(e: std::io::Error, mut rec: Recorder<S>, server: bool, mode: Mode) -> TlsError {
+    let (peer, us) = match server {
+        true => ("source", "destination"),
+        false => ("destination", "source"),
+    };
+    let other_mode = matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(
+            rustls::Error::NoApplicationProtocol
+                | rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol)
+        )
+    );
+    match (rec.first == MAGIC, server) {
+        (false, _) if other_mode => TlsError::Mode { peer, us, theirs: mode.other() },
+        (false, _) => TlsError::Handshake(e),
+        (true, false) => TlsError::Plain("destination", mode.plain_destination()),
+        (true, true) => {
+            let mut w = FrameWriter::new(&mut rec.sock, false);
+            let _ = w.send(&Frame::Ack(Ack::refused(mode.plain_source()))).and_then(|_| w.flush());
+            TlsError::Plain("source", mode.plain_source())
+        }
+    }
+}
+
 /// Writes what rustls has to send.
 fn flush(conn: &mut rustls::Connection, mut sock: impl Write) -> std::io::Result<()> {
     while conn.wants_write() {
@@ -237,10 +452,11 @@ fn flush(conn: &mut rustls::Connection, mut sock: impl Write) -> std::io::Result
 }
 
 impl Secure {
-    /// Runs the handshake of `conn` over `sock` (its timeouts bound it).
-    /// A destination that gets a plain stream's first frame instead
-    /// answers it with a plain refusal, so the source can say why.
-    pub(super) fn handshake<S>(mut conn: rustls::Connection, sock: S) -> Result<Secure, TlsError>
+    /// Runs the handshake of `conn` over `sock` (its timeouts bound it),
+    /// this end authenticating by `mode`. A destination that gets a plain
+    /// stream's first frame instead answers it with a plain refusal, so
+    /// the source can say why.
+    pub(super) fn handshake<S>(mut conn: rustls::Connection, sock: S, mode: Mode) -> Result<Secure, TlsError>
     where
         S: Read + Write,
     {
@@ -270,17 +486,20 @@ impl Secure {
             flush(&mut conn, &mut rec)
         };
         if let Err(e) = run() {
-            return Err(match (rec.first == MAGIC, server) {
-                (false, _) => TlsError::Handshake(e),
-                (true, false) => TlsError::Plain("destination", PLAIN_DESTINATION),
-                (true, true) => {
-                    let mut w = FrameWriter::new(&mut rec.sock, false);
-                    let _ = w.send(&Frame::Ack(Ack::refused(PLAIN_SOURCE))).and_then(|_| w.flush());
-                    TlsError::Plain("source", PLAIN_SOURCE)
-                }
-            });
+            return Err(refusal(e, rec, server, mode));
         }
         Ok(Secure { shared: Arc::new(Mutex::new(Shared { conn, pending: Vec::new() })), scratch: vec![0; 1 << 15] })
+    }
+
+    /// The values this session's pre-shared-key proofs are bound to.
+    pub(super) fn binding(&self) -> Result<Binding, TlsError> {
+        let g = lock(&self.shared);
+        let export = |context| {
+            g.conn
+                .export_keying_material([0u8; 32], psk::EXPORTER_LABEL, Some(context))
+                .map_err(|e| TlsError::Handshake(invalid(e)))
+        };
+        Ok(Binding { source: export(psk::SOURCE_CONTEXT)?, destination: export(psk::DESTINATION_CONTEXT)? })
     }
 
     /// Another handle on the same connection.
@@ -478,9 +697,12 @@ mod tests {
         w.send(&Frame::Hello(smudge::migration::frame::Hello::new(1 << 20, 1))).unwrap();
         w.flush().unwrap();
         let answer = smudge::migration::frame::FrameReader::new(plain).next_frame().unwrap();
-        assert_eq!(answer, Frame::Ack(Ack::refused(PLAIN_SOURCE)));
+        assert_eq!(answer, Frame::Ack(Ack::refused(Mode::Certs.plain_source())));
         let d = dest.join().unwrap().unwrap_err();
-        assert_eq!(d, format!("TLS handshake: the source sent a plain migration stream: {PLAIN_SOURCE}"));
+        assert_eq!(
+            d,
+            format!("TLS handshake: the source sent a plain migration stream: {}", Mode::Certs.plain_source())
+        );
 
         let (at, dest) = destination(TlsServer::load(dir.path()).unwrap());
         let mut junk = Stream::connect(&at, Duration::from_secs(5)).unwrap();
@@ -497,6 +719,115 @@ mod tests {
         std::fs::write(dir.path().join(CA_CERT), "not pem").unwrap();
         let e = TlsServer::load(dir.path()).unwrap_err().to_string();
         assert_eq!(e, format!("{}: holds no certificate", dir.path().join(CA_CERT).display()));
+    }
+
+    /// A keys.psk file of one identity's key.
+    fn key_file(dir: &Path, name: &str, line: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{line}\n")).unwrap();
+        p
+    }
+
+    const KEY: &str = "qemu:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn with_the_same_pre_shared_key_the_bytes_cross_and_with_another_both_ends_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = key_file(dir.path(), "good.psk", KEY);
+        let (at, dest) = destination(TlsServer::psk(&good, None).unwrap());
+        let mut s = source(&at, &TlsClient::psk(&good, None).unwrap(), "127.0.0.1").unwrap();
+        s.write_all(b"after the proofs").unwrap();
+        let mut back = [0u8; 16];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"after the proofs");
+        drop(s);
+        assert!(dest.join().unwrap().unwrap_err().contains("close_notify"));
+
+        let other = key_file(dir.path(), "other.psk", "qemu:ffeeddccbbaa99887766554433221100");
+        let (at, dest) = destination(TlsServer::psk(&good, None).unwrap());
+        let e = source(&at, &TlsClient::psk(&other, None).unwrap(), "127.0.0.1").unwrap_err().to_string();
+        assert_eq!(e, "TLS pre-shared key: the destination holds another key for identity \"qemu\"");
+        let d = dest.join().unwrap().unwrap_err();
+        assert_eq!(d, "TLS pre-shared key: the source's proof for identity \"qemu\" is wrong: it holds another key");
+    }
+
+    #[test]
+    fn a_key_end_and_a_certificate_end_refuse_each_other_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca("test CA");
+        creds(dir.path(), &ca, &["localhost", "127.0.0.1"], &ca);
+        let key = key_file(dir.path(), "keys.psk", KEY);
+        let (at, dest) = destination(TlsServer::psk(&key, None).unwrap());
+        let e = source(&at, &TlsClient::load(dir.path()).unwrap(), "127.0.0.1").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "TLS handshake: the destination uses a pre-shared key (--tls-psk), this source certificates (--tls-creds)"
+        );
+        let d = dest.join().unwrap().unwrap_err();
+        assert_eq!(
+            d,
+            "TLS handshake: the source uses certificates (--tls-creds), this destination a pre-shared key (--tls-psk)"
+        );
+
+        let (at, dest) = destination(TlsServer::load(dir.path()).unwrap());
+        let e = source(&at, &TlsClient::psk(&key, None).unwrap(), "127.0.0.1").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "TLS handshake: the destination uses certificates (--tls-creds), this source a pre-shared key (--tls-psk)"
+        );
+        let d = dest.join().unwrap().unwrap_err();
+        assert_eq!(
+            d,
+            "TLS handshake: the source uses a pre-shared key (--tls-psk), this destination certificates (--tls-creds)"
+        );
+    }
+
+    /// Relays plaintext between one TLS session with `a` and another with
+    /// `b`, both in pre-shared-key mode, without the key.
+    fn relay(a: std::net::TcpStream, b: std::net::TcpStream) {
+        let relay_key = tempfile::tempdir().unwrap();
+        let file = key_file(relay_key.path(), "any.psk", "qemu:0102030405060708090a0b0c0d0e0f10");
+        let server = TlsServer::psk(&file, None).unwrap();
+        let client = TlsClient::psk(&file, None).unwrap();
+        let Ok(sa) = Secure::handshake(server.start().unwrap(), &a, Mode::Psk) else { return };
+        let Ok(sb) = Secure::handshake(client.start("127.0.0.1").unwrap(), &b, Mode::Psk) else { return };
+        let pipe = |mut from: Secure, fs: std::net::TcpStream, to: Secure, ts: std::net::TcpStream| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&fs, &fs, &mut buf) {
+                    if to.write(&ts, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = ts.shutdown(std::net::Shutdown::Both);
+                let _ = fs.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        let (ha, hb) = (sa.handle(), sb.handle());
+        let one = pipe(sa, a.try_clone().unwrap(), hb, b.try_clone().unwrap());
+        let two = pipe(sb, b, ha, a);
+        one.join().unwrap();
+        two.join().unwrap();
+    }
+
+    #[test]
+    fn a_relay_between_two_sessions_cannot_pass_on_the_proofs() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "keys.psk", KEY);
+        let (at, dest) = destination(TlsServer::psk(&key, None).unwrap());
+        let Address::Tcp(dest_at) = at else { panic!("{at}") };
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_at = front.local_addr().unwrap();
+        let mitm = std::thread::spawn(move || {
+            let (a, _) = front.accept().unwrap();
+            relay(a, std::net::TcpStream::connect(dest_at).unwrap());
+        });
+        let e =
+            source(&Address::Tcp(front_at), &TlsClient::psk(&key, None).unwrap(), "127.0.0.1").unwrap_err().to_string();
+        assert_eq!(e, "TLS pre-shared key: the destination holds another key for identity \"qemu\"");
+        let d = dest.join().unwrap().unwrap_err();
+        assert_eq!(d, "TLS pre-shared key: the source's proof for identity \"qemu\" is wrong: it holds another key");
+        mitm.join().unwrap();
     }
 
     #[test]

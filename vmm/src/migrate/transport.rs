@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::control::api::{self, ApiError};
 use crate::control::signals::{self, OnStop};
+use crate::migrate::psk::{self, Binding, PskError};
 use crate::migrate::tls::{server_name, Secure, TlsClient, TlsError, TlsServer};
 
 /// Where a migration connects or listens.
@@ -161,16 +162,35 @@ impl Stream {
 
     /// This connection with TLS, as the source: the destination's
     /// certificate is checked against `tls`' CA and `name`.
+    /// With a pre-shared key, the key proofs follow the handshake.
     pub fn secure_client(self, tls: &TlsClient, name: &str) -> Result<Stream, TlsError> {
-        let secure = Secure::handshake(tls.start(name)?, &self.sock)?;
-        Ok(Stream { sock: self.sock, tls: Some(secure) })
+        let secure = Secure::handshake(tls.start(name)?, &self.sock, tls.mode())?;
+        let mut s = Stream { sock: self.sock, tls: Some(secure) };
+        if let Some(key) = tls.key() {
+            let binding = s.binding()?;
+            psk::source_side(&mut s, key, &binding).map_err(psk_failed)?;
+        }
+        Ok(s)
     }
 
     /// This connection with TLS, as the destination: the source must show
     /// a certificate `tls`' CA signed.
+    /// With a pre-shared key, the key proofs follow the handshake.
     pub fn secure_server(self, tls: &TlsServer) -> Result<Stream, TlsError> {
-        let secure = Secure::handshake(tls.start()?, &self.sock)?;
-        Ok(Stream { sock: self.sock, tls: Some(secure) })
+        let secure = Secure::handshake(tls.start()?, &self.sock, tls.mode())?;
+        let mut s = Stream { sock: self.sock, tls: Some(secure) };
+        if let Some(keys) = tls.keys() {
+            let binding = s.binding()?;
+            psk::destination_side(&mut s, keys, &binding).map_err(psk_failed)?;
+        }
+        Ok(s)
+    }
+
+    fn binding(&self) -> Result<Binding, TlsError> {
+        match &self.tls {
+            Some(t) => t.binding(),
+            None => Err(TlsError::Handshake(std::io::Error::other("no TLS session to bind a key to"))),
+        }
     }
 
     /// Another handle on the same connection.
@@ -243,6 +263,15 @@ impl Write for Stream {
 
     fn flush(&mut self) -> std::io::Result<()> {
         (&self.sock).flush()
+    }
+}
+
+/// A key exchange that failed on the stream is a handshake that did
+/// (a stalled peer is told apart from a refusal that way).
+fn psk_failed(e: PskError) -> TlsError {
+    match e {
+        PskError::Io(e) => TlsError::Handshake(e),
+        e => TlsError::Psk(e),
     }
 }
 
