@@ -422,6 +422,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let fastest = cases.iter().map(|c| c.1).max().unwrap_or(0);
     let cmdline = |rate: u64| format!("workload=rate rate={rate} pages={pages} seed=7 ms=600000 wipe=1");
+    // Hidden: `SMUDGE_BENCH_MIGRATE=tls` runs only the TLS-beside-plain rows.
+    if std::env::var_os("SMUDGE_BENCH_MIGRATE").is_some_and(|v| v == "tls") {
+        for &(case, rate) in cases.iter().filter(|c| c.1 == fastest || c.1 == cases[0].1) {
+            tls_beside_plain(&setup, &mut rep, case, &cmdline(rate))?;
+        }
+        return Ok(rep);
+    }
     let mut qemu_downtime = Vec::new();
     for &(case, rate) in cases {
         let ours = against_qemu(&setup, &mut rep, case, &cmdline(rate), &mut qemu_downtime)?;

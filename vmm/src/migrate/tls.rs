@@ -165,8 +165,16 @@ impl<S: Write> Write for Recorder<S> {
     }
 }
 
+/// ring, with AES-128-GCM first: as safe for a migration stream, and
+/// with AES-NI fewer rounds per block than AES-256 (both ends prefer it,
+/// and a rustls server follows the client's order).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    Arc::new(p)
 }
 
 fn certs(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -396,6 +404,10 @@ struct Shared {
     pending: Vec<u8>,
 }
 
+/// The most one socket read takes (decrypted under the connection's lock
+/// before the next).
+const SCRATCH: usize = 128 << 10;
+
 /// One handle on a TLS connection.
 pub(super) struct Secure {
     shared: Arc<Mutex<Shared>>,
@@ -440,6 +452,34 @@ fn refusal<S: Write>(e: std::io::Error, mut rec: Recorder<S>, server: bool, mode
             let _ = w.send(&Frame::Ack(Ack::refused(mode.plain_source()))).and_then(|_| w.flush());
             TlsError::Plain("source", mode.plain_source())
         }
+    }
+}
+
+/// Decrypts what `input` holds (taking it as rustls does) into `buf`,
+/// after the plaintext rustls already held, until `buf` is full or
+/// `input` is used up; `out` sends what rustls must answer. Returns the
+/// bytes put in `buf` (0 also at a clean end of the stream, when rustls
+/// no longer wants to read).
+fn decrypt_into(
+    conn: &mut rustls::Connection,
+    input: &mut &[u8],
+    buf: &mut [u8],
+    mut out: impl Write,
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    loop {
+        match conn.reader().read(&mut buf[got..]) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if got == buf.len() || input.is_empty() {
+            return Ok(got);
+        }
+        conn.read_tls(input)?;
+        conn.process_new_packets().map_err(invalid)?;
+        flush(conn, &mut out)?;
     }
 }
 
@@ -488,7 +528,7 @@ impl Secure {
         if let Err(e) = run() {
             return Err(refusal(e, rec, server, mode));
         }
-        Ok(Secure { shared: Arc::new(Mutex::new(Shared { conn, pending: Vec::new() })), scratch: vec![0; 1 << 15] })
+        Ok(Secure { shared: Arc::new(Mutex::new(Shared { conn, pending: Vec::new() })), scratch: vec![0; SCRATCH] })
     }
 
     /// The values this session's pre-shared-key proofs are bound to.
@@ -504,42 +544,50 @@ impl Secure {
 
     /// Another handle on the same connection.
     pub(super) fn handle(&self) -> Secure {
-        Secure { shared: self.shared.clone(), scratch: vec![0; 1 << 15] }
+        Secure { shared: self.shared.clone(), scratch: vec![0; SCRATCH] }
     }
 
     /// Reads plaintext, reading the socket (`sock`, without the lock) when
-    /// rustls has none; `out` sends what rustls must answer.
+    /// rustls has none; `out` sends what rustls must answer. What one
+    /// socket read brought is decrypted straight into `buf`; only what
+    /// does not fit is kept for the next call.
     pub(super) fn read<R: Read, W: Write>(
         &mut self,
         mut sock: R,
         mut out: W,
         buf: &mut [u8],
     ) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         loop {
             {
                 let mut g = lock(&self.shared);
                 let s = &mut *g;
-                match s.conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                if !s.pending.is_empty() {
-                    let n = s.conn.read_tls(&mut &s.pending[..])?;
-                    s.pending.drain(..n);
-                    s.conn.process_new_packets().map_err(invalid)?;
-                    flush(&mut s.conn, &mut out)?;
-                    continue;
+                let mut input = &s.pending[..];
+                let n = decrypt_into(&mut s.conn, &mut input, buf, &mut out);
+                let used = s.pending.len() - input.len();
+                s.pending.drain(..used);
+                match n? {
+                    0 if s.conn.wants_read() => {}
+                    n => return Ok(n),
                 }
             }
             let n = sock.read(&mut self.scratch)?;
             let mut g = lock(&self.shared);
+            let s = &mut *g;
             if n == 0 {
                 // End of stream: rustls tells a clean close from a cut one.
-                g.conn.read_tls(&mut &[][..])?;
-                g.conn.process_new_packets().map_err(invalid)?;
-            } else {
-                g.pending.extend_from_slice(&self.scratch[..n]);
+                s.conn.read_tls(&mut &[][..])?;
+                s.conn.process_new_packets().map_err(invalid)?;
+                continue;
+            }
+            let mut input = &self.scratch[..n];
+            let got = decrypt_into(&mut s.conn, &mut input, buf, &mut out);
+            s.pending.extend_from_slice(input);
+            match got? {
+                0 => {}
+                n => return Ok(n),
             }
         }
     }
