@@ -22,4 +22,17 @@ fn the_small_campaign_loses_nothing_and_never_panics() {
     let trials =
         r["results"].as_array().unwrap().iter().find(|x| x["case"] == "all").unwrap()["value"].as_f64().unwrap();
     assert!(trials >= 150.0, "{r}");
+    // Each hostile TLS peer (garbage, a damaged or a cut stream, a stall
+    // after the handshake) was refused by name, its memory file gone.
+    let tls = |metric: &str| {
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["case"] == "hostile TLS peers" && x["metric"] == metric)
+            .unwrap_or_else(|| panic!("hostile TLS peers {metric}: {r}"))["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!([tls("trials"), tls("clear_errors"), tls("lost_pages"), tls("panics")], [4.0, 4.0, 0.0, 0.0], "{r}");
 }

@@ -14,6 +14,8 @@
 //! - bad migration streams (bit flips, truncations, repeated and dropped
 //!   frames) fed to the destination's receiver: refused, or the memory
 //!   built is exactly the source's;
+//! - hostile TLS peers (`hostile_tls`): a peer with the key that sends
+//!   garbage, a damaged or cut stream, or nothing, to a real destination;
 //! - `kill -9` of a durable guest (`--journal`) at a random instant after a
 //!   random number of committed epochs: recovery must land on an epoch no
 //!   older than the newest the VMM had reported committed (no lost epoch),
@@ -34,6 +36,8 @@ use smudge::control::{Client, Request, SnapshotRequest};
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello, PAGE};
 use smudge::migration::receiver::{check_hello, Receiver, Step};
 use smudge_vmm::control::cli::BenchArgs;
+
+mod hostile_tls;
 
 use crate::report::Report;
 use crate::setup::{run_args, smudge, start_vm, Scratch};
@@ -510,6 +514,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ("kill -9 of a durable guest", kill_durable_guests(dir, 20 * scale, &mut rng)?),
         ("corrupted snapshots", corrupt_snapshots(dir, 40 * scale, &mut rng)?),
         ("bad migration streams", bad_streams(dir, 100 * scale, &mut rng)?),
+        ("hostile TLS peers", hostile_tls::hostile_tls_peers(dir, 4 * scale, &mut rng)?),
         ("misbehaving guests", misbehaving_guests(dir, 4 * scale)?),
     ];
     let mut rep = Report::new("reliability");
