@@ -90,7 +90,11 @@ fn migration_frame(out: &mut Out) {
         ("postcopy", Frame::Postcopy(vec![(0, 16), (64 * PAGE, 8)]), false),
         ("page-request", Frame::PageRequest(vec![(3 * PAGE, 1)]), false),
     ];
-    let mut write = |name: &str, bytes: Vec<u8>| out.write("migration_frame", name, &bytes);
+    let mut write = |name: &str, bytes: Vec<u8>| {
+        out.write("migration_frame", name, &bytes);
+        // The same stream, sent over TLS by a peer (mode byte 0).
+        out.write("migration_tls", name, &[&[0u8][..], &bytes].concat());
+    };
     for (name, f, lz4) in singles {
         let bytes = encode(std::slice::from_ref(&f), lz4);
         // The seeds must be good frames, or they seed nothing deep.

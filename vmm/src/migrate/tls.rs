@@ -100,6 +100,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode of an end that holds a key (`--tls-psk`) or not.
+    fn keyed(psk: bool) -> Mode {
+        match psk {
+            true => Mode::Psk,
+            false => Mode::Certs,
+        }
+    }
+
     fn says(self) -> &'static str {
         match self {
             Mode::Certs => "certificates (--tls-creds)",
@@ -243,11 +251,7 @@ impl TlsClient {
     }
 
     pub(super) fn mode(&self) -> Mode {
-        if self.psk.is_some() {
-            Mode::Psk
-        } else {
-            Mode::Certs
-        }
+        Mode::keyed(self.psk.is_some())
     }
 
     pub(super) fn key(&self) -> Option<&SourceKey> {
@@ -327,11 +331,7 @@ impl TlsServer {
     }
 
     pub(super) fn mode(&self) -> Mode {
-        if self.psk.is_some() {
-            Mode::Psk
-        } else {
-            Mode::Certs
-        }
+        Mode::keyed(self.psk.is_some())
     }
 
     pub(super) fn keys(&self) -> Option<&DestinationKeys> {
