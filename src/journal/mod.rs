@@ -35,15 +35,18 @@
 //!   segment onto a base that already holds it is harmless: epochs are
 //!   page images, applied in order.
 
+pub mod cache;
+pub mod delta;
 pub mod format;
 pub mod image;
 pub mod recover;
+pub mod replay;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
 
 pub use image::EpochPages;
-pub use recover::{recover, scan, Checkpoint, EpochInfo, Recovered, Scan, ScanEnd, Target};
+pub use recover::{recover, scan, Checkpoint, EpochInfo, PageData, Recovered, Scan, ScanEnd, Target};
 pub use writer::{CheckpointReport, Journal, JournalOptions};
 
 /// The checkpoint file's name in a journal directory.
@@ -133,6 +136,15 @@ pub enum JournalError {
         epoch: u64,
         /// What does not fit.
         why: String,
+    },
+    /// A delta that does not fit its page (checked when its record was
+    /// read: a record changed on disk since).
+    #[error("the delta for the page at file offset {off:#x}: {why}")]
+    BadDelta {
+        /// The page's file offset.
+        off: u64,
+        /// What is wrong.
+        why: delta::DeltaError,
     },
     /// Reading guest memory failed.
     #[error("reading guest memory at {gpa:#x}: {msg}")]

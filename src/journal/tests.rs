@@ -56,7 +56,7 @@ fn recovered(dir: &Path, target: Target) -> Result<(u64, Vec<u8>, MachineState),
 }
 
 fn opts(segment_bytes: u64) -> JournalOptions {
-    JournalOptions { segment_bytes, max_bytes: None }
+    JournalOptions { segment_bytes, max_bytes: None, cache_bytes: None }
 }
 
 /// A journal in a new directory holding `n` epochs of `per` pages each
@@ -136,7 +136,7 @@ fn checkpoints_move_old_epochs_into_the_base_and_a_crash_mid_checkpoint_is_harml
 
 #[test]
 fn the_size_bound_forces_checkpoints_and_keeps_the_newest_epoch() {
-    let o = JournalOptions { segment_bytes: 4096, max_bytes: Some(12 << 10) };
+    let o = JournalOptions { segment_bytes: 4096, max_bytes: Some(12 << 10), cache_bytes: None };
     let (_tmp, dir, mut j, models) = written(25, 6, (1, 9), o, 1);
     let r = j.checkpoint(0).unwrap();
     assert!(r.forced > 0 && r.forced == r.segments, "{r:?}");

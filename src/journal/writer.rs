@@ -1,6 +1,11 @@
 //! Writing a journal: epochs appended to the current segment, committed
 //! by `fdatasync` (several at once: group commit), segments rolled at a
 //! size, and old segments checkpointed into the base image.
+//!
+//! A page the writer journaled before and still holds in its cache
+//! (`--journal-cache`) is written as a delta against that content when the
+//! delta is smaller; any other page whole. Checkpoints apply a run of
+//! segments at once, each page written into the base once.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -8,14 +13,20 @@ use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::cache::PageCache;
 use super::format::{self, Begin, Commit, Header, Kind, SegmentHead, HEADER};
 use super::image::EpochPages;
 use super::recover::{read_epoch, scan, segment_files, Checkpoint, EpochInfo, CHECKPOINT_FORMAT};
+use super::replay::Replay;
 use super::{segment_name, sync_dir, JournalError, BASE, CHECKPOINT};
 use crate::machine_state::MachineState;
 
 /// Pages per pages record (a record is checked and read whole).
 const PAGES_PER_RECORD: usize = 256;
+/// Deltas per deltas record (each smaller than a page).
+const DELTAS_PER_RECORD: usize = 512;
+/// Pages a checkpoint gathers in memory before writing them into the base.
+const CHECKPOINT_BUFFER: u64 = 64 << 20;
 /// Bytes gathered before one `pwrite`.
 const WRITE_BATCH: usize = 4 << 20;
 
@@ -27,12 +38,22 @@ pub struct JournalOptions {
     /// Checkpoint the oldest segments, retained or not, while the journal
     /// holds more than this (None: no bound).
     pub max_bytes: Option<u64>,
+    /// Bytes of pages the writer keeps as the bases of deltas (None:
+    /// [`default_cache_bytes`]; 0: every page whole).
+    pub cache_bytes: Option<u64>,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        JournalOptions { segment_bytes: 64 << 20, max_bytes: None }
+        JournalOptions { segment_bytes: 64 << 20, max_bytes: None, cache_bytes: None }
     }
+}
+
+/// The delta cache for a RAM of `ram_size` bytes when none is asked for:
+/// an eighth of it, at least 16 MiB and at most 512 MiB (never more than
+/// the RAM).
+pub fn default_cache_bytes(ram_size: u64) -> u64 {
+    (ram_size / 8).clamp(16 << 20, 512 << 20).min(ram_size)
 }
 
 /// A closed segment: every epoch in it committed.
@@ -78,6 +99,8 @@ pub struct Journal {
     next_seq: u64,
     next_epoch: u64,
     committed: u64,
+    /// What was last journaled for recently written pages.
+    cache: PageCache,
 }
 
 /// A number no other journal or VM has (the std hasher's random keys and
@@ -128,6 +151,7 @@ impl Journal {
             checksum: 0,
         };
         cp.store(dir)?;
+        let cache = PageCache::new(page_size, opts.cache_bytes.unwrap_or_else(|| default_cache_bytes(ram_size)));
         Ok(Journal {
             dir: dir.into(),
             id,
@@ -140,13 +164,17 @@ impl Journal {
             next_seq: 0,
             next_epoch: 1,
             committed: 0,
+            cache,
         })
     }
 
     /// Opens the journal in `dir` to go on after its committed epoch
     /// `keep` (a recovered guest journalling on): every epoch after it —
     /// newer committed ones (a rewind) and an uncommitted tail — is cut
-    /// off first. The next epoch must hold every page with data.
+    /// off first. The next epoch must hold every page with data. The
+    /// delta cache starts empty (pages are written whole first), and a
+    /// segment of an older format version is closed rather than
+    /// appended to.
     pub fn reopen(dir: &Path, keep: u64, vm: u128, opts: JournalOptions) -> Result<Journal, JournalError> {
         let s = scan(dir)?;
         let at = s.recoverable().find(|e| e.epoch == keep).cloned().ok_or(JournalError::NotRetained {
@@ -176,8 +204,12 @@ impl Journal {
         for (seq, p) in files.iter().filter(|(s, _)| *s <= keep_seq) {
             let epochs: Vec<EpochInfo> =
                 s.epochs.iter().filter(|e| &e.segment == p && e.epoch <= keep).cloned().collect();
-            let len = s.segments.iter().find(|g| &g.path == p).map_or(0, |g| g.committed_len);
-            if *seq == keep_seq {
+            let info = s.segments.iter().find(|g| &g.path == p);
+            let len = info.map_or(0, |g| g.committed_len);
+            let current_format = info.is_some_and(|g| g.version == format::VERSION);
+            if *seq == keep_seq && !current_format {
+                closed.push_back(Closed { path: p.clone(), len: at.end, epochs });
+            } else if *seq == keep_seq {
                 current = Some(Current {
                     file: file.try_clone().map_err(JournalError::io(p, "dup"))?,
                     path: p.clone(),
@@ -191,6 +223,7 @@ impl Journal {
         let base_path = dir.join(BASE);
         let base =
             OpenOptions::new().read(true).write(true).open(&base_path).map_err(JournalError::io(&base_path, "open"))?;
+        let cache_bytes = opts.cache_bytes.unwrap_or_else(|| default_cache_bytes(s.checkpoint.ram_size));
         Ok(Journal {
             dir: dir.into(),
             id,
@@ -203,6 +236,7 @@ impl Journal {
             next_seq: keep_seq + 1,
             next_epoch: keep + 1,
             committed: keep,
+            cache: PageCache::new(s.checkpoint.page_size, cache_bytes),
         })
     }
 
@@ -229,7 +263,8 @@ impl Journal {
     /// Appends the next epoch — its boundary at `time_ns`, `pages`, the
     /// machine `state` — without syncing: it is committed by the next
     /// [`Self::sync`]. Returns its number. On error nothing of it stays
-    /// in the journal (the segment is cut back) and the number is unused.
+    /// in the journal (the segment is cut back), the number is unused and
+    /// the delta cache is as it was.
     pub fn append(&mut self, time_ns: u64, pages: &EpochPages, state: &MachineState) -> Result<u64, JournalError> {
         let epoch = self.next_epoch;
         if pages.page_size() != self.cp.page_size {
@@ -239,14 +274,19 @@ impl Journal {
         let seg = self.current.as_mut().ok_or_else(|| JournalError::NotAJournal(self.dir.clone()))?;
         let start = seg.len;
         let begin = Begin { vm: self.vm, time_ns, ram_size: self.cp.ram_size, page_size: self.cp.page_size };
-        match write_epoch(&seg.file, start, epoch, &begin, pages, state) {
-            Ok(end) => {
+        match write_epoch(&seg.file, start, epoch, &begin, pages, &self.cache, state) {
+            Ok((end, written)) => {
                 seg.len = end;
+                // The next deltas start from what this epoch holds.
+                for (off, data) in pages.iter() {
+                    self.cache.put(off, data);
+                }
                 seg.epochs.push(EpochInfo {
                     epoch,
                     vm: self.vm,
                     time_ns,
-                    pages: pages.len() as u64,
+                    pages: written.pages,
+                    delta_pages: written.deltas,
                     bytes: end - start,
                     segment: seg.path.clone(),
                     start,
@@ -269,7 +309,12 @@ impl Journal {
         let appended = self.next_epoch - 1;
         if appended > self.committed {
             if let Some(seg) = &self.current {
-                seg.file.sync_data().map_err(JournalError::io(&seg.path, "fdatasync"))?;
+                if let Err(e) = seg.file.sync_data() {
+                    // What was appended may not be on disk: no delta may
+                    // build on it.
+                    self.cache.clear();
+                    return Err(JournalError::io(&seg.path, "fdatasync")(e));
+                }
             }
             self.committed = appended;
         }
@@ -302,7 +347,7 @@ impl Journal {
             .create_new(true)
             .open(&path)
             .map_err(JournalError::io(&path, "create a segment"))?;
-        let head = SegmentHead { journal: self.id, sequence: self.next_seq }.encode();
+        let head = SegmentHead { version: format::VERSION, journal: self.id, sequence: self.next_seq }.encode();
         let made = (|| {
             file.write_all_at(&Header::of(Kind::Segment, self.next_epoch, &head).encode(), 0)?;
             file.write_all_at(&head, HEADER as u64)?;
@@ -323,44 +368,52 @@ impl Journal {
     /// began before `cutoff_ns`, oldest first — and, while the journal
     /// holds more than its bound, older segments still — then removes
     /// them. The newest committed epoch always stays in the journal.
+    /// They are applied as one run: each page written once, its newest
+    /// content in the run.
     pub fn checkpoint(&mut self, cutoff_ns: u64) -> Result<CheckpointReport, JournalError> {
         let mut r = CheckpointReport::default();
-        while let Some(front) = self.closed.front() {
-            let newest = front.epochs.last().map_or(0, |e| e.epoch);
-            let old = front.epochs.last().is_none_or(|e| e.time_ns < cutoff_ns);
-            let over = self.opts.max_bytes.is_some_and(|m| self.bytes() > m);
+        let mut left = self.bytes();
+        for seg in &self.closed {
+            let newest = seg.epochs.last().map_or(0, |e| e.epoch);
+            let old = seg.epochs.last().is_none_or(|e| e.time_ns < cutoff_ns);
+            let over = self.opts.max_bytes.is_some_and(|m| left > m);
             if newest >= self.committed || !(old || over) {
                 break;
             }
-            let seg = self.checkpoint_front()?;
+            left -= seg.len;
             r.segments += 1;
-            r.epochs += seg as u64;
+            r.epochs += seg.epochs.len() as u64;
             r.forced += u64::from(!old);
+        }
+        if r.segments > 0 {
+            self.checkpoint_run(r.segments as usize)?;
         }
         Ok(r)
     }
 
-    /// Applies the oldest closed segment to the base and removes it;
-    /// returns how many epochs it held.
-    fn checkpoint_front(&mut self) -> Result<usize, JournalError> {
-        let Some(front) = self.closed.front() else { return Ok(0) };
-        let Some(last) = front.epochs.last().map(|e| e.epoch) else {
-            return self.remove_front().map(|()| 0);
-        };
-        // The base may hold pages of epochs up to `last` from now on.
-        self.cp.base_epoch = self.cp.base_epoch.max(last);
-        self.cp.complete = false;
-        self.cp.store(&self.dir)?;
-        let base_path = self.dir.join(BASE);
-        for e in &front.epochs {
-            read_epoch(e, &self.cp, |off, data| self.base.write_all_at(data, off))?;
+    /// Applies the `n` oldest closed segments to the base, then removes
+    /// them oldest first.
+    fn checkpoint_run(&mut self, n: usize) -> Result<(), JournalError> {
+        let run = || self.closed.iter().take(n).flat_map(|c| c.epochs.iter());
+        if let Some(last) = run().map(|e| e.epoch).max() {
+            // The base may hold pages of epochs up to `last` from now on.
+            self.cp.base_epoch = self.cp.base_epoch.max(last);
+            self.cp.complete = false;
+            self.cp.store(&self.dir)?;
+            let base_path = self.dir.join(BASE);
+            let mut replay = Replay::new(&self.base, &base_path, self.cp.page_size, CHECKPOINT_BUFFER);
+            for e in run() {
+                read_epoch(e, &self.cp, |off, data| replay.page(off, data))?;
+            }
+            replay.finish()?;
+            self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
+            self.cp.complete = true;
+            self.cp.store(&self.dir)?;
         }
-        self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
-        self.cp.complete = true;
-        self.cp.store(&self.dir)?;
-        let n = front.epochs.len();
-        self.remove_front()?;
-        Ok(n)
+        for _ in 0..n {
+            self.remove_front()?;
+        }
+        Ok(())
     }
 
     fn remove_front(&mut self) -> Result<(), JournalError> {
@@ -405,20 +458,61 @@ impl Out<'_> {
     }
 }
 
-/// Writes epoch `epoch`'s records at `start`; returns where they end.
+/// The pages of one epoch as they go into its records.
+#[derive(Debug, Default)]
+struct Encoded<'a> {
+    whole: Vec<(u64, &'a [u8])>,
+    /// (file offset, range in `bytes`).
+    deltas: Vec<(u64, std::ops::Range<usize>)>,
+    bytes: Vec<u8>,
+}
+
+/// Sorts `pages` into whole pages and deltas against `cache`: a cached
+/// page whose delta is smaller than the page goes as a delta, an
+/// unchanged one not at all (its content is its previous record's).
+fn encode_pages<'a>(pages: &'a EpochPages, cache: &PageCache) -> Encoded<'a> {
+    let ps = pages.page_size() as usize;
+    // A delta costs its length field besides; a page, nothing more.
+    let limit = ps.saturating_sub(16);
+    let mut e = Encoded::default();
+    for (off, data) in pages.iter() {
+        let Some(old) = cache.get(off) else {
+            e.whole.push((off, data));
+            continue;
+        };
+        let at = e.bytes.len();
+        if !super::delta::encode(old, data, &mut e.bytes, limit) {
+            e.whole.push((off, data));
+        } else if e.bytes.len() > at {
+            e.deltas.push((off, at..e.bytes.len()));
+        }
+    }
+    e
+}
+
+/// What [`write_epoch`] wrote.
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    pages: u64,
+    deltas: u64,
+}
+
+/// Writes epoch `epoch`'s records at `start` (a page `cache` holds as a
+/// delta against it); returns where they end and what they hold.
 fn write_epoch(
     file: &File,
     start: u64,
     epoch: u64,
     begin: &Begin,
     pages: &EpochPages,
+    cache: &PageCache,
     state: &MachineState,
-) -> std::io::Result<u64> {
+) -> std::io::Result<(u64, Written)> {
     let mut out = Out { file, off: start, buf: Vec::with_capacity(WRITE_BATCH + (1 << 20)) };
     let mut c = Commit::default();
     c.bytes += out.record(Kind::Begin, epoch, &[&begin.encode()])?;
-    let all: Vec<(u64, &[u8])> = pages.iter().collect();
-    for chunk in all.chunks(PAGES_PER_RECORD) {
+    let enc = encode_pages(pages, cache);
+    for chunk in enc.whole.chunks(PAGES_PER_RECORD) {
         let offsets: Vec<u64> = chunk.iter().map(|(o, _)| *o).collect();
         let head = format::encode_page_offsets(&offsets);
         let mut pieces: Vec<&[u8]> = vec![&head];
@@ -427,9 +521,19 @@ fn write_epoch(
         c.pages += chunk.len() as u64;
         c.page_records += 1;
     }
+    for chunk in enc.deltas.chunks(DELTAS_PER_RECORD) {
+        let offsets: Vec<u64> = chunk.iter().map(|(o, _)| *o).collect();
+        let lens: Vec<u32> = chunk.iter().map(|(_, r)| r.len() as u32).collect();
+        let head = format::encode_delta_heads(&offsets, &lens);
+        let mut pieces: Vec<&[u8]> = vec![&head];
+        pieces.extend(chunk.iter().map(|(_, r)| &enc.bytes[r.clone()]));
+        c.bytes += out.record(Kind::Deltas, epoch, &pieces)?;
+        c.pages += chunk.len() as u64;
+        c.page_records += 1;
+    }
     let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
     c.bytes += out.record(Kind::State, epoch, &[&json])?;
     out.record(Kind::Commit, epoch, &[&c.encode()])?;
     out.flush()?;
-    Ok(out.off)
+    Ok((out.off, Written { pages: c.pages, deltas: enc.deltas.len() as u64 }))
 }

@@ -162,6 +162,12 @@ pub struct RunArgs {
     /// oldest epochs are checkpointed even within --retain.
     #[arg(long, value_parser = parse_size)]
     pub journal_max_bytes: Option<u64>,
+    /// Memory for the pages the journal wrote last (K/M/G suffixes): a
+    /// page written again while held goes to the journal as the bytes that
+    /// changed, not whole. Default: an eighth of RAM, 16 MiB to 512 MiB;
+    /// 0 writes every page whole.
+    #[arg(long, value_parser = parse_size)]
+    pub journal_cache: Option<u64>,
     /// Draw a dirty-page heatmap of the run into this SVG file: guest
     /// address against time, coloured by pages dirtied per period, with the
     /// dirty rate below; the numbers behind it go to FILE.json. Re-protects

@@ -61,6 +61,8 @@ pub struct EpochOptions {
     pub retain: Duration,
     /// The journal's size bound (`--journal-max-bytes`).
     pub max_bytes: Option<u64>,
+    /// The writer's delta cache (`--journal-cache`; None: the default).
+    pub cache_bytes: Option<u64>,
     /// Go on in an existing journal after this epoch (a recovered guest).
     pub after: Option<u64>,
     /// Test hook: the writer waits this long before each batch (a slow
@@ -254,7 +256,11 @@ pub struct EpochSource {
 pub fn start(src: EpochSource, opts: &EpochOptions) -> Result<(EpochTask, Arc<EpochStats>), EpochError> {
     let h = src.harvester.clone().ok_or(EpochError::NoDirtyLog)?;
     let page = host_page_size();
-    let jopts = JournalOptions { segment_bytes: segment_bytes(opts.max_bytes), max_bytes: opts.max_bytes };
+    let jopts = JournalOptions {
+        segment_bytes: segment_bytes(opts.max_bytes),
+        max_bytes: opts.max_bytes,
+        cache_bytes: opts.cache_bytes,
+    };
     let vm = smudge::journal::writer::new_id();
     let journal = match opts.after {
         Some(n) => Journal::reopen(&opts.dir, n, vm, jopts)?,
