@@ -83,6 +83,8 @@ pub struct CheckpointReport {
     /// Of those, segments checkpointed before their time because the
     /// journal was over its size bound.
     pub forced: u64,
+    /// Page bytes written into the base (each page of a run once).
+    pub bytes: u64,
 }
 
 /// A journal open for appending.
@@ -386,14 +388,15 @@ impl Journal {
             r.forced += u64::from(!old);
         }
         if r.segments > 0 {
-            self.checkpoint_run(r.segments as usize)?;
+            r.bytes = self.checkpoint_run(r.segments as usize)?;
         }
         Ok(r)
     }
 
     /// Applies the `n` oldest closed segments to the base, then removes
-    /// them oldest first.
-    fn checkpoint_run(&mut self, n: usize) -> Result<(), JournalError> {
+    /// them oldest first; returns the page bytes written.
+    fn checkpoint_run(&mut self, n: usize) -> Result<u64, JournalError> {
+        let mut bytes = 0;
         let run = || self.closed.iter().take(n).flat_map(|c| c.epochs.iter());
         if let Some(last) = run().map(|e| e.epoch).max() {
             // The base may hold pages of epochs up to `last` from now on.
@@ -405,7 +408,7 @@ impl Journal {
             for e in run() {
                 read_epoch(e, &self.cp, |off, data| replay.page(off, data))?;
             }
-            replay.finish()?;
+            bytes = replay.finish()?;
             self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
             self.cp.complete = true;
             self.cp.store(&self.dir)?;
@@ -413,7 +416,7 @@ impl Journal {
         for _ in 0..n {
             self.remove_front()?;
         }
-        Ok(())
+        Ok(bytes)
     }
 
     fn remove_front(&mut self) -> Result<(), JournalError> {
