@@ -34,6 +34,18 @@ fn write_journal(j: &mut Journal, epochs: &[Writes], group: usize) -> Vec<Vec<u8
     write_edits(j, &as_edits(epochs), group)
 }
 
+/// Applies edits `w` to the model `ram`; the pages they touched.
+fn edit_pages(ram: &mut [u8], w: &[Edit]) -> EpochPages {
+    let mut p = EpochPages::new(PS);
+    for &(page, at, len, byte) in w {
+        let off = (page % PAGES) * PS;
+        let (from, to) = (off + at % PS, (off + at % PS + len).min(off + PS));
+        ram[from as usize..to as usize].fill(byte);
+        p.put(off, &ram[off as usize..(off + PS) as usize]);
+    }
+    p
+}
+
 /// Whole-page writes as edits.
 fn as_edits(epochs: &[Writes]) -> Vec<Vec<Edit>> {
     epochs.iter().map(|w| w.iter().map(|&(page, byte)| (page, 0, PS, byte)).collect()).collect()
@@ -45,13 +57,7 @@ fn write_edits(j: &mut Journal, epochs: &[Vec<Edit>], group: usize) -> Vec<Vec<u
     let mut ram = vec![0u8; RAM as usize];
     let mut models = vec![ram.clone()];
     for (i, w) in epochs.iter().enumerate() {
-        let mut p = EpochPages::new(PS);
-        for &(page, at, len, byte) in w {
-            let off = (page % PAGES) * PS;
-            let (from, to) = (off + at % PS, (off + at % PS + len).min(off + PS));
-            ram[from as usize..to as usize].fill(byte);
-            p.put(off, &ram[off as usize..(off + PS) as usize]);
-        }
+        let p = edit_pages(&mut ram, w);
         let n = j.append(1_000 + i as u64 * 1_000_000_000, &p, &state(i as u64 + 1)).unwrap();
         assert_eq!(n, i as u64 + 1);
         if (i + 1) % group == 0 {
@@ -424,13 +430,7 @@ proptest! {
         let mut ram = models[keep as usize].clone();
         let mut line = vec![ram.clone()];
         for (i, w) in more.iter().enumerate() {
-            let mut p = EpochPages::new(PS);
-            for &(page, at, len, byte) in w {
-                let off = (page % PAGES) * PS;
-                let (from, to) = (off + at % PS, (off + at % PS + len).min(off + PS));
-                ram[from as usize..to as usize].fill(byte);
-                p.put(off, &ram[off as usize..(off + PS) as usize]);
-            }
+            let mut p = edit_pages(&mut ram, w);
             if i == 0 {
                 for pg in 0..PAGES {
                     p.put(pg * PS, &ram[(pg * PS) as usize..((pg + 1) * PS) as usize]);
