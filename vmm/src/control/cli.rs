@@ -282,6 +282,11 @@ pub struct MigrateRecvArgs {
     /// show a certificate the CA signed.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// When a post-copy link breaks after the switchover, keep running the
+    /// guest and wait this many seconds for the source to resume (`ctl
+    /// migrate --resume`) before giving up (exit 107); 0: give up at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub postcopy_recover_timeout: u64,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -351,9 +356,10 @@ pub enum CtlCommand {
 /// `smudge ctl migrate`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateCtl {
-    /// The destination, HOST:PORT or unix:PATH.
-    #[arg(long)]
-    pub to: String,
+    /// The destination, HOST:PORT or unix:PATH (with --resume: where to
+    /// reconnect; default where it went last).
+    #[arg(long, required_unless_present = "resume")]
+    pub to: Option<String>,
     /// Downtime budget in milliseconds: the final, paused round starts once
     /// its estimated time fits (default 20).
     #[arg(long)]
@@ -404,6 +410,11 @@ pub struct MigrateCtl {
     /// must be the CA's and name the host of --to (localhost for unix:).
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// Resume the post-copy migration whose link broke after the
+    /// switchover (this VM is `postcopy-paused`): reconnect and send the
+    /// pages the destination still owes.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -456,7 +467,7 @@ impl CtlCommand {
                 })
             }
             CtlCommand::Migrate(m) => Request::Migrate(MigrateRequest {
-                to: m.to.clone(),
+                to: m.to.clone().unwrap_or_default(),
                 downtime_ms: m.downtime_ms,
                 max_rounds: m.max_rounds,
                 bandwidth_limit: m.bandwidth_limit,
@@ -467,6 +478,7 @@ impl CtlCommand {
                 postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
                 connections: m.connections,
                 tls_creds: m.tls_creds.as_ref().map(abs),
+                resume: m.resume,
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,

@@ -27,7 +27,7 @@ use smudge::uffd::UffdError;
 
 use crate::control::signals::{self, OnStop};
 use crate::migrate::multifd::Channels;
-use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::migrate::postcopy_dest::{PostcopyDest, Rejoin, DEFAULT_RECOVER_TIMEOUT};
 use crate::migrate::tls::TlsServer;
 use crate::migrate::transport::{Address, Listener, Stream};
 use crate::persist::lazy::LazyError;
@@ -36,10 +36,10 @@ use crate::vm::{IncomingVm, VmError};
 
 /// Longest silence from the source between or inside frames before the
 /// destination gives up on it.
-const IDLE_LIMIT: Duration = Duration::from_secs(60);
+pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// How long a source that connected has for its TLS handshake and its
 /// `Hello`: a peer that connects and stalls is dropped after this.
-const HELLO_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a guest arriving here (a migration, a lazy restore) could not be
 /// received.
@@ -142,6 +142,11 @@ pub struct Incoming {
     received: Option<String>,
     /// Shut the connections down on a stop signal, until the guest runs.
     interrupt: Vec<OnStop>,
+    /// Where it listened and with which TLS: a post-copy source whose link
+    /// broke comes back there.
+    listened: (Address, Option<TlsServer>),
+    /// How long a broken post-copy link is waited out (0: not at all).
+    recover_within: Duration,
 }
 
 impl Incoming {
@@ -155,7 +160,7 @@ impl Incoming {
         use anyhow::Context;
         let addr = Address::listen_on(addr).context("--listen")?;
         let tls = tls.map(TlsServer::load).transpose().context("--tls-creds")?;
-        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls);
+        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls.clone());
         let local = listener.local().clone();
         if listener.open_to_others() {
             let _ = writeln!(
@@ -227,6 +232,25 @@ impl Incoming {
             channels,
             received: None,
             interrupt,
+            listened: (listener.local().clone(), tls),
+            recover_within: DEFAULT_RECOVER_TIMEOUT,
+        })
+    }
+
+    /// How long to wait for the source to resume a post-copy migration
+    /// whose link broke after the switchover (zero: the guest is lost at
+    /// once, as before recovery existed).
+    pub fn recover_within(&mut self, within: Duration) {
+        self.recover_within = within;
+    }
+
+    /// How a broken post-copy link is waited out, if it is.
+    fn rejoin(&self) -> Option<Rejoin> {
+        (self.hello.migration != 0 && !self.recover_within.is_zero()).then(|| Rejoin {
+            listen: self.listened.0.clone(),
+            tls: self.listened.1.clone(),
+            migration: self.hello.migration,
+            within: self.recover_within,
         })
     }
 
@@ -392,7 +416,7 @@ impl Incoming {
                 )
             });
             match taken {
-                Ok((r, w)) => pc.run(r, w, self.peer.clone(), loading.clone()),
+                Ok((r, w)) => pc.run(r, w, self.peer.clone(), self.rejoin(), loading.clone()),
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "smudge: post-copy: {e}; the guest cannot continue");
                     std::process::exit(i32::from(EXIT_MEMORY_LOST));
