@@ -142,9 +142,10 @@ pub struct Incoming {
     received: Option<String>,
     /// Shut the connections down on a stop signal, until the guest runs.
     interrupt: Vec<OnStop>,
-    /// Where it listened and with which TLS: a post-copy source whose link
-    /// broke comes back there.
-    listened: (Address, Option<TlsServer>),
+    /// Where it listens, kept for a post-copy migration: a source whose
+    /// link breaks after the switchover comes back there. (Bound now: the
+    /// running VMM's seccomp filter allows no `bind`.)
+    listener: Option<Listener>,
     /// How long a broken post-copy link is waited out (0: not at all).
     recover_within: Duration,
 }
@@ -153,14 +154,16 @@ impl Incoming {
     /// Listens on `addr` (`HOST:PORT`, `PORT`, `unix:PATH`), says where
     /// on stderr, accepts one source and checks its `Hello` (a refusal is
     /// sent back to the source too). The listener is closed (a unix
-    /// socket's file removed) once the source's connections are in.
+    /// socket's file removed) once the source's connections are in — or,
+    /// for a post-copy migration, once its phase ends (a source whose link
+    /// broke comes back there).
     /// With `tls` every connection must pass its TLS handshake (each end
     /// verifying the other) before a byte of it is read.
     pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<&Path>) -> anyhow::Result<Incoming> {
         use anyhow::Context;
         let addr = Address::listen_on(addr).context("--listen")?;
         let tls = tls.map(TlsServer::load).transpose().context("--tls-creds")?;
-        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls.clone());
+        let listener = Listener::bind(&addr).context("--listen")?.with_tls(tls);
         let local = listener.local().clone();
         if listener.open_to_others() {
             let _ = writeln!(
@@ -222,6 +225,7 @@ impl Incoming {
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
+        let hello_postcopy = hello.postcopy && hello.migration != 0;
         Ok(Incoming {
             reader,
             writer,
@@ -232,7 +236,7 @@ impl Incoming {
             channels,
             received: None,
             interrupt,
-            listened: (listener.local().clone(), tls),
+            listener: hello_postcopy.then_some(listener),
             recover_within: DEFAULT_RECOVER_TIMEOUT,
         })
     }
@@ -244,11 +248,12 @@ impl Incoming {
         self.recover_within = within;
     }
 
-    /// How a broken post-copy link is waited out, if it is.
-    fn rejoin(&self) -> Option<Rejoin> {
-        (self.hello.migration != 0 && !self.recover_within.is_zero()).then(|| Rejoin {
-            listen: self.listened.0.clone(),
-            tls: self.listened.1.clone(),
+    /// How a broken post-copy link is waited out, if it is (the listener
+    /// is closed otherwise).
+    fn rejoin(&mut self) -> Option<Rejoin> {
+        let listener = self.listener.take()?;
+        (!self.recover_within.is_zero()).then(|| Rejoin {
+            listener,
             migration: self.hello.migration,
             within: self.recover_within,
         })
@@ -416,7 +421,10 @@ impl Incoming {
                 )
             });
             match taken {
-                Ok((r, w)) => pc.run(r, w, self.peer.clone(), self.rejoin(), loading.clone()),
+                Ok((r, w)) => {
+                    let rejoin = self.rejoin();
+                    pc.run(r, w, self.peer.clone(), rejoin, loading.clone())
+                }
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "smudge: post-copy: {e}; the guest cannot continue");
                     std::process::exit(i32::from(EXIT_MEMORY_LOST));

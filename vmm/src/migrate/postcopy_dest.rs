@@ -41,7 +41,6 @@ use smudge::migration::receiver::ReceiveError;
 use smudge::uffd::UffdError;
 
 use crate::control::signals;
-use crate::migrate::tls::TlsServer;
 use crate::migrate::transport::{Address, Listener, Stream as Conn};
 use crate::vm::outcome::EXIT_MEMORY_LOST;
 
@@ -82,14 +81,6 @@ pub enum PostcopyError {
         /// The recovery timeout.
         secs: u64,
     },
-    /// The link broke and the destination could not listen again.
-    #[error("the link broke ({broke}) and listening again for the source failed: {why}")]
-    Relisten {
-        /// Why the link broke.
-        broke: String,
-        /// Why listening failed.
-        why: crate::migrate::transport::ListenError,
-    },
     /// A stop signal came while waiting for the source.
     #[error("the link broke ({broke}) and smudge was stopped by {signal} while waiting for the source to resume")]
     Stopped {
@@ -100,14 +91,13 @@ pub enum PostcopyError {
     },
 }
 
-/// How a broken post-copy link is waited out: where to listen again, with
-/// which TLS, for which migration, how long.
-#[derive(Debug, Clone)]
+/// How a broken post-copy link is waited out: the listener the source
+/// first came in on (its TLS with it), for which migration, how long.
+#[derive(Debug)]
 pub struct Rejoin {
-    /// Where the destination listened (a port 0 resolved).
-    pub listen: Address,
-    /// TLS every connection needs, as for the first.
-    pub tls: Option<TlsServer>,
+    /// The destination's listener, kept open (port 0 resolved; the same
+    /// unix socket path).
+    pub listener: Listener,
     /// The migration's id from its `Hello`.
     pub migration: u64,
     /// The recovery timeout.
@@ -184,7 +174,7 @@ impl PostcopyDest {
             receiver: self.receiver,
             requested: vec![0u64; self.pages.div_ceil(64) as usize],
             writer: Some(writer),
-            recovers: rejoin.as_ref().map(|r| (r.listen.to_string(), r.within.as_secs())),
+            recovers: rejoin.as_ref().map(|r| (r.listener.local().to_string(), r.within.as_secs())),
             resumes: 0,
         };
         self.armed.start(source, Link { reader: Some(reader), rejoin, broke: String::new(), peer }, loading);
@@ -259,16 +249,15 @@ impl Link {
         let Some(rejoin) = &self.rejoin else {
             return Err(PostcopyError::Frame(FrameError::Closed));
         };
-        let listener = Listener::bind(&rejoin.listen)
-            .map_err(|why| PostcopyError::Relisten { broke: broke.clone(), why })?
-            .with_tls(rejoin.tls.clone());
+        // (A source quick to come back may be queued already.)
+        let listener = &rejoin.listener;
         let t0 = Instant::now();
         loop {
             if let Some(signal) = signals::requested_name() {
                 return Err(PostcopyError::Stopped { broke, signal });
             }
             if t0.elapsed() >= rejoin.within {
-                let (listen, secs) = (rejoin.listen.clone(), rejoin.within.as_secs());
+                let (listen, secs) = (listener.local().clone(), rejoin.within.as_secs());
                 return Err(PostcopyError::NotResumed { broke, listen, secs });
             }
             let (conn, peer) = match listener.accept() {
@@ -278,12 +267,12 @@ impl Link {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!("post-copy recovery: accepting on {}: {e}", rejoin.listen);
+                    tracing::warn!("post-copy recovery: accepting on {}: {e}", listener.local());
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
-            match admit(&listener, conn, rejoin.migration) {
+            match admit(listener, conn, rejoin.migration) {
                 Ok((r, w)) => return Ok((r, w, peer)),
                 Err(why) => {
                     let _ = writeln!(std::io::stderr(), "smudge: post-copy recovery: refused {peer}: {why}");
