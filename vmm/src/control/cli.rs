@@ -391,8 +391,9 @@ pub struct MigrateCtl {
     /// Post-copy: switch over at once and let the guest run on the
     /// destination while its pages follow (fetched on first touch, the
     /// rest streamed). Downtime no longer grows with the dirty rate, but
-    /// once switched, losing the source or the link loses the guest. The
-    /// destination's memory file must be on tmpfs (/dev/shm).
+    /// once switched, losing the source loses the guest (a broken link can
+    /// be resumed: --resume). The destination's memory file must be on
+    /// tmpfs (/dev/shm).
     #[arg(long, conflicts_with_all = ["postcopy_after", "local", "verify_memory"])]
     pub postcopy: bool,
     /// Pre-copy for N rounds (round 0 sends everything), then switch to
