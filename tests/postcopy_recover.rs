@@ -22,6 +22,9 @@ use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, HEADER_LEN};
 use smudge_testkit::*;
 
+#[path = "common/test_ca.rs"]
+mod test_ca;
+
 /// Working-set pages of the source guest: 6000 stamped pages (24 MiB)
 /// owed at the switchover, sent at 8 MiB/s — every cut below lands in the
 /// phase, megabytes before its end.
@@ -55,14 +58,16 @@ struct Dest {
 
 impl Dest {
     /// A destination on loopback, its memory file on tmpfs in `shm`,
-    /// waiting `recover` seconds for a source whose link broke.
-    fn start(dir: &tempfile::TempDir, shm: &tempfile::TempDir, recover: u64) -> Dest {
+    /// waiting `recover` seconds for a source whose link broke; `extra`
+    /// options (`--tls-creds`).
+    fn start(dir: &tempfile::TempDir, shm: &tempfile::TempDir, recover: u64, extra: &[&str]) -> Dest {
         let (serial, sock, mem) = (path(dir, "dst.serial"), path(dir, "dst.sock"), shm.path().join("dst.mem"));
         let mut child = smudge()
             .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "300"])
             .args(["--postcopy-recover-timeout", &recover.to_string()])
             .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
             .args(["--api-sock", sock.to_str().unwrap()])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -125,12 +130,22 @@ impl Dest {
     }
 }
 
+/// Where a [`cutting_proxy`] starts counting the bytes before its cut.
+#[derive(Clone, Copy, PartialEq)]
+enum CountFrom {
+    /// The end of the machine state (the stream's frames are read).
+    State,
+    /// The first byte (the stream's frames are read).
+    Start,
+    /// The first byte of a stream that cannot be read (TLS).
+    Sealed,
+}
+
 /// A TCP forwarder for one connection to `to` that cuts it (both ways,
-/// mid-frame) after `cut` bytes from the source: bytes counted from the
-/// end of the machine state (`after_state`) or from the start. Returns
+/// mid-frame) after `cut` bytes from the source, counted `from`. Returns
 /// its address and a channel that says, once it cut, how many frames it
-/// had forwarded from the source.
-fn cutting_proxy(to: &str, after_state: bool, cut: u64) -> (String, mpsc::Receiver<u64>) {
+/// had forwarded from the source (0 for a sealed stream).
+fn cutting_proxy(to: &str, from: CountFrom, cut: u64) -> (String, mpsc::Receiver<u64>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let (tx, rx) = mpsc::channel();
@@ -142,7 +157,10 @@ fn cutting_proxy(to: &str, after_state: bool, cut: u64) -> (String, mpsc::Receiv
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut dst_r, &mut src_w);
         });
-        let frames = forward_until_cut(&src, &dst, after_state, cut);
+        let frames = match from {
+            CountFrom::Sealed => forward_raw_until_cut(&src, &dst, cut),
+            _ => forward_until_cut(&src, &dst, from == CountFrom::State, cut),
+        };
         let _ = src.shutdown(Shutdown::Both);
         let _ = dst.shutdown(Shutdown::Both);
         let _ = tx.send(frames);
@@ -191,6 +209,25 @@ fn forward_until_cut(mut src: &TcpStream, mut dst: &TcpStream, after_state: bool
     }
 }
 
+/// Forwards bytes from `src` to `dst` until `cut` of them went.
+fn forward_raw_until_cut(mut src: &TcpStream, mut dst: &TcpStream, cut: u64) -> u64 {
+    let (mut buf, mut counted) = (vec![0u8; 64 * 1024], 0u64);
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => n,
+        };
+        let n = n.min((cut - counted) as usize);
+        if dst.write_all(&buf[..n]).is_err() {
+            return 0;
+        }
+        counted += n as u64;
+        if counted == cut {
+            return 0;
+        }
+    }
+}
+
 /// A source VM running [`endless`]`(seed)` with a control socket, once
 /// every working-set page is stamped.
 fn source(dir: &tempfile::TempDir, seed: u64) -> (Child, PathBuf, PathBuf) {
@@ -209,8 +246,10 @@ fn shm_dir() -> tempfile::TempDir {
 
 /// Post-copy through `via` (which cuts the link): the source answers that
 /// the migration is paused, and says so in `stats` too.
-fn migrate_and_break(sock: &Path, via: &str, what: &str) {
-    let r = ctl(sock, &["migrate", "--to", via, "--postcopy", "--bandwidth-limit", "8M"]);
+fn migrate_and_break(sock: &Path, via: &str, extra: &[&str], what: &str) {
+    let mut args = vec!["migrate", "--to", via, "--postcopy", "--bandwidth-limit", "8M"];
+    args.extend(extra);
+    let r = ctl(sock, &args);
     assert_eq!(r["ok"], false, "{what}: {r}");
     assert_eq!(r["state"], "postcopy-paused", "{what}: {r}");
     let e = r["error"].as_str().unwrap();
@@ -296,10 +335,10 @@ fn a_link_cut_during_post_copy_is_resumed_and_every_owed_page_goes_exactly_once(
         let cut = cut_point(seed, 64 << 10, 4 << 20);
         let what = format!("seed {seed}, cut {cut} bytes after the state");
         let (dir, shm) = (tmpdir(), shm_dir());
-        let mut dest = Dest::start(&dir, &shm, 120);
+        let mut dest = Dest::start(&dir, &shm, 120, &[]);
         let (src, sock, _) = source(&dir, seed);
-        let (via, cut_done) = cutting_proxy(&dest.addr, true, cut);
-        migrate_and_break(&sock, &via, &what);
+        let (via, cut_done) = cutting_proxy(&dest.addr, CountFrom::State, cut);
+        migrate_and_break(&sock, &via, &[], &what);
         let frames = cut_done.recv_timeout(WAIT).expect("the proxy never cut");
         let owed = dest.owed_at_break(1);
         assert!(owed > 0, "{what}: nothing was owed at the cut ({frames} frames forwarded)");
@@ -316,13 +355,13 @@ fn a_second_cut_pauses_the_migration_again_and_a_second_resume_finishes_it() {
         let (first, second) = (cut_point(seed, 64 << 10, 4 << 20), cut_point(seed ^ 0xff, 64 << 10, 2 << 20));
         let what = format!("seed {seed}, cuts {first} bytes after the state and {second} into the resume");
         let (dir, shm) = (tmpdir(), shm_dir());
-        let mut dest = Dest::start(&dir, &shm, 120);
+        let mut dest = Dest::start(&dir, &shm, 120, &[]);
         let (src, sock, _) = source(&dir, seed);
-        let (via, _cut) = cutting_proxy(&dest.addr, true, first);
-        migrate_and_break(&sock, &via, &what);
+        let (via, _cut) = cutting_proxy(&dest.addr, CountFrom::State, first);
+        migrate_and_break(&sock, &via, &[], &what);
         let owed1 = dest.owed_at_break(1);
         // The resume goes through a proxy that cuts it too.
-        let (via, _cut) = cutting_proxy(&dest.addr, false, second);
+        let (via, _cut) = cutting_proxy(&dest.addr, CountFrom::Start, second);
         let r = ctl(&sock, &["migrate", "--resume", "--to", &via]);
         assert_eq!(r["ok"], false, "{what}: {r}");
         assert_eq!(r["state"], "postcopy-paused", "{what}: {r}");
@@ -339,7 +378,7 @@ fn a_second_cut_pauses_the_migration_again_and_a_second_resume_finishes_it() {
 #[test]
 fn without_a_resume_the_destination_gives_up_after_its_recovery_timeout() {
     let (dir, shm) = (tmpdir(), shm_dir());
-    let dest = Dest::start(&dir, &shm, 3);
+    let dest = Dest::start(&dir, &shm, 3, &[]);
     let (mut src, sock, _) = source(&dir, 34);
     // Nothing to resume yet.
     for args in [&["migrate", "--resume"][..], &["migrate", "--resume", "--to", &dest.addr]] {
@@ -351,8 +390,8 @@ fn without_a_resume_the_destination_gives_up_after_its_recovery_timeout() {
         );
         assert_eq!(ctl(&sock, &["stats"])["paused"], false);
     }
-    let (via, _cut) = cutting_proxy(&dest.addr, true, cut_point(34, 64 << 10, 4 << 20));
-    migrate_and_break(&sock, &via, "seed 34");
+    let (via, _cut) = cutting_proxy(&dest.addr, CountFrom::State, cut_point(34, 64 << 10, 4 << 20));
+    migrate_and_break(&sock, &via, &[], "seed 34");
     // A new migration would fork the guest: refused while one is paused.
     let r = ctl(&sock, &["migrate", "--to", &dest.addr]);
     assert_eq!(r["ok"], false, "{r}");
@@ -371,4 +410,39 @@ fn without_a_resume_the_destination_gives_up_after_its_recovery_timeout() {
     assert_paused(&sock, 1, "after the destination gave up");
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     assert_eq!(src.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn over_tls_the_resumed_connection_uses_the_credentials_the_migration_started_with() {
+    let seed = 35;
+    // The stream is sealed: the cut is counted from its first byte, past
+    // the handshake, the Hello and the machine state (tens of KiB).
+    let cut = cut_point(seed, 512 << 10, 4 << 20);
+    let what = format!("seed {seed}, cut {cut} bytes into the TLS stream");
+    let (dir, shm) = (tmpdir(), shm_dir());
+    let creds = test_ca::Ca::new("smudge test CA").creds(&path(&dir, "creds"), &["127.0.0.1"]);
+    let mut dest = Dest::start(&dir, &shm, 120, &["--tls-creds", &creds]);
+    let (src, sock, _) = source(&dir, seed);
+    let (via, _cut) = cutting_proxy(&dest.addr, CountFrom::Sealed, cut);
+    migrate_and_break(&sock, &via, &["--tls-creds", &creds], &what);
+    let owed = dest.owed_at_break(1);
+    // A plain connection gets no further than the handshake, told why.
+    let conn = TcpStream::connect(&dest.addr).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    let mut w = FrameWriter::new(conn.try_clone().unwrap(), false);
+    w.send(&Frame::Resume { migration: 0x1234 }).unwrap();
+    w.flush().unwrap();
+    match FrameReader::new(BufReader::new(conn)).next_frame() {
+        Ok(Frame::Ack(a)) => {
+            assert!(!a.ok, "{what}: {a:?}");
+            assert_eq!(a.error.as_deref(), Some("this destination requires TLS: migrate with --tls-creds"), "{what}");
+        }
+        other => panic!("{what}: a plain resume was answered with {other:?}"),
+    }
+    dest.wait_for("the plain connection's refusal", |d| {
+        d.stderr.lock().unwrap().contains("post-copy recovery: refused").then_some(())
+    });
+    // No --tls-creds: the resume uses the migration's own.
+    resume_completes(&sock, &dest.addr, owed, 1, &what);
+    lands(src, dest, seed, 1, &what);
 }
