@@ -408,6 +408,12 @@ fn without_a_resume_the_destination_gives_up_after_its_recovery_timeout() {
     let r = ctl(&sock, &["migrate", "--resume", "--to", &addr]);
     assert_eq!(r["ok"], false, "{r}");
     assert_paused(&sock, 1, "after the destination gave up");
+    // Continuing the guest here gives the migration up.
+    assert_eq!(ctl(&sock, &["resume"])["ok"], true);
+    let s = ctl(&sock, &["stats"]);
+    assert!(s.get("migration").is_none(), "{s}");
+    let r = ctl(&sock, &["migrate", "--resume"]);
+    assert!(r["error"].as_str().unwrap().contains("nothing to resume"), "{r}");
     assert_eq!(ctl(&sock, &["stop"])["ok"], true);
     assert_eq!(src.wait().unwrap().code(), Some(0));
 }

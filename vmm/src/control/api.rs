@@ -439,7 +439,7 @@ impl Api {
         if let Some(j) = &self.journal {
             v["journal"] = j.json();
         }
-        if let Some(p) = self.migration.as_ref().and_then(|m| m.recovery.status()) {
+        if let Some(p) = self.migration.as_ref().and_then(|m| m.paused_postcopy()) {
             v["migration"] = p;
         }
         if let Some(p) = crate::migrate::postcopy_dest::recovery_status() {

@@ -431,5 +431,8 @@ impl Incoming {
                 }
             }
         }
+        // Pre-copy converged before the switch to post-copy (or the guest
+        // did not start): nobody comes back here.
+        self.listener = None;
     }
 }

@@ -104,7 +104,7 @@ impl Recovery {
     }
 
     /// A paused migration, for the control API's `stats` (`migration`).
-    pub fn status(&self) -> Option<serde_json::Value> {
+    fn status(&self) -> Option<serde_json::Value> {
         self.slot().as_ref().map(|p| {
             serde_json::json!({
                 "state": "postcopy-paused",
@@ -148,6 +148,16 @@ fn owed_runs(src: &MigrationSource, s: &Sender, set: Option<&DirtySet>) -> Resul
 }
 
 impl MigrationSource {
+    /// The post-copy migration paused here, for the control API's `stats`
+    /// (`migration`); once the guest was resumed here (`ctl resume`) it
+    /// can no longer be resumed, and is forgotten.
+    pub fn paused_postcopy(&self) -> Option<serde_json::Value> {
+        if !self.vcpus.shared.is_paused() {
+            *self.recovery.slot() = None;
+        }
+        self.recovery.status()
+    }
+
     /// Post-copy switchover and phase (see the module doc). `residue`: the
     /// pages dirty since the last pre-copy round and the subscription whose
     /// last harvest joins them; `None` for pure post-copy (all data owed).

@@ -676,7 +676,7 @@ impl MigrationSource {
         if opts.resume {
             return self.resume_postcopy(opts);
         }
-        if let Some(to) = self.recovery.paused_to() {
+        if let (Some(to), Some(_)) = (self.recovery.paused_to(), self.paused_postcopy()) {
             return Err(MigrateError::PostcopyPaused(to));
         }
         let t0 = Instant::now();
