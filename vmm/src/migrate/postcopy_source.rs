@@ -325,7 +325,11 @@ impl MigrationSource {
         };
         let owed: u64 = runs.iter().map(|&(_, n)| u64::from(n)).sum();
         tracing::info!("post-copy to {} resumed: {owed} pages still owed", paused.opts.to);
-        self.run_phase(paused, &mut s, &mut reader, &runs, 0, t0)
+        let mut r = self.run_phase(paused, &mut s, &mut reader, &runs, 0, t0)?;
+        // From the resume on: the time to the first switchover is in the
+        // answer that paused it.
+        r.total_ms = ms_since(t0);
+        Ok(r)
     }
 
     /// A new connection to the destination of `p`, the migration named,
