@@ -312,20 +312,17 @@ fn lands(src: Child, mut dest: Dest, seed: u64, resumes: u64, what: &str) {
     assert_eq!(stamped, PAGES, "{what}");
 }
 
-/// A source naming another migration is refused, told why.
-fn another_migration_is_refused(addr: &str) {
+/// A plain connection to `addr` that resumes migration 0x1234: the
+/// destination's refusal (it must refuse).
+fn refusal_of_a_plain_resume(addr: &str) -> String {
     let conn = TcpStream::connect(addr).unwrap();
     conn.set_read_timeout(Some(WAIT)).unwrap();
     let mut w = FrameWriter::new(conn.try_clone().unwrap(), false);
     w.send(&Frame::Resume { migration: 0x1234 }).unwrap();
     w.flush().unwrap();
     match FrameReader::new(BufReader::new(conn)).next_frame() {
-        Ok(Frame::Ack(a)) => {
-            assert!(!a.ok, "{a:?}");
-            let e = a.error.unwrap_or_default();
-            assert!(e.contains("it resumes migration 0x1234; this destination waits for"), "{e}");
-        }
-        other => panic!("a wrong migration id was answered with {other:?}"),
+        Ok(Frame::Ack(a)) if !a.ok => a.error.unwrap_or_default(),
+        other => panic!("a resume of migration 0x1234 was answered with {other:?}"),
     }
 }
 
@@ -343,7 +340,9 @@ fn a_link_cut_during_post_copy_is_resumed_and_every_owed_page_goes_exactly_once(
         let owed = dest.owed_at_break(1);
         assert!(owed > 0, "{what}: nothing was owed at the cut ({frames} frames forwarded)");
         assert_dest_waits(&mut dest, owed, &what);
-        another_migration_is_refused(&dest.addr);
+        // A source naming another migration is refused, told why.
+        let e = refusal_of_a_plain_resume(&dest.addr);
+        assert!(e.contains("it resumes migration 0x1234; this destination waits for"), "{what}: {e}");
         resume_completes(&sock, &dest.addr, owed, 1, &format!("{what}, {frames} frames before it"));
         lands(src, dest, seed, 1, &what);
     }
@@ -433,18 +432,8 @@ fn over_tls_the_resumed_connection_uses_the_credentials_the_migration_started_wi
     migrate_and_break(&sock, &via, &["--tls-creds", &creds], &what);
     let owed = dest.owed_at_break(1);
     // A plain connection gets no further than the handshake, told why.
-    let conn = TcpStream::connect(&dest.addr).unwrap();
-    conn.set_read_timeout(Some(WAIT)).unwrap();
-    let mut w = FrameWriter::new(conn.try_clone().unwrap(), false);
-    w.send(&Frame::Resume { migration: 0x1234 }).unwrap();
-    w.flush().unwrap();
-    match FrameReader::new(BufReader::new(conn)).next_frame() {
-        Ok(Frame::Ack(a)) => {
-            assert!(!a.ok, "{what}: {a:?}");
-            assert_eq!(a.error.as_deref(), Some("this destination requires TLS: migrate with --tls-creds"), "{what}");
-        }
-        other => panic!("{what}: a plain resume was answered with {other:?}"),
-    }
+    let e = refusal_of_a_plain_resume(&dest.addr);
+    assert_eq!(e, "this destination requires TLS: migrate with --tls-creds", "{what}");
     dest.wait_for("the plain connection's refusal", |d| {
         d.stderr.lock().unwrap().contains("post-copy recovery: refused").then_some(())
     });
