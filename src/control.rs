@@ -269,6 +269,10 @@ pub struct MigrateRequest {
     /// TLS credentials directory (QEMU's layout; none: plain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<PathBuf>,
+    /// Resume the post-copy migration whose link broke (`to` empty: the
+    /// address it went to last); the other fields do not apply.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub resume: bool,
 }
 
 fn one_connection() -> u32 {
@@ -290,6 +294,7 @@ impl MigrateRequest {
             postcopy_after: None,
             connections: 1,
             tls_creds: None,
+            resume: false,
         }
     }
 
@@ -697,6 +702,7 @@ mod tests {
                 connections: 8,
                 ..MigrateRequest::new("10.0.0.2:7700")
             }),
+            Request::Migrate(MigrateRequest { resume: true, ..MigrateRequest::new("") }),
             Request::DirtyRate(DirtyRateRequest { seconds: 0.25 }),
         ];
         let mut seen = std::collections::BTreeSet::new();

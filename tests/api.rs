@@ -232,7 +232,7 @@ fn a_typoed_key_a_wrong_type_or_a_missing_field_is_refused_by_name_and_nothing_i
     assert_refused(
         &raw_text(&sock, "{\"cmd\":\"migrate\",\"to\":\"127.0.0.1:1\",\"conections\":4}\n"),
         "migrate: unknown field `conections`, expected one of `to`, `downtime_ms`, `max_rounds`, \
-         `bandwidth_limit`, `compress`, `auto_converge`, `verify_memory`, `local`, `postcopy_after`, `connections`, `tls_creds`",
+         `bandwidth_limit`, `compress`, `auto_converge`, `verify_memory`, `local`, `postcopy_after`, `connections`, `tls_creds`, `resume`",
     );
     // The VM runs on, and the request spelled right works.
     let ok = ctl(&sock, &["snapshot", "create", d]);

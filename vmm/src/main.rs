@@ -226,6 +226,7 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         Ok(i) => i,
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };
+    inc.recover_within(Duration::from_secs(m.postcopy_recover_timeout));
     let hello = inc.hello();
     if let Err(why) = destination_ready(&m, &mem_file, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
         inc.refuse(&why.to_string());

@@ -288,6 +288,11 @@ pub struct MigrateRecvArgs {
     /// show a certificate the CA signed.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// When a post-copy link breaks after the switchover, keep running the
+    /// guest and wait this many seconds for the source to resume (`ctl
+    /// migrate --resume`) before giving up (exit 107); 0: give up at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub postcopy_recover_timeout: u64,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -357,9 +362,10 @@ pub enum CtlCommand {
 /// `smudge ctl migrate`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateCtl {
-    /// The destination, HOST:PORT or unix:PATH.
-    #[arg(long)]
-    pub to: String,
+    /// The destination, HOST:PORT or unix:PATH (with --resume: where to
+    /// reconnect; default where it went last).
+    #[arg(long, required_unless_present = "resume")]
+    pub to: Option<String>,
     /// Downtime budget in milliseconds: the final, paused round starts once
     /// its estimated time fits (default 20).
     #[arg(long)]
@@ -391,8 +397,9 @@ pub struct MigrateCtl {
     /// Post-copy: switch over at once and let the guest run on the
     /// destination while its pages follow (fetched on first touch, the
     /// rest streamed). Downtime no longer grows with the dirty rate, but
-    /// once switched, losing the source or the link loses the guest. The
-    /// destination's memory file must be on tmpfs (/dev/shm).
+    /// once switched, losing the source loses the guest (a broken link can
+    /// be resumed: --resume). The destination's memory file must be on
+    /// tmpfs (/dev/shm).
     #[arg(long, conflicts_with_all = ["postcopy_after", "local", "verify_memory"])]
     pub postcopy: bool,
     /// Pre-copy for N rounds (round 0 sends everything), then switch to
@@ -410,6 +417,11 @@ pub struct MigrateCtl {
     /// must be the CA's and name the host of --to (localhost for unix:).
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// Resume the post-copy migration whose link broke after the
+    /// switchover (this VM is `postcopy-paused`): reconnect and send the
+    /// pages the destination still owes.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -462,7 +474,7 @@ impl CtlCommand {
                 })
             }
             CtlCommand::Migrate(m) => Request::Migrate(MigrateRequest {
-                to: m.to.clone(),
+                to: m.to.clone().unwrap_or_default(),
                 downtime_ms: m.downtime_ms,
                 max_rounds: m.max_rounds,
                 bandwidth_limit: m.bandwidth_limit,
@@ -473,6 +485,7 @@ impl CtlCommand {
                 postcopy_after: if m.postcopy { Some(0) } else { m.postcopy_after },
                 connections: m.connections,
                 tls_creds: m.tls_creds.as_ref().map(abs),
+                resume: m.resume,
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,

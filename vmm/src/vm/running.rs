@@ -289,6 +289,7 @@ impl Parts<'_> {
             file,
             path: self.backing.path().to_path_buf(),
             mem_size: self.cfg.mem_size,
+            recovery: Default::default(),
         })
     }
 }
