@@ -45,6 +45,8 @@ struct Part {
     name: &'static str,
     /// `--test-epoch-parts`.
     parts: &'static str,
+    /// The epoch length, ms.
+    epoch_ms: u64,
     /// More `smudge run` arguments.
     args: &'static [&'static str],
     /// RAM in shared memory (`--backing-file`) instead of in place.
@@ -60,34 +62,99 @@ const PARTS_EPOCH_MS: u64 = 10;
 const NO_WB: &[&str] = &["--no-writeback"];
 
 /// The breakdown, in the order the parts are switched on.
-const PARTS: [Part; 9] = [
+const PARTS: [Part; 12] = [
     Part {
         name: "epochs that only stop, read state, resume",
+        epoch_ms: PARTS_EPOCH_MS,
         parts: "pause",
         args: NO_WB,
         memfd: false,
         instead: false,
     },
-    Part { name: "+ harvest (re-protect)", parts: "harvest", args: NO_WB, memfd: false, instead: false },
-    Part { name: "+ copy into memory", parts: "copy", args: NO_WB, memfd: false, instead: false },
-    Part { name: "+ journal writes, no fdatasync", parts: "write", args: NO_WB, memfd: false, instead: false },
-    Part { name: "+ fdatasync (commit)", parts: "full", args: NO_WB, memfd: false, instead: false },
-    Part { name: "+ writeback of the in-place file", parts: "full", args: &[], memfd: false, instead: false },
-    Part { name: "RAM in memfd (--backing-file) instead", parts: "full", args: &[], memfd: true, instead: true },
+    // No copies: the pass plan would see no pages; the steps from the copy
+    // on make ~0.1 passes per 10 ms epoch (see the pass steps below).
     Part {
-        name: "no mid-epoch pre-copy pass instead",
+        name: "+ harvest (re-protect)",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "harvest",
+        args: &["--no-writeback", "--test-epoch-passes", "0"],
+        memfd: false,
+        instead: false,
+    },
+    Part {
+        name: "+ copy into memory",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "copy",
+        args: NO_WB,
+        memfd: false,
+        instead: false,
+    },
+    Part {
+        name: "+ journal writes, no fdatasync",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "write",
+        args: NO_WB,
+        memfd: false,
+        instead: false,
+    },
+    Part {
+        name: "+ fdatasync (commit)",
+        epoch_ms: PARTS_EPOCH_MS,
         parts: "full",
-        args: &["--test-epoch-no-precopy"],
+        args: NO_WB,
+        memfd: false,
+        instead: false,
+    },
+    Part {
+        name: "+ writeback of the in-place file",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "full",
+        args: &[],
+        memfd: false,
+        instead: false,
+    },
+    Part {
+        name: "RAM in memfd (--backing-file) instead",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "full",
+        args: &[],
+        memfd: true,
+        instead: true,
+    },
+    Part {
+        name: "one pre-copy pass per epoch (before the pass plan) instead",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "full",
+        args: &["--test-epoch-passes", "1"],
+        memfd: false,
+        instead: true,
+    },
+    Part {
+        name: "no pre-copy pass instead",
+        epoch_ms: PARTS_EPOCH_MS,
+        parts: "full",
+        args: &["--test-epoch-passes", "0"],
         memfd: false,
         instead: true,
     },
     Part {
         name: "dirty ring instead of manual protect",
+        epoch_ms: PARTS_EPOCH_MS,
         parts: "full",
         args: &["--dirty-log", "ring"],
         memfd: false,
         instead: true,
     },
+    // The pause at 50 ms epochs, where the residue is 5 times larger.
+    Part {
+        name: "50 ms epochs, one pass per epoch",
+        epoch_ms: 50,
+        parts: "full",
+        args: &["--test-epoch-passes", "1"],
+        memfd: false,
+        instead: true,
+    },
+    Part { name: "50 ms epochs, the pass plan", epoch_ms: 50, parts: "full", args: &[], memfd: false, instead: true },
 ];
 
 impl Mode {
@@ -96,7 +163,7 @@ impl Mode {
             Mode::Off => "logging off (--no-dirty-log)".into(),
             Mode::Default => "default mode (dirty logging, writeback), no journal".into(),
             Mode::Journal(e) => format!("--journal --epoch-ms {e}"),
-            Mode::Part(p) => format!("epoch {PARTS_EPOCH_MS} ms: {}", p.name),
+            Mode::Part(p) => format!("epoch {} ms: {}", p.epoch_ms, p.name),
         }
     }
 }
@@ -216,7 +283,7 @@ fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Me
     };
     let epoch_ms = match mode {
         Mode::Journal(e) => Some(e),
-        Mode::Part(_) => Some(PARTS_EPOCH_MS),
+        Mode::Part(p) => Some(p.epoch_ms),
         _ => None,
     };
     let p = |s: &str| dir.join(format!("durable-{name}.{s}"));
@@ -449,7 +516,7 @@ pub fn run_parts(args: &BenchArgs) -> anyhow::Result<Report> {
     let (mem, window, label) = if args.quick {
         (256u64 << 20, Duration::from_secs(2), "256 MiB")
     } else {
-        (1u64 << 30, Duration::from_secs(5), "1 GiB")
+        (1u64 << 30, Duration::from_secs(4), "1 GiB")
     };
     let base = format!("mixed guest {label}, {RATE} writes/s over 5 %, {} s", window.as_secs());
     let mut modes = vec![Mode::Off, Mode::Default];

@@ -206,9 +206,10 @@ pub struct RunArgs {
     /// switches them on one at a time to measure each one's share).
     #[arg(long, hide = true, value_enum, default_value = "full")]
     pub test_epoch_parts: crate::persist::epoch::EpochParts,
-    /// Test hook: no pre-copy pass between boundaries.
-    #[arg(long, hide = true)]
-    pub test_epoch_no_precopy: bool,
+    /// Test hook: this many pre-copy passes in every epoch, instead of
+    /// as many as the guest's writes call for.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_epoch_passes: Option<u32>,
     /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
     /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
     /// path runs because the harvester is held, not because the guest

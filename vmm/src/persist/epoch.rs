@@ -38,6 +38,7 @@ use smudge::journal::{EpochPages, Journal, JournalError, JournalOptions};
 use smudge::machine_state::MachineState;
 use smudge::memory::{file_offset_to_gpa, host_page_size, ram_layout, GuestRam};
 
+use crate::persist::precopy::{EpochSeen, PassPlan};
 use crate::vm::outcome::Outcome;
 use crate::vm::tasks::{LoopPart, Task, TaskError, ThreadTask};
 use crate::vm::vcpu::Shared;
@@ -71,8 +72,8 @@ pub struct EpochOptions {
     pub write_delay: Duration,
     /// Test hook: which parts of each epoch run.
     pub parts: EpochParts,
-    /// A pre-copy pass half-way through each epoch.
-    pub precopy: bool,
+    /// Pre-copy passes per epoch (None: as the pass plan decides).
+    pub passes: Option<u32>,
 }
 
 /// Which parts of each epoch run (`--test-epoch-parts`). Each level adds
@@ -164,9 +165,18 @@ impl EpochStats {
 
     /// As the control API shows them.
     pub fn json(&self) -> Value {
-        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Sorted off the lock: a boundary updates the counters while the
+        // vCPUs are held, and must not wait for percentiles.
+        let (c, pauses) = {
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let pauses: Vec<[u32; PARTS + 1]> = g.pauses_us.iter().copied().collect();
+            let error = g.error.take();
+            let c = Counters { pauses_us: VecDeque::new(), error: error.clone(), ..*g };
+            g.error = error;
+            (c, pauses)
+        };
         let column = |i: usize| {
-            let mut p: Vec<u32> = c.pauses_us.iter().map(|r| r[i]).collect();
+            let mut p: Vec<u32> = pauses.iter().map(|r| r[i]).collect();
             p.sort_unstable();
             p
         };
@@ -324,8 +334,11 @@ pub fn start(src: EpochSource, opts: &EpochOptions) -> Result<(EpochTask, Arc<Ep
         pages: EpochPages::new(page),
         opened: Instant::now(),
         parts: opts.parts,
-        precopy: opts.precopy,
+        plan: PassPlan::new(opts.passes),
+        planned: 0,
+        seen: EpochSeen::default(),
         pending: None,
+        harvested: 0,
     };
     let epochs = ThreadTask::spawn("journal epochs", "journal-epochs", &src.shared, move |stop| {
         if let Err(e) = ep.pages.copy_set(&ep.ram, &first, ep.mem_size) {
@@ -377,10 +390,17 @@ struct Epochs {
     opened: Instant,
     /// Which parts run.
     parts: EpochParts,
-    /// Whether a pass runs half-way through each epoch.
-    precopy: bool,
+    /// How many passes each epoch makes.
+    plan: PassPlan,
+    /// The open epoch's passes.
+    planned: u32,
+    /// What the open epoch shows the plan so far.
+    seen: EpochSeen,
     /// The last boundary's pause, until its vCPUs ran again.
     pending: Option<PendingPause>,
+    /// Pages boundaries harvested, not yet in the stats (they are
+    /// counted once the vCPUs run again).
+    harvested: u64,
 }
 
 /// A sealed boundary's pause, its resume not yet seen.
@@ -394,18 +414,26 @@ struct PendingPause {
 
 impl Epochs {
     fn run(&mut self, stop: impl Fn() -> bool) {
-        let half = (self.every / 2).max(Duration::from_micros(500));
         let mut next = self.opened + self.every;
+        self.planned = self.plan.passes(self.every);
         while !stop() {
             let now = Instant::now();
             if now < next {
-                std::thread::park_timeout(if self.precopy { (next - now).min(half) } else { next - now });
-                if Instant::now() < next {
-                    if let Err(e) = self.precopy.then(|| self.precopy()).transpose() {
-                        return self.fail(format!("pre-copy: {e}"));
+                // The passes spread evenly over the epoch.
+                let due = (self.seen.passes < self.planned).then(|| {
+                    let start = next.checked_sub(self.every).unwrap_or(now);
+                    start + self.every * (self.seen.passes + 1) / (self.planned + 1)
+                });
+                match due {
+                    Some(d) if d <= now => {
+                        self.seen.passes += 1;
+                        if let Err(e) = self.precopy() {
+                            return self.fail(format!("pre-copy: {e}"));
+                        }
                     }
-                    continue;
+                    _ => std::thread::park_timeout(due.unwrap_or(next).min(next) - now),
                 }
+                continue;
             }
             if self.queue.lock().failed {
                 return;
@@ -433,7 +461,7 @@ impl Epochs {
         let set = self.sub.collect().map_err(|e| JournalError::ReadGuest { gpa: 0, msg: e.to_string() })?;
         let found = set.count();
         let n = match self.parts >= EpochParts::Copy {
-            true => self.pages.copy_set(&self.ram, &set, self.mem_size)?,
+            true => self.copy(&set)?,
             false => 0,
         };
         self.sub.recycle(set);
@@ -445,6 +473,19 @@ impl Epochs {
             c.harvested += found;
         });
         Ok(n)
+    }
+
+    /// Copies `set` into the open epoch, counting for the pass plan the
+    /// pages it held already (written again since a pass copied them).
+    /// Returns the pages copied.
+    fn copy(&mut self, set: &DirtySet) -> Result<u64, JournalError> {
+        let (held, t0) = (self.pages.len() as u64, Instant::now());
+        self.pages.copy_set(&self.ram, set, self.mem_size)?;
+        let found = set.count();
+        self.seen.rewritten += found.saturating_sub(self.pages.len() as u64 - held);
+        self.seen.copied += found;
+        self.seen.copy_time += t0.elapsed();
+        Ok(found)
     }
 
     /// The disk is behind: the epoch goes on; past [`THROTTLE_AFTER`]
@@ -467,6 +508,7 @@ impl Epochs {
     /// The boundary: vCPUs paused for the last collect, the residue's
     /// copy and the state; then the epoch is sealed for the writer.
     fn boundary(&mut self) -> Result<(), String> {
+        self.record_pause();
         let t0 = Instant::now();
         let time_ns = now_ns();
         let held = self.vcpus.hold_for_boundary();
@@ -474,7 +516,6 @@ impl Epochs {
             self.vcpus.release_boundary();
             return Err(format!("pausing the vCPUs: {e}"));
         }
-        self.record_pause();
         let mut parts = [Duration::ZERO; PARTS];
         parts[0] = t0.elapsed();
         let paused = self.while_held(&mut parts);
@@ -489,11 +530,25 @@ impl Epochs {
         let mut q = self.queue.lock();
         let next = q.spare.pop().unwrap_or_else(|| EpochPages::new(self.pages.page_size()));
         let pages = std::mem::replace(&mut self.pages, next);
+        self.seen.len = t0.saturating_duration_since(self.opened);
+        self.seen.distinct = pages.len() as u64;
+        // The first epoch holds every page with data, not what the guest
+        // writes in an epoch's time: the plan learns from the others.
+        let first = self.stats.inner.lock().unwrap_or_else(|p| p.into_inner()).sealed == 0;
         q.sealed.push_back(Sealed { time_ns, pages, state });
         drop(q);
         self.queue.cv.notify_all();
+        if !first {
+            self.plan.seen(&self.seen);
+        }
+        self.seen = EpochSeen::default();
+        self.planned = self.plan.passes(self.every);
         self.opened = t0;
-        self.stats.update(|c| c.sealed += 1);
+        let harvested = std::mem::take(&mut self.harvested);
+        self.stats.update(|c| {
+            c.sealed += 1;
+            c.harvested += harvested;
+        });
         self.pending = Some(PendingPause { parts, held, released_ns });
         Ok(())
     }
@@ -537,11 +592,10 @@ impl Epochs {
         self.vcpus.request_state();
         if self.parts >= EpochParts::Harvest {
             let set = self.sub.collect().map_err(|e| format!("harvest: {e}"))?;
-            let found = set.count();
-            self.stats.update(|c| c.harvested += found);
+            self.harvested += set.count();
             lap(1, parts);
             if self.parts >= EpochParts::Copy {
-                self.pages.copy_set(&self.ram, &set, self.mem_size).map_err(|e| e.to_string())?;
+                self.copy(&set).map_err(|e| e.to_string())?;
             }
             self.sub.recycle(set);
             lap(2, parts);
@@ -563,7 +617,7 @@ impl Epochs {
         let late = self.sub.collect().map_err(|e| format!("harvest: {e}"))?;
         let ran = !late.is_empty();
         if ran && self.parts >= EpochParts::Copy {
-            self.pages.copy_set(&self.ram, &late, self.mem_size).map_err(|e| e.to_string())?;
+            self.copy(&late).map_err(|e| e.to_string())?;
         }
         self.sub.recycle(late);
         lap(1, parts);

@@ -46,7 +46,7 @@ pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Resu
         after,
         write_delay: Duration::from_millis(args.test_journal_write_delay_ms.unwrap_or(0)),
         parts: args.test_epoch_parts,
-        precopy: !args.test_epoch_no_precopy,
+        passes: args.test_epoch_passes,
     }))
 }
 
