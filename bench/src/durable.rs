@@ -543,6 +543,8 @@ pub fn run_parts(args: &BenchArgs) -> anyhow::Result<Report> {
         spread,
         "fastest over slowest logging-off run, less 1: the host's noise over the run",
     );
+    // The steps start from logging off (the default mode is beside them,
+    // not one of them).
     let mut before = 0.0;
     for &mode in &modes[1..] {
         let c = format!("{base}, {}", mode.name());
@@ -555,8 +557,6 @@ pub fn run_parts(args: &BenchArgs) -> anyhow::Result<Report> {
             rep.result(&c, "share_of_slowdown", slowdown - before);
             before = prev;
             part_rows(&mut rep, &c, &runs, off_per_cpu);
-        } else {
-            before = slowdown;
         }
     }
     Ok(rep)
