@@ -415,17 +415,21 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     s.get(((s.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0)
 }
 
+/// The scratch directory, the guest's RAM and window (`--quick`: 256 MiB
+/// for 2 s, else 1 GiB for `window`), and the start of every case's name.
+fn setup(args: &BenchArgs, window: Duration) -> anyhow::Result<(Scratch, u64, Duration, String)> {
+    let scratch = Scratch::new(args.dir.as_deref())?;
+    let (mem, window, label) =
+        if args.quick { (256u64 << 20, Duration::from_secs(2), "256 MiB") } else { (1u64 << 30, window, "1 GiB") };
+    let base = format!("mixed guest {label}, {RATE} writes/s over 5 %, {} s", window.as_secs());
+    Ok((scratch, mem, window, base))
+}
+
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let scratch = Scratch::new(args.dir.as_deref())?;
+    let (scratch, mem, window, base) = setup(args, Duration::from_secs(10))?;
     let dir: PathBuf = scratch.path().to_path_buf();
     let mut rep = Report::new("durable");
-    let (mem, window, label) = if args.quick {
-        (256u64 << 20, Duration::from_secs(2), "256 MiB")
-    } else {
-        (1u64 << 30, Duration::from_secs(10), "1 GiB")
-    };
-    let base = format!("mixed guest {label}, {RATE} writes/s over 5 %, {} s", window.as_secs());
     // Logging off first and last: the baseline is their mean, the host's
     // drift over the run shows as the difference between the two.
     let mut runs = Vec::new();
@@ -504,21 +508,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
 }
 
 /// `smudge bench durable-parts`: where the slowdown and the pause of
-/// `--journal --epoch-ms 10` go. The parts of an epoch are switched on
+/// `--journal --epoch-ms 10` (and 50) go. The parts of an epoch are switched on
 /// one at a time (`--test-epoch-parts`), each step against logging off in
 /// the same run, rounds interleaved (`--runs`, default 2) so the host's
 /// drift spreads over every step; each step's share is its slowdown less
 /// the step's before it.
 pub fn run_parts(args: &BenchArgs) -> anyhow::Result<Report> {
-    let scratch = Scratch::new(args.dir.as_deref())?;
+    let (scratch, mem, window, base) = setup(args, Duration::from_secs(4))?;
     let dir: PathBuf = scratch.path().to_path_buf();
     let mut rep = Report::new("durable-parts");
-    let (mem, window, label) = if args.quick {
-        (256u64 << 20, Duration::from_secs(2), "256 MiB")
-    } else {
-        (1u64 << 30, Duration::from_secs(4), "1 GiB")
-    };
-    let base = format!("mixed guest {label}, {RATE} writes/s over 5 %, {} s", window.as_secs());
     let mut modes = vec![Mode::Off, Mode::Default];
     modes.extend(PARTS.iter().map(|p| Mode::Part(*p)));
     let mut runs: Vec<(Mode, Measured)> = Vec::new();
