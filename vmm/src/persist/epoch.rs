@@ -7,8 +7,9 @@
 //!   subscription of its own (from now)
 //!   epoch 1: every page with data, copied live
 //!   loop:
-//!     pre-copy pass: collect (re-protect), copy
-//!       the pages into the epoch's buffer
+//!     0-4 pre-copy passes (the pass plan): collect
+//!       (re-protect), copy the pages into the
+//!       epoch's buffer
 //!     boundary: pause vCPUs, last collect, copy
 //!       the residue, vCPU + device state, resume
 //!     seal -> queue ─────────────────────────────►  append every queued epoch,
