@@ -208,6 +208,14 @@ pub struct RunArgs {
     /// of epochs, as a disk that cannot keep up would.
     #[arg(long, hide = true, value_name = "MS")]
     pub test_journal_write_delay_ms: Option<u64>,
+    /// Test hook: run only these parts of each epoch (the benchmark
+    /// switches them on one at a time to measure each one's share).
+    #[arg(long, hide = true, value_enum, default_value = "full")]
+    pub test_epoch_parts: crate::persist::epoch::EpochParts,
+    /// Test hook: this many pre-copy passes in every epoch, instead of
+    /// as many as the guest's writes call for.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_epoch_passes: Option<u32>,
     /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
     /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
     /// path runs because the harvester is held, not because the guest
@@ -496,7 +504,7 @@ impl CtlCommand {
 /// `smudge bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: boot, harvest, writeback, snapshot, migrate, reliability or durable.
+    /// Which benchmark: boot, harvest, writeback, snapshot, migrate, reliability, durable or durable-parts.
     pub name: String,
     /// Print one JSON object (results and goals) instead of a table.
     #[arg(long)]

@@ -46,6 +46,8 @@ pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Resu
         cache_bytes: args.journal_cache,
         after,
         write_delay: Duration::from_millis(args.test_journal_write_delay_ms.unwrap_or(0)),
+        parts: args.test_epoch_parts,
+        passes: args.test_epoch_passes,
     }))
 }
 
