@@ -106,6 +106,14 @@ pub trait Sink: Send + std::fmt::Debug {
 
     /// A name for logs and stats.
     fn name(&self) -> String;
+
+    /// Whether writing a page out leaves it writable for the guest (a
+    /// copy out of RAM), so the engine may skip re-protecting a hot page.
+    /// Not the backing file: its host writeback write-protects the page
+    /// (`page_mkclean`) whatever the engine does.
+    fn leaves_pages_writable(&self) -> bool {
+        false
+    }
 }
 
 fn file_offset(layout: &[RamRegion], gpa: u64) -> Result<u64, SinkError> {
@@ -308,6 +316,10 @@ impl Sink for ImageFile {
 
     fn name(&self) -> String {
         format!("image {}", self.path.display())
+    }
+
+    fn leaves_pages_writable(&self) -> bool {
+        true
     }
 }
 

@@ -567,6 +567,7 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
             sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
             image: args.backing_file.clone().or_else(|| args.writeback_image.clone()),
             image_ready: None,
+            hot_pages: true,
         }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {

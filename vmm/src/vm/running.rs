@@ -148,8 +148,11 @@ fn new_flusher(
             Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
         }
     };
-    let engine =
+    let mut engine =
         Writeback::new(Box::new(log), sink, Arc::new(MonotonicClock::new()), ram.clone(), slots, host_page_size());
+    if !opts.hot_pages {
+        engine.set_hot_policy(None);
+    }
     Ok(Arc::new(Mutex::new(Flusher::new(engine, opts))))
 }
 
