@@ -207,7 +207,7 @@ pub struct Writeback {
     /// write-out re-protects.
     hot: Option<HotPages>,
     /// How soon after its write-out a page must be dirty again to count as
-    /// hot: the last flush's expiry plus its period.
+    /// hot: twice the last flush's expiry plus its period.
     hot_window_ms: u64,
 }
 
@@ -370,7 +370,10 @@ impl Writeback {
         let now = self.clock.now_ms();
         let expire = u64::try_from(policy.dirty_expire.as_millis()).unwrap_or(u64::MAX);
         let period = u64::try_from(policy.writeback_interval.as_millis()).unwrap_or(u64::MAX);
-        self.hot_window_ms = expire.saturating_add(period);
+        // Generous: a guest slowed by faults rewrites even its hot pages
+        // slowly, and a page wrongly taken for hot costs a few spare
+        // writes before its recheck, not a fault.
+        self.hot_window_ms = expire.saturating_mul(2).saturating_add(period);
         let expired_written = match now.checked_sub(expire) {
             Some(before) => self.write_pages(&WritebackControl::expired(before))?,
             None => 0,

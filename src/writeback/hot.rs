@@ -9,8 +9,9 @@
 //! page re-protects it once, to see whether it cooled.
 //!
 //! ```text
-//! write-out of page p at t:  dirtied again within one expiry of its last
-//!                            write-out? streak + 1 : streak = 1
+//! write-out of page p at t:  dirtied again within the window (the engine:
+//!                            two expiries) of its last write-out?
+//!                            streak + 1 : streak = 1
 //!   streak >= after, expiry pass, not the recheck:  copy, keep p dirty at t
 //!   otherwise:                                      re-protect, copy, p clean
 //! ```
