@@ -42,6 +42,13 @@ pub enum LocalError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Guest RAM is not the file at its path (RAM in shared memory, the
+    /// default of `smudge run`): there is nothing to hand over.
+    #[error("guest RAM is not a file that can be handed over ({path}): run the source with --in-place for --local")]
+    NotOnDisk {
+        /// The path RAM was described by.
+        path: PathBuf,
+    },
     /// The destination runs on another kernel.
     #[error("--local needs both ends on one host: the source runs on boot {source_boot}, this side on {here}")]
     OtherHost {
@@ -85,6 +92,10 @@ impl LocalRam {
             .map_err(|source| LocalError::Io { what: format!("resolving {}", path.display()), source })?;
         let md =
             file.metadata().map_err(|source| LocalError::Io { what: format!("stat {}", path.display()), source })?;
+        match std::fs::metadata(&path) {
+            Ok(there) if (there.dev(), there.ino()) == (md.dev(), md.ino()) => {}
+            _ => return Err(LocalError::NotOnDisk { path }),
+        }
         Ok(LocalRam { path, boot_id: boot_id()?, dev: md.dev(), ino: md.ino() })
     }
 

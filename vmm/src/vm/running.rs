@@ -137,7 +137,7 @@ fn new_flusher(
 ) -> Result<Arc<Mutex<Flusher>>, VmError> {
     let sink: Box<dyn Sink> = match &opts.image {
         Some(p) => {
-            let image = ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?;
+            let image = ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?.dropping_cache();
             Box::new(match &opts.image_ready {
                 Some(ready) => image.after(ready.clone()),
                 None => image,
