@@ -248,9 +248,11 @@ pub struct ImageFile {
     ready: Option<ImageReady>,
     /// Keep the image out of the page cache ([`ImageFile::dropping_cache`]).
     drop_cache: bool,
-    /// File ranges the last write-out wrote: dropped from the page cache
-    /// at the next (written back by then, or started now).
-    last_written: Vec<(u64, u64)>,
+    /// File ranges the last two write-outs wrote, newest first: at each
+    /// write-out the last one's are hinted away (which starts their
+    /// writeback: the kernel drops only clean pages), and the one's before
+    /// again (written back by now, so they go).
+    last_written: [Vec<(u64, u64)>; 2],
 }
 
 impl ImageFile {
@@ -266,7 +268,7 @@ impl ImageFile {
             buf: Vec::new(),
             ready: None,
             drop_cache: false,
-            last_written: Vec::new(),
+            last_written: [Vec::new(), Vec::new()],
         })
     }
 
@@ -331,9 +333,11 @@ impl Sink for ImageFile {
     /// per coalesced extent.
     fn write_set(&mut self, ram: &GuestRam, set: &DirtySet) -> Result<u64, SinkError> {
         self.wait_built()?;
-        for (offset, len) in std::mem::take(&mut self.last_written) {
+        let [last, before] = std::mem::take(&mut self.last_written);
+        for &(offset, len) in last.iter().chain(&before) {
             self.drop_cached(offset, len);
         }
+        self.last_written = [Vec::new(), last];
         let mut total = 0;
         for e in set.extents() {
             let offset = file_offset(&self.layout, e.gpa)?;
@@ -350,7 +354,7 @@ impl Sink for ImageFile {
                 source,
             })?;
             if self.drop_cache {
-                self.last_written.push((offset, e.len));
+                self.last_written[0].push((offset, e.len));
             }
             total += e.len;
         }
@@ -362,7 +366,7 @@ impl Sink for ImageFile {
     fn sync(&mut self) -> Result<(), SinkError> {
         self.wait_built()?;
         fdatasync(&self.file, &self.path)?;
-        self.last_written.clear();
+        self.last_written = [Vec::new(), Vec::new()];
         if self.drop_cache {
             self.drop_cached(0, 0);
         }
