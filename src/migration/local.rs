@@ -147,4 +147,18 @@ mod tests {
         assert!(e.to_string().contains("one host"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Guest RAM in a memfd (`smudge run`'s default) has no file to hand
+    /// over: describing it fails and says what to do; so does a path whose
+    /// file is not the RAM's.
+    #[test]
+    fn ram_that_is_not_the_file_at_its_path_is_refused() {
+        let ram = crate::memory::BackingFile::memfd("local-test", 1 << 20).unwrap();
+        let e = LocalRam::describe(ram.path(), ram.file()).unwrap_err();
+        assert!(matches!(e, LocalError::NotOnDisk { .. }), "{e}");
+        assert!(e.to_string().contains("run the source with --in-place for --local"), "{e}");
+        let other = tempfile::NamedTempFile::new().unwrap();
+        let e = LocalRam::describe(other.path(), ram.file()).unwrap_err();
+        assert!(matches!(e, LocalError::NotOnDisk { .. }), "{e}");
+    }
 }
