@@ -101,6 +101,7 @@ fn bad_requests_get_json_errors() {
     assert!(e["error"].as_str().unwrap().contains("no \"cmd\""), "{e}");
     // A second smudge may not take over a live socket.
     let other = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m2").to_str().unwrap(),
         "--mem-size",
@@ -116,6 +117,7 @@ fn bad_requests_get_json_errors() {
     let file = path(&dir, "not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m3").to_str().unwrap(),
         "--mem-size",

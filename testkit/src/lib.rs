@@ -88,7 +88,7 @@ pub fn run_smudge(args: &[&str]) -> Run {
 
 /// Boots the bundled guest on `mem` (`size` e.g. "64M") with `cmdline`.
 pub fn boot(mem: &Path, size: &str, cmdline: &str) -> Run {
-    run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", size, "--cmdline", cmdline])
+    run_smudge(&["--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", size, "--cmdline", cmdline])
 }
 
 /// A fresh temporary directory.
@@ -184,7 +184,7 @@ pub fn start_with_api(
     extra: &[&str],
 ) -> std::process::Child {
     let mut cmd = smudge();
-    cmd.args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
+    cmd.args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
         .args(extra)
         .stdout(stdout)

@@ -433,6 +433,8 @@ impl Api {
                 "oldest_dirty_ms": w.oldest_dirty_ms,
                 "syncs": w.syncs,
                 "write_errors": w.write_errors,
+                "nr_hot": w.nr_hot,
+                "hot_written": w.hot_written,
                 "throttle_ms": self.vcpus.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
             });
         }
