@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::format::{self, Begin, Commit, Header, Kind, SegmentHead, HEADER};
 use super::image::EpochPages;
@@ -18,6 +19,11 @@ use crate::machine_state::MachineState;
 const PAGES_PER_RECORD: usize = 256;
 /// Bytes gathered before one `pwrite`.
 const WRITE_BATCH: usize = 4 << 20;
+/// The first wait before a failed checkpoint is tried again; it doubles
+/// on each failure up to [`BASE_RETRY_MAX`].
+const BASE_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between two tries of a failing checkpoint.
+const BASE_RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// Sizes of a journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +68,43 @@ pub struct CheckpointReport {
     /// Of those, segments checkpointed before their time because the
     /// journal was over its size bound.
     pub forced: u64,
+    /// The base image could not be written (a new failure, or a retry
+    /// that failed again): see [`Journal::base_failure`].
+    pub base_failed: bool,
+    /// A checkpoint succeeded after the base image had failed.
+    pub base_recovered: bool,
+}
+
+/// A checkpoint that could not write the base image: the segments it was
+/// to apply stay in the journal (their space is not reused), the base is
+/// not trusted where the write failed (recovery replays those segments
+/// over it), and the checkpoint is tried again later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseFailure {
+    /// The base image.
+    pub path: PathBuf,
+    /// "write" or "fdatasync".
+    pub op: &'static str,
+    /// The failed write's offset, or the first byte the failed sync covered.
+    pub offset: u64,
+    /// Where the failed write, or the bytes the sync covered, end.
+    pub end: u64,
+    /// The OS error number (EIO = 5).
+    pub errno: Option<i32>,
+    /// The whole error, for people.
+    pub message: String,
+    /// The oldest and newest epoch of the segment it was applying.
+    pub epochs: (u64, u64),
+    /// Tries that failed since the last checkpoint that succeeded.
+    pub attempts: u64,
+}
+
+/// A failing base image and when to try it again.
+#[derive(Debug)]
+struct BaseRetry {
+    failure: BaseFailure,
+    at: Instant,
+    wait: Duration,
 }
 
 /// A journal open for appending.
@@ -78,6 +121,7 @@ pub struct Journal {
     next_seq: u64,
     next_epoch: u64,
     committed: u64,
+    base_retry: Option<BaseRetry>,
 }
 
 /// A number no other journal or VM has (the std hasher's random keys and
@@ -140,6 +184,7 @@ impl Journal {
             next_seq: 0,
             next_epoch: 1,
             committed: 0,
+            base_retry: None,
         })
     }
 
@@ -203,6 +248,7 @@ impl Journal {
             next_seq: keep_seq + 1,
             next_epoch: keep + 1,
             committed: keep,
+            base_retry: None,
         })
     }
 
@@ -319,12 +365,40 @@ impl Journal {
         Ok(())
     }
 
+    /// Why the base image could not be written, while it cannot (None
+    /// once a checkpoint succeeds again).
+    pub fn base_failure(&self) -> Option<&BaseFailure> {
+        self.base_retry.as_ref().map(|r| &r.failure)
+    }
+
+    /// Whether the journal is over its size bound and cannot shrink until
+    /// the base image can be written again: the caller should stop
+    /// appending (throttle the guest) and retry [`Self::checkpoint`] after
+    /// [`Self::base_retry_in`].
+    pub fn is_stuck(&self) -> bool {
+        self.base_retry.is_some() && self.opts.max_bytes.is_some_and(|m| self.bytes() > m)
+    }
+
+    /// How long until a failing checkpoint is tried again (None: none is
+    /// failing).
+    pub fn base_retry_in(&self) -> Option<Duration> {
+        self.base_retry.as_ref().map(|r| r.at.saturating_duration_since(Instant::now()))
+    }
+
     /// Writes into the base image every closed segment whose epochs all
     /// began before `cutoff_ns`, oldest first — and, while the journal
     /// holds more than its bound, older segments still — then removes
     /// them. The newest committed epoch always stays in the journal.
+    ///
+    /// A failure to write the base image is not an error: the segment
+    /// stays, [`Self::base_failure`] says why, the report's `base_failed`
+    /// is set, and later calls try again (no sooner than a back-off of
+    /// 0.25 s doubling to 4 s). Other errors (the journal's own files) are.
     pub fn checkpoint(&mut self, cutoff_ns: u64) -> Result<CheckpointReport, JournalError> {
         let mut r = CheckpointReport::default();
+        if self.base_retry.as_ref().is_some_and(|b| Instant::now() < b.at) {
+            return Ok(r);
+        }
         while let Some(front) = self.closed.front() {
             let newest = front.epochs.last().map_or(0, |e| e.epoch);
             let old = front.epochs.last().is_none_or(|e| e.time_ns < cutoff_ns);
@@ -332,7 +406,19 @@ impl Journal {
             if newest >= self.committed || !(old || over) {
                 break;
             }
-            let seg = self.checkpoint_front()?;
+            let epochs = (front.epochs.first().map_or(0, |e| e.epoch), newest);
+            let seg = match self.checkpoint_front() {
+                Err(JournalError::Base { path, op, offset, end, source }) => {
+                    let message = format!("{}: {op} of bytes {offset:#x}..{end:#x}: {source}", path.display());
+                    let errno = source.raw_os_error();
+                    let failure = BaseFailure { path, op, offset, end, errno, message, epochs, attempts: 1 };
+                    self.base_failed(failure);
+                    r.base_failed = true;
+                    break;
+                }
+                other => other?,
+            };
+            r.base_recovered |= self.base_retry.take().is_some();
             r.segments += 1;
             r.epochs += seg as u64;
             r.forced += u64::from(!old);
@@ -340,8 +426,22 @@ impl Journal {
         Ok(r)
     }
 
+    /// Notes a failed checkpoint and when to try it again.
+    fn base_failed(&mut self, mut failure: BaseFailure) {
+        let wait = match &self.base_retry {
+            Some(b) => {
+                failure.attempts = b.failure.attempts + 1;
+                (b.wait * 2).min(BASE_RETRY_MAX)
+            }
+            None => BASE_RETRY_FIRST,
+        };
+        self.base_retry = Some(BaseRetry { failure, at: Instant::now() + wait, wait });
+    }
+
     /// Applies the oldest closed segment to the base and removes it;
-    /// returns how many epochs it held.
+    /// returns how many epochs it held. Every page is written again on
+    /// each try: after a failed write-back the kernel may call the pages
+    /// clean, so a later sync alone would prove nothing.
     fn checkpoint_front(&mut self) -> Result<usize, JournalError> {
         let Some(front) = self.closed.front() else { return Ok(0) };
         let Some(last) = front.epochs.last().map(|e| e.epoch) else {
@@ -352,10 +452,29 @@ impl Journal {
         self.cp.complete = false;
         self.cp.store(&self.dir)?;
         let base_path = self.dir.join(BASE);
+        let (mut lo, mut hi, mut failed) = (u64::MAX, 0, None);
         for e in &front.epochs {
-            read_epoch(e, &self.cp, |off, data| self.base.write_all_at(data, off))?;
+            let applied = read_epoch(e, &self.cp, |off, data| {
+                let end = off + data.len() as u64;
+                (lo, hi) = (lo.min(off), hi.max(end));
+                self.base.write_all_at(data, off).map_err(|source| {
+                    let kind = source.kind();
+                    failed = Some((off, end, source));
+                    std::io::Error::from(kind)
+                })
+            });
+            if let Some((offset, end, source)) = failed.take() {
+                return Err(JournalError::Base { path: base_path, op: "write", offset, end, source });
+            }
+            applied?;
         }
-        self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
+        self.base.sync_data().map_err(|source| JournalError::Base {
+            path: base_path,
+            op: "fdatasync",
+            offset: lo.min(hi),
+            end: hi,
+            source,
+        })?;
         self.cp.complete = true;
         self.cp.store(&self.dir)?;
         let n = front.epochs.len();

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use smudge::dirty_set::DirtySet;
 use smudge::file_io::data_ranges;
 use smudge::harvest::{HarvestError, Harvester, Subscription};
-use smudge::journal::{EpochPages, Journal, JournalError, JournalOptions};
+use smudge::journal::{CheckpointReport, EpochPages, Journal, JournalError, JournalOptions};
 use smudge::machine_state::MachineState;
 use smudge::memory::{file_offset_to_gpa, host_page_size, ram_layout, GuestRam};
 
@@ -110,6 +110,10 @@ struct Counters {
     checkpointed_segments: u64,
     forced_checkpoints: u64,
     pauses_us: VecDeque<u32>,
+    /// Why the base image cannot be written (None: it can).
+    checkpoint_error: Option<Value>,
+    /// Checkpoint tries that failed on the base image.
+    checkpoint_failures: u64,
     /// Summed over every boundary: stopping the vCPUs, the harvest, the
     /// residue's copy, the wait for the state (ns).
     parts_ns: [u64; 4],
@@ -158,6 +162,8 @@ impl EpochStats {
                 "copy_residue": c.parts_ns[2] as f64 / 1e3 / c.sealed.max(1) as f64,
                 "state": c.parts_ns[3] as f64 / 1e3 / c.sealed.max(1) as f64,
             },
+            "checkpoint_error": c.checkpoint_error,
+            "checkpoint_failures": c.checkpoint_failures,
             "error": c.error,
         })
     }
@@ -483,15 +489,19 @@ fn write_epochs(mut j: Journal, q: &Queue, stats: &EpochStats, shared: &Shared, 
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        match commit(&mut j, &batch, stats, retain) {
-            Ok(()) => {
-                let mut g = q.lock();
-                g.in_flight = 0;
-                for mut s in batch {
-                    s.pages.clear();
-                    g.spare.push(s.pages);
-                }
+        let mut done = commit(&mut j, &batch, stats, retain);
+        if done.is_ok() {
+            let mut g = q.lock();
+            g.in_flight = 0;
+            for mut s in batch {
+                s.pages.clear();
+                g.spare.push(s.pages);
             }
+            drop(g);
+            done = hold_while_stuck(&mut j, q, stats, retain);
+        }
+        match done {
+            Ok(()) => {}
             Err(e) => {
                 q.lock().failed = true;
                 let msg = format!(
@@ -528,6 +538,7 @@ fn commit(j: &mut Journal, batch: &[Sealed], stats: &EpochStats, retain: Duratio
         c.journal_bytes = j.bytes();
     });
     let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
+    note_base(j, &r, stats);
     if r.segments > 0 {
         stats.update(|c| {
             c.checkpointed_segments += r.segments;
@@ -536,6 +547,65 @@ fn commit(j: &mut Journal, batch: &[Sealed], stats: &EpochStats, retain: Duratio
         });
     }
     Ok(())
+}
+
+/// While the journal is over its bound and the base image cannot be
+/// written, takes no new epoch: the queue fills, boundaries lengthen the
+/// open epoch and then throttle the vCPUs, as for a slow disk. Tries the
+/// checkpoint again after the journal's back-off; stops holding once the
+/// run ends (what is sealed is still committed).
+fn hold_while_stuck(j: &mut Journal, q: &Queue, stats: &EpochStats, retain: Duration) -> Result<(), JournalError> {
+    while j.is_stuck() {
+        let wait = j.base_retry_in().unwrap_or_default().max(Duration::from_millis(1));
+        let g = q.lock();
+        if g.closed {
+            return Ok(());
+        }
+        let (g, _) = q.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner());
+        if g.closed {
+            return Ok(());
+        }
+        drop(g);
+        let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
+        note_base(j, &r, stats);
+    }
+    Ok(())
+}
+
+/// Shows a failing base image in the stats (which file, which bytes, the
+/// errno), and says so on stderr once when it starts failing and once
+/// when it works again.
+fn note_base(j: &Journal, r: &CheckpointReport, stats: &EpochStats) {
+    let say = |msg: String| {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("smudge: journal: {msg}\n").as_bytes());
+    };
+    if r.base_recovered {
+        say("checkpoints into the base image work again".into());
+    }
+    let failure = j.base_failure();
+    if let Some(f) = failure.filter(|f| r.base_failed && f.attempts == 1) {
+        say(format!(
+            "checkpoint failed: {}; epochs {}..={} stay in the journal and the checkpoint is tried again",
+            f.message, f.epochs.0, f.epochs.1
+        ));
+    }
+    let shown = failure.map(|f| {
+        json!({
+            "path": f.path,
+            "op": f.op,
+            "offset": f.offset,
+            "end": f.end,
+            "errno": f.errno,
+            "message": f.message,
+            "epochs_held": [f.epochs.0, f.epochs.1],
+            "attempts": f.attempts,
+            "journal_full": j.is_stuck(),
+        })
+    });
+    stats.update(|c| {
+        c.checkpoint_failures += u64::from(r.base_failed);
+        c.checkpoint_error = shown;
+    });
 }
 
 #[cfg(test)]
