@@ -46,14 +46,11 @@ fn start(dir: &tempfile::TempDir, j: &Path) -> (Child, PathBuf, PathBuf) {
     });
     // The base must already hold every page the guest writes from now on
     // (its generation table and its working set, wiped at boot): a
-    // checkpoint on the failing disk then overwrites blocks the file has.
-    // (Allocating new blocks of an ext4 file while its disk fails can
-    // leave `fdatasync` looping in the kernel — see docs/journal.md.)
-    let table = (guest_abi::gen_table_addr(0), guest_abi::gen_table_addr(PAGES));
-    let ws = (guest_abi::ws_base_for(PAGES), guest_abi::ws_base_for(PAGES) + PAGES * 4096);
+    // checkpoint on the failing disk then overwrites blocks the file has
+    // (see `holds_guest_pages`).
     let base = j.join(journal::BASE);
     let s = progress::wait_for_stats(&mut vm, &sock, "the base image to hold the guest's working set", |_| {
-        covers(&base, table) && covers(&base, ws)
+        holds_guest_pages(&base, PAGES)
     });
     // The checkpoint that wrote the last of it may not have synced yet
     // (its blocks not yet allocated): one more checkpoint, and it has.
@@ -62,17 +59,14 @@ fn start(dir: &tempfile::TempDir, j: &Path) -> (Child, PathBuf, PathBuf) {
     (vm, mem, sock)
 }
 
-/// Whether `file` has data (no hole) in every byte of `[from, to)`.
-fn covers(file: &Path, (from, to): (u64, u64)) -> bool {
-    let Ok(f) = std::fs::File::open(file) else { return false };
-    let Ok(ranges) = smudge::file_io::data_ranges(&f, to) else { return false };
-    let mut at = from;
-    for (off, len) in ranges {
-        if off <= at && off + len > at {
-            at = off + len;
-        }
-    }
-    at >= to
+/// A guest journalling into `dir/journal` whose base image's disk has
+/// failed, and the stats that reported it.
+fn failed_under_a_running_guest(dir: &tempfile::TempDir) -> (FailingDisk, PathBuf, Child, PathBuf, serde_json::Value) {
+    let (disk, j) = journal_on_failing_disk(dir);
+    let (mut vm, _mem, sock) = start(dir, &j);
+    disk.fail().unwrap();
+    let s = wait_for_checkpoint_error(&mut vm, &sock);
+    (disk, j, vm, sock, s)
 }
 
 fn num(s: &serde_json::Value, key: &str) -> u64 {
@@ -136,10 +130,7 @@ fn journal_files(j: &Path) -> Vec<(String, Vec<u8>)> {
 fn eio_on_the_base_image_keeps_every_epoch_throttles_when_full_and_recovers_after_kill_9() {
     require_kvm();
     let dir = tmpdir();
-    let (disk, j) = journal_on_failing_disk(&dir);
-    let (mut vm, _mem, sock) = start(&dir, &j);
-    disk.fail().unwrap();
-    let s = wait_for_checkpoint_error(&mut vm, &sock);
+    let (disk, j, mut vm, sock, s) = failed_under_a_running_guest(&dir);
     let (held, throttled) =
         (s["journal"]["checkpoint_error"]["epochs_held"][0].as_u64().unwrap(), num(&s, "throttled"));
     // The journal has room: epochs go on committing.
@@ -202,10 +193,7 @@ fn eio_on_the_base_image_keeps_every_epoch_throttles_when_full_and_recovers_afte
 fn a_base_image_that_comes_back_lets_the_held_checkpoints_through() {
     require_kvm();
     let dir = tmpdir();
-    let (disk, j) = journal_on_failing_disk(&dir);
-    let (mut vm, _mem, sock) = start(&dir, &j);
-    disk.fail().unwrap();
-    let s = wait_for_checkpoint_error(&mut vm, &sock);
+    let (disk, j, mut vm, sock, s) = failed_under_a_running_guest(&dir);
     let (done, held) = (num(&s, "checkpointed_segments"), s["journal"]["checkpoint_error"]["epochs_held"][1].as_u64());
     disk.recover().unwrap();
     let s = progress::wait_for_stats(&mut vm, &sock, "a checkpoint after the disk came back", |s| {

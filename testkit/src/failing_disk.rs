@@ -184,3 +184,26 @@ impl Drop for FailingDisk {
         let _ = std::fs::remove_file(&self.image);
     }
 }
+
+/// Whether `file` (guest RAM at backing-file offsets, e.g. a journal's
+/// base image) has data — no hole — in every page a `workload=rate
+/// pages=N` guest writes: its generation table and its working set. A
+/// checkpoint into it then overwrites blocks the file has: allocating new
+/// blocks of an ext4 file while its disk fails can leave `fdatasync`
+/// looping in the kernel (`do_writepages` retrying `ENOMEM`), a process
+/// no signal ends until the disk is back.
+pub fn holds_guest_pages(file: &Path, pages: u64) -> bool {
+    let ws = guest_abi::ws_base_for(pages);
+    let wanted = [(guest_abi::gen_table_addr(0), guest_abi::gen_table_addr(pages)), (ws, ws + pages * 4096)];
+    let Ok(f) = File::open(file) else { return false };
+    let Ok(ranges) = smudge::file_io::data_ranges(&f, ws + pages * 4096) else { return false };
+    wanted.iter().all(|&(from, to)| {
+        let mut at = from;
+        for &(off, len) in &ranges {
+            if off <= at && off + len > at {
+                at = off + len;
+            }
+        }
+        at >= to
+    })
+}

@@ -22,7 +22,7 @@ pub mod process;
 pub mod progress;
 pub mod vm;
 
-pub use failing_disk::FailingDisk;
+pub use failing_disk::{holds_guest_pages, FailingDisk};
 pub use process::{find_binary, spawn_with_api, StartError, WaitError};
 pub use vm::{error_chain, scratch_dir, Exit, HarnessError, Logs, TestVm, TestVmBuilder};
 
