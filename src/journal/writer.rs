@@ -83,9 +83,10 @@ pub struct CheckpointReport {
 pub struct BaseFailure {
     /// The base image.
     pub path: PathBuf,
-    /// "write" or "fdatasync".
+    /// What failed: "write", "fdatasync", or another operation on it.
     pub op: &'static str,
-    /// The failed write's offset, or the first byte the failed sync covered.
+    /// The failed write's offset, or the first byte the failed sync
+    /// covered (0 with `end` 0: not known).
     pub offset: u64,
     /// Where the failed write, or the bytes the sync covered, end.
     pub end: u64,
@@ -97,6 +98,26 @@ pub struct BaseFailure {
     pub epochs: (u64, u64),
     /// Tries that failed since the last checkpoint that succeeded.
     pub attempts: u64,
+}
+
+impl BaseFailure {
+    /// The failure of `base` that `e` is — a [`JournalError::Base`], or
+    /// any I/O error on that file — while applying `epochs`; or `e` back
+    /// if it is about another file (the journal's own: those end the run).
+    pub fn of(e: JournalError, base: &Path, epochs: (u64, u64)) -> Result<BaseFailure, JournalError> {
+        let (path, op, offset, end, source) = match e {
+            JournalError::Base { path, op, offset, end, source } => (path, op, offset, end, source),
+            JournalError::Io { path, op, source } if path == base => (path, op, 0, 0, source),
+            other => return Err(other),
+        };
+        let message = if end > offset {
+            format!("{}: {op} of bytes {offset:#x}..{end:#x}: {source}", path.display())
+        } else {
+            format!("{}: {op}: {source}", path.display())
+        };
+        let errno = source.raw_os_error();
+        Ok(BaseFailure { path, op, offset, end, errno, message, epochs, attempts: 1 })
+    }
 }
 
 /// A failing base image and when to try it again.
@@ -407,16 +428,14 @@ impl Journal {
                 break;
             }
             let epochs = (front.epochs.first().map_or(0, |e| e.epoch), newest);
-            let seg = match self.checkpoint_front() {
-                Err(JournalError::Base { path, op, offset, end, source }) => {
-                    let message = format!("{}: {op} of bytes {offset:#x}..{end:#x}: {source}", path.display());
-                    let errno = source.raw_os_error();
-                    let failure = BaseFailure { path, op, offset, end, errno, message, epochs, attempts: 1 };
+            let seg = match self.checkpoint_front().map_err(|e| BaseFailure::of(e, &self.dir.join(BASE), epochs)) {
+                Ok(seg) => seg,
+                Err(Ok(failure)) => {
                     self.base_failed(failure);
                     r.base_failed = true;
                     break;
                 }
-                other => other?,
+                Err(Err(e)) => return Err(e),
             };
             r.base_recovered |= self.base_retry.take().is_some();
             r.segments += 1;
@@ -551,4 +570,28 @@ fn write_epoch(
     out.record(Kind::Commit, epoch, &[&c.encode()])?;
     out.flush()?;
     Ok(out.off)
+}
+
+#[cfg(test)]
+mod base_failure_tests {
+    use super::*;
+
+    #[test]
+    fn an_error_on_the_base_is_a_base_failure_and_one_on_a_segment_is_not() {
+        let base = Path::new("/j/base.img");
+        let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+        let e = JournalError::Base { path: base.into(), op: "fdatasync", offset: 0x1000, end: 0x3000, source: eio() };
+        let f = BaseFailure::of(e, base, (3, 7)).unwrap();
+        assert_eq!(
+            (f.errno, f.op, f.offset, f.end, f.epochs, f.attempts),
+            (Some(5), "fdatasync", 0x1000, 0x3000, (3, 7), 1)
+        );
+        assert!(f.message.starts_with("/j/base.img: fdatasync of bytes 0x1000..0x3000: "), "{}", f.message);
+        let f = BaseFailure::of(JournalError::Io { path: base.into(), op: "read a page", source: eio() }, base, (1, 1));
+        assert!(f.unwrap().message.starts_with("/j/base.img: read a page: "));
+        let seg = Path::new("/j/seg-0.smj");
+        let other =
+            BaseFailure::of(JournalError::Io { path: seg.into(), op: "fdatasync", source: eio() }, base, (1, 1));
+        assert!(matches!(other, Err(JournalError::Io { path, .. }) if path == seg));
+    }
 }
