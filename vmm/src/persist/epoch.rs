@@ -22,7 +22,10 @@
 //! a boundary) the epoch goes on instead — *lengthened*, never dropped —
 //! and once it has run for [`THROTTLE_AFTER`] epochs' time the vCPUs are
 //! throttled until the writer catches up. A failed write ends the run with
-//! an error naming the newest committed epoch, which stays intact.
+//! an error naming the newest committed epoch, which stays intact. A failed
+//! checkpoint into the base image does not: its epochs stay in the journal,
+//! the checkpoint is retried, and a journal over its bound meanwhile holds
+//! the writer (`hold_while_stuck`), which throttles the guest as above.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
