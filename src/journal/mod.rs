@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 pub use image::EpochPages;
 pub use recover::{recover, scan, Checkpoint, EpochInfo, PageData, Recovered, Scan, ScanEnd, Target};
-pub use writer::{CheckpointReport, Journal, JournalOptions};
+pub use writer::{BaseFailure, CheckpointReport, Journal, JournalOptions};
 
 /// The checkpoint file's name in a journal directory.
 pub const CHECKPOINT: &str = "checkpoint.json";
@@ -69,6 +69,25 @@ pub enum JournalError {
         path: PathBuf,
         /// What was being done.
         op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The base image failed (EIO on its disk, ENOSPC …): written by a
+    /// checkpoint (the segment stays in the journal and the checkpoint is
+    /// tried again later), or read by a recovery (the journal is left as
+    /// it was).
+    #[error("{}: {op} of bytes {offset:#x}..{end:#x}", path.display())]
+    Base {
+        /// The base image.
+        path: PathBuf,
+        /// "write", "fdatasync" or "read".
+        op: &'static str,
+        /// The failed write's or read's offset, or the first byte the
+        /// sync covered.
+        offset: u64,
+        /// Where the failed write or read, or the bytes the sync covered, end.
+        end: u64,
         /// The OS error.
         #[source]
         source: std::io::Error,

@@ -5,6 +5,7 @@
 //! once with its newest content — with its machine state.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -524,6 +525,36 @@ pub fn recover(dir: &Path, target: Target, out: &Path) -> Result<Recovered, Jour
 /// written by several epochs is written once per this much).
 const RECOVERY_BUFFER: u64 = 256 << 20;
 
+/// Copies `len` bytes at `off` of the base into `f`. An error names the
+/// file that failed and where (`copy_file_range` does not say which side
+/// did): the range is copied again through a buffer to find out.
+fn copy_base_range(
+    (base, base_path): (&File, &Path),
+    (f, out): (&File, &Path),
+    off: u64,
+    len: u64,
+) -> Result<(), JournalError> {
+    if copy_range(base, f, off, len).is_ok() {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = off;
+    while at < off + len {
+        let n = (off + len - at).min(buf.len() as u64);
+        let chunk = &mut buf[..n as usize];
+        base.read_exact_at(chunk, at).map_err(|source| JournalError::Base {
+            path: base_path.into(),
+            op: "read",
+            offset: at,
+            end: at + n,
+            source,
+        })?;
+        f.write_all_at(chunk, at).map_err(JournalError::io(out, "copy the base"))?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Writes the base and the epochs up to `epoch` into `f` (at `out`);
 /// returns the epochs applied, the bytes written over the base and the
 /// epoch's state.
@@ -539,7 +570,7 @@ fn build(
     let base_path = dir.join(BASE);
     let base = File::open(&base_path).map_err(JournalError::io(&base_path, "open"))?;
     for (off, len) in data_ranges(&base, cp.ram_size).map_err(JournalError::io(&base_path, "find data"))? {
-        copy_range(&base, f, off, len).map_err(JournalError::io(out, "copy the base"))?;
+        copy_base_range((&base, &base_path), (f, out), off, len)?;
     }
     let (mut applied, mut state) = (0, None);
     let mut replay = Replay::new(f, out, cp.page_size, RECOVERY_BUFFER);

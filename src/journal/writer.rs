@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::cache::PageCache;
 use super::format::{self, Begin, Commit, Header, Kind, SegmentHead, HEADER};
@@ -29,6 +30,11 @@ const DELTAS_PER_RECORD: usize = 512;
 const CHECKPOINT_BUFFER: u64 = 64 << 20;
 /// Bytes gathered before one `pwrite`.
 const WRITE_BATCH: usize = 4 << 20;
+/// The first wait before a failed checkpoint is tried again; it doubles
+/// on each failure up to [`BASE_RETRY_MAX`].
+const BASE_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between two tries of a failing checkpoint.
+const BASE_RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// Sizes of a journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +91,64 @@ pub struct CheckpointReport {
     pub forced: u64,
     /// Page bytes written into the base (each page of a run once).
     pub bytes: u64,
+    /// The base image could not be written (a new failure, or a retry
+    /// that failed again): see [`Journal::base_failure`].
+    pub base_failed: bool,
+    /// A checkpoint succeeded after the base image had failed.
+    pub base_recovered: bool,
+}
+
+/// A checkpoint that could not write the base image: the segments it was
+/// to apply stay in the journal (their space is not reused), the base is
+/// not trusted where the write failed (recovery replays those segments
+/// over it), and the checkpoint is tried again later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseFailure {
+    /// The base image.
+    pub path: PathBuf,
+    /// What failed: "write", "fdatasync", or another operation on it.
+    pub op: &'static str,
+    /// The failed write's offset, or the first byte the failed sync
+    /// covered (0 with `end` 0: not known).
+    pub offset: u64,
+    /// Where the failed write, or the bytes the sync covered, end.
+    pub end: u64,
+    /// The OS error number (EIO = 5).
+    pub errno: Option<i32>,
+    /// The whole error, for people.
+    pub message: String,
+    /// The oldest and newest epoch of the segment it was applying.
+    pub epochs: (u64, u64),
+    /// Tries that failed since the last checkpoint that succeeded.
+    pub attempts: u64,
+}
+
+impl BaseFailure {
+    /// The failure of `base` that `e` is — a [`JournalError::Base`], or
+    /// any I/O error on that file — while applying `epochs`; or `e` back
+    /// if it is about another file (the journal's own: those end the run).
+    pub fn of(e: JournalError, base: &Path, epochs: (u64, u64)) -> Result<BaseFailure, JournalError> {
+        let (path, op, offset, end, source) = match e {
+            JournalError::Base { path, op, offset, end, source } => (path, op, offset, end, source),
+            JournalError::Io { path, op, source } if path == base => (path, op, 0, 0, source),
+            other => return Err(other),
+        };
+        let message = if end > offset {
+            format!("{}: {op} of bytes {offset:#x}..{end:#x}: {source}", path.display())
+        } else {
+            format!("{}: {op}: {source}", path.display())
+        };
+        let errno = source.raw_os_error();
+        Ok(BaseFailure { path, op, offset, end, errno, message, epochs, attempts: 1 })
+    }
+}
+
+/// A failing base image and when to try it again.
+#[derive(Debug)]
+struct BaseRetry {
+    failure: BaseFailure,
+    at: Instant,
+    wait: Duration,
 }
 
 /// A journal open for appending.
@@ -103,6 +167,7 @@ pub struct Journal {
     committed: u64,
     /// What was last journaled for recently written pages.
     cache: PageCache,
+    base_retry: Option<BaseRetry>,
 }
 
 /// A number no other journal or VM has (the std hasher's random keys and
@@ -167,6 +232,7 @@ impl Journal {
             next_epoch: 1,
             committed: 0,
             cache,
+            base_retry: None,
         })
     }
 
@@ -239,6 +305,7 @@ impl Journal {
             next_epoch: keep + 1,
             committed: keep,
             cache: PageCache::new(s.checkpoint.page_size, cache_bytes),
+            base_retry: None,
         })
     }
 
@@ -366,15 +433,45 @@ impl Journal {
         Ok(())
     }
 
+    /// Why the base image could not be written, while it cannot (None
+    /// once a checkpoint succeeds again).
+    pub fn base_failure(&self) -> Option<&BaseFailure> {
+        self.base_retry.as_ref().map(|r| &r.failure)
+    }
+
+    /// Whether the journal is over its size bound and cannot shrink until
+    /// the base image can be written again: the caller should stop
+    /// appending (throttle the guest) and retry [`Self::checkpoint`] after
+    /// [`Self::base_retry_in`].
+    pub fn is_stuck(&self) -> bool {
+        self.base_retry.is_some() && self.opts.max_bytes.is_some_and(|m| self.bytes() > m)
+    }
+
+    /// How long until a failing checkpoint is tried again (None: none is
+    /// failing).
+    pub fn base_retry_in(&self) -> Option<Duration> {
+        self.base_retry.as_ref().map(|r| r.at.saturating_duration_since(Instant::now()))
+    }
+
     /// Writes into the base image every closed segment whose epochs all
     /// began before `cutoff_ns`, oldest first — and, while the journal
     /// holds more than its bound, older segments still — then removes
     /// them. The newest committed epoch always stays in the journal.
     /// They are applied as one run: each page written once, its newest
     /// content in the run.
+    ///
+    /// A failure to write the base image is not an error: the segments
+    /// stay, [`Self::base_failure`] says why, the report's `base_failed`
+    /// is set, and later calls try again (no sooner than a back-off of
+    /// 0.25 s doubling to 4 s). Other errors (the journal's own files) are.
     pub fn checkpoint(&mut self, cutoff_ns: u64) -> Result<CheckpointReport, JournalError> {
         let mut r = CheckpointReport::default();
+        if self.base_retry.as_ref().is_some_and(|b| Instant::now() < b.at) {
+            return Ok(r);
+        }
         let mut left = self.bytes();
+        let mut first = None;
+        let mut last = 0;
         for seg in &self.closed {
             let newest = seg.epochs.last().map_or(0, |e| e.epoch);
             let old = seg.epochs.last().is_none_or(|e| e.time_ns < cutoff_ns);
@@ -383,18 +480,44 @@ impl Journal {
                 break;
             }
             left -= seg.len;
+            first = first.or(seg.epochs.first().map(|e| e.epoch));
+            last = last.max(newest);
             r.segments += 1;
             r.epochs += seg.epochs.len() as u64;
             r.forced += u64::from(!old);
         }
-        if r.segments > 0 {
-            r.bytes = self.checkpoint_run(r.segments as usize)?;
+        if r.segments == 0 {
+            return Ok(r);
+        }
+        match self.checkpoint_run(r.segments as usize) {
+            Ok(bytes) => {
+                r.bytes = bytes;
+                r.base_recovered = self.base_retry.take().is_some();
+            }
+            Err(e) => {
+                self.base_failed(BaseFailure::of(e, &self.dir.join(BASE), (first.unwrap_or(0), last))?);
+                r = CheckpointReport { base_failed: true, ..CheckpointReport::default() };
+            }
         }
         Ok(r)
     }
 
+    /// Notes a failed checkpoint and when to try it again.
+    fn base_failed(&mut self, mut failure: BaseFailure) {
+        let wait = match &self.base_retry {
+            Some(b) => {
+                failure.attempts = b.failure.attempts + 1;
+                (b.wait * 2).min(BASE_RETRY_MAX)
+            }
+            None => BASE_RETRY_FIRST,
+        };
+        self.base_retry = Some(BaseRetry { failure, at: Instant::now() + wait, wait });
+    }
+
     /// Applies the `n` oldest closed segments to the base, then removes
-    /// them oldest first; returns the page bytes written.
+    /// them oldest first; returns the page bytes written. Every page is
+    /// written again on each try: after a failed write-back the kernel may
+    /// call the pages clean, so a later sync alone would prove nothing.
     fn checkpoint_run(&mut self, n: usize) -> Result<u64, JournalError> {
         let mut bytes = 0;
         let run = || self.closed.iter().take(n).flat_map(|c| c.epochs.iter());
@@ -405,11 +528,21 @@ impl Journal {
             self.cp.store(&self.dir)?;
             let base_path = self.dir.join(BASE);
             let mut replay = Replay::new(&self.base, &base_path, self.cp.page_size, CHECKPOINT_BUFFER);
+            let (mut lo, mut hi, ps) = (u64::MAX, 0, self.cp.page_size);
             for e in run() {
-                read_epoch(e, &self.cp, |off, data| replay.page(off, data))?;
+                read_epoch(e, &self.cp, |off, data| {
+                    (lo, hi) = (lo.min(off), hi.max(off + ps));
+                    replay.page(off, data)
+                })?;
             }
             bytes = replay.finish()?;
-            self.base.sync_data().map_err(JournalError::io(&base_path, "fdatasync"))?;
+            self.base.sync_data().map_err(|source| JournalError::Base {
+                path: base_path,
+                op: "fdatasync",
+                offset: lo.min(hi),
+                end: hi,
+                source,
+            })?;
             self.cp.complete = true;
             self.cp.store(&self.dir)?;
         }
@@ -539,4 +672,28 @@ fn write_epoch(
     out.record(Kind::Commit, epoch, &[&c.encode()])?;
     out.flush()?;
     Ok((out.off, Written { pages: c.pages, deltas: enc.deltas.len() as u64 }))
+}
+
+#[cfg(test)]
+mod base_failure_tests {
+    use super::*;
+
+    #[test]
+    fn an_error_on_the_base_is_a_base_failure_and_one_on_a_segment_is_not() {
+        let base = Path::new("/j/base.img");
+        let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+        let e = JournalError::Base { path: base.into(), op: "fdatasync", offset: 0x1000, end: 0x3000, source: eio() };
+        let f = BaseFailure::of(e, base, (3, 7)).unwrap();
+        assert_eq!(
+            (f.errno, f.op, f.offset, f.end, f.epochs, f.attempts),
+            (Some(5), "fdatasync", 0x1000, 0x3000, (3, 7), 1)
+        );
+        assert!(f.message.starts_with("/j/base.img: fdatasync of bytes 0x1000..0x3000: "), "{}", f.message);
+        let f = BaseFailure::of(JournalError::Io { path: base.into(), op: "read a page", source: eio() }, base, (1, 1));
+        assert!(f.unwrap().message.starts_with("/j/base.img: read a page: "));
+        let seg = Path::new("/j/seg-0.smj");
+        let other =
+            BaseFailure::of(JournalError::Io { path: seg.into(), op: "fdatasync", source: eio() }, base, (1, 1));
+        assert!(matches!(other, Err(JournalError::Io { path, .. }) if path == seg));
+    }
 }

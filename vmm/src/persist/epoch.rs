@@ -23,7 +23,10 @@
 //! a boundary) the epoch goes on instead — *lengthened*, never dropped —
 //! and once it has run for [`THROTTLE_AFTER`] epochs' time the vCPUs are
 //! throttled until the writer catches up. A failed write ends the run with
-//! an error naming the newest committed epoch, which stays intact.
+//! an error naming the newest committed epoch, which stays intact. A failed
+//! checkpoint into the base image does not: its epochs stay in the journal,
+//! the checkpoint is retried, and a journal over its bound meanwhile holds
+//! the writer (`hold_while_stuck`), which throttles the guest as above.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -35,7 +38,7 @@ use serde_json::{json, Value};
 use smudge::dirty_set::DirtySet;
 use smudge::file_io::data_ranges;
 use smudge::harvest::{HarvestError, Harvester, Subscription};
-use smudge::journal::{EpochPages, Journal, JournalError, JournalOptions};
+use smudge::journal::{CheckpointReport, EpochPages, Journal, JournalError, JournalOptions};
 use smudge::machine_state::MachineState;
 use smudge::memory::{file_offset_to_gpa, host_page_size, ram_layout, GuestRam};
 
@@ -149,6 +152,10 @@ struct Counters {
     /// Pages every harvest found written since the one before: each cost
     /// the guest a write fault.
     harvested: u64,
+    /// Why the base image cannot be written (None: it can).
+    checkpoint_error: Option<Value>,
+    /// Checkpoint tries that failed on the base image.
+    checkpoint_failures: u64,
     error: Option<String>,
 }
 
@@ -174,7 +181,12 @@ impl EpochStats {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let pauses: Vec<[u32; PARTS + 1]> = g.pauses_us.iter().copied().collect();
             let error = g.error.take();
-            let c = Counters { pauses_us: VecDeque::new(), error: error.clone(), ..*g };
+            let c = Counters {
+                pauses_us: VecDeque::new(),
+                error: error.clone(),
+                checkpoint_error: g.checkpoint_error.clone(),
+                ..*g
+            };
             g.error = error;
             (c, pauses)
         };
@@ -212,6 +224,8 @@ impl EpochStats {
             "precopy_passes": c.precopy[0],
             "precopy_pages": c.precopy[1],
             "precopy_us_avg": c.precopy[2] as f64 / 1e3 / c.precopy[0].max(1) as f64,
+            "checkpoint_error": c.checkpoint_error,
+            "checkpoint_failures": c.checkpoint_failures,
             "error": c.error,
         })
     }
@@ -665,15 +679,19 @@ fn write_epochs(
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        match commit(&mut j, &batch, stats, retain, parts) {
-            Ok(()) => {
-                let mut g = q.lock();
-                g.in_flight = 0;
-                for mut s in batch {
-                    s.pages.clear();
-                    g.spare.push(s.pages);
-                }
+        let mut done = commit(&mut j, &batch, stats, retain, parts);
+        if done.is_ok() {
+            let mut g = q.lock();
+            g.in_flight = 0;
+            for mut s in batch {
+                s.pages.clear();
+                g.spare.push(s.pages);
             }
+            drop(g);
+            done = hold_while_stuck(&mut j, q, stats, retain);
+        }
+        match done {
+            Ok(()) => {}
             Err(e) => {
                 q.lock().failed = true;
                 let msg = format!(
@@ -723,6 +741,7 @@ fn commit(
         c.journal_bytes = j.bytes();
     });
     let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
+    note_base(j, &r, stats);
     if r.segments > 0 {
         stats.update(|c| {
             c.checkpointed_segments += r.segments;
@@ -731,6 +750,65 @@ fn commit(
         });
     }
     Ok(())
+}
+
+/// While the journal is over its bound and the base image cannot be
+/// written, takes no new epoch: the queue fills, boundaries lengthen the
+/// open epoch and then throttle the vCPUs, as for a slow disk. Tries the
+/// checkpoint again after the journal's back-off; stops holding once the
+/// run ends (what is sealed is still committed).
+fn hold_while_stuck(j: &mut Journal, q: &Queue, stats: &EpochStats, retain: Duration) -> Result<(), JournalError> {
+    while j.is_stuck() {
+        let wait = j.base_retry_in().unwrap_or_default().max(Duration::from_millis(1));
+        let g = q.lock();
+        if g.closed {
+            return Ok(());
+        }
+        let (g, _) = q.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner());
+        if g.closed {
+            return Ok(());
+        }
+        drop(g);
+        let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
+        note_base(j, &r, stats);
+    }
+    Ok(())
+}
+
+/// Shows a failing base image in the stats (which file, which bytes, the
+/// errno), and says so on stderr once when it starts failing and once
+/// when it works again.
+fn note_base(j: &Journal, r: &CheckpointReport, stats: &EpochStats) {
+    let say = |msg: String| {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("smudge: journal: {msg}\n").as_bytes());
+    };
+    if r.base_recovered {
+        say("checkpoints into the base image work again".into());
+    }
+    let failure = j.base_failure();
+    if let Some(f) = failure.filter(|f| r.base_failed && f.attempts == 1) {
+        say(format!(
+            "checkpoint failed: {}; epochs {}..={} stay in the journal and the checkpoint is tried again",
+            f.message, f.epochs.0, f.epochs.1
+        ));
+    }
+    let shown = failure.map(|f| {
+        json!({
+            "path": f.path,
+            "op": f.op,
+            "offset": f.offset,
+            "end": f.end,
+            "errno": f.errno,
+            "message": f.message,
+            "epochs_held": [f.epochs.0, f.epochs.1],
+            "attempts": f.attempts,
+            "journal_full": j.is_stuck(),
+        })
+    });
+    stats.update(|c| {
+        c.checkpoint_failures += u64::from(r.base_failed);
+        c.checkpoint_error = shown;
+    });
 }
 
 #[cfg(test)]
