@@ -34,6 +34,18 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-system-x86 >/dev/null
 fi
+# tests/journal_eio.rs and the reliability campaign's EIO case make a disk
+# that fails: ext4 on a loop device (e2fsprogs, util-linux's losetup).
+if ! command -v mkfs.ext4 >/dev/null 2>&1 || ! command -v losetup >/dev/null 2>&1; then
+  echo "== installing e2fsprogs and util-linux (the EIO tests put ext4 on a loop device)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq e2fsprogs util-linux >/dev/null
+fi
+if [ ! -e /dev/loop-control ]; then
+  echo "error: /dev/loop-control is missing: the EIO tests need loop devices" >&2
+  exit 1
+fi
 if [ ! -e /dev/kvm ]; then
   echo "error: /dev/kvm is missing: the integration tests boot real guests under KVM" >&2
   exit 1

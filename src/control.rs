@@ -275,6 +275,10 @@ pub struct MigrateRequest {
     /// The identity of `tls_psk` to use (none: its first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_psk_identity: Option<String>,
+    /// Resume the post-copy migration whose link broke (`to` empty: the
+    /// address it went to last); the other fields do not apply.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub resume: bool,
 }
 
 fn one_connection() -> u32 {
@@ -298,6 +302,7 @@ impl MigrateRequest {
             tls_creds: None,
             tls_psk: None,
             tls_psk_identity: None,
+            resume: false,
         }
     }
 
@@ -711,6 +716,7 @@ mod tests {
                 connections: 8,
                 ..MigrateRequest::new("10.0.0.2:7700")
             }),
+            Request::Migrate(MigrateRequest { resume: true, ..MigrateRequest::new("") }),
             Request::DirtyRate(DirtyRateRequest { seconds: 0.25 }),
         ];
         let mut seen = std::collections::BTreeSet::new();

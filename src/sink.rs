@@ -106,6 +106,14 @@ pub trait Sink: Send + std::fmt::Debug {
 
     /// A name for logs and stats.
     fn name(&self) -> String;
+
+    /// Whether writing a page out leaves it writable for the guest (a
+    /// copy out of RAM), so the engine may skip re-protecting a hot page.
+    /// Not the backing file: its host writeback write-protects the page
+    /// (`page_mkclean`) whatever the engine does.
+    fn leaves_pages_writable(&self) -> bool {
+        false
+    }
 }
 
 fn file_offset(layout: &[RamRegion], gpa: u64) -> Result<u64, SinkError> {
@@ -238,6 +246,13 @@ pub struct ImageFile {
     buf: Vec<u8>,
     /// A build to wait for before the first write.
     ready: Option<ImageReady>,
+    /// Keep the image out of the page cache ([`ImageFile::dropping_cache`]).
+    drop_cache: bool,
+    /// File ranges the last two write-outs wrote, newest first: at each
+    /// write-out the last one's are hinted away (which starts their
+    /// writeback: the kernel drops only clean pages), and the one's before
+    /// again (written back by now, so they go).
+    last_written: [Vec<(u64, u64)>; 2],
 }
 
 impl ImageFile {
@@ -246,7 +261,25 @@ impl ImageFile {
         let create = |source| SinkError::Create { path: path.to_path_buf(), source };
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(create)?;
         file.set_len(size).map_err(create)?;
-        Ok(ImageFile { file, path: path.to_path_buf(), layout: ram_layout(size), buf: Vec::new(), ready: None })
+        Ok(ImageFile {
+            file,
+            path: path.to_path_buf(),
+            layout: ram_layout(size),
+            buf: Vec::new(),
+            ready: None,
+            drop_cache: false,
+            last_written: [Vec::new(), Vec::new()],
+        })
+    }
+
+    /// This image, kept out of the host's page cache: each write-out drops
+    /// the ranges the one before wrote, each sync the whole file. For the
+    /// writeback engine's image of RAM in shared memory, where the cached
+    /// image would be a second copy of guest RAM; not for an image read
+    /// back soon (a snapshot's staging image).
+    pub fn dropping_cache(mut self) -> Self {
+        self.drop_cache = true;
+        self
     }
 
     /// This image, taking no page before `ready` says its build is over
@@ -274,6 +307,25 @@ impl ImageFile {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// `POSIX_FADV_DONTNEED` over `[offset, offset + len)` (`len` 0: to the
+    /// end): the clean cached pages go, dirty ones start writeback. With
+    /// RAM in shared memory the image's page cache would be a second copy
+    /// of guest RAM on the host; a hint, so its failure changes nothing.
+    fn drop_cached(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise only reads the fd and the range; it touches
+        // no memory of ours.
+        let r =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            tracing::debug!(
+                "{}: posix_fadvise(DONTNEED) failed: {}",
+                self.path.display(),
+                io::Error::from_raw_os_error(r)
+            );
+        }
+    }
 }
 
 impl Sink for ImageFile {
@@ -281,6 +333,11 @@ impl Sink for ImageFile {
     /// per coalesced extent.
     fn write_set(&mut self, ram: &GuestRam, set: &DirtySet) -> Result<u64, SinkError> {
         self.wait_built()?;
+        let [last, before] = std::mem::take(&mut self.last_written);
+        for &(offset, len) in last.iter().chain(&before) {
+            self.drop_cached(offset, len);
+        }
+        self.last_written = [Vec::new(), last];
         let mut total = 0;
         for e in set.extents() {
             let offset = file_offset(&self.layout, e.gpa)?;
@@ -296,18 +353,32 @@ impl Sink for ImageFile {
                 len: e.len,
                 source,
             })?;
+            if self.drop_cache {
+                self.last_written[0].push((offset, e.len));
+            }
             total += e.len;
         }
         Ok(total)
     }
 
+    /// `fdatasync`, then the whole image leaves the page cache (all of it
+    /// clean now): the host keeps about one copy of guest RAM.
     fn sync(&mut self) -> Result<(), SinkError> {
         self.wait_built()?;
-        fdatasync(&self.file, &self.path)
+        fdatasync(&self.file, &self.path)?;
+        self.last_written = [Vec::new(), Vec::new()];
+        if self.drop_cache {
+            self.drop_cached(0, 0);
+        }
+        Ok(())
     }
 
     fn name(&self) -> String {
         format!("image {}", self.path.display())
+    }
+
+    fn leaves_pages_writable(&self) -> bool {
+        true
     }
 }
 

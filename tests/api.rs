@@ -101,6 +101,7 @@ fn bad_requests_get_json_errors() {
     assert!(e["error"].as_str().unwrap().contains("no \"cmd\""), "{e}");
     // A second smudge may not take over a live socket.
     let other = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m2").to_str().unwrap(),
         "--mem-size",
@@ -116,6 +117,7 @@ fn bad_requests_get_json_errors() {
     let file = path(&dir, "not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m3").to_str().unwrap(),
         "--mem-size",
@@ -232,7 +234,7 @@ fn a_typoed_key_a_wrong_type_or_a_missing_field_is_refused_by_name_and_nothing_i
     assert_refused(
         &raw_text(&sock, "{\"cmd\":\"migrate\",\"to\":\"127.0.0.1:1\",\"conections\":4}\n"),
         "migrate: unknown field `conections`, expected one of `to`, `downtime_ms`, `max_rounds`, \
-         `bandwidth_limit`, `compress`, `auto_converge`, `verify_memory`, `local`, `postcopy_after`, `connections`, `tls_creds`, `tls_psk`, `tls_psk_identity`",
+         `bandwidth_limit`, `compress`, `auto_converge`, `verify_memory`, `local`, `postcopy_after`, `connections`, `tls_creds`, `tls_psk`, `tls_psk_identity`, `resume`",
     );
     // The VM runs on, and the request spelled right works.
     let ok = ctl(&sock, &["snapshot", "create", d]);

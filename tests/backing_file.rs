@@ -1,11 +1,18 @@
-//! `smudge run --backing-file PATH`: guest RAM in shared memory, PATH (on
-//! a disk filesystem) written only by smudge's writeback. At the end of a
-//! run PATH holds the guest's RAM; the next run starts from it.
+//! Where `smudge run` keeps guest RAM. By default (`--mem-file PATH`, or
+//! its alias `--backing-file PATH`) RAM lives in shared memory and PATH (on
+//! a disk filesystem) is written only by smudge's writeback: at the end of
+//! a run PATH holds the guest's RAM, and the next run starts from it.
+//! `--in-place`, or an option that needs RAM to be the file, maps PATH
+//! itself.
 
 use smudge_testkit::*;
 
-fn run_backed(file: &std::path::Path, cmdline: &str) -> Run {
-    run_smudge(&["--backing-file", file.to_str().unwrap(), "--mem-size", "64M", "--cmdline", cmdline])
+fn run_backed(flag: &str, file: &std::path::Path, cmdline: &str) -> Run {
+    run_smudge(&[flag, file.to_str().unwrap(), "--mem-size", "64M", "--cmdline", cmdline])
+}
+
+fn in_shared_memory(file: &std::path::Path) -> String {
+    format!("RAM 64 MiB in shared memory, persisted to {}", file.display())
 }
 
 #[test]
@@ -14,17 +21,20 @@ fn the_backing_file_follows_guest_ram_and_the_next_run_starts_from_it() {
     let dir = tmpdir();
     assert!(!smudge::uffd::on_tmpfs(dir.path()).unwrap(), "the test needs a directory on a disk filesystem");
     let file = path(&dir, "ram.img");
-    let r = run_backed(&file, "workload=seq pages=3000");
+    let r = run_backed("--backing-file", &file, "workload=seq pages=3000");
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stderr.contains(&format!("RAM 64 MiB in shared memory, persisted to {}", file.display())), "{r:?}");
+    assert!(r.stderr.contains(&in_shared_memory(&file)), "{r:?}");
     assert_stamps(&std::fs::read(&file).unwrap(), 3000, &[1; 3000]);
-    // The second run continues the generations from the file.
-    let r = run_backed(&file, "workload=seq pages=3000 verify=1");
+    // The default mode of --mem-file is the same: it continues the
+    // generations from the file.
+    let r = run_backed("--mem-file", &file, "workload=seq pages=3000 verify=1");
     assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains(&in_shared_memory(&file)), "{r:?}");
     assert!(r.line("verify: pages=3000 ok=3000 stamped=3000 mismatches=0").is_some(), "{r:?}");
     assert_stamps(&std::fs::read(&file).unwrap(), 3000, &[2; 3000]);
     // And an in-place run on the same file sees what the last run left.
     let v = boot(&file, "64M", "workload=verify pages=3000");
+    assert!(v.stderr.contains(&format!("RAM 64 MiB in {};", file.display())), "in place: {v:?}");
     assert!(v.line("verify: pages=3000 ok=3000 stamped=3000 mismatches=0").is_some(), "{v:?}");
 }
 
@@ -34,11 +44,43 @@ fn a_backing_file_of_another_size_or_without_writeback_is_refused() {
     let dir = tmpdir();
     let file = path(&dir, "ram.img");
     std::fs::write(&file, vec![1u8; 8192]).unwrap();
-    let r = run_backed(&file, "workload=seq pages=10");
-    assert_eq!(r.code, 100, "{r:?}");
-    assert!(r.stderr.contains("existing memory file is 8192 bytes, --mem-size asks for 67108864"), "{r:?}");
-    assert_eq!(std::fs::read(&file).unwrap(), vec![1u8; 8192], "the file was touched");
+    for flag in ["--backing-file", "--mem-file"] {
+        let r = run_backed(flag, &file, "workload=seq pages=10");
+        assert_eq!(r.code, 100, "{r:?}");
+        assert!(r.stderr.contains("existing memory file is 8192 bytes, --mem-size asks for 67108864"), "{r:?}");
+        assert_eq!(std::fs::read(&file).unwrap(), vec![1u8; 8192], "the file was touched");
+    }
     let r = run_smudge(&["--backing-file", file.to_str().unwrap(), "--no-writeback"]);
     assert_eq!(r.code, 100, "{r:?}");
     assert!(r.stderr.contains("'--backing-file <BACKING_FILE>' cannot be used with '--no-writeback'"), "{r:?}");
+    let r = run_smudge(&["--backing-file", file.to_str().unwrap(), "--in-place"]);
+    assert_eq!(r.code, 100, "{r:?}");
+    assert!(r.stderr.contains("'--backing-file <BACKING_FILE>' cannot be used with '--in-place'"), "{r:?}");
+}
+
+/// The options that need RAM to be the file map --mem-file in place
+/// without --in-place, and say why; restore refuses --in-place.
+#[test]
+fn options_that_need_the_file_as_ram_run_in_place() {
+    require_kvm();
+    let dir = tmpdir();
+    let (file, img) = (path(&dir, "ram.mem"), path(&dir, "ram.img"));
+    for extra in [&["--no-writeback"][..], &["--no-dirty-log"], &["--writeback-image", img.to_str().unwrap()]] {
+        let mut args = vec!["--mem-file", file.to_str().unwrap(), "--mem-size", "64M"];
+        args.extend_from_slice(&["--cmdline", "workload=seq pages=100"]);
+        args.extend_from_slice(extra);
+        let r = run_smudge(&args);
+        assert_eq!(r.code, 0, "{extra:?}: {r:?}");
+        assert!(r.stderr.contains(&format!("RAM 64 MiB in {} (created)", file.display())), "{extra:?}: {r:?}");
+        assert!(r.stderr.contains(&format!("({} needs it in place)", extra[0])), "{extra:?}: {r:?}");
+        std::fs::remove_file(&file).unwrap();
+    }
+    let out = smudge()
+        .args(["restore", "--snapshot", "nowhere", "--mem-file", "new.mem", "--in-place"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(100), "{err}");
+    assert!(err.contains("--in-place is for run"), "{err}");
 }

@@ -7,7 +7,7 @@ use smudge_testkit::*;
 fn default_boot_runs_workload_and_exits_zero() {
     let dir = tmpdir();
     let mem = path(&dir, "guest.mem");
-    let r = run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", "64M"]);
+    let r = run_smudge(&["--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout.lines().next(), Some(guest_abi::BANNER));
     assert!(r.line("workload random done: writes=20000").is_some(), "{r:?}");
@@ -44,6 +44,7 @@ fn with_dirty_logging_off_the_guest_runs_and_its_memory_stays_mapped() {
     let mem = path(&dir, "guest.mem");
     let (pages, seed, writes) = (4096u64, 3u64, 3000usize);
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         mem.to_str().unwrap(),
         "--mem-size",
@@ -113,7 +114,7 @@ fn hung_guest_times_out_and_file_stays_intact() {
     assert_eq!(boot(&mem, "16M", &format!("workload=seq pages={pages}")).code, 0);
     let before = std::fs::read(&mem).unwrap();
     let out = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "16M", "--timeout", "0.5"])
+        .args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "16M", "--timeout", "0.5"])
         .args(["--cmdline", &format!("workload=idle pages={pages}")])
         .output()
         .unwrap();
@@ -131,6 +132,7 @@ fn hung_guest_times_out_and_file_stays_intact() {
 fn two_vcpus_boot() {
     let dir = tmpdir();
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m").to_str().unwrap(),
         "--mem-size",
@@ -155,13 +157,13 @@ fn bad_inputs_are_clear_errors_and_damage_nothing() {
     let mem = path(&dir, "m");
     let m = mem.to_str().unwrap();
 
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--guest", "/nonexistent/guest.elf"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--guest", "/nonexistent/guest.elf"]);
     assert_setup_error(&r, "/nonexistent/guest.elf");
     assert!(!mem.exists());
 
     let text = path(&dir, "notelf");
     std::fs::write(&text, b"#!/bin/sh\necho hi\n").unwrap();
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--guest", text.to_str().unwrap()]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--guest", text.to_str().unwrap()]);
     assert_setup_error(&r, "not a loadable x86-64 ELF");
     assert!(!mem.exists());
 
@@ -174,26 +176,26 @@ fn bad_inputs_are_clear_errors_and_damage_nothing() {
     bytes[at + 8] = 17;
     let nopvh = path(&dir, "nopvh.elf");
     std::fs::write(&nopvh, &bytes).unwrap();
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--guest", nopvh.to_str().unwrap()]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--guest", nopvh.to_str().unwrap()]);
     assert_setup_error(&r, "no PVH entry note");
     assert!(!mem.exists());
 
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "0"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "0"]);
     assert_setup_error(&r, "--mem-size 0 is too small");
     assert!(!mem.exists());
 
     std::fs::write(&mem, vec![0x5au8; 1 << 20]).unwrap();
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M"]);
     assert_setup_error(&r, "existing memory file is 1048576 bytes, --mem-size asks for 16777216");
     assert_eq!(std::fs::read(&mem).unwrap(), vec![0x5au8; 1 << 20], "wrong-size file was modified");
 
-    let r = run_smudge(&["--mem-file", "/proc/smudge-cannot-be-here.mem", "--mem-size", "16M"]);
+    let r = run_smudge(&["--in-place", "--mem-file", "/proc/smudge-cannot-be-here.mem", "--mem-size", "16M"]);
     assert_setup_error(&r, "/proc/smudge-cannot-be-here.mem: cannot open or create memory file");
 
-    let r = run_smudge(&["--mem-file", dir.path().to_str().unwrap(), "--mem-size", "16M"]);
+    let r = run_smudge(&["--in-place", "--mem-file", dir.path().to_str().unwrap(), "--mem-size", "16M"]);
     assert_setup_error(&r, "not a regular file");
 
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "12Q"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "12Q"]);
     assert_setup_error(&r, "is not a size");
 }
 
@@ -202,9 +204,9 @@ fn missing_or_unusable_kvm_is_a_clear_message() {
     let dir = tmpdir();
     let mem = path(&dir, "m");
     let m = mem.to_str().unwrap();
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--kvm-dev", "/nonexistent/kvm"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--kvm-dev", "/nonexistent/kvm"]);
     assert_setup_error(&r, "/nonexistent/kvm does not exist: KVM is not available");
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--kvm-dev", "/dev/null"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--kvm-dev", "/dev/null"]);
     assert_setup_error(&r, "/dev/null is not a usable KVM device");
     assert!(!mem.exists(), "no memory file may be created when KVM is unusable");
 }

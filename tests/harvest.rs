@@ -25,6 +25,7 @@ fn assert_exact(mechanism: &str, pages: u64, cmdline: &str, written: &BTreeSet<u
     let dir = tmpdir();
     let (mem, dump) = (path(&dir, "m"), path(&dir, "dump"));
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         mem.to_str().unwrap(),
         "--mem-size",
@@ -168,16 +169,28 @@ fn unsupported_mechanism_is_a_clear_error() {
         ("ring", "ring", "dirty-log mechanism 'ring' is not available: KVM_CAP_DIRTY_LOG_RING is 0"),
         ("manual", "manual", "dirty-log mechanism 'manual' is not available: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is 0"),
     ] {
-        let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--dirty-log", mech, "--hide-cap", cap]);
+        let r =
+            run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--dirty-log", mech, "--hide-cap", cap]);
         assert_eq!(r.code, 100, "{r:?}");
         assert!(r.stderr.contains(msg), "{r:?}");
         assert!(!r.stderr.contains("panicked"), "{r:?}");
     }
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--dirty-log", "ring", "--ring-entries", "100"]);
+    let r = run_smudge(&[
+        "--in-place",
+        "--mem-file",
+        m,
+        "--mem-size",
+        "16M",
+        "--dirty-log",
+        "ring",
+        "--ring-entries",
+        "100",
+    ]);
     assert_eq!(r.code, 100, "{r:?}");
     assert!(r.stderr.contains("is not a power of two"), "{r:?}");
     // auto falls back to the bitmap when manual protect is missing, and says so
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         m,
         "--mem-size",
@@ -189,6 +202,6 @@ fn unsupported_mechanism_is_a_clear_error() {
     ]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("dirty log: bitmap (KVM_GET_DIRTY_LOG)"), "{r:?}");
-    let r = run_smudge(&["--mem-file", m, "--mem-size", "16M", "--cmdline", "workload=seq pages=8"]);
+    let r = run_smudge(&["--in-place", "--mem-file", m, "--mem-size", "16M", "--cmdline", "workload=seq pages=8"]);
     assert!(r.stderr.contains("dirty log: manual"), "auto picks manual protect here: {r:?}");
 }

@@ -11,6 +11,7 @@ fn heatmap(workload: &str) -> (String, Value) {
     let dir = tmpdir();
     let svg = path(&dir, "map.svg");
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         path(&dir, "m").to_str().unwrap(),
         "--mem-size",

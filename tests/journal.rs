@@ -304,3 +304,60 @@ fn a_disk_that_falls_behind_lengthens_epochs_then_throttles_and_drops_none() {
     assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
     recovered_epoch(&j, &path(&dir, "check"), seen);
 }
+
+/// Sums over the committed epochs of `j` after epoch `after`: (pages,
+/// pages as deltas, record bytes of the epochs all of whose pages are
+/// deltas, their pages).
+fn delta_counts(j: &Path, after: u64) -> (u64, u64, u64, u64) {
+    let scan = journal::scan(j).unwrap();
+    let later = scan.epochs.iter().filter(|e| e.epoch > after);
+    later.fold((0, 0, 0, 0), |(p, d, b, n), e| {
+        let all = e.pages > 0 && e.delta_pages == e.pages;
+        (p + e.pages, d + e.delta_pages, b + if all { e.bytes } else { 0 }, n + if all { e.pages } else { 0 })
+    })
+}
+
+#[test]
+fn pages_written_again_go_to_the_journal_as_deltas_and_recover_bit_exact() {
+    require_kvm();
+    let dir = tmpdir();
+    let j = path(&dir, "journal");
+    let js = j.to_str().unwrap();
+    let (mem, sock) = (path(&dir, "m"), path(&dir, "s"));
+    // The wipe writes every working-set page; each stamp after it
+    // rewrites 48 bytes of a page the journal already holds.
+    let args = ["--journal", js, "--epoch-ms", "20", "--journal-cache", "32M"];
+    let mut vm = start_with_api(&mem, &sock, "64M", CMDLINE, Stdio::null(), true, &args);
+    progress::wait_for_writes(&mut vm, &mem, PAGES, 3000);
+    let now = newest_committed(&ctl(&sock, &["stats"]));
+    let seen = wait_committed(&mut vm, &sock, now + 5);
+    crash(vm);
+    let (pages, deltas, bytes, in_delta_epochs) = delta_counts(&j, 0);
+    assert!(deltas >= 1000, "{deltas} of {pages} pages went as deltas after 3000 stamps");
+    assert!(
+        bytes < in_delta_epochs * 4096 / 8,
+        "epochs of deltas only take {bytes} bytes for {in_delta_epochs} pages: not much less than whole pages"
+    );
+    let v = journal_cmd(&["verify", js]);
+    assert!(v.code == 0 && v.stdout.contains(&format!("pages: {} whole, {deltas} as deltas", pages - deltas)), "{v:?}");
+    // Bit-exact: every page as the recovered generation table says.
+    let (epoch, gens) = recovered_epoch(&j, &path(&dir, "check"), seen);
+
+    // The recovered guest journals on: its first epoch whole (the cache
+    // starts empty), deltas after, and a second crash recovers bit-exact.
+    let (mem, sock) = (path(&dir, "m1"), path(&dir, "s1"));
+    let mut vm = restore(&j, &mem, &sock, &["--epoch-ms", "20", "--journal-cache", "32M"]);
+    let w = progress::guest_writes(&mem, PAGES);
+    progress::wait_for_writes(&mut vm, &mem, PAGES, w + 1500);
+    let now = newest_committed(&ctl(&sock, &["stats"]));
+    let seen = wait_committed(&mut vm, &sock, now + 5);
+    let err = crash(vm);
+    assert!(err.contains(&format!("epoch {epoch} recovered")), "{err}");
+    let first = journal::scan(&j).unwrap().epochs.into_iter().find(|e| e.epoch == epoch + 1);
+    assert!(first.as_ref().is_some_and(|e| e.delta_pages == 0 && e.pages >= PAGES), "{first:?}");
+    let (_, deltas, _, _) = delta_counts(&j, epoch + 1);
+    assert!(deltas >= 500, "{deltas} deltas after the recovered guest's 1500 stamps");
+    let (e, g) = recovered_epoch(&j, &path(&dir, "check"), seen);
+    let back: Vec<usize> = (0..g.len()).filter(|&i| g[i] < gens[i]).collect();
+    assert!(e > epoch && back.is_empty(), "epoch {epoch} -> {e}, pages back a generation: {back:?}");
+}

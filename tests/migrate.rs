@@ -710,7 +710,7 @@ fn losing_the_destination_during_post_copy_keeps_the_guest_paused_at_the_source(
     let (mem, sock) = (src_mem(&dir), path(&dir, "src.sock"));
     let mut cmd = smudge();
     cmd.env("SMUDGE_LOG", "warn,smudge_vmm::migrate=info")
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "120"])
+        .args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", &endless(6000, 0, 17)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

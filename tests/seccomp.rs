@@ -19,7 +19,7 @@ fn a_default_run_has_the_filters_on_and_exits_zero() {
     let dir = tmpdir();
     let mem = path(&dir, "guest.mem");
     let out = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "60"])
+        .args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "60"])
         .env("SMUDGE_LOG", "warn,smudge_vmm::vm::seccomp=debug")
         .output()
         .unwrap();
@@ -34,7 +34,7 @@ fn a_default_run_has_the_filters_on_and_exits_zero() {
 fn a_forbidden_syscall_on_a_vcpu_thread_stops_smudge_with_a_clear_line() {
     let dir = tmpdir();
     let mem = path(&dir, "guest.mem");
-    let r = run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--seccomp-selftest"]);
+    let r = run_smudge(&["--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--seccomp-selftest"]);
     assert_eq!(r.code, EXIT_SECCOMP, "{r:?}");
     let line = if cfg!(target_arch = "x86_64") {
         "smudge: seccomp: thread vcpu0 made forbidden syscall 41 (socket); stopping"
@@ -51,8 +51,15 @@ fn a_forbidden_syscall_on_a_vcpu_thread_stops_smudge_with_a_clear_line() {
 fn with_no_seccomp_the_same_call_runs_and_the_guest_finishes() {
     let dir = tmpdir();
     let mem = path(&dir, "guest.mem");
-    let r =
-        run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--seccomp-selftest", "--no-seccomp"]);
+    let r = run_smudge(&[
+        "--in-place",
+        "--mem-file",
+        mem.to_str().unwrap(),
+        "--mem-size",
+        "64M",
+        "--seccomp-selftest",
+        "--no-seccomp",
+    ]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("seccomp self-test: socket() ran (seccomp is off)"), "{r:?}");
     assert!(!r.stderr.contains("forbidden syscall"), "{r:?}");
@@ -70,6 +77,7 @@ fn every_thread_kind_runs_under_its_filter() {
     let (serial, heat, snaps) = (path(&dir, "serial.txt"), path(&dir, "heat.svg"), path(&dir, "snaps"));
     std::fs::create_dir(&snaps).unwrap();
     let r = run_smudge(&[
+        "--in-place",
         "--mem-file",
         mem.to_str().unwrap(),
         "--mem-size",

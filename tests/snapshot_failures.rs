@@ -62,7 +62,7 @@ impl Vm {
         let cmdline = "workload=rate rate=300 pages=4000 seed=31 ms=600000 wipe=1";
         let mut cmd = smudge();
         cmd.current_dir(&cwd)
-            .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "300"])
+            .args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--timeout", "300"])
             .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap());

@@ -47,7 +47,7 @@ fn after_sync_the_kernel_reports_nothing_dirty_and_the_file_holds_memory() {
     assert!(dirty > 1000, "expected the host to hold dirty pages, cachestat says {dirty}");
 
     let mem = path(&dir, "m");
-    let r = run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--cmdline", &cmd]);
+    let r = run_smudge(&["--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "64M", "--cmdline", &cmd]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("final sync wrote"), "{r:?}");
     let (cached, dirty, writeback) = cachestat(&mem);
@@ -62,7 +62,7 @@ fn no_page_stays_dirty_past_expiry_plus_period() {
     let (expire, period) = (300u64, 100u64);
     // The guest writes for 2 s, then idles until stopped.
     let mut child = smudge()
-        .args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", "128M", "--timeout", "120"])
+        .args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", "128M", "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap()])
         .args(["--dirty-expire-ms", &expire.to_string(), "--dirty-writeback-ms", &period.to_string()])
         .args(["--dirty-background", "100%", "--dirty-limit", "100%", "--stats-interval", "0.1"])
@@ -150,6 +150,7 @@ fn above_the_hard_limit_the_vcpus_are_throttled_and_dirty_memory_stays_bounded()
     // hard limit makes it.
     let run = |limit: &str, name: &str| {
         run_smudge(&[
+            "--in-place",
             "--mem-file",
             path(&dir, name).to_str().unwrap(),
             "--mem-size",

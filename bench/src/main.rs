@@ -70,8 +70,9 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "migrate" => migrate::run(args)?,
         "reliability" => reliability::run(args)?,
         "durable" => durable::run(args)?,
+        "durable-parts" => durable::run_parts(args)?,
         other => anyhow::bail!(
-            "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability, durable)"
+            "unknown benchmark '{other}' (available: boot, harvest, writeback, snapshot, migrate, reliability, durable, durable-parts)"
         ),
     };
     report.print(args.json)

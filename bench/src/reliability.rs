@@ -20,6 +20,10 @@
 //!   random number of committed epochs: recovery must land on an epoch no
 //!   older than the newest the VMM had reported committed (no lost epoch),
 //!   and its RAM must pass the same page check (no wrong recovery);
+//! - EIO on a durable guest's base image (a loop device cut under ext4):
+//!   the checkpoint fails, the guest runs on, `kill -9`; a restore while
+//!   the disk fails must be refused clearly, the journal left as it was,
+//!   and once the disk is back recovery passes the same two checks;
 //! - a misbehaving guest: an unknown port, a CPU exception, a triple fault
 //!   right after writing (every page it wrote must be in the file), a write
 //!   storm against a tiny hard dirty limit (it must finish and verify).
@@ -215,6 +219,30 @@ fn committed(api: &Client) -> anyhow::Result<u64> {
     s["journal"]["newest_committed"].as_u64().with_context(|| format!("no journal.newest_committed in {s}"))
 }
 
+/// Recovers the newest epoch of journal `j` into `out` and counts, against
+/// `seen` (the newest the VMM reported committed), lost epochs, and pages
+/// that fail the check (a wrong recovery); one trial more. Then removes
+/// the trial's files (`mem`, the guest's memory file).
+fn tally_recovery(t: &mut Tally, (j, out, mem): (&Path, &Path, &Path), seen: u64, pages: u64) -> anyhow::Result<()> {
+    match smudge::journal::recover(j, smudge::journal::Target::Newest, out) {
+        Ok(r) => {
+            t.lost_epochs += seen.saturating_sub(r.epoch.epoch);
+            let (stale, _in_flight) = stale_pages(out, pages)?;
+            t.lost_pages += stale;
+            t.wrong_recoveries += u64::from(stale > 0);
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "reliability: journal {} not recovered: {e}", j.display());
+            t.lost_epochs += seen;
+        }
+    }
+    t.trials += 1;
+    std::fs::remove_file(mem).ok();
+    std::fs::remove_file(out).ok();
+    std::fs::remove_dir_all(j).ok();
+    Ok(())
+}
+
 fn kill_durable_guests(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
     let mut t = Tally::default();
     let pages = 4000;
@@ -251,22 +279,105 @@ fn kill_durable_guests(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tall
         }
         std::thread::sleep(Duration::from_micros(rng.below(30_000)));
         t.panics += u64::from(kill9(vm)?);
-        match smudge::journal::recover(&j, smudge::journal::Target::Newest, &out) {
-            Ok(r) => {
-                t.lost_epochs += seen.saturating_sub(r.epoch.epoch);
-                let (stale, _in_flight) = stale_pages(&out, pages)?;
-                t.lost_pages += stale;
-                t.wrong_recoveries += u64::from(stale > 0);
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "reliability: journal {} not recovered: {e}", j.display());
-                t.lost_epochs += seen;
-            }
+        tally_recovery(&mut t, (&j, &out, &mem), seen, pages)?;
+    }
+    Ok(t)
+}
+
+/// The first `stats` answer (polled for up to 60 s) that `ok` accepts.
+fn wait_stats(api: &Client, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = api.call(&Request::Stats)?;
+        if ok(&s) {
+            return Ok(s);
         }
-        t.trials += 1;
-        std::fs::remove_file(&mem).ok();
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("waited 60 s for {what}; the last stats: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The journal's own files (not its base image) and their bytes.
+fn journal_files(j: &Path) -> anyhow::Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(j)? {
+        let p = e?.path();
+        if p.file_name().is_some_and(|n| n != smudge::journal::BASE) {
+            let bytes = std::fs::read(&p)?;
+            v.push((p, bytes));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// EIO on a durable guest's base image — a real one: ext4 on a loop device
+/// cut under it (testkit's `FailingDisk`) — after a random number of
+/// committed epochs, then `kill -9` a random number of epochs after the
+/// failure was reported. A restore while the disk fails is a bad input: it
+/// must be refused naming the base image, leaving the journal as it was;
+/// once the disk is back, recovery must reach the newest epoch reported
+/// committed and pass the page check.
+fn eio_on_the_base_image(dir: &Path, n: u64, rng: &mut Rng) -> anyhow::Result<Tally> {
+    let mut t = Tally::default();
+    let pages = 4000;
+    for i in 0..n {
+        let disk = smudge_testkit::FailingDisk::new(&dir.join(format!("eio{i}.disk")), 256 << 20)
+            .context("a failing disk (needs root, losetup, mkfs.ext4)")?;
+        let (mem, sock, j, out) = (
+            dir.join(format!("eio{i}.mem")),
+            dir.join(format!("eio{i}.sock")),
+            dir.join(format!("eio{i}.j")),
+            dir.join(format!("eio{i}.rec")),
+        );
+        std::fs::create_dir(&j)?;
+        let base = j.join(smudge::journal::BASE);
+        std::os::unix::fs::symlink(disk.mount.join(smudge::journal::BASE), &base)?;
+        let cmdline = format!("workload=rate pages={pages} rate=4000 writes=1000000000 seed={} wipe=1", 70 + i);
+        let args = ["--journal", &j.to_string_lossy(), "--epoch-ms", "10", "--retain", "100ms"];
+        let (vm, api) = spawn_with_api(&mem, &sock, &cmdline, &[&args[..], &["--journal-max-bytes", "64M"]].concat())?;
+        let checkpoints = |s: &serde_json::Value| s["journal"]["checkpointed_segments"].as_u64().unwrap_or(0);
+        let steps = (|| -> anyhow::Result<u64> {
+            // Every page the guest writes already in the base (and synced:
+            // one more checkpoint), a few more epochs, then the disk fails.
+            let s = wait_stats(&api, "the base to hold the working set", |_| {
+                smudge_testkit::holds_guest_pages(&base, pages)
+            })?;
+            let done = checkpoints(&s);
+            wait_stats(&api, "one more checkpoint", |s| checkpoints(s) > done)?;
+            let want = committed(&api)? + rng.below(20);
+            wait_stats(&api, "committed epochs", |s| s["journal"]["newest_committed"].as_u64() >= Some(want))?;
+            disk.fail()?;
+            let s = wait_stats(&api, "the checkpoint error", |s| s["journal"]["checkpoint_error"].is_object())?;
+            let want = s["journal"]["newest_committed"].as_u64().unwrap_or(0) + 1 + rng.below(30);
+            wait_stats(&api, "committed epochs or a full journal", |s| {
+                s["journal"]["newest_committed"].as_u64() >= Some(want)
+                    || s["journal"]["checkpoint_error"]["journal_full"] == true
+            })?;
+            std::thread::sleep(Duration::from_micros(rng.below(30_000)));
+            committed(&api)
+        })();
+        t.panics += u64::from(kill9(vm)?);
+        let seen = steps.with_context(|| format!("EIO trial {i}"))?;
+        disk.drop_cache(&disk.mount.join(smudge::journal::BASE))?;
+        let before = journal_files(&j)?;
+        let refused = crate::setup::smudge()?
+            .args(["restore", "--journal", &j.to_string_lossy(), "--mem-file", &out.to_string_lossy()])
+            .output()?;
+        t.bad_inputs += 1;
+        let said = String::from_utf8_lossy(&refused.stderr);
+        t.clear_errors += u64::from(!refused.status.success() && said.contains("base.img") && !out.exists());
+        t.panics += u64::from(panicked(&refused));
+        if journal_files(&j)? != before {
+            let _ = writeln!(std::io::stderr(), "reliability: a refused restore changed journal {}", j.display());
+            t.lost_epochs += seen;
+        }
+        disk.recover()?;
+        disk.remount()?;
         std::fs::remove_file(&out).ok();
-        std::fs::remove_dir_all(&j).ok();
+        tally_recovery(&mut t, (&j, &out, &mem), seen, pages)?;
     }
     Ok(t)
 }
@@ -512,6 +623,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         ("kill -9 during writeback", kill_during_writeback(dir, 2 * scale, &mut rng)?),
         ("kill -9 during a snapshot", kill_during_snapshot(dir, 10 * scale, &mut rng)?),
         ("kill -9 of a durable guest", kill_durable_guests(dir, 20 * scale, &mut rng)?),
+        ("EIO on a durable guest's base image", eio_on_the_base_image(dir, scale, &mut rng)?),
         ("corrupted snapshots", corrupt_snapshots(dir, 40 * scale, &mut rng)?),
         ("bad migration streams", bad_streams(dir, 100 * scale, &mut rng)?),
         ("hostile TLS peers", hostile_tls::hostile_tls_peers(dir, 4 * scale, &mut rng)?),

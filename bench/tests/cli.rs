@@ -12,7 +12,7 @@ fn an_unknown_benchmark_is_refused_naming_the_known_ones() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         "smudge: error: unknown benchmark 'nonsense' (available: boot, harvest, writeback, snapshot, migrate, \
-         reliability, durable)\n"
+         reliability, durable, durable-parts)\n"
     );
     assert!(out.stdout.is_empty(), "{out:?}");
 }

@@ -6,6 +6,7 @@
 //! record header (32 bytes, little endian)
 //!   0  magic        u32  "SMJR"
 //!   4  kind         u8   1 segment | 2 begin | 3 pages | 4 state | 5 commit
+//!                        | 6 deltas (version 2)
 //!   5  reserved     [u8; 3] = 0
 //!   8  epoch        u64  the epoch the record belongs to (segment: its first)
 //!  16  len          u64  payload bytes
@@ -15,20 +16,25 @@
 //!   segment: version u32, reserved u32, journal id u128, sequence u64
 //!   begin:   vm id u128, unix time ns u64, RAM size u64, page size u64
 //!   pages:   n u64, n file offsets u64, n pages of data
+//!   deltas:  n u64, n file offsets u64, n delta lengths u32, n deltas
+//!            (delta.rs: the page's changed runs since its previous record)
 //!   state:   the machine state as JSON (crate::machine_state)
 //!   commit:  pages u64, page records u64, payload bytes u64
 //! ```
 //!
-//! An epoch is `begin, pages*, state, commit`, all with its number; a
-//! record that does not parse, fails a CRC or ends past the end of the
-//! file ends the journal there.
+//! An epoch is `begin, (pages | deltas)*, state, commit`, all with its
+//! number; a record that does not parse, fails a CRC or ends past the end
+//! of the file ends the journal there. Version 1 segments (written before
+//! deltas) hold no deltas record and are read as they are.
 
 use std::io;
 
 /// The magic of every record ("SMJR", little endian).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SMJR");
-/// The format version a segment header names.
-pub const VERSION: u32 = 1;
+/// The format version a new segment header names.
+pub const VERSION: u32 = 2;
+/// The oldest segment format version read (1: pages only, no deltas).
+pub const OLDEST_VERSION: u32 = 1;
 /// Bytes of a record header.
 pub const HEADER: usize = 32;
 
@@ -47,6 +53,8 @@ pub enum Kind {
     State = 4,
     /// Closes an epoch: committed once a sync covering it has returned.
     Commit = 5,
+    /// Pages of an epoch as deltas against their previous records.
+    Deltas = 6,
 }
 
 impl Kind {
@@ -57,6 +65,7 @@ impl Kind {
             3 => Kind::Pages,
             4 => Kind::State,
             5 => Kind::Commit,
+            6 => Kind::Deltas,
             _ => Kind::Invalid,
         }
     }
@@ -90,6 +99,9 @@ pub enum RecordError {
     /// A payload of the wrong size or contents for its kind.
     #[error("malformed {0:?} payload")]
     Malformed(Kind),
+    /// A segment of a format version this smudge does not read.
+    #[error("segment format version {0} (this smudge reads versions {OLDEST_VERSION} to {VERSION})")]
+    Version(u32),
 }
 
 impl Header {
@@ -138,6 +150,8 @@ impl Header {
 /// A segment's header payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHead {
+    /// Its format version ([`VERSION`] for a new one).
+    pub version: u32,
     /// The journal this segment belongs to.
     pub journal: u128,
     /// Its place among the journal's segments (0, 1, …).
@@ -187,22 +201,27 @@ impl SegmentHead {
     /// Its payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(32);
-        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&self.version.to_le_bytes());
         v.extend_from_slice(&0u32.to_le_bytes());
         v.extend_from_slice(&self.journal.to_le_bytes());
         v.extend_from_slice(&self.sequence.to_le_bytes());
         v
     }
 
-    /// Parses a payload (of this format version only).
+    /// Parses a payload of a version from [`OLDEST_VERSION`] to
+    /// [`VERSION`].
     pub fn decode(p: &[u8]) -> Result<SegmentHead, RecordError> {
         let bad = RecordError::Malformed(Kind::Segment);
-        if p.len() != 32 || p[0..4] != VERSION.to_le_bytes() {
+        if p.len() != 32 {
             return Err(bad);
+        }
+        let version = u32::from_le_bytes(p[0..4].try_into().map_err(|_| bad.clone())?);
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
+            return Err(RecordError::Version(version));
         }
         let journal = u128::from_le_bytes(p[8..24].try_into().map_err(|_| bad.clone())?);
         let sequence = u64::from_le_bytes(p[24..32].try_into().map_err(|_| bad)?);
-        Ok(SegmentHead { journal, sequence })
+        Ok(SegmentHead { version, journal, sequence })
     }
 }
 
@@ -268,6 +287,44 @@ pub fn decode_pages(p: &[u8], page_size: u64, ram_size: u64) -> Result<(Vec<u64>
     Ok((offsets, &p[head as usize..]))
 }
 
+/// The head of a deltas payload: the count, the pages' file offsets and
+/// their deltas' lengths (the deltas follow, back to back).
+pub fn encode_delta_heads(offsets: &[u64], lens: &[u32]) -> Vec<u8> {
+    let mut v = (offsets.len() as u64).to_le_bytes().to_vec();
+    v.extend(cat(offsets));
+    v.extend(lens.iter().flat_map(|l| l.to_le_bytes()));
+    v
+}
+
+/// Splits a deltas payload into (file offset, delta) pairs, checking
+/// that every offset is a page of a RAM of `ram_size` bytes and every
+/// delta is well formed for a page of `page_size`.
+pub fn decode_deltas(p: &[u8], page_size: u64, ram_size: u64) -> Result<Vec<(u64, &[u8])>, RecordError> {
+    let bad = || RecordError::Malformed(Kind::Deltas);
+    let n = u64::from_le_bytes(p.get(0..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let offs_end = n.checked_mul(8).and_then(|h| h.checked_add(8)).filter(|&e| e <= p.len() as u64).ok_or_else(bad)?;
+    let head_end =
+        n.checked_mul(4).and_then(|h| h.checked_add(offs_end)).filter(|&e| e <= p.len() as u64).ok_or_else(bad)?;
+    let (offs_end, head_end) = (offs_end as usize, head_end as usize);
+    let offsets = p[8..offs_end].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8])));
+    let lens = p[offs_end..head_end].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0xff; 4])));
+    let mut at = head_end;
+    let mut out = Vec::with_capacity(n as usize);
+    for (off, len) in offsets.zip(lens) {
+        let end = at.checked_add(len as usize).filter(|&e| e <= p.len()).ok_or_else(bad)?;
+        let d = &p[at..end];
+        if off % page_size != 0 || off >= ram_size || super::delta::check(d, page_size as usize).is_err() {
+            return Err(bad());
+        }
+        out.push((off, d));
+        at = end;
+    }
+    if at != p.len() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
 /// The payload checksum over several pieces written back to back.
 pub fn crc_of(pieces: &[&[u8]]) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -315,8 +372,12 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_and_bad_ones_are_refused() {
-        let s = SegmentHead { journal: 0x1234_5678_9abc, sequence: 3 };
+        let s = SegmentHead { version: VERSION, journal: 0x1234_5678_9abc, sequence: 3 };
         assert_eq!(SegmentHead::decode(&s.encode()), Ok(s));
+        let v1 = SegmentHead { version: 1, ..s };
+        assert_eq!(SegmentHead::decode(&v1.encode()), Ok(v1), "version 1 is still read");
+        let v3 = SegmentHead { version: 3, ..s };
+        assert_eq!(SegmentHead::decode(&v3.encode()), Err(RecordError::Version(3)));
         let b = Begin { vm: 99, time_ns: 5, ram_size: 1 << 20, page_size: 4096 };
         assert_eq!(Begin::decode(&b.encode()), Ok(b));
         let odd = Begin { page_size: 3000, ..b };
@@ -330,5 +391,27 @@ mod tests {
         assert_eq!((offs, data.len()), (vec![0x1000, 0x3000], 8192));
         assert!(decode_pages(&p[..p.len() - 1], 4096, 1 << 20).is_err());
         assert!(decode_pages(&p, 4096, 0x2000).is_err(), "an offset past RAM");
+    }
+
+    #[test]
+    fn a_deltas_payload_round_trips_and_bad_ones_are_refused() {
+        // Two deltas: page 0x1000 bytes 4..6 = [1, 2]; page 0x3000 byte 0 = 9.
+        let (a, b): (&[u8], &[u8]) = (&[4, 2, 1, 2], &[0, 1, 9]);
+        let mut p = encode_delta_heads(&[0x1000, 0x3000], &[4, 3]);
+        p.extend_from_slice(a);
+        p.extend_from_slice(b);
+        assert_eq!(decode_deltas(&p, 4096, 1 << 20), Ok(vec![(0x1000, a), (0x3000, b)]));
+        let bad = Err(RecordError::Malformed(Kind::Deltas));
+        assert_eq!(decode_deltas(&p[..p.len() - 1], 4096, 1 << 20), bad, "cut short");
+        assert_eq!(decode_deltas(&[&p[..], &[0]].concat(), 4096, 1 << 20), bad, "a byte too many");
+        assert_eq!(decode_deltas(&p, 4096, 0x2000), bad, "an offset past RAM");
+        assert_eq!(decode_deltas(&p, 4, 1 << 20), bad, "a run past the page");
+        let mut odd = encode_delta_heads(&[0x1001], &[3]);
+        odd.extend_from_slice(b);
+        assert_eq!(decode_deltas(&odd, 4096, 1 << 20), bad, "an unaligned offset");
+        let mut huge = encode_delta_heads(&[0x1000], &[3]);
+        huge[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(decode_deltas(&huge, 4096, 1 << 20), bad, "a count past the payload");
+        assert_eq!(decode_deltas(&encode_delta_heads(&[], &[]), 4096, 1 << 20), Ok(vec![]));
     }
 }

@@ -48,13 +48,19 @@ impl EpochPages {
 
     /// The buffer of the page at file offset `off` (made if new).
     pub fn page_mut(&mut self, off: u64) -> &mut [u8] {
+        self.slot(off).0
+    }
+
+    /// The buffer of the page at file offset `off`, and whether it was
+    /// made now (zeroed) rather than held already.
+    pub fn slot(&mut self, off: u64) -> (&mut [u8], bool) {
         let ps = self.page_size as usize;
         let next = self.index.len();
         let i = *self.index.entry(off).or_insert(next);
         if i == next {
             self.data.resize((next + 1) * ps, 0);
         }
-        &mut self.data[i * ps..(i + 1) * ps]
+        (&mut self.data[i * ps..(i + 1) * ps], i == next)
     }
 
     /// Stores `page` (one page of bytes) at file offset `off`.

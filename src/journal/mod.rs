@@ -35,16 +35,19 @@
 //!   segment onto a base that already holds it is harmless: epochs are
 //!   page images, applied in order.
 
+pub mod cache;
+pub mod delta;
 pub mod format;
 pub mod image;
 pub mod recover;
+pub mod replay;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
 
 pub use image::EpochPages;
-pub use recover::{recover, scan, Checkpoint, EpochInfo, Recovered, Scan, ScanEnd, Target};
-pub use writer::{CheckpointReport, Journal, JournalOptions};
+pub use recover::{recover, scan, Checkpoint, EpochInfo, PageData, Recovered, Scan, ScanEnd, Target};
+pub use writer::{BaseFailure, CheckpointReport, Journal, JournalOptions};
 
 /// The checkpoint file's name in a journal directory.
 pub const CHECKPOINT: &str = "checkpoint.json";
@@ -66,6 +69,25 @@ pub enum JournalError {
         path: PathBuf,
         /// What was being done.
         op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The base image failed (EIO on its disk, ENOSPC …): written by a
+    /// checkpoint (the segment stays in the journal and the checkpoint is
+    /// tried again later), or read by a recovery (the journal is left as
+    /// it was).
+    #[error("{}: {op} of bytes {offset:#x}..{end:#x}", path.display())]
+    Base {
+        /// The base image.
+        path: PathBuf,
+        /// "write", "fdatasync" or "read".
+        op: &'static str,
+        /// The failed write's or read's offset, or the first byte the
+        /// sync covered.
+        offset: u64,
+        /// Where the failed write or read, or the bytes the sync covered, end.
+        end: u64,
         /// The OS error.
         #[source]
         source: std::io::Error,
@@ -133,6 +155,15 @@ pub enum JournalError {
         epoch: u64,
         /// What does not fit.
         why: String,
+    },
+    /// A delta that does not fit its page (checked when its record was
+    /// read: a record changed on disk since).
+    #[error("the delta for the page at file offset {off:#x}: {why}")]
+    BadDelta {
+        /// The page's file offset.
+        off: u64,
+        /// What is wrong.
+        why: delta::DeltaError,
     },
     /// Reading guest memory failed.
     #[error("reading guest memory at {gpa:#x}: {msg}")]

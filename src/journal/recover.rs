@@ -1,8 +1,8 @@
 //! Reading a journal back: [`scan`] finds the committed epochs (stopping
 //! at the first record that is torn, fails a checksum or breaks the
 //! sequence), and [`recover`] builds the RAM of one of them — the base
-//! image plus every committed epoch up to it, in order — with its machine
-//! state.
+//! image plus every committed epoch up to it, in order, each page written
+//! once with its newest content — with its machine state.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::format::{self, Begin, Commit, Header, Kind, RecordError, SegmentHead, HEADER};
+use super::replay::Replay;
 use super::{JournalError, BASE, CHECKPOINT};
 use crate::file_io::{copy_range, data_ranges};
 use crate::machine_state::MachineState;
@@ -98,6 +99,8 @@ pub struct EpochInfo {
     pub time_ns: u64,
     /// Pages it holds.
     pub pages: u64,
+    /// Of those, pages held as deltas against their previous records.
+    pub delta_pages: u64,
     /// Bytes of its records.
     pub bytes: u64,
     /// Its segment.
@@ -134,6 +137,8 @@ pub struct SegmentInfo {
     pub path: PathBuf,
     /// Its sequence number.
     pub sequence: u64,
+    /// Its format version (1: no deltas).
+    pub version: u32,
     /// Its size on disk.
     pub file_len: u64,
     /// Where its last committed epoch ends (the header's end if none).
@@ -185,7 +190,14 @@ pub fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 pub fn scan(dir: &Path) -> Result<Scan, JournalError> {
     let checkpoint = Checkpoint::load(dir)?;
     let files = segment_files(dir)?;
-    let mut r = Reader { cp: &checkpoint, epochs: Vec::new(), segments: Vec::new(), next_epoch: None, next_seq: None };
+    let mut r = Reader {
+        cp: &checkpoint,
+        epochs: Vec::new(),
+        segments: Vec::new(),
+        next_epoch: None,
+        next_seq: None,
+        version: format::VERSION,
+    };
     let mut end = ScanEnd::Clean;
     for (i, (seq, path)) in files.iter().enumerate() {
         if let Some((offset, why)) = r.segment(*seq, path)? {
@@ -209,6 +221,8 @@ struct Reader<'a> {
     segments: Vec<SegmentInfo>,
     next_epoch: Option<u64>,
     next_seq: Option<u64>,
+    /// The format version of the segment being read.
+    version: u32,
 }
 
 /// An epoch being read: from its begin record to its commit.
@@ -217,6 +231,7 @@ struct Open {
     epoch: u64,
     start: u64,
     pages: u64,
+    deltas: u64,
     page_records: u64,
     bytes: u64,
     state: bool,
@@ -254,6 +269,11 @@ impl Reader<'_> {
         };
         let head = match (h.kind, SegmentHead::decode(&p)) {
             (Kind::Segment, Ok(s)) => s,
+            // Intact, but of a format this smudge does not know: not a
+            // torn tail to stop at quietly.
+            (Kind::Segment, Err(why @ RecordError::Version(_))) => {
+                return Err(JournalError::Record { path: path.into(), offset: 0, why })
+            }
             _ => return Ok(Some((0, "not a segment header".into()))),
         };
         if Some(head.journal) != self.cp.journal_id() || head.sequence != seq {
@@ -264,8 +284,10 @@ impl Reader<'_> {
         }
         self.next_seq = Some(seq + 1);
         self.next_epoch = Some(h.epoch);
+        self.version = head.version;
         let mut off = HEADER as u64 + h.len;
-        let mut info = SegmentInfo { path: path.into(), sequence: seq, file_len, committed_len: off };
+        let mut info =
+            SegmentInfo { path: path.into(), sequence: seq, version: head.version, file_len, committed_len: off };
         let mut open: Option<Open> = None;
         let stopped = loop {
             if off == file_len {
@@ -312,13 +334,30 @@ impl Reader<'_> {
                     return Err(format!("epoch {} is of another RAM shape", h.epoch));
                 }
                 let bytes = p.len() as u64;
-                *open =
-                    Some(Open { begin, epoch: h.epoch, start: off, pages: 0, page_records: 0, bytes, state: false });
+                *open = Some(Open {
+                    begin,
+                    epoch: h.epoch,
+                    start: off,
+                    pages: 0,
+                    deltas: 0,
+                    page_records: 0,
+                    bytes,
+                    state: false,
+                });
                 Ok(None)
             }
             (Kind::Pages, Some(o)) if o.epoch == h.epoch && !o.state => {
                 let (offsets, _) = format::decode_pages(p, ps, ram).map_err(|e| e.to_string())?;
                 o.pages += offsets.len() as u64;
+                o.page_records += 1;
+                o.bytes += p.len() as u64;
+                Ok(None)
+            }
+            (Kind::Deltas, Some(o)) if o.epoch == h.epoch && !o.state && self.version >= 2 => {
+                // Every delta parsed and checked against the page size.
+                let n = format::decode_deltas(p, ps, ram).map_err(|e| e.to_string())?.len() as u64;
+                o.pages += n;
+                o.deltas += n;
                 o.page_records += 1;
                 o.bytes += p.len() as u64;
                 Ok(None)
@@ -339,6 +378,7 @@ impl Reader<'_> {
                     vm: o.begin.vm,
                     time_ns: o.begin.time_ns,
                     pages: o.pages,
+                    delta_pages: o.deltas,
                     bytes: off + HEADER as u64 + h.len - o.start,
                     segment: path.into(),
                     start: o.start,
@@ -352,13 +392,23 @@ impl Reader<'_> {
     }
 }
 
+/// A page of an epoch as its record holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageData<'a> {
+    /// The whole page.
+    Whole(&'a [u8]),
+    /// Its changes since its previous record (see `delta.rs`): applied to
+    /// the page as the records before left it.
+    Delta(&'a [u8]),
+}
+
 /// Reads committed epoch `e` again (checking every record once more),
 /// handing each of its pages to `page` (file offset, data); returns its
 /// machine state.
 pub fn read_epoch(
     e: &EpochInfo,
     cp: &Checkpoint,
-    mut page: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    mut page: impl FnMut(u64, PageData<'_>) -> Result<(), JournalError>,
 ) -> Result<MachineState, JournalError> {
     let path = &e.segment;
     let file = File::open(path).map_err(JournalError::io(path, "open"))?;
@@ -374,7 +424,14 @@ pub fn read_epoch(
                     .map_err(|why| JournalError::Record { path: path.clone(), offset: off, why })?;
                 let ps = cp.page_size as usize;
                 for (i, &o) in offsets.iter().enumerate() {
-                    page(o, &data[i * ps..(i + 1) * ps]).map_err(JournalError::io(path, "apply a page"))?;
+                    page(o, PageData::Whole(&data[i * ps..(i + 1) * ps]))?;
+                }
+            }
+            Kind::Deltas => {
+                let deltas = format::decode_deltas(&p, cp.page_size, cp.ram_size)
+                    .map_err(|why| JournalError::Record { path: path.clone(), offset: off, why })?;
+                for (o, d) in deltas {
+                    page(o, PageData::Delta(d))?;
                 }
             }
             Kind::State => {
@@ -417,7 +474,7 @@ pub struct Recovered {
     pub ram_size: u64,
     /// Epochs applied on the base.
     pub epochs_applied: u64,
-    /// Page bytes written over the base.
+    /// Page bytes written over the base (each page once).
     pub bytes_applied: u64,
 }
 
@@ -464,6 +521,40 @@ pub fn recover(dir: &Path, target: Target, out: &Path) -> Result<Recovered, Jour
     Ok(Recovered { epoch, state, ram_size: cp.ram_size, epochs_applied: applied, bytes_applied: bytes })
 }
 
+/// Pages a recovery gathers in memory before writing them out (a page
+/// written by several epochs is written once per this much).
+const RECOVERY_BUFFER: u64 = 256 << 20;
+
+/// Copies `len` bytes at `off` of the base into `f`. An error names the
+/// file that failed and where (`copy_file_range` does not say which side
+/// did): the range is copied again through a buffer to find out.
+fn copy_base_range(
+    (base, base_path): (&File, &Path),
+    (f, out): (&File, &Path),
+    off: u64,
+    len: u64,
+) -> Result<(), JournalError> {
+    if copy_range(base, f, off, len).is_ok() {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = off;
+    while at < off + len {
+        let n = (off + len - at).min(buf.len() as u64);
+        let chunk = &mut buf[..n as usize];
+        base.read_exact_at(chunk, at).map_err(|source| JournalError::Base {
+            path: base_path.into(),
+            op: "read",
+            offset: at,
+            end: at + n,
+            source,
+        })?;
+        f.write_all_at(chunk, at).map_err(JournalError::io(out, "copy the base"))?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Writes the base and the epochs up to `epoch` into `f` (at `out`);
 /// returns the epochs applied, the bytes written over the base and the
 /// epoch's state.
@@ -479,19 +570,18 @@ fn build(
     let base_path = dir.join(BASE);
     let base = File::open(&base_path).map_err(JournalError::io(&base_path, "open"))?;
     for (off, len) in data_ranges(&base, cp.ram_size).map_err(JournalError::io(&base_path, "find data"))? {
-        copy_range(&base, f, off, len).map_err(JournalError::io(out, "copy the base"))?;
+        copy_base_range((&base, &base_path), (f, out), off, len)?;
     }
-    let (mut applied, mut bytes, mut state) = (0, 0, None);
+    let (mut applied, mut state) = (0, None);
+    let mut replay = Replay::new(f, out, cp.page_size, RECOVERY_BUFFER);
     for e in scan.epochs.iter().take_while(|e| e.epoch <= epoch.epoch) {
-        let s = read_epoch(e, cp, |off, data| {
-            bytes += data.len() as u64;
-            f.write_all_at(data, off)
-        })?;
+        let s = read_epoch(e, cp, |off, data| replay.page(off, data))?;
         applied += 1;
         if e.epoch == epoch.epoch {
             state = Some(s);
         }
     }
+    let bytes = replay.finish()?;
     f.sync_all().map_err(JournalError::io(out, "fsync"))?;
     let state = state.ok_or_else(|| JournalError::NoEpoch(dir.into()))?;
     Ok((applied, bytes, state))

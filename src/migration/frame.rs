@@ -21,6 +21,7 @@
 //! Postcopy  n u32 | n x (offset u64 | count u32)  pages still owed (before State)
 //! PageRequest  n u32 | n x (offset u64 | count u32)  pages a vCPU waits for, dest -> source
 //! Channel   session u64 | index u32    first frame of an extra page connection
+//! Resume    migration u64   first frame of a post-copy recovery connection
 //! ```
 //!
 //! Hello also carries `local` (a same-host handover: no pages follow) and
@@ -83,6 +84,8 @@ pub enum Kind {
     PageRequest = 11,
     /// First frame of an extra page connection.
     Channel = 12,
+    /// Reconnects a broken post-copy migration.
+    Resume = 13,
 }
 
 impl Kind {
@@ -100,6 +103,7 @@ impl Kind {
             10 => Kind::Postcopy,
             11 => Kind::PageRequest,
             12 => Kind::Channel,
+            13 => Kind::Resume,
             _ => return None,
         })
     }
@@ -131,6 +135,11 @@ pub struct Hello {
     /// Ties the extra connections to this migration.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub session: u64,
+    /// This migration's id: a source reconnecting after a post-copy
+    /// link break names it (`Resume`), and the destination refuses any
+    /// other (0: none; such a migration cannot be recovered).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub migration: u64,
 }
 
 fn one() -> u32 {
@@ -156,6 +165,7 @@ impl Hello {
             postcopy: false,
             connections: 1,
             session: 0,
+            migration: 0,
         }
     }
 }
@@ -240,6 +250,12 @@ pub enum Frame {
         /// This connection's index.
         index: u32,
     },
+    /// The first frame of a connection a source opens to resume a
+    /// post-copy migration whose link broke: the `Hello`'s migration id.
+    Resume {
+        /// The migration's id ([`Hello::migration`]).
+        migration: u64,
+    },
 }
 
 impl Frame {
@@ -258,6 +274,7 @@ impl Frame {
             Frame::Postcopy(_) => Kind::Postcopy,
             Frame::PageRequest(_) => Kind::PageRequest,
             Frame::Channel { .. } => Kind::Channel,
+            Frame::Resume { .. } => Kind::Resume,
         }
     }
 }
@@ -450,6 +467,12 @@ pub fn decode_payload(raw_header: &[u8; HEADER_LEN], h: &Header, payload: &[u8])
                 return Err(malformed(h.kind, format!("{} bytes, want 12", payload.len())));
             }
             Frame::Channel { session: le_u64(&payload[..8]), index: le_u32(&payload[8..12]) }
+        }
+        Kind::Resume => {
+            if payload.len() != 8 {
+                return Err(malformed(h.kind, format!("{} bytes, want 8", payload.len())));
+            }
+            Frame::Resume { migration: le_u64(payload) }
         }
         Kind::RoundEnd => {
             if payload.len() != 12 {
@@ -665,6 +688,7 @@ impl<W: Write> FrameWriter<W> {
             Frame::Channel { session, index } => {
                 self.emit(Kind::Channel, 0, &[&session.to_le_bytes(), &index.to_le_bytes()])
             }
+            Frame::Resume { migration } => self.emit(Kind::Resume, 0, &[&migration.to_le_bytes()]),
             Frame::RoundEnd { round, pages } => {
                 self.emit(Kind::RoundEnd, 0, &[&round.to_le_bytes(), &pages.to_le_bytes()])
             }
@@ -750,6 +774,7 @@ mod tests {
             Frame::Postcopy(vec![(0x4000, 2), (0x10000, 7)]),
             Frame::PageRequest(vec![(0x5000, 1)]),
             Frame::Channel { session: 0xfeed, index: 3 },
+            Frame::Resume { migration: 0xdead_beef_f00d },
         ]
     }
 

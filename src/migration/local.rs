@@ -42,6 +42,13 @@ pub enum LocalError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Guest RAM is not the file at its path (RAM in shared memory, the
+    /// default of `smudge run`): there is nothing to hand over.
+    #[error("guest RAM is not a file that can be handed over ({path}): run the source with --in-place for --local")]
+    NotOnDisk {
+        /// The path RAM was described by.
+        path: PathBuf,
+    },
     /// The destination runs on another kernel.
     #[error("--local needs both ends on one host: the source runs on boot {source_boot}, this side on {here}")]
     OtherHost {
@@ -85,6 +92,10 @@ impl LocalRam {
             .map_err(|source| LocalError::Io { what: format!("resolving {}", path.display()), source })?;
         let md =
             file.metadata().map_err(|source| LocalError::Io { what: format!("stat {}", path.display()), source })?;
+        match std::fs::metadata(&path) {
+            Ok(there) if (there.dev(), there.ino()) == (md.dev(), md.ino()) => {}
+            _ => return Err(LocalError::NotOnDisk { path }),
+        }
         Ok(LocalRam { path, boot_id: boot_id()?, dev: md.dev(), ino: md.ino() })
     }
 
@@ -135,5 +146,19 @@ mod tests {
         let e = other.check(&File::open(&a).unwrap(), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("one host"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Guest RAM in a memfd (`smudge run`'s default) has no file to hand
+    /// over: describing it fails and says what to do; so does a path whose
+    /// file is not the RAM's.
+    #[test]
+    fn ram_that_is_not_the_file_at_its_path_is_refused() {
+        let ram = crate::memory::BackingFile::memfd("local-test", 1 << 20).unwrap();
+        let e = LocalRam::describe(ram.path(), ram.file()).unwrap_err();
+        assert!(matches!(e, LocalError::NotOnDisk { .. }), "{e}");
+        assert!(e.to_string().contains("run the source with --in-place for --local"), "{e}");
+        let other = tempfile::NamedTempFile::new().unwrap();
+        let e = LocalRam::describe(other.path(), ram.file()).unwrap_err();
+        assert!(matches!(e, LocalError::NotOnDisk { .. }), "{e}");
     }
 }

@@ -9,6 +9,12 @@
 //!     <- PageRequest*                     dest -> source, faulted pages
 //! ```
 //!
+//! When the link breaks after the switchover the destination keeps what
+//! is still owed; the source reconnects (`Resume`), is told it
+//! ([`Owed::runs`], as a `Postcopy` frame, then the pages vCPUs wait for
+//! as a `PageRequest`) and sends each of those pages once more, then a
+//! `Done` whose totals count from the resume ([`PostcopyReceiver::resume`]).
+//!
 //! A page not owed reads as what the destination's file holds (zero where
 //! the file has a hole); an owed page is placed once, atomically, when it
 //! arrives — by whoever placing it (the VMM, with `UFFDIO_COPY`) — and is
@@ -66,6 +72,26 @@ impl Owed {
     pub fn owes(&self, offset: u64) -> bool {
         let p = offset / PAGE;
         p < self.pages && self.has(p)
+    }
+
+    /// The pages still owed, as runs of (file offset, page count) in
+    /// offset order.
+    pub fn runs(&self) -> Vec<(u64, u32)> {
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let lo = bits.trailing_zeros() as u64;
+                let len = (bits >> lo).trailing_ones() as u64;
+                let first = w as u64 * 64 + lo;
+                match runs.last_mut() {
+                    Some((off, n)) if *off / PAGE + u64::from(*n) == first && *n < u32::MAX - 64 => *n += len as u32,
+                    _ => runs.push((first * PAGE, len as u32)),
+                }
+                bits = if lo + len == 64 { 0 } else { bits & !(((1u64 << len) - 1) << lo) };
+            }
+        }
+        runs
     }
 
     /// Pages still owed.
@@ -127,12 +153,22 @@ pub struct PostcopyReceiver {
     owed: Owed,
     pages: u64,
     zero_pages: u64,
+    /// Data and zero pages since the connection `Done` closes opened
+    /// (the switchover, or the last resume).
+    leg: (u64, u64),
 }
 
 impl PostcopyReceiver {
     /// A receiver for the pages in `owed`.
     pub fn new(owed: Owed) -> Self {
-        PostcopyReceiver { owed, pages: 0, zero_pages: 0 }
+        PostcopyReceiver { owed, pages: 0, zero_pages: 0, leg: (0, 0) }
+    }
+
+    /// A source resumed the phase on a new connection: its `Done` will
+    /// count from here. Returns what it still owes.
+    pub fn resume(&mut self) -> Vec<(u64, u32)> {
+        self.leg = (0, 0);
+        self.owed.runs()
     }
 
     /// What is still owed.
@@ -158,6 +194,7 @@ impl PostcopyReceiver {
                 let count = data.len() as u64 / PAGE;
                 self.owed.deliver(offset, count)?;
                 self.pages += count;
+                self.leg.0 += count;
                 Ok(Placement::Pages { offset, data })
             }
             Frame::Zero(runs) => {
@@ -167,11 +204,13 @@ impl PostcopyReceiver {
                     owed.deliver(offset, u64::from(count))?;
                 }
                 self.owed = owed;
-                self.zero_pages += runs.iter().map(|&(_, n)| u64::from(n)).sum::<u64>();
+                let n = runs.iter().map(|&(_, n)| u64::from(n)).sum::<u64>();
+                self.zero_pages += n;
+                self.leg.1 += n;
                 Ok(Placement::Zero(runs))
             }
             Frame::Done { pages, zero_pages } => {
-                check_totals((pages, zero_pages), (self.pages, self.zero_pages))?;
+                check_totals((pages, zero_pages), self.leg)?;
                 if self.owed.remaining() > 0 {
                     return Err(ReceiveError::Protocol(format!(
                         "post-copy: Done with {} pages still owed",
@@ -242,5 +281,32 @@ mod tests {
         owed.deliver(128 * PAGE, 73).unwrap();
         assert_eq!(owed.remaining(), 0);
         assert!(owed.deliver(0, 0).is_ok());
+    }
+
+    #[test]
+    fn what_is_still_owed_comes_back_as_runs_and_a_resumed_done_counts_from_the_resume() {
+        let mut owed = Owed::new(256 * PAGE);
+        owed.add(&[(0, 3), (60 * PAGE, 140), (255 * PAGE, 1)]).unwrap();
+        owed.deliver(PAGE, 1).unwrap();
+        owed.deliver(100 * PAGE, 2).unwrap();
+        let runs = owed.runs();
+        assert_eq!(runs, vec![(0, 1), (2 * PAGE, 1), (60 * PAGE, 40), (102 * PAGE, 98), (255 * PAGE, 1)]);
+        let mut again = Owed::new(256 * PAGE);
+        again.add(&runs).unwrap();
+        assert_eq!(again, owed);
+        assert_eq!(Owed::new(256 * PAGE).runs(), vec![]);
+
+        let mut rx = PostcopyReceiver::new(owed);
+        rx.apply(Frame::Pages { offset: 0, data: vec![1; PAGE as usize] }).unwrap();
+        // The link broke; the source comes back and owes the rest.
+        let left = rx.resume();
+        assert_eq!(left.iter().map(|&(_, n)| u64::from(n)).sum::<u64>(), 140);
+        for (offset, count) in left {
+            rx.apply(Frame::Zero(vec![(offset, count)])).unwrap();
+        }
+        // The page before the break is not in the new leg's totals.
+        assert!(matches!(rx.apply(Frame::Done { pages: 1, zero_pages: 140 }), Err(ReceiveError::Totals { .. })));
+        assert_eq!(rx.apply(Frame::Done { pages: 0, zero_pages: 140 }).unwrap(), Placement::Done);
+        assert_eq!((rx.pages(), rx.zero_pages()), (1, 140));
     }
 }

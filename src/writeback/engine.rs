@@ -5,10 +5,12 @@
 //! ```text
 //! absorb:      log.fetch()               -> mark_dirty (first-dirtied time kept)
 //! write_pages: select (range, expiry, nr_to_write, oldest first)
-//!              log.clear_dirty_for_io(S)  re-protect first ...
+//!              hot pages H of an expiry pass (see `hot`) stay writable
+//!              log.clear_dirty_for_io(S-H) re-protect first ...
 //!              start_writeback(S)
 //!              sink.write_set(S)          ... copy second
 //!              end_writeback(ok)          failure: redirty + remember the error
+//!              mark_dirty(H, pass start)  hot: written, and dirty again at once
 //! sync:        absorb, tag all dirty (TOWRITE), write exactly those, sink.sync,
 //!              report a remembered error once (mapping_set_error / fsync)
 //! ```
@@ -21,6 +23,7 @@ use crate::kvm::Slot;
 use crate::memory::GuestRam;
 use crate::sink::{Sink, SinkError};
 use crate::writeback::clock::Clock;
+use crate::writeback::hot::{HotPages, HotPolicy};
 use crate::writeback::page_state::PageStates;
 use crate::writeback::policy::WritebackPolicy;
 
@@ -36,6 +39,14 @@ pub trait DirtyLog: Send + std::fmt::Debug {
 
     /// Hands a fetched set back for reuse.
     fn recycle(&mut self, _set: DirtySet) {}
+
+    /// Whether a page stays writable, and keeps being reported, until
+    /// [`clear_dirty_for_io`](Self::clear_dirty_for_io) re-protects it
+    /// (manual-protect dirty logging). Only then does leaving a hot page
+    /// unprotected save the guest a fault.
+    fn reprotects_only_on_clear(&self) -> bool {
+        false
+    }
 }
 
 /// The engine's view of a [`Harvester`]: its own subscription.
@@ -60,6 +71,10 @@ impl DirtyLog for HarvesterLog {
 
     fn recycle(&mut self, set: DirtySet) {
         self.0.recycle(set);
+    }
+
+    fn reprotects_only_on_clear(&self) -> bool {
+        self.0.lock().mechanism() == crate::harvest::Mechanism::Manual
     }
 }
 
@@ -134,6 +149,12 @@ pub struct WritebackStats {
     pub oldest_dirty_ms: u64,
     /// Longest write pass so far, ms (the "+ one pass" of the expiry bound).
     pub max_pass_ms: u64,
+    /// Hot pages now: written out at their last expiry without being
+    /// re-protected (they count in `nr_dirty` too).
+    pub nr_hot: u64,
+    /// Page write-outs that left the page writable (hot), ever: each a
+    /// dirty-log fault the guest did not take.
+    pub hot_written: u64,
 }
 
 /// Why a pass or a sync could not do its job.
@@ -182,10 +203,19 @@ pub struct Writeback {
     unsynced: DirtySet,
     pending_error: Option<SinkError>,
     stats: WritebackStats,
+    /// Hot-page tracking, where it is sound (see `hot`); None: every
+    /// write-out re-protects.
+    hot: Option<HotPages>,
+    /// How soon after its write-out a page must be dirty again to count as
+    /// hot: twice the last flush's expiry plus its period.
+    hot_window_ms: u64,
 }
 
 impl Writeback {
     /// An engine over `slots` of `ram`, fed by `log`, writing to `sink`.
+    /// Hot pages are left writable (the default [`HotPolicy`]) when the
+    /// sink's write-outs leave pages writable and the log re-protects only
+    /// on request; [`set_hot_policy`](Self::set_hot_policy) changes that.
     pub fn new(
         log: Box<dyn DirtyLog>,
         sink: Box<dyn Sink>,
@@ -194,7 +224,7 @@ impl Writeback {
         slots: &[Slot],
         page_size: u64,
     ) -> Self {
-        Writeback {
+        let mut wb = Writeback {
             log,
             sink,
             clock,
@@ -205,7 +235,29 @@ impl Writeback {
             unsynced: DirtySet::new(slots, page_size),
             pending_error: None,
             stats: WritebackStats::default(),
-        }
+            hot: None,
+            hot_window_ms: 0,
+        };
+        wb.set_hot_policy(Some(HotPolicy::default()));
+        wb
+    }
+
+    /// Leaves hot pages writable under `policy` if that is sound here (the
+    /// sink leaves written pages writable and the log re-protects only on
+    /// request); `None`, or an unsound pairing, re-protects every page at
+    /// every write-out. Returns whether hot pages are now left writable.
+    pub fn set_hot_policy(&mut self, policy: Option<HotPolicy>) -> bool {
+        let sound = self.sink.leaves_pages_writable() && self.log.reprotects_only_on_clear();
+        let slots: Vec<Slot> = self.states.dirty().slots().iter().map(|s| s.slot()).collect();
+        // Pages left open so far are dirty in the page states: whatever
+        // the new policy, their next write-out handles them.
+        self.hot = policy.filter(|_| sound).map(|p| HotPages::new(p, &slots, self.page_size));
+        self.hot.is_some()
+    }
+
+    /// The hot-page policy in force, if any.
+    pub fn hot_policy(&self) -> Option<HotPolicy> {
+        self.hot.as_ref().map(HotPages::policy)
     }
 
     /// The page states.
@@ -219,6 +271,7 @@ impl Writeback {
         WritebackStats {
             nr_dirty: self.states.nr_dirty(),
             oldest_dirty_ms: self.states.oldest().map_or(0, |t| now.saturating_sub(t)),
+            nr_hot: self.hot.as_ref().map_or(0, |h| h.open().count()),
             ..self.stats
         }
     }
@@ -255,25 +308,46 @@ impl Writeback {
     /// One `write_cache_pages` pass: selects pages by `wbc`, re-protects
     /// them, writes them to the sink. A sink failure re-dirties the pages
     /// and is remembered for the next [`sync`](Self::sync); it is not an
-    /// error of the pass. Returns pages written.
+    /// error of the pass. In an expiry pass, hot pages are written without
+    /// being re-protected and stay dirty (see `hot`). Returns pages written.
     pub fn write_pages(&mut self, wbc: &WritebackControl) -> Result<u64, WritebackError> {
         let set = self.select(wbc);
         let n = set.count();
         if n == 0 {
             return Ok(0);
         }
-        // Re-protect first, copy second (invariant 1).
-        self.log.clear_dirty_for_io(&set)?;
+        let t0 = self.clock.now_ms();
+        let expiry_pass = wbc.sync_mode == SyncMode::None && wbc.dirtied_before.is_some();
+        let open = match &mut self.hot {
+            Some(h) => Some(h.write_out(&set, &self.states, t0, self.hot_window_ms, expiry_pass)),
+            None => None,
+        };
+        // Re-protect first, copy second (invariant 1); a hot page is not
+        // re-protected, and is dirty again from t0 on (below).
+        match open.as_ref().filter(|o| !o.is_empty()) {
+            Some(o) => {
+                let mut protect = set.clone();
+                protect.subtract(o);
+                if !protect.is_empty() {
+                    self.log.clear_dirty_for_io(&protect)?;
+                }
+            }
+            None => self.log.clear_dirty_for_io(&set)?,
+        }
         self.states.start_writeback(&set);
         self.stats.nr_writeback = n;
         self.stats.passes += 1;
-        let t0 = self.clock.now_ms();
         let r = self.sink.write_set(&self.ram, &set);
         self.stats.max_pass_ms = self.stats.max_pass_ms.max(self.clock.now_ms().saturating_sub(t0));
         self.stats.nr_writeback = 0;
         match r {
             Ok(bytes) => {
                 self.states.end_writeback(true);
+                if let Some(o) = open.filter(|o| !o.is_empty()) {
+                    // Still writable: whatever the guest writes after the
+                    // copy is no older than the pass's start.
+                    self.stats.hot_written += self.states.mark_dirty(&o, t0);
+                }
                 self.unsynced.union_with(&set).map_err(HarvestError::from)?;
                 self.stats.nr_written += n;
                 self.stats.bytes_written += bytes;
@@ -295,6 +369,11 @@ impl Writeback {
         let absorbed = self.absorb()?;
         let now = self.clock.now_ms();
         let expire = u64::try_from(policy.dirty_expire.as_millis()).unwrap_or(u64::MAX);
+        let period = u64::try_from(policy.writeback_interval.as_millis()).unwrap_or(u64::MAX);
+        // Generous: a guest slowed by faults rewrites even its hot pages
+        // slowly, and a page wrongly taken for hot costs a few spare
+        // writes before its recheck, not a fault.
+        self.hot_window_ms = expire.saturating_mul(2).saturating_add(period);
         let expired_written = match now.checked_sub(expire) {
             Some(before) => self.write_pages(&WritebackControl::expired(before))?,
             None => 0,
@@ -409,6 +488,8 @@ mod tests {
         fail_sync: Arc<AtomicBool>,
         errno: Arc<Mutex<Option<i32>>>,
         syncs: Arc<Mutex<u64>>,
+        /// Its write-outs leave pages writable (an image file).
+        writable: bool,
     }
 
     impl FakeSink {
@@ -450,6 +531,76 @@ mod tests {
         fn name(&self) -> String {
             "fake".into()
         }
+
+        fn leaves_pages_writable(&self) -> bool {
+            self.writable
+        }
+    }
+
+    /// Manual-protect dirty logging as KVM does it: a write to a protected
+    /// page faults and sets its bit; a page keeps being reported at every
+    /// fetch until `clear_dirty_for_io` re-protects it. With `once`, a set
+    /// bit is reported at one fetch only (the engine must not count on
+    /// KVM's re-reporting to keep a hot page dirty).
+    #[derive(Debug, Default, Clone)]
+    struct ManualLog {
+        bits: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+        reported: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+        once: bool,
+        cleared: Arc<Mutex<Vec<u64>>>,
+        faults: Arc<Mutex<u64>>,
+    }
+
+    impl ManualLog {
+        /// The guest writes `page`.
+        fn write(&self, page: u64) {
+            if self.bits.lock().unwrap().insert(page) {
+                *self.faults.lock().unwrap() += 1;
+            }
+        }
+    }
+
+    impl DirtyLog for ManualLog {
+        fn fetch(&mut self) -> Result<DirtySet, HarvestError> {
+            let mut s = DirtySet::new(&slots(), PS);
+            let mut reported = self.reported.lock().unwrap();
+            for &p in self.bits.lock().unwrap().iter() {
+                if !self.once || reported.insert(p) {
+                    s.set_page(0, p).unwrap();
+                }
+            }
+            Ok(s)
+        }
+
+        fn clear_dirty_for_io(&mut self, set: &DirtySet) -> Result<(), HarvestError> {
+            let mut bits = self.bits.lock().unwrap();
+            for p in set.slots()[0].pages() {
+                bits.remove(&p);
+                self.reported.lock().unwrap().remove(&p);
+                self.cleared.lock().unwrap().push(p);
+            }
+            Ok(())
+        }
+
+        fn reprotects_only_on_clear(&self) -> bool {
+            true
+        }
+    }
+
+    /// An engine over a manual-protect log and a sink whose write-outs
+    /// leave pages writable (`writable`: an image file) or not (the backing
+    /// file).
+    fn hot_engine(writable: bool) -> (Writeback, ManualLog, FakeSink, FakeClock) {
+        hot_engine_over(writable, ManualLog::default())
+    }
+
+    fn hot_engine_over(writable: bool, log: ManualLog) -> (Writeback, ManualLog, FakeSink, FakeClock) {
+        let ram: GuestRam = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PS) as usize)]).unwrap();
+        let clock = FakeClock::default();
+        let sink = FakeSink { writable, ..FakeSink::default() };
+        let wb =
+            Writeback::new(Box::new(log.clone()), Box::new(sink.clone()), Arc::new(clock.clone()), ram, &slots(), PS);
+        (wb, log, sink, clock)
     }
 
     fn engine() -> (Writeback, FakeLog, FakeSink, FakeClock) {
@@ -642,6 +793,137 @@ mod tests {
         let mut mem = vec![0u8; 1 << 20];
         ram.read_slice(&mut mem, GuestAddress(0)).unwrap();
         assert!(img == mem, "image differs from guest memory after the retry");
+    }
+
+    /// A page the guest writes between every two write-outs turns hot at
+    /// its second write-out: from then on it is re-protected only at every
+    /// 8th (the default policy), so it faults once per 8 expiries; its
+    /// content is written at every expiry all the same. A page that cools
+    /// is found so at its recheck and is clean from then on.
+    #[test]
+    fn a_page_rewritten_at_every_expiry_is_reprotected_every_eighth_time() {
+        let (mut wb, log, sink, clock) = hot_engine(true);
+        assert_eq!(wb.hot_policy(), Some(HotPolicy::default()));
+        let pol = policy(1000);
+        let mut cleared_at = Vec::new();
+        for tick in 0..=200u64 {
+            if tick < 150 {
+                log.write(7); // dirtied at every tick while hot
+            }
+            let before = log.cleared.lock().unwrap().len();
+            wb.flush(&pol).unwrap();
+            if log.cleared.lock().unwrap().len() > before {
+                cleared_at.push(tick);
+            }
+            clock.advance(100);
+        }
+        // First written (cold, re-protected) at tick 10 and dirtied again
+        // at 11, so written at 21: hot from this second write-out on, and
+        // dirty from the write-out's start, so written every 10 ticks; the
+        // 9th write-out (tick 91) is the recheck, then 102 … 162 open, and
+        // the recheck at 172, after the guest stopped at 150, leaves it clean.
+        assert_eq!(cleared_at, vec![10, 91, 172]);
+        assert_eq!(sink.written.lock().unwrap().len(), 17, "written at every expiry while hot");
+        assert_eq!(*log.faults.lock().unwrap(), 3, "a fault after each re-protection only (150 writes)");
+        assert_eq!(wb.stats().nr_dirty, 0);
+        assert_eq!(wb.stats().nr_hot, 0);
+        assert_eq!(wb.stats().hot_written, 14);
+    }
+
+    /// The backing-file sink (host writeback write-protects) and logs that
+    /// re-protect at every harvest get no hot pages: every write-out
+    /// re-protects, as before.
+    #[test]
+    fn hot_pages_only_where_the_sink_and_the_log_leave_them_writable() {
+        let (mut wb, log, _sink, clock) = hot_engine(false);
+        assert_eq!(wb.hot_policy(), None);
+        assert!(!wb.set_hot_policy(Some(HotPolicy::default())));
+        for _ in 0..100 {
+            log.write(3);
+            wb.flush(&policy(1000)).unwrap();
+            clock.advance(100);
+        }
+        assert_eq!(log.cleared.lock().unwrap().len(), 9, "re-protected at each of its 9 write-outs");
+        let (wb, ..) = engine();
+        assert_eq!(wb.hot_policy(), None, "FakeLog re-protects at every fetch");
+    }
+
+    /// A sync re-protects hot pages: after it nothing is dirty, and the
+    /// guest's next write to them is logged (a fault).
+    #[test]
+    fn sync_reprotects_hot_pages() {
+        let (mut wb, log, sink, clock) = hot_engine(true);
+        for _ in 0..40 {
+            log.write(5);
+            wb.flush(&policy(1000)).unwrap();
+            clock.advance(100);
+        }
+        assert_eq!(wb.stats().nr_hot, 1);
+        assert_eq!(wb.sync().unwrap(), 1);
+        assert_eq!(wb.stats().nr_dirty, 0);
+        assert_eq!(wb.stats().nr_hot, 0);
+        assert!(log.bits.lock().unwrap().is_empty(), "re-protected");
+        assert_eq!(sink.written.lock().unwrap().last(), Some(&5));
+    }
+
+    proptest! {
+        /// With hot pages on (an image-like sink over a manual-protect log),
+        /// whatever the interleaving of guest writes, time, flushes, failures
+        /// and syncs: no content the guest wrote stays unwritten longer than
+        /// expire + one flusher tick while the sink works, and a sync writes
+        /// every page the guest wrote since it was last written. Also when
+        /// the log reports a page once only (`once`): the engine keeps a
+        /// hot page dirty itself.
+        #[test]
+        fn hot_pages_keep_the_expiry_bound_and_lose_no_write(
+            ops in proptest::collection::vec((0u8..6, 0u64..24), 1..300),
+            k in 1u8..4,
+            m in 1u8..6,
+            once in proptest::bool::ANY,
+        ) {
+            let (mut wb, log, sink, clock) = hot_engine_over(true, ManualLog { once, ..ManualLog::default() });
+            let on = wb.set_hot_policy(Some(HotPolicy { after: k, recheck_every: m }));
+            prop_assert!(on);
+            let pol = policy(500);
+            // Page -> time of its oldest write not yet written out.
+            let mut pending: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            for (op, page) in ops {
+                let before = sink.written.lock().unwrap().len();
+                match op {
+                    0..=2 => { log.write(page); pending.entry(page).or_insert(clock.now_ms()); }
+                    3 => clock.advance(100),
+                    4 => { sink.fail.store(page % 7 == 0, Ordering::SeqCst); }
+                    _ => { let _ = wb.sync(); }
+                }
+                wb.flush(&pol).unwrap();
+                // Nothing is written between the guest's writes and these
+                // copies: each copy holds every write so far.
+                for p in sink.written.lock().unwrap()[before..].iter() {
+                    pending.remove(p);
+                }
+                if !sink.fail.load(Ordering::SeqCst) {
+                    let now = clock.now_ms();
+                    for (p, t) in &pending {
+                        prop_assert!(now - t < 500 + 100, "page {} written at {} ms unwritten at {} ms", p, t, now);
+                    }
+                }
+                for p in pending.keys() {
+                    prop_assert!(wb.states().dirty().slots()[0].contains_page(*p), "page {} lost", p);
+                }
+            }
+            sink.fail.store(false, Ordering::SeqCst);
+            let before = sink.written.lock().unwrap().len();
+            // It may report a write-out that failed before (once); it
+            // writes everything all the same.
+            let first = wb.sync();
+            for p in sink.written.lock().unwrap()[before..].iter() {
+                pending.remove(p);
+            }
+            prop_assert!(pending.is_empty(), "the final sync left {:?} unwritten", pending);
+            prop_assert_eq!(wb.stats().nr_dirty, 0);
+            prop_assert!(first.is_ok() || wb.stats().write_errors > 0);
+            prop_assert!(wb.sync().is_ok(), "an error is reported once");
+        }
     }
 
     proptest! {

@@ -16,16 +16,22 @@
 //! /proc/vmstat nr_dirty, nr_written, …     WritebackStats
 //! ```
 //!
+//! Pages the guest dirties again as soon as they are written are *hot*
+//! (the `hot` module): where the sink and the log allow it, the expiry
+//! pass writes them without re-protecting them, so they cost no fault.
+//!
 //! A pass with `SyncMode::All` first tags every page dirty at that moment
 //! and writes exactly those (the kernel's TOWRITE tag), so a sync finishes
 //! however fast the guest keeps dirtying.
 
 pub mod clock;
 pub mod engine;
+pub mod hot;
 pub mod page_state;
 pub mod policy;
 
 pub use clock::{Clock, FakeClock, MonotonicClock};
 pub use engine::{DirtyLog, HarvesterLog, SyncMode, Writeback, WritebackControl, WritebackError, WritebackStats};
+pub use hot::{HotPages, HotPolicy};
 pub use page_state::PageStates;
 pub use policy::{parse_bytes, ParseSizeError, Threshold, WritebackPolicy};

@@ -11,14 +11,18 @@
 //! - [`progress`]: where a running guest is, read from the guest itself
 //!   (its generation table in the memory file, `stats`), so a test waits
 //!   for a state instead of sleeping;
+//! - [`failing_disk`]: a disk whose file data fails with a real `EIO` on
+//!   demand (ext4 on a loop device whose size is cut), released on drop;
 //! - the helpers below: run `smudge` and `smudge ctl`, check the stamps
 //!   the guest leaves in its memory, mount a small tmpfs, check that KVM
 //!   is there (loudly, never a silent skip).
 
+pub mod failing_disk;
 pub mod process;
 pub mod progress;
 pub mod vm;
 
+pub use failing_disk::{holds_guest_pages, FailingDisk};
 pub use process::{find_binary, spawn_with_api, StartError, WaitError};
 pub use vm::{error_chain, scratch_dir, Exit, HarnessError, Logs, TestVm, TestVmBuilder};
 
@@ -88,7 +92,7 @@ pub fn run_smudge(args: &[&str]) -> Run {
 
 /// Boots the bundled guest on `mem` (`size` e.g. "64M") with `cmdline`.
 pub fn boot(mem: &Path, size: &str, cmdline: &str) -> Run {
-    run_smudge(&["--mem-file", mem.to_str().unwrap(), "--mem-size", size, "--cmdline", cmdline])
+    run_smudge(&["--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", size, "--cmdline", cmdline])
 }
 
 /// A fresh temporary directory.
@@ -184,7 +188,7 @@ pub fn start_with_api(
     extra: &[&str],
 ) -> std::process::Child {
     let mut cmd = smudge();
-    cmd.args(["run", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
+    cmd.args(["run", "--in-place", "--mem-file", mem.to_str().unwrap(), "--mem-size", mem_size, "--timeout", "120"])
         .args(["--api-sock", sock.to_str().unwrap(), "--cmdline", cmdline])
         .args(extra)
         .stdout(stdout)

@@ -443,7 +443,12 @@ impl TestVmBuilder {
         let mut cmd = Command::new(&binary);
         match start {
             Start::Boot => {
-                cmd.arg("run").arg("--mem-size").arg(self.mem.to_string()).arg("--vcpus").arg(self.vcpus.to_string());
+                cmd.arg("run")
+                    .arg("--in-place")
+                    .arg("--mem-size")
+                    .arg(self.mem.to_string())
+                    .arg("--vcpus")
+                    .arg(self.vcpus.to_string());
                 if let Some(w) = &self.workload {
                     cmd.arg("--cmdline").arg(w);
                 }

@@ -109,6 +109,9 @@ fn restore(r: RestoreArgs) -> anyhow::Result<u8> {
     let Some(mem_file) = r.run.mem_file.clone().filter(|_| r.run.backing_file.is_none()) else {
         anyhow::bail!("restore takes --mem-file NEW: the new memory file (it must not exist)");
     };
+    if r.run.in_place {
+        anyhow::bail!("--in-place is for run: a restore keeps RAM in shared memory, or with --lazy on the memory file");
+    }
     // Every restore builds a new memory file: never one over an existing file.
     if mem_file.exists() {
         anyhow::bail!(smudge::snapshot::SnapshotError::MemExists(mem_file));
@@ -201,6 +204,9 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
     let Some(mem_file) = m.run.mem_file.clone().filter(|_| m.run.backing_file.is_none()) else {
         anyhow::bail!("migrate-recv takes --mem-file");
     };
+    if m.run.in_place {
+        anyhow::bail!("--in-place is for run: an incoming guest's RAM is the memory file");
+    }
     if m.run.guest.is_some() || m.run.cmdline.is_some() {
         anyhow::bail!("--guest and --cmdline do not apply to migrate-recv: the guest continues where it was");
     }
@@ -231,6 +237,7 @@ fn migrate_recv(m: MigrateRecvArgs) -> anyhow::Result<u8> {
         Ok(i) => i,
         Err(e) => return stopped_before_running(Err(e), None, "no source had connected"),
     };
+    inc.recover_within(Duration::from_secs(m.postcopy_recover_timeout));
     let hello = inc.hello();
     if let Err(why) = destination_ready(&m, &mem_file, hello.local.as_ref(), hello.mem_size, hello.postcopy) {
         inc.refuse(&why.to_string());
@@ -493,9 +500,27 @@ fn run_config(cfg: VmConfig) -> anyhow::Result<u8> {
     Ok(summarize(&report, mem_size, &ram))
 }
 
+/// Why a boot maps its --mem-file in place rather than keeping RAM in
+/// shared memory (the default), if it does: --in-place, or an option that
+/// needs RAM to be the file (without writeback or a dirty log nothing but
+/// the host would write a memfd's pages to the file; --writeback-image
+/// writes them elsewhere), or --journal, which keeps its in-place mode.
+fn in_place_because(args: &RunArgs) -> Option<&'static str> {
+    [
+        (args.in_place, "--in-place"),
+        (args.no_writeback, "--no-writeback"),
+        (args.no_dirty_log, "--no-dirty-log"),
+        (args.writeback_image.is_some(), "--writeback-image"),
+        (args.journal.is_some(), "--journal"),
+    ]
+    .into_iter()
+    .find_map(|(set, why)| set.then_some(why))
+}
+
 /// The run `args` ask for, beginning as `start` says.
 fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
     let mut journal_after = None;
+    let boots = matches!(start, Start::Boot);
     let (restore, incoming, announced) = match start {
         Start::Boot => (None, None, None),
         Start::Restore(r) => {
@@ -534,9 +559,15 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         (Some(p), _) | (None, Some(p)) => p.clone(),
         (None, None) => anyhow::bail!("--mem-file or --backing-file is needed"),
     };
+    let in_place = in_place_because(args);
+    if let (true, Some(why)) = (boots && args.backing_file.is_none(), in_place.filter(|w| *w != "--in-place")) {
+        let _ = writeln!(std::io::stderr(), "smudge: RAM is the memory file itself ({why} needs it in place)");
+    }
+    let ram_in_memfd = args.backing_file.is_some() || (boots && in_place.is_none());
+    let image_of_memfd = mem_file.clone();
     Ok(VmConfig {
         mem_file,
-        ram_in_memfd: args.backing_file.is_some(),
+        ram_in_memfd,
         mem_size,
         guest_elf,
         cmdline,
@@ -570,8 +601,9 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
                 limit: args.dirty_limit,
             },
             sync_every: (args.sync_every_ms > 0).then(|| Duration::from_millis(args.sync_every_ms)),
-            image: args.backing_file.clone().or_else(|| args.writeback_image.clone()),
+            image: if ram_in_memfd { Some(image_of_memfd) } else { args.writeback_image.clone() },
             image_ready: None,
+            hot_pages: true,
         }),
         hide_caps: args.hide_cap.clone(),
         dirty: DirtyOptions {

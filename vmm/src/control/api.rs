@@ -399,6 +399,7 @@ impl Api {
                     postcopy_after: m.postcopy_after,
                     connections: m.connections,
                     tls,
+                    resume: m.resume,
                 };
                 self.job(format!("a migration to {}", opts.to), || self.migrate(&opts))
             }
@@ -439,11 +440,19 @@ impl Api {
                 "oldest_dirty_ms": w.oldest_dirty_ms,
                 "syncs": w.syncs,
                 "write_errors": w.write_errors,
+                "nr_hot": w.nr_hot,
+                "hot_written": w.hot_written,
                 "throttle_ms": self.vcpus.shared.throttled_ns.load(Ordering::Relaxed) / 1_000_000,
             });
         }
         if let Some(j) = &self.journal {
             v["journal"] = j.json();
+        }
+        if let Some(p) = self.migration.as_ref().and_then(|m| m.paused_postcopy()) {
+            v["migration"] = p;
+        }
+        if let Some(p) = crate::migrate::postcopy_dest::recovery_status() {
+            v["postcopy"] = serde_json::to_value(p).unwrap_or_default();
         }
         v
     }
@@ -526,14 +535,17 @@ impl Api {
                 v
             }
             Err(e @ crate::migrate::source::MigrateError::Postcopy(_)) => {
-                let m = format!(
-                    "migration to {} failed: {e}; the guest ran on the destination since the switchover and \
-                     cannot continue there. It stays paused here at the switchover point: `ctl resume` continues \
-                     it from there (what ran on the destination is lost), `ctl snapshot create` saves it",
-                    opts.to
+                let to = m.recovery.paused_to().unwrap_or_else(|| opts.to.clone());
+                let msg = format!(
+                    "migration to {to} failed: {e}; the guest runs on the destination since the switchover and \
+                     waits there for its pages. It stays paused here at the switchover point (postcopy-paused): \
+                     `ctl migrate --resume [--to ADDR]` reconnects and sends what is still owed; `ctl resume` \
+                     continues it here instead (what ran on the destination is lost)"
                 );
-                tracing::error!("{m}");
-                error(m)
+                tracing::error!("{msg}");
+                let mut v = error(msg);
+                v["state"] = json!("postcopy-paused");
+                v
             }
             Err(e) => {
                 tracing::warn!("migration to {} failed; the guest runs on here: {e}", opts.to);

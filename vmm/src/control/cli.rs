@@ -45,16 +45,24 @@ pub enum Command {
 /// `smudge run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// Guest RAM backing file, mapped in place: created (sparse) if
-    /// missing; an existing file must already have exactly --mem-size
-    /// bytes. Needed unless --backing-file is given.
+    /// Guest RAM's file: created (sparse) if missing; an existing file
+    /// must have exactly --mem-size bytes. `run` keeps RAM in shared
+    /// memory (a memfd), loads an existing file into it first and writes
+    /// the file only through the writeback engine (no host writeback
+    /// faults, no block allocation on a first touch), unless --in-place
+    /// (or an option that needs RAM to be the file: --no-writeback,
+    /// --no-dirty-log, --writeback-image; and --journal, which keeps its
+    /// in-place mode) maps the file itself.
     #[arg(long, required_unless_present = "backing_file")]
     pub mem_file: Option<PathBuf>,
-    /// Keep guest RAM in shared memory (a memfd) and persist it to this
-    /// disk file through the writeback engine (only smudge writes it): no
-    /// host writeback faults, no block allocation on a first touch. The
-    /// file is created if missing; an existing one (exactly --mem-size
-    /// bytes) is loaded first. Instead of --mem-file.
+    /// `run`: guest RAM is the --mem-file itself, mapped MAP_SHARED and
+    /// persisted in place (the host's page cache is guest RAM; needed by
+    /// `ctl migrate --local`).
+    #[arg(long, conflicts_with = "backing_file")]
+    pub in_place: bool,
+    /// The same as --mem-file PATH in `run`'s default mode (RAM in shared
+    /// memory, PATH written only by smudge); kept as an alias. Refuses the
+    /// options that need RAM to be the file.
     #[arg(long, conflicts_with_all = ["mem_file", "writeback_image", "no_writeback", "no_dirty_log"])]
     pub backing_file: Option<PathBuf>,
     /// Guest RAM size, with an optional K/M/G suffix (binary units).
@@ -162,6 +170,12 @@ pub struct RunArgs {
     /// oldest epochs are checkpointed even within --retain.
     #[arg(long, value_parser = parse_size)]
     pub journal_max_bytes: Option<u64>,
+    /// Memory for the pages the journal wrote last (K/M/G suffixes): a
+    /// page written again while held goes to the journal as the bytes that
+    /// changed, not whole. Default: an eighth of RAM, 16 MiB to 512 MiB;
+    /// 0 writes every page whole.
+    #[arg(long, value_parser = parse_size)]
+    pub journal_cache: Option<u64>,
     /// Draw a dirty-page heatmap of the run into this SVG file: guest
     /// address against time, coloured by pages dirtied per period, with the
     /// dirty rate below; the numbers behind it go to FILE.json. Re-protects
@@ -202,6 +216,14 @@ pub struct RunArgs {
     /// of epochs, as a disk that cannot keep up would.
     #[arg(long, hide = true, value_name = "MS")]
     pub test_journal_write_delay_ms: Option<u64>,
+    /// Test hook: run only these parts of each epoch (the benchmark
+    /// switches them on one at a time to measure each one's share).
+    #[arg(long, hide = true, value_enum, default_value = "full")]
+    pub test_epoch_parts: crate::persist::epoch::EpochParts,
+    /// Test hook: this many pre-copy passes in every epoch, instead of
+    /// as many as the guest's writes call for.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_epoch_passes: Option<u32>,
     /// Test hook: every N ticks, hold the periodic harvest (`--shadow`,
     /// `--dump-dirty`) until a vCPU's dirty ring fills, so the ring-full
     /// path runs because the harvester is held, not because the guest
@@ -290,6 +312,11 @@ pub struct MigrateRecvArgs {
     /// With --tls-psk: take only this identity's key.
     #[arg(long, value_name = "NAME", requires = "tls_psk")]
     pub tls_psk_identity: Option<String>,
+    /// When a post-copy link breaks after the switchover, keep running the
+    /// guest and wait this many seconds for the source to resume (`ctl
+    /// migrate --resume`) before giving up (exit 107); 0: give up at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub postcopy_recover_timeout: u64,
     /// Run options (the memory file must not exist, unless --local; size
     /// and vCPUs come from the source; --guest and --cmdline do not apply).
     #[command(flatten)]
@@ -359,9 +386,10 @@ pub enum CtlCommand {
 /// `smudge ctl migrate`.
 #[derive(Debug, Args, Clone)]
 pub struct MigrateCtl {
-    /// The destination, HOST:PORT or unix:PATH.
-    #[arg(long)]
-    pub to: String,
+    /// The destination, HOST:PORT or unix:PATH (with --resume: where to
+    /// reconnect; default where it went last).
+    #[arg(long, required_unless_present = "resume")]
+    pub to: Option<String>,
     /// Downtime budget in milliseconds: the final, paused round starts once
     /// its estimated time fits (default 20).
     #[arg(long)]
@@ -393,8 +421,9 @@ pub struct MigrateCtl {
     /// Post-copy: switch over at once and let the guest run on the
     /// destination while its pages follow (fetched on first touch, the
     /// rest streamed). Downtime no longer grows with the dirty rate, but
-    /// once switched, losing the source or the link loses the guest. The
-    /// destination's memory file must be on tmpfs (/dev/shm).
+    /// once switched, losing the source loses the guest (a broken link can
+    /// be resumed: --resume). The destination's memory file must be on
+    /// tmpfs (/dev/shm).
     #[arg(long, conflicts_with_all = ["postcopy_after", "local", "verify_memory"])]
     pub postcopy: bool,
     /// Pre-copy for N rounds (round 0 sends everything), then switch to
@@ -420,6 +449,11 @@ pub struct MigrateCtl {
     /// file's first line).
     #[arg(long, value_name = "NAME", requires = "tls_psk")]
     pub tls_psk_identity: Option<String>,
+    /// Resume the post-copy migration whose link broke after the
+    /// switchover (this VM is `postcopy-paused`): reconnect and send the
+    /// pages the destination still owes.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// `smudge ctl snapshot ...`.
@@ -472,7 +506,7 @@ impl CtlCommand {
                 })
             }
             CtlCommand::Migrate(m) => Request::Migrate(MigrateRequest {
-                to: m.to.clone(),
+                to: m.to.clone().unwrap_or_default(),
                 downtime_ms: m.downtime_ms,
                 max_rounds: m.max_rounds,
                 bandwidth_limit: m.bandwidth_limit,
@@ -485,6 +519,7 @@ impl CtlCommand {
                 tls_creds: m.tls_creds.as_ref().map(abs),
                 tls_psk: m.tls_psk.as_ref().map(abs),
                 tls_psk_identity: m.tls_psk_identity.clone(),
+                resume: m.resume,
             }),
             CtlCommand::DirtyRate { seconds } => Request::DirtyRate(DirtyRateRequest { seconds: *seconds }),
             CtlCommand::Stop => Request::Stop,
@@ -495,7 +530,7 @@ impl CtlCommand {
 /// `smudge bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: boot, harvest, writeback, snapshot, migrate, reliability or durable.
+    /// Which benchmark: boot, harvest, writeback, snapshot, migrate, reliability, durable or durable-parts.
     pub name: String,
     /// Print one JSON object (results and goals) instead of a table.
     #[arg(long)]

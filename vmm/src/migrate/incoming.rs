@@ -27,7 +27,7 @@ use smudge::uffd::UffdError;
 
 use crate::control::signals::{self, OnStop};
 use crate::migrate::multifd::Channels;
-use crate::migrate::postcopy_dest::PostcopyDest;
+use crate::migrate::postcopy_dest::{PostcopyDest, Rejoin, DEFAULT_RECOVER_TIMEOUT};
 use crate::migrate::tls::TlsServer;
 use crate::migrate::transport::{Address, Listener, Stream};
 use crate::persist::lazy::LazyError;
@@ -36,10 +36,10 @@ use crate::vm::{IncomingVm, VmError};
 
 /// Longest silence from the source between or inside frames before the
 /// destination gives up on it.
-const IDLE_LIMIT: Duration = Duration::from_secs(60);
+pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// How long a source that connected has for its TLS handshake and its
 /// `Hello`: a peer that connects and stalls is dropped after this.
-const HELLO_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a guest arriving here (a migration, a lazy restore) could not be
 /// received.
@@ -142,13 +142,21 @@ pub struct Incoming {
     received: Option<String>,
     /// Shut the connections down on a stop signal, until the guest runs.
     interrupt: Vec<OnStop>,
+    /// Where it listens, kept for a post-copy migration: a source whose
+    /// link breaks after the switchover comes back there. (Bound now: the
+    /// running VMM's seccomp filter allows no `bind`.)
+    listener: Option<Listener>,
+    /// How long a broken post-copy link is waited out (0: not at all).
+    recover_within: Duration,
 }
 
 impl Incoming {
     /// Listens on `addr` (`HOST:PORT`, `PORT`, `unix:PATH`), says where
     /// on stderr, accepts one source and checks its `Hello` (a refusal is
     /// sent back to the source too). The listener is closed (a unix
-    /// socket's file removed) once the source's connections are in.
+    /// socket's file removed) once the source's connections are in — or,
+    /// for a post-copy migration, once its phase ends (a source whose link
+    /// broke comes back there).
     /// With `tls` every connection must pass its TLS handshake (each end
     /// verifying the other) before a byte of it is read.
     pub fn accept(addr: &str, accept_timeout: Option<Duration>, tls: Option<TlsServer>) -> anyhow::Result<Incoming> {
@@ -216,6 +224,7 @@ impl Incoming {
                 return Err(anyhow::anyhow!("migration from {peer}: {e}"));
             }
         };
+        let hello_postcopy = hello.postcopy && hello.migration != 0;
         Ok(Incoming {
             reader,
             writer,
@@ -226,6 +235,26 @@ impl Incoming {
             channels,
             received: None,
             interrupt,
+            listener: hello_postcopy.then_some(listener),
+            recover_within: DEFAULT_RECOVER_TIMEOUT,
+        })
+    }
+
+    /// How long to wait for the source to resume a post-copy migration
+    /// whose link broke after the switchover (zero: the guest is lost at
+    /// once, as before recovery existed).
+    pub fn recover_within(&mut self, within: Duration) {
+        self.recover_within = within;
+    }
+
+    /// How a broken post-copy link is waited out, if it is (the listener
+    /// is closed otherwise).
+    fn rejoin(&mut self) -> Option<Rejoin> {
+        let listener = self.listener.take()?;
+        (!self.recover_within.is_zero()).then(|| Rejoin {
+            listener,
+            migration: self.hello.migration,
+            within: self.recover_within,
         })
     }
 
@@ -391,12 +420,18 @@ impl Incoming {
                 )
             });
             match taken {
-                Ok((r, w)) => pc.run(r, w, self.peer.clone(), loading.clone()),
+                Ok((r, w)) => {
+                    let rejoin = self.rejoin();
+                    pc.run(r, w, self.peer.clone(), rejoin, loading.clone())
+                }
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "smudge: post-copy: {e}; the guest cannot continue");
                     std::process::exit(i32::from(EXIT_MEMORY_LOST));
                 }
             }
         }
+        // Pre-copy converged before the switch to post-copy (or the guest
+        // did not start): nobody comes back here.
+        self.listener = None;
     }
 }

@@ -6,13 +6,18 @@
 //!
 //! After the switchover the guest's newest state is on the destination,
 //! so the source never resumes it by itself: if the stream breaks, the
-//! guest here stays paused at the switchover point, and the destination,
-//! missing pages that exist only here, stops (QEMU's post-copy has the
-//! same hazard). `ctl resume` here would continue from the switchover
-//! point, losing what ran on the destination.
+//! guest here stays paused at the switchover point (`postcopy-paused`,
+//! [`Recovery`]) while the destination, missing pages that exist only
+//! here, waits for it to come back. `ctl migrate --resume` reconnects
+//! (QEMU's postcopy-recover): a `Resume` frame names the migration's id,
+//! the destination answers with what it still owes and the pages its
+//! vCPUs wait for, and each of those pages goes exactly once — then `Done`
+//! as after any post-copy phase. Another break pauses it again. `ctl
+//! resume` here would continue from the switchover point, losing what ran
+//! on the destination; once it did, the migration can no longer resume.
 
 use std::io::BufReader;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -26,7 +31,7 @@ use super::source::{
     ms_since, read_ack, stop_to_running, stream_err, MigrateError, MigrateOptions, MigrationReport, MigrationSource,
     RoundReport, Sender,
 };
-use super::transport::Stream;
+use super::transport::{Dialer, Stream};
 
 /// Most pages in one background send (small, so a page asked for by a
 /// faulting vCPU waits behind little).
@@ -57,6 +62,58 @@ pub struct PostcopyReport {
     pub sent_ms: f64,
     /// … and the destination's acknowledgement that all are placed.
     pub acked_ms: f64,
+    /// The phase was resumed this many times after its link broke; the
+    /// figures above are the last resume's (`owed_pages`: what the
+    /// destination still owed when it resumed).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resumes: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A post-copy migration whose link broke after the switchover: the guest
+/// stays paused here until it is resumed (`ctl migrate --resume`).
+#[derive(Debug, Clone)]
+struct Paused {
+    /// How it was asked for; `to` where it went last.
+    opts: MigrateOptions,
+    /// Its id, from its `Hello`.
+    migration: u64,
+    /// The report up to the switchover.
+    report: MigrationReport,
+    /// Times its link broke.
+    breaks: u32,
+    /// Why it broke last.
+    why: String,
+}
+
+/// The post-copy migration of this VM that waits to be resumed, if any.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery(Arc<Mutex<Option<Paused>>>);
+
+impl Recovery {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Paused>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a paused migration went, if one is paused.
+    pub fn paused_to(&self) -> Option<String> {
+        self.slot().as_ref().map(|p| p.opts.to.clone())
+    }
+
+    /// A paused migration, for the control API's `stats` (`migration`).
+    fn status(&self) -> Option<serde_json::Value> {
+        self.slot().as_ref().map(|p| {
+            serde_json::json!({
+                "state": "postcopy-paused",
+                "to": p.opts.to,
+                "breaks": p.breaks,
+                "error": p.why,
+            })
+        })
+    }
 }
 
 /// What the destination says during the phase.
@@ -91,6 +148,16 @@ fn owed_runs(src: &MigrationSource, s: &Sender, set: Option<&DirtySet>) -> Resul
 }
 
 impl MigrationSource {
+    /// The post-copy migration paused here, for the control API's `stats`
+    /// (`migration`); once the guest was resumed here (`ctl resume`) it
+    /// can no longer be resumed, and is forgotten.
+    pub fn paused_postcopy(&self) -> Option<serde_json::Value> {
+        if !self.vcpus.shared.is_paused() {
+            *self.recovery.slot() = None;
+        }
+        self.recovery.status()
+    }
+
     /// Post-copy switchover and phase (see the module doc). `residue`: the
     /// pages dirty since the last pre-copy round and the subscription whose
     /// last harvest joins them; `None` for pure post-copy (all data owed).
@@ -101,7 +168,7 @@ impl MigrationSource {
         s: &mut Sender,
         reader: &mut FrameReader<BufReader<Stream>>,
         residue: Option<(DirtySet, &Subscription)>,
-        mut rounds: Vec<RoundReport>,
+        rounds: Vec<RoundReport>,
         converge: String,
         bandwidth: f64,
     ) -> Result<MigrationReport, MigrateError> {
@@ -126,12 +193,82 @@ impl MigrationSource {
         let downtime = tp.elapsed();
         tracing::info!("post-copy switchover in {:.2} ms; the guest runs on {}", downtime.as_secs_f64() * 1e3, opts.to);
 
-        // From here on the guest must not run here again by itself. The
-        // destination may stay quiet for long (its guest faults on
+        // From here on the guest must not run here again by itself.
+        let b0 = s.bytes();
+        let report = MigrationReport {
+            downtime_parts: parts,
+            stop_to_running_ms,
+            ..MigrationReport::switched(opts, s, rounds, converge, bandwidth, downtime)
+        };
+        let (opts, migration) = (opts.clone(), s.migration);
+        let paused = Paused { opts, migration, report, breaks: 0, why: String::new() };
+        self.run_phase(paused, s, reader, &runs, b0, tp)
+    }
+
+    /// Runs the phase on `s` and `reader` for the owed `runs`, and fills in
+    /// the report; if the link breaks the migration is kept `paused`.
+    fn run_phase(
+        &self,
+        mut paused: Paused,
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        runs: &[(u64, u32)],
+        b0: u64,
+        t0: Instant,
+    ) -> Result<MigrationReport, MigrateError> {
+        let mut pc = match self.phase(s, reader, runs) {
+            Ok(pc) => pc,
+            Err(e) => {
+                let why = e.to_string();
+                paused.breaks += 1;
+                paused.why = why.clone();
+                *self.recovery.slot() = Some(paused);
+                return Err(MigrateError::Postcopy(why));
+            }
+        };
+        pc.ms = ms_since(t0);
+        pc.resumes = paused.breaks;
+        tracing::info!(
+            "post-copy done: {} pages owed, {} on demand, {} streamed, {} zero, in {:.0} ms (all sent {:.0} ms, \
+             placed {:.0} ms after the guest ran here)",
+            pc.owed_pages,
+            pc.pages_on_demand,
+            pc.pages_streamed,
+            pc.zero_pages,
+            pc.ms,
+            pc.sent_ms,
+            pc.acked_ms
+        );
+        let mut r = paused.report;
+        r.rounds.push(RoundReport {
+            round: r.rounds.len() as u32,
+            pages: pc.pages_on_demand + pc.pages_streamed,
+            zero_pages: pc.zero_pages,
+            bytes: s.bytes() - b0,
+            ms: pc.ms,
+            throttle_pct: 0,
+            vcpu_throttle_pct: Vec::new(),
+        });
+        r.bytes_sent += s.bytes() - b0;
+        r.pages_sent += pc.pages_on_demand + pc.pages_streamed;
+        r.zero_pages_sent += pc.zero_pages;
+        r.to = paused.opts.to;
+        r.postcopy = Some(pc);
+        Ok(r)
+    }
+
+    /// The phase proper: page requests read on a thread of their own while
+    /// the owed pages go out.
+    fn phase(
+        &self,
+        s: &mut Sender,
+        reader: &mut FrameReader<BufReader<Stream>>,
+        runs: &[(u64, u32)],
+    ) -> Result<PostcopyReport, MigrateError> {
+        // The destination may stay quiet for long (its guest faults on
         // nothing): no read timeout; a dead peer still ends the read.
         let sock = reader.get_ref().get_ref().try_clone().map_err(|e| MigrateError::Postcopy(e.to_string()))?;
         sock.set_read_timeout(None).map_err(|e| MigrateError::Postcopy(e.to_string()))?;
-        let b0 = s.bytes();
         let report = std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel();
             scope.spawn(move || loop {
@@ -146,44 +283,88 @@ impl MigrationSource {
                     break;
                 }
             });
-            let r = self.stream_owed(s, &runs, &rx, Instant::now());
+            let r = self.stream_owed(s, runs, &rx, Instant::now());
             if r.is_err() {
                 // Unblock the reader so the scope can end.
-                let _ = sock.shutdown(std::net::Shutdown::Read);
+                let _ = sock.shutdown(std::net::Shutdown::Both);
             }
             r
         });
-        let mut pc = report.map_err(|e| match e {
+        report.map_err(|e| match e {
             MigrateError::Postcopy(m) => MigrateError::Postcopy(m),
             other => MigrateError::Postcopy(other.to_string()),
-        })?;
-        pc.ms = ms_since(tp);
-        tracing::info!(
-            "post-copy done: {} pages owed, {} on demand, {} streamed, {} zero, in {:.0} ms (all sent {:.0} ms, \
-             placed {:.0} ms after the guest ran here)",
-            pc.owed_pages,
-            pc.pages_on_demand,
-            pc.pages_streamed,
-            pc.zero_pages,
-            pc.ms,
-            pc.sent_ms,
-            pc.acked_ms
-        );
-        rounds.push(RoundReport {
-            round: rounds.len() as u32,
-            pages: pc.pages_on_demand + pc.pages_streamed,
-            zero_pages: pc.zero_pages,
-            bytes: s.bytes() - b0,
-            ms: pc.ms,
-            throttle_pct: 0,
-            vcpu_throttle_pct: Vec::new(),
-        });
-        Ok(MigrationReport {
-            downtime_parts: parts,
-            stop_to_running_ms,
-            postcopy: Some(pc),
-            ..MigrationReport::switched(opts, s, rounds, converge, bandwidth, downtime)
         })
+    }
+
+    /// Resumes the paused post-copy migration (`opts.resume`): to `opts.to`
+    /// (empty: where it went last), with `opts.tls` (none: its own).
+    pub(super) fn resume_postcopy(&self, opts: &MigrateOptions) -> Result<MigrationReport, MigrateError> {
+        let Some(mut paused) = self.recovery.slot().take() else { return Err(MigrateError::NothingPaused) };
+        if !self.vcpus.shared.is_paused() {
+            return Err(MigrateError::Stream(format!(
+                "the guest was resumed here after the post-copy to {} broke: it ran on from the switchover point, \
+                 and the migration can no longer be resumed",
+                paused.opts.to
+            )));
+        }
+        if !opts.to.is_empty() {
+            paused.opts.to = opts.to.clone();
+        }
+        if opts.tls.is_some() {
+            paused.opts.tls = opts.tls.clone();
+        }
+        let t0 = Instant::now();
+        let connected = self.reconnect(&paused);
+        let (mut s, mut reader, runs) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                paused.why = e.to_string();
+                *self.recovery.slot() = Some(paused);
+                return Err(e);
+            }
+        };
+        let owed: u64 = runs.iter().map(|&(_, n)| u64::from(n)).sum();
+        tracing::info!("post-copy to {} resumed: {owed} pages still owed", paused.opts.to);
+        let mut r = self.run_phase(paused, &mut s, &mut reader, &runs, 0, t0)?;
+        // From the resume on: the time to the first switchover is in the
+        // answer that paused it.
+        r.total_ms = ms_since(t0);
+        Ok(r)
+    }
+
+    /// A new connection to the destination of `p`, the migration named,
+    /// and what the destination says it still owes.
+    #[allow(clippy::type_complexity)]
+    fn reconnect(&self, p: &Paused) -> Result<(Sender, FrameReader<BufReader<Stream>>, Vec<(u64, u32)>), MigrateError> {
+        let dialer = Dialer::new(&p.opts.to, p.opts.tls.clone())?;
+        let conn = dialer.dial(Duration::from_secs(30))?;
+        let rd = conn.try_clone().map_err(stream_err("socket"))?;
+        let mut reader = FrameReader::new(BufReader::new(rd));
+        let mut s = Sender::new(conn, p.opts.lz4, self.mem_size, p.opts.bandwidth);
+        s.migration = p.migration;
+        s.past_abandoning();
+        s.w.send(&Frame::Resume { migration: p.migration }).map_err(stream_err("sending Resume"))?;
+        s.w.flush().map_err(stream_err("sending Resume"))?;
+        let mut runs = Vec::new();
+        loop {
+            match reader.next_frame() {
+                Ok(Frame::Postcopy(r)) => runs.extend(r),
+                Ok(Frame::Ack(Ack { ok: true, .. })) => return Ok((s, reader, runs)),
+                Ok(Frame::Ack(Ack { error, .. })) => {
+                    return Err(MigrateError::Stream(format!(
+                        "the destination refused the resume: {}",
+                        error.unwrap_or_else(|| "no reason given".into())
+                    )))
+                }
+                Ok(other) => {
+                    return Err(MigrateError::Stream(format!(
+                        "the destination answered the resume with {:?}",
+                        other.kind()
+                    )))
+                }
+                Err(e) => return Err(MigrateError::Stream(format!("no answer from the destination to Resume: {e}"))),
+            }
+        }
     }
 
     /// Sends each owed page once: asked-for pages first, the rest in order.

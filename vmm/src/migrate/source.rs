@@ -76,6 +76,9 @@ pub struct MigrateOptions {
     /// no round at all): the guest then runs on the destination while the
     /// pages still here follow, streamed and fetched on demand.
     pub postcopy_after: Option<u32>,
+    /// Resume the post-copy migration whose link broke (`to` empty: where
+    /// it went last; `tls` none: its credentials).
+    pub resume: bool,
 }
 
 /// The default downtime budget: the pause covers the final round's pages
@@ -259,6 +262,18 @@ pub enum MigrateError {
     /// Pausing or saving the vCPUs failed.
     #[error("{0}")]
     Vcpus(String),
+    /// `--resume` with no post-copy migration paused.
+    #[error(
+        "no post-copy migration is paused here: nothing to resume (--resume continues a post-copy migration whose \
+         link broke after the switchover)"
+    )]
+    NothingPaused,
+    /// A new migration while a post-copy one is paused.
+    #[error(
+        "a post-copy migration to {0} is paused: the guest runs there and waits for its pages; resume it \
+         (ctl migrate --resume [--to ADDR]) instead of starting another"
+    )]
+    PostcopyPaused(String),
 }
 
 /// What a migration reads: the VM's RAM and its dirty log.
@@ -276,6 +291,8 @@ pub struct MigrationSource {
     pub path: std::path::PathBuf,
     /// RAM bytes.
     pub mem_size: u64,
+    /// A post-copy migration whose link broke, waiting to be resumed.
+    pub recovery: super::postcopy_source::Recovery,
 }
 
 /// The sending half: frames, counters and the bandwidth cap.
@@ -296,6 +313,8 @@ pub(super) struct Sender {
     interrupt: Option<OnStop>,
     /// Pages read on this connection in the round being sent.
     round_read_pages: u64,
+    /// The migration's id (its `Hello`'s).
+    pub(super) migration: u64,
 }
 
 /// Told after each frame of a round on the main connection: the sender,
@@ -322,6 +341,7 @@ impl Sender {
             channel_bytes: 0,
             interrupt: None,
             round_read_pages: 0,
+            migration: 0,
         }
     }
 
@@ -653,6 +673,12 @@ impl MigrationSource {
         opts: &MigrateOptions,
         progress: &dyn Fn(&Progress),
     ) -> Result<MigrationReport, MigrateError> {
+        if opts.resume {
+            return self.resume_postcopy(opts);
+        }
+        if let (Some(to), Some(_)) = (self.recovery.paused_to(), self.paused_postcopy()) {
+            return Err(MigrateError::PostcopyPaused(to));
+        }
         let t0 = Instant::now();
         let dialer = Dialer::new(&opts.to, opts.tls.clone())?;
         let conn = dialer.dial(Duration::from_secs(30))?;
@@ -770,11 +796,13 @@ impl MigrationSource {
         };
         let connections = if opts.local { 1 } else { opts.connections.max(1) };
         let session = if connections > 1 { super::multifd::new_session() } else { 0 };
+        s.migration = super::multifd::new_session().rotate_left(17) | 1;
         let hello = Hello {
             local,
             postcopy: opts.postcopy_after.is_some(),
             connections,
             session,
+            migration: s.migration,
             ..Hello::new(self.mem_size, self.vcpus.threads.len())
         };
         s.w.send(&Frame::Hello(hello)).map_err(stream_err("sending Hello"))?;

@@ -26,6 +26,9 @@ pub struct WritebackOptions {
     /// The image is being built in the background: no page goes into it
     /// before this says the build is over.
     pub image_ready: Option<smudge::sink::ImageReady>,
+    /// Leave hot pages writable at their expiry write-outs where that is
+    /// sound (the engine's default; false only to compare).
+    pub hot_pages: bool,
 }
 
 /// Longest a single throttle may hold the vCPUs (the flusher releases them

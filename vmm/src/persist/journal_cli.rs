@@ -19,8 +19,8 @@ pub const DEFAULT_EPOCH_MS: u64 = 20;
 /// `--epoch-ms` (no journal); Some(Some(n)) to journal on after epoch n.
 pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Result<Option<EpochOptions>> {
     let Some(dir) = &args.journal else {
-        if args.epoch_ms.is_some() || args.journal_max_bytes.is_some() {
-            anyhow::bail!("--epoch-ms and --journal-max-bytes need --journal DIR");
+        if args.epoch_ms.is_some() || args.journal_max_bytes.is_some() || args.journal_cache.is_some() {
+            anyhow::bail!("--epoch-ms, --journal-max-bytes and --journal-cache need --journal DIR");
         }
         return Ok(None);
     };
@@ -43,8 +43,11 @@ pub fn epoch_options(args: &RunArgs, after: Option<Option<u64>>) -> anyhow::Resu
         every: Duration::from_millis(args.epoch_ms.unwrap_or(DEFAULT_EPOCH_MS)),
         retain: args.retain,
         max_bytes: args.journal_max_bytes,
+        cache_bytes: args.journal_cache,
         after,
         write_delay: Duration::from_millis(args.test_journal_write_delay_ms.unwrap_or(0)),
+        parts: args.test_epoch_parts,
+        passes: args.test_epoch_passes,
     }))
 }
 
@@ -87,9 +90,10 @@ pub fn list(dir: &Path) -> anyhow::Result<u8> {
     for e in &s.epochs {
         let note = if e.epoch < base { " (already in the base)" } else { "" };
         println!(
-            "epoch {:>8}  {:>8} pages  {:>10} bytes  {}  {}{note}",
+            "epoch {:>8}  {:>8} pages ({:>8} as deltas)  {:>10} bytes  {}  {}{note}",
             e.epoch,
             e.pages,
+            e.delta_pages,
             e.bytes,
             when(e.time_ns),
             e.segment.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
@@ -99,10 +103,13 @@ pub fn list(dir: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// `smudge journal verify DIR`: every record read and checked.
+/// `smudge journal verify DIR`: every record read and checked (each
+/// delta parsed against the page size).
 pub fn verify(dir: &Path) -> anyhow::Result<u8> {
     let s = journal::scan(dir).with_context(|| format!("reading {}", dir.display()))?;
     println!("{}", summary(dir, &s));
+    let (pages, deltas) = s.epochs.iter().fold((0, 0), |(p, d), e| (p + e.pages, d + e.delta_pages));
+    println!("pages: {} whole, {deltas} as deltas", pages - deltas);
     println!("{}", end_line(&s.end));
     match s.recoverable().last() {
         Some(e) => {

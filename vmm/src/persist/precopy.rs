@@ -261,6 +261,107 @@ impl Drop for Staging {
     }
 }
 
+/// What a write fault costs the guest, as the durable mode's pass plan
+/// prices it: a page a pass re-protects and the guest writes again in the
+/// same epoch faults twice. Measured on this host ~25 µs per fault (an
+/// upper bound, from the vCPU's lost compute over the faults), ~6 µs in
+/// a loop of rewrites: the price sits between.
+pub const FAULT_US: f64 = 15.0;
+/// The residue's copy the plan aims to keep a boundary's pause under:
+/// the pause's other parts (stopping the vCPUs, the harvest, the state)
+/// take ~250 µs of the 1 ms the pause may take.
+pub const RESIDUE_BUDGET_US: f64 = 300.0;
+/// Passes an epoch makes at most.
+pub const MAX_PASSES: u32 = 4;
+/// An epoch without passes makes one anyway after this many, so the plan
+/// keeps seeing what passes cost.
+const PROBE_EVERY: u32 = 16;
+/// The moving averages' weight of the newest epoch.
+const WEIGHT: f64 = 0.25;
+
+/// How many pre-copy passes each epoch of the durable mode makes. A pass
+/// takes pages out of the boundary's residue (a shorter pause), but every
+/// page it re-protects that the guest writes again before the boundary
+/// faults a second time. The plan weighs the two from what the last
+/// epochs showed — the guest's rate of new pages, the pages passes found
+/// written again, the copy's cost per page — and picks the passes that
+/// cost the guest least among those whose residue fits
+/// [`RESIDUE_BUDGET_US`] (the most passes when none does).
+#[derive(Debug, Clone)]
+pub struct PassPlan {
+    /// Distinct pages the guest dirties per second.
+    rate: f64,
+    /// Pages per pass the guest wrote again after the pass copied them.
+    rewritten: f64,
+    /// Copying one page, µs.
+    copy_us: f64,
+    /// Epochs in a row planned without a pass.
+    without: u32,
+    /// A fixed number of passes instead (a test hook).
+    fixed: Option<u32>,
+}
+
+/// What one epoch showed the plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochSeen {
+    /// How long it ran.
+    pub len: Duration,
+    /// Its passes.
+    pub passes: u32,
+    /// Distinct pages it holds.
+    pub distinct: u64,
+    /// Pages a harvest found that the epoch held already (written again
+    /// after a pass copied them).
+    pub rewritten: u64,
+    /// Pages copied (by passes and at the boundary), and the time it took.
+    pub copied: u64,
+    /// The copies' time.
+    pub copy_time: Duration,
+}
+
+impl PassPlan {
+    /// A plan; `fixed` makes every epoch take that many passes.
+    pub fn new(fixed: Option<u32>) -> Self {
+        PassPlan { rate: 0.0, rewritten: 0.0, copy_us: 1.5, without: 0, fixed }
+    }
+
+    /// Learns from an epoch just sealed.
+    pub fn seen(&mut self, e: &EpochSeen) {
+        let avg = |old: f64, new: f64| old + WEIGHT * (new - old);
+        if e.len > Duration::ZERO {
+            self.rate = avg(self.rate, e.distinct as f64 / e.len.as_secs_f64());
+        }
+        if e.passes > 0 {
+            self.rewritten = avg(self.rewritten, e.rewritten as f64 / f64::from(e.passes));
+        }
+        if e.copied >= 16 {
+            self.copy_us = avg(self.copy_us, e.copy_time.as_secs_f64() * 1e6 / e.copied as f64);
+        }
+    }
+
+    /// Passes for the next epoch, of `len`.
+    pub fn passes(&mut self, len: Duration) -> u32 {
+        if let Some(n) = self.fixed {
+            return n;
+        }
+        let dirtied = self.rate * len.as_secs_f64();
+        let residue = |k: u32| dirtied * self.copy_us / f64::from(k + 1);
+        let cost = |k: u32| f64::from(k) * self.rewritten * FAULT_US + residue(k);
+        let fitting = (0..=MAX_PASSES).filter(|&k| residue(k) <= RESIDUE_BUDGET_US);
+        let k = fitting.min_by(|&a, &b| cost(a).total_cmp(&cost(b))).unwrap_or(MAX_PASSES);
+        if k > 0 {
+            self.without = 0;
+            return k;
+        }
+        self.without += 1;
+        if self.without >= PROBE_EVERY {
+            self.without = 0;
+            return 1;
+        }
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::{Bytes, GuestAddress};
@@ -268,6 +369,43 @@ mod tests {
     use super::*;
     use smudge::kvm::Slot;
     use smudge::memory::BackingFile;
+
+    #[test]
+    fn passes_weigh_the_faults_they_add_against_the_pause_they_save() {
+        let ms = Duration::from_millis;
+        let epoch = |len: u64, passes: u32, distinct: u64, rewritten: u64| EpochSeen {
+            len: ms(len),
+            passes,
+            distinct,
+            rewritten,
+            copied: distinct,
+            copy_time: Duration::from_micros(distinct), // 1 µs a page
+        };
+        let learn = |plan: &mut PassPlan, e: EpochSeen| (0..40).for_each(|_| plan.seen(&e));
+        // 128 new pages per 10 ms epoch, 13 rewritten per pass: the
+        // residue (128 µs) fits without a pass, and a pass would add 13
+        // faults (195 µs) to save 64 µs of pause: none, but a probe
+        // every 16 epochs.
+        let mut plan = PassPlan::new(None);
+        learn(&mut plan, epoch(10, 1, 128, 13));
+        let planned: Vec<u32> = (0..16).map(|_| plan.passes(ms(10))).collect();
+        assert_eq!(planned.iter().sum::<u32>(), 1, "{planned:?}");
+        assert_eq!(planned[15], 1, "{planned:?}");
+        // 50 ms epochs of the same guest: 640 µs of residue does not fit;
+        // two passes (213 µs) do and cost less than three.
+        learn(&mut plan, epoch(50, 2, 640, 26));
+        assert_eq!(plan.passes(ms(50)), 2);
+        // Nothing written again: passes are free, the shortest pause wins.
+        learn(&mut plan, epoch(50, 2, 640, 0));
+        assert_eq!(plan.passes(ms(50)), MAX_PASSES);
+        // A residue no number of passes fits: the most passes.
+        learn(&mut plan, epoch(50, 4, 64_000, 26));
+        assert_eq!(plan.passes(ms(50)), MAX_PASSES);
+        // A fixed plan is kept whatever is seen.
+        let mut fixed = PassPlan::new(Some(1));
+        learn(&mut fixed, epoch(10, 1, 10, 10));
+        assert_eq!(fixed.passes(ms(10)), 1);
+    }
 
     #[test]
     fn rounds_end_when_the_residue_fits_and_stops_shrinking() {

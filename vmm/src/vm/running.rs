@@ -137,7 +137,7 @@ fn new_flusher(
 ) -> Result<Arc<Mutex<Flusher>>, VmError> {
     let sink: Box<dyn Sink> = match &opts.image {
         Some(p) => {
-            let image = ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?;
+            let image = ImageFile::open(p, cfg.mem_size).map_err(|e| VmError::Runtime(e.to_string()))?.dropping_cache();
             Box::new(match &opts.image_ready {
                 Some(ready) => image.after(ready.clone()),
                 None => image,
@@ -148,8 +148,11 @@ fn new_flusher(
             Box::new(BackingFileSink::new(file, backing.path(), cfg.mem_size))
         }
     };
-    let engine =
+    let mut engine =
         Writeback::new(Box::new(log), sink, Arc::new(MonotonicClock::new()), ram.clone(), slots, host_page_size());
+    if !opts.hot_pages {
+        engine.set_hot_policy(None);
+    }
     Ok(Arc::new(Mutex::new(Flusher::new(engine, opts))))
 }
 
@@ -289,6 +292,7 @@ impl Parts<'_> {
             file,
             path: self.backing.path().to_path_buf(),
             mem_size: self.cfg.mem_size,
+            recovery: Default::default(),
         })
     }
 }

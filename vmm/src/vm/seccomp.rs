@@ -327,6 +327,7 @@ fn vmm_allowlist(l: &mut List, ctx: &Context) -> Result<(), SeccompError> {
         SYS_fsync,
         SYS_fdatasync,
         SYS_sync_file_range,
+        SYS_fadvise64,
         SYS_msync,
         SYS_copy_file_range,
         SYS_getdents64,
@@ -422,7 +423,16 @@ fn allowlist(kind: ThreadKind, ctx: &Context) -> Result<Rules, SeccompError> {
             common(&mut l, false)?;
             l.any(DENIED_QUIETLY);
             allow_tgkill(&mut l, ctx)?;
-            l.any(&[SYS_pwrite64, SYS_pwritev, SYS_fdatasync, SYS_fsync, SYS_sync_file_range, SYS_msync, SYS_lseek]);
+            l.any(&[
+                SYS_pwrite64,
+                SYS_pwritev,
+                SYS_fdatasync,
+                SYS_fsync,
+                SYS_sync_file_range,
+                SYS_fadvise64,
+                SYS_msync,
+                SYS_lseek,
+            ]);
             l.one_of(SYS_prctl, 0, &[PR_GET_NAME as u64])?;
             ioctls(&mut l, &[nr::dirty_log()])?;
         }

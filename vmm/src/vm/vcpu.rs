@@ -123,6 +123,9 @@ pub struct Shared {
     boundary_requested: AtomicBool,
     /// vCPU threads waiting in the pause now.
     paused: AtomicUsize,
+    /// When a vCPU thread last left a pause or a boundary's hold (ns since
+    /// `epoch`): how long the guest took to run again.
+    pub left_hold_ns: AtomicU64,
     /// A snapshot asks each paused vCPU for its state: slot `i` is filled
     /// by vCPU `i`'s own thread (only it may touch its fd).
     pub state_request: Mutex<Option<Vec<StateSlot>>>,
@@ -178,6 +181,7 @@ impl Shared {
             pause_requested: AtomicBool::new(false),
             boundary_requested: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
+            left_hold_ns: AtomicU64::new(0),
             state_request: Mutex::new(None),
             irqchip,
             memory_loading: Arc::new(AtomicBool::new(false)),
@@ -239,6 +243,7 @@ impl Shared {
             // covers a wake-up that came before the park.
             std::thread::park_timeout(Duration::from_millis(1));
         }
+        self.left_hold_ns.fetch_max(self.epoch.elapsed().as_nanos() as u64, Ordering::AcqRel);
         self.paused.fetch_sub(1, Ordering::AcqRel);
     }
 
