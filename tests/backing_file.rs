@@ -1,9 +1,8 @@
-//! Where `smudge run` keeps guest RAM. By default (`--mem-file PATH`, or
-//! its alias `--backing-file PATH`) RAM lives in shared memory and PATH (on
-//! a disk filesystem) is written only by smudge's writeback: at the end of
-//! a run PATH holds the guest's RAM, and the next run starts from it.
-//! `--in-place`, or an option that needs RAM to be the file, maps PATH
-//! itself.
+//! Where `smudge run` keeps guest RAM. With `--backing-file PATH` RAM
+//! lives in shared memory and PATH (on a disk filesystem) is written only
+//! by smudge's writeback: at the end of a run PATH holds the guest's RAM,
+//! and the next run starts from it. By default (`--mem-file PATH`, or
+//! `--in-place` said explicitly) RAM is PATH itself.
 
 use smudge_testkit::*;
 
@@ -25,9 +24,8 @@ fn the_backing_file_follows_guest_ram_and_the_next_run_starts_from_it() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains(&in_shared_memory(&file)), "{r:?}");
     assert_stamps(&std::fs::read(&file).unwrap(), 3000, &[1; 3000]);
-    // The default mode of --mem-file is the same: it continues the
-    // generations from the file.
-    let r = run_backed("--mem-file", &file, "workload=seq pages=3000 verify=1");
+    // A second run continues the generations from the file.
+    let r = run_backed("--backing-file", &file, "workload=seq pages=3000 verify=1");
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains(&in_shared_memory(&file)), "{r:?}");
     assert!(r.line("verify: pages=3000 ok=3000 stamped=3000 mismatches=0").is_some(), "{r:?}");
@@ -58,21 +56,26 @@ fn a_backing_file_of_another_size_or_without_writeback_is_refused() {
     assert!(r.stderr.contains("'--backing-file <BACKING_FILE>' cannot be used with '--in-place'"), "{r:?}");
 }
 
-/// The options that need RAM to be the file map --mem-file in place
-/// without --in-place, and say why; restore refuses --in-place.
+/// `--backing-file` refuses the options that need RAM to be the file (a
+/// plain --mem-file takes them, in place); restore refuses --in-place.
 #[test]
-fn options_that_need_the_file_as_ram_run_in_place() {
+fn options_that_need_the_file_as_ram_are_refused_with_a_backing_file() {
     require_kvm();
     let dir = tmpdir();
     let (file, img) = (path(&dir, "ram.mem"), path(&dir, "ram.img"));
-    for extra in [&["--no-writeback"][..], &["--no-dirty-log"], &["--writeback-image", img.to_str().unwrap()]] {
+    for extra in [&["--no-dirty-log"][..], &["--writeback-image", img.to_str().unwrap()]] {
+        let mut args = vec!["--backing-file", file.to_str().unwrap(), "--mem-size", "64M"];
+        args.extend_from_slice(extra);
+        let r = run_smudge(&args);
+        assert_eq!(r.code, 100, "{extra:?}: {r:?}");
+        assert!(r.stderr.contains(&format!("cannot be used with '{}", extra[0])), "{extra:?}: {r:?}");
+        assert!(!file.exists(), "{extra:?}: the refused run made {}", file.display());
         let mut args = vec!["--mem-file", file.to_str().unwrap(), "--mem-size", "64M"];
         args.extend_from_slice(&["--cmdline", "workload=seq pages=100"]);
         args.extend_from_slice(extra);
         let r = run_smudge(&args);
         assert_eq!(r.code, 0, "{extra:?}: {r:?}");
         assert!(r.stderr.contains(&format!("RAM 64 MiB in {} (created)", file.display())), "{extra:?}: {r:?}");
-        assert!(r.stderr.contains(&format!("({} needs it in place)", extra[0])), "{extra:?}: {r:?}");
         std::fs::remove_file(&file).unwrap();
     }
     let out = smudge()

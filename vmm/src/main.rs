@@ -500,27 +500,9 @@ fn run_config(cfg: VmConfig) -> anyhow::Result<u8> {
     Ok(summarize(&report, mem_size, &ram))
 }
 
-/// Why a boot maps its --mem-file in place rather than keeping RAM in
-/// shared memory (the default), if it does: --in-place, or an option that
-/// needs RAM to be the file (without writeback or a dirty log nothing but
-/// the host would write a memfd's pages to the file; --writeback-image
-/// writes them elsewhere), or --journal, which keeps its in-place mode.
-fn in_place_because(args: &RunArgs) -> Option<&'static str> {
-    [
-        (args.in_place, "--in-place"),
-        (args.no_writeback, "--no-writeback"),
-        (args.no_dirty_log, "--no-dirty-log"),
-        (args.writeback_image.is_some(), "--writeback-image"),
-        (args.journal.is_some(), "--journal"),
-    ]
-    .into_iter()
-    .find_map(|(set, why)| set.then_some(why))
-}
-
 /// The run `args` ask for, beginning as `start` says.
 fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
     let mut journal_after = None;
-    let boots = matches!(start, Start::Boot);
     let (restore, incoming, announced) = match start {
         Start::Boot => (None, None, None),
         Start::Restore(r) => {
@@ -559,11 +541,10 @@ fn vm_config(args: &RunArgs, start: Start) -> anyhow::Result<VmConfig> {
         (Some(p), _) | (None, Some(p)) => p.clone(),
         (None, None) => anyhow::bail!("--mem-file or --backing-file is needed"),
     };
-    let in_place = in_place_because(args);
-    if let (true, Some(why)) = (boots && args.backing_file.is_none(), in_place.filter(|w| *w != "--in-place")) {
-        let _ = writeln!(std::io::stderr(), "smudge: RAM is the memory file itself ({why} needs it in place)");
-    }
-    let ram_in_memfd = args.backing_file.is_some() || (boots && in_place.is_none());
+    // In place unless --backing-file: a kill -9 of smudge then loses no
+    // write the guest made (the host's page cache holds them), which RAM
+    // in a memfd cannot promise for pages not yet written out.
+    let ram_in_memfd = args.backing_file.is_some();
     let image_of_memfd = mem_file.clone();
     Ok(VmConfig {
         mem_file,

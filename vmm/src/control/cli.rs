@@ -45,24 +45,23 @@ pub enum Command {
 /// `smudge run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// Guest RAM's file: created (sparse) if missing; an existing file
-    /// must have exactly --mem-size bytes. `run` keeps RAM in shared
-    /// memory (a memfd), loads an existing file into it first and writes
-    /// the file only through the writeback engine (no host writeback
-    /// faults, no block allocation on a first touch), unless --in-place
-    /// (or an option that needs RAM to be the file: --no-writeback,
-    /// --no-dirty-log, --writeback-image; and --journal, which keeps its
-    /// in-place mode) maps the file itself.
+    /// Guest RAM backing file, mapped in place (MAP_SHARED; the host's
+    /// page cache is guest RAM, so a killed smudge loses no guest write):
+    /// created (sparse) if missing; an existing file must already have
+    /// exactly --mem-size bytes. Needed unless --backing-file is given.
     #[arg(long, required_unless_present = "backing_file")]
     pub mem_file: Option<PathBuf>,
-    /// `run`: guest RAM is the --mem-file itself, mapped MAP_SHARED and
-    /// persisted in place (the host's page cache is guest RAM; needed by
-    /// `ctl migrate --local`).
+    /// `run`: guest RAM is the --mem-file itself (the default, said
+    /// explicitly).
     #[arg(long, conflicts_with = "backing_file")]
     pub in_place: bool,
-    /// The same as --mem-file PATH in `run`'s default mode (RAM in shared
-    /// memory, PATH written only by smudge); kept as an alias. Refuses the
-    /// options that need RAM to be the file.
+    /// Keep guest RAM in shared memory (a memfd) and persist it to this
+    /// disk file through the writeback engine (only smudge writes it): no
+    /// host writeback faults, no block allocation on a first touch, hot
+    /// pages written out without re-protecting them; but a killed smudge
+    /// loses what was not yet written out. The file is created if missing;
+    /// an existing one (exactly --mem-size bytes) is loaded first. Instead
+    /// of --mem-file.
     #[arg(long, conflicts_with_all = ["mem_file", "writeback_image", "no_writeback", "no_dirty_log"])]
     pub backing_file: Option<PathBuf>,
     /// Guest RAM size, with an optional K/M/G suffix (binary units).
