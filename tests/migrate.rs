@@ -19,6 +19,10 @@ use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, Hello};
 use smudge_testkit::*;
 
+#[path = "common/test_ca.rs"]
+mod test_ca;
+use test_ca::Ca;
+
 /// Working-set pages of the source guests that use [`endless`].
 const PAGES: u64 = 4000;
 
@@ -918,44 +922,12 @@ fn a_source_told_an_unusable_unix_address_keeps_its_guest_and_says_why() {
     assert_replayed(&src_mem(&dir), PAGES, 23);
 }
 
-/// A test PKI: a CA and what signs with it.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        Ca { cert: p.self_signed(&key).unwrap(), key }
-    }
-
-    /// A credentials directory in QEMU's layout trusting `self`, with a
-    /// server certificate for `names` and a client one, both signed by
-    /// `signer`.
-    fn creds(&self, dir: &Path, names: &[&str], signer: &Ca) -> String {
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
-        for (who, names) in [("server", names), ("client", &["source"][..])] {
-            let k = rcgen::KeyPair::generate().unwrap();
-            let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-            let c = p.signed_by(&k, &signer.cert, &signer.key).unwrap();
-            std::fs::write(dir.join(format!("{who}-cert.pem")), c.pem()).unwrap();
-            std::fs::write(dir.join(format!("{who}-key.pem")), k.serialize_pem()).unwrap();
-        }
-        dir.to_str().unwrap().to_string()
-    }
-}
-
 #[test]
 fn with_tls_both_ends_verify_each_other_and_the_guest_moves_over_two_connections() {
     require_kvm();
     let dir = tmpdir();
     let ca = Ca::new("smudge test CA");
-    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"]);
     let dest = Dest::listening(&dir, "0", path(&dir, "dst.mem"), &["--tls-creds", &creds]);
     let r = moves_with_the_same_memory(&dir, dest, &["--connections", "2", "--tls-creds", &creds], 24);
     let per: Vec<u64> = r["connection_pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
@@ -966,7 +938,7 @@ fn with_tls_both_ends_verify_each_other_and_the_guest_moves_over_two_connections
 fn post_copy_over_tls_sends_every_owed_page_exactly_once() {
     let dir = tmpdir();
     let ca = Ca::new("smudge test CA");
-    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"]);
     post_copy_moves_every_owed_page_once("0", 26, Some(&creds));
 }
 
@@ -975,9 +947,9 @@ fn a_peer_tls_does_not_vouch_for_is_refused_before_memory_and_the_source_keeps_i
     require_kvm();
     let dir = tmpdir();
     let (ca, rogue) = (Ca::new("smudge test CA"), Ca::new("rogue CA"));
-    let good = ca.creds(&path(&dir, "good"), &["127.0.0.1"], &ca);
-    let other_ca = ca.creds(&path(&dir, "rogue"), &["127.0.0.1"], &rogue);
-    let wrong_name = ca.creds(&path(&dir, "wrong-name"), &["elsewhere.example"], &ca);
+    let good = ca.creds(&path(&dir, "good"), &["127.0.0.1"]);
+    let other_ca = ca.creds_signed_by(&path(&dir, "rogue"), &["127.0.0.1"], &rogue);
+    let wrong_name = ca.creds(&path(&dir, "wrong-name"), &["elsewhere.example"]);
     let (mut src, sock, src_serial) = source(&dir, &endless(PAGES, 20000, 25));
     progress::wait_for_writes(&mut src, &src_mem(&dir), PAGES, 500);
     let requires = "this destination requires TLS: migrate with --tls-creds";
@@ -1082,7 +1054,7 @@ fn a_peer_without_the_pre_shared_key_is_refused_before_memory_and_the_source_kee
     require_kvm();
     let dir = tmpdir();
     let ca = Ca::new("smudge test CA");
-    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"]);
     let key = key_file(&dir, "keys.psk", &[PSK, "lab:000102030405060708090a0b0c0d0e0f"]);
     let other = key_file(&dir, "other.psk", &["qemu:ffeeddccbbaa99887766554433221100"]);
     let stranger = key_file(&dir, "stranger.psk", &["stranger:ffeeddccbbaa99887766554433221100"]);
@@ -1170,7 +1142,7 @@ fn a_peer_without_the_pre_shared_key_is_refused_before_memory_and_the_source_kee
 fn a_plain_listener_other_hosts_can_reach_warns_and_a_loopback_or_tls_one_does_not() {
     let dir = tmpdir();
     let ca = Ca::new("smudge test CA");
-    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"]);
     let warning = "is reachable from other hosts and the stream is neither authenticated nor encrypted";
     for (listen, tls, warns) in [("0.0.0.0:0", None, true), ("0", None, false), ("0.0.0.0:0", Some(&creds), false)] {
         let mem = path(&dir, "dst.mem");
@@ -1227,7 +1199,7 @@ fn a_peer_that_connects_and_stalls_is_given_up_on_and_the_destination_exits() {
     require_kvm();
     let dir = tmpdir();
     let ca = Ca::new("smudge test CA");
-    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"], &ca);
+    let creds = ca.creds(&path(&dir, "creds"), &["127.0.0.1"]);
     let hello = encoded(&[Frame::Hello(Hello::new(64 << 20, 1))]);
     let pages = encoded(&[Frame::Pages { offset: 0, data: vec![7; 4096] }]);
     let no_hello = "the source connected but sent no Hello within 10 s; giving up on it";

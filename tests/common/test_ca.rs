@@ -22,12 +22,19 @@ impl Ca {
     /// A credentials directory at `dir` trusting this CA, with a server
     /// certificate for `names` and a client one, both signed by it.
     pub fn creds(&self, dir: &Path, names: &[&str]) -> String {
+        self.creds_signed_by(dir, names, self)
+    }
+
+    /// A credentials directory at `dir` trusting this CA, with a server
+    /// certificate for `names` and a client one, both signed by `signer`
+    /// (another CA: certificates this one does not vouch for).
+    pub fn creds_signed_by(&self, dir: &Path, names: &[&str], signer: &Ca) -> String {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
         for (who, names) in [("server", names), ("client", &["source"][..])] {
             let k = rcgen::KeyPair::generate().unwrap();
             let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-            let c = p.signed_by(&k, &self.cert, &self.key).unwrap();
+            let c = p.signed_by(&k, &signer.cert, &signer.key).unwrap();
             std::fs::write(dir.join(format!("{who}-cert.pem")), c.pem()).unwrap();
             std::fs::write(dir.join(format!("{who}-key.pem")), k.serialize_pem()).unwrap();
         }
