@@ -7,14 +7,17 @@
 //! p99 (`committed_age_ms` sampled through the window), bytes the process
 //! wrote through system calls beyond logging off's per distinct dirtied
 //! byte, and the time `smudge restore --journal` takes to a running guest
-//! after a `kill -9` at the end of the window.
+//! after a `kill -9` at the end of the window; and, in the same run, diff
+//! snapshots taken back to back through the API in the default mode (the
+//! consistent points there were before the journal): snapshots per
+//! second, their pause p50/p99 and the guest's slowdown.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use smudge::control::{Client, Request};
+use smudge::control::{Client, Request, SnapshotRequest};
 use smudge_vmm::control::cli::BenchArgs;
 
 use crate::report::{self, Report};
@@ -32,6 +35,10 @@ enum Mode {
     Default,
     /// `--journal --epoch-ms N`.
     Journal(u64),
+    /// The default mode, diff snapshots taken back to back through the
+    /// API over the window (the consistent points smudge had before the
+    /// journal).
+    Diffs,
     /// One step of the breakdown: `--journal --epoch-ms 10` with only
     /// some parts of each epoch on.
     Part(Part),
@@ -163,6 +170,7 @@ impl Mode {
             Mode::Off => "logging off (--no-dirty-log)".into(),
             Mode::Default => "default mode (dirty logging, writeback), no journal".into(),
             Mode::Journal(e) => format!("--journal --epoch-ms {e}"),
+            Mode::Diffs => "diff snapshots back to back (default mode), no journal".into(),
             Mode::Part(p) => format!("epoch {} ms: {}", p.epoch_ms, p.name),
         }
     }
@@ -193,6 +201,10 @@ struct Measured {
     sched: Sched,
     /// `harvested_pages` when the window opened.
     harvested0: f64,
+    /// Diff snapshots taken in the window, and each one's pause (ms).
+    diff_pauses_ms: Vec<f64>,
+    /// Diff snapshots per second over the window.
+    diffs_per_s: f64,
 }
 
 /// Where the vCPU thread's time went over the window (from
@@ -278,6 +290,7 @@ fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Me
     let name = match mode {
         Mode::Off => "off".to_string(),
         Mode::Default => "default".to_string(),
+        Mode::Diffs => "diffs".to_string(),
         Mode::Journal(e) => format!("e{e}"),
         Mode::Part(p) => format!("p{}", PARTS.iter().position(|q| *q == p).unwrap_or(0)),
     };
@@ -308,7 +321,7 @@ fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Me
     }
     match mode {
         Mode::Off => _ = cmd.args(["--no-dirty-log", "--no-writeback"]),
-        Mode::Default | Mode::Journal(_) => {}
+        Mode::Default | Mode::Journal(_) | Mode::Diffs => {}
         Mode::Part(p) => {
             cmd.args(["--test-epoch-parts", p.parts]).args(p.args);
         }
@@ -316,7 +329,8 @@ fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Me
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut vm = smudge_testkit::spawn_with_api(&mut cmd, &sock, smudge_testkit::WAIT)?;
     let api = Client::new(&sock);
-    let r = measure(&mut vm, &api, &serial, window, epoch_ms.is_some());
+    let diffs = (mode == Mode::Diffs).then(|| p("snaps"));
+    let r = measure(&mut vm, &api, &serial, window, epoch_ms.is_some(), diffs.as_deref());
     let r = r.and_then(|mut m| {
         if matches!(mode, Mode::Journal(_)) {
             // A crash at the window's end: the newest committed epoch back.
@@ -332,15 +346,32 @@ fn case(dir: &Path, mem: u64, window: Duration, mode: Mode) -> anyhow::Result<Me
         std::fs::remove_file(f).ok();
     }
     std::fs::remove_dir_all(&journal).ok();
+    std::fs::remove_dir_all(p("snaps")).ok();
     r
 }
 
 /// Samples the run through its window; the figures once the guest
 /// reports its compute count and verified its pages.
-fn measure(vm: &mut Child, api: &Client, serial: &Path, window: Duration, journal: bool) -> anyhow::Result<Measured> {
+/// With `diffs`, diff snapshots go back to back into it through the
+/// window, on a full one taken before it opens.
+fn measure(
+    vm: &mut Child,
+    api: &Client,
+    serial: &Path,
+    window: Duration,
+    journal: bool,
+    diffs: Option<&Path>,
+) -> anyhow::Result<Measured> {
     let committed = |s: &serde_json::Value| s["journal"]["newest_committed"].as_u64().unwrap_or(0);
     let mut m = Measured::default();
     wait_line(vm, serial, "workload: working set ready", Duration::ZERO, || Ok(()))?;
+    let mut parent = None;
+    if let Some(d) = diffs {
+        std::fs::create_dir_all(d)?;
+        let full = d.join("full");
+        snapshot(api, SnapshotRequest::full(&full))?;
+        parent = Some(full);
+    }
     let s = api.call(&Request::Stats)?;
     let (t0, c0) = (Instant::now(), committed(&s));
     m.harvested0 = s["journal"]["harvested_pages"].as_f64().unwrap_or(0.0);
@@ -353,6 +384,14 @@ fn measure(vm: &mut Child, api: &Client, serial: &Path, window: Duration, journa
         // when it ends; a sample after that would count its idle end).
         if t0.elapsed() <= window {
             s1 = (Sched::sample(pid)?, Instant::now());
+        }
+        if let (Some(d), Some(p)) = (diffs, &parent) {
+            if t0.elapsed() <= window {
+                let next = d.join(format!("diff-{}", m.diff_pauses_ms.len()));
+                m.diff_pauses_ms.push(snapshot(api, SnapshotRequest::diff(&next, p))?);
+                parent = Some(next);
+                m.diffs_per_s = m.diff_pauses_ms.len() as f64 / t0.elapsed().as_secs_f64();
+            }
         }
         if journal {
             let s = api.call(&Request::Stats)?;
@@ -379,6 +418,12 @@ fn measure(vm: &mut Child, api: &Client, serial: &Path, window: Duration, journa
     m.journal = api.call(&Request::Stats)?["journal"].clone();
     m.wchar = wchar(vm.id())?;
     Ok(m)
+}
+
+/// Takes the snapshot `req` asks for; its pause (ms).
+fn snapshot(api: &Client, req: SnapshotRequest) -> anyhow::Result<f64> {
+    let r = api.call(&Request::Snapshot(req))?;
+    r["pause_ms"].as_f64().with_context(|| format!("a snapshot failed: {r}"))
 }
 
 /// `smudge restore --journal J`: ms from its spawn to its control API
@@ -433,7 +478,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // Logging off first and last: the baseline is their mean, the host's
     // drift over the run shows as the difference between the two.
     let mut runs = Vec::new();
-    for mode in [Mode::Off, Mode::Default, Mode::Journal(10), Mode::Journal(20), Mode::Journal(50), Mode::Off] {
+    let modes =
+        [Mode::Off, Mode::Default, Mode::Journal(10), Mode::Journal(20), Mode::Journal(50), Mode::Diffs, Mode::Off];
+    for mode in modes {
         runs.push((mode, case(&dir, mem, window, mode).with_context(|| mode.name())?));
     }
     let offs: Vec<&Measured> = runs.iter().filter(|(e, _)| *e == Mode::Off).map(|(_, m)| m).collect();
@@ -448,6 +495,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         let c = format!("{base}, {}", mode.name());
         rep.result(&c, "compute_iter_per_s", m.iterations_per_s);
         rep.result(&c, "slowdown", 1.0 - m.iterations_per_s / off_rate);
+    }
+    if let Some((mode, m)) = runs.iter().find(|(e, _)| *e == Mode::Diffs) {
+        // Today's consistent points before the journal, in the same run.
+        let c = format!("{base}, {}", mode.name());
+        rep.result(&c, "compute_iter_per_s", m.iterations_per_s);
+        rep.result(&c, "slowdown", 1.0 - m.iterations_per_s / off_rate);
+        rep.result(&c, "diff_snapshots_per_s", m.diffs_per_s);
+        rep.result(&c, "pause_ms_p50", quantile(&m.diff_pauses_ms, 0.5));
+        rep.result(&c, "pause_ms_p99", quantile(&m.diff_pauses_ms, 0.99));
+        let paused_s = m.diff_pauses_ms.iter().sum::<f64>() / 1e3;
+        rep.result(&c, "share_of_window_paused", paused_s / window.as_secs_f64());
     }
     let journals = runs.iter().filter_map(|(e, m)| match e {
         Mode::Journal(ms) => Some((*ms, m)),
