@@ -740,6 +740,12 @@ fn commit(
         c.pages_written += pages;
         c.journal_bytes = j.bytes();
     });
+    checkpoint(j, stats, retain)
+}
+
+/// Checkpoints what is older than `retain` and shows the result in the
+/// stats: segments applied, the journal's size, a failing base image.
+fn checkpoint(j: &mut Journal, stats: &EpochStats, retain: Duration) -> Result<(), JournalError> {
     let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
     note_base(j, &r, stats);
     if r.segments > 0 {
@@ -769,8 +775,7 @@ fn hold_while_stuck(j: &mut Journal, q: &Queue, stats: &EpochStats, retain: Dura
             return Ok(());
         }
         drop(g);
-        let r = j.checkpoint(now_ns().saturating_sub(retain.as_nanos() as u64))?;
-        note_base(j, &r, stats);
+        checkpoint(j, stats, retain)?;
     }
     Ok(())
 }
