@@ -23,6 +23,10 @@ use smudge_testkit::*;
 mod test_ca;
 use test_ca::Ca;
 
+#[path = "common/dest.rs"]
+mod dest;
+use dest::Dest;
+
 /// Working-set pages of the source guests that use [`endless`].
 const PAGES: u64 = 4000;
 
@@ -33,18 +37,6 @@ const PAGES: u64 = 4000;
 fn endless(pages: u64, rate: u64, seed: u64) -> String {
     let workload = if rate == 0 { "workload=random".to_string() } else { format!("workload=rate rate={rate}") };
     format!("{workload} pages={pages} writes=1000000000 seed={seed}")
-}
-
-/// A `smudge migrate-recv` and what it printed so far.
-struct Dest {
-    child: Child,
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-    reader: std::thread::JoinHandle<()>,
-    mem: PathBuf,
-    serial: PathBuf,
-    /// Its control socket (up once a guest arrived).
-    sock: PathBuf,
 }
 
 impl Dest {
@@ -59,51 +51,12 @@ impl Dest {
 
     /// A destination listening on `listen` (a port, `unix:PATH`).
     fn listening(dir: &tempfile::TempDir, listen: &str, mem: PathBuf, extra: &[&str]) -> Dest {
-        let (serial, sock) = (path(dir, "dst.serial"), path(dir, "dst.sock"));
-        let mut child = smudge()
-            .args(["migrate-recv", "--listen", listen, "--accept-timeout", "60", "--timeout", "120"])
-            .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
-            .args(["--api-sock", sock.to_str().unwrap()])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("smudge: waiting for a migration on ") {
-                    let _ = tx.send(a.to_string());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx.recv_timeout(progress::WAIT).expect("migrate-recv never said where it listens");
-        Dest { child, addr, stderr, reader, mem, serial, sock }
+        Dest::spawn(dir, listen, mem, &[&["--timeout", "120"][..], extra].concat())
     }
 
-    /// What it printed so far: smudge's stderr and the guest's serial output.
-    fn log(&self) -> String {
-        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        format!(
-            "--- destination stderr ---\n{}\n--- its guest's serial output ---\n{serial}",
-            self.stderr.lock().unwrap()
-        )
-    }
-
-    /// Waits until `ok` holds (at most [`progress::WAIT`]); fails with
-    /// `what` and everything the destination printed if it does not, or if
-    /// the destination exits first.
+    /// Waits until `ok` holds (see [`Dest::wait_until`]).
     fn wait_for(&mut self, what: &str, ok: impl Fn(&Dest) -> bool) {
-        let t0 = Instant::now();
-        while !ok(self) {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                panic!("the destination exited ({s}) while the test waited for {what}\n{}", self.log());
-            }
-            assert!(t0.elapsed() < progress::WAIT, "timed out waiting for {what}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_until(what, |d| ok(d).then_some(()));
     }
 
     /// Whether its stderr holds `text` so far.
@@ -121,16 +74,6 @@ impl Dest {
         });
         let r = ctl(&self.sock, &["stop"]);
         assert_eq!(r["ok"], true, "stop: {r}\n{}", self.log());
-    }
-
-    fn wait(self) -> (i32, String, String) {
-        let mut child = self.child;
-        let code = child.wait().unwrap().code().unwrap_or(-1);
-        // The reader ends with the pipe: all of stderr is in.
-        self.reader.join().unwrap();
-        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let err = self.stderr.lock().unwrap().clone();
-        (code, err, serial)
     }
 }
 

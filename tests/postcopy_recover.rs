@@ -10,13 +10,12 @@
 //! machine state (or from the start of a resumed connection), never in
 //! time; every wait is for a line, a file's content or an answer.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 use smudge::migration::frame::{Frame, FrameReader, FrameWriter, HEADER_LEN};
@@ -24,6 +23,10 @@ use smudge_testkit::*;
 
 #[path = "common/test_ca.rs"]
 mod test_ca;
+
+#[path = "common/dest.rs"]
+mod dest;
+use dest::Dest;
 
 /// Working-set pages of the source guest: 6000 stamped pages (24 MiB)
 /// owed at the switchover, sent at 8 MiB/s — every cut below lands in the
@@ -45,88 +48,24 @@ fn cut_point(seed: u64, lo: u64, hi: u64) -> u64 {
     lo + (z ^ (z >> 31)) % (hi - lo)
 }
 
-/// A `smudge migrate-recv` and what it printed so far.
-struct Dest {
-    child: Child,
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-    reader: std::thread::JoinHandle<()>,
-    mem: PathBuf,
-    serial: PathBuf,
-    sock: PathBuf,
-}
-
 impl Dest {
     /// A destination on loopback, its memory file on tmpfs in `shm`,
     /// waiting `recover` seconds for a source whose link broke; `extra`
     /// options (`--tls-creds`).
     fn start(dir: &tempfile::TempDir, shm: &tempfile::TempDir, recover: u64, extra: &[&str]) -> Dest {
-        let (serial, sock, mem) = (path(dir, "dst.serial"), path(dir, "dst.sock"), shm.path().join("dst.mem"));
-        let mut child = smudge()
-            .args(["migrate-recv", "--listen", "0", "--accept-timeout", "60", "--timeout", "300"])
-            .args(["--postcopy-recover-timeout", &recover.to_string()])
-            .args(["--mem-file", mem.to_str().unwrap(), "--serial", serial.to_str().unwrap()])
-            .args(["--api-sock", sock.to_str().unwrap()])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("smudge: waiting for a migration on ") {
-                    let _ = tx.send(a.to_string());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx.recv_timeout(WAIT).expect("migrate-recv never said where it listens");
-        Dest { child, addr, stderr, reader, mem, serial, sock }
-    }
-
-    fn log(&self) -> String {
-        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        format!(
-            "--- destination stderr ---\n{}\n--- its guest's serial output ---\n{serial}",
-            self.stderr.lock().unwrap()
-        )
-    }
-
-    /// Waits until `ok` gives something (at most [`WAIT`]); fails with
-    /// `what` and all the destination printed otherwise.
-    fn wait_for<T>(&mut self, what: &str, ok: impl Fn(&Dest) -> Option<T>) -> T {
-        let t0 = Instant::now();
-        loop {
-            if let Some(v) = ok(self) {
-                return v;
-            }
-            if let Ok(Some(s)) = self.child.try_wait() {
-                panic!("the destination exited ({s}) while the test waited for {what}\n{}", self.log());
-            }
-            assert!(t0.elapsed() < WAIT, "timed out waiting for {what}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let recover = recover.to_string();
+        let opts = [&["--timeout", "300", "--postcopy-recover-timeout", &recover][..], extra].concat();
+        Dest::spawn(dir, "0", shm.path().join("dst.mem"), &opts)
     }
 
     /// The pages owed at the `n`-th break (1: the first), once it said so.
     fn owed_at_break(&mut self, n: usize) -> u64 {
-        self.wait_for(&format!("break {n}'s \"waiting for recovery\" line"), |d| {
+        self.wait_until(&format!("break {n}'s \"waiting for recovery\" line"), |d| {
             let err = d.stderr.lock().unwrap();
             let line = err.lines().filter(|l| l.contains("waiting for recovery: ")).nth(n - 1)?;
             let rest = line.split("waiting for recovery: ").nth(1)?;
             rest.split(' ').next()?.parse().ok()
         })
-    }
-
-    fn wait(self) -> (i32, String, String) {
-        let mut child = self.child;
-        let code = child.wait().unwrap().code().unwrap_or(-1);
-        self.reader.join().unwrap();
-        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let err = self.stderr.lock().unwrap().clone();
-        (code, err, serial)
     }
 }
 
@@ -267,7 +206,7 @@ fn assert_paused(sock: &Path, breaks: u64, what: &str) {
 
 /// The destination's `stats` while it waits: paused, `owed` pages owed.
 fn assert_dest_waits(dest: &mut Dest, owed: u64, what: &str) {
-    dest.wait_for("its API socket", |d| d.sock.exists().then_some(()));
+    dest.wait_until("its API socket", |d| d.sock.exists().then_some(()));
     let s = ctl(&dest.sock, &["stats"]);
     assert_eq!(s["postcopy"]["state"], "postcopy-paused", "{what}: {s}");
     assert_eq!(s["postcopy"]["owed_pages"], owed, "{what}: {s}");
@@ -294,9 +233,9 @@ fn lands(src: Child, mut dest: Dest, seed: u64, resumes: u64, what: &str) {
     let out = src.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{what}: the source: {out:?}");
     let said = format!("the source resumed {resumes} time(s)");
-    dest.wait_for("the post-copy phase to end", |d| d.stderr.lock().unwrap().contains(&said).then_some(()));
+    dest.wait_until("the post-copy phase to end", |d| d.stderr.lock().unwrap().contains(&said).then_some(()));
     let start = progress::guest_writes(&dest.mem, PAGES);
-    dest.wait_for("its guest to make 100 more page writes", |d| {
+    dest.wait_until("its guest to make 100 more page writes", |d| {
         (progress::guest_writes(&d.mem, PAGES) >= start + 100).then_some(())
     });
     assert_eq!(ctl(&dest.sock, &["stop"])["ok"], true, "{what}\n{}", dest.log());
@@ -434,7 +373,7 @@ fn over_tls_the_resumed_connection_uses_the_credentials_the_migration_started_wi
     // A plain connection gets no further than the handshake, told why.
     let e = refusal_of_a_plain_resume(&dest.addr);
     assert_eq!(e, "this destination requires TLS: migrate with --tls-creds", "{what}");
-    dest.wait_for("the plain connection's refusal", |d| {
+    dest.wait_until("the plain connection's refusal", |d| {
         d.stderr.lock().unwrap().contains("post-copy recovery: refused").then_some(())
     });
     // No --tls-creds: the resume uses the migration's own.
